@@ -1,0 +1,151 @@
+"""Grid offsets of feature maps: where feature pixel 0 sits in input coordinates.
+
+Feature pixel ``i`` of a layer with stride ``s`` sits at input coordinate ``o + i * s``. Translations
+do not depend on ``o``; rotations and flips about the image centre do. A stride-2 convolution with
+padding ``k // 2`` has ``o = 0``, 2x2 average pooling ``o = 0.5``, a 16-pixel ViT patch ``o = 7.5``.
+
+``align="auto"`` finds ``o`` from the centroid of the effective receptive field of a block of central
+feature pixels (mean absolute input-gradient over a few random inputs, with its flat background
+removed so that global mixing such as attention does not pull it to the image centre), snapped to
+half a pixel. ``"center"`` assumes ``o = (s - 1) / 2``, ``"corner"`` ``o = 0``; a number (or a
+``(oy, ox)`` pair) sets it; a dict sets it per layer.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from .layers import LayerHooks
+from .layouts import FeatureLayout, grid_view
+
+AlignSpec = str | float | tuple[float, float] | Mapping[str, object]
+
+
+def _snap(value: float) -> float:
+    return round(value * 2.0) / 2.0
+
+
+def fixed_offset(layout: FeatureLayout, align) -> tuple[float, float]:
+    """Offset for a non-``auto`` spec."""
+    if layout.kind == "vector":
+        return (math.nan, math.nan)
+    stride_y, stride_x = layout.stride
+    if align == "center":
+        return ((stride_y - 1) / 2.0, (stride_x - 1) / 2.0)
+    if align == "corner":
+        return (0.0, 0.0)
+    if isinstance(align, (int, float)):
+        return (float(align), float(align))
+    if isinstance(align, (tuple, list)) and len(align) == 2:
+        return (float(align[0]), float(align[1]))
+    raise ValueError(
+        f"align: expected 'auto', 'center', 'corner', a number, a (offset_y, offset_x) pair or a "
+        f"dict of those per layer; found {align!r}"
+    )
+
+
+def find_offsets(
+    model: nn.Module,
+    layers: Mapping[str, FeatureLayout],
+    input_size: tuple[int, int],
+    align: AlignSpec = "auto",
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    samples: int = 2,
+    seed: int = 0,
+) -> dict[str, tuple[float, float]]:
+    """Grid offset ``(offset_y, offset_x)`` of every layer.
+
+    Args:
+        model: The model (eval mode).
+        layers: ``{name: FeatureLayout}`` of the layers.
+        input_size: ``(H, W)`` of the model input.
+        align: ``"auto"``, ``"center"``, ``"corner"``, a number, a pair, or a dict per layer.
+        device, dtype: Where and how the probe forward runs.
+        samples: Random inputs for the ``auto`` probe.
+        seed: Seed of those inputs.
+
+    Returns:
+        ``{name: (offset_y, offset_x)}`` (NaN for vector layers).
+    """
+    per_layer = dict(align) if isinstance(align, Mapping) else {name: align for name in layers}
+    offsets: dict[str, tuple[float, float]] = {}
+    auto = []
+    for name, layout in layers.items():
+        spec = per_layer.get(name, "auto")
+        if layout.kind == "vector":
+            offsets[name] = (math.nan, math.nan)
+        elif spec == "auto":
+            auto.append(name)
+        else:
+            offsets[name] = fixed_offset(layout, spec)
+    if auto:
+        offsets.update(_receptive_field_offsets(model, {n: layers[n] for n in auto}, input_size,
+                                                device, dtype, samples, seed))
+    return {name: offsets[name] for name in layers}
+
+
+def _central_block(size: int) -> slice:
+    """A block of positions symmetric about the grid centre, a quarter of the grid wide.
+
+    A block rather than one pixel, so that locally asymmetric mixing (shifted attention windows of
+    Swin, which put a single pixel at a window edge) averages out across the block.
+    """
+    width = max(1, size // 4)
+    if width % 2 != size % 2:
+        width += 1
+    start = (size - width) // 2
+    return slice(start, start + width)
+
+
+def _receptive_field_offsets(model, layers, input_size, device, dtype, samples, seed):
+    height, width = input_size
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(samples, 3, height, width, generator=generator).to(device, dtype)
+    inputs.requires_grad_(True)
+    captured: dict[str, torch.Tensor] = {}
+
+    def keep(name: str, tensor: torch.Tensor) -> None:
+        captured.setdefault(name, tensor)
+
+    # Gradients of the input only: parameters keep requires_grad, but autograd.grad(inputs=...) does
+    # not accumulate into them.
+    with torch.enable_grad(), LayerHooks(model, layers, keep):
+        model(inputs)
+        offsets = {}
+        names = list(layers)
+        for i, name in enumerate(names):
+            layout = layers[name]
+            if name not in captured:
+                raise RuntimeError(f"layer {name!r} did not run in the forward pass")
+            grid = grid_view(captured[name], layout)
+            rows, cols = _central_block(layout.grid_h), _central_block(layout.grid_w)
+            target = grid[:, :, rows][:, :, :, cols].float().sum()
+            (gradient,) = torch.autograd.grad(
+                target, inputs, retain_graph=i < len(names) - 1, allow_unused=True
+            )
+            if gradient is None:
+                raise RuntimeError(f"layer {name!r} does not depend on the input")
+            magnitude = gradient.detach().float().abs().sum((0, 1))
+            # Remove the flat floor (global mixing reaches every pixel) before taking the centroid.
+            magnitude = (magnitude - magnitude.median()).clamp_min(0)
+            total = magnitude.sum()
+            if not torch.isfinite(total) or total <= 0:
+                offsets[name] = fixed_offset(layout, "center")
+                continue
+            ys = torch.arange(height, dtype=torch.float32, device=magnitude.device)
+            xs = torch.arange(width, dtype=torch.float32, device=magnitude.device)
+            centroid_y = float((magnitude.sum(1) * ys).sum() / total)
+            centroid_x = float((magnitude.sum(0) * xs).sum() / total)
+            stride_y, stride_x = layout.stride
+            # The block's receptive fields centre on o + s * (mean position of the block).
+            mean_row, mean_col = (rows.start + rows.stop - 1) / 2, (cols.start + cols.stop - 1) / 2
+            offsets[name] = (
+                _snap(centroid_y - stride_y * mean_row),
+                _snap(centroid_x - stride_x * mean_col),
+            )
+    return offsets

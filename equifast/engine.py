@@ -1,0 +1,725 @@
+"""The measurement loop (DESIGN.md section 2).
+
+For every batch of sources: one ``transform_images`` launch builds the stacked batch (identity block
+first, then every group element of the chunk), one forward of the model runs it, and forward hooks
+reduce each chosen layer's output to the six statistics per image, element, channel and comparison
+(``equivariance_stats``) and drop the features. Only per-image scores are kept.
+
+Example:
+    >>> import equifast, timm
+    >>> model = timm.create_model("resnet18").eval()
+    >>> result = equifast.measure(model, "samples", group=equifast.Translation([8, 16]))  # doctest: +SKIP
+    >>> print(result.format_summary())                                                   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from . import _ext, ops
+from .align import AlignSpec, find_offsets
+from .groups import (
+    IDENTITY, PROTOCOL_CODES, Group, default_group, feature_source_affines, invert_affine,
+    is_integer_affine, parse_group,
+)
+from .layers import LayerHooks, LayerSpec, select_layers
+from .layouts import FeatureLayout, detect_layout
+from .ops import COMPARISONS, merge_stats
+from .result import FRAME_COLUMNS, MODEL_COLUMNS, Result
+from .scores import check_metrics, corr_vs_chance, score_stats
+
+DataSpec = Any  # tensor, iterable of (images, labels), folder path, or "samples"/None
+
+
+@dataclass
+class Batch:
+    """Sources of one batch: ``(B, 3, Hs, Ws)`` uint8 or float, labels ``(B,)`` or ``None``."""
+
+    sources: torch.Tensor
+    labels: torch.Tensor | None = None
+
+
+@dataclass
+class _Layer:
+    name: str
+    depth: int
+    layout: FeatureLayout
+    offset: tuple[float, float]
+    source_affines: np.ndarray  # (K, 2, 3) feature-grid source maps
+    exact: np.ndarray  # (K,) bool
+    scores: dict[str, list[np.ndarray]] = field(default_factory=dict)  # metric -> [(3, K, B)]
+    pooled: list[torch.Tensor] = field(default_factory=list)  # [(3, K, C, 6)] per batch
+
+
+def resolve_group(group: Group | str | None) -> Group:
+    """A :class:`Group`, a spec string (``"translate:8,16"``) or ``None`` (the default group)."""
+    if group is None:
+        return default_group()
+    if isinstance(group, str):
+        return parse_group(group)
+    if isinstance(group, Group):
+        return group
+    raise TypeError(f"group: expected a Group, a spec string or None, found {type(group).__name__}")
+
+
+def _check_sources(images: torch.Tensor, where: str) -> torch.Tensor:
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"{where}: expected a tensor of images, found {type(images).__name__}")
+    if images.dim() == 3:
+        images = images.unsqueeze(0)
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(
+            f"{where}: expected images of shape (B, 3, H, W) (or (3, H, W)), found "
+            f"{tuple(images.shape)}; convert greyscale with images.expand(-1, 3, -1, -1)"
+        )
+    if images.shape[0] == 0:
+        raise ValueError(f"{where}: the batch holds no images (shape {tuple(images.shape)})")
+    if not (images.dtype == torch.uint8 or images.is_floating_point()):
+        raise TypeError(f"{where}: expected uint8 or floating images, found {images.dtype}")
+    return images
+
+
+def _center_crop(sources: torch.Tensor, size: tuple[int, int], where: str) -> torch.Tensor:
+    height, width = sources.shape[-2:]
+    if height < size[0] or width < size[1]:
+        raise ValueError(
+            f"{where}: sources of {height}x{width} are smaller than the {size[0]}x{size[1]} the "
+            "measurement needs (model input plus twice the largest shift for the crop protocol); "
+            "pass larger images, a smaller input_size, or a translation with protocol='circular'"
+        )
+    top, left = (height - size[0]) // 2, (width - size[1]) // 2
+    return sources[..., top:top + size[0], left:left + size[1]]
+
+
+class _DataPlan:
+    """Turns the ``data`` argument into batches of sources of the right size."""
+
+    def __init__(self, data: DataSpec, labels, batch_size: int, input_size, preprocess, group,
+                 num_workers: int | None, limit: int | None):
+        self.skipped: list[tuple[str, str]] = []
+        self.loader = "tensor"
+        self.preprocess = preprocess
+        self.total: int | None = None
+        if data is None or (isinstance(data, str) and data == "samples"):
+            from .data.samples import load_samples
+
+            self.input_size = tuple(input_size or preprocess.input_size)
+            self.margin = group.margin(*self.input_size)
+            sources, _ = load_samples(preprocess, margin=self.margin)
+            self._tensor_batches(sources[:limit] if limit else sources, None, batch_size)
+            self.loader = "samples"
+        elif isinstance(data, (str, Path)):
+            from .data.folder import ImageFolderSource
+
+            self.input_size = tuple(input_size or preprocess.input_size)
+            self.margin = group.margin(*self.input_size)
+            kwargs = {} if num_workers is None else {"num_workers": num_workers}
+            self.folder = ImageFolderSource(data, preprocess, self.margin, batch_size,
+                                            limit=limit, **kwargs)
+            self.total = len(self.folder)
+            self.loader = "folder"
+            self._iter = self._folder_batches
+        elif isinstance(data, torch.Tensor):
+            sources = _check_sources(data, "data")
+            if limit:
+                sources = sources[:limit]
+            self._set_geometry(sources.shape[-2:], input_size, group)
+            if labels is not None:
+                labels = torch.as_tensor(labels).long()
+                if labels.shape != (sources.shape[0],):
+                    raise ValueError(f"labels: expected shape ({sources.shape[0]},), found "
+                                     f"{tuple(labels.shape)}")
+            self._tensor_batches(sources, labels, batch_size)
+        elif isinstance(data, Iterable):
+            self._iterable = data
+            self._input_size_arg, self._group = input_size, group
+            self.input_size = None
+            self.margin = None
+            self.loader = "iterable"
+            self._limit = limit
+            self._iter = self._iterable_batches
+        else:
+            raise TypeError(
+                "data: expected a tensor of images (B, 3, H, W), an iterable of (images, labels) "
+                f"batches, a folder path or 'samples'; found {type(data).__name__}"
+            )
+
+    def _set_geometry(self, source_hw, input_size, group: Group) -> None:
+        source_h, source_w = int(source_hw[0]), int(source_hw[1])
+        if input_size is not None:
+            self.input_size = (int(input_size[0]), int(input_size[1]))
+            self.margin = group.margin(*self.input_size)
+        else:
+            # The sources are the crop-protocol sources: the input is what is left of them after
+            # the largest shift on each side.
+            margin = group.margin(source_h, source_w)
+            self.input_size = (source_h - 2 * margin[0], source_w - 2 * margin[1])
+            if min(self.input_size) < 1:
+                raise ValueError(f"data: sources of {source_h}x{source_w} leave no image after a "
+                                 f"margin of {margin} for the group's shifts")
+            self.margin = group.margin(*self.input_size)
+        self.source_size = (self.input_size[0] + 2 * self.margin[0],
+                            self.input_size[1] + 2 * self.margin[1])
+
+    def _tensor_batches(self, sources: torch.Tensor, labels, batch_size: int) -> None:
+        self.total = sources.shape[0]
+        self._sources, self._labels, self._batch_size = sources, labels, batch_size
+        self._iter = self._tensor_iter
+
+    def _tensor_iter(self) -> Iterator[Batch]:
+        for start in range(0, self._sources.shape[0], self._batch_size):
+            sources = self._sources[start:start + self._batch_size]
+            labels = None if self._labels is None else self._labels[start:start + len(sources)]
+            if self.loader == "tensor":
+                sources = _center_crop(sources, self.source_size, "data")
+            yield Batch(sources, labels)
+
+    def _folder_batches(self) -> Iterator[Batch]:
+        for sources, labels, _paths in self.folder:
+            self.skipped = list(self.folder.skipped)
+            yield Batch(sources, labels)
+        self.skipped = list(self.folder.skipped)
+
+    def _iterable_batches(self) -> Iterator[Batch]:
+        seen = 0
+        for index, item in enumerate(self._iterable):
+            labels = None
+            if isinstance(item, (tuple, list)):
+                if len(item) == 0:
+                    raise ValueError(f"data batch {index}: empty tuple")
+                images = item[0]
+                labels = item[1] if len(item) > 1 else None
+            else:
+                images = item
+            images = _check_sources(images, f"data batch {index}")
+            if self.input_size is None:
+                self._set_geometry(images.shape[-2:], self._input_size_arg, self._group)
+            if labels is not None:
+                labels = torch.as_tensor(labels).long().view(-1)
+                if labels.shape[0] != images.shape[0]:
+                    raise ValueError(f"data batch {index}: {images.shape[0]} images but "
+                                     f"{labels.shape[0]} labels")
+            if self._limit is not None:
+                images = images[: self._limit - seen]
+                labels = None if labels is None else labels[: images.shape[0]]
+                if images.shape[0] == 0:
+                    break
+            seen += images.shape[0]
+            yield Batch(_center_crop(images, self.source_size, f"data batch {index}"), labels)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self._iter()
+
+
+def _default_chunk(batch: int, elements: int, device: torch.device) -> int:
+    # On the CPU a huge stacked batch is slower (caches): stay near 64 images per forward. On a GPU
+    # fill the device; out-of-memory halves the chunk.
+    target = 64 if device.type == "cpu" else 1024
+    return max(1, min(elements, target // max(batch, 1) - 1))
+
+
+def measure(
+    model: nn.Module | str,
+    data: DataSpec = "samples",
+    group: Group | str | None = None,
+    layers: LayerSpec = None,
+    metrics: Sequence[str] | None = None,
+    batch_size: int = 16,
+    device: str | torch.device | None = None,
+    *,
+    labels: torch.Tensor | Sequence[int] | None = None,
+    input_size: tuple[int, int] | None = None,
+    layouts: Mapping[str, str] | None = None,
+    align: AlignSpec = "auto",
+    subpixel: str = "bilinear",
+    comparisons: Sequence[str] = COMPARISONS,
+    pooled: bool = False,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    elements_per_chunk: int | None = None,
+    dtype: torch.dtype | None = None,
+    channels_last: bool | None = None,
+    limit: int | None = None,
+    num_workers: int | None = None,
+    progress: bool = True,
+    model_name: str | None = None,
+    force_reference: bool = False,
+) -> Result:
+    """Measure how equivariant every chosen layer of ``model`` is under ``group``.
+
+    Args:
+        model: A module (put in eval mode here), or a timm name / ``"tv:<torchvision name>"``.
+        data: Images: a tensor ``(N, 3, H, W)`` (uint8 0..255 is normalized with the model's mean
+            and std; float is taken as already preprocessed), an iterable of ``images`` or
+            ``(images, labels)`` batches, a folder path (ImageNet layout or flat), or ``"samples"``
+            (the embedded photographs). Tensors and batches are the *sources*: for the crop
+            protocol they hold the model input plus the largest shift on each side.
+        group: The group elements (default: translations by 8, 16, 32 pixels along each axis).
+        layers: Layers to measure (:func:`equifast.layers.select_layers`; default: stage outputs).
+        metrics: Scores (:data:`equifast.scores.METRICS`; default ``DEFAULT_METRICS``).
+        batch_size: Images per batch (before stacking the ``K + 1`` transformed copies).
+        device: ``"cpu"``, ``"cuda"``... (default: the model's device).
+        labels: Class labels of a tensor ``data`` (for top-1 / top-5).
+        input_size: ``(H, W)`` of the model input (default: from the data, or the model's config).
+        layouts: Override the detected layout per layer (``{"blocks.3": "NLC"}``).
+        align: Grid offsets (:mod:`equifast.align`): ``"auto"``, ``"center"``, ``"corner"``, ...
+        subpixel: Re-alignment by a fraction of a feature pixel: ``"bilinear"`` or ``"skip"`` (NaN).
+        comparisons: Which of ``("eq", "inv", "chance")`` to report.
+        pooled: Score the statistics merged over all images (CIs over batches) instead of the mean
+            of per-image scores.
+        bootstrap: Resamples of the 95% bootstrap intervals (0: none).
+        seed: Seed of the bootstrap and the alignment probe.
+        elements_per_chunk: Group elements per forward (default: chosen for the device).
+        dtype: Model dtype on the device (default: float32 on the CPU, bfloat16 autocast on CUDA).
+        channels_last: Input memory format (default: True on CUDA).
+        limit: Use at most this many images.
+        num_workers: Loader workers for a folder.
+        progress: Show a progress bar.
+        model_name: Name recorded in the result (default: the timm name or the class name).
+        force_reference: Use the pure-PyTorch reference ops even when kernels are compiled.
+
+    Returns:
+        A :class:`equifast.Result`.
+
+    Example:
+        >>> import torch, equifast
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1, padding_mode="circular"))
+        >>> images = torch.rand(4, 3, 16, 16)
+        >>> group = equifast.Translation([1, 2], protocol="circular")
+        >>> result = equifast.measure(net, images, group=group, progress=False)
+        >>> round(float(result.frame.query("comparison == 'eq' and metric == 'corr'").value.min()), 5)
+        1.0
+    """
+    started = time.perf_counter()
+    group = resolve_group(group)
+    metric_names = check_metrics(metrics)
+    unknown = [c for c in comparisons if c not in COMPARISONS]
+    if unknown:
+        raise ValueError(f"comparisons: expected some of {COMPARISONS}, found {unknown}")
+    if subpixel not in ("bilinear", "skip"):
+        raise ValueError(f"subpixel: expected 'bilinear' or 'skip', found {subpixel!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive integer, found {batch_size}")
+
+    from .models import LoadedModel, load_model, preprocess_for
+
+    note = ""
+    pretrained = None
+    if isinstance(model, str):
+        loaded: LoadedModel = load_model(model)
+        module, preprocess = loaded.model, loaded.preprocess
+        model_name = model_name or loaded.name
+        note, pretrained = loaded.note, loaded.pretrained
+    elif isinstance(model, nn.Module):
+        module, preprocess = model, preprocess_for(model)
+        model_name = model_name or getattr(model, "default_cfg", {}).get("architecture") or type(
+            model).__name__
+    else:
+        raise TypeError(f"model: expected an nn.Module or a model name, found {type(model).__name__}")
+    module.eval()
+    if device is None:
+        parameter = next(module.parameters(), None)
+        device = parameter.device if parameter is not None else torch.device("cpu")
+    device = torch.device(device)
+    module.to(device)
+    autocast = dtype is None and device.type == "cuda"
+    model_dtype = dtype or torch.float32
+    if dtype is not None:
+        module.to(dtype)
+    if channels_last is None:
+        channels_last = device.type == "cuda"
+
+    plan = _DataPlan(data, labels, batch_size, input_size, preprocess, group, num_workers, limit)
+    batches = iter(plan)
+    first = next(batches, None)
+    if first is None:
+        raise ValueError("data: no images to measure (the data source is empty)")
+    height, width = plan.input_size
+    margin = plan.margin
+
+    names = select_layers(module, layers)
+    layer_layouts = _probe_layouts(module, names, (height, width), layouts or {}, device,
+                                   model_dtype)
+    offsets = find_offsets(module, layer_layouts, (height, width), align, device, model_dtype,
+                           seed=seed)
+
+    elements = list(group)
+    count = len(elements)
+    image_matrices = group.matrices(height, width, with_identity=False)
+    wrap = [int(e.protocol == "circular") for e in elements]
+    state: dict[str, _Layer] = {}
+    for depth, name in enumerate(names):
+        layout = layer_layouts[name]
+        if layout.kind == "vector":
+            affines = np.tile(np.array([[1.0, 0, 0], [0, 1.0, 0]]), (count, 1, 1))
+        else:
+            affines = feature_source_affines(image_matrices, layout.stride, offsets[name])
+        exact = np.array([is_integer_affine(a) for a in affines])
+        state[name] = _Layer(name, depth, layout, offsets[name], affines, exact)
+
+    # Image-space source maps of the transform: identity first.
+    all_elements = [IDENTITY] + elements
+    image_sources = np.stack([invert_affine(e.matrix(height, width)) for e in all_elements])
+    protocols = [PROTOCOL_CODES[e.protocol] for e in all_elements]
+    normalize = first.sources.dtype == torch.uint8
+    mean = preprocess.mean if normalize else None
+    std = preprocess.std if normalize else None
+
+    chunk = elements_per_chunk or _default_chunk(min(batch_size, first.sources.shape[0]), count,
+                                                 device)
+    context: dict[str, Any] = {}
+
+    def on_output(name: str, tensor: torch.Tensor) -> None:
+        layer = state[name]
+        lo, hi, batch = context["lo"], context["hi"], context["batch"]
+        stats = _layer_stats(tensor, layer, lo, hi, batch, wrap, subpixel, force_reference)
+        if batch == 1:
+            stats[2] = 0  # no other image to compare with: chance is undefined
+        scores = score_stats(stats, metric_names)
+        for metric, value in scores.items():
+            layer.scores.setdefault(metric, []).append((lo, value.cpu().numpy()))
+        if pooled:
+            layer.pooled.append((lo, merge_stats(stats, dim=2).cpu()))
+
+    consistency_rows: list[np.ndarray] = []
+    top_rows: list[np.ndarray] = []
+    images_done = 0
+    progress_bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        progress_bar = tqdm(total=plan.total, unit="img", desc=f"measure {model_name}",
+                            leave=False)
+    backend = "reference" if force_reference or not _ext.has_kernel(
+        "equivariance_stats", device.type) else "compiled"
+
+    def run_batch(batch: Batch) -> None:
+        nonlocal chunk
+        sources = batch.sources.to(device, non_blocking=True)
+        size = sources.shape[0]
+        logits_blocks: list[torch.Tensor | None] = [None] * (count + 1)
+        marks = {name: (len(layer.scores.get("corr", [])), len(layer.pooled))
+                 for name, layer in state.items()}
+        lo = 0
+        while lo < count:
+            hi = min(count, lo + chunk)
+            chosen = [0] + list(range(lo + 1, hi + 1))
+            try:
+                images = ops.transform_images(
+                    sources, torch.from_numpy(image_sources[chosen]), [protocols[i] for i in chosen],
+                    margin, (height, width), mean, std, model_dtype, channels_last,
+                    force_reference=force_reference,
+                )
+                context.update(lo=lo, hi=hi, batch=size)
+                with torch.inference_mode(), LayerHooks(module, names, on_output), \
+                        torch.autocast(device.type, torch.bfloat16, enabled=autocast):
+                    output = module(images)
+            except torch.cuda.OutOfMemoryError:
+                if chunk == 1:
+                    raise
+                _rollback(state, marks)
+                chunk = max(1, chunk // 2)
+                warnings.warn(f"out of memory: retrying with {chunk} elements per forward",
+                              stacklevel=2)
+                logits_blocks = [None] * (count + 1)
+                lo = 0
+                continue
+            if isinstance(output, torch.Tensor) and output.dim() == 2:
+                blocks = output.float().view(hi - lo + 1, size, -1)
+                logits_blocks[0] = blocks[0]
+                for j, element in enumerate(range(lo + 1, hi + 1), start=1):
+                    logits_blocks[element] = blocks[j]
+            lo = hi
+        if all(block is not None for block in logits_blocks):
+            reference = logits_blocks[0].argmax(-1)
+            same = torch.stack([logits_blocks[k + 1].argmax(-1) == reference for k in range(count)])
+            consistency_rows.append(same.float().cpu().numpy())  # (K, B)
+            if batch.labels is not None:
+                labels_device = batch.labels.to(reference.device)
+                top5 = logits_blocks[0].topk(min(5, logits_blocks[0].shape[-1]), -1).indices
+                hit1 = (top5[:, 0] == labels_device).float()
+                hit5 = (top5 == labels_device[:, None]).any(-1).float()
+                known = labels_device >= 0
+                hit1[~known], hit5[~known] = math.nan, math.nan
+                top_rows.append(torch.stack([hit1, hit5]).cpu().numpy())
+
+    for batch in _chain(first, batches):
+        run_batch(batch)
+        images_done += batch.sources.shape[0]
+        if progress_bar is not None:
+            progress_bar.update(batch.sources.shape[0])
+    if progress_bar is not None:
+        progress_bar.close()
+
+    frame = _build_frame(state, model_name, elements, comparisons, metric_names, pooled,
+                         bootstrap, seed, count, len(names), images_done)
+    model_frame = _model_frame(model_name, consistency_rows, top_rows, bootstrap, seed)
+    elapsed = time.perf_counter() - started
+    config = {
+        "model": model_name,
+        "pretrained": pretrained,
+        "note": note,
+        "group": group.name,
+        "elements": group.names,
+        "layers": names,
+        "layouts": {n: state[n].layout.layout for n in names},
+        "offsets": {n: list(state[n].offset) for n in names},
+        "input_size": [height, width],
+        "margin": list(margin),
+        "batch_size": batch_size,
+        "elements_per_chunk": chunk,
+        "align": align if isinstance(align, (str, int, float)) else str(align),
+        "subpixel": subpixel,
+        "metrics": list(metric_names),
+        "pooled": pooled,
+        "bootstrap": bootstrap,
+        "seed": seed,
+        "device": str(device),
+        "dtype": "bfloat16-autocast" if autocast else str(model_dtype).replace("torch.", ""),
+        "images": images_done,
+        "loader": plan.loader,
+        "backend": backend,
+        "preprocess": {k: (list(v) if isinstance(v, tuple) else v)
+                       for k, v in vars(preprocess).items()},
+        "seconds": elapsed,
+        "images_per_second": images_done / elapsed if elapsed > 0 else None,
+        "versions": {"torch": torch.__version__, "equifast": _version()},
+    }
+    return Result(frame=frame, model_frame=model_frame, config=config, skipped=plan.skipped)
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("equifast")
+    except Exception:  # noqa: BLE001 - not installed: running from a checkout
+        return "unknown"
+
+
+def _chain(first: Batch, rest: Iterator[Batch]) -> Iterator[Batch]:
+    yield first
+    yield from rest
+
+
+def _rollback(state: dict[str, _Layer], marks: dict[str, tuple[int, int]]) -> None:
+    """Drop what a failed forward already recorded, so that a retry does not count it twice."""
+    for name, layer in state.items():
+        scores_mark, pooled_mark = marks[name]
+        for metric in layer.scores:
+            del layer.scores[metric][scores_mark:]
+        del layer.pooled[pooled_mark:]
+
+
+def _probe_layouts(module, names, input_size, overrides, device, dtype) -> dict[str, FeatureLayout]:
+    """Run one random image to learn each layer's output shape, and detect the layouts."""
+    shapes: dict[str, torch.Size] = {}
+
+    def keep(name: str, tensor: torch.Tensor) -> None:
+        shapes.setdefault(name, tensor.shape)
+
+    probe = torch.zeros(1, 3, *input_size, device=device, dtype=dtype)
+    try:
+        with torch.inference_mode(), LayerHooks(module, names, keep):
+            module(probe)
+    except Exception as error:
+        raise RuntimeError(
+            f"the model failed on a {input_size[0]}x{input_size[1]} input ({error}); pass "
+            "input_size=(H, W) that the model accepts"
+        ) from error
+    missing = [n for n in names if n not in shapes]
+    if missing:
+        raise ValueError(f"layers {missing} did not run in the model's forward pass")
+    layouts = {}
+    for name in names:
+        forced = overrides.get(name)
+        layouts[name] = detect_layout(shapes[name], input_size, layout=forced, name=name)
+    return layouts
+
+
+def _layer_stats(tensor, layer: _Layer, lo, hi, batch, wrap, subpixel, force_reference):
+    layout = layer.layout
+    affines = torch.from_numpy(layer.source_affines[lo:hi])
+    if layout.kind == "vector":
+        feats = tensor.reshape(tensor.shape[0], 1, 1, -1)
+        return ops.equivariance_stats(feats, affines, wrap[lo:hi], batch, "NCHW", 1,
+                                      feats.shape[-1], 0, subpixel, True, True,
+                                      force_reference=force_reference)
+    return ops.equivariance_stats(tensor, affines, wrap[lo:hi], batch, layout.layout,
+                                  layout.grid_h, layout.grid_w, layout.prefix, subpixel, True,
+                                  True, force_reference=force_reference)
+
+
+def _collect(parts: list[tuple[int, np.ndarray]], count: int) -> np.ndarray:
+    """Stitch ``[(lo, (3, Kc, B))]`` chunks into ``(3, K, N)`` (chunks of a batch share ``B``)."""
+    batches: list[np.ndarray] = []
+    current: np.ndarray | None = None
+    for lo, values in parts:
+        if lo == 0:
+            if current is not None:
+                batches.append(current)
+            current = np.full((3, count, values.shape[-1]), np.nan)
+        current[:, lo:lo + values.shape[1]] = values
+    if current is not None:
+        batches.append(current)
+    return np.concatenate(batches, axis=-1)
+
+
+def _bootstrap(values: np.ndarray, resamples: int, seed: int, block: int = 100) -> np.ndarray | None:
+    """Bootstrap means of ``(rows, n)`` values (NaN ignored) -> ``(rows, R)``; ``None`` if n < 2."""
+    rows, n = values.shape
+    if resamples <= 0 or n < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    valid = ~np.isnan(values)
+    filled = np.where(valid, values, 0.0)
+    out = np.empty((rows, resamples))
+    for start in range(0, resamples, block):
+        size = min(block, resamples - start)
+        weights = rng.multinomial(n, np.full(n, 1.0 / n), size=size).astype(np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out[:, start:start + size] = (filled @ weights.T) / (valid @ weights.T)
+    return out
+
+
+def _interval(distribution: np.ndarray | None, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    if distribution is None:
+        return np.full(rows, np.nan), np.full(rows, np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return (np.nanpercentile(distribution, 2.5, axis=1),
+                np.nanpercentile(distribution, 97.5, axis=1))
+
+
+def _nanmean(values: np.ndarray, axis: int) -> np.ndarray:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(values, axis=axis)
+
+
+def _build_frame(state, model_name, elements, comparisons, metric_names, pooled, bootstrap, seed,
+                 count, layer_count, images) -> pd.DataFrame:
+    element_names = [e.name for e in elements] + ["mean"]
+    comparison_index = [COMPARISONS.index(c) for c in comparisons]
+    records = []
+    for layer in state.values():
+        if pooled:
+            points, distributions = _pooled_values(layer, metric_names, bootstrap, seed, count)
+        else:
+            values = {m: _collect(layer.scores[m], count) for m in metric_names}  # (3, K, N)
+        layout = layer.layout
+        stride = layout.stride[0] if layout.stride[0] == layout.stride[1] else math.nan
+        base = {
+            "model": model_name, "layer": layer.name, "depth": layer.depth,
+            "rel_depth": layer.depth / max(layer_count - 1, 1), "kind": layout.kind,
+            "layout": layout.layout, "grid_h": layout.grid_h, "grid_w": layout.grid_w,
+            "channels": layout.channels, "prefix": layout.prefix, "stride_y": layout.stride[0],
+            "stride_x": layout.stride[1], "stride": stride, "offset_y": layer.offset[0],
+            "offset_x": layer.offset[1], "pooled": pooled,
+        }
+        exact = list(layer.exact) + [bool(np.all(layer.exact))]
+        # Rows of one layer: (metric, comparison, element) with their per-image values.
+        keys = [(metric, COMPARISONS[c], k) for metric in metric_names for c in comparison_index
+                for k in range(count + 1)]
+        if pooled:
+            point = np.array([points[m][COMPARISONS.index(c), k] for m, c, k in keys])
+            dist = None if distributions is None else np.stack(
+                [distributions[m][COMPARISONS.index(c), k] for m, c, k in keys])
+            ns = np.full(len(keys), images)
+        else:
+            matrix = []
+            for metric, comparison, k in keys:
+                per_image = values[metric][COMPARISONS.index(comparison)]  # (K, N)
+                matrix.append(per_image[k] if k < count else _nanmean(per_image, 0))
+            matrix = np.array(matrix)
+            point = _nanmean(matrix, 1) if matrix.shape[1] else np.full(len(matrix), np.nan)
+            ns = (~np.isnan(matrix)).sum(1)
+            dist = _bootstrap(matrix, bootstrap, seed)
+        low, high = _interval(dist, len(keys))
+        row_of = {}
+        for i, (metric, comparison, k) in enumerate(keys):
+            row_of[(metric, comparison, k)] = i
+            records.append({**base, "element": element_names[k], "exact": exact[k],
+                            "comparison": comparison, "metric": metric, "value": point[i],
+                            "ci_low": low[i], "ci_high": high[i], "n": int(ns[i])})
+        # Normalized equivariance, from the means of eq and chance corr (same resamples).
+        if "eq" in comparisons and "chance" in comparisons:
+            for k in range(count + 1):
+                i_eq, i_ch = row_of[("corr", "eq", k)], row_of[("corr", "chance", k)]
+                value = float(corr_vs_chance(point[i_eq], point[i_ch]))
+                if dist is not None:
+                    ratio = corr_vs_chance(dist[i_eq], dist[i_ch])[None, :]
+                    lo_ci, hi_ci = _interval(ratio, 1)
+                else:
+                    lo_ci, hi_ci = np.array([np.nan]), np.array([np.nan])
+                records.append({**base, "element": element_names[k], "exact": exact[k],
+                                "comparison": "eq", "metric": "corr_vs_chance", "value": value,
+                                "ci_low": float(lo_ci[0]), "ci_high": float(hi_ci[0]),
+                                "n": int(min(ns[i_eq], ns[i_ch]))})
+    return pd.DataFrame.from_records(records, columns=FRAME_COLUMNS)
+
+
+def _pooled_values(layer: _Layer, metric_names, bootstrap, seed, count):
+    """Scores of the statistics merged over all images; CIs from resampling whole batches.
+
+    Returns:
+        ``(points, distributions)``: ``{metric: (3, K + 1)}`` (the last column averages the
+        elements) and ``{metric: (3, K + 1, R)}`` or ``None`` with fewer than two batches.
+    """
+    batches: list[torch.Tensor] = []
+    for lo, stats in layer.pooled:  # stats (3, Kc, C, 6), chunks of one batch in order
+        if lo == 0:
+            batches.append(torch.zeros(3, count, stats.shape[-2], 6, dtype=torch.float64))
+        batches[-1][:, lo:lo + stats.shape[1]] = stats
+    stacked = torch.stack(batches)  # (nb, 3, K, C, 6)
+
+    def scored(stats: torch.Tensor) -> dict[str, np.ndarray]:
+        out = {}
+        for metric, value in score_stats(stats, metric_names).items():
+            value = value.numpy()  # (3, K)
+            out[metric] = np.concatenate([value, _nanmean(value, 1)[:, None]], 1)
+        return out
+
+    points = scored(merge_stats(stacked, dim=0))
+    if bootstrap <= 0 or stacked.shape[0] < 2:
+        return points, None
+    rng = np.random.default_rng(seed)
+    nb = stacked.shape[0]
+    weights = rng.multinomial(nb, np.full(nb, 1.0 / nb), size=bootstrap).astype(np.float64)
+    resampled = []
+    for w in torch.from_numpy(weights):
+        scaled = stacked.clone()
+        # Taking a batch w times multiplies its count and its centred sums by w; means stay.
+        for field_index in (0, 3, 4, 5):
+            scaled[..., field_index] *= w.view(-1, 1, 1, 1)
+        resampled.append(scored(merge_stats(scaled, dim=0)))
+    distributions = {m: np.stack([r[m] for r in resampled], -1) for m in metric_names}
+    return points, distributions
+
+
+def _model_frame(model_name, consistency_rows, top_rows, bootstrap, seed) -> pd.DataFrame:
+    records = []
+    if consistency_rows:
+        consistency = np.concatenate(consistency_rows, axis=1).mean(0)  # per image, over elements
+        rows = [("consistency", consistency)]
+        if top_rows:
+            top = np.concatenate(top_rows, axis=1)
+            rows += [("top1", top[0]), ("top5", top[1])]
+        matrix = np.array([r[1] for r in rows])
+        low, high = _interval(_bootstrap(matrix, bootstrap, seed), len(rows))
+        for i, (metric, per_image) in enumerate(rows):
+            records.append({"model": model_name, "metric": metric,
+                            "value": float(_nanmean(per_image[None], 1)[0]),
+                            "ci_low": low[i], "ci_high": high[i],
+                            "n": int((~np.isnan(per_image)).sum())})
+    return pd.DataFrame.from_records(records, columns=MODEL_COLUMNS)

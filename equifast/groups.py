@@ -1,0 +1,426 @@
+"""Group elements as affine maps of the image plane.
+
+Convention:
+    Every element is an affine map of the image plane, a ``2 x 3`` matrix acting on ``(x, y, 1)`` in
+    pixel coordinates: pixel centres sit at integer coordinates, the origin is the centre of the
+    top-left pixel, ``x`` points right and ``y`` down. Angles are in degrees, counter-clockwise as
+    seen on screen (so ``Rotation([90])`` equals ``torch.rot90(img, 1, dims=(-2, -1))``).
+    Rotations and flips act about the image centre ``((W - 1) / 2, (H - 1) / 2)``.
+    A translation ``(dy, dx)`` moves the content ``dy`` pixels down and ``dx`` right, like
+    ``torch.roll(img, (dy, dx), dims=(-2, -1))``.
+    The matrix of an element is its *forward* map: content at ``p`` moves to ``M @ p``; the
+    transformed image is ``(T_g x)(p) = x(M^-1 p)``.
+
+Protocols decide what enters the image where content leaves it:
+    ``"crop"``: the image is a window of a larger source; content comes from the source (real pixels).
+    ``"circular"``: the image wraps around.
+    ``"zero"``: the per-channel mean (zero after normalization) comes in.
+
+Example:
+    >>> from equifast.groups import Translation, Rotation, Flip
+    >>> group = Translation([(0, 8), (8, 0)]) * Flip()
+    >>> [e.name for e in group]
+    ['translate(0,8)', 'translate(8,0)', 'flip(horizontal)', 'translate(0,8)*flip(horizontal)', ...]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+PROTOCOLS = ("crop", "circular", "zero")
+PROTOCOL_CODES = {name: code for code, name in enumerate(PROTOCOLS)}
+
+# Entries of a matrix closer than this to an integer are treated as integers: the element is then
+# applied by index arithmetic, exactly, and feature maps re-align without interpolation.
+INTEGER_TOLERANCE = 1e-6
+
+MatrixFn = Callable[[int, int], np.ndarray]
+
+
+def is_integer_affine(matrix: np.ndarray, tolerance: float = INTEGER_TOLERANCE) -> bool:
+    """Whether all entries of ``matrix`` are integers (within ``tolerance``)."""
+    matrix = np.asarray(matrix, dtype=np.float64)
+    return bool(np.all(np.abs(matrix - np.round(matrix)) <= tolerance))
+
+
+def to_homogeneous(matrix: np.ndarray) -> np.ndarray:
+    """``(2, 3)`` affine -> ``(3, 3)`` homogeneous matrix."""
+    out = np.eye(3, dtype=np.float64)
+    out[:2] = matrix
+    return out
+
+
+def invert_affine(matrix: np.ndarray) -> np.ndarray:
+    """Inverse of a ``(2, 3)`` affine map, as a ``(2, 3)`` matrix."""
+    return np.linalg.inv(to_homogeneous(matrix))[:2]
+
+
+def compose(outer: np.ndarray, inner: np.ndarray) -> np.ndarray:
+    """``outer o inner`` (apply ``inner`` first) for ``(2, 3)`` affines."""
+    return (to_homogeneous(outer) @ to_homogeneous(inner))[:2]
+
+
+def _translation_matrix(dy: float, dx: float) -> MatrixFn:
+    def matrix(height: int, width: int) -> np.ndarray:
+        return np.array([[1.0, 0.0, dx], [0.0, 1.0, dy]])
+
+    return matrix
+
+
+def _rotation_matrix(angle: float) -> MatrixFn:
+    def matrix(height: int, width: int) -> np.ndarray:
+        theta = math.radians(angle)
+        # Snap cos/sin of multiples of 90 degrees to exact integers so they stay exact maps.
+        cos, sin = math.cos(theta), math.sin(theta)
+        cos = float(round(cos)) if abs(cos - round(cos)) < 1e-12 else cos
+        sin = float(round(sin)) if abs(sin - round(sin)) < 1e-12 else sin
+        cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
+        # Counter-clockwise on screen with y pointing down: (1, 0) -> (cos, -sin).
+        linear = np.array([[cos, sin], [-sin, cos]])
+        centre = np.array([cx, cy])
+        return np.concatenate([linear, (centre - linear @ centre)[:, None]], axis=1)
+
+    return matrix
+
+
+def _flip_matrix(axis: str) -> MatrixFn:
+    def matrix(height: int, width: int) -> np.ndarray:
+        if axis == "horizontal":
+            return np.array([[-1.0, 0.0, width - 1.0], [0.0, 1.0, 0.0]])
+        return np.array([[1.0, 0.0, 0.0], [0.0, -1.0, height - 1.0]])
+
+    return matrix
+
+
+@dataclass(frozen=True)
+class Element:
+    """One group element: a named affine map of the image plane with a protocol.
+
+    Attributes:
+        name: Unique, readable name (``"translate(0,8)"``, ``"rotate(90)"``).
+        matrix_fn: ``(height, width) -> (2, 3)`` forward affine in pixel coordinates (depends on the
+            image size for maps about the centre).
+        protocol: ``"crop"``, ``"circular"`` or ``"zero"`` (module docstring).
+        kind: ``"translation"``, ``"rotation"``, ``"flip"``, ``"product"`` or ``"affine"``.
+        params: The parameters that made it (for records).
+    """
+
+    name: str
+    matrix_fn: MatrixFn = field(repr=False, compare=False)
+    protocol: str = "crop"
+    kind: str = "affine"
+    params: tuple = ()
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(
+                f"protocol of element {self.name!r}: expected one of {PROTOCOLS}, "
+                f"found {self.protocol!r}"
+            )
+
+    def matrix(self, height: int, width: int) -> np.ndarray:
+        """The ``(2, 3)`` float64 forward map for an image of ``height x width`` pixels."""
+        matrix = np.asarray(self.matrix_fn(height, width), dtype=np.float64)
+        if matrix.shape != (2, 3):
+            raise ValueError(
+                f"element {self.name!r}: matrix must have shape (2, 3), found {matrix.shape}"
+            )
+        return matrix
+
+    def is_exact(self, height: int, width: int) -> bool:
+        """Whether the element maps pixels to pixels (applied by index arithmetic, no interpolation)."""
+        return is_integer_affine(self.matrix(height, width))
+
+    def margin(self, height: int, width: int) -> tuple[int, int]:
+        """Pixels of source needed beyond the image on each side, ``(margin_y, margin_x)``.
+
+        Only exact ``crop`` elements ask for a margin: they are windows of a larger source. Other
+        elements fill what they cannot take from the source with the mean, and the engine masks it.
+        """
+        if self.protocol != "crop" or not self.is_exact(height, width):
+            return (0, 0)
+        inverse = invert_affine(self.matrix(height, width))
+        corners = np.array(
+            [[0, 0, 1], [width - 1, 0, 1], [0, height - 1, 1], [width - 1, height - 1, 1]],
+            dtype=np.float64,
+        )
+        sources = corners @ inverse.T  # (4, 2): (x, y) in the identity window
+        over_x = max(0.0, -sources[:, 0].min(), sources[:, 0].max() - (width - 1))
+        over_y = max(0.0, -sources[:, 1].min(), sources[:, 1].max() - (height - 1))
+        return (int(round(over_y)), int(round(over_x)))
+
+    def __mul__(self, other: Element) -> Element:
+        """``self * other``: apply ``other`` first, then ``self``."""
+        return _product(self, other)
+
+
+def _product(outer: Element, inner: Element) -> Element:
+    # Translations decide the protocol of a product: they are what moves content across the border.
+    protocols = [e.protocol for e in (outer, inner) if e.kind == "translation"]
+    protocol = protocols[0] if protocols else outer.protocol
+    outer_fn, inner_fn = outer.matrix_fn, inner.matrix_fn
+
+    def matrix(height: int, width: int) -> np.ndarray:
+        return compose(outer_fn(height, width), inner_fn(height, width))
+
+    return Element(
+        name=f"{outer.name}*{inner.name}",
+        matrix_fn=matrix,
+        protocol=protocol,
+        kind="product",
+        params=(outer.params, inner.params),
+    )
+
+
+IDENTITY = Element("identity", _translation_matrix(0, 0), protocol="crop", kind="identity")
+
+
+class Group(Sequence[Element]):
+    """A list of named group elements (the identity is implied and always evaluated too).
+
+    Args:
+        elements: The elements; names must be unique. The identity is dropped if given.
+        name: Readable name of the group (for records and plots).
+
+    Example:
+        >>> import numpy as np
+        >>> shear = Element("shear", lambda h, w: np.array([[1, 0.2, 0], [0, 1, 0]]))
+        >>> Group([shear], name="shear").names
+        ['shear']
+    """
+
+    def __init__(self, elements: Iterable[Element], name: str | None = None) -> None:
+        self.elements: list[Element] = [e for e in elements if e.kind != "identity"]
+        if not self.elements:
+            raise ValueError("a group needs at least one element besides the identity")
+        names = [e.name for e in self.elements]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"group element names must be unique, found repeated {duplicates}")
+        self.name = name or "+".join(dict.fromkeys(e.kind for e in self.elements))
+
+    def __len__(self) -> int:
+        return len(self.elements)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        return self.elements[index]
+
+    def __iter__(self) -> Iterator[Element]:
+        return iter(self.elements)
+
+    def __repr__(self) -> str:
+        return f"Group({self.name!r}, {self.names})"
+
+    @property
+    def names(self) -> list[str]:
+        return [e.name for e in self.elements]
+
+    def __mul__(self, other: Group) -> Group:
+        """Product: every element of ``self`` after every element of ``other``, plus both factors."""
+        if not isinstance(other, Group):
+            return NotImplemented
+        products = [a * b for a in self.elements for b in other.elements]
+        return Group(self.elements + other.elements + products, name=f"{self.name}*{other.name}")
+
+    def __add__(self, other: Group) -> Group:
+        """Union of the elements of two groups (a measurement over both sets)."""
+        return Group(self.elements + other.elements, name=f"{self.name}+{other.name}")
+
+    def margin(self, height: int, width: int) -> tuple[int, int]:
+        """Largest source margin ``(margin_y, margin_x)`` any element needs (crop protocol)."""
+        margins = [e.margin(height, width) for e in self.elements] or [(0, 0)]
+        return (max(m[0] for m in margins), max(m[1] for m in margins))
+
+    def matrices(self, height: int, width: int, with_identity: bool = True) -> np.ndarray:
+        """``(K + 1, 2, 3)`` forward maps, the identity first (or ``(K, 2, 3)`` without it)."""
+        elements = ([IDENTITY] if with_identity else []) + self.elements
+        return np.stack([e.matrix(height, width) for e in elements])
+
+
+def Translation(  # noqa: N802 - reads as a class, like torchvision's transforms
+    shifts: Sequence[tuple[float, float]] | Sequence[float] | None = None,
+    protocol: str = "crop",
+) -> Group:
+    """Translations by ``(dy, dx)`` pixels.
+
+    Args:
+        shifts: ``[(dy, dx), ...]``, or a list of numbers ``d`` meaning ``(0, d)`` and ``(d, 0)``.
+            Default: 8, 16 and 32 pixels along each axis (most layers then re-align exactly).
+        protocol: ``"crop"`` (default, for real data), ``"circular"`` or ``"zero"``.
+
+    Example:
+        >>> Translation([8, 16]).names
+        ['translate(0,8)', 'translate(8,0)', 'translate(0,16)', 'translate(16,0)']
+    """
+    if shifts is None:
+        shifts = [8, 16, 32]
+    pairs: list[tuple[float, float]] = []
+    for shift in shifts:
+        if isinstance(shift, (int, float, np.integer, np.floating)):
+            pairs += [(0, shift), (shift, 0)]
+        else:
+            if len(shift) != 2:
+                raise ValueError(f"a shift is a number or a pair (dy, dx), found {shift!r}")
+            pairs.append((shift[0], shift[1]))
+    elements = []
+    for dy, dx in pairs:
+        dy, dx = _clean_number(dy), _clean_number(dx)
+        elements.append(
+            Element(
+                f"translate({dy},{dx})",
+                _translation_matrix(dy, dx),
+                protocol=protocol,
+                kind="translation",
+                params=(("dy", dy), ("dx", dx)),
+            )
+        )
+    return Group(elements, name="translation")
+
+
+def Rotation(angles: Sequence[float] = (90, 180, 270), protocol: str = "crop") -> Group:  # noqa: N802
+    """Rotations about the image centre by ``angles`` degrees, counter-clockwise on screen.
+
+    Multiples of 90 degrees are exact on square images; other angles are bilinear, and the corners
+    whose content left the image are masked in the comparison.
+
+    Example:
+        >>> Rotation().names
+        ['rotate(90)', 'rotate(180)', 'rotate(270)']
+    """
+    elements = []
+    for angle in angles:
+        angle = _clean_number(angle)
+        elements.append(
+            Element(
+                f"rotate({angle})",
+                _rotation_matrix(float(angle)),
+                protocol=protocol,
+                kind="rotation",
+                params=(("angle", angle),),
+            )
+        )
+    return Group(elements, name="rotation")
+
+
+def Flip(axis: str | Sequence[str] = "horizontal") -> Group:  # noqa: N802
+    """Mirror images about the vertical centre line (``"horizontal"``) or the horizontal one.
+
+    Example:
+        >>> Flip(["horizontal", "vertical"]).names
+        ['flip(horizontal)', 'flip(vertical)']
+    """
+    axes = [axis] if isinstance(axis, str) else list(axis)
+    elements = []
+    for name in axes:
+        if name not in ("horizontal", "vertical"):
+            raise ValueError(f"flip axis: expected 'horizontal' or 'vertical', found {name!r}")
+        elements.append(
+            Element(f"flip({name})", _flip_matrix(name), kind="flip", params=(("axis", name),))
+        )
+    return Group(elements, name="flip")
+
+
+def _clean_number(value: float) -> float | int:
+    """``8.0 -> 8`` so names read naturally; fractional values stay floats."""
+    value = float(value)
+    return int(value) if value.is_integer() else value
+
+
+def parse_group(spec: str) -> Group:
+    """Parse a command-line group spec.
+
+    Grammar: terms joined by ``+`` (union) or ``*`` (product); a term is
+    ``translate:8,16,32`` (both axes), ``translate:0/8,8/0`` (``dy/dx`` pairs),
+    ``translate[circular]:8``, ``rotate:90,180,270``, ``flip`` / ``flip:horizontal,vertical``.
+
+    Example:
+        >>> parse_group("translate:8,16+rotate:90").names
+        ['translate(0,8)', 'translate(8,0)', 'translate(0,16)', 'translate(16,0)', 'rotate(90)']
+    """
+    spec = spec.strip()
+    if not spec:
+        raise ValueError("empty group spec: expected e.g. 'translate:8,16,32' or 'rotate:90'")
+    if "+" in spec:
+        parts = [parse_group(part) for part in spec.split("+")]
+        group = parts[0]
+        for part in parts[1:]:
+            group = group + part
+        return group
+    if "*" in spec:
+        parts = [parse_group(part) for part in spec.split("*")]
+        group = parts[0]
+        for part in parts[1:]:
+            group = group * part
+        return group
+    head, _, args = spec.partition(":")
+    kind, protocol = head, None
+    if "[" in head and head.endswith("]"):
+        kind, protocol = head[:-1].split("[", 1)
+    values = [v for v in args.split(",") if v.strip()] if args else []
+    try:
+        if kind in ("translate", "translation", "shift"):
+            shifts: list = []
+            for value in values:
+                if "/" in value:
+                    dy, dx = value.split("/")
+                    shifts.append((float(dy), float(dx)))
+                else:
+                    shifts.append(float(value))
+            return Translation(shifts or None, protocol=protocol or "crop")
+        if kind in ("rotate", "rotation"):
+            angles = [float(v) for v in values] or [90, 180, 270]
+            return Rotation(angles, protocol=protocol or "crop")
+        if kind == "flip":
+            return Flip([v.strip() for v in values] or "horizontal")
+    except ValueError as error:
+        raise ValueError(f"group spec {spec!r}: {error}") from None
+    raise ValueError(
+        f"group spec {spec!r}: unknown kind {kind!r}; expected 'translate', 'rotate' or 'flip' "
+        "(e.g. 'translate:8,16,32', 'rotate:90,180,270', 'flip')"
+    )
+
+
+def default_group() -> Group:
+    """The default: translations by 8, 16 and 32 pixels along each axis, crop protocol."""
+    return Translation()
+
+
+def feature_source_affines(
+    matrices: np.ndarray,
+    stride: tuple[float, float],
+    offset: tuple[float, float],
+) -> np.ndarray:
+    """Express image maps on a feature grid, as *source* maps (output position -> source position).
+
+    A feature pixel ``(i, j)`` (column ``i``, row ``j``) sits at image coordinate
+    ``P(i, j) = (offset_x + stride_x * i, offset_y + stride_y * j)``. The element acts on the grid as
+    ``M_l = P^-1 M P``; re-aligning the identity features reads, for output position ``u``, the
+    source position ``M_l^-1 u``, which is what this returns.
+
+    Args:
+        matrices: ``(K, 2, 3)`` forward maps in image pixel coordinates (``(x, y)`` order).
+        stride: ``(stride_y, stride_x)`` input pixels per feature pixel.
+        offset: ``(offset_y, offset_x)`` input coordinate of the centre of feature pixel 0.
+
+    Returns:
+        ``(K, 2, 3)`` float64 source maps in feature-grid coordinates (``(x, y)`` order).
+    """
+    stride_y, stride_x = float(stride[0]), float(stride[1])
+    offset_y, offset_x = float(offset[0]), float(offset[1])
+    grid_to_image = np.array(
+        [[stride_x, 0.0, offset_x], [0.0, stride_y, offset_y], [0.0, 0.0, 1.0]]
+    )
+    image_to_grid = np.linalg.inv(grid_to_image)
+    out = []
+    for matrix in np.asarray(matrices, dtype=np.float64):
+        inverse = np.linalg.inv(to_homogeneous(matrix))
+        source = image_to_grid @ inverse @ grid_to_image
+        # Clean rounding noise so that exact maps are recognized as exact.
+        rounded = np.round(source)
+        source = np.where(np.abs(source - rounded) <= 1e-9, rounded, source)
+        out.append(source[:2])
+    return np.stack(out) if out else np.zeros((0, 2, 3))

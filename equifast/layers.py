@@ -1,0 +1,139 @@
+"""Choosing the layers to measure, and hooking them.
+
+Layers are named by their module path (``model.named_modules()``). A selection is any mix of:
+
+- ``None`` / ``"default"``: the output of every stage or block: timm's ``feature_info`` where the model
+  has it, otherwise the top-level children (without the final classifier's own input/outputs).
+- exact names (``"layer3"``, ``"blocks.5"``) and glob patterns (``"layer*.1"``, ``"blocks.*"``);
+- module types (``torch.nn.Conv2d``): every module of that type;
+- ``"leaves"``: every module without children.
+
+Example:
+    >>> import torchvision
+    >>> model = torchvision.models.resnet18()
+    >>> select_layers(model, ["layer1", "layer2.*.conv1"])
+    ['layer1', 'layer2.0.conv1', 'layer2.1.conv1']
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+LayerSpec = str | type | Sequence[str | type] | None
+
+
+def default_layers(model: nn.Module) -> list[str]:
+    """The stage/block outputs: timm ``feature_info`` modules, else the top-level children."""
+    names = dict(model.named_modules())
+    feature_info = getattr(model, "feature_info", None)
+    found: list[str] = []
+    if isinstance(feature_info, (list, tuple)):
+        for info in feature_info:
+            module = info.get("module") if isinstance(info, dict) else None
+            if module and module in names and module not in found:
+                found.append(module)
+    if found:
+        return found
+    children = [name for name, child in model.named_children()]
+    if not children:
+        raise ValueError(
+            f"{type(model).__name__} has no submodules to measure; pass layers=[...] with module "
+            "names of a model that has them"
+        )
+    return children
+
+
+def select_layers(model: nn.Module, layers: LayerSpec = None) -> list[str]:
+    """Resolve a layer selection to module names, in the model's module order.
+
+    Args:
+        model: The model.
+        layers: The selection (module docstring).
+
+    Returns:
+        Module names, in the order of ``model.named_modules()``, without duplicates.
+
+    Raises:
+        ValueError: A name or pattern matches nothing (the message lists close names).
+    """
+    if layers is None or layers == "default":
+        return default_layers(model)
+    specs = [layers] if isinstance(layers, (str, type)) else list(layers)
+    modules = dict(model.named_modules())
+    order = {name: i for i, name in enumerate(modules)}
+    chosen: set[str] = set()
+    for spec in specs:
+        if spec == "default":
+            chosen.update(default_layers(model))
+        elif spec == "leaves":
+            chosen.update(n for n, m in modules.items() if n and not any(True for _ in m.children()))
+        elif isinstance(spec, type):
+            matched = {n for n, m in modules.items() if n and isinstance(m, spec)}
+            if not matched:
+                raise ValueError(f"no module of type {spec.__name__} in {type(model).__name__}")
+            chosen.update(matched)
+        elif isinstance(spec, str):
+            if any(ch in spec for ch in "*?["):
+                matched = {n for n in modules if n and fnmatch.fnmatchcase(n, spec)}
+            else:
+                matched = {spec} if spec in modules and spec else set()
+            if not matched:
+                close = difflib.get_close_matches(spec, [n for n in modules if n], n=5, cutoff=0.5)
+                hint = f"; close names: {close}" if close else ""
+                raise ValueError(
+                    f"layer {spec!r} matches no module of {type(model).__name__}{hint} "
+                    "(names as in model.named_modules(); globs like 'layer*' work too)"
+                )
+            chosen.update(matched)
+        else:
+            raise TypeError(f"a layer is a name, glob or module type, found {type(spec).__name__}")
+    return sorted(chosen, key=order.__getitem__)
+
+
+def first_tensor(output) -> torch.Tensor | None:
+    """The tensor a layer outputs (the first one of a tuple or list)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    return None
+
+
+class LayerHooks:
+    """Forward hooks on named modules that pass each output to ``callback(name, tensor)``.
+
+    Use as a context manager so the hooks are always removed.
+    """
+
+    def __init__(self, model: nn.Module, names: Iterable[str],
+                 callback: Callable[[str, torch.Tensor], None]) -> None:
+        self.model, self.names, self.callback = model, list(names), callback
+        self.handles: list = []
+
+    def __enter__(self) -> LayerHooks:
+        modules = dict(self.model.named_modules())
+        for name in self.names:
+            self.handles.append(modules[name].register_forward_hook(self._hook(name)))
+        return self
+
+    def _hook(self, name: str):
+        def hook(module, inputs, output):
+            tensor = first_tensor(output)
+            if tensor is None:
+                raise TypeError(
+                    f"layer {name!r} outputs {type(output).__name__}, expected a tensor (or a tuple "
+                    "starting with one); leave it out of layers=[...]"
+                )
+            self.callback(name, tensor)
+
+        return hook
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()

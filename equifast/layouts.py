@@ -1,0 +1,196 @@
+"""Feature layouts: viewing a layer's output as a spatial grid, and inferring its stride.
+
+Convention:
+    The canonical view of a layer output is ``(N, C, h, w)`` (a view, never a copy), plus ``P``
+    non-spatial prefix tokens for token layouts. Layouts met in practice:
+
+    - ``"NCHW"``: CNN feature maps ``(N, C, h, w)``.
+    - ``"NHWC"``: channels-last blocks (Swin, ConvNeXt blocks in timm) ``(N, h, w, C)``.
+    - ``"NLC"``: tokens ``(N, P + h * w, C)`` with ``P`` prefix tokens (class, distillation,
+      register tokens) before a row-major ``h x w`` token grid (ViT, DeiT, BEiT).
+    - ``"NC"``: plain vectors ``(N, C)`` (pooled features, logits); viewed as ``(N, 1, 1, C)`` so
+      that a correlation runs over the channel vector.
+
+    The stride of a layer is ``(H / h, W / w)`` for a model input of ``H x W``; when a layer rounds
+    sizes (a stride-2 convolution on an odd input gives ``ceil(H / 2)``), the integer stride is used.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+LAYOUTS = ("NCHW", "NHWC", "NLC", "NC")
+MAX_PREFIX_TOKENS = 8
+
+
+@dataclass(frozen=True)
+class FeatureLayout:
+    """How a layer's output maps to a grid.
+
+    Attributes:
+        layout: One of ``LAYOUTS``.
+        grid_h: Rows of the spatial grid (1 for vectors).
+        grid_w: Columns of the spatial grid (the channel count for vectors).
+        channels: Channels per grid position (1 for vectors).
+        prefix: Non-spatial prefix tokens (``NLC`` only).
+        stride: ``(stride_y, stride_x)`` in input pixels (``(nan, nan)`` for vectors).
+    """
+
+    layout: str
+    grid_h: int
+    grid_w: int
+    channels: int
+    prefix: int = 0
+    stride: tuple[float, float] = (math.nan, math.nan)
+
+    @property
+    def kind(self) -> str:
+        return "vector" if self.layout == "NC" else "spatial"
+
+
+def _integer_stride(size: int, cells: int) -> float:
+    """Input pixels per grid cell; the integer one when ``cells`` is a rounded ``size / s``."""
+    ratio = size / cells
+    rounded = round(ratio)
+    # ceil(size / s) and floor(size / s) both satisfy |size - s * cells| < s.
+    if rounded >= 1 and abs(size - rounded * cells) < rounded:
+        return float(rounded)
+    return ratio
+
+
+def _plausible_grid(h: int, w: int, input_size: tuple[int, int]) -> bool:
+    height, width = input_size
+    if not (1 <= h <= height and 1 <= w <= width):
+        return False
+    stride_y, stride_x = _integer_stride(height, h), _integer_stride(width, w)
+    # A grid of a model follows the input's aspect: the same stride along both axes (within the
+    # rounding of odd sizes).
+    return abs(stride_y - stride_x) <= 0.125 * min(stride_y, stride_x)
+
+
+def _token_grid(tokens: int, input_size: tuple[int, int]) -> tuple[int, int, int] | None:
+    """``(prefix, h, w)`` for ``tokens`` tokens: the fewest prefix tokens leaving a plausible grid."""
+    height, width = input_size
+    for prefix in range(0, MAX_PREFIX_TOKENS + 1):
+        cells = tokens - prefix
+        if cells < 1:
+            break
+        # h * w = cells with h / w = height / width  =>  h = sqrt(cells * height / width).
+        h = round(math.sqrt(cells * height / width))
+        for candidate in (h, h - 1, h + 1):
+            if candidate >= 1 and cells % candidate == 0:
+                w = cells // candidate
+                if _plausible_grid(candidate, w, input_size):
+                    return prefix, candidate, w
+    return None
+
+
+def detect_layout(
+    shape: tuple[int, ...] | torch.Size,
+    input_size: tuple[int, int],
+    layout: str | None = None,
+    prefix: int | None = None,
+    name: str = "layer",
+) -> FeatureLayout:
+    """Find how a layer output of ``shape`` maps to a grid, for a model input of ``input_size``.
+
+    Args:
+        shape: Shape of the layer output, batch first.
+        input_size: ``(H, W)`` of the model input.
+        layout: Force a layout (``"NCHW"``, ``"NHWC"``, ``"NLC"``, ``"NC"``); ``None`` detects it.
+            4-D outputs that fit both ``NCHW`` and ``NHWC`` are read as ``NCHW``.
+        prefix: Force the number of prefix tokens of an ``NLC`` layout.
+        name: Layer name for error messages.
+
+    Returns:
+        The :class:`FeatureLayout`.
+
+    Raises:
+        ValueError: The shape fits no layout (the message gives the shape, the input size and how
+            to override).
+
+    Example:
+        >>> detect_layout((2, 197, 192), (224, 224))
+        FeatureLayout(layout='NLC', grid_h=14, grid_w=14, channels=192, prefix=1, stride=(16.0, 16.0))
+    """
+    shape = tuple(int(s) for s in shape)
+    height, width = int(input_size[0]), int(input_size[1])
+    hint = (
+        f"; pass layouts={{{name!r}: 'NCHW'|'NHWC'|'NLC'|'NC'}} to set it, or leave the layer out"
+    )
+    if layout is not None and layout not in LAYOUTS:
+        raise ValueError(f"layout of {name!r}: expected one of {LAYOUTS}, found {layout!r}")
+
+    def spatial(lay: str, h: int, w: int, c: int, p: int = 0) -> FeatureLayout:
+        stride = (_integer_stride(height, h), _integer_stride(width, w))
+        return FeatureLayout(lay, h, w, c, p, stride)
+
+    ndim = len(shape)
+    if layout == "NC" or (layout is None and ndim == 2):
+        if ndim < 2:
+            raise ValueError(f"layer {name!r}: output of shape {shape} has no channel axis{hint}")
+        channels = math.prod(shape[1:])
+        return FeatureLayout("NC", 1, channels, 1, 0)
+    if ndim == 4:
+        _, d1, d2, d3 = shape
+        if layout == "NCHW":
+            return spatial("NCHW", d2, d3, d1)
+        if layout == "NHWC":
+            return spatial("NHWC", d1, d2, d3)
+        if layout is None:
+            if _plausible_grid(d2, d3, (height, width)):
+                return spatial("NCHW", d2, d3, d1)
+            if _plausible_grid(d1, d2, (height, width)):
+                return spatial("NHWC", d1, d2, d3)
+    if ndim == 3 and layout in (None, "NLC"):
+        _, tokens, channels = shape
+        if prefix is not None:
+            found = _token_grid(tokens - prefix, (height, width))
+            grid = (prefix, *found[1:]) if found is not None and found[0] == 0 else None
+        else:
+            grid = _token_grid(tokens, (height, width))
+        if grid is not None:
+            p, h, w = grid
+            return spatial("NLC", h, w, channels, p)
+    expected = {
+        2: "(N, C)",
+        3: f"(N, P + h*w, C) with a token grid of the input's aspect {height}x{width} and "
+        f"at most {MAX_PREFIX_TOKENS} prefix tokens",
+        4: f"(N, C, h, w) or (N, h, w, C) with a grid of the input's aspect {height}x{width}",
+    }.get(ndim, "2-D, 3-D or 4-D")
+    raise ValueError(
+        f"cannot infer the feature grid of layer {name!r}: output shape {shape}, expected "
+        f"{expected}{' as ' + layout if layout else ''}{hint}"
+    )
+
+
+def grid_view(feats: torch.Tensor, layout: FeatureLayout | str, grid_h: int = 0, grid_w: int = 0,
+              prefix: int = 0) -> torch.Tensor:
+    """View ``feats`` as ``(N, C, h, w)`` without copying (prefix tokens dropped).
+
+    Args:
+        feats: The layer output, batch first, in ``layout``.
+        layout: A :class:`FeatureLayout` or a layout name (then give ``grid_h``, ``grid_w``,
+            ``prefix``).
+
+    Returns:
+        A view of shape ``(N, C, h, w)``; vectors ``(N, C)`` become ``(N, 1, 1, C)``.
+    """
+    if isinstance(layout, FeatureLayout):
+        name, grid_h, grid_w, prefix = layout.layout, layout.grid_h, layout.grid_w, layout.prefix
+    else:
+        name = layout
+    n = feats.shape[0]
+    if name == "NCHW":
+        return feats
+    if name == "NHWC":
+        return feats.permute(0, 3, 1, 2)
+    if name == "NLC":
+        grid = feats[:, prefix:, :]
+        return grid.unflatten(1, (grid_h, grid_w)).permute(0, 3, 1, 2)
+    if name == "NC":
+        return feats.reshape(n, 1, 1, -1)
+    raise ValueError(f"layout: expected one of {LAYOUTS}, found {name!r}")

@@ -1,0 +1,297 @@
+"""Pure-PyTorch float64 references of the equifast ops: the oracle of the compiled kernels.
+
+Convention:
+    Affine maps are ``(2, 3)`` matrices acting on ``(x, y, 1)``: ``x`` is the column, ``y`` the row,
+    pixel centres at integer coordinates, origin at the top-left pixel. The ops take *source* maps:
+    output position ``u`` reads position ``A @ u`` of the input. A map whose entries are all integers
+    (within ``INTEGER_TOLERANCE``) is applied by index arithmetic; any other map samples bilinearly.
+
+    Bilinear sampling (shared by the kernels through ``csrc/include/equifast/affine.h``): for a source
+    coordinate ``x``, ``x0 = floor(x)``, ``fx = x - x0``, neighbours ``x0`` and ``x0 + 1``; with
+    wrapping both wrap modulo the size; without it a position counts as inside when
+    ``-EDGE_TOLERANCE <= x <= size - 1 + EDGE_TOLERANCE`` and its neighbours are clamped into the grid.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..groups import INTEGER_TOLERANCE
+from ..layouts import grid_view
+
+EDGE_TOLERANCE = 1e-6
+STATS_FIELDS = ("count", "mean_a", "mean_b", "m2_a", "m2_b", "c_ab")
+PROTOCOL_CROP, PROTOCOL_CIRCULAR, PROTOCOL_ZERO = 0, 1, 2
+COMPARISONS = ("eq", "inv", "chance")
+
+
+def is_integer_map(affine: torch.Tensor) -> bool:
+    """Whether a ``(2, 3)`` map has integer entries (it is applied exactly)."""
+    return bool(torch.all((affine - torch.round(affine)).abs() <= INTEGER_TOLERANCE))
+
+
+def _sample_plan(
+    affine: torch.Tensor, out_h: int, out_w: int, size_h: int, size_w: int, wrap: bool,
+    offset_y: int = 0, offset_x: int = 0, bound_h: int | None = None,
+    bound_w: int | None = None,
+):
+    """Neighbour indices, weights and validity for sampling a ``size_h x size_w`` grid.
+
+    Output position ``(x, y)`` reads source ``A @ (x, y, 1)`` (plus ``offset`` in the sampled grid,
+    used for the crop margin). Wrapping happens modulo ``bound`` (the window size), validity is
+    checked against ``bound`` when given (zero protocol) and against the sampled grid otherwise.
+
+    Returns:
+        ``(indices, weights, inside)``: ``indices`` is a list of ``(iy, ix)`` long tensors of shape
+        ``(out_h, out_w)`` into the sampled grid, ``weights`` the matching float64 weights, and
+        ``inside`` a per-neighbour validity list (False where a neighbour lies outside and must read
+        the fill value).
+    """
+    affine = affine.to(torch.float64)
+    ys, xs = torch.meshgrid(
+        torch.arange(out_h, dtype=torch.float64), torch.arange(out_w, dtype=torch.float64),
+        indexing="ij",
+    )
+    src_x = affine[0, 0] * xs + affine[0, 1] * ys + affine[0, 2]
+    src_y = affine[1, 0] * xs + affine[1, 1] * ys + affine[1, 2]
+    bound_h = size_h if bound_h is None else bound_h
+    bound_w = size_w if bound_w is None else bound_w
+    # Validity and wrapping are decided in window coordinates (before adding the margin offset).
+    if is_integer_map(affine):
+        ix, iy = torch.round(src_x).long(), torch.round(src_y).long()
+        if wrap:
+            ix, iy = ix % bound_w, iy % bound_h
+            inside = torch.ones_like(ix, dtype=torch.bool)
+        else:
+            inside = (ix + offset_x >= 0) & (ix + offset_x < size_w)
+            inside &= (iy + offset_y >= 0) & (iy + offset_y < size_h)
+            if bound_h != size_h or bound_w != size_w:
+                inside &= (ix >= 0) & (ix < bound_w) & (iy >= 0) & (iy < bound_h)
+            ix, iy = ix + offset_x, iy + offset_y
+            ix, iy = ix.clamp(0, size_w - 1), iy.clamp(0, size_h - 1)
+        return [(iy, ix)], [torch.ones_like(src_x)], [inside]
+    x0f, y0f = torch.floor(src_x), torch.floor(src_y)
+    fx, fy = src_x - x0f, src_y - y0f
+    x0, y0 = x0f.long(), y0f.long()
+    neighbours = [(0, 0, (1 - fy) * (1 - fx)), (0, 1, (1 - fy) * fx),
+                  (1, 0, fy * (1 - fx)), (1, 1, fy * fx)]
+    indices, weights, insides = [], [], []
+    if wrap:
+        for dy, dx, weight in neighbours:
+            indices.append(((y0 + dy) % bound_h, (x0 + dx) % bound_w))
+            weights.append(weight)
+            insides.append(torch.ones_like(x0, dtype=torch.bool))
+        return indices, weights, insides
+    # Without wrapping a position is inside when its continuous source lies in the grid; its
+    # neighbours are clamped so that a source exactly on the last row reads that row.
+    lim_h, lim_w = (size_h, size_w)
+    sx, sy = src_x + offset_x, src_y + offset_y
+    inside = (sx >= -EDGE_TOLERANCE) & (sx <= lim_w - 1 + EDGE_TOLERANCE)
+    inside &= (sy >= -EDGE_TOLERANCE) & (sy <= lim_h - 1 + EDGE_TOLERANCE)
+    if bound_h != size_h or bound_w != size_w:
+        inside &= (src_x >= -EDGE_TOLERANCE) & (src_x <= bound_w - 1 + EDGE_TOLERANCE)
+        inside &= (src_y >= -EDGE_TOLERANCE) & (src_y <= bound_h - 1 + EDGE_TOLERANCE)
+    sx0, sy0 = x0 + offset_x, y0 + offset_y
+    for dy, dx, weight in neighbours:
+        iy = (sy0 + dy).clamp(0, size_h - 1)
+        ix = (sx0 + dx).clamp(0, size_w - 1)
+        indices.append((iy, ix))
+        weights.append(weight)
+        insides.append(inside)
+    return indices, weights, insides
+
+
+def transform_images(
+    src: torch.Tensor,
+    source_affines: torch.Tensor,
+    protocols: Sequence[int],
+    margin_y: int,
+    margin_x: int,
+    out_h: int,
+    out_w: int,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    out_dtype: torch.dtype,
+    channels_last: bool,
+) -> torch.Tensor:
+    """Transform a batch of sources for all group elements at once (reference).
+
+    Args:
+        src: ``(B, 3, Hs, Ws)`` uint8 (0..255) or float (already scaled, e.g. 0..1 or normalized).
+        source_affines: ``(E, 2, 3)`` float64 maps from output pixels to *window* coordinates; the
+            window is the ``out_h x out_w`` identity image at ``(margin_y, margin_x)`` of the source.
+        protocols: ``(E,)`` ints: 0 crop (read the source anywhere), 1 circular (wrap in the
+            window), 2 zero (outside the window reads the fill).
+        margin_y, margin_x: Offset of the identity window in the source.
+        out_h, out_w: Output size.
+        mean, std: Per-channel normalization ``(v / 255 - mean) / std`` for uint8 sources,
+            ``(v - mean) / std`` for float ones; ``None`` keeps the values. The fill is 0 after
+            normalization (the mean: neutral).
+        out_dtype: Output dtype.
+        channels_last: Return in ``torch.channels_last`` memory format.
+
+    Returns:
+        ``(E * B, 3, out_h, out_w)`` images, element-major (element ``e``, image ``b`` at
+        ``e * B + b``).
+    """
+    if src.dim() != 4:
+        raise ValueError(f"src: expected (B, C, Hs, Ws), found shape {tuple(src.shape)}")
+    batch, channels, size_h, size_w = src.shape
+    values = src.to(torch.float64)
+    if src.dtype == torch.uint8:
+        values = values / 255.0
+    if mean is not None and std is not None:
+        mean_t = torch.tensor(mean, dtype=torch.float64).view(1, -1, 1, 1)
+        std_t = torch.tensor(std, dtype=torch.float64).view(1, -1, 1, 1)
+        values = (values - mean_t) / std_t
+    outputs = []
+    for affine, protocol in zip(source_affines.to(torch.float64), protocols):
+        wrap = int(protocol) == PROTOCOL_CIRCULAR
+        bound = (out_h, out_w) if int(protocol) == PROTOCOL_ZERO else (None, None)
+        if wrap:
+            # Circular shifts wrap inside the identity window: sample the window itself.
+            window = values[:, :, margin_y:margin_y + out_h, margin_x:margin_x + out_w]
+            indices, weights, insides = _sample_plan(affine, out_h, out_w, out_h, out_w, True)
+            grid = window
+        else:
+            indices, weights, insides = _sample_plan(
+                affine, out_h, out_w, size_h, size_w, False, margin_y, margin_x, *bound
+            )
+            grid = values
+        out = torch.zeros(batch, channels, out_h, out_w, dtype=torch.float64)
+        for (iy, ix), weight, inside in zip(indices, weights, insides):
+            out += grid[:, :, iy, ix] * (weight * inside)
+        outputs.append(out)
+    result = torch.cat(outputs, 0).to(out_dtype)
+    if channels_last:
+        result = result.contiguous(memory_format=torch.channels_last)
+    return result
+
+
+def realign(grid: torch.Tensor, affine: torch.Tensor, wrap: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Re-align ``(B, C, h, w)`` maps with a source map; returns ``(moved, valid (h, w))``."""
+    height, width = grid.shape[-2:]
+    indices, weights, insides = _sample_plan(affine, height, width, height, width, wrap)
+    moved = torch.zeros_like(grid, dtype=torch.float64)
+    for (iy, ix), weight in zip(indices, weights):
+        moved += grid[:, :, iy, ix].to(torch.float64) * weight
+    return moved, insides[0]
+
+
+def pair_stats(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The six statistics of ``a`` against ``b`` per image and channel over ``valid`` positions.
+
+    Args:
+        a, b: ``(B, C, h, w)`` float64.
+        valid: ``(h, w)`` bool.
+
+    Returns:
+        ``(B, C, 6)`` float64: count, mean_a, mean_b, m2_a, m2_b, c_ab (zeros where count is 0).
+    """
+    mask = valid.to(torch.float64)
+    count = mask.sum()
+    if count == 0:
+        return torch.zeros(*a.shape[:2], 6, dtype=torch.float64)
+    mean_a = (a * mask).sum((-2, -1)) / count
+    mean_b = (b * mask).sum((-2, -1)) / count
+    da = (a - mean_a[..., None, None]) * mask
+    db = (b - mean_b[..., None, None]) * mask
+    m2_a = (da * da).sum((-2, -1))
+    m2_b = (db * db).sum((-2, -1))
+    c_ab = (da * db).sum((-2, -1))
+    return torch.stack([torch.full_like(mean_a, float(count)), mean_a, mean_b, m2_a, m2_b, c_ab], -1)
+
+
+def equivariance_stats(
+    feats: torch.Tensor,
+    source_affines: torch.Tensor,
+    wrap: Sequence[int],
+    batch: int,
+    layout: str,
+    grid_h: int,
+    grid_w: int,
+    prefix: int,
+    subpixel: str,
+    with_inv: bool,
+    with_chance: bool,
+) -> torch.Tensor:
+    """Statistics of the equivariance, invariance and chance comparisons (reference).
+
+    Args:
+        feats: The layer output for the stacked batch, ``N = (K + 1) * batch`` images, identity
+            block first, in ``layout`` (``"NCHW"``, ``"NHWC"`` or ``"NLC"``; vectors are passed as
+            ``NCHW`` of shape ``(N, 1, 1, C)``).
+        source_affines: ``(K, 2, 3)`` float64 maps in feature-grid coordinates: output position
+            ``u`` of the re-aligned identity map reads position ``A_k @ u``.
+        wrap: ``(K,)`` 1 where the element wraps around (circular protocol).
+        batch: Images per block ``B``.
+        layout, grid_h, grid_w, prefix: How to view ``feats`` (see :mod:`equifast.layouts`).
+        subpixel: ``"bilinear"`` or ``"skip"`` (non-integer maps give count 0: NaN scores).
+        with_inv, with_chance: Whether to compute those comparisons (zeros otherwise).
+
+    Returns:
+        ``(3, K, B, C, 6)`` float32 statistics for eq, inv, chance: count, mean_a, mean_b, m2_a,
+        m2_b, c_ab over the valid positions, where ``a`` is the transformed image's features and
+        ``b`` the re-aligned identity features (eq), the identity features (inv) or the re-aligned
+        identity features of image ``(n + 1) % B`` (chance).
+    """
+    grid = grid_view(feats, layout, grid_h, grid_w, prefix).to(torch.float64)
+    total, channels = grid.shape[:2]
+    elements = source_affines.shape[0]
+    if total != (elements + 1) * batch:
+        raise ValueError(
+            f"feats: expected (K + 1) * batch = {(elements + 1) * batch} images for K = {elements} "
+            f"elements and batch {batch}, found {total}"
+        )
+    identity = grid[:batch]
+    out = torch.zeros(3, elements, batch, channels, 6, dtype=torch.float64)
+    for k in range(elements):
+        affine = source_affines[k].to(torch.float64)
+        if subpixel == "skip" and not is_integer_map(affine):
+            continue
+        moved, valid = realign(identity, affine, bool(wrap[k]))
+        transformed = grid[(k + 1) * batch:(k + 2) * batch]
+        out[0, k] = pair_stats(transformed, moved, valid)
+        if with_inv:
+            out[1, k] = pair_stats(transformed, identity, valid)
+        if with_chance:
+            out[2, k] = pair_stats(transformed, torch.roll(moved, -1, 0), valid)
+    return out.to(torch.float32)
+
+
+def merge_stats(stats: torch.Tensor, dim: int) -> torch.Tensor:
+    """Chan's parallel merge of six-number statistics along ``dim`` (pooled statistics).
+
+    Args:
+        stats: ``(..., 6)`` statistics.
+        dim: The axis to merge (not the last).
+
+    Returns:
+        The merged statistics with ``dim`` removed, float64.
+    """
+    stats = stats.to(torch.float64)
+    count = stats[..., 0]
+    total = count.sum(dim)
+    safe = torch.where(total > 0, total, torch.ones_like(total))
+    mean_a = (stats[..., 1] * count).sum(dim) / safe
+    mean_b = (stats[..., 2] * count).sum(dim) / safe
+    da = stats[..., 1] - mean_a.unsqueeze(dim)
+    db = stats[..., 2] - mean_b.unsqueeze(dim)
+    m2_a = (stats[..., 3] + count * da * da).sum(dim)
+    m2_b = (stats[..., 4] + count * db * db).sum(dim)
+    c_ab = (stats[..., 5] + count * da * db).sum(dim)
+    return torch.stack([total, mean_a, mean_b, m2_a, m2_b, c_ab], -1)
+
+
+__all__ = [
+    "COMPARISONS",
+    "STATS_FIELDS",
+    "equivariance_stats",
+    "is_integer_map",
+    "merge_stats",
+    "pair_stats",
+    "realign",
+    "transform_images",
+]

@@ -1,0 +1,156 @@
+"""The result of a measurement: a tidy pandas frame plus the run's configuration.
+
+Columns of ``Result.frame`` (one row per layer x element x comparison x metric):
+
+``model, layer, depth, rel_depth, kind, layout, grid_h, grid_w, channels, prefix, stride_y,
+stride_x, stride, offset_y, offset_x, element, exact, comparison, metric, value, ci_low, ci_high,
+n, pooled``
+
+``element == "mean"`` rows average each image's scores over the elements; ``comparison`` is
+``"eq"`` (equivariance), ``"inv"`` (invariance) or ``"chance"``; the derived ``corr_vs_chance``
+metric sits under ``"eq"``. ``Result.model_frame`` holds model-level numbers (top-1, top-5,
+consistency) with the same value/CI/n columns.
+
+Example:
+    >>> result = Result.load("run.parquet")                     # doctest: +SKIP
+    >>> result.summary()                                        # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+FRAME_COLUMNS = [
+    "model", "layer", "depth", "rel_depth", "kind", "layout", "grid_h", "grid_w", "channels",
+    "prefix", "stride_y", "stride_x", "stride", "offset_y", "offset_x", "element", "exact",
+    "comparison", "metric", "value", "ci_low", "ci_high", "n", "pooled",
+]
+MODEL_COLUMNS = ["model", "metric", "value", "ci_low", "ci_high", "n"]
+
+
+@dataclass
+class Result:
+    """Scores of one measurement.
+
+    Attributes:
+        frame: The tidy per-layer frame (module docstring).
+        model_frame: Model-level scores (top1, top5, consistency).
+        config: The run's configuration (model, group, layers, sizes, versions, timing).
+        skipped: ``[(path, reason)]`` of inputs that could not be read.
+    """
+
+    frame: pd.DataFrame
+    model_frame: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=MODEL_COLUMNS))
+    config: dict[str, Any] = field(default_factory=dict)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def scores(self, metric: str = "corr", element: str = "mean") -> pd.DataFrame:
+        """Wide table: one row per layer, the comparisons as columns (with CIs)."""
+        rows = self.frame[(self.frame.metric == metric) & (self.frame.element == element)]
+        wide = rows.pivot_table(index=["depth", "layer"], columns="comparison",
+                                values=["value", "ci_low", "ci_high"], aggfunc="first")
+        wide.columns = [f"{comp}_{what}".replace("_value", "") for what, comp in wide.columns]
+        return wide.reset_index()
+
+    def summary(self, metric: str = "corr") -> pd.DataFrame:
+        """Per-layer table: stride, eq / inv / chance ``metric`` with 95% CIs, flat_frac, n, and
+        the normalized equivariance ``corr_vs_chance``."""
+        frame = self.frame[self.frame.element == "mean"]
+        layers = frame.drop_duplicates("layer").set_index("layer")
+        table = pd.DataFrame(index=layers.index)
+        table["depth"] = layers["depth"]
+        table["kind"] = layers["kind"]
+        table["stride"] = layers["stride"]
+        for comparison in ("eq", "inv", "chance"):
+            part = frame[(frame.metric == metric) & (frame.comparison == comparison)]
+            part = part.set_index("layer")
+            if part.empty:
+                continue
+            table[f"{comparison}"] = part["value"]
+            table[f"{comparison}_lo"] = part["ci_low"]
+            table[f"{comparison}_hi"] = part["ci_high"]
+        normalized = frame[(frame.metric == "corr_vs_chance")].set_index("layer")
+        if not normalized.empty:
+            table["vs_chance"] = normalized["value"]
+        flat = frame[(frame.metric == "flat_frac") & (frame.comparison == "eq")].set_index("layer")
+        if not flat.empty:
+            table["flat_frac"] = flat["value"]
+        n = frame[(frame.metric == metric) & (frame.comparison == "eq")].set_index("layer")
+        table["n"] = n["n"]
+        return table.reset_index().sort_values("depth").reset_index(drop=True)
+
+    def format_summary(self, metric: str = "corr") -> str:
+        """The summary as aligned text, with CIs as ``value [low, high]``."""
+        table = self.summary(metric)
+        lines = []
+        header = f"{'layer':<24} {'stride':>6} " + " ".join(
+            f"{c + ' ' + metric:>22}" for c in ("eq", "inv", "chance")
+        ) + f" {'vs_chance':>9} {'flat_frac':>9} {'n':>5}"
+        lines.append(header)
+        for _, row in table.iterrows():
+            cells = []
+            for comparison in ("eq", "inv", "chance"):
+                if comparison in row and pd.notna(row.get(comparison)):
+                    cells.append(f"{row[comparison]:7.4f} [{row[comparison + '_lo']:6.3f},"
+                                 f"{row[comparison + '_hi']:6.3f}]")
+                else:
+                    cells.append("-")
+            stride = "-" if pd.isna(row["stride"]) else f"{row['stride']:g}"
+            lines.append(
+                f"{str(row['layer'])[:24]:<24} {stride:>6} "
+                + " ".join(f"{c:>22}" for c in cells)
+                + f" {row.get('vs_chance', float('nan')):9.4f} "
+                f"{row.get('flat_frac', float('nan')):9.3f} {int(row['n']):5d}"
+            )
+        if not self.model_frame.empty:
+            for _, row in self.model_frame.iterrows():
+                lines.append(f"{row['metric']}: {row['value']:.4f} (n={int(row['n'])})")
+        return "\n".join(lines)
+
+    def save(self, path: str | Path) -> Path:
+        """Save to ``.parquet`` or ``.csv`` (config and model scores go to a ``.json`` beside)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".parquet":
+            self.frame.to_parquet(path, index=False)
+        elif path.suffix == ".csv":
+            self.frame.to_csv(path, index=False)
+        else:
+            raise ValueError(f"save: expected a path ending in .parquet or .csv, found {path}")
+        sidecar = {
+            "config": self.config,
+            "model_frame": self.model_frame.to_dict(orient="records"),
+            "skipped": [list(s) for s in self.skipped],
+        }
+        path.with_suffix(path.suffix + ".json").write_text(json.dumps(sidecar, indent=2,
+                                                                      default=str))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Result:
+        """Load what :meth:`save` wrote."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no result at {path}")
+        if path.suffix == ".parquet":
+            frame = pd.read_parquet(path)
+        elif path.suffix == ".csv":
+            frame = pd.read_csv(path)
+        else:
+            raise ValueError(f"load: expected a .parquet or .csv file, found {path}")
+        sidecar_path = path.with_suffix(path.suffix + ".json")
+        sidecar = json.loads(sidecar_path.read_text()) if sidecar_path.exists() else {}
+        model_frame = pd.DataFrame(sidecar.get("model_frame", []), columns=MODEL_COLUMNS)
+        skipped = [tuple(s) for s in sidecar.get("skipped", [])]
+        return cls(frame=frame, model_frame=model_frame, config=sidecar.get("config", {}),
+                   skipped=skipped)
+
+    def __repr__(self) -> str:
+        layers = self.frame["layer"].nunique() if len(self.frame) else 0
+        return (f"Result(model={self.config.get('model')!r}, layers={layers}, "
+                f"images={self.config.get('images')}, rows={len(self.frame)})")

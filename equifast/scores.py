@@ -1,0 +1,177 @@
+"""Scores from the six sufficient statistics, and their aggregation with bootstrap intervals.
+
+Every score is a cheap function of the per-channel statistics ``(count, mean_a, mean_b, m2_a, m2_b,
+c_ab)`` of a compared pair (``a``: features of the transformed image; ``b``: the features it is
+compared with). See DESIGN.md section 1.4 for their meaning.
+
+- ``corr``: channel-centred correlation ``sum_c c_ab / sqrt(sum_c m2_a * sum_c m2_b)``.
+- ``one_minus_corr``: ``1 - corr``, the normalized difference of the standardized maps.
+- ``corr_channelwise``: mean over non-flat channels of each channel's Pearson correlation.
+- ``flat_frac``: share of channels spatially constant on either side.
+- ``cosine``: ``sum ab / sqrt(sum a^2 sum b^2)``.
+- ``nde``: ``sum (a - b)^2 / (sum a^2 + sum b^2)``.
+- ``rel_err``: ``sqrt(sum (a - b)^2 / sum b^2)``.
+- ``psnr``: ``10 log10(range^2 / mse)``; the six statistics hold no extremes, so ``range`` is taken
+  as four standard deviations of ``b`` (all valid values, around their global mean: the +-2 sigma
+  span), unless given.
+- ``corr_vs_chance``: ``(corr_eq - corr_chance) / (1 - corr_chance)`` from the means over images.
+
+Example:
+    >>> import torch
+    >>> stats = torch.tensor([[[4.0, 0.0, 0.0, 2.0, 2.0, 2.0]]], dtype=torch.float64)
+    >>> float(score_stats(stats, ["corr"])["corr"][0])
+    1.0
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+
+METRICS = ("corr", "one_minus_corr", "corr_channelwise", "flat_frac", "cosine", "nde", "rel_err",
+           "psnr")
+DEFAULT_METRICS = ("corr", "one_minus_corr", "corr_channelwise", "flat_frac", "cosine", "nde")
+DERIVED_METRICS = ("corr_vs_chance",)
+
+# A channel is flat when its spatial standard deviation is below 1e-6 of its mean level (rounding
+# of a constant map after interpolation stays far below that) or below 1e-15 absolutely.
+FLAT_RELATIVE = 1e-6
+FLAT_ABSOLUTE = 1e-15
+
+
+def check_metrics(metrics: Sequence[str] | None) -> tuple[str, ...]:
+    """Validate a list of metric names (``None``: the defaults); ``corr`` is always included."""
+    if metrics is None:
+        return DEFAULT_METRICS
+    metrics = tuple(metrics)
+    unknown = [m for m in metrics if m not in METRICS + DERIVED_METRICS]
+    if unknown:
+        raise ValueError(f"unknown metrics {unknown}; expected some of {METRICS + DERIVED_METRICS}")
+    # corr is needed for corr_vs_chance and the summaries.
+    return tuple(dict.fromkeys(("corr",) + tuple(m for m in metrics if m in METRICS)))
+
+
+def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)),
+                       torch.full_like(num, math.nan))
+
+
+def score_stats(
+    stats: torch.Tensor, metrics: Sequence[str] = DEFAULT_METRICS, psnr_range: float | None = None
+) -> dict[str, torch.Tensor]:
+    """Scores of compared pairs from their per-channel statistics.
+
+    Args:
+        stats: ``(..., C, 6)`` statistics (any float dtype; computed in float64).
+        metrics: Which scores (names in ``METRICS``).
+        psnr_range: Peak-to-peak range for ``psnr`` (``None``: four standard deviations of ``b``).
+
+    Returns:
+        ``{metric: (...) float64 tensor}``; NaN where undefined (no valid positions, all flat).
+    """
+    stats = stats.to(torch.float64)
+    count, mean_a, mean_b = stats[..., 0], stats[..., 1], stats[..., 2]
+    m2_a, m2_b, c_ab = stats[..., 3], stats[..., 4], stats[..., 5]
+    out: dict[str, torch.Tensor] = {}
+    sum_m2_a, sum_m2_b, sum_c = m2_a.sum(-1), m2_b.sum(-1), c_ab.sum(-1)
+    corr = _safe_div(sum_c, torch.sqrt(sum_m2_a * sum_m2_b))
+    # Sums of squares about zero, built from the centred moments without cancellation-prone sums.
+    sum_aa = (m2_a + count * mean_a * mean_a).sum(-1)
+    sum_bb = (m2_b + count * mean_b * mean_b).sum(-1)
+    sum_sq_diff = (m2_a + m2_b - 2 * c_ab + count * (mean_a - mean_b) ** 2).sum(-1)
+    total = count.sum(-1)
+    for metric in metrics:
+        if metric == "corr":
+            out[metric] = corr
+        elif metric == "one_minus_corr":
+            out[metric] = 1.0 - corr
+        elif metric in ("corr_channelwise", "flat_frac"):
+            safe = torch.where(count > 0, count, torch.ones_like(count))
+            var_a, var_b = m2_a / safe, m2_b / safe
+            flat_a = var_a <= (FLAT_RELATIVE * mean_a) ** 2 + FLAT_ABSOLUTE**2
+            flat_b = var_b <= (FLAT_RELATIVE * mean_b) ** 2 + FLAT_ABSOLUTE**2
+            flat = flat_a | flat_b
+            empty = total <= 0
+            if metric == "flat_frac":
+                value = flat.to(torch.float64).mean(-1)
+                out[metric] = torch.where(empty, torch.full_like(value, math.nan), value)
+            else:
+                per_channel = c_ab / torch.sqrt(torch.where(flat, 1.0, m2_a * m2_b))
+                live = (~flat).to(torch.float64)
+                value = _safe_div((per_channel * live).sum(-1), live.sum(-1))
+                out[metric] = torch.where(empty, torch.full_like(value, math.nan), value)
+        elif metric == "cosine":
+            out[metric] = _safe_div((c_ab + count * mean_a * mean_b).sum(-1),
+                                    torch.sqrt(sum_aa * sum_bb))
+        elif metric == "nde":
+            out[metric] = _safe_div(sum_sq_diff, sum_aa + sum_bb)
+        elif metric == "rel_err":
+            out[metric] = torch.sqrt(_safe_div(sum_sq_diff, sum_bb))
+        elif metric == "psnr":
+            mse = _safe_div(sum_sq_diff, total)
+            if psnr_range is None:
+                grand_mean_b = _safe_div((count * mean_b).sum(-1), total)
+                var_b = _safe_div(sum_bb - total * grand_mean_b**2, total).clamp_min(0)
+                peak = 4.0 * torch.sqrt(var_b)
+            else:
+                peak = torch.full_like(mse, float(psnr_range))
+            out[metric] = 10.0 * torch.log10(_safe_div(peak * peak, mse))
+        else:
+            raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
+    return out
+
+
+def corr_vs_chance(corr_eq: np.ndarray | float, corr_chance: np.ndarray | float):
+    """Normalized equivariance ``(corr_eq - corr_chance) / (1 - corr_chance)``."""
+    corr_eq, corr_chance = np.asarray(corr_eq, np.float64), np.asarray(corr_chance, np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(corr_chance < 1, (corr_eq - corr_chance) / (1 - corr_chance), np.nan)
+
+
+def bootstrap_weights(n: int, resamples: int, seed: int) -> np.ndarray:
+    """``(resamples, n)`` multinomial counts: how often each image enters each resample."""
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(n, np.full(n, 1.0 / n), size=resamples).astype(np.float64)
+
+
+def bootstrap_means(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Means of ``values`` (``(rows, n)``, NaN ignored) under each resample ``(R, n)`` -> ``(rows, R)``."""
+    valid = ~np.isnan(values)
+    filled = np.where(valid, values, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (filled @ weights.T) / (valid.astype(np.float64) @ weights.T)
+
+
+def mean_and_ci(
+    values: np.ndarray, weights: np.ndarray | None, level: float = 0.95
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Mean over images (NaN ignored) with a percentile bootstrap interval.
+
+    Args:
+        values: ``(rows, n)`` per-image values.
+        weights: ``(R, n)`` bootstrap weights, or ``None`` for no interval (NaN bounds).
+        level: Coverage of the interval.
+
+    Returns:
+        ``(mean, ci_low, ci_high, count)``, each ``(rows,)``.
+    """
+    values = np.atleast_2d(np.asarray(values, np.float64))
+    count = (~np.isnan(values)).sum(1)
+    with np.errstate(invalid="ignore"):
+        mean = np.where(count > 0, np.nansum(values, 1) / np.maximum(count, 1), np.nan)
+    if weights is None or values.shape[1] < 2:
+        nan = np.full(len(mean), np.nan)
+        return mean, nan, nan.copy(), count
+    means = bootstrap_means(values, weights)
+    tail = (1 - level) / 2 * 100
+    with np.errstate(all="ignore"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            low = np.nanpercentile(means, tail, axis=1)
+            high = np.nanpercentile(means, 100 - tail, axis=1)
+    return mean, low, high, count
