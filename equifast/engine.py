@@ -165,8 +165,11 @@ class _DataPlan:
             margin = group.margin(source_h, source_w)
             self.input_size = (source_h - 2 * margin[0], source_w - 2 * margin[1])
             if min(self.input_size) < 1:
-                raise ValueError(f"data: sources of {source_h}x{source_w} leave no image after a "
-                                 f"margin of {margin} for the group's shifts")
+                raise ValueError(
+                    f"data: sources of {source_h}x{source_w} leave no image after a margin of "
+                    f"{margin} on each side for the group's shifts (crop protocol); pass larger "
+                    "images or a group with smaller shifts (e.g. group='translate:2,4')"
+                )
             self.margin = group.margin(*self.input_size)
         self.source_size = (self.input_size[0] + 2 * self.margin[0],
                             self.input_size[1] + 2 * self.margin[1])

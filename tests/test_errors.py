@@ -1,0 +1,76 @@
+"""Bad input gets a clear error naming what was expected and what was found."""
+
+import pytest
+import torch
+from torch import nn
+
+import equifast
+from equifast.layouts import detect_layout
+
+
+def _net():
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
+
+
+def test_unknown_layer_lists_close_names():
+    import torchvision
+
+    model = torchvision.models.resnet18()
+    with pytest.raises(ValueError, match=r"'layer5'.*close names: \[.*'layer1'"):
+        equifast.measure(model, torch.rand(2, 3, 64, 64), layers=["layer5"],
+                         group="translate:4", progress=False)
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 32, 32), (2, 32, 32), (32,), (2, 4, 3, 32, 32)])
+def test_wrong_image_shape(shape):
+    with pytest.raises(ValueError, match=r"expected images of shape \(B, 3, H, W\).*found"):
+        equifast.measure(_net(), torch.rand(*shape), progress=False)
+
+
+def test_empty_data():
+    with pytest.raises(ValueError, match="no images"):
+        equifast.measure(_net(), [], progress=False)
+    with pytest.raises(ValueError, match="holds no images"):
+        equifast.measure(_net(), torch.rand(0, 3, 32, 32), progress=False)
+
+
+def test_sources_too_small_for_shifts():
+    with pytest.raises(ValueError, match=r"smaller than the 48x48"):
+        equifast.measure(_net(), torch.rand(2, 3, 20, 20), input_size=(32, 32),
+                         group=equifast.Translation([8]), progress=False)
+
+
+def test_grid_cannot_be_inferred():
+    with pytest.raises(ValueError, match=r"cannot infer the feature grid of layer 'odd'.*\(2, 5, 7, 9\)"):
+        detect_layout((2, 5, 7, 9), (64, 64), name="odd")
+    with pytest.raises(ValueError, match=r"output shape \(2, 3, 5, 6, 7\), expected 2-D, 3-D or 4-D"):
+        detect_layout((2, 3, 5, 6, 7), (64, 64), name="odd")
+
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.odd = nn.Identity()
+
+        def forward(self, x):
+            return self.odd(x[:, :, :7, :9].reshape(x.shape[0], 3, 7, 9))
+
+    with pytest.raises(ValueError, match="cannot infer the feature grid of layer 'odd'"):
+        equifast.measure(Odd(), torch.rand(2, 3, 14, 14), layers=["odd"],
+                         group=equifast.Translation([1], protocol="circular"), progress=False)
+
+
+def test_bad_arguments():
+    images = torch.rand(2, 3, 16, 16)
+    with pytest.raises(ValueError, match="unknown metrics"):
+        equifast.measure(_net(), images, metrics=["accuracy"], progress=False)
+    with pytest.raises(ValueError, match="subpixel"):
+        equifast.measure(_net(), images, subpixel="nearest", progress=False)
+    with pytest.raises(TypeError, match="model: expected an nn.Module"):
+        equifast.measure(42, images, progress=False)
+    with pytest.raises(ValueError, match="layout of 'x'"):
+        detect_layout((2, 4, 4, 4), (16, 16), layout="CHW", name="x")
+
+
+def test_sources_leave_no_image():
+    with pytest.raises(ValueError, match=r"leave no image.*smaller shifts"):
+        equifast.measure(_net(), torch.rand(2, 3, 40, 40), progress=False)

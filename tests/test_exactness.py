@@ -1,0 +1,116 @@
+"""Exactness properties of the measure that need no oracle (DESIGN.md section 7)."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import equifast
+from equifast import Rotation, Translation
+
+
+def _rows(result, metric="corr", comparison="eq"):
+    frame = result.frame
+    return frame[(frame.metric == metric) & (frame.comparison == comparison)
+                 & (frame.element != "mean")]
+
+
+def _circular_net(strides=(1, 1, 1)):
+    layers, channels = [], 3
+    for stride in strides:
+        layers += [nn.Conv2d(channels, 8, 3, stride=stride, padding=1, padding_mode="circular"),
+                   nn.ReLU()]
+        channels = 8
+    return nn.Sequential(*layers).eval()
+
+
+@pytest.mark.parametrize("force_reference", [True, False])
+def test_circular_stride1_net_is_exactly_equivariant(force_reference):
+    net = _circular_net()
+    images = torch.rand(4, 3, 15, 12)
+    group = Translation([(0, 1), (3, 0), (-2, 5), (7, -4)], protocol="circular")
+    result = equifast.measure(net, images, group=group, layers=["0", "1", "3", "5"],
+                              progress=False, bootstrap=0, force_reference=force_reference)
+    eq = _rows(result)
+    assert len(eq) == 4 * 4 and eq.exact.all()
+    np.testing.assert_allclose(eq.value, 1.0, atol=1e-5)
+    # Invariance is far from 1 for a translation of noise: the check could fail.
+    assert _rows(result, comparison="inv").value.max() < 0.9
+
+
+def test_strided_net_exact_for_shifts_divisible_by_stride():
+    net = _circular_net(strides=(2, 2, 1))
+    images = torch.rand(3, 3, 16, 16)
+    group = Translation([(0, 4), (8, 0), (4, -4), (0, 2)], protocol="circular")
+    result = equifast.measure(net, images, group=group, layers=["1", "3", "5"], progress=False,
+                              bootstrap=0)
+    eq = _rows(result)
+    divisible = eq[eq.element != "translate(0,2)"]
+    np.testing.assert_allclose(divisible.value, 1.0, atol=1e-5)
+    assert divisible.exact.all()
+    by_two = eq[eq.element == "translate(0,2)"].set_index("layer")
+    assert by_two.loc["1", "exact"] and abs(by_two.loc["1", "value"] - 1) < 1e-5  # stride 2
+    assert not by_two.loc["3", "exact"]  # stride 4: half a feature pixel, bilinear
+    assert by_two.loc["3", "value"] < 0.999
+    assert set(result.frame.stride.dropna()) == {2.0, 4.0}
+
+
+def _symmetrize(conv: nn.Conv2d) -> None:
+    with torch.no_grad():
+        weight = conv.weight
+        conv.weight.copy_(sum(torch.rot90(weight, k, dims=(-2, -1)) for k in range(4)) / 4)
+
+
+@pytest.mark.parametrize("align", ["auto", "corner"])
+def test_rotation_symmetric_filters_are_rotation_equivariant(align):
+    net = nn.Sequential(nn.Conv2d(3, 6, 5, padding=2), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1),
+                        nn.Tanh()).eval()
+    _symmetrize(net[0])
+    _symmetrize(net[2])
+    images = torch.rand(4, 3, 13, 13)
+    result = equifast.measure(net, images, group=Rotation([90, 180, 270]), layers=["1", "3"],
+                              align=align, progress=False, bootstrap=0)
+    eq = _rows(result)
+    assert eq.exact.all()
+    np.testing.assert_allclose(eq.value, 1.0, atol=1e-5)
+    # Unsymmetrized filters are not: the test can fail.
+    plain = nn.Sequential(nn.Conv2d(3, 6, 5, padding=2)).eval()
+    other = equifast.measure(plain, images, group=Rotation([90]), layers=["0"], progress=False,
+                             bootstrap=0)
+    assert _rows(other).value.max() < 0.99
+
+
+def test_mlp_on_pixels_scores_near_chance():
+    torch.manual_seed(1)
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(3 * 12 * 12, 256), nn.ReLU(),
+                        nn.Linear(256, 64)).eval()
+    images = torch.rand(48, 3, 20, 20)
+    result = equifast.measure(mlp, images, group=Translation([4]), layers=["2", "3"],
+                              batch_size=16, progress=False, bootstrap=200)
+    frame = result.frame[(result.frame.metric == "corr") & (result.frame.element == "mean")]
+    assert set(frame.kind) == {"vector"}
+    eq = frame[frame.comparison == "eq"].set_index("layer").value
+    chance = frame[frame.comparison == "chance"].set_index("layer").value
+    inv = frame[frame.comparison == "inv"].set_index("layer").value
+    np.testing.assert_allclose(eq, inv)  # vectors: equivariance and invariance coincide
+    np.testing.assert_allclose(eq, chance, atol=0.05)
+    normalized = result.frame[(result.frame.metric == "corr_vs_chance")
+                              & (result.frame.element == "mean")]
+    assert normalized.value.abs().max() < 0.2
+
+
+def test_result_roundtrip_and_summary(tmp_path):
+    net = _circular_net()
+    images = torch.rand(4, 3, 10, 10)
+    result = equifast.measure(net, images, group=Translation([1], protocol="circular"),
+                              progress=False, bootstrap=50)
+    summary = result.summary()
+    assert list(summary.layer) == [str(i) for i in range(6)]
+    assert {"eq", "eq_lo", "eq_hi", "inv", "chance", "flat_frac", "n"} <= set(summary.columns)
+    for suffix in (".parquet", ".csv"):
+        path = result.save(tmp_path / f"r{suffix}")
+        loaded = equifast.Result.load(path)
+        assert loaded.config["model"] == result.config["model"]
+        np.testing.assert_allclose(loaded.frame.value.to_numpy(dtype=float),
+                                   result.frame.value.to_numpy(dtype=float))
+    assert "eq corr" in result.format_summary()

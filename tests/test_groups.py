@@ -1,0 +1,102 @@
+"""Group elements against torch.roll / rot90 / flip, and the transform reference against them."""
+
+import numpy as np
+import pytest
+import torch
+
+from equifast.groups import (
+    Flip, Rotation, Translation, feature_source_affines, invert_affine, is_integer_affine,
+    parse_group,
+)
+from equifast.ops import _reference
+
+
+def _apply(element, images, margin=(0, 0), protocol_code=None):
+    height, width = images.shape[-2] - 2 * margin[0], images.shape[-1] - 2 * margin[1]
+    source = torch.from_numpy(invert_affine(element.matrix(height, width)))[None]
+    code = {"crop": 0, "circular": 1, "zero": 2}[element.protocol]
+    return _reference.transform_images(images, source, [code], margin[0], margin[1], height,
+                                       width, None, None, torch.float64, False)
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (6, 6), (9, 4)])
+@pytest.mark.parametrize("shift", [(0, 1), (2, 0), (-3, 2), (1, -1)])
+def test_circular_translation_is_roll(shape, shift):
+    images = torch.rand(2, 3, *shape, dtype=torch.float64)
+    (element,) = Translation([shift], protocol="circular")
+    expected = torch.roll(images, shift, dims=(-2, -1))
+    torch.testing.assert_close(_apply(element, images), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("angle,k", [(90, 1), (180, 2), (270, 3), (-90, 3)])
+@pytest.mark.parametrize("size", [5, 6])
+def test_rotation_is_rot90(angle, k, size):
+    images = torch.rand(2, 3, size, size, dtype=torch.float64)
+    (element,) = Rotation([angle])
+    assert element.is_exact(size, size)
+    torch.testing.assert_close(_apply(element, images), torch.rot90(images, k, dims=(-2, -1)),
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("axis,dim", [("horizontal", -1), ("vertical", -2)])
+def test_flip_is_flip(axis, dim):
+    images = torch.rand(2, 3, 5, 8, dtype=torch.float64)
+    (element,) = Flip(axis)
+    torch.testing.assert_close(_apply(element, images), torch.flip(images, (dim,)), rtol=0, atol=0)
+
+
+def test_crop_translation_is_window_of_source():
+    source = torch.rand(1, 3, 12, 14, dtype=torch.float64)
+    (element,) = Translation([(2, -3)])
+    margin = (2, 3)
+    out = _apply(element, source, margin)
+    # Content moves 2 down and 3 left: output (y, x) reads window (y - 2, x + 3).
+    window_top, window_left = margin[0] - 2, margin[1] + 3
+    torch.testing.assert_close(out, source[..., window_top:window_top + 8, window_left:window_left + 8])
+
+
+def test_zero_translation_fills_band():
+    images = torch.rand(1, 3, 6, 6, dtype=torch.float64)
+    (element,) = Translation([(0, 2)], protocol="zero")
+    out = _apply(element, images)
+    assert torch.all(out[..., :2] == 0)
+    torch.testing.assert_close(out[..., 2:], images[..., :4])
+
+
+def test_margin_and_products():
+    group = Translation([4, 8]) * Flip()
+    assert group.margin(32, 32) == (8, 8)
+    assert len(group) == 4 + 1 + 4
+    assert all(e.is_exact(32, 32) for e in group)
+    assert Rotation([30]).margin(32, 32) == (0, 0)
+
+
+def test_feature_affines_exact_at_stride_multiples():
+    group = Translation([(0, 8), (0, 4)])
+    affines = feature_source_affines(group.matrices(64, 64, with_identity=False), (8, 8), (0, 0))
+    assert is_integer_affine(affines[0]) and affines[0][0, 2] == -1
+    assert not is_integer_affine(affines[1])
+    # A rotation about the image centre is exact on a centred grid, not on a corner grid.
+    rotation = Rotation([90]).matrices(64, 64, with_identity=False)
+    assert is_integer_affine(feature_source_affines(rotation, (2, 2), (0.5, 0.5))[0])
+    assert not is_integer_affine(feature_source_affines(rotation, (2, 2), (0, 0))[0])
+
+
+def test_parse_group():
+    assert parse_group("translate:8,16").names == [
+        "translate(0,8)", "translate(8,0)", "translate(0,16)", "translate(16,0)"]
+    assert parse_group("translate[circular]:0/4").elements[0].protocol == "circular"
+    assert parse_group("rotate:90,180+flip").names[-1] == "flip(horizontal)"
+    with pytest.raises(ValueError, match="unknown kind 'spin'"):
+        parse_group("spin:3")
+    with pytest.raises(ValueError, match="protocol"):
+        Translation([1], protocol="mirror")
+
+
+def test_bilinear_rotation_keeps_centre_and_masks_corners():
+    images = torch.rand(1, 3, 9, 9, dtype=torch.float64)
+    (element,) = Rotation([30])
+    out = _apply(element, images)
+    torch.testing.assert_close(out[..., 4, 4], images[..., 4, 4])
+    assert torch.all(out[..., 0, 0] == 0)  # the corner's source lies outside: fill
+    assert np.isfinite(out.numpy()).all()
