@@ -108,6 +108,10 @@ class _DataPlan:
                  num_workers: int | None, limit: int | None):
         self.skipped: list[tuple[str, str]] = []
         self.loader = "tensor"
+        if input_size is not None:
+            import dataclasses
+
+            preprocess = dataclasses.replace(preprocess, input_size=tuple(input_size))
         self.preprocess = preprocess
         self.total: int | None = None
         if data is None or (isinstance(data, str) and data == "samples"):

@@ -1,0 +1,523 @@
+"""Models by name, with their preprocessing, and weights only from the local cache.
+
+``load_model("resnet50")`` builds a timm model, ``load_model("tv:resnet50")`` a torchvision one.
+Pretrained weights are taken from the local caches only (the Hugging Face hub cache and torch
+hub's ``checkpoints`` folder), never downloaded: a survey of hundreds of models on a machine without
+internet must neither hang nor fail on weights. A model whose weights are not cached is built with
+random initialization and says so in ``LoadedModel.note``, so that survey results can tell a
+trained model from an untrained one.
+
+Example:
+    >>> loaded = load_model("resnet18")
+    >>> loaded.pretrained, loaded.note
+    (False, 'random init: no pretrained weights in the local cache (looked for ...)')
+    >>> loaded.preprocess.input_size, loaded.preprocess.crop_pct
+    ((224, 224), 0.95)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import math
+import os
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+from equifast.data.geometry import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, Preprocess
+
+__all__ = ["LoadedModel", "UnknownModelError", "from_module", "load_model", "preprocess_for"]
+
+_TV_PREFIXES = ("tv:", "torchvision:")
+_TIMM_PREFIX = "timm:"
+
+# timm's own defaults when a pretrained_cfg leaves a field out (timm.data.resolve_data_config)
+_DEFAULT_INPUT_SIZE = (224, 224)
+_DEFAULT_CROP_PCT = 0.875
+_DEFAULT_INTERPOLATION = "bilinear"
+
+
+class UnknownModelError(ValueError):
+    """A model name that neither timm nor torchvision knows; the message lists close names."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for measurement, with what is known about it.
+
+    Attributes:
+        model: the module, in eval mode, on the CPU.
+        name: the name as given (e.g. 'resnet50', 'resnet50.a1_in1k', 'tv:resnet50').
+        source: 'timm', 'torchvision' or 'module' (a user-given module).
+        pretrained: whether trained weights were actually loaded.
+        note: how the weights came about, e.g. "random init: no pretrained weights in the local
+            cache (...)" or "pretrained weights from /root/.cache/...".
+        preprocess: input size, crop_pct, interpolation, mean and std the model expects.
+        weights: path of the loaded weight file, None for random init.
+    """
+
+    model: nn.Module
+    name: str
+    source: str
+    pretrained: bool
+    note: str
+    preprocess: Preprocess
+    weights: str | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# preprocessing
+
+
+def _crop_pct_for(crop: int, resize: int) -> float:
+    """crop_pct such that timm's ``floor(crop / crop_pct)`` gives exactly ``resize``.
+
+    torchvision states the resize size (e.g. crop 224, resize 232); ``224 / (224 / 232)`` can land a
+    hair below 232 in floating point and floor to 231, so the ratio is nudged down until it
+    does not.
+    """
+    crop_pct = crop / resize
+    while math.floor(crop / crop_pct) < resize:
+        crop_pct = math.nextafter(crop_pct, 0.0)
+    return crop_pct
+
+
+def _as_hw(value: Any) -> tuple[int, int] | None:
+    """``(H, W)`` from an int, an ``(H, W)`` pair or a ``(C, H, W)`` triple; None otherwise."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value, value
+    if (
+        isinstance(value, (tuple, list))
+        and len(value) in (2, 3)
+        and all(isinstance(v, int) for v in value)
+    ):
+        return int(value[-2]), int(value[-1])
+    return None
+
+
+def _preprocess_from_cfg(cfg: Mapping[str, Any]) -> Preprocess:
+    """Preprocess from a timm ``pretrained_cfg``-like mapping; timm's defaults fill gaps."""
+    input_size = _as_hw(cfg.get("input_size")) or _DEFAULT_INPUT_SIZE
+    interpolation = cfg.get("interpolation") or _DEFAULT_INTERPOLATION
+    if interpolation not in INTERPOLATIONS:
+        # e.g. 'random' (training only): timm's eval transform would fail on it; bilinear is
+        # timm's default
+        interpolation = _DEFAULT_INTERPOLATION
+    mean = tuple(cfg.get("mean") or IMAGENET_MEAN)
+    std = tuple(cfg.get("std") or IMAGENET_STD)
+    if len(mean) == 1:  # single-channel stats (some configs) apply to all three channels
+        mean = mean * 3
+    if len(std) == 1:
+        std = std * 3
+    crop_mode = cfg.get("crop_mode") or "center"
+    if crop_mode not in ("center", "squash"):
+        # 'border' pads with the mean colour; the crop protocol must not see artificial borders
+        crop_mode = "center"
+    return Preprocess(
+        input_size=input_size,
+        crop_pct=float(cfg.get("crop_pct") or _DEFAULT_CROP_PCT),
+        interpolation=interpolation,
+        mean=mean,  # type: ignore[arg-type]
+        std=std,  # type: ignore[arg-type]
+        crop_mode=crop_mode,
+    )
+
+
+def _actual_input_size(model: nn.Module) -> tuple[int, int] | None:
+    """The input size a module was built for, where it records one.
+
+    timm keeps ``pretrained_cfg['input_size']`` at the weights' size even when the model is built
+    with ``img_size=64``; the patch embedding knows the real one. torchvision's ViT stores
+    ``image_size``.
+    """
+    patch_embed = getattr(model, "patch_embed", None)
+    size = _as_hw(getattr(patch_embed, "img_size", None)) if patch_embed is not None else None
+    if size is not None and not getattr(patch_embed, "dynamic_img_size", False):
+        return size
+    return _as_hw(getattr(model, "image_size", None))
+
+
+def preprocess_for(model: nn.Module) -> Preprocess:
+    """Preprocessing for a module: its timm ``pretrained_cfg`` if it has one, else ImageNet's.
+
+    Args:
+        model: any module; timm models carry ``pretrained_cfg`` (older ones ``default_cfg``).
+
+    Returns:
+        The :class:`Preprocess`; ImageNet defaults (224 x 224, crop_pct 0.875, bilinear, ImageNet
+        mean and std) where the module says nothing, with the input size the module was built for
+        where it records one (a ViT's patch embedding).
+    """
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    if cfg is not None and not isinstance(cfg, Mapping):
+        cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else vars(cfg)
+    preprocess = _preprocess_from_cfg(cfg or {})
+    actual = _actual_input_size(model)
+    if actual is not None and actual != preprocess.input_size:
+        preprocess = _replace_input_size(preprocess, actual)
+    return preprocess
+
+
+def _replace_input_size(preprocess: Preprocess, size: tuple[int, int]) -> Preprocess:
+    # keep crop_pct: the same share of the image at the new size, as timm's eval does
+    return Preprocess(
+        input_size=size,
+        crop_pct=preprocess.crop_pct,
+        interpolation=preprocess.interpolation,
+        mean=preprocess.mean,
+        std=preprocess.std,
+        crop_mode=preprocess.crop_mode,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# offline weights
+
+
+@contextlib.contextmanager
+def _offline() -> Iterator[None]:
+    """Hugging Face hub offline for the duration: no request leaves the machine.
+
+    huggingface_hub reads ``HF_HUB_OFFLINE`` into ``constants`` at import, so setting the
+    environment variable alone would not reach an already imported hub; both are set and restored.
+    """
+    previous_env = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants = None
+    previous_constant = None
+    with contextlib.suppress(ImportError):
+        from huggingface_hub import constants  # type: ignore[no-redef]
+
+        previous_constant = constants.HF_HUB_OFFLINE
+        constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        if previous_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = previous_env
+        if constants is not None:
+            constants.HF_HUB_OFFLINE = previous_constant
+
+
+def _torch_hub_checkpoint(url: str) -> Path:
+    """Where ``torch.hub.load_state_dict_from_url`` keeps ``url``: ``<hub>/checkpoints/<name>``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+
+
+def _hf_cached_file(repo_id: str, filenames: list[str]) -> str | None:
+    """First of ``filenames`` in the local Hugging Face cache for ``repo_id``; no network."""
+    try:
+        from huggingface_hub import constants, try_to_load_from_cache
+    except ImportError:
+        return None
+    repo, _, revision = repo_id.partition("@")  # timm allows 'org/name@revision'
+    for filename in filenames:
+        found = try_to_load_from_cache(
+            repo, filename, cache_dir=constants.HF_HUB_CACHE, revision=revision or None
+        )
+        if isinstance(found, str):  # it can also return a "known missing" sentinel object
+            return found
+    return None
+
+
+def _hf_filenames(filename: str | None) -> list[str]:
+    """The files timm tries for a hub repo, in its order: safetensors alternatives first."""
+    filename = filename or "pytorch_model.bin"
+    names: list[str] = []
+    with contextlib.suppress(ImportError, AttributeError):
+        from timm.models._hub import _get_safe_alternatives  # private, hence the guard
+
+        names.extend(_get_safe_alternatives(filename))
+    return [*names, filename]
+
+
+@dataclass
+class _CachedWeights:
+    path: str
+    via: str  # 'hf-hub' (load through timm's hub path, offline) or 'file' (pass the file to timm)
+
+
+def _find_timm_weights(cfg: Mapping[str, Any]) -> tuple[_CachedWeights | None, list[str]]:
+    """Look for a timm config's weights in the local caches.
+
+    Returns:
+        ``(found, looked)``: the cached weights or None, and human-readable places looked at.
+    """
+    looked: list[str] = []
+    hf_hub_id = cfg.get("hf_hub_id")
+    url = cfg.get("url")
+    file = cfg.get("file")
+    if file:
+        looked.append(str(file))
+        if Path(file).exists():
+            return _CachedWeights(str(file), "file"), looked
+    if hf_hub_id:
+        names = _hf_filenames(cfg.get("hf_hub_filename"))
+        looked.append(f"hf-hub {hf_hub_id} ({', '.join(names)})")
+        found = _hf_cached_file(hf_hub_id, names)
+        if found:
+            return _CachedWeights(found, "hf-hub"), looked
+    if url and cfg.get("source") != "hf-hub":
+        checkpoint = _torch_hub_checkpoint(url)
+        looked.append(str(checkpoint))
+        if checkpoint.is_file():
+            return _CachedWeights(str(checkpoint), "file"), looked
+    return None, looked
+
+
+# --------------------------------------------------------------------------------------------
+# names
+
+
+def _tv_classification_models() -> list[str]:
+    import torchvision
+
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def _unknown(name: str, candidates: list[str], what: str) -> UnknownModelError:
+    close = difflib.get_close_matches(name, candidates, n=8, cutoff=0.6)
+    hint = f" Close names: {', '.join(close)}." if close else ""
+    return UnknownModelError(
+        f"unknown model {name!r}: {what}.{hint} timm names are listed by "
+        f"timm.list_models('pattern*'); torchvision classification models are named "
+        f"'tv:<name>' (torchvision.models.list_models())."
+    )
+
+
+def _check_timm_name(name: str) -> None:
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    arch, _, tag = name.partition(".")
+    if not timm.is_model(arch):
+        tv_names = [f"tv:{n}" for n in _tv_classification_models()]
+        raise _unknown(name, [*timm.list_models(), *tv_names], "timm has no such architecture")
+    if tag:
+        try:
+            get_pretrained_cfg(name)
+        except RuntimeError:
+            tags = timm.list_pretrained(f"{arch}.*")
+            raise UnknownModelError(
+                f"unknown model {name!r}: timm has architecture {arch!r} but no pretrained tag "
+                f"{tag!r}; its tags are: {', '.join(tags) or '(none)'}"
+            ) from None
+
+
+# --------------------------------------------------------------------------------------------
+# loaders
+
+
+def _random_note(reason: str) -> str:
+    return f"random init: {reason}"
+
+
+def _load_timm(name: str, pretrained: bool | None, kwargs: dict[str, Any]) -> LoadedModel:
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    _check_timm_name(name)
+    cfg_obj = get_pretrained_cfg(name)
+    cfg = cfg_obj.to_dict() if cfg_obj is not None else {}
+
+    model: nn.Module | None = None
+    weights: str | None = None
+    note: str
+    if kwargs.get("checkpoint_path"):
+        # the user's own checkpoint: timm loads it; nothing to look up
+        model = timm.create_model(name, pretrained=False, **kwargs)
+        weights = str(kwargs["checkpoint_path"])
+        note = f"weights from checkpoint_path {weights}"
+    elif pretrained is False:
+        note = _random_note("pretrained=False")
+    elif not (cfg.get("hf_hub_id") or cfg.get("url") or cfg.get("file")):
+        note = _random_note(f"timm has no pretrained weights for {name!r}")
+    else:
+        found, looked = _find_timm_weights(cfg)
+        if found is None:
+            note = _random_note(
+                f"no pretrained weights in the local cache (looked for {'; '.join(looked)})"
+            )
+        else:
+            create_kwargs = dict(kwargs)
+            if found.via == "file":
+                # hand timm the cached file itself, so its url path (which may download) never runs
+                overlay = dict(create_kwargs.pop("pretrained_cfg_overlay", None) or {})
+                overlay["file"] = found.path
+                create_kwargs["pretrained_cfg_overlay"] = overlay
+            try:
+                with _offline():
+                    model = timm.create_model(name, pretrained=True, **create_kwargs)
+                weights = found.path
+                note = f"pretrained weights from {found.path}"
+            except Exception as error:  # a broken or mismatched cache entry must not stop a survey
+                model = None
+                note = _random_note(
+                    f"loading cached weights {found.path} failed ({type(error).__name__}: {error})"
+                )
+
+    if model is None:
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    loaded_ok = weights is not None
+    preprocess = preprocess_for(model)
+    size = _as_hw(kwargs.get("img_size"))
+    if size is not None:
+        preprocess = _replace_input_size(preprocess, size)
+    return LoadedModel(model.eval(), name, "timm", loaded_ok, note, preprocess, weights)
+
+
+def _tv_preprocess(weights: Any) -> Preprocess:
+    """Preprocess from a torchvision weights enum's eval transform (ImageClassification)."""
+    try:
+        transform = weights.transforms()
+        crop = int(transform.crop_size[0])
+        resize = int(transform.resize_size[0])
+        interpolation = transform.interpolation.value  # InterpolationMode -> 'bilinear', ...
+        return Preprocess(
+            input_size=(crop, crop),
+            crop_pct=_crop_pct_for(crop, resize),
+            interpolation=interpolation
+            if interpolation in INTERPOLATIONS
+            else _DEFAULT_INTERPOLATION,
+            mean=tuple(transform.mean),  # type: ignore[arg-type]
+            std=tuple(transform.std),  # type: ignore[arg-type]
+        )
+    except (AttributeError, TypeError, IndexError, ValueError):
+        return Preprocess(input_size=_DEFAULT_INPUT_SIZE)
+
+
+def _load_torchvision(
+    name: str, arch: str, pretrained: bool | None, kwargs: dict[str, Any]
+) -> LoadedModel:
+    import torchvision
+
+    available = _tv_classification_models()
+    if arch not in available:
+        raise _unknown(
+            name, [f"tv:{n}" for n in available], "torchvision has no such classification model"
+        )
+
+    default_weights = None
+    with contextlib.suppress(ValueError, AttributeError):
+        default_weights = torchvision.models.get_model_weights(arch).DEFAULT
+
+    model: nn.Module | None = None
+    weights_path: str | None = None
+    if pretrained is False:
+        note = _random_note("pretrained=False")
+    elif default_weights is None:
+        note = _random_note(f"torchvision has no pretrained weights for {arch!r}")
+    else:
+        checkpoint = _torch_hub_checkpoint(default_weights.url)
+        if not checkpoint.is_file():
+            note = _random_note(
+                f"no pretrained weights in the local cache (looked for {checkpoint})"
+            )
+        else:
+            try:
+                # load_state_dict_from_url reads an existing checkpoint file without any request
+                model = torchvision.models.get_model(arch, weights=default_weights, **kwargs)
+                weights_path = str(checkpoint)
+                note = f"pretrained weights {default_weights} from {checkpoint}"
+            except Exception as error:  # corrupt file, num_classes mismatch, ...
+                model = None
+                note = _random_note(
+                    f"loading cached weights {checkpoint} failed ({type(error).__name__}: {error})"
+                )
+    if model is None:
+        model = torchvision.models.get_model(arch, weights=None, **kwargs)
+
+    preprocess = (
+        _tv_preprocess(default_weights)
+        if default_weights is not None
+        else Preprocess(_DEFAULT_INPUT_SIZE)
+    )
+    size = _as_hw(kwargs.get("image_size")) or _actual_input_size(model)
+    if size is not None and size != preprocess.input_size:
+        preprocess = _replace_input_size(preprocess, size)
+    return LoadedModel(
+        model.eval(), name, "torchvision", weights_path is not None, note, preprocess, weights_path
+    )
+
+
+def load_model(name: str, pretrained: bool | None = None, **kwargs: Any) -> LoadedModel:
+    """Build a timm or torchvision model by name, with cached weights if there are any.
+
+    Names: a timm model ('resnet50', 'vit_small_patch16_224', with an optional pretrained tag
+    'resnet50.a1_in1k', or prefixed 'timm:resnet50'), or a torchvision classification model
+    prefixed 'tv:' ('tv:resnet50').
+
+    Weights are looked up in the local caches only, without any network request: the Hugging Face
+    hub cache (``HF_HUB_CACHE``, default ``~/.cache/huggingface/hub``) and torch hub's checkpoints
+    folder (``TORCH_HOME``, default ``~/.cache/torch/hub/checkpoints``). When they are not there,
+    or fail to load, the model is randomly initialized and ``note`` says why. To make weights
+    available, download them once on a machine with internet (e.g. ``timm.create_model(name,
+    pretrained=True)``) and copy the cache.
+
+    Args:
+        name: model name, see above.
+        pretrained: None (default): load cached weights if present, else random init. True: the
+            same, but also warn when no weights could be loaded. False: random init.
+        **kwargs: passed to ``timm.create_model`` (e.g. ``img_size=64`` for a ViT,
+            ``num_classes``, ``checkpoint_path``) or ``torchvision.models.get_model``.
+
+    Returns:
+        :class:`LoadedModel` with the model in eval mode and its :class:`Preprocess` (from timm's
+        ``pretrained_cfg`` or torchvision's weights transforms; the input size follows
+        ``img_size`` / ``image_size`` when given).
+
+    Raises:
+        UnknownModelError: (a ValueError) the name is not a timm or torchvision model; the message
+            lists close names.
+    """
+    name = name.strip()
+    if name.startswith(_TV_PREFIXES):
+        arch = name.split(":", 1)[1]
+        loaded = _load_torchvision(name, arch, pretrained, kwargs)
+    else:
+        timm_name = name[len(_TIMM_PREFIX) :] if name.startswith(_TIMM_PREFIX) else name
+        loaded = _load_timm(timm_name, pretrained, kwargs)
+        loaded.name = name
+    if pretrained is True and not loaded.pretrained:
+        warnings.warn(
+            f"{name}: pretrained weights requested but not loaded; {loaded.note}", stacklevel=2
+        )
+    return loaded
+
+
+def from_module(
+    model: nn.Module,
+    name: str | None = None,
+    pretrained: bool = True,
+    note: str = "user-given module; weights as given",
+    preprocess: Preprocess | None = None,
+) -> LoadedModel:
+    """Wrap a module the user built as a :class:`LoadedModel` (source 'module').
+
+    Args:
+        model: the module; it is put in eval mode.
+        name: a name for results; the class name by default.
+        pretrained: whether its weights are trained (equifast cannot tell).
+        note: free text stored with results.
+        preprocess: its preprocessing; :func:`preprocess_for` by default.
+
+    Returns:
+        The :class:`LoadedModel`.
+    """
+    return LoadedModel(
+        model=model.eval(),
+        name=name or type(model).__name__,
+        source="module",
+        pretrained=pretrained,
+        note=note,
+        preprocess=preprocess or preprocess_for(model),
+    )
