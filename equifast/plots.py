@@ -55,5 +55,5 @@ def plot_depth(result, metric: str = "corr", element: str = "mean", ax=None):
     group = result.config.get("group", "")
     ax.set_title(f"{model}: {metric} under {group} ({element})")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="best", fontsize=8)
     return fig

@@ -1,0 +1,143 @@
+"""Engine behaviour: data forms, chunking, labels, pooled scores, sub-pixel handling."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+import equifast
+from equifast import Translation
+
+
+def _net(num_classes=5):
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1),
+        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes),
+    ).eval()
+
+
+def _values(result):
+    frame = result.frame.sort_values(["layer", "element", "comparison", "metric"])
+    return frame.reset_index(drop=True)
+
+
+def test_chunking_does_not_change_results():
+    net = _net()
+    images = torch.rand(6, 3, 24, 24)
+    group = Translation([2, 4])
+    whole = equifast.measure(net, images, group=group, progress=False, bootstrap=100,
+                             elements_per_chunk=4)
+    chunked = equifast.measure(net, images, group=group, progress=False, bootstrap=100,
+                               elements_per_chunk=1)
+    pd.testing.assert_frame_equal(_values(whole), _values(chunked), rtol=1e-6, atol=1e-6)
+    assert chunked.config["elements_per_chunk"] == 1
+
+
+def test_batches_vs_iterable_and_uint8():
+    net = _net()
+    images = (torch.rand(6, 3, 20, 20) * 255).to(torch.uint8)
+    group = Translation([2])
+    as_tensor = equifast.measure(net, images, group=group, batch_size=3, progress=False,
+                                 bootstrap=0)
+    as_batches = equifast.measure(net, [images[:3], images[3:]], group=group, progress=False,
+                                  bootstrap=0)
+    pd.testing.assert_frame_equal(_values(as_tensor), _values(as_batches))
+    assert as_tensor.config["input_size"] == [16, 16] and as_tensor.config["margin"] == [2, 2]
+
+
+def test_labels_give_accuracy_and_consistency():
+    net = _net(num_classes=4)
+    images = torch.rand(8, 3, 20, 20)
+    with torch.no_grad():
+        predicted = net(images[:, :, 2:18, 2:18]).argmax(-1)
+    labels = predicted.clone()
+    labels[:2] = (labels[:2] + 1) % 4  # two wrong
+    result = equifast.measure(net, images, labels=labels, group=Translation([2]), progress=False,
+                              bootstrap=50)
+    scores = result.model_frame.set_index("metric")
+    assert scores.loc["top1", "value"] == pytest.approx(6 / 8)
+    assert scores.loc["top5", "value"] == pytest.approx(1.0)
+    assert 0 <= scores.loc["consistency", "value"] <= 1
+    assert scores.loc["top1", "n"] == 8
+
+
+def test_subpixel_skip_gives_nan_for_fractional_realignment():
+    net = _net()
+    images = torch.rand(4, 3, 20, 20)
+    group = Translation([(0, 1), (0, 2)])
+    result = equifast.measure(net, images, group=group, layers=["1", "3"], subpixel="skip",
+                              progress=False, bootstrap=0)
+    eq = result.frame[(result.frame.metric == "corr") & (result.frame.comparison == "eq")]
+    at_stride2 = eq[eq.layer == "3"].set_index("element")
+    assert np.isnan(at_stride2.loc["translate(0,1)", "value"])
+    assert not at_stride2.loc["translate(0,1)", "exact"]
+    assert np.isfinite(at_stride2.loc["translate(0,2)", "value"])
+    assert at_stride2.loc["translate(0,2)", "n"] == 4
+
+
+def test_pooled_scores_for_identical_images_match_per_image():
+    net = _net()
+    image = torch.rand(1, 3, 20, 20)
+    images = image.repeat(4, 1, 1, 1)
+    group = Translation([2])
+    per_image = equifast.measure(net, images, group=group, layers=["1"], comparisons=("eq",),
+                                 progress=False, bootstrap=0, batch_size=2)
+    pooled = equifast.measure(net, images, group=group, layers=["1"], comparisons=("eq",),
+                              pooled=True, progress=False, bootstrap=50, batch_size=2)
+    # Identical images: merging their statistics changes no score.
+    a = per_image.frame.set_index(["element", "metric"]).value
+    b = pooled.frame.set_index(["element", "metric"]).value
+    np.testing.assert_allclose(a.loc[b.index], b, rtol=1e-6)
+    assert pooled.frame.pooled.all()
+
+
+def test_pooled_differs_from_mean_for_different_images():
+    net = _net()
+    images = torch.rand(6, 3, 20, 20) * torch.linspace(0.1, 3, 6).view(-1, 1, 1, 1)
+    kwargs = dict(group=Translation([2]), layers=["3"], progress=False, bootstrap=20, batch_size=2)
+    pooled = equifast.measure(net, images, pooled=True, **kwargs).frame
+    mean = equifast.measure(net, images, **kwargs).frame
+    key = (pooled.metric == "corr") & (pooled.comparison == "inv") & (pooled.element == "mean")
+    assert np.isfinite(pooled[key].ci_low).all()
+    assert abs(pooled[key].value.item() - mean[key].value.item()) > 1e-6
+
+
+def test_folder_data_and_skipped_files(tmp_path):
+    from equifast.data.samples import load_sample_image
+
+    for i, name in enumerate(["astronaut", "coffee", "chelsea"]):
+        folder = tmp_path / f"class{i % 2}"
+        folder.mkdir(exist_ok=True)
+        load_sample_image(name).resize((80, 60)).save(folder / f"{name}.jpg")
+    (tmp_path / "class0" / "broken.jpg").write_text("not an image")
+    result = equifast.measure(_net(2), tmp_path, group=Translation([4]), input_size=(32, 32),
+                              batch_size=2, num_workers=0, progress=False, bootstrap=0)
+    assert result.config["images"] == 3 and result.config["loader"] == "folder"
+    assert [p.endswith("broken.jpg") for p, _ in result.skipped] == [True]
+    assert set(result.model_frame.metric) == {"consistency", "top1", "top5"}
+
+
+def test_vector_and_nhwc_layers():
+    class ChannelsLast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 6, 3, padding=1, padding_mode="circular")
+            self.to_nhwc = nn.Identity()
+            self.pool = nn.Identity()
+
+        def forward(self, x):
+            y = self.to_nhwc(self.conv(x).permute(0, 2, 3, 1))
+            return self.pool(y.mean((1, 2)))
+
+    images = torch.rand(3, 3, 12, 12)
+    result = equifast.measure(ChannelsLast(), images, layers=["to_nhwc", "pool"],
+                              group=Translation([1, 3], protocol="circular"), progress=False,
+                              bootstrap=0)
+    layouts = result.frame.drop_duplicates("layer").set_index("layer").layout
+    assert layouts["to_nhwc"] == "NHWC" and layouts["pool"] == "NC"
+    eq = result.frame[(result.frame.metric == "corr") & (result.frame.comparison == "eq")]
+    np.testing.assert_allclose(eq[eq.layer == "to_nhwc"].value, 1.0, atol=1e-5)
+    # Global average pooling of a circularly equivariant map is invariant: the vector is unchanged.
+    np.testing.assert_allclose(eq[eq.layer == "pool"].value, 1.0, atol=1e-5)
