@@ -21,7 +21,9 @@ def _parse_size(text: str) -> tuple[int, int]:
     try:
         values = [int(p) for p in parts if p]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected H,W or HxW or one number, found {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected H,W or HxW or one number, found {text!r}"
+        ) from None
     if len(values) == 1:
         values = values * 2
     if len(values) != 2:
