@@ -137,6 +137,7 @@ class _DataPlan:
             sources = _check_sources(data, "data")
             if limit:
                 sources = sources[:limit]
+                labels = None if labels is None else torch.as_tensor(labels)[:limit]
             self._set_geometry(sources.shape[-2:], input_size, group)
             if labels is not None:
                 labels = torch.as_tensor(labels).long()
@@ -387,6 +388,11 @@ def measure(
     context: dict[str, Any] = {}
 
     def on_output(name: str, tensor: torch.Tensor) -> None:
+        # A module that runs several times in one forward (a shared ReLU) is measured at its
+        # first call, so that every image counts once.
+        if name in context["seen"]:
+            return
+        context["seen"].add(name)
         layer = state[name]
         lo, hi, batch = context["lo"], context["hi"], context["batch"]
         stats = _layer_stats(tensor, layer, lo, hi, batch, wrap, subpixel, force_reference)
@@ -427,7 +433,7 @@ def measure(
                     margin, (height, width), mean, std, model_dtype, channels_last,
                     force_reference=force_reference,
                 )
-                context.update(lo=lo, hi=hi, batch=size)
+                context.update(lo=lo, hi=hi, batch=size, seen=set())
                 with torch.inference_mode(), LayerHooks(module, names, on_output), \
                         torch.autocast(device.type, torch.bfloat16, enabled=autocast):
                     output = module(images)

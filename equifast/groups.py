@@ -138,20 +138,21 @@ class Element:
     def margin(self, height: int, width: int) -> tuple[int, int]:
         """Pixels of source needed beyond the image on each side, ``(margin_y, margin_x)``.
 
-        Only exact ``crop`` elements ask for a margin: they are windows of a larger source. Other
-        elements fill what they cannot take from the source with the mean, and the engine masks it.
+        Only exact ``crop`` elements ask for a margin: they are windows of a larger source, moved by
+        the element's translation relative to the same map taken about the image centre. So a
+        margin depends on the shifts only, never on the image size (a 90-degree rotation of a
+        non-square image asks for none: what it cannot take from the source is filled with the
+        mean and masked in the comparison).
         """
         if self.protocol != "crop" or not self.is_exact(height, width):
             return (0, 0)
-        inverse = invert_affine(self.matrix(height, width))
-        corners = np.array(
-            [[0, 0, 1], [width - 1, 0, 1], [0, height - 1, 1], [width - 1, height - 1, 1]],
-            dtype=np.float64,
-        )
-        sources = corners @ inverse.T  # (4, 2): (x, y) in the identity window
-        over_x = max(0.0, -sources[:, 0].min(), sources[:, 0].max() - (width - 1))
-        over_y = max(0.0, -sources[:, 1].min(), sources[:, 1].max() - (height - 1))
-        return (int(round(over_y)), int(round(over_x)))
+        matrix = self.matrix(height, width)
+        linear, translation = matrix[:, :2], matrix[:, 2]
+        centre = np.array([(width - 1) / 2.0, (height - 1) / 2.0])
+        extra = translation - (centre - linear @ centre)
+        # The source window moves by L^-1 d for an extra translation d applied after L.
+        shift = np.abs(np.linalg.solve(linear, extra))
+        return (int(round(shift[1])), int(round(shift[0])))
 
     def __mul__(self, other: Element) -> Element:
         """``self * other``: apply ``other`` first, then ``self``."""

@@ -141,6 +141,9 @@ def detect_layout(
         if layout == "NHWC":
             return spatial("NHWC", d1, d2, d3)
         if layout is None:
+            if (d2, d3) == (1, 1) or (d1, d2) == (1, 1):
+                # A 1x1 map is a pooled vector: compare it as one (equivariance == invariance).
+                return FeatureLayout("NC", 1, d1 * d2 * d3, 1, 0)
             if _plausible_grid(d2, d3, (height, width)):
                 return spatial("NCHW", d2, d3, d1)
             if _plausible_grid(d1, d2, (height, width)):

@@ -140,3 +140,25 @@ def test_vector_and_nhwc_layers():
     np.testing.assert_allclose(eq[eq.layer == "to_nhwc"].value, 1.0, atol=1e-5)
     # Global average pooling of a circularly equivariant map is invariant: the vector is unchanged.
     np.testing.assert_allclose(eq[eq.layer == "pool"].value, 1.0, atol=1e-5)
+
+
+def test_module_called_twice_counts_each_image_once():
+    act = nn.ReLU()
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), act, nn.Conv2d(4, 4, 3, padding=1), act)
+    result = equifast.measure(net, torch.rand(4, 3, 20, 20), group=Translation([2]),
+                              layers=["1"], progress=False, bootstrap=0)
+    assert set(result.frame[result.frame.comparison == "eq"].n) == {4}
+
+
+def test_rotation_of_non_square_images_needs_no_margin():
+    net = _net()
+    result = equifast.measure(net, torch.rand(2, 3, 24, 32), group=equifast.Rotation([90]),
+                              progress=False, bootstrap=0)
+    assert result.config["input_size"] == [24, 32] and result.config["margin"] == [0, 0]
+
+
+def test_labels_are_trimmed_with_limit():
+    images = torch.rand(6, 3, 20, 20)
+    result = equifast.measure(_net(), images, labels=torch.arange(6) % 5, limit=4,
+                              group=Translation([2]), progress=False, bootstrap=0)
+    assert result.model_frame.set_index("metric").loc["top1", "n"] == 4
