@@ -40,7 +40,10 @@ DEFAULT_CUDA_ARCH_LIST = "9.0"  # H100/H200, the GPUs this project is tested on
 
 # No -std flag: cpp_extension adds the standard its headers need (c++20 for torch 2.14, whose
 # headers fail under c++17; older torch may use c++17). Keep equifast's own C++ valid C++17.
-CXX_FLAGS = ["-O3", "-g0"]
+# -fopenmp: at::parallel_for is inline in the headers and runs on one thread without it (torch
+# itself is built with OpenMP, so its runtime is already loaded).
+OPENMP_FLAGS = [] if sys.platform == "darwin" else ["-fopenmp"]
+CXX_FLAGS = ["-O3", "-g0"] + OPENMP_FLAGS
 # nvcc has no -g0 of its own (it emits no debug info without -g/-G): pass it to the host compiler.
 NVCC_FLAGS = ["-O3", "-Xcompiler=-g0", "-diag-suppress=3189", "--expt-relaxed-constexpr"]
 
@@ -157,7 +160,7 @@ def make_extension():
 
     # An rpath to torch's libraries lets `import equifast._C` work before `import torch` (the
     # loader would not find libc10.so otherwise); once torch is imported it changes nothing.
-    link_args = [f"-Wl,-rpath,{lib}" for lib in cpp_extension.library_paths()]
+    link_args = [f"-Wl,-rpath,{lib}" for lib in cpp_extension.library_paths()] + OPENMP_FLAGS
     if with_cuda:
         return cpp_extension.CUDAExtension(
             name="equifast._C",

@@ -81,7 +81,9 @@ def score_stats(
     # Sums of squares about zero, built from the centred moments without cancellation-prone sums.
     sum_aa = (m2_a + count * mean_a * mean_a).sum(-1)
     sum_bb = (m2_b + count * mean_b * mean_b).sum(-1)
-    sum_sq_diff = (m2_a + m2_b - 2 * c_ab + count * (mean_a - mean_b) ** 2).sum(-1)
+    # A sum of squares: rounding of the centred moments can take it just below zero for maps
+    # equal to the statistics' precision; it is then zero.
+    sum_sq_diff = (m2_a + m2_b - 2 * c_ab + count * (mean_a - mean_b) ** 2).sum(-1).clamp_min(0)
     total = count.sum(-1)
     for metric in metrics:
         if metric == "corr":

@@ -103,7 +103,7 @@ def equivariance_stats(
         force_reference: Use the pure-PyTorch reference even when a kernel exists.
 
     Returns:
-        ``(3, K, B, C, 6)`` float32 statistics (see ``STATS_FIELDS``, ``COMPARISONS``).
+        ``(3, K, B, C, 6)`` float64 statistics (see ``STATS_FIELDS``, ``COMPARISONS``).
     """
     if layout not in LAYOUT_NAMES:
         raise ValueError(f"layout: expected one of {LAYOUT_NAMES}, found {layout!r}")
@@ -134,7 +134,7 @@ def _register_fakes() -> None:
           with_chance):
         channels = feats.shape[1] if layout == "NCHW" else feats.shape[-1]
         return feats.new_empty((3, source_affines.shape[0], batch, channels, 6),
-                               dtype=torch.float32)
+                               dtype=torch.float64)
 
 
 _register_fakes()

@@ -232,7 +232,7 @@ def equivariance_stats(
         with_inv, with_chance: Whether to compute those comparisons (zeros otherwise).
 
     Returns:
-        ``(3, K, B, C, 6)`` float32 statistics for eq, inv, chance: count, mean_a, mean_b, m2_a,
+        ``(3, K, B, C, 6)`` float64 statistics for eq, inv, chance: count, mean_a, mean_b, m2_a,
         m2_b, c_ab over the valid positions, where ``a`` is the transformed image's features and
         ``b`` the re-aligned identity features (eq), the identity features (inv) or the re-aligned
         identity features of image ``(n + 1) % B`` (chance).
@@ -258,7 +258,7 @@ def equivariance_stats(
             out[1, k] = pair_stats(transformed, identity, valid)
         if with_chance:
             out[2, k] = pair_stats(transformed, torch.roll(moved, -1, 0), valid)
-    return out.to(torch.float32)
+    return out
 
 
 def merge_stats(stats: torch.Tensor, dim: int) -> torch.Tensor:

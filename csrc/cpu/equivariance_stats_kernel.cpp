@@ -1,0 +1,819 @@
+// equivariance_stats on the CPU.
+//
+// For every element k, image b and channel c: the six statistics (count, mean_a, mean_b, m2_a,
+// m2_b, c_ab) of a = feats of the transformed image against
+//   eq:     b = the identity image's features, re-aligned by the source map of k,
+//   inv:    b = the identity image's features, not moved,
+//   chance: b = the re-aligned features of identity image (b + 1) % B,
+// over the valid positions of k (contract: equifast/ops/_reference.py, DESIGN.md 1.2-1.3).
+//
+// Design:
+//   - A plan per element, built once on the host and shared by all images and channels: the valid
+//     positions as runs along x, with their exact source offsets (integer maps) or four bilinear
+//     taps and weights (other maps). Index arithmetic is the shared affine.h code.
+//   - Tasks are (image b, channel tile) and loop over the elements inside, so that the identity
+//     tiles (images b and b + 1) stay in cache while each element's block is read once. The
+//     re-aligned identity is never materialized: it is read through the plan's offsets (or
+//     interpolated into a scratch of a few positions).
+//   - Single pass: per channel, float64 sums of a - shift_a, (a - shift_a)^2 and, per comparison,
+//     of b - shift_b, (b - shift_b)^2, (a - shift_a)(b - shift_b), where the shifts are the values
+//     at the element's first valid position; centred in float64 at the end
+//     (moments_from_shifted_sums). Values are read (and bilinear values rounded) in float32
+//     (float64 for float64 features), then widened. The statistics then carry float32 rounding
+//     only, like the reference's: offset data (mean 1e4, spread 1) keeps its correlation, a
+//     constant channel gives exactly 0, and scores that cancel (psnr of nearly equal maps) agree
+//     with the reference path. float32 sums were 2x cheaper but off by ~1e-6 relative.
+//   - Three loop nests by memory order, all vectorized (GCC/Clang vector extensions: 4 x float64
+//     vectors, compiled for SSE2 and, chosen at run time, for AVX2 + FMA):
+//       channels contiguous (NHWC, NLC, channels_last): vectors over channels, read in place;
+//       positions contiguous (NCHW), per element: integer translations with long runs go along
+//         their runs of positions (vectors over positions, read in place); rotations, flips,
+//         bilinear maps and short runs go through tiles of 16 channels transposed into a
+//         [position][channel] scratch (gathers become row reads), grids up to 4096 positions.
+//   - Threads: equifast::parallel_for = at::parallel_for when compiled with OpenMP (recommended:
+//     -fopenmp shares torch's OpenMP team), else torch's inter-op pool (parallel.h).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <string>
+#include <string_view>
+#include <type_traits>
+#include <vector>
+
+#include "equifast/affine.h"
+#include "equifast/checks.h"
+#include "equifast/moments.h"
+#include "equifast/parallel.h"
+#include "equifast/stats_args.h"
+
+namespace equifast {
+namespace {
+
+constexpr int kComparisons = 3;              // eq, inv, chance (the first axis of the output)
+constexpr int kFields = 2 + 3 * kComparisons;  // sum a, sum a^2, (sum b, sum b^2, sum ab) x 3
+constexpr int kTile = 256;                   // channels per task when channels are contiguous
+constexpr int kTransposeTile = 16;           // channels per task of the transposed loop nest
+constexpr int64_t kTransposeMaxPositions = 4096;  // larger grids: the positions loop nest
+constexpr int kChunkPositions = 4;           // positions per register pass (channels loops)
+constexpr int64_t kMaxRun = 1024;            // longest run of positions
+
+// A run of valid positions along x in one row of the grid.
+struct Segment {
+  int64_t out;       // offset of its first position in an image: y * stride_y + x * stride_x
+  int64_t src;       // exact maps: offset of that position's source in the identity image
+  int64_t src_step;  // exact maps: source offset step from one position of the run to the next
+  int64_t len;       // positions in the run
+  int64_t first;     // index of its first position among the valid ones (taps, weights)
+};
+
+// How element k reads the identity image; shared by all images and channels. Offsets are in the
+// strides the plan was made for (those of feats, or of a transposed scratch).
+struct ElementPlan {
+  bool skip = false;  // non-integer map with subpixel 'skip': all statistics stay 0
+  bool exact = true;  // integer map: one tap per position
+  int64_t count = 0;  // valid positions
+  std::vector<Segment> segments;
+  std::vector<int64_t> out_offsets;  // every valid position's offset (channels loops)
+  std::vector<int64_t> src_offsets;  // ... and its exact source's
+  std::vector<int64_t> taps;         // bilinear: 4 source offsets per valid position
+  std::vector<double> weights;       // bilinear: their 4 weights (reference order)
+};
+
+ElementPlan make_plan(const SourceMap& map, int64_t grid_h, int64_t grid_w, int64_t sy,
+                      int64_t sx, bool skip_subpixel, bool flat) {
+  ElementPlan plan;
+  plan.exact = map.exact != 0;
+  if (!plan.exact && skip_subpixel) {
+    plan.skip = true;
+    return plan;
+  }
+  const SampleGrid grid = feature_grid(grid_h, grid_w, map.wrap != 0);
+  for (int64_t y = 0; y < grid_h; ++y) {
+    bool open = false;  // whether the previous x is valid (its run can grow)
+    int64_t prev_src = 0;
+    for (int64_t x = 0; x < grid_w; ++x) {
+      int64_t src = 0;
+      bool inside;
+      if (plan.exact) {
+        int64_t ix, iy;
+        apply_exact_map(map, x, y, ix, iy);
+        const ExactTap tap = exact_tap(ix, iy, grid);
+        inside = tap.inside;
+        src = tap.iy * sy + tap.ix * sx;
+      } else {
+        double fx, fy;
+        apply_map(map, static_cast<double>(x), static_cast<double>(y), fx, fy);
+        const BilinearTaps t = bilinear_taps(fx, fy, grid);
+        inside = t.inside;
+        if (inside) {
+          plan.taps.insert(plan.taps.end(), {t.y0 * sy + t.x0 * sx, t.y0 * sy + t.x1 * sx,
+                                             t.y1 * sy + t.x0 * sx, t.y1 * sy + t.x1 * sx});
+          plan.weights.insert(plan.weights.end(), {t.w00, t.w01, t.w10, t.w11});
+        }
+      }
+      if (inside) {
+        // Extend the open run; for exact maps only while the source keeps a constant step
+        // (wrapping around breaks it).
+        Segment* last = open ? &plan.segments.back() : nullptr;
+        const bool extend = last != nullptr && last->len < kMaxRun &&
+                            (!plan.exact || last->len == 1 || src - prev_src == last->src_step);
+        if (extend) {
+          if (plan.exact && last->len == 1) last->src_step = src - prev_src;
+          ++last->len;
+        } else {
+          plan.segments.push_back(Segment{y * sy + x * sx, src, 0, 1, plan.count});
+        }
+        ++plan.count;
+      }
+      open = inside;
+      prev_src = src;
+    }
+  }
+  if (flat) {  // the valid positions one by one, for the loops that go position by position
+    plan.out_offsets.reserve(plan.count);
+    plan.src_offsets.reserve(plan.count);
+    for (const Segment& seg : plan.segments) {
+      for (int64_t p = 0; p < seg.len; ++p) {
+        plan.out_offsets.push_back(seg.out + p * sx);
+        plan.src_offsets.push_back(seg.src + p * seg.src_step);
+      }
+    }
+  }
+  return plan;
+}
+
+// The four-tap bilinear value, summed in the reference's order, in float64 and rounded once: a
+// map that is constant in exact arithmetic (a constant channel, or a 2 x 2 grid shifted by half a
+// pixel with wrapping) then stays exactly constant, so that its spread is exactly 0 (the scores
+// call such a comparison undefined) instead of float32 rounding noise.
+template <typename acc_t, typename scalar_t>
+inline acc_t bilinear_value(const scalar_t* image, const int64_t* taps, const double* weights) {
+  double value = static_cast<double>(image[taps[0]]) * weights[0];
+  value += static_cast<double>(image[taps[1]]) * weights[1];
+  value += static_cast<double>(image[taps[2]]) * weights[2];
+  value += static_cast<double>(image[taps[3]]) * weights[3];
+  return static_cast<acc_t>(value);
+}
+
+// ---------------------------------------------------------------------------------------------
+// SIMD vectors through the GCC/Clang vector extensions: the same source compiles to SSE2 (a
+// 32-byte vector is two registers) for the baseline ISA and to AVX2 + FMA in the
+// target("avx2,fma") copies below. Unaligned loads go through the *_u types (alignment of the
+// element, may_alias).
+typedef float f32x4 __attribute__((vector_size(16)));
+typedef float f32x4_u __attribute__((vector_size(16), aligned(4), may_alias));
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef float f32x8_u __attribute__((vector_size(32), aligned(4), may_alias));
+typedef double f64x2 __attribute__((vector_size(16)));
+typedef double f64x2_u __attribute__((vector_size(16), aligned(8), may_alias));
+typedef double f64x4 __attribute__((vector_size(32)));
+typedef double f64x4_u __attribute__((vector_size(32), aligned(8), may_alias));
+
+// Broadcast without a function that returns a vector by value (whose ABI would depend on the ISA
+// the function is compiled for).
+#define EQUIFAST_BROADCAST(vec_t, value) (vec_t{} + (value))
+
+// Four values (float32 or float64) into a float64 vector: the sums are float64 (see the design
+// note at the top). Through a reference, not a return value, so that no vector crosses a call
+// boundary whose ABI would depend on the ISA (they are inlined anyway).
+template <typename T>
+struct Load4;
+template <>
+struct Load4<float> {
+  static inline __attribute__((always_inline)) void load(const float* pointer, f64x4& out) {
+    out = __builtin_convertvector(*reinterpret_cast<const f32x4_u*>(pointer), f64x4);
+  }
+};
+template <>
+struct Load4<double> {
+  static inline __attribute__((always_inline)) void load(const double* pointer, f64x4& out) {
+    out = *reinterpret_cast<const f64x4_u*>(pointer);
+  }
+};
+
+// Where the statistics go: (3, K, B, C, 6) float64, and which comparisons are computed, in slot
+// order (eq, then inv, then chance).
+struct StatsOut {
+  double* data;
+  int64_t elements, batch, channels;
+  int which[kComparisons];
+  int slots;
+
+  StatsOut(double* data_, int64_t elements_, int64_t batch_, int64_t channels_, bool with_inv,
+           bool with_chance)
+      : data(data_), elements(elements_), batch(batch_), channels(channels_), slots(0) {
+    which[slots++] = 0;
+    if (with_inv) which[slots++] = 1;
+    if (with_chance) which[slots++] = 2;
+  }
+
+  double* at(int comparison, int64_t k, int64_t b, int64_t c) const {
+    return data + (((comparison * elements + k) * batch + b) * channels + c) * 6;
+  }
+
+  // The six statistics of every computed comparison of (k, b, c) from its double sums
+  // (sums[f * field_stride], fields as kFields).
+  template <int NB>
+  void store(int64_t k, int64_t b, int64_t c, double count, double shift_a, const double* shift_b,
+             const double* sums, int64_t field_stride) const {
+    for (int i = 0; i < NB; ++i) {
+      const PairMoments<double> moments = moments_from_shifted_sums<double>(
+          count, shift_a, shift_b[i], sums[0], sums[(2 + 3 * i) * field_stride],
+          sums[field_stride], sums[(3 + 3 * i) * field_stride], sums[(4 + 3 * i) * field_stride]);
+      moments.store(at(which[i], k, b, c));
+    }
+  }
+};
+
+// Everything the loop nests share.
+template <typename scalar_t>
+struct StatsJob {
+  const scalar_t* data;  // feats at (image 0, channel 0, y 0, x 0)
+  FeatureView view;
+  StatsOut out;
+  const std::vector<ElementPlan>* plans;  // in the strides of feats
+  const std::vector<ElementPlan>* transposed_plans;  // in the strides of a transposed tile
+};
+
+// ---------------------------------------------------------------------------------------------
+// Positions contiguous (NCHW): tasks [begin, end) of (image b, channel c). Each run of valid
+// positions is read in place when it is contiguous on both sides (integer translations of float
+// features), and packed into a small scratch otherwise (gathers, bilinear taps, half types).
+template <int NB, typename scalar_t, typename acc_t>
+inline void positions_range(const StatsJob<scalar_t>& job, int64_t begin, int64_t end) {
+  typedef f64x4 vec_t;  // float64 sums, 4 positions per vector (two SSE2 registers or one AVX2)
+  constexpr int W = 4;
+  const FeatureView& v = job.view;
+  const int64_t channels = v.channels, batch = job.out.batch, sx = v.stride_x;
+  const int* which = job.out.which;
+  std::vector<acc_t> scratch(4 * kMaxRun);
+  acc_t* pack_a = scratch.data();
+  acc_t* pack_b[3] = {pack_a + kMaxRun, pack_a + 2 * kMaxRun, pack_a + 3 * kMaxRun};
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t b = task / channels, c = task % channels;
+    const scalar_t* id_b = job.data + b * v.stride_n + c * v.stride_c;
+    const scalar_t* id_next = job.data + ((b + 1) % batch) * v.stride_n + c * v.stride_c;
+    for (int64_t k = 0; k < job.out.elements; ++k) {
+      const ElementPlan& plan = (*job.plans)[k];
+      if (plan.skip || plan.count == 0) continue;  // statistics stay 0
+      const scalar_t* image = job.data + ((k + 1) * batch + b) * v.stride_n + c * v.stride_c;
+      // The sources of slot i: eq (re-aligned b), inv (b in place), chance (re-aligned b + 1).
+      const scalar_t* sources[3];
+      bool realigned[3];
+      for (int i = 0; i < NB; ++i) {
+        const int comparison = which[i];
+        sources[i] = comparison == 2 ? id_next : id_b;
+        realigned[i] = comparison != 1;
+      }
+      // Shifts: the values at the first valid position.
+      const Segment& first = plan.segments.front();
+      const double shift_a = static_cast<double>(static_cast<acc_t>(image[first.out]));
+      double shift_b[NB];
+      for (int i = 0; i < NB; ++i) {
+        if (!realigned[i]) {
+          shift_b[i] = static_cast<double>(static_cast<acc_t>(sources[i][first.out]));
+        } else if (plan.exact) {
+          shift_b[i] = static_cast<double>(static_cast<acc_t>(sources[i][first.src]));
+        } else {
+          shift_b[i] = static_cast<double>(
+              bilinear_value<acc_t>(sources[i], plan.taps.data(), plan.weights.data()));
+        }
+      }
+      vec_t sum_a{}, sum_aa{}, sum_b[NB], sum_bb[NB], sum_ab[NB];
+      double sums[kFields] = {};  // the positions past the last full vector of each run
+      for (int i = 0; i < NB; ++i) sum_b[i] = sum_bb[i] = sum_ab[i] = vec_t{};
+      const vec_t shift_a_vec = EQUIFAST_BROADCAST(vec_t, shift_a);
+      vec_t shift_b_vec[NB];
+      for (int i = 0; i < NB; ++i) shift_b_vec[i] = EQUIFAST_BROADCAST(vec_t, shift_b[i]);
+      for (const Segment& seg : plan.segments) {
+        const int64_t len = seg.len;
+        // Pointers to the run's a and b values: in place, or packed into the scratch.
+        const acc_t* run_a;
+        const acc_t* run_b[3];
+        bool in_place = std::is_same_v<scalar_t, acc_t> && sx == 1;
+        if (in_place) {
+          for (int i = 0; i < NB; ++i) {
+            const bool unit_step = plan.exact && (seg.src_step == 1 || len == 1);
+            in_place = in_place && (!realigned[i] || unit_step);
+          }
+        }
+        if (in_place) {
+          run_a = reinterpret_cast<const acc_t*>(image + seg.out);
+          for (int i = 0; i < NB; ++i) {
+            const int64_t start = realigned[i] ? seg.src : seg.out;
+            run_b[i] = reinterpret_cast<const acc_t*>(sources[i] + start);
+          }
+        } else {
+          for (int64_t p = 0; p < len; ++p) pack_a[p] = static_cast<acc_t>(image[seg.out + p * sx]);
+          for (int i = 0; i < NB; ++i) {
+            const scalar_t* source = sources[i];
+            acc_t* dst = pack_b[i];
+            if (!realigned[i]) {
+              for (int64_t p = 0; p < len; ++p) {
+                dst[p] = static_cast<acc_t>(source[seg.out + p * sx]);
+              }
+            } else if (plan.exact) {
+              const int64_t step = seg.src_step;
+              for (int64_t p = 0; p < len; ++p) {
+                dst[p] = static_cast<acc_t>(source[seg.src + p * step]);
+              }
+            } else {
+              const int64_t* taps = plan.taps.data() + 4 * seg.first;
+              const double* weights = plan.weights.data() + 4 * seg.first;
+              for (int64_t p = 0; p < len; ++p) {
+                dst[p] = bilinear_value<acc_t>(source, taps + 4 * p, weights + 4 * p);
+              }
+            }
+            run_b[i] = dst;
+          }
+          run_a = pack_a;
+        }
+        // The single-pass shifted sums: W positions per step, then a scalar tail.
+        int64_t p = 0;
+        for (; p + W <= len; p += W) {
+          vec_t a, bv;
+          Load4<acc_t>::load(run_a + p, a);
+          a -= shift_a_vec;
+          sum_a += a;
+          sum_aa += a * a;
+          for (int i = 0; i < NB; ++i) {
+            Load4<acc_t>::load(run_b[i] + p, bv);
+            bv -= shift_b_vec[i];
+            sum_b[i] += bv;
+            sum_bb[i] += bv * bv;
+            sum_ab[i] += a * bv;
+          }
+        }
+        for (; p < len; ++p) {
+          const double a = static_cast<double>(run_a[p]) - shift_a;
+          sums[0] += a;
+          sums[1] += a * a;
+          for (int i = 0; i < NB; ++i) {
+            const double bv = static_cast<double>(run_b[i][p]) - shift_b[i];
+            sums[2 + 3 * i] += bv;
+            sums[3 + 3 * i] += bv * bv;
+            sums[4 + 3 * i] += a * bv;
+          }
+        }
+      }
+      for (int l = 0; l < W; ++l) {
+        sums[0] += sum_a[l];
+        sums[1] += sum_aa[l];
+        for (int i = 0; i < NB; ++i) {
+          sums[2 + 3 * i] += sum_b[i][l];
+          sums[3 + 3 * i] += sum_bb[i][l];
+          sums[4 + 3 * i] += sum_ab[i][l];
+        }
+      }
+      job.out.template store<NB>(k, b, c, static_cast<double>(plan.count), shift_a, shift_b,
+                                 sums, 1);
+    }
+  }
+}
+
+// Copies `width` channels (stride sc) at `src` into `dst` as acc_t; the unit-stride loop
+// vectorizes.
+template <typename scalar_t, typename acc_t>
+inline void copy_channels(acc_t* dst, const scalar_t* src, int64_t width, int64_t sc) {
+  if (sc == 1) {
+    for (int64_t t = 0; t < width; ++t) dst[t] = static_cast<acc_t>(src[t]);
+  } else {
+    for (int64_t t = 0; t < width; ++t) dst[t] = static_cast<acc_t>(src[t * sc]);
+  }
+}
+
+// Bilinear value of `width` channels (stride sc) from 4 taps of `image` (float64, as
+// bilinear_value); float32 rows of contiguous channels go 4 channels per vector.
+template <typename scalar_t, typename acc_t>
+inline void bilinear_channels(acc_t* dst, const scalar_t* image, const int64_t* taps,
+                              const double* weights, int64_t width, int64_t sc) {
+  const scalar_t* p0 = image + taps[0];
+  const scalar_t* p1 = image + taps[1];
+  const scalar_t* p2 = image + taps[2];
+  const scalar_t* p3 = image + taps[3];
+  int64_t t = 0;
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+    if (sc == 1) {
+      for (; t + 4 <= width; t += 4) {
+        f64x4 value = __builtin_convertvector(*reinterpret_cast<const f32x4_u*>(p0 + t), f64x4) *
+                      weights[0];
+        value += __builtin_convertvector(*reinterpret_cast<const f32x4_u*>(p1 + t), f64x4) *
+                 weights[1];
+        value += __builtin_convertvector(*reinterpret_cast<const f32x4_u*>(p2 + t), f64x4) *
+                 weights[2];
+        value += __builtin_convertvector(*reinterpret_cast<const f32x4_u*>(p3 + t), f64x4) *
+                 weights[3];
+        *reinterpret_cast<f32x4_u*>(dst + t) = __builtin_convertvector(value, f32x4);
+      }
+    }
+  }
+  for (; t < width; ++t) {
+    double value = static_cast<double>(p0[t * sc]) * weights[0];
+    value += static_cast<double>(p1[t * sc]) * weights[1];
+    value += static_cast<double>(p2[t * sc]) * weights[2];
+    value += static_cast<double>(p3[t * sc]) * weights[3];
+    dst[t] = static_cast<acc_t>(value);
+  }
+}
+
+// The work of one element on one tile of channels whose values sit at channel stride `sc`
+// (channels contiguous, or a transposed tile). Positions go in chunks of kChunkPositions; for
+// each chunk, each group of 4 channels loads its float64 sums (kept in L1 across positions) into
+// registers, adds the chunk and stores them back. Rows are read in place (float values, integer
+// maps, unit channel stride) or packed [position][channel] into a scratch (half types, bilinear
+// taps, strided channels). acc_t: the type values are read and rounded in.
+template <int NB, typename scalar_t, typename acc_t>
+class ChannelsWorker {
+  typedef f64x4 vec_t;  // float64 sums, 4 channels per vector (two SSE2 registers or one AVX2)
+  static constexpr int W = 4;
+  static constexpr int64_t kBlock = static_cast<int64_t>(kChunkPositions) * kTile;
+  static constexpr int64_t kShiftStride = kTile + 8;  // off a power of two: distinct L1 sets
+
+ public:
+  explicit ChannelsWorker(const StatsOut& out)
+      : out_(out),
+        scratch_(4 * kBlock, acc_t(0)),
+        sums_(kFields * kTile),
+        values_(kTile),
+        shifts_((1 + kComparisons) * kShiftStride) {
+    for (int j = 0; j < kChunkPositions; ++j) packed_offsets_[j] = j * kTile;
+  }
+
+  // Statistics of element k (plan) for image b and channels [c0, c0 + width): a's rows at
+  // `image`, the identity rows at `id_b` and `id_next`. `readable` channels (>= width) may be
+  // read at each row (the rest of a vector group is discarded).
+  void element(const ElementPlan& plan, const scalar_t* image, const scalar_t* id_b,
+               const scalar_t* id_next, int64_t width, int64_t readable, int64_t sc, int64_t k,
+               int64_t b, int64_t c0) {
+    const int64_t groups = (width + W - 1) / W;
+    const scalar_t* sources[3];
+    bool realigned[3];
+    for (int i = 0; i < NB; ++i) {
+      sources[i] = out_.which[i] == 2 ? id_next : id_b;
+      realigned[i] = out_.which[i] != 1;
+    }
+    const bool in_place =
+        std::is_same_v<scalar_t, acc_t> && sc == 1 && plan.exact && groups * W <= readable;
+    // Shifts: the values at the first valid position (0 past the last channel).
+    const int64_t lanes = groups * W;  // channels the vector groups touch
+    // Shifts: the values at the first valid position (0 past the last channel), as float64.
+    double* shift_a = shifts_.data();
+    double* shift_b[3] = {shift_a + kShiftStride, shift_a + 2 * kShiftStride,
+                          shift_a + 3 * kShiftStride};
+    acc_t* values = values_.data();
+    std::fill_n(values, lanes, acc_t(0));
+    copy_channels(values, image + plan.out_offsets[0], width, sc);
+    for (int64_t t = 0; t < lanes; ++t) shift_a[t] = static_cast<double>(values[t]);
+    for (int i = 0; i < NB; ++i) {
+      if (!realigned[i]) {
+        copy_channels(values, sources[i] + plan.out_offsets[0], width, sc);
+      } else if (plan.exact) {
+        copy_channels(values, sources[i] + plan.src_offsets[0], width, sc);
+      } else {
+        bilinear_channels(values, sources[i], plan.taps.data(), plan.weights.data(), width, sc);
+      }
+      for (int64_t t = 0; t < lanes; ++t) shift_b[i][t] = static_cast<double>(values[t]);
+    }
+    // Sums interleaved by vector group, [group][field][lane]: one group's fields share a few
+    // cache lines (a [field][channel] layout puts them 2 KB apart, on the same L1 sets).
+    std::fill_n(sums_.data(), groups * kFields * W, 0.0);
+    acc_t* pack_a = scratch_.data();
+    acc_t* pack_b[3] = {pack_a + kBlock, pack_a + 2 * kBlock, pack_a + 3 * kBlock};
+    for (int64_t j0 = 0; j0 < plan.count; j0 += kChunkPositions) {
+      const int64_t n = std::min<int64_t>(kChunkPositions, plan.count - j0);
+      const int64_t* out_offsets = plan.out_offsets.data() + j0;
+      const int64_t* src_offsets = plan.src_offsets.data() + j0;
+      const acc_t* base_a;
+      const int64_t* offsets_a;
+      const acc_t* base_b[3];
+      const int64_t* offsets_b[3];
+      if (in_place) {
+        base_a = reinterpret_cast<const acc_t*>(image);
+        offsets_a = out_offsets;
+        for (int i = 0; i < NB; ++i) {
+          base_b[i] = reinterpret_cast<const acc_t*>(sources[i]);
+          offsets_b[i] = realigned[i] ? src_offsets : out_offsets;
+        }
+      } else {
+        for (int64_t j = 0; j < n; ++j) {
+          copy_channels(pack_a + j * kTile, image + out_offsets[j], width, sc);
+          for (int i = 0; i < NB; ++i) {
+            acc_t* row = pack_b[i] + j * kTile;
+            if (!realigned[i]) {
+              copy_channels(row, sources[i] + out_offsets[j], width, sc);
+            } else if (plan.exact) {
+              copy_channels(row, sources[i] + src_offsets[j], width, sc);
+            } else {
+              bilinear_channels(row, sources[i], &plan.taps[4 * (j0 + j)],
+                                &plan.weights[4 * (j0 + j)], width, sc);
+            }
+          }
+        }
+        base_a = pack_a;
+        offsets_a = packed_offsets_;
+        for (int i = 0; i < NB; ++i) {
+          base_b[i] = pack_b[i];
+          offsets_b[i] = packed_offsets_;
+        }
+      }
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t t0 = g * W;
+        double* group_sums = sums_.data() + g * kFields * W;
+        const vec_t ka = *reinterpret_cast<const f64x4_u*>(shift_a + t0);
+        vec_t sum_a = *reinterpret_cast<const f64x4_u*>(group_sums);
+        vec_t sum_aa = *reinterpret_cast<const f64x4_u*>(group_sums + W);
+        vec_t kb[NB], sum_b[NB], sum_bb[NB], sum_ab[NB];
+        for (int i = 0; i < NB; ++i) {
+          kb[i] = *reinterpret_cast<const f64x4_u*>(shift_b[i] + t0);
+          sum_b[i] = *reinterpret_cast<const f64x4_u*>(group_sums + (2 + 3 * i) * W);
+          sum_bb[i] = *reinterpret_cast<const f64x4_u*>(group_sums + (3 + 3 * i) * W);
+          sum_ab[i] = *reinterpret_cast<const f64x4_u*>(group_sums + (4 + 3 * i) * W);
+        }
+        for (int64_t j = 0; j < n; ++j) {
+          vec_t a, bv;
+          Load4<acc_t>::load(base_a + offsets_a[j] + t0, a);
+          a -= ka;
+          sum_a += a;
+          sum_aa += a * a;
+          for (int i = 0; i < NB; ++i) {
+            Load4<acc_t>::load(base_b[i] + offsets_b[i][j] + t0, bv);
+            bv -= kb[i];
+            sum_b[i] += bv;
+            sum_bb[i] += bv * bv;
+            sum_ab[i] += a * bv;
+          }
+        }
+        *reinterpret_cast<f64x4_u*>(group_sums) = sum_a;
+        *reinterpret_cast<f64x4_u*>(group_sums + W) = sum_aa;
+        for (int i = 0; i < NB; ++i) {
+          *reinterpret_cast<f64x4_u*>(group_sums + (2 + 3 * i) * W) = sum_b[i];
+          *reinterpret_cast<f64x4_u*>(group_sums + (3 + 3 * i) * W) = sum_bb[i];
+          *reinterpret_cast<f64x4_u*>(group_sums + (4 + 3 * i) * W) = sum_ab[i];
+        }
+      }
+    }
+    const double count = static_cast<double>(plan.count);
+    for (int64_t t = 0; t < width; ++t) {
+      double shifts_b[NB];
+      for (int i = 0; i < NB; ++i) shifts_b[i] = shift_b[i][t];
+      out_.template store<NB>(k, b, c0 + t, count, shift_a[t], shifts_b,
+                              sums_.data() + (t / W) * kFields * W + t % W, W);
+    }
+  }
+
+ private:
+  const StatsOut& out_;
+  std::vector<acc_t> scratch_;   // packed rows: a, then the b slots
+  std::vector<double> sums_;     // [group][field][lane]
+  std::vector<acc_t> values_;    // one row of channels
+  std::vector<double> shifts_;   // [a, b slots][channel]
+  int64_t packed_offsets_[kChunkPositions];
+};
+
+// Channels contiguous (NHWC, NLC, channels_last NCHW): tasks [begin, end) of (image b, tile of
+// up to kTile channels), so that the rows of a are read as long contiguous stretches.
+template <int NB, typename scalar_t, typename acc_t>
+inline void channels_range(const StatsJob<scalar_t>& job, int64_t begin, int64_t end) {
+  const FeatureView& v = job.view;
+  const int64_t batch = job.out.batch;
+  const int64_t tiles = (v.channels + kTile - 1) / kTile;
+  const int64_t sc = v.stride_c;
+  ChannelsWorker<NB, scalar_t, acc_t> worker(job.out);
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t b = task / tiles, c0 = (task % tiles) * kTile;
+    const int64_t width = std::min<int64_t>(kTile, v.channels - c0);
+    const scalar_t* id_b = job.data + b * v.stride_n + c0 * sc;
+    const scalar_t* id_next = job.data + ((b + 1) % batch) * v.stride_n + c0 * sc;
+    for (int64_t k = 0; k < job.out.elements; ++k) {
+      const ElementPlan& plan = (*job.plans)[k];
+      if (plan.skip || plan.count == 0) continue;  // statistics stay 0
+      const scalar_t* image = job.data + ((k + 1) * batch + b) * v.stride_n + c0 * sc;
+      worker.element(plan, image, id_b, id_next, width, width, sc, k, b, c0);
+    }
+  }
+}
+
+// Copies channels [c0, c0 + width) of one image into a [position][kTransposeTile] tile, a block
+// of positions at a time: each plane is read in runs (one stream per channel, in memory order)
+// while the block of the tile being written (4 KB) stays in L1.
+template <typename scalar_t, typename acc_t>
+inline void transpose_tile(acc_t* dst, const scalar_t* image, int64_t width, const FeatureView& v) {
+  constexpr int64_t kBlockPositions = 64;
+  if (v.stride_x == 1 && v.stride_y == v.grid_w) {  // every plane is one run of positions
+    const int64_t positions = v.grid_h * v.grid_w;
+    for (int64_t p0 = 0; p0 < positions; p0 += kBlockPositions) {
+      const int64_t p1 = std::min(positions, p0 + kBlockPositions);
+      for (int64_t t = 0; t < width; ++t) {
+        const scalar_t* plane = image + t * v.stride_c;
+        for (int64_t p = p0; p < p1; ++p) {
+          dst[p * kTransposeTile + t] = static_cast<acc_t>(plane[p]);
+        }
+      }
+    }
+    return;
+  }
+  for (int64_t y = 0; y < v.grid_h; ++y) {  // one grid row (of every channel) at a time
+    acc_t* dst_row = dst + y * v.grid_w * kTransposeTile;
+    for (int64_t t = 0; t < width; ++t) {
+      const scalar_t* src_row = image + t * v.stride_c + y * v.stride_y;
+      for (int64_t x = 0; x < v.grid_w; ++x) {
+        dst_row[x * kTransposeTile + t] = static_cast<acc_t>(src_row[x * v.stride_x]);
+      }
+    }
+  }
+}
+
+// Positions contiguous (NCHW) with grids up to kTransposeMaxPositions: tasks [begin, end) of
+// (image b, tile of kTransposeTile channels). The identity tiles of b and b + 1 are transposed
+// once per task, each element's tile once per element; the channels loops then read rows of 16
+// contiguous channels, wherever the map sends them (a rotation's gathers become row reads).
+template <int NB, typename scalar_t, typename acc_t>
+inline void transposed_range(const StatsJob<scalar_t>& job, int64_t begin, int64_t end) {
+  const FeatureView& v = job.view;
+  const int64_t batch = job.out.batch;
+  const int64_t tiles = (v.channels + kTransposeTile - 1) / kTransposeTile;
+  const int64_t tile_size = v.grid_h * v.grid_w * kTransposeTile;
+  // Zeros past the last channel of a partial tile keep the discarded lanes finite.
+  std::vector<acc_t> tiles_data(3 * tile_size, acc_t(0));
+  acc_t* tile_a = tiles_data.data();
+  acc_t* tile_b = tile_a + tile_size;
+  acc_t* tile_next = tile_b + tile_size;
+  ChannelsWorker<NB, acc_t, acc_t> worker(job.out);
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t b = task / tiles, c0 = (task % tiles) * kTransposeTile;
+    const int64_t width = std::min<int64_t>(kTransposeTile, v.channels - c0);
+    const int64_t next = (b + 1) % batch;
+    transpose_tile(tile_b, job.data + b * v.stride_n + c0 * v.stride_c, width, v);
+    if (next != b) {
+      transpose_tile(tile_next, job.data + next * v.stride_n + c0 * v.stride_c, width, v);
+    }
+    const acc_t* id_next = next != b ? tile_next : tile_b;
+    for (int64_t k = 0; k < job.out.elements; ++k) {
+      const ElementPlan& plan = (*job.transposed_plans)[k];
+      if (plan.skip || plan.count == 0) continue;  // statistics stay 0
+      transpose_tile(tile_a, job.data + ((k + 1) * batch + b) * v.stride_n + c0 * v.stride_c,
+                     width, v);
+      worker.element(plan, tile_a, tile_b, id_next, width, kTransposeTile, 1, k, b, c0);
+    }
+  }
+}
+
+// The loop nests compiled twice: for the baseline x86-64 ISA (SSE2) and, chosen at run time, for
+// AVX2 + FMA. `flatten` inlines the helpers into the AVX2
+// copies so that they are compiled for AVX2 too. EQUIFAST_CPU_ISA=default disables AVX2.
+enum class LoopNest { kChannels, kTransposed, kPositions };
+
+template <int NB, typename scalar_t, typename acc_t>
+inline void run_range(LoopNest nest, const StatsJob<scalar_t>& job, int64_t begin, int64_t end) {
+  switch (nest) {
+    case LoopNest::kChannels:
+      channels_range<NB, scalar_t, acc_t>(job, begin, end);
+      break;
+    case LoopNest::kTransposed:
+      transposed_range<NB, scalar_t, acc_t>(job, begin, end);
+      break;
+    case LoopNest::kPositions:
+      positions_range<NB, scalar_t, acc_t>(job, begin, end);
+      break;
+  }
+}
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define EQUIFAST_HAVE_AVX2_PATH 1
+
+template <int NB, typename scalar_t, typename acc_t>
+__attribute__((target("avx2,fma"), flatten)) void run_range_avx2(LoopNest nest,
+                                                                  const StatsJob<scalar_t>& job,
+                                                                  int64_t begin, int64_t end) {
+  run_range<NB, scalar_t, acc_t>(nest, job, begin, end);
+}
+
+bool use_avx2() {
+  const char* isa = std::getenv("EQUIFAST_CPU_ISA");
+  if (isa != nullptr && std::string(isa) == "default") return false;
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+#else
+#define EQUIFAST_HAVE_AVX2_PATH 0
+bool use_avx2() { return false; }
+#endif
+
+template <int NB, typename scalar_t, typename acc_t>
+void run_stats_nb(const StatsJob<scalar_t>& job, LoopNest nest) {
+  const FeatureView& v = job.view;
+  const bool avx2 = use_avx2();
+  int64_t tasks = job.out.batch * v.channels;
+  if (nest == LoopNest::kChannels) tasks = job.out.batch * ((v.channels + kTile - 1) / kTile);
+  if (nest == LoopNest::kTransposed) {
+    tasks = job.out.batch * ((v.channels + kTransposeTile - 1) / kTransposeTile);
+  }
+  // Grain: about 64K values of a per chunk of tasks amortizes the scheduling.
+  const int64_t values_per_task =
+      std::max<int64_t>(1, job.out.elements * v.grid_h * v.grid_w * v.channels * job.out.batch /
+                               std::max<int64_t>(1, tasks));
+  const int64_t grain = std::max<int64_t>(1, 65536 / values_per_task);
+  parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+#if EQUIFAST_HAVE_AVX2_PATH
+    if (avx2) return run_range_avx2<NB, scalar_t, acc_t>(nest, job, begin, end);
+#endif
+    run_range<NB, scalar_t, acc_t>(nest, job, begin, end);
+  });
+  (void)avx2;
+}
+
+at::Tensor equivariance_stats_cpu(const at::Tensor& feats, const at::Tensor& source_affines,
+                                  c10::IntArrayRef wrap, int64_t batch, c10::string_view layout,
+                                  int64_t grid_h, int64_t grid_w, int64_t prefix,
+                                  c10::string_view subpixel, bool with_inv, bool with_chance) {
+  const StatsProblem problem = check_stats_args(
+      feats, source_affines, wrap, batch, std::string_view(layout.data(), layout.size()), grid_h,
+      grid_w, prefix, std::string_view(subpixel.data(), subpixel.size()));
+  check_device_cpu(feats, "feats");
+  const FeatureView& view = problem.view;
+  // Zeroed here, on this thread: at::zeros would start torch's OpenMP team, whose workers then
+  // spin for a while and compete with this op's own threads.
+  at::Tensor stats = at::empty({kComparisons, problem.elements, batch, view.channels, 6},
+                               feats.options().dtype(at::kDouble));
+  std::fill_n(stats.data_ptr<double>(), stats.numel(), 0.0);
+  if (problem.elements == 0 || view.channels == 0) return stats;
+  // Channels the fastest axis (NHWC, NLC, channels_last): vectors over channels, for every
+  // element. Positions the fastest axis (NCHW): elements that read contiguous runs of positions
+  // (integer translations, long runs) go along their runs; the others (rotations, flips,
+  // bilinear maps, short runs) go through transposed tiles when the grid is small enough.
+  const bool channels_inner =
+      view.channels > 1 && std::abs(view.stride_c) < std::abs(view.stride_x);
+  const bool can_transpose =
+      !channels_inner && view.channels > 1 && view.grid_h * view.grid_w <= kTransposeMaxPositions;
+  std::vector<ElementPlan> plans(problem.elements);            // in the strides of feats
+  std::vector<ElementPlan> transposed_plans(problem.elements);  // in the strides of a tile
+  parallel_for(0, problem.elements, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      ElementPlan plan = make_plan(problem.maps[k], view.grid_h, view.grid_w, view.stride_y,
+                                   view.stride_x, problem.skip_subpixel, channels_inner);
+      bool along_runs = !can_transpose || plan.skip || plan.count == 0;
+      if (!along_runs && plan.exact && view.stride_x == 1) {
+        // Contiguous on both sides, and runs long enough for vectors.
+        bool contiguous = true;
+        for (const Segment& seg : plan.segments) {
+          contiguous = contiguous && (seg.src_step == 1 || seg.len == 1);
+        }
+        along_runs = contiguous && plan.count >= 16 * static_cast<int64_t>(plan.segments.size());
+      }
+      if (along_runs) {
+        plans[k] = std::move(plan);
+        transposed_plans[k].skip = true;
+      } else {
+        plans[k].skip = true;
+        transposed_plans[k] =
+            make_plan(problem.maps[k], view.grid_h, view.grid_w, view.grid_w * kTransposeTile,
+                      kTransposeTile, problem.skip_subpixel, true);
+      }
+    }
+  });
+  bool any_runs = false, any_transposed = false;
+  for (int64_t k = 0; k < problem.elements; ++k) {
+    any_runs = any_runs || !plans[k].skip;
+    any_transposed = any_transposed || !transposed_plans[k].skip;
+  }
+  const StatsOut out(stats.data_ptr<double>(), problem.elements, batch, view.channels, with_inv,
+                     with_chance);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(),
+                                  "equivariance_stats_cpu", [&] {
+    // float32 sums for float, half and bfloat16 features, float64 for float64 ones.
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const StatsJob<scalar_t> job{feats.const_data_ptr<scalar_t>() + view.offset, view, out,
+                                 &plans, &transposed_plans};
+    // Each element is computed by exactly one of the loop nests (the other skips it).
+    std::vector<LoopNest> nests;
+    if (channels_inner) {
+      nests.push_back(LoopNest::kChannels);
+    } else {
+      if (any_runs) nests.push_back(LoopNest::kPositions);
+      if (any_transposed) nests.push_back(LoopNest::kTransposed);
+    }
+    for (const LoopNest nest : nests) {
+      if (out.slots == 1) {
+        run_stats_nb<1, scalar_t, acc_t>(job, nest);
+      } else if (out.slots == 2) {
+        run_stats_nb<2, scalar_t, acc_t>(job, nest);
+      } else {
+        run_stats_nb<3, scalar_t, acc_t>(job, nest);
+      }
+    }
+  });
+  return stats;
+}
+
+}  // namespace
+}  // namespace equifast
+
+TORCH_LIBRARY_IMPL(equifast, CPU, m) {
+  m.impl("equivariance_stats", &equifast::equivariance_stats_cpu);
+}

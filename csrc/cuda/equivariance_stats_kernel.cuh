@@ -1,0 +1,305 @@
+// The CUDA kernel of equivariance_stats and its host-side preparation (no CUDA runtime calls),
+// included by equivariance_stats_kernel.cu. Kept apart so that the kernel can also be compiled
+// for the host under a small emulation of the CUDA execution model (used to check it without a
+// GPU).
+//
+// Design:
+//   - One block per (channel tile, image b, element k): blockIdx = (tile, b, k). Every element of
+//     the transformed block a is read by exactly one thread, once; the identity images are read
+//     through L2 (they are shared by all elements). The re-aligned identity is never materialized:
+//     each thread computes its source index (integer maps) or bilinear taps on the fly.
+//   - Channels contiguous (NHWC, NLC, channels_last): 32 lanes = 32 consecutive channels (coalesced
+//     rows), 8 warps stride over positions; the 8 warps' partial sums merge in shared memory.
+//     Positions contiguous (NCHW): each warp owns one channel, its lanes stride over positions
+//     (coalesced); partial sums merge with warp shuffles.
+//   - Single-pass float64 sums of values minus a per-channel shift (the value at the element's
+//     first valid position, the same for every thread), so partial sums merge by plain addition
+//     and the centring at the end keeps offset data exact (moments_from_shifted_sums). Values are
+//     read (and bilinear values rounded) in float32, float64 for float64 features, as on the CPU.
+#pragma once
+
+#include <c10/macros/Macros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "equifast/affine.h"
+#include "equifast/moments.h"
+#include "equifast/stats_args.h"
+
+namespace equifast {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kComparisons = 3;
+constexpr int kFields = 2 + 3 * kComparisons;  // sum a, sum a^2, then (sum b, sum b^2, sum ab) x 3
+
+// One element as the kernel sees it. count == 0: nothing to do (no valid position, or a
+// non-integer map with subpixel 'skip'); the statistics stay 0.
+struct DeviceElement {
+  SourceMap map;
+  int64_t count;             // valid positions
+  int64_t first_x, first_y;  // the first valid position (row-major): the shifts are read there
+};
+
+struct StatsParams {
+  int64_t channels, grid_h, grid_w, batch, elements;
+  int64_t stride_n, stride_c, stride_y, stride_x;
+  bool with_inv, with_chance;
+};
+
+// The source of output position (x, y) of element `map`: either one exact offset or four
+// bilinear taps, offsets in the strides of feats. Returns validity.
+struct Taps {
+  int64_t offset[4];
+  double weight[4];
+  bool exact;
+};
+
+__device__ __forceinline__ bool source_taps(const SourceMap& map, const SampleGrid& grid, int64_t x,
+                                            int64_t y, int64_t sy, int64_t sx, Taps& taps) {
+  taps.exact = map.exact != 0;
+  if (taps.exact) {
+    int64_t ix, iy;
+    apply_exact_map(map, x, y, ix, iy);
+    const ExactTap tap = exact_tap(ix, iy, grid);
+    taps.offset[0] = tap.iy * sy + tap.ix * sx;
+    return tap.inside;
+  }
+  double fx, fy;
+  apply_map(map, static_cast<double>(x), static_cast<double>(y), fx, fy);
+  const BilinearTaps t = bilinear_taps(fx, fy, grid);
+  taps.offset[0] = t.y0 * sy + t.x0 * sx;
+  taps.offset[1] = t.y0 * sy + t.x1 * sx;
+  taps.offset[2] = t.y1 * sy + t.x0 * sx;
+  taps.offset[3] = t.y1 * sy + t.x1 * sx;
+  taps.weight[0] = t.w00;
+  taps.weight[1] = t.w01;
+  taps.weight[2] = t.w10;
+  taps.weight[3] = t.w11;
+  return t.inside;
+}
+
+template <typename value_t, typename scalar_t>
+__device__ __forceinline__ value_t sample(const scalar_t* image, const Taps& taps) {
+  if (taps.exact) return static_cast<value_t>(image[taps.offset[0]]);
+  // The reference's order, ((v00 w00 + v01 w01) + v10 w10) + v11 w11, in float64 rounded once
+  // (as on the CPU): a map that is constant in exact arithmetic stays exactly constant, so its
+  // spread is exactly 0 rather than float32 rounding noise.
+  double value = static_cast<double>(image[taps.offset[0]]) * taps.weight[0];
+  value += static_cast<double>(image[taps.offset[1]]) * taps.weight[1];
+  value += static_cast<double>(image[taps.offset[2]]) * taps.weight[2];
+  value += static_cast<double>(image[taps.offset[3]]) * taps.weight[3];
+  return static_cast<value_t>(value);
+}
+
+// Accumulates the shifted sums of one thread's positions (first, first + step, ...) under one
+// element; kExact picks the integer or the bilinear sampling (one loop each: fewer registers).
+template <bool kExact, typename value_t, typename scalar_t>
+__device__ __forceinline__ void accumulate_positions(
+    const DeviceElement& element, const StatsParams& p, const scalar_t* image,
+    const scalar_t* id_b, const scalar_t* id_next, int first, int step, double shift_a,
+    double shift_eq, double shift_inv, double shift_chance, double* sums) {
+  const SampleGrid grid = feature_grid(p.grid_h, p.grid_w, element.map.wrap != 0);
+  // 32-bit position arithmetic (the host checks that the grid has fewer than 2^31 positions).
+  const int positions = static_cast<int>(p.grid_h * p.grid_w);
+  const int grid_w = static_cast<int>(p.grid_w);
+  for (int position = first; position < positions; position += step) {
+    const int y = position / grid_w;
+    const int x = position - y * grid_w;
+    Taps taps;
+    if (kExact) {
+      int64_t ix, iy;
+      apply_exact_map(element.map, x, y, ix, iy);
+      const ExactTap tap = exact_tap(ix, iy, grid);
+      if (!tap.inside) continue;
+      taps.exact = true;
+      taps.offset[0] = tap.iy * p.stride_y + tap.ix * p.stride_x;
+    } else {
+      if (!source_taps(element.map, grid, x, y, p.stride_y, p.stride_x, taps)) continue;
+    }
+    const int64_t at = y * p.stride_y + x * p.stride_x;
+    const double a = static_cast<double>(static_cast<value_t>(image[at])) - shift_a;
+    sums[0] += a;
+    sums[1] += a * a;
+    const double eq = static_cast<double>(sample<value_t>(id_b, taps)) - shift_eq;
+    sums[2] += eq;
+    sums[3] += eq * eq;
+    sums[4] += a * eq;
+    if (p.with_inv) {
+      const double inv = static_cast<double>(static_cast<value_t>(id_b[at])) - shift_inv;
+      sums[5] += inv;
+      sums[6] += inv * inv;
+      sums[7] += a * inv;
+    }
+    if (p.with_chance) {
+      const double chance = static_cast<double>(sample<value_t>(id_next, taps)) - shift_chance;
+      sums[8] += chance;
+      sums[9] += chance * chance;
+      sums[10] += a * chance;
+    }
+  }
+}
+
+template <bool kChannelsInner, typename scalar_t,
+          typename value_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>>
+__global__ void __launch_bounds__(kThreads)
+    stats_kernel(const scalar_t* __restrict__ data, const DeviceElement* __restrict__ elements,
+                 StatsParams p, double* __restrict__ out) {
+  const int64_t k = blockIdx.z;
+  const int64_t b = blockIdx.y;
+  // The element in shared memory: read where needed rather than held in registers.
+  __shared__ DeviceElement element;
+  if (threadIdx.x == 0) element = elements[k];
+  __syncthreads();
+  if (element.count == 0) return;  // uniform over the block: statistics stay 0
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  // Channels contiguous: lanes over channels, warps over positions. Otherwise: warps over
+  // channels, lanes over positions.
+  const int64_t c = kChannelsInner ? static_cast<int64_t>(blockIdx.x) * 32 + lane
+                                   : static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+  const bool active = c < p.channels;
+  const int64_t channel = active ? c : 0;  // idle lanes still take part in the merges
+
+  const scalar_t* image = data + ((k + 1) * p.batch + b) * p.stride_n + channel * p.stride_c;
+  const scalar_t* id_b = data + b * p.stride_n + channel * p.stride_c;
+  const scalar_t* id_next = data + ((b + 1) % p.batch) * p.stride_n + channel * p.stride_c;
+
+  // Shifts: the values at the first valid position, the same in every thread of the channel.
+  double shift_a, shift_eq, shift_inv = 0, shift_chance = 0;
+  {
+    const SampleGrid grid = feature_grid(p.grid_h, p.grid_w, element.map.wrap != 0);
+    Taps taps;
+    source_taps(element.map, grid, element.first_x, element.first_y, p.stride_y, p.stride_x, taps);
+    const int64_t at = element.first_y * p.stride_y + element.first_x * p.stride_x;
+    shift_a = static_cast<double>(static_cast<value_t>(image[at]));
+    shift_eq = static_cast<double>(sample<value_t>(id_b, taps));
+    if (p.with_inv) shift_inv = static_cast<double>(static_cast<value_t>(id_b[at]));
+    if (p.with_chance) shift_chance = static_cast<double>(sample<value_t>(id_next, taps));
+  }
+
+  double sums[kFields];
+#pragma unroll
+  for (int f = 0; f < kFields; ++f) sums[f] = 0;
+  if (active) {
+    const int first = kChannelsInner ? warp : lane;
+    const int step = kChannelsInner ? kWarps : 32;
+    if (element.map.exact) {
+      accumulate_positions<true, value_t>(element, p, image, id_b, id_next, first, step, shift_a,
+                                          shift_eq, shift_inv, shift_chance, sums);
+    } else {
+      accumulate_positions<false, value_t>(element, p, image, id_b, id_next, first, step, shift_a,
+                                           shift_eq, shift_inv, shift_chance, sums);
+    }
+  }
+
+  // Merge the partial sums of the threads of a channel (plain sums: they share the shifts).
+  bool writer;
+  if (kChannelsInner) {
+    __shared__ double partial[kWarps][kFields][32];
+#pragma unroll
+    for (int f = 0; f < kFields; ++f) partial[warp][f][lane] = sums[f];
+    __syncthreads();
+    writer = warp == 0 && active;
+    if (warp == 0) {
+#pragma unroll
+      for (int f = 0; f < kFields; ++f) {
+        double total = 0;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) total += partial[w][f][lane];
+        sums[f] = total;
+      }
+    }
+  } else {
+#pragma unroll
+    for (int f = 0; f < kFields; ++f) {
+#pragma unroll
+      for (int offset = 16; offset > 0; offset >>= 1) {
+        sums[f] += __shfl_xor_sync(0xffffffffu, sums[f], offset);
+      }
+    }
+    writer = lane == 0 && active;
+  }
+  if (!writer) return;
+
+  const double count = static_cast<double>(element.count);
+  const double shifts[kComparisons] = {shift_eq, shift_inv, shift_chance};
+  const bool wanted[kComparisons] = {true, p.with_inv, p.with_chance};
+#pragma unroll
+  for (int i = 0; i < kComparisons; ++i) {
+    if (!wanted[i]) continue;
+    const PairMoments<double> moments = moments_from_shifted_sums<double>(
+        count, shift_a, shifts[i], sums[0],
+        sums[2 + 3 * i], sums[1], sums[3 + 3 * i], sums[4 + 3 * i]);
+    double* stats = out + (((i * p.elements + k) * p.batch + b) * p.channels + c) * 6;
+    moments.store(stats);
+  }
+}
+
+// Host: per element, the map, its number of valid positions and the first one, with the very
+// rule the kernel applies (affine.h).
+inline std::vector<DeviceElement> make_device_elements(const StatsProblem& problem) {
+  const FeatureView& view = problem.view;
+  std::vector<DeviceElement> elements(problem.elements);
+  for (int64_t k = 0; k < problem.elements; ++k) {
+    DeviceElement& element = elements[k];
+    element.map = problem.maps[k];
+    element.count = 0;
+    element.first_x = element.first_y = 0;
+    if (!element.map.exact && problem.skip_subpixel) continue;
+    const SampleGrid grid = feature_grid(view.grid_h, view.grid_w, element.map.wrap != 0);
+    for (int64_t y = 0; y < view.grid_h; ++y) {
+      for (int64_t x = 0; x < view.grid_w; ++x) {
+        if (!position_valid(element.map, x, y, grid)) continue;
+        if (element.count == 0) {
+          element.first_x = x;
+          element.first_y = y;
+        }
+        ++element.count;
+      }
+    }
+  }
+  return elements;
+}
+
+// Host: the kernel's parameters and launch shape. Channels contiguous (NHWC, NLC, channels_last):
+// 32 channels per block; otherwise kWarps channels per block. Grid = (channel tiles, B, K).
+struct StatsLaunch {
+  StatsParams params;
+  bool channels_inner;
+  int64_t blocks_x, blocks_y, blocks_z;
+};
+
+inline StatsLaunch make_stats_launch(const StatsProblem& problem, bool with_inv,
+                                     bool with_chance) {
+  const FeatureView& view = problem.view;
+  StatsLaunch launch;
+  StatsParams& params = launch.params;
+  params.channels = view.channels;
+  params.grid_h = view.grid_h;
+  params.grid_w = view.grid_w;
+  params.batch = problem.batch;
+  params.elements = problem.elements;
+  params.stride_n = view.stride_n;
+  params.stride_c = view.stride_c;
+  params.stride_y = view.stride_y;
+  params.stride_x = view.stride_x;
+  params.with_inv = with_inv;
+  params.with_chance = with_chance;
+  const int64_t channel_step = view.stride_c < 0 ? -view.stride_c : view.stride_c;
+  const int64_t position_step = view.stride_x < 0 ? -view.stride_x : view.stride_x;
+  launch.channels_inner = view.channels > 1 && channel_step < position_step;
+  const int64_t per_block = launch.channels_inner ? 32 : kWarps;
+  launch.blocks_x = (view.channels + per_block - 1) / per_block;
+  launch.blocks_y = problem.batch;
+  launch.blocks_z = problem.elements;
+  return launch;
+}
+
+}  // namespace
+}  // namespace equifast

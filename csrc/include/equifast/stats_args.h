@@ -1,0 +1,117 @@
+// Argument checks of equivariance_stats and the strided view of feats they produce (host code,
+// shared by the CPU and CUDA backends so that both reject the same inputs with the same words).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "equifast/affine.h"
+#include "equifast/checks.h"
+
+namespace equifast {
+
+// feats seen as (images, channels, grid_h, grid_w) through strides (in elements), whatever the
+// layout: element (n, c, y, x) sits at data + offset + n*stride_n + c*stride_c + y*stride_y +
+// x*stride_x. Prefix tokens of NLC are skipped by `offset`.
+struct FeatureView {
+  int64_t images = 0, channels = 0, grid_h = 0, grid_w = 0;
+  int64_t stride_n = 0, stride_c = 0, stride_y = 0, stride_x = 0;
+  int64_t offset = 0;
+};
+
+// Everything a stats kernel needs, checked.
+struct StatsProblem {
+  FeatureView view;
+  int64_t elements = 0;  // K
+  int64_t batch = 0;     // B
+  bool skip_subpixel = false;
+  std::vector<SourceMap> maps;  // K source maps in feature-grid coordinates
+};
+
+inline StatsProblem check_stats_args(const at::Tensor& feats, const at::Tensor& source_affines,
+                                     c10::IntArrayRef wrap, int64_t batch,
+                                     std::string_view layout, int64_t grid_h, int64_t grid_w,
+                                     int64_t prefix, std::string_view subpixel) {
+  check_defined(feats, "feats");
+  check_defined(source_affines, "source_affines");
+  check_dtype_in(feats, "feats", {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16});
+  check_one_of(layout, "layout", {"NCHW", "NHWC", "NLC"});
+  check_one_of(subpixel, "subpixel", {"bilinear", "skip"});
+  check_positive(grid_h, "grid_h");
+  check_positive(grid_w, "grid_w");
+  check_non_negative(prefix, "prefix");
+  check_positive(batch, "batch");
+
+  StatsProblem problem;
+  FeatureView& view = problem.view;
+  if (layout == "NCHW") {
+    check_dim(feats, "feats", 4, "(N, C, H, W) for layout 'NCHW'");
+    TORCH_CHECK(feats.size(2) == grid_h && feats.size(3) == grid_w, "equifast: feats of shape ",
+                      feats.sizes(), " (layout 'NCHW') does not match the grid (grid_h, grid_w) = (",
+                      grid_h, ", ", grid_w, "): expected feats.shape[2:] == (", grid_h, ", ",
+                      grid_w, ").");
+    view.channels = feats.size(1);
+    view.stride_c = feats.stride(1);
+    view.stride_y = feats.stride(2);
+    view.stride_x = feats.stride(3);
+  } else if (layout == "NHWC") {
+    check_dim(feats, "feats", 4, "(N, H, W, C) for layout 'NHWC'");
+    TORCH_CHECK(feats.size(1) == grid_h && feats.size(2) == grid_w, "equifast: feats of shape ",
+                      feats.sizes(), " (layout 'NHWC') does not match the grid (grid_h, grid_w) = (",
+                      grid_h, ", ", grid_w, "): expected feats.shape[1:3] == (", grid_h, ", ",
+                      grid_w, ").");
+    view.channels = feats.size(3);
+    view.stride_c = feats.stride(3);
+    view.stride_y = feats.stride(1);
+    view.stride_x = feats.stride(2);
+  } else {  // NLC: (N, prefix + grid_h * grid_w, C), tokens row-major over the grid
+    check_dim(feats, "feats", 3, "(N, L, C) for layout 'NLC'");
+    TORCH_CHECK(feats.size(1) == prefix + grid_h * grid_w, "equifast: feats of shape ",
+                      feats.sizes(), " (layout 'NLC') must have L = prefix + grid_h * grid_w = ",
+                      prefix, " + ", grid_h, " * ", grid_w, " = ", prefix + grid_h * grid_w,
+                      " tokens, but has ", feats.size(1), ".");
+    view.channels = feats.size(2);
+    view.stride_c = feats.stride(2);
+    view.stride_y = grid_w * feats.stride(1);
+    view.stride_x = feats.stride(1);
+    view.offset = prefix * feats.stride(1);
+  }
+  view.images = feats.size(0);
+  view.stride_n = feats.stride(0);
+  view.grid_h = grid_h;
+  view.grid_w = grid_w;
+
+  check_device_cpu(source_affines, "source_affines");
+  check_dtype(source_affines, "source_affines", at::kDouble);
+  TORCH_CHECK(source_affines.dim() == 3 && source_affines.size(1) == 2 &&
+                        source_affines.size(2) == 3,
+                    "equifast: source_affines must have shape (K, 2, 3) (one source map per "
+                    "element, identity excluded), but got shape ",
+                    source_affines.sizes(), ".");
+  const int64_t elements = source_affines.size(0);
+  check_list_size(wrap, "wrap", elements, "one per element of source_affines");
+  TORCH_CHECK(view.images == (elements + 1) * batch, "equifast: feats holds ", view.images,
+                    " images (shape ", feats.sizes(), "), but (K + 1) * batch = (", elements,
+                    " + 1) * ", batch, " = ", (elements + 1) * batch,
+                    " were expected: the identity block first, then one block of `batch` images "
+                    "per element of source_affines.");
+  problem.elements = elements;
+  problem.batch = batch;
+  problem.skip_subpixel = subpixel == "skip";
+
+  const at::Tensor affines = source_affines.contiguous();
+  const double* data = affines.data_ptr<double>();
+  problem.maps.reserve(elements);
+  for (int64_t k = 0; k < elements; ++k) {
+    problem.maps.push_back(make_source_map(data + 6 * k, wrap[k] != 0));
+  }
+  return problem;
+}
+
+}  // namespace equifast

@@ -1,0 +1,1059 @@
+"""The naive measurement loop: the oracle of the engine in the tests and the baseline of benchmarks.
+
+It measures exactly what :func:`equifast.measure` measures (DESIGN.md section 1), the plain way:
+
+1. per batch of sources, one forward of the identity images and then one forward per group element
+   (each batched over the images), under ``torch.inference_mode``;
+2. forward hooks keep a float64 copy of every chosen layer's output (of its first call, should a
+   module run more than once in a forward);
+3. the statistics are plain torch ops in float64 on the kept features: the identity features are
+   re-aligned with ``grid_sample`` or index arithmetic, the valid positions selected, and each score
+   computed from the compared values themselves (not from sufficient statistics).
+
+It shares no code with what it checks: it does not import :mod:`equifast.engine`,
+:mod:`equifast.ops` (nor its reference) or :mod:`equifast.scores`. It uses the shared *definitions*
+only: group elements as affine maps (:mod:`equifast.groups`), layer selection and hooks
+(:mod:`equifast.layers`), layouts (:mod:`equifast.layouts`), grid offsets (:mod:`equifast.align`),
+the result type, the models and the data loaders.
+
+Convention:
+    Affine maps are ``(2, 3)`` matrices acting on ``(x, y, 1)``: ``x`` is the column, ``y`` the row,
+    pixel centres at integer coordinates, origin at the top-left pixel. An element's matrix ``M`` is
+    its forward map; the transformed image reads ``(T_g x)(p) = x(M^-1 p)`` in the coordinates of
+    the identity window (the model input, at ``(margin_y, margin_x)`` of the source). A map whose
+    entries are all within ``INTEGER_TOLERANCE`` of integers is applied by exact pixel reads; any
+    other map bilinearly (``grid_sample`` with ``align_corners=True``: pixel centres at integers),
+    and a pixel whose continuous source coordinate lies outside ``[-1e-6, size - 1 + 1e-6]`` holds
+    the fill value (0 after normalization) or, on a feature grid, is left out of the comparison.
+
+Example:
+    >>> import torch, equifast
+    >>> from equifast import naive
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1, padding_mode="circular"))
+    >>> images = torch.rand(4, 3, 16, 16)
+    >>> group = equifast.Translation([1, 2], protocol="circular")
+    >>> result = naive.measure(net, images, group=group, progress=False)
+    >>> round(float(result.frame.query("comparison == 'eq' and metric == 'corr'").value.min()), 5)
+    1.0
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .align import AlignSpec, find_offsets
+from .groups import INTEGER_TOLERANCE, Group, default_group, feature_source_affines, parse_group
+from .layers import LayerHooks, LayerSpec, select_layers
+from .layouts import FeatureLayout, detect_layout, grid_view
+from .result import FRAME_COLUMNS, MODEL_COLUMNS, Result
+
+__all__ = ["COMPARISONS", "METRICS", "measure", "realign", "transform"]
+
+COMPARISONS = ("eq", "inv", "chance")
+METRICS = (
+    "corr",
+    "one_minus_corr",
+    "corr_channelwise",
+    "flat_frac",
+    "cosine",
+    "nde",
+    "rel_err",
+    "psnr",
+)
+DEFAULT_METRICS = ("corr", "one_minus_corr", "corr_channelwise", "flat_frac", "cosine", "nde")
+DERIVED_METRICS = ("corr_vs_chance",)
+
+# A bilinear source coordinate this close outside the grid still counts as inside.
+EDGE_TOLERANCE = 1e-6
+# A channel is flat when its spatial (population) variance is <= (1e-6 * mean)^2 + (1e-15)^2.
+FLAT_RELATIVE = 1e-6
+FLAT_ABSOLUTE = 1e-15
+# The bootstrap draws its resamples in blocks of this many (so that intervals are reproducible).
+BOOTSTRAP_BLOCK = 100
+
+_IDENTITY_MAP = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+
+
+# ------------------------------------------------------------------------------------------------
+# Sampling: the image transform and the feature re-alignment
+
+
+def _is_integer_map(matrix: np.ndarray) -> bool:
+    matrix = np.asarray(matrix, dtype=np.float64)
+    return bool(np.all(np.abs(matrix - np.round(matrix)) <= INTEGER_TOLERANCE))
+
+
+def _source_coordinates(source_map: np.ndarray, height: int, width: int, device: torch.device):
+    """``(xs, ys)``, each ``(height, width)`` float64: where output pixel ``(x, y)`` reads."""
+    ys, xs = torch.meshgrid(
+        torch.arange(height, dtype=torch.float64, device=device),
+        torch.arange(width, dtype=torch.float64, device=device),
+        indexing="ij",
+    )
+    a = [[float(v) for v in row] for row in source_map]
+    return a[0][0] * xs + a[0][1] * ys + a[0][2], a[1][0] * xs + a[1][1] * ys + a[1][2]
+
+
+def _inside(xs: torch.Tensor, ys: torch.Tensor, height: int, width: int, exact: bool):
+    """Whether coordinates lie in a ``height x width`` grid (bilinear ones with a tolerance)."""
+    tolerance = 0.0 if exact else EDGE_TOLERANCE
+    return (
+        (xs >= -tolerance)
+        & (xs <= width - 1 + tolerance)
+        & (ys >= -tolerance)
+        & (ys <= height - 1 + tolerance)
+    )
+
+
+def _read(grid: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor, exact: bool, wrap: bool):
+    """Values of ``grid`` ``(N, C, h, w)`` at the coordinates ``(out_h, out_w)``.
+
+    Exact coordinates (integers) read single pixels; others interpolate bilinearly. Without ``wrap``
+    coordinates are clamped into the grid (callers mask what lies outside); with it they wrap.
+
+    Returns:
+        ``(N, C, out_h, out_w)``.
+    """
+    height, width = grid.shape[-2:]
+    if exact:
+        ix, iy = xs.round().long(), ys.round().long()
+        if wrap:
+            ix, iy = ix % width, iy % height  # Python-style modulo: always in [0, size)
+        else:
+            ix, iy = ix.clamp(0, width - 1), iy.clamp(0, height - 1)
+        return grid[:, :, iy, ix]
+    if wrap:
+        # Wrap the coordinates into [0, size] and append the first row and column after the last,
+        # so that the right / bottom neighbour of the last pixel is the first one.
+        xs, ys = torch.remainder(xs, width), torch.remainder(ys, height)
+        grid = F.pad(grid, (0, 1, 0, 1), mode="circular")
+        height, width = height + 1, width + 1
+
+    def normalized(coords: torch.Tensor, size: int) -> torch.Tensor:
+        # align_corners=True: -1 and 1 are the centres of the first and last pixel.
+        return coords * (2.0 / (size - 1)) - 1.0 if size > 1 else torch.zeros_like(coords)
+
+    where = torch.stack([normalized(xs, width), normalized(ys, height)], -1)
+    where = where.to(grid.dtype).expand(grid.shape[0], *where.shape)
+    # padding_mode="border" clamps the coordinate into the grid: a source exactly on (or within the
+    # tolerance beyond) the last row reads that row.
+    return F.grid_sample(grid, where, mode="bilinear", padding_mode="border", align_corners=True)
+
+
+def transform(
+    sources: torch.Tensor,
+    source_map: np.ndarray,
+    protocol: str,
+    margin: tuple[int, int],
+    out_size: tuple[int, int],
+) -> torch.Tensor:
+    """Apply one group element to a batch of (normalized) sources.
+
+    Args:
+        sources: ``(B, 3, Hs, Ws)`` float sources, already normalized (the fill is 0).
+        source_map: ``(2, 3)`` map from output pixels to identity-window coordinates (``M^-1``).
+        protocol: ``"crop"`` (read the source anywhere), ``"circular"`` (wrap within the window) or
+            ``"zero"`` (outside the window reads the fill).
+        margin: ``(margin_y, margin_x)`` of the identity window in the source.
+        out_size: ``(H, W)`` of the window and of the output.
+
+    Returns:
+        ``(B, 3, H, W)`` in the dtype of ``sources``.
+    """
+    height, width = out_size
+    margin_y, margin_x = margin
+    exact = _is_integer_map(source_map)
+    if exact:
+        source_map = np.round(source_map)
+    xs, ys = _source_coordinates(source_map, height, width, sources.device)
+    if protocol == "circular":
+        window = sources[:, :, margin_y : margin_y + height, margin_x : margin_x + width]
+        return _read(window, xs, ys, exact, wrap=True)
+    # Crop and zero read the whole source (window coordinates shifted by the margin).
+    sx, sy = xs + margin_x, ys + margin_y
+    inside = _inside(sx, sy, sources.shape[-2], sources.shape[-1], exact)
+    if protocol == "zero":
+        inside &= _inside(xs, ys, height, width, exact)
+    elif protocol != "crop":
+        raise ValueError(f"protocol: expected 'crop', 'circular' or 'zero', found {protocol!r}")
+    values = _read(sources, sx, sy, exact, wrap=False)
+    return torch.where(inside, values, torch.zeros((), dtype=values.dtype, device=values.device))
+
+
+def realign(
+    grid: torch.Tensor, source_map: np.ndarray, wrap: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move feature maps by a feature-grid source map.
+
+    Args:
+        grid: ``(B, C, h, w)`` features.
+        source_map: ``(2, 3)``: output position ``u`` reads position ``source_map @ u``.
+        wrap: Wrap around the grid (circular elements): every position is valid.
+
+    Returns:
+        ``(moved (B, C, h, w), valid (h, w) bool)``: valid where the source lies in the grid.
+    """
+    height, width = grid.shape[-2:]
+    exact = _is_integer_map(source_map)
+    if exact:
+        source_map = np.round(source_map)
+    xs, ys = _source_coordinates(source_map, height, width, grid.device)
+    moved = _read(grid, xs, ys, exact, wrap)
+    if wrap:
+        valid = torch.ones(height, width, dtype=torch.bool, device=grid.device)
+    else:
+        valid = _inside(xs, ys, height, width, exact)
+    return moved, valid
+
+
+# ------------------------------------------------------------------------------------------------
+# Scores
+
+
+def _ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """``numerator / denominator``, NaN where the denominator is not positive."""
+    safe = torch.where(denominator > 0, denominator, torch.ones_like(denominator))
+    return torch.where(denominator > 0, numerator / safe, torch.full_like(numerator, math.nan))
+
+
+def _flat(mean: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
+    return variance <= (FLAT_RELATIVE * mean) ** 2 + FLAT_ABSOLUTE**2
+
+
+def pair_scores(
+    a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor, metrics: Sequence[str]
+) -> dict[str, torch.Tensor]:
+    """Scores of ``a`` against ``b`` per image over the valid positions, from the values themselves.
+
+    Args:
+        a, b: ``(B, C, h, w)`` float64.
+        valid: ``(h, w)`` bool.
+        metrics: Names in ``METRICS``.
+
+    Returns:
+        ``{metric: (B,) float64}``; NaN where undefined.
+    """
+    a, b = a[..., valid], b[..., valid]  # (B, C, m)
+    batch, channels, positions = a.shape
+    if positions == 0:
+        return {m: torch.full((batch,), math.nan, dtype=torch.float64) for m in metrics}
+    mean_a, mean_b = a.mean(-1), b.mean(-1)  # (B, C)
+    centred_a, centred_b = a - mean_a[..., None], b - mean_b[..., None]
+    ss_a = (centred_a * centred_a).sum(-1)  # (B, C): per-channel centred sums of squares
+    ss_b = (centred_b * centred_b).sum(-1)
+    cross = (centred_a * centred_b).sum(-1)
+    flat = _flat(mean_a, ss_a / positions) | _flat(mean_b, ss_b / positions)
+    sum_aa, sum_bb = (a * a).sum((1, 2)), (b * b).sum((1, 2))
+    sum_diff = ((a - b) ** 2).sum((1, 2))
+    out = {}
+    for metric in metrics:
+        if metric == "corr":
+            value = _ratio(cross.sum(-1), torch.sqrt(ss_a.sum(-1) * ss_b.sum(-1)))
+        elif metric == "one_minus_corr":
+            value = 1.0 - _ratio(cross.sum(-1), torch.sqrt(ss_a.sum(-1) * ss_b.sum(-1)))
+        elif metric == "corr_channelwise":
+            live = ~flat
+            pearson = cross / torch.sqrt(torch.where(live, ss_a * ss_b, 1.0))
+            value = _ratio(torch.where(live, pearson, 0.0).sum(-1), live.sum(-1).double())
+        elif metric == "flat_frac":
+            value = flat.double().mean(-1)
+        elif metric == "cosine":
+            value = _ratio((a * b).sum((1, 2)), torch.sqrt(sum_aa * sum_bb))
+        elif metric == "nde":
+            value = _ratio(sum_diff, sum_aa + sum_bb)
+        elif metric == "rel_err":
+            value = torch.sqrt(_ratio(sum_diff, sum_bb))
+        elif metric == "psnr":
+            mse = sum_diff / (channels * positions)
+            spread = b.flatten(1).var(-1, correction=0)  # all valid values around their mean
+            value = 10.0 * torch.log10(_ratio(16.0 * spread, mse))
+        else:
+            raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
+        out[metric] = value
+    return out
+
+
+def pair_sums(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Raw power sums per channel over the images and valid positions (for pooled scores).
+
+    Returns:
+        ``(C, 6)`` float64: count, sum a, sum b, sum a^2, sum b^2, sum ab.
+    """
+    a, b = a[..., valid], b[..., valid]  # (B, C, m)
+    count = torch.full(
+        a.shape[1:2], float(a.shape[0] * a.shape[2]), dtype=torch.float64, device=a.device
+    )
+    return torch.stack(
+        [
+            count,
+            a.sum((0, 2)),
+            b.sum((0, 2)),
+            (a * a).sum((0, 2)),
+            (b * b).sum((0, 2)),
+            (a * b).sum((0, 2)),
+        ],
+        -1,
+    )
+
+
+def sums_scores(sums: torch.Tensor, metrics: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Scores from raw power sums ``(..., C, 6)`` (values pooled over images; same definitions)."""
+    count, sum_a, sum_b, sum_aa, sum_bb, sum_ab = sums.to(torch.float64).unbind(-1)
+    safe = torch.where(count > 0, count, torch.ones_like(count))
+    ss_a = sum_aa - sum_a * sum_a / safe  # per-channel centred sums of squares
+    ss_b = sum_bb - sum_b * sum_b / safe
+    cross = sum_ab - sum_a * sum_b / safe
+    flat = _flat(sum_a / safe, ss_a / safe) | _flat(sum_b / safe, ss_b / safe)
+    total = count.sum(-1)
+    empty = total <= 0
+    all_aa, all_bb = sum_aa.sum(-1), sum_bb.sum(-1)
+    sum_diff = (sum_aa + sum_bb - 2 * sum_ab).sum(-1)
+    nan = torch.full_like(total, math.nan)
+    out = {}
+    for metric in metrics:
+        if metric == "corr":
+            value = _ratio(cross.sum(-1), torch.sqrt(ss_a.sum(-1) * ss_b.sum(-1)))
+        elif metric == "one_minus_corr":
+            value = 1.0 - _ratio(cross.sum(-1), torch.sqrt(ss_a.sum(-1) * ss_b.sum(-1)))
+        elif metric == "corr_channelwise":
+            live = ~flat
+            pearson = cross / torch.sqrt(torch.where(live, ss_a * ss_b, 1.0))
+            value = _ratio(torch.where(live, pearson, 0.0).sum(-1), live.sum(-1).double())
+            value = torch.where(empty, nan, value)
+        elif metric == "flat_frac":
+            value = torch.where(empty, nan, flat.double().mean(-1))
+        elif metric == "cosine":
+            value = _ratio(sum_ab.sum(-1), torch.sqrt(all_aa * all_bb))
+        elif metric == "nde":
+            value = _ratio(sum_diff, all_aa + all_bb)
+        elif metric == "rel_err":
+            value = torch.sqrt(_ratio(sum_diff, all_bb))
+        elif metric == "psnr":
+            mse = _ratio(sum_diff, total)
+            grand_mean = _ratio(sum_b.sum(-1), total)
+            spread = _ratio(all_bb - total * grand_mean**2, total).clamp_min(0)
+            value = 10.0 * torch.log10(_ratio(16.0 * spread, mse))
+        else:
+            raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
+        out[metric] = value
+    return out
+
+
+def _check_metrics(metrics: Sequence[str] | None) -> tuple[str, ...]:
+    if metrics is None:
+        return DEFAULT_METRICS
+    unknown = [m for m in metrics if m not in METRICS + DERIVED_METRICS]
+    if unknown:
+        raise ValueError(f"unknown metrics {unknown}; expected some of {METRICS + DERIVED_METRICS}")
+    return tuple(dict.fromkeys(("corr",) + tuple(m for m in metrics if m in METRICS)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Bootstrap
+
+
+def resample_weights(n: int, resamples: int, seed: int) -> np.ndarray | None:
+    """``(resamples, n)`` multinomial counts, drawn in blocks of 100; ``None`` without a CI."""
+    if resamples <= 0 or n < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    blocks = []
+    for start in range(0, resamples, BOOTSTRAP_BLOCK):
+        size = min(BOOTSTRAP_BLOCK, resamples - start)
+        blocks.append(rng.multinomial(n, [1.0 / n] * n, size=size))
+    return np.concatenate(blocks).astype(np.float64)
+
+
+def _resampled_means(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """NaN-ignoring means of ``values`` ``(rows, n)`` under every resample -> ``(rows, R)``."""
+    valid = ~np.isnan(values)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (np.where(valid, values, 0.0) @ weights.T) / (valid @ weights.T)
+
+
+def _percentiles(distribution: np.ndarray | None, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    if distribution is None:
+        return np.full(rows, math.nan), np.full(rows, math.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return (
+            np.nanpercentile(distribution, 2.5, axis=1),
+            np.nanpercentile(distribution, 97.5, axis=1),
+        )
+
+
+def _nanmean(values: np.ndarray, axis: int) -> np.ndarray:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(values, axis=axis)
+
+
+def _vs_chance(eq: np.ndarray, chance: np.ndarray) -> np.ndarray:
+    eq, chance = np.asarray(eq, np.float64), np.asarray(chance, np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(chance < 1, (eq - chance) / (1 - chance), math.nan)
+
+
+# ------------------------------------------------------------------------------------------------
+# Data
+
+
+def _sources_tensor(images, where: str) -> torch.Tensor:
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"{where}: expected a tensor of images, found {type(images).__name__}")
+    if images.dim() == 3:
+        images = images[None]
+    if images.dim() != 4 or images.shape[1] != 3 or images.shape[0] == 0:
+        raise ValueError(
+            f"{where}: expected images of shape (B, 3, H, W), found {tuple(images.shape)}"
+        )
+    if not (images.dtype == torch.uint8 or images.is_floating_point()):
+        raise TypeError(f"{where}: expected uint8 or floating images, found {images.dtype}")
+    return images
+
+
+class _Data:
+    """Batches ``(sources, labels)`` of crop-protocol sources of ``input_size + 2 * margin``."""
+
+    def __init__(
+        self,
+        data,
+        labels,
+        batch_size: int,
+        input_size,
+        preprocess,
+        group: Group,
+        num_workers,
+        limit,
+    ):
+        self.group, self.batch_size, self.limit = group, batch_size, limit
+        self.input_size_arg = (
+            None if input_size is None else (int(input_size[0]), int(input_size[1]))
+        )
+        self.skipped: list[tuple[str, str]] = []
+        self.total: int | None = None
+        self.input_size: tuple[int, int] | None = None
+        self.margin: tuple[int, int] | None = None
+        self.folder = None
+        self.tensor: torch.Tensor | None = None
+        self.labels = None
+        self.iterable = None
+        if input_size is not None:
+            # Decoded images (samples, folders) are resized and cropped for the given input size.
+            preprocess = dataclasses.replace(preprocess, input_size=self.input_size_arg)
+        if data is None or (isinstance(data, str) and data == "samples"):
+            from .data.samples import load_samples
+
+            self.loader = "samples"
+            self._fix_input(tuple(input_size or preprocess.input_size))
+            sources, _ = load_samples(preprocess, margin=self.margin)
+            self.tensor = sources[:limit] if limit else sources
+        elif isinstance(data, (str, Path)):
+            from .data.folder import ImageFolderSource
+
+            self.loader = "folder"
+            self._fix_input(tuple(input_size or preprocess.input_size))
+            kwargs = {} if num_workers is None else {"num_workers": num_workers}
+            self.folder = ImageFolderSource(
+                data, preprocess, self.margin, batch_size, limit=limit, **kwargs
+            )
+            self.total = len(self.folder)
+        elif isinstance(data, torch.Tensor):
+            self.loader = "tensor"
+            sources = _sources_tensor(data, "data")
+            self.tensor = sources[:limit] if limit else sources
+            self._from_sources(self.tensor.shape[-2:])
+            if labels is not None:
+                labels = torch.as_tensor(labels).long()
+                if limit and labels.shape == (sources.shape[0],):
+                    labels = labels[:limit]  # labels of all the images: keep those measured
+                if labels.shape != (self.tensor.shape[0],):
+                    raise ValueError(
+                        f"labels: expected shape ({self.tensor.shape[0]},), found "
+                        f"{tuple(labels.shape)}"
+                    )
+                self.labels = labels
+        elif isinstance(data, Iterable):
+            self.loader = "iterable"
+            self.iterable = data
+        else:
+            raise TypeError(
+                "data: expected a tensor, an iterable of batches, a folder or "
+                f"'samples'; found {type(data).__name__}"
+            )
+        if self.tensor is not None:
+            self.total = self.tensor.shape[0]
+
+    def _fix_input(self, input_size) -> None:
+        self.input_size = (int(input_size[0]), int(input_size[1]))
+        self.margin = self.group.margin(*self.input_size)
+
+    def _from_sources(self, source_hw) -> None:
+        """Geometry from the sources: they are the input plus the group's margin on each side."""
+        if self.input_size_arg is not None:
+            self._fix_input(self.input_size_arg)
+            return
+        height, width = int(source_hw[0]), int(source_hw[1])
+        margin = self.group.margin(height, width)
+        input_size = (height - 2 * margin[0], width - 2 * margin[1])
+        if min(input_size) < 1:
+            raise ValueError(
+                f"data: sources of {height}x{width} leave no image after a margin of {margin}"
+            )
+        self._fix_input(input_size)
+
+    def _crop(self, sources: torch.Tensor, where: str) -> torch.Tensor:
+        want_h = self.input_size[0] + 2 * self.margin[0]
+        want_w = self.input_size[1] + 2 * self.margin[1]
+        height, width = sources.shape[-2:]
+        if height < want_h or width < want_w:
+            raise ValueError(
+                f"{where}: sources of {height}x{width} are smaller than the "
+                f"{want_h}x{want_w} the measurement needs"
+            )
+        top, left = (height - want_h) // 2, (width - want_w) // 2
+        return sources[..., top : top + want_h, left : left + want_w]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        if self.tensor is not None:
+            for start in range(0, self.tensor.shape[0], self.batch_size):
+                sources = self.tensor[start : start + self.batch_size]
+                if self.loader == "tensor":
+                    sources = self._crop(sources, "data")
+                labels = None if self.labels is None else self.labels[start : start + len(sources)]
+                yield sources, labels
+        elif self.folder is not None:
+            for sources, labels, _paths in self.folder:
+                self.skipped = list(self.folder.skipped)
+                yield sources, labels
+            self.skipped = list(self.folder.skipped)
+        else:
+            seen = 0
+            for index, item in enumerate(self.iterable):
+                labels = None
+                if isinstance(item, (tuple, list)):
+                    if not item:
+                        raise ValueError(f"data batch {index}: empty tuple")
+                    images, labels = item[0], (item[1] if len(item) > 1 else None)
+                else:
+                    images = item
+                images = _sources_tensor(images, f"data batch {index}")
+                if self.input_size is None:
+                    self._from_sources(images.shape[-2:])
+                if labels is not None:
+                    labels = torch.as_tensor(labels).long().reshape(-1)
+                    if labels.shape[0] != images.shape[0]:
+                        raise ValueError(
+                            f"data batch {index}: {images.shape[0]} images but "
+                            f"{labels.shape[0]} labels"
+                        )
+                if self.limit is not None:
+                    images = images[: self.limit - seen]
+                    labels = None if labels is None else labels[: images.shape[0]]
+                    if images.shape[0] == 0:
+                        break
+                seen += images.shape[0]
+                yield self._crop(images, f"data batch {index}"), labels
+
+
+def _normalized(sources: torch.Tensor, preprocess) -> torch.Tensor:
+    """float64 sources: uint8 -> ``(v / 255 - mean) / std``; float sources as they are."""
+    values = sources.to(torch.float64)
+    if sources.dtype != torch.uint8:
+        return values
+    mean = torch.tensor(preprocess.mean, dtype=torch.float64, device=values.device)
+    std = torch.tensor(preprocess.std, dtype=torch.float64, device=values.device)
+    return (values / 255.0 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop
+
+
+def _resolve_group(group) -> Group:
+    if group is None:
+        return default_group()
+    if isinstance(group, str):
+        return parse_group(group)
+    if isinstance(group, Group):
+        return group
+    raise TypeError(f"group: expected a Group, a spec string or None, found {type(group).__name__}")
+
+
+def _probe_layouts(module, names, input_size, overrides, device, dtype) -> dict[str, FeatureLayout]:
+    shapes: dict[str, torch.Size] = {}
+
+    def keep(name: str, tensor: torch.Tensor) -> None:
+        shapes.setdefault(name, tensor.shape)
+
+    with torch.inference_mode(), LayerHooks(module, names, keep):
+        module(torch.zeros(1, 3, *input_size, device=device, dtype=dtype))
+    missing = [n for n in names if n not in shapes]
+    if missing:
+        raise ValueError(f"layers {missing} did not run in the model's forward pass")
+    return {n: detect_layout(shapes[n], input_size, layout=overrides.get(n), name=n) for n in names}
+
+
+def measure(
+    model: nn.Module | str,
+    data: Any = "samples",
+    group: Group | str | None = None,
+    layers: LayerSpec = None,
+    metrics: Sequence[str] | None = None,
+    batch_size: int = 16,
+    device: str | torch.device | None = None,
+    *,
+    labels: torch.Tensor | Sequence[int] | None = None,
+    input_size: tuple[int, int] | None = None,
+    layouts: Mapping[str, str] | None = None,
+    align: AlignSpec = "auto",
+    subpixel: str = "bilinear",
+    comparisons: Sequence[str] = COMPARISONS,
+    pooled: bool = False,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    elements_per_chunk: int | None = None,
+    dtype: torch.dtype | None = None,
+    channels_last: bool | None = None,
+    limit: int | None = None,
+    num_workers: int | None = None,
+    progress: bool = True,
+    model_name: str | None = None,
+    force_reference: bool = False,
+) -> Result:
+    """The measurement of :func:`equifast.measure`, done the plain way (module docstring).
+
+    Takes the same arguments and returns a :class:`Result` with the same rows and columns
+    (``elements_per_chunk`` and ``force_reference`` are accepted and ignored: every element gets a
+    forward of its own). ``config["loop"]`` is ``"naive"``.
+
+    Args:
+        model: A module, or a timm name / ``"tv:<torchvision name>"``.
+        data: A tensor ``(N, 3, H, W)`` of sources (uint8 is normalized with the model's mean and
+            std, float taken as is), an iterable of ``images`` or ``(images, labels)``, a folder
+            path, or ``"samples"``.
+        group: Group elements (default: translations by 8, 16, 32 pixels).
+        layers: Layers to measure (:func:`equifast.layers.select_layers`).
+        metrics: Scores (``METRICS``; default ``DEFAULT_METRICS``; ``corr`` always).
+        batch_size: Images per batch (and per forward).
+        device: Where the model runs (default: its parameters' device).
+        labels: Labels of a tensor ``data`` (top-1 / top-5).
+        input_size: ``(H, W)`` of the model input (default: sources minus the margins).
+        layouts: Layout overrides per layer.
+        align: Grid offsets (:func:`equifast.align.find_offsets`).
+        subpixel: ``"bilinear"`` or ``"skip"`` (NaN for fractional re-alignments).
+        comparisons: Which of ``("eq", "inv", "chance")`` to report.
+        pooled: Score the values pooled over all images (CIs from resampling batches).
+        bootstrap: Resamples of the 95% intervals (0: none).
+        seed: Seed of the bootstrap and the alignment probe.
+        elements_per_chunk: Ignored.
+        dtype: Model dtype (default float32; bfloat16 autocast on CUDA).
+        channels_last: Input memory format (default: True on CUDA).
+        limit: At most this many images.
+        num_workers: Loader workers for a folder.
+        progress: Show a progress bar.
+        model_name: Name recorded in the result.
+        force_reference: Ignored.
+
+    Returns:
+        A :class:`equifast.Result`.
+    """
+    started = time.perf_counter()
+    group = _resolve_group(group)
+    metric_names = _check_metrics(metrics)
+    unknown = [c for c in comparisons if c not in COMPARISONS]
+    if unknown:
+        raise ValueError(f"comparisons: expected some of {COMPARISONS}, found {unknown}")
+    if subpixel not in ("bilinear", "skip"):
+        raise ValueError(f"subpixel: expected 'bilinear' or 'skip', found {subpixel!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive integer, found {batch_size}")
+
+    from .models import load_model, preprocess_for
+
+    note, pretrained = "", None
+    if isinstance(model, str):
+        loaded = load_model(model)
+        module, preprocess = loaded.model, loaded.preprocess
+        model_name = model_name or loaded.name
+        note, pretrained = loaded.note, loaded.pretrained
+    elif isinstance(model, nn.Module):
+        module, preprocess = model, preprocess_for(model)
+        model_name = (
+            model_name
+            or getattr(model, "default_cfg", {}).get("architecture")
+            or type(model).__name__
+        )
+    else:
+        raise TypeError(
+            f"model: expected an nn.Module or a model name, found {type(model).__name__}"
+        )
+    module.eval()
+    if device is None:
+        parameter = next(module.parameters(), None)
+        device = parameter.device if parameter is not None else torch.device("cpu")
+    device = torch.device(device)
+    module.to(device)
+    autocast = dtype is None and device.type == "cuda"
+    model_dtype = dtype or torch.float32
+    if dtype is not None:
+        module.to(dtype)
+    if channels_last is None:
+        channels_last = device.type == "cuda"
+
+    source = _Data(data, labels, batch_size, input_size, preprocess, group, num_workers, limit)
+    batches = iter(source)
+    first = next(batches, None)
+    if first is None:
+        raise ValueError("data: no images to measure (the data source is empty)")
+    height, width = source.input_size
+    margin = source.margin
+
+    names = select_layers(module, layers)
+    layer_layouts = _probe_layouts(
+        module, names, (height, width), layouts or {}, device, model_dtype
+    )
+    offsets = find_offsets(
+        module, layer_layouts, (height, width), align, device, model_dtype, seed=seed
+    )
+    elements = list(group)
+    count = len(elements)
+    image_maps = [
+        np.linalg.inv(np.vstack([e.matrix(height, width), [0.0, 0.0, 1.0]]))[:2] for e in elements
+    ]
+    forward_maps = np.stack([e.matrix(height, width) for e in elements])
+    feature_maps: dict[str, np.ndarray] = {}
+    for name in names:
+        layout = layer_layouts[name]
+        if layout.kind == "vector":
+            feature_maps[name] = np.stack([_IDENTITY_MAP] * count)
+        else:
+            feature_maps[name] = feature_source_affines(forward_maps, layout.stride, offsets[name])
+    exact = {n: np.array([_is_integer_map(a) for a in feature_maps[n]]) for n in names}
+
+    # Per layer: per batch, per-image scores {metric: (3, K, B)} and pooled sums (3, K, C, 6).
+    per_image: dict[str, list[dict[str, np.ndarray]]] = {n: [] for n in names}
+    pooled_sums: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    consistency_rows: list[np.ndarray] = []
+    top_rows: list[np.ndarray] = []
+
+    def forward(images: torch.Tensor):
+        """One forward; returns the output and a float64 ``(B, C, h, w)`` view of every layer."""
+        kept: dict[str, torch.Tensor] = {}
+
+        def keep(name: str, tensor: torch.Tensor) -> None:
+            # Copy now: a later in-place op (ReLU(inplace=True)) must not change what was seen.
+            kept.setdefault(name, tensor.detach().to(torch.float64, copy=True))
+
+        images = images.to(model_dtype)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        autocast_context = (
+            torch.autocast(device.type, torch.bfloat16) if autocast else nullcontext()
+        )
+        with torch.inference_mode(), LayerHooks(module, names, keep), autocast_context:
+            output = module(images)
+        grids = {}
+        for name in names:
+            layout = layer_layouts[name]
+            if layout.kind == "vector":  # the whole vector is one channel, its entries positions
+                grids[name] = kept[name].reshape(kept[name].shape[0], 1, 1, -1)
+            else:
+                grids[name] = grid_view(kept[name], layout)
+        logits = output.float() if isinstance(output, torch.Tensor) and output.dim() == 2 else None
+        return logits, grids
+
+    def run_batch(sources: torch.Tensor, batch_labels: torch.Tensor | None) -> None:
+        values = _normalized(sources.to(device), preprocess)
+        batch = values.shape[0]
+        window = values[:, :, margin[0] : margin[0] + height, margin[1] : margin[1] + width]
+        identity_logits, identity = forward(window)
+        scores = {n: {m: np.full((3, count, batch), math.nan) for m in metric_names} for n in names}
+        sums = {
+            n: torch.zeros(3, count, identity[n].shape[1], 6, dtype=torch.float64) for n in names
+        }
+        same_class = []
+        for k, element in enumerate(elements):
+            images = transform(values, image_maps[k], element.protocol, margin, (height, width))
+            logits, moved_grids = forward(images)
+            if identity_logits is not None and logits is not None:
+                same_class.append((logits.argmax(-1) == identity_logits.argmax(-1)).cpu().numpy())
+            for name in names:
+                source_map = feature_maps[name][k]
+                if subpixel == "skip" and not exact[name][k]:
+                    continue  # not evaluated: NaN scores, nothing pooled
+                a = moved_grids[name]
+                b_identity = identity[name]
+                wrap = element.protocol == "circular"
+                b_moved, valid = realign(b_identity, source_map, wrap)
+                pairs = [(0, b_moved), (1, b_identity)]
+                if batch > 1:  # chance: image n against image (n + 1) mod B
+                    pairs.append((2, torch.roll(b_moved, -1, 0)))
+                for c, b in pairs:
+                    for metric, value in pair_scores(a, b, valid, metric_names).items():
+                        scores[name][metric][c, k] = value.cpu().numpy()
+                    if pooled:
+                        sums[name][c, k] = pair_sums(a, b, valid).cpu()
+        for name in names:
+            per_image[name].append(scores[name])
+            pooled_sums[name].append(sums[name])
+        if identity_logits is not None and len(same_class) == count:
+            consistency_rows.append(np.stack(same_class).astype(np.float64))  # (K, B)
+            if batch_labels is not None:
+                batch_labels = batch_labels.to(identity_logits.device)
+                top = identity_logits.topk(min(5, identity_logits.shape[-1]), -1).indices
+                hit1 = (top[:, 0] == batch_labels).double()
+                hit5 = (top == batch_labels[:, None]).any(-1).double()
+                unknown_label = batch_labels < 0
+                hit1[unknown_label], hit5[unknown_label] = math.nan, math.nan
+                top_rows.append(torch.stack([hit1, hit5]).cpu().numpy())
+
+    progress_bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        progress_bar = tqdm(total=source.total, unit="img", desc=f"naive {model_name}", leave=False)
+    images_done = 0
+    pending = first
+    while pending is not None:
+        run_batch(*pending)
+        images_done += pending[0].shape[0]
+        if progress_bar is not None:
+            progress_bar.update(pending[0].shape[0])
+        pending = next(batches, None)
+    if progress_bar is not None:
+        progress_bar.close()
+
+    frame = _frame(
+        names,
+        layer_layouts,
+        offsets,
+        exact,
+        per_image,
+        pooled_sums,
+        elements,
+        comparisons,
+        metric_names,
+        pooled,
+        bootstrap,
+        seed,
+        model_name,
+        images_done,
+    )
+    model_frame = _model_frame(model_name, consistency_rows, top_rows, bootstrap, seed)
+    elapsed = time.perf_counter() - started
+    config = {
+        "model": model_name,
+        "pretrained": pretrained,
+        "note": note,
+        "group": group.name,
+        "elements": group.names,
+        "layers": names,
+        "layouts": {n: layer_layouts[n].layout for n in names},
+        "offsets": {n: list(offsets[n]) for n in names},
+        "input_size": [height, width],
+        "margin": list(margin),
+        "batch_size": batch_size,
+        "elements_per_chunk": 1,
+        "align": align if isinstance(align, (str, int, float)) else str(align),
+        "subpixel": subpixel,
+        "metrics": list(metric_names),
+        "pooled": pooled,
+        "bootstrap": bootstrap,
+        "seed": seed,
+        "device": str(device),
+        "dtype": "bfloat16-autocast" if autocast else str(model_dtype).replace("torch.", ""),
+        "images": images_done,
+        "loader": source.loader,
+        "backend": "naive",
+        "loop": "naive",
+        "preprocess": {
+            k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(preprocess).items()
+        },
+        "seconds": elapsed,
+        "images_per_second": images_done / elapsed if elapsed > 0 else None,
+        "versions": {"torch": torch.__version__},
+    }
+    return Result(frame=frame, model_frame=model_frame, config=config, skipped=source.skipped)
+
+
+# ------------------------------------------------------------------------------------------------
+# Aggregation
+
+
+def _pooled_points(batch_sums: list[torch.Tensor], metric_names, bootstrap: int, seed: int):
+    """Scores of the values pooled over all images, and over resampled batches.
+
+    Returns:
+        ``({metric: (3, K + 1)}, {metric: (3, K + 1, R)} or None)``; the last column is the mean
+        over the elements.
+    """
+    stacked = torch.stack(batch_sums)  # (batches, 3, K, C, 6) raw sums
+
+    def scored(weights: torch.Tensor) -> dict[str, np.ndarray]:
+        # Taking batch b w_b times multiplies all its sums by w_b.
+        merged = (stacked * weights.view(-1, 1, 1, 1, 1)).sum(0)
+        out = {}
+        for metric, value in sums_scores(merged, metric_names).items():
+            value = value.numpy()  # (3, K)
+            out[metric] = np.concatenate([value, _nanmean(value, 1)[:, None]], 1)
+        return out
+
+    batches = stacked.shape[0]
+    points = scored(torch.ones(batches, dtype=torch.float64))
+    if bootstrap <= 0 or batches < 2:
+        return points, None
+    rng = np.random.default_rng(seed)
+    weights = rng.multinomial(batches, np.full(batches, 1.0 / batches), size=bootstrap)
+    resampled = [scored(torch.from_numpy(w.astype(np.float64))) for w in weights]
+    return points, {m: np.stack([r[m] for r in resampled], -1) for m in metric_names}
+
+
+def _frame(
+    names,
+    layer_layouts,
+    offsets,
+    exact,
+    per_image,
+    pooled_sums,
+    elements,
+    comparisons,
+    metric_names,
+    pooled,
+    bootstrap,
+    seed,
+    model_name,
+    images,
+) -> pd.DataFrame:
+    count = len(elements)
+    element_names = [e.name for e in elements] + ["mean"]
+    weights = None if pooled else resample_weights(images, bootstrap, seed)
+    records = []
+    for depth, name in enumerate(names):
+        layout = layer_layouts[name]
+        base = {
+            "model": model_name,
+            "layer": name,
+            "depth": depth,
+            "rel_depth": depth / max(len(names) - 1, 1),
+            "kind": layout.kind,
+            "layout": layout.layout,
+            "grid_h": layout.grid_h,
+            "grid_w": layout.grid_w,
+            "channels": layout.channels,
+            "prefix": layout.prefix,
+            "stride_y": layout.stride[0],
+            "stride_x": layout.stride[1],
+            "stride": layout.stride[0] if layout.stride[0] == layout.stride[1] else math.nan,
+            "offset_y": offsets[name][0],
+            "offset_x": offsets[name][1],
+            "pooled": pooled,
+        }
+        layer_exact = [bool(e) for e in exact[name]] + [bool(np.all(exact[name]))]
+        keys = [
+            (metric, comparison, k)
+            for metric in metric_names
+            for comparison in comparisons
+            for k in range(count + 1)
+        ]
+        if pooled:
+            points, distributions = _pooled_points(pooled_sums[name], metric_names, bootstrap, seed)
+            point = np.array([points[m][COMPARISONS.index(c), k] for m, c, k in keys])
+            distribution = (
+                None
+                if distributions is None
+                else np.stack([distributions[m][COMPARISONS.index(c), k] for m, c, k in keys])
+            )
+            counts = np.full(len(keys), images)
+        else:
+            rows = []
+            for metric, comparison, k in keys:
+                # (K, N): every image's score for every element
+                values = np.concatenate(
+                    [s[metric][COMPARISONS.index(comparison)] for s in per_image[name]], axis=1
+                )
+                rows.append(values[k] if k < count else _nanmean(values, 0))
+            matrix = np.array(rows)  # (rows, N)
+            point = _nanmean(matrix, 1)
+            counts = (~np.isnan(matrix)).sum(1)
+            distribution = None if weights is None else _resampled_means(matrix, weights)
+        low, high = _percentiles(distribution, len(keys))
+        index = {}
+        for i, (metric, comparison, k) in enumerate(keys):
+            index[metric, comparison, k] = i
+            records.append(
+                {
+                    **base,
+                    "element": element_names[k],
+                    "exact": layer_exact[k],
+                    "comparison": comparison,
+                    "metric": metric,
+                    "value": float(point[i]),
+                    "ci_low": float(low[i]),
+                    "ci_high": float(high[i]),
+                    "n": int(counts[i]),
+                }
+            )
+        if "eq" in comparisons and "chance" in comparisons:
+            for k in range(count + 1):
+                i_eq, i_chance = index["corr", "eq", k], index["corr", "chance", k]
+                value = float(_vs_chance(point[i_eq], point[i_chance]))
+                if distribution is None:
+                    ci = (math.nan, math.nan)
+                else:
+                    ratio = _vs_chance(distribution[i_eq], distribution[i_chance])[None]
+                    lows, highs = _percentiles(ratio, 1)
+                    ci = (float(lows[0]), float(highs[0]))
+                records.append(
+                    {
+                        **base,
+                        "element": element_names[k],
+                        "exact": layer_exact[k],
+                        "comparison": "eq",
+                        "metric": "corr_vs_chance",
+                        "value": value,
+                        "ci_low": ci[0],
+                        "ci_high": ci[1],
+                        "n": int(min(counts[i_eq], counts[i_chance])),
+                    }
+                )
+    return pd.DataFrame.from_records(records, columns=FRAME_COLUMNS)
+
+
+def _model_frame(model_name, consistency_rows, top_rows, bootstrap, seed) -> pd.DataFrame:
+    if not consistency_rows:
+        return pd.DataFrame(columns=MODEL_COLUMNS)
+    rows = [("consistency", np.concatenate(consistency_rows, axis=1).mean(0))]
+    if top_rows:
+        top = np.concatenate(top_rows, axis=1)
+        rows += [("top1", top[0]), ("top5", top[1])]
+    matrix = np.array([values for _, values in rows])
+    weights = resample_weights(matrix.shape[1], bootstrap, seed)
+    low, high = _percentiles(
+        None if weights is None else _resampled_means(matrix, weights), len(rows)
+    )
+    records = []
+    for i, (metric, values) in enumerate(rows):
+        records.append(
+            {
+                "model": model_name,
+                "metric": metric,
+                "value": float(_nanmean(values[None], 1)[0]),
+                "ci_low": low[i],
+                "ci_high": high[i],
+                "n": int((~np.isnan(values)).sum()),
+            }
+        )
+    return pd.DataFrame.from_records(records, columns=MODEL_COLUMNS)

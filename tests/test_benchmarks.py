@@ -1,0 +1,169 @@
+"""The benchmark scripts run and their correctness checks pass (structure only, never speed)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+
+TIMING_KEYS = {"median", "iqr", "min", "repeats", "times"}
+ROW_KEYS = {
+    "op",
+    "case",
+    "dtype",
+    "batch",
+    "elements",
+    "bytes",
+    "compiled",
+    "check",
+    "baseline_time",
+    "gbs",
+    "copy_ratio",
+}
+META_KEYS = {
+    "git_commit",
+    "git_dirty",
+    "date",
+    "torch_version",
+    "equifast_version",
+    "device_name",
+    "cpu_count",
+    "torch_threads",
+}
+
+
+@pytest.fixture(scope="module")
+def quick_result(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("bench")
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "bench_ops.py"),
+            "--quick",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    path = out / "ops.json"
+    assert path.exists(), proc.stdout
+    return json.loads(path.read_text())
+
+
+def test_quick_run_structure(quick_result):
+    payload = quick_result
+    assert payload["benchmark"] == "ops"
+    assert payload["quick"] is True
+    assert payload["device"] == "cpu"
+    assert META_KEYS <= set(payload["meta"])
+    assert payload["meta"]["torch_threads"] == 1
+    assert set(payload["compiled"]) == {"equivariance_stats", "transform_images"}
+    assert payload["copy_bandwidth_gbs"] > 0
+    assert TIMING_KEYS <= set(payload["copy"]["time"])
+    rows = payload["rows"]
+    ops = {row["op"] for row in rows}
+    assert ops == {"equivariance_stats", "transform_images"}
+    cases = {row["case"] for row in rows}
+    for name in ("nchw_256x56x56", "nchw_2048x7x7", "nhwc_56x56x256", "nlc_197x384"):
+        assert name in cases
+    assert any("fractional" in c for c in cases) and any("rot90" in c for c in cases)
+    for row in rows:
+        assert ROW_KEYS <= set(row), row["case"]
+        assert TIMING_KEYS <= set(row["baseline_time"])
+        assert row["baseline_time"]["repeats"] == 1
+        assert row["baseline_time"]["median"] > 0
+        if row["compiled"]:
+            assert TIMING_KEYS <= set(row["compiled_time"])
+            assert row["speedup"] > 0
+            assert "compiled_vs_baseline" in row["check"]
+        else:
+            assert "compiled_time" not in row
+
+
+def test_quick_run_checks_passed(quick_result):
+    assert quick_result["all_checks_passed"] is True
+    for row in quick_result["rows"]:
+        check = row["check"]
+        assert check["passed"] is True, (row["case"], check)
+        assert check["baseline_vs_reference"]["passed"] is True
+    stats = [r for r in quick_result["rows"] if r["op"] == "equivariance_stats"]
+    assert all(r["check"]["baseline_vs_reference"]["max_err"]["count"] == 0 for r in stats)
+
+
+def test_compiled_path_with_reference_standing_in(tmp_path, monkeypatch):
+    """The compiled-op branch (check, timing, speedup) runs even where no kernel is built: the
+    float64 reference stands in for the kernels."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import bench_ops
+
+    monkeypatch.setattr(bench_ops._ext, "has_kernel", lambda op, device: True)
+    for name in ("equivariance_stats", "transform_images"):
+        original = getattr(bench_ops.ops, name)
+        monkeypatch.setattr(bench_ops.ops, name, functools.partial(original, force_reference=True))
+    threads = torch.get_num_threads()
+    try:
+        status = bench_ops.main(
+            ["--quick", "--threads", "1", "--out", str(tmp_path), "--cases", "nlc,rot90,shift_"]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert status == 0
+    payload = json.loads((tmp_path / "ops.json").read_text())
+    assert len(payload["rows"]) == 3
+    for row in payload["rows"]:
+        assert row["compiled"] is True
+        assert row["check"]["compiled_vs_baseline"]["passed"] is True
+        assert row["speedup"] > 0
+
+
+def test_timing_and_readme_table(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import common
+
+    calls = []
+    timing = common.time_function(lambda: calls.append(1), warmup=2, repeats=3)
+    assert len(calls) == 5
+    assert timing["repeats"] == 3 and len(timing["times"]) == 3
+    assert timing["min"] <= timing["median"] and timing["iqr"] >= 0
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{common.TABLE_START}\nold\n{common.TABLE_END}\nafter\n")
+    results = tmp_path / "results"
+    payload = {
+        "meta": {"device_type": "cpu", "device_name": "test cpu", "git_commit": "abc"},
+        "rows": [
+            {
+                "op": "equivariance_stats",
+                "case": "c1",
+                "dtype": "float32",
+                "batch": 2,
+                "compiled": False,
+                "check": {"passed": True},
+                "baseline_time": {"median": 0.5},
+                "gbs": 1.0,
+            }
+        ],
+    }
+    common.write_result(results / "cpu", "ops", payload)
+    assert common.update_readme_table(readme, results) is True
+    text = readme.read_text()
+    assert "old" not in text and "| equivariance_stats | c1 |" in text and text.endswith("after\n")
+    assert "cpu/ops.json" in text
+    assert common.update_readme_table(readme, results) is False  # idempotent
