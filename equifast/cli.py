@@ -86,6 +86,10 @@ def _run_measure(args: argparse.Namespace) -> int:
     import equifast
     from equifast.models import load_model
 
+    import torch
+
+    # Random init (no cached weights) is seeded too, so that a run can be repeated.
+    torch.manual_seed(args.seed)
     loaded = load_model(args.model)
     print(f"model: {loaded.name} ({loaded.source}); "
           f"{'pretrained weights' if loaded.pretrained else loaded.note}")
