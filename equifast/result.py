@@ -112,6 +112,12 @@ class Result:
                 lines.append(f"{row['metric']}: {row['value']:.4f} (n={int(row['n'])})")
         return "\n".join(lines)
 
+    def plot(self, metric: str = "corr", element: str = "mean", ax=None):
+        """Scores against depth with CI bands (:func:`equifast.plots.plot_depth`); a Figure."""
+        from .plots import plot_depth
+
+        return plot_depth(self, metric=metric, element=element, ax=ax)
+
     def save(self, path: str | Path) -> Path:
         """Save to ``.parquet`` or ``.csv`` (config and model scores go to a ``.json`` beside)."""
         path = Path(path)

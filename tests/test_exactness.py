@@ -114,3 +114,15 @@ def test_result_roundtrip_and_summary(tmp_path):
         np.testing.assert_allclose(loaded.frame.value.to_numpy(dtype=float),
                                    result.frame.value.to_numpy(dtype=float))
     assert "eq corr" in result.format_summary()
+
+
+def test_result_plot_has_a_line_per_comparison():
+    net = _circular_net()
+    result = equifast.measure(net, torch.rand(3, 3, 10, 10),
+                              group=Translation([1], protocol="circular"), progress=False,
+                              bootstrap=20)
+    figure = result.plot()
+    (ax,) = figure.axes
+    assert [line.get_label() for line in ax.lines] == ["equivariance", "invariance", "chance"]
+    assert all(len(line.get_xdata()) == 6 for line in ax.lines)
+    assert ax.get_ylabel() == "corr" and ax.get_xlabel()
