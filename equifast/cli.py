@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     measure.add_argument("--bootstrap", type=int, default=1000)
     measure.add_argument("--seed", type=int, default=0)
     measure.add_argument("--workers", type=int, default=None, help="loader workers")
+    measure.add_argument("--loader", choices=("auto", "dali", "folder"), default="auto",
+                         help="image folder loader: NVIDIA DALI, Pillow, or DALI when installed")
     measure.add_argument("--reference", action="store_true",
                          help="use the pure-PyTorch reference ops (slow; for checking)")
     measure.add_argument("--out", default="results/run",
@@ -98,7 +100,8 @@ def _run_measure(args: argparse.Namespace) -> int:
         loaded.model, data, group=args.group, layers=args.layers, metrics=args.metrics,
         batch_size=args.batch_size, device=args.device, input_size=args.input_size,
         align=args.align, subpixel=args.subpixel, pooled=args.pooled, bootstrap=args.bootstrap,
-        seed=args.seed, limit=args.limit, num_workers=args.workers, progress=not args.quiet,
+        seed=args.seed, limit=args.limit, num_workers=args.workers, loader=args.loader,
+        progress=not args.quiet,
         model_name=loaded.name, force_reference=args.reference,
     )
     result.config.update(pretrained=loaded.pretrained, note=loaded.note)

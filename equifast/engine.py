@@ -105,7 +105,7 @@ class _DataPlan:
     """Turns the ``data`` argument into batches of sources of the right size."""
 
     def __init__(self, data: DataSpec, labels, batch_size: int, input_size, preprocess, group,
-                 num_workers: int | None, limit: int | None):
+                 num_workers: int | None, limit: int | None, loader: str = "auto"):
         self.skipped: list[tuple[str, str]] = []
         self.loader = "tensor"
         if input_size is not None:
@@ -123,15 +123,25 @@ class _DataPlan:
             self._tensor_batches(sources[:limit] if limit else sources, None, batch_size)
             self.loader = "samples"
         elif isinstance(data, (str, Path)):
+            from .data.dali import DaliFolderSource, dali_available
             from .data.folder import ImageFolderSource
 
+            if loader not in ("auto", "dali", "folder"):
+                raise ValueError(f"loader must be 'auto', 'dali' or 'folder', got {loader!r}")
+            if loader == "dali" and not dali_available():
+                raise ImportError("loader='dali': NVIDIA DALI is not installed (pip install "
+                                  "nvidia-dali-cuda130); use loader='folder' or 'auto'")
+            # auto: DALI when it imports, except num_workers=0, which asks for decoding in the
+            # calling process (Pillow)
+            use_dali = loader == "dali" or (loader == "auto" and num_workers != 0
+                                            and dali_available())
             self.input_size = tuple(input_size or preprocess.input_size)
             self.margin = group.margin(*self.input_size)
             kwargs = {} if num_workers is None else {"num_workers": num_workers}
-            self.folder = ImageFolderSource(data, preprocess, self.margin, batch_size,
-                                            limit=limit, **kwargs)
+            source = DaliFolderSource if use_dali else ImageFolderSource
+            self.folder = source(data, preprocess, self.margin, batch_size, limit=limit, **kwargs)
             self.total = len(self.folder)
-            self.loader = "folder"
+            self.loader = "dali" if use_dali else "folder"
             self._iter = self._folder_batches
         elif isinstance(data, torch.Tensor):
             sources = _check_sources(data, "data")
@@ -259,6 +269,7 @@ def measure(
     channels_last: bool | None = None,
     limit: int | None = None,
     num_workers: int | None = None,
+    loader: str = "auto",
     progress: bool = True,
     model_name: str | None = None,
     force_reference: bool = False,
@@ -291,7 +302,9 @@ def measure(
         dtype: Model dtype on the device (default: float32 on the CPU, bfloat16 autocast on CUDA).
         channels_last: Input memory format (default: True on CUDA).
         limit: Use at most this many images.
-        num_workers: Loader workers for a folder.
+        num_workers: Loader workers for a folder (DALI: CPU threads).
+        loader: For a folder: 'dali' (NVIDIA DALI), 'folder' (Pillow) or 'auto' (DALI when it
+            imports, unless ``num_workers=0``).
         progress: Show a progress bar.
         model_name: Name recorded in the result (default: the timm name or the class name).
         force_reference: Use the pure-PyTorch reference ops even when kernels are compiled.
@@ -347,7 +360,8 @@ def measure(
     if channels_last is None:
         channels_last = device.type == "cuda"
 
-    plan = _DataPlan(data, labels, batch_size, input_size, preprocess, group, num_workers, limit)
+    plan = _DataPlan(data, labels, batch_size, input_size, preprocess, group, num_workers, limit,
+                     loader)
     batches = iter(plan)
     first = next(batches, None)
     if first is None:
