@@ -306,6 +306,13 @@ def render_table(results: list[tuple[str, dict[str, Any]]]) -> str:
     blocks = []
     for rel, payload in sorted(results):
         meta = payload.get("meta", {})
+        if payload.get("benchmark") == "end_to_end":
+            blocks.append(
+                f"**{rel}**: {_run_label(meta)}" + (" (quick run)" if payload.get("quick") else "")
+                + "\n\n" + render_end_to_end_rows(payload.get("rows", []))
+                + "\n\n" + END_TO_END_NOTE
+            )
+            continue
         lines = [
             f"**{rel}**: {_run_label(meta)}" + (" (quick run)" if payload.get("quick") else "")
         ]
@@ -348,6 +355,48 @@ def render_table(results: list[tuple[str, dict[str, Any]]]) -> str:
         "(read + write). Method and caveats: see above."
     )
     return "\n\n".join(blocks + [note])
+
+
+END_TO_END_NOTE = (
+    "End to end (`bench_end_to_end.py`): images/s from the median time of a whole measurement "
+    "(bootstrap=0); `floor` the fastest bare forward of the same stacked images with no hooks; "
+    "`overhead` equifast's time over the floor; peak MiB: peak RSS growth of a fresh process per "
+    "variant (CPU) or max_memory_allocated (CUDA). Targets: overhead <= 15%, speedup >= 1.5x, "
+    "peak memory below naive's."
+)
+
+
+def render_end_to_end_rows(rows: list[dict[str, Any]]) -> str:
+    """Markdown table of the rows of ``bench_end_to_end.py`` (stdout and README)."""
+
+    def mib(value: float | None) -> str:
+        return "-" if value is None else f"{value:.0f}"
+
+    lines = [
+        "| model | group | layers | images | equifast img/s | naive img/s | speedup | floor "
+        "| overhead | peak MiB equifast / naive | check |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        ok = "ok" if row.get("check", {}).get("passed") else "FAIL"
+        lines.append(
+            "| {m} | {g} | {lay} | {n}x{s}px | {e} | {nv} | {sp} | {fl} | {ov} | {mem} | {ok} |"
+            .format(
+                m=row.get("model"),
+                g=row.get("group"),
+                lay=row.get("layers") or "stages",
+                n=row.get("images"),
+                s=row.get("size"),
+                e=_fmt(row.get("equifast_images_per_s"), ".2f"),
+                nv=_fmt(row.get("naive_images_per_s"), ".2f"),
+                sp=_fmt(row.get("speedup"), ".2f", "x"),
+                fl=format_seconds(row.get("floor_time")),
+                ov=_fmt(row.get("overhead_pct"), ".0f", "%"),
+                mem=f"{mib(row.get('equifast_peak_mib'))} / {mib(row.get('naive_peak_mib'))}",
+                ok=ok,
+            )
+        )
+    return "\n".join(lines)
 
 
 def load_results(root: str | os.PathLike = RESULTS_DIR) -> list[tuple[str, dict[str, Any]]]:

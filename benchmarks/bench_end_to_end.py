@@ -1,0 +1,385 @@
+"""End-to-end benchmark: ``equifast.measure`` against the naive loop ``equifast.naive.measure``.
+
+For timm models with random init (``resnet18``, ``convnext_atto``, ``vit_tiny_patch16_224``), the
+same uint8 sources and the groups ``Translation()`` (8, 16, 32 px along each axis, crop protocol)
+and ``Rotation()`` (90, 180, 270 degrees), each case
+
+1. runs ``equifast.measure`` and ``equifast.naive.measure`` with identical arguments
+   (``progress=False``, ``bootstrap=0``, the same batch size, the default dtype and memory format of
+   the device, which both share: float32 NCHW on the CPU, bfloat16 autocast channels-last on CUDA)
+   and checks that their ``value`` columns agree (merged on layer / element / comparison / metric;
+   largest absolute difference of ``corr`` below ``1e-3``);
+2. times both (warm-up, then the median of ``repeats`` interleaved runs) and reports images/s and
+   the ratio;
+3. measures the peak memory of each: on the CPU the growth of the peak RSS of a fresh ``spawn``
+   subprocess per variant (peak resident size ``VmHWM`` after the measurement minus the resident
+   size just before it, model and data already built); on CUDA ``torch.cuda.max_memory_allocated``
+   above the memory allocated before;
+4. times the *floor*: bare forwards (no hooks, ``inference_mode``) of the ``(K + 1) * B`` stacked
+   images of every batch, over several chunkings (one element block per forward, the engine's
+   chunking with the identity block repeated in every chunk as the engine does, everything at
+   once); the fastest is the floor and ``overhead`` is equifast's time over it.
+
+``resnet18`` is measured in both layer modes: the default stage outputs and ``layers="leaves"``.
+
+Output: ``<out>/end_to_end.json`` and a table on stdout. Method: ``benchmarks/README.md``.
+
+    .venv/bin/python benchmarks/bench_end_to_end.py --device cpu      # 5-7 min on 2 cores
+    .venv/bin/python benchmarks/bench_end_to_end.py --quick --models resnet18 --out /tmp/b
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+MODELS = ("resnet18", "convnext_atto", "vit_tiny_patch16_224")
+GROUPS = ("translation", "rotation")
+KEYS = ["layer", "element", "comparison", "metric"]
+TOLERANCE = 1e-3
+TARGETS = {"overhead_pct_max": 15.0, "speedup_min": 1.5, "memory_below_naive": True}
+
+
+# --------------------------------------------------------------------------------------------------
+# Cases
+
+
+def make_group(name: str):
+    import equifast
+
+    return {"translation": equifast.Translation, "rotation": equifast.Rotation}[name]()
+
+
+def make_model(name: str, size: int, seed: int) -> torch.nn.Module:
+    import timm
+
+    torch.manual_seed(seed)
+    kwargs = {"img_size": size} if name.startswith("vit") else {}
+    return timm.create_model(name, pretrained=False, **kwargs).eval()
+
+
+def make_sources(count: int, size: int, margin: tuple[int, int], seed: int) -> torch.Tensor:
+    """uint8 crop-protocol sources: the model input plus ``margin`` on each side."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = (count, 3, size + 2 * margin[0], size + 2 * margin[1])
+    return torch.randint(0, 256, shape, generator=generator, dtype=torch.uint8)
+
+
+def measure_kwargs(case: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The arguments both loops get (dtype / memory format: the device defaults, shared by both)."""
+    return dict(
+        group=make_group(case["group"]),
+        layers=case["layers"],
+        batch_size=case["batch"],
+        device=str(device),
+        input_size=(case["size"], case["size"]),
+        bootstrap=0,
+        progress=False,
+        seed=0,
+    )
+
+
+def build(case: dict[str, Any], seed: int):
+    group = make_group(case["group"])
+    margin = group.margin(case["size"], case["size"])
+    model = make_model(case["model"], case["size"], seed)
+    sources = make_sources(case["images"], case["size"], margin, seed)
+    return model, sources
+
+
+def run_variant(variant: str, model, sources, case, device):
+    import equifast
+    from equifast import naive
+
+    fn = equifast.measure if variant == "equifast" else naive.measure
+    return fn(model, sources, **measure_kwargs(case, device))
+
+
+# --------------------------------------------------------------------------------------------------
+# Correctness
+
+
+def compare(fast, slow) -> dict[str, Any]:
+    a = fast.frame[KEYS + ["value"]]
+    b = slow.frame[KEYS + ["value"]]
+    merged = a.merge(b, on=KEYS, how="outer", suffixes=("_fast", "_naive"), indicator=True)
+    unmatched = int((merged["_merge"] != "both").sum())
+    both = merged[merged["_merge"] == "both"]
+    diff = (both["value_fast"] - both["value_naive"]).abs()
+    nan_mismatch = int((both["value_fast"].isna() != both["value_naive"].isna()).sum())
+    corr = diff[both["metric"] == "corr"]
+    max_corr = float(corr.max()) if corr.notna().any() else math.nan
+    max_all = float(diff.max()) if diff.notna().any() else math.nan
+    passed = (
+        unmatched == 0 and nan_mismatch == 0 and len(corr) > 0 and max_corr < TOLERANCE
+    )
+    return {
+        "passed": bool(passed),
+        "rows": int(len(both)),
+        "unmatched_rows": unmatched,
+        "nan_mismatch": nan_mismatch,
+        "max_abs_diff_corr": max_corr,
+        "max_abs_diff_all_metrics": max_all,
+        "tolerance_corr": TOLERANCE,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory: a fresh process per variant
+
+
+def _proc_status_kib(field: str) -> float:
+    """``VmRSS`` (resident now) or ``VmHWM`` (peak resident) of this process in KiB.
+
+    ``VmHWM`` belongs to this process's address space; ``ru_maxrss`` is not used because Linux
+    carries it over ``execve`` from the forking parent (a spawned child would report the parent's
+    peak).
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return float(line.split()[1])
+    except OSError:
+        pass
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def _memory_worker(variant, case, device, seed, threads, queue) -> None:
+    try:
+        torch.set_num_threads(threads)
+        device = torch.device(device)
+        model, sources = build(case, seed)
+        if device.type == "cuda":
+            model = model.to(device)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+        before_rss = _proc_status_kib("VmRSS")
+        run_variant(variant, model, sources, case, device)
+        after_rss = _proc_status_kib("VmHWM")
+        out = {"rss_peak_growth_mib": (after_rss - before_rss) / 1024.0,
+               "rss_peak_mib": after_rss / 1024.0}
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            out["cuda_peak_mib"] = (torch.cuda.max_memory_allocated() - before) / 2**20
+        queue.put((variant, out))
+    except Exception as error:  # noqa: BLE001 - reported, never hangs the parent
+        queue.put((variant, {"error": f"{type(error).__name__}: {error}"}))
+
+
+def measure_memory(case, device, seed, threads) -> dict[str, dict[str, Any]]:
+    """Peak memory of each variant, each in its own freshly spawned process (run side by side)."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    procs = [
+        context.Process(target=_memory_worker,
+                        args=(v, case, str(device), seed, threads, queue))
+        for v in ("equifast", "naive")
+    ]
+    for proc in procs:
+        proc.start()
+    found: dict[str, dict[str, Any]] = {}
+    for _ in procs:
+        try:
+            variant, out = queue.get(timeout=600)
+        except Exception:  # noqa: BLE001
+            break
+        found[variant] = out
+    for proc in procs:
+        proc.join(timeout=60)
+    return found
+
+
+# --------------------------------------------------------------------------------------------------
+# The floor: bare forwards of the stacked images
+
+
+def floor_times(model, case, chunk: int, count: int, device, warmup, repeats, sync):
+    """Time bare forwards of all ``(K + 1) * B`` images of the run, over several chunkings."""
+    size, batch, images = case["size"], case["batch"], case["images"]
+    cuda = device.type == "cuda"
+    memory_format = torch.channels_last if cuda else torch.contiguous_format
+    batches = [min(batch, images - lo) for lo in range(0, images, batch)]
+
+    def stacked(n):
+        x = torch.randn(n, 3, size, size, device=device)
+        return x.contiguous(memory_format=memory_format)
+
+    plans = {
+        # The engine's own plan: per chunk, the identity block plus `chunk` element blocks.
+        f"engine ({chunk}+1 blocks/forward, identity repeated)": [
+            [(min(chunk, count - lo) + 1) * b for lo in range(0, count, chunk)] for b in batches
+        ],
+        "1 block/forward": [[b] * (count + 1) for b in batches],
+        f"{count + 1} blocks/forward (all at once)": [[(count + 1) * b] for b in batches],
+    }
+    if chunk < count:
+        plans[f"{chunk + 1} blocks/forward, no repeat"] = [
+            [(min(chunk + 1, count + 1 - lo)) * b for lo in range(0, count + 1, chunk + 1)]
+            for b in batches
+        ]
+    inputs = {n: stacked(n) for plan in plans.values() for sizes in plan for n in sizes}
+
+    def forward(plan):
+        def fn():
+            with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16,
+                                                        enabled=cuda):
+                for sizes in plan:
+                    for n in sizes:
+                        model(inputs[n])
+        return fn
+
+    timed = common.time_interleaved({k: forward(p) for k, p in plans.items()},
+                                    warmup=warmup, repeats=repeats, sync=sync)
+    return timed
+
+
+# --------------------------------------------------------------------------------------------------
+# Driver
+
+
+def run_case(case, device, args, sync) -> dict[str, Any]:
+    row: dict[str, Any] = dict(case)
+    label = f"{case['model']} {case['group']} layers={case['layers'] or 'default'}"
+    print(f"-- {label}: {case['images']} images {case['size']}px, batch {case['batch']}",
+          flush=True)
+    t0 = time.perf_counter()
+    model, sources = build(case, args.seed)
+    model = model.to(device)
+    fast = run_variant("equifast", model, sources, case, device)
+    slow = run_variant("naive", model, sources, case, device)
+    check = compare(fast, slow)
+    row["check"] = check
+    count = len(make_group(case["group"]).elements)
+    chunk = int(fast.config["elements_per_chunk"])
+    row.update(elements=count, elements_per_chunk=chunk,
+               layers_measured=int(fast.frame["layer"].nunique()))
+    print(f"   check: {'ok' if check['passed'] else 'FAIL'} "
+          f"(max |diff| corr {check['max_abs_diff_corr']:.2e}, {check['rows']} rows)", flush=True)
+    if not check["passed"]:
+        return row
+
+    timed = common.time_interleaved(
+        {
+            "equifast": lambda: run_variant("equifast", model, sources, case, device),
+            "naive": lambda: run_variant("naive", model, sources, case, device),
+        },
+        warmup=args.warmup, repeats=args.repeats, sync=sync,
+    )
+    row["equifast_time"], row["naive_time"] = timed["equifast"], timed["naive"]
+    n = case["images"]
+    row["equifast_images_per_s"] = n / timed["equifast"]["median"]
+    row["naive_images_per_s"] = n / timed["naive"]["median"]
+    row["speedup"] = timed["naive"]["median"] / timed["equifast"]["median"]
+
+    floors = floor_times(model, case, chunk, count, device, args.warmup, args.repeats, sync)
+    row["floor_times"] = floors
+    best = min(floors, key=lambda k: floors[k]["median"])
+    row["floor_chunking"] = best
+    row["floor_time"] = floors[best]["median"]
+    row["overhead_pct"] = 100 * (timed["equifast"]["median"] / row["floor_time"] - 1)
+    engine_floor = next(v for k, v in floors.items() if k.startswith("engine"))
+    row["overhead_vs_engine_chunking_pct"] = 100 * (
+        timed["equifast"]["median"] / engine_floor["median"] - 1)
+
+    if not args.no_memory:
+        memory = measure_memory(case, device, args.seed, torch.get_num_threads())
+        key = "cuda_peak_mib" if device.type == "cuda" else "rss_peak_growth_mib"
+        row["memory"] = memory
+        row["memory_kind"] = key
+        row["equifast_peak_mib"] = memory.get("equifast", {}).get(key)
+        row["naive_peak_mib"] = memory.get("naive", {}).get(key)
+    e, nv = row.get("equifast_peak_mib"), row.get("naive_peak_mib")
+    row["targets"] = {
+        "overhead_ok": row["overhead_pct"] <= TARGETS["overhead_pct_max"],
+        "speedup_ok": row["speedup"] >= TARGETS["speedup_min"],
+        "memory_ok": None if e is None or nv is None else e < nv,
+    }
+    print(f"   equifast {row['equifast_images_per_s']:.2f} img/s, naive "
+          f"{row['naive_images_per_s']:.2f} img/s ({row['speedup']:.2f}x); floor "
+          f"{common.format_seconds(row['floor_time'])} [{best}], overhead "
+          f"{row['overhead_pct']:.1f}%; peak MiB equifast {e if e is None else round(e)} "
+          f"naive {nv if nv is None else round(nv)}  ({time.perf_counter() - t0:.0f} s)",
+          flush=True)
+    return row
+
+
+render_rows = common.render_end_to_end_rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = common.build_parser(__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated timm names")
+    parser.add_argument("--groups", default=",".join(GROUPS), help="translation,rotation")
+    parser.add_argument("--images", type=int, default=None,
+                        help="images per case (default 8 on the CPU, 4 with --quick, 256 CUDA)")
+    parser.add_argument("--size", type=int, default=None,
+                        help="input size in px (default 112 on the CPU, 64 with --quick, 224 CUDA)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="batch size of both loops (default 8 on the CPU, 4 quick, 64 CUDA)")
+    parser.add_argument("--no-leaves", action="store_true", help="skip resnet18 layers='leaves'")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    args = parser.parse_args(argv)
+    device = common.setup_run(args)
+    cuda = device.type == "cuda"
+    if args.quick:
+        defaults = dict(images=4, size=64, batch=4, warmup=1, repeats=1)
+    elif cuda:
+        defaults = dict(images=256, size=224, batch=64, warmup=1, repeats=5)
+    else:
+        defaults = dict(images=8, size=112, batch=8, warmup=1, repeats=3)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    sync = common.synchronizer(device)
+
+    cases = []
+    for model in [m for m in args.models.split(",") if m]:
+        for group in [g for g in args.groups.split(",") if g]:
+            base = dict(model=model, group=group, images=args.images, size=args.size,
+                        batch=args.batch)
+            cases.append(dict(base, layers=None))
+            if model == "resnet18" and group == "translation" and not args.no_leaves:
+                cases.append(dict(base, layers="leaves"))
+
+    start = time.perf_counter()
+    rows = [run_case(case, device, args, sync) for case in cases]
+    payload = {
+        "benchmark": "end_to_end",
+        "schema_version": common.SCHEMA_VERSION,
+        "quick": args.quick,
+        "settings": {k: getattr(args, k) for k in ("images", "size", "batch", "warmup",
+                                                    "repeats", "seed")},
+        "targets": TARGETS,
+        "method": ("same arguments for both loops (bootstrap=0, progress=False, same batch, the "
+                   "device's default dtype / memory format); naive: one forward per element, "
+                   "batched over the images, inference_mode, float64 stats; times: median of "
+                   "interleaved repeats after warm-up; memory: peak RSS growth (VmHWM - VmRSS "
+                   "before) of a fresh spawn process per variant (CPU) or max_memory_allocated "
+                   "(CUDA); floor: fastest bare forward of the (K+1)*B stacked images over the "
+                   "chunkings tried"),
+        "rows": rows,
+        "total_seconds": time.perf_counter() - start,
+        "meta": common.collect_metadata(device),
+    }
+    path = common.write_result(args.out, "end_to_end", payload)
+    print()
+    print(render_rows(rows))
+    print(f"\nwrote {path} ({payload['total_seconds']:.0f} s)")
+    if common.is_under_results(args.out) and not args.no_readme:
+        common.update_readme_table()
+    return 0 if all(r["check"]["passed"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
