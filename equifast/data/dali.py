@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from equifast.data.folder import ImageFolderSource, PathLike, default_num_workers, find_images
+from equifast.data.folder import ImageFolderSource, PathLike, default_num_workers, select_items
 from equifast.data.geometry import Preprocess, as_margin, crop_plan, source_size
 
 __all__ = ["DaliFolderSource", "dali_available"]
@@ -124,12 +124,6 @@ class DaliFolderSource:
             num_workers = default_num_workers()
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        if not 0 <= shard_id < num_shards:
-            raise ValueError(
-                f"need 0 <= shard_id < num_shards, got shard_id={shard_id}, num_shards={num_shards}"
-            )
-        if limit is not None and limit < 1:
-            raise ValueError(f"limit must be >= 1 or None, got {limit}")
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
@@ -142,10 +136,7 @@ class DaliFolderSource:
         self.batch_size = batch_size
         self.num_workers = num_workers
 
-        items, self.classes = find_images(path)
-        if limit is not None and limit < len(items):
-            items = [items[(k * len(items)) // limit] for k in range(limit)]
-        items = items[shard_id::num_shards]
+        items, self.classes = select_items(path, limit, shard_id, num_shards)
         self.items: list[tuple[str, int]] = items
         self.has_labels = any(label >= 0 for _, label in items)
 

@@ -178,6 +178,27 @@ def _scan_folder(root: Path) -> tuple[list[tuple[str, int]], list[str] | None]:
     return [(str(file), -1) for file in flat], None
 
 
+def select_items(
+    path, limit: int | None = None, shard_id: int = 0, num_shards: int = 1
+) -> tuple[list[tuple[str, int]], list[str] | None]:
+    """The ``(path, label)`` items a loader reads, and the classes: :func:`find_images`, then
+    ``limit`` evenly spaced picks, then shard ``shard_id`` of ``num_shards`` (every loader uses
+    this, so they read the same files in the same order).
+    """
+    if not 0 <= shard_id < num_shards:
+        raise ValueError(
+            f"need 0 <= shard_id < num_shards, got shard_id={shard_id}, num_shards={num_shards}"
+        )
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1 or None, got {limit}")
+    items, classes = find_images(path)
+    if limit is not None and limit < len(items):
+        # evenly spaced picks: the first `limit` files of a sorted ImageNet folder would be
+        # the first few classes only
+        items = [items[(k * len(items)) // limit] for k in range(limit)]
+    return items[shard_id::num_shards], classes
+
+
 @dataclass
 class _Decoded:
     """What a worker returns for one file: a source, or the reason it was skipped."""
@@ -315,13 +336,6 @@ class ImageFolderSource:
             num_workers = default_num_workers()
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        if not 0 <= shard_id < num_shards:
-            raise ValueError(
-                f"need 0 <= shard_id < num_shards, got shard_id={shard_id}, num_shards={num_shards}"
-            )
-        if limit is not None and limit < 1:
-            raise ValueError(f"limit must be >= 1 or None, got {limit}")
-
         self.path = path
         self.preprocess = preprocess
         self.margin = as_margin(margin)
@@ -329,12 +343,7 @@ class ImageFolderSource:
         self.num_workers = num_workers
         self.pin_memory = pin_memory
 
-        items, self.classes = find_images(path)
-        if limit is not None and limit < len(items):
-            # evenly spaced picks: the first `limit` files of a sorted ImageNet folder would be
-            # the first few classes only
-            items = [items[(k * len(items)) // limit] for k in range(limit)]
-        items = items[shard_id::num_shards]
+        items, self.classes = select_items(path, limit, shard_id, num_shards)
         self.items: list[tuple[str, int]] = items
         self.has_labels = any(label >= 0 for _, label in items)
         self.skipped: list[tuple[str, str]] = []
