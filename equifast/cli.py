@@ -1,9 +1,11 @@
-"""Command line: ``equifast measure`` and ``equifast info``.
+"""Command line: ``equifast measure``, ``survey``, ``export`` and ``info``.
 
 Examples:
     equifast measure --model resnet18 --samples --group translate:8,16,32 --out results/run
     equifast measure --model vit_tiny_patch16_224 --data /imagenet/val --limit 1000 \\
         --group rotate:90,180,270 --out results/vit.parquet
+    equifast survey --models resnet18 'convnext_*' --data /imagenet/val --store survey.sqlite
+    equifast export survey.sqlite --format csv -o survey/
     equifast info
 """
 
@@ -81,14 +83,131 @@ def build_parser() -> argparse.ArgumentParser:
     measure.add_argument("--quiet", action="store_true", help="no progress bar")
 
     commands.add_parser("info", help="versions, compiled kernels, devices")
+    _add_survey_commands(commands)
+    _add_report_command(commands)
     return parser
 
 
+def _add_report_command(commands) -> None:
+    report = commands.add_parser(
+        "report", help="HTML report of a survey store (figures, sortable table)",
+        description="Write DIR/index.html with figures (PNG and SVG) of a survey store: accuracy "
+                    "against mean equivariance, scores against depth per model, a sortable "
+                    "table of models, failed models and skipped files.",
+    )
+    report.add_argument("store", help="the SQLite store of a survey")
+    report.add_argument("-o", "--out", default="report", help="report folder (default: report)")
+    report.add_argument("--metric", default="corr",
+                        help="score shown (default corr; e.g. corr_vs_chance, cosine)")
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from equifast.report import build_report
+
+    index = build_report(args.store, args.out, metric=args.metric)
+    print(f"wrote {index}")
+    return 0
+
+
+def _add_survey_commands(commands) -> None:
+    survey = commands.add_parser(
+        "survey", help="measure many models into a SQLite store (resumable)",
+        description="Measure many models with one configuration; each finished model is "
+                    "committed to the store, and a survey started again skips finished models.",
+    )
+    survey.add_argument("--models", nargs="+", default=[],
+                        help="names and timm wildcards: resnet18 'convnext_*' tv:resnet50")
+    survey.add_argument("--model-list", default=None, help="file with one model name per line")
+    survey.add_argument("--pretrained-only", action="store_true",
+                        help="only models with pretrained weights in timm (wildcards list tags)")
+    source = survey.add_mutually_exclusive_group()
+    source.add_argument("--data", help="image folder (ImageNet layout or flat)")
+    source.add_argument("--samples", action="store_true",
+                        help="the embedded sample photographs (the default)")
+    survey.add_argument("--group", default="translate:8,16,32", help="group spec (see measure)")
+    survey.add_argument("--store", default="survey.sqlite", help="the SQLite store")
+    survey.add_argument("--retry-failed", action="store_true",
+                        help="measure again models that failed with this configuration")
+    survey.add_argument("--layers", nargs="+", default=None)
+    survey.add_argument("--metrics", nargs="+", default=None)
+    survey.add_argument("--batch-size", type=int, default=32)
+    survey.add_argument("--min-batch-size", type=int, default=1,
+                        help="out of memory halves the batch down to this size, then gives up")
+    survey.add_argument("--limit", type=int, default=None, help="use at most this many images")
+    survey.add_argument("--device", default=None, help="cpu, cuda ...")
+    survey.add_argument("--input-size", type=_parse_size, default=None)
+    survey.add_argument("--align", type=_parse_align, default="auto")
+    survey.add_argument("--pooled", action="store_true")
+    survey.add_argument("--bootstrap", type=int, default=1000)
+    survey.add_argument("--seed", type=int, default=0)
+    survey.add_argument("--workers", type=int, default=None, help="loader workers")
+    survey.add_argument("--loader", choices=("auto", "dali", "folder"), default="auto")
+    survey.add_argument("--ray", nargs="?", const=True, default=None, metavar="ADDRESS",
+                        help="one Ray task per model; no ADDRESS: a local Ray, or 'auto', "
+                             "'ray://head:10001'")
+    survey.add_argument("--import", dest="imports", nargs="+", default=[], metavar="MODULE",
+                        help="modules to import first (here and in Ray workers) that register "
+                             "models with timm")
+    survey.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    export = commands.add_parser("export", help="write a survey store's tables to files",
+                                 description="Write every table of a store to DIR/<table>.<fmt>.")
+    export.add_argument("store", help="the SQLite store")
+    export.add_argument("--format", choices=("parquet", "csv"), default="parquet")
+    export.add_argument("-o", "--out", default=None, help="folder (default: STORE without suffix)")
+
+
+def _run_survey(args: argparse.Namespace) -> int:
+    from equifast.survey import run_survey
+
+    if not args.models and not args.model_list:
+        raise ValueError("survey: give --models NAME|GLOB ... or --model-list FILE")
+    measure_kwargs = {
+        "layers": args.layers, "metrics": args.metrics, "limit": args.limit,
+        "device": args.device, "input_size": args.input_size, "align": args.align,
+        "pooled": args.pooled, "bootstrap": args.bootstrap, "num_workers": args.workers,
+        "loader": args.loader,
+    }
+    summary = run_survey(
+        args.models, args.data or "samples", args.store, args.group,
+        model_list=args.model_list, pretrained_only=args.pretrained_only,
+        retry_failed=args.retry_failed, batch_size=args.batch_size,
+        min_batch_size=args.min_batch_size, seed=args.seed, ray=args.ray, imports=args.imports,
+        progress=not args.quiet,
+        **{k: v for k, v in measure_kwargs.items() if v is not None},
+    )
+    return 1 if summary.failed else 0
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from equifast.survey import export_store
+
+    out = args.out or str(Path(args.store).with_suffix(""))
+    for path in export_store(args.store, out, args.format):
+        print(f"wrote {path}")
+    return 0
+
+
 def _run_measure(args: argparse.Namespace) -> int:
+    import contextlib
+    import io
+
+    from equifast import distributed
+
+    # torchrun --nproc_per_node=N -m equifast measure: every process measures a shard of the
+    # images and gets the combined result; rank 0 alone prints and writes the files.
+    with distributed.launch(args.device) as rank:
+        if rank == 0:
+            return _measure(args, main=True)
+        with contextlib.redirect_stdout(io.StringIO()):
+            return _measure(args, main=False)
+
+
+def _measure(args: argparse.Namespace, main: bool) -> int:
+    import torch
+
     import equifast
     from equifast.models import load_model
-
-    import torch
 
     # Random init (no cached weights) is seeded too, so that a run can be repeated.
     torch.manual_seed(args.seed)
@@ -101,18 +220,22 @@ def _run_measure(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, device=args.device, input_size=args.input_size,
         align=args.align, subpixel=args.subpixel, pooled=args.pooled, bootstrap=args.bootstrap,
         seed=args.seed, limit=args.limit, num_workers=args.workers, loader=args.loader,
-        progress=not args.quiet,
+        progress=not args.quiet and main,
         model_name=loaded.name, force_reference=args.reference,
     )
     result.config.update(pretrained=loaded.pretrained, note=loaded.note)
+    processes = result.config.get("world_size", 1)
     print(f"{result.config['images']} images, group {result.config['group']} "
           f"({len(result.config['elements'])} elements), input {result.config['input_size']}, "
-          f"{result.config['seconds']:.1f} s ({result.config['backend']} ops)")
+          f"{result.config['seconds']:.1f} s ({result.config['backend']} ops"
+          f"{f', {processes} processes' if processes > 1 else ''})")
     print(result.format_summary())
     if result.skipped:
         print(f"skipped {len(result.skipped)} unreadable files:")
         for path, reason in result.skipped[:20]:
             print(f"  {path}: {reason}")
+    if not main:
+        return 0
     out = Path(args.out)
     if out.suffix in (".parquet", ".csv"):
         table_path, plot_path = out, out.with_suffix(".png")
@@ -164,6 +287,12 @@ def main(argv: list[str] | None = None) -> int:
             return _run_measure(args)
         if args.command == "info":
             return _run_info()
+        if args.command == "survey":
+            return _run_survey(args)
+        if args.command == "export":
+            return _run_export(args)
+        if args.command == "report":
+            return _run_report(args)
     except (ValueError, FileNotFoundError, KeyError, TypeError) as error:
         print(f"equifast: error: {error}", file=sys.stderr)
         return 2

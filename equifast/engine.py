@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from . import _ext, ops
+from . import distributed as _dist
 from .align import AlignSpec, find_offsets
 from .groups import (
     IDENTITY, PROTOCOL_CODES, Group, default_group, feature_source_affines, invert_affine,
@@ -105,8 +106,13 @@ class _DataPlan:
     """Turns the ``data`` argument into batches of sources of the right size."""
 
     def __init__(self, data: DataSpec, labels, batch_size: int, input_size, preprocess, group,
-                 num_workers: int | None, limit: int | None, loader: str = "auto"):
+                 num_workers: int | None, limit: int | None, loader: str = "auto",
+                 shard: _dist.Shard | None = None):
         self.skipped: list[tuple[str, str]] = []
+        # Several processes: this rank reads the batches it owns and records their global order.
+        self.shard = shard
+        self.batch_keys: list[int] = []
+        self.skipped_keys: list[int] = []
         self.loader = "tensor"
         if input_size is not None:
             import dataclasses
@@ -139,9 +145,12 @@ class _DataPlan:
             self.margin = group.margin(*self.input_size)
             kwargs = {} if num_workers is None else {"num_workers": num_workers}
             source = DaliFolderSource if use_dali else ImageFolderSource
+            self.loader = "dali" if use_dali else "folder"
+            if shard is not None:
+                self._shard_folder(source, data, batch_size, limit, use_dali, kwargs)
+                return
             self.folder = source(data, preprocess, self.margin, batch_size, limit=limit, **kwargs)
             self.total = len(self.folder)
-            self.loader = "dali" if use_dali else "folder"
             self._iter = self._folder_batches
         elif isinstance(data, torch.Tensor):
             sources = _check_sources(data, "data")
@@ -193,9 +202,15 @@ class _DataPlan:
         self.total = sources.shape[0]
         self._sources, self._labels, self._batch_size = sources, labels, batch_size
         self._iter = self._tensor_iter
+        if self.shard is not None:
+            self.total = _dist.owned_images(self.total, batch_size, self.shard)
 
     def _tensor_iter(self) -> Iterator[Batch]:
-        for start in range(0, self._sources.shape[0], self._batch_size):
+        first, step = (0, 1) if self.shard is None else (self.shard.rank, self.shard.world)
+        for start in range(first * self._batch_size, self._sources.shape[0],
+                           step * self._batch_size):
+            if self.shard is not None:
+                self.batch_keys.append(start // self._batch_size)
             sources = self._sources[start:start + self._batch_size]
             labels = None if self._labels is None else self._labels[start:start + len(sources)]
             if self.loader == "tensor":
@@ -233,7 +248,53 @@ class _DataPlan:
                 if images.shape[0] == 0:
                     break
             seen += images.shape[0]
-            yield Batch(_center_crop(images, self.source_size, f"data batch {index}"), labels)
+            cropped = _center_crop(images, self.source_size, f"data batch {index}")
+            if self.shard is not None:
+                if not self.shard.owns(index):  # read (and checked) by every rank, kept by one
+                    continue
+                self.batch_keys.append(index)
+            yield Batch(cropped, labels)
+
+    def _shard_folder(self, source, data, batch_size, limit, use_dali, kwargs) -> None:
+        from .data.folder import select_items
+
+        # Whole batches of the one-process order (not every world-th file), so that the batches,
+        # and what is paired inside them, are the same as in one process.
+        items, _ = select_items(data, limit)
+        self._positions = _dist.shard_items(len(items), batch_size, self.shard)
+        mine = [items[i] for i in self._positions]
+        self._has_labels = any(label >= 0 for _, label in items)
+        self._batch_size = batch_size
+        self.total = len(mine)
+        self.folder = None
+        if mine:
+            if use_dali and self.shard.device is not None:
+                kwargs = {**kwargs, "device": self.shard.device}
+            self.folder = source(mine, self.preprocess, self.margin, batch_size, **kwargs)
+        self._iter = self._sharded_folder_batches
+
+    def _sharded_folder_batches(self) -> Iterator[Batch]:
+        if self.folder is None:
+            return
+        paths = [path for path, _ in self.folder.items]
+        position = dict(zip(reversed(paths), reversed(self._positions)))  # first occurrence
+        cursor = 0
+        for sources, labels, batch_paths in self.folder:
+            try:  # in file order (a repeated file stays where it is)
+                cursor = paths.index(batch_paths[0], cursor)
+                where = self._positions[cursor]
+            except ValueError:  # DALI: the files Pillow decodes come last
+                where = position[batch_paths[0]]
+            self.batch_keys.append(where // self._batch_size)
+            if labels is None and self._has_labels:  # other ranks' files have labels
+                labels = torch.full((sources.shape[0],), -1, dtype=torch.long)
+            self._set_skipped(position)
+            yield Batch(sources, labels)
+        self._set_skipped(position)
+
+    def _set_skipped(self, position: dict[str, int]) -> None:
+        self.skipped = list(self.folder.skipped)
+        self.skipped_keys = [position.get(path, 0) for path, _ in self.skipped]
 
     def __iter__(self) -> Iterator[Batch]:
         return self._iter()
@@ -273,6 +334,7 @@ def measure(
     progress: bool = True,
     model_name: str | None = None,
     force_reference: bool = False,
+    distributed: bool | None = None,
 ) -> Result:
     """Measure how equivariant every chosen layer of ``model`` is under ``group``.
 
@@ -308,6 +370,12 @@ def measure(
         progress: Show a progress bar.
         model_name: Name recorded in the result (default: the timm name or the class name).
         force_reference: Use the pure-PyTorch reference ops even when kernels are compiled.
+        distributed: Split the images between the processes of a ``torchrun`` launch or of an
+            initialised ``torch.distributed`` group, and combine the statistics
+            (:mod:`equifast.distributed`): None (default) when there are several processes, True
+            (an error without them), False never. Every rank returns the same complete result;
+            only rank 0 shows a progress bar. Without a device, each rank uses ``cuda:LOCAL_RANK``
+            when CUDA is present.
 
     Returns:
         A :class:`equifast.Result`.
@@ -348,6 +416,7 @@ def measure(
     else:
         raise TypeError(f"model: expected an nn.Module or a model name, found {type(model).__name__}")
     module.eval()
+    shard, device = _dist.setup(distributed, device)
     if device is None:
         parameter = next(module.parameters(), None)
         device = parameter.device if parameter is not None else torch.device("cpu")
@@ -359,12 +428,17 @@ def measure(
         module.to(dtype)
     if channels_last is None:
         channels_last = device.type == "cuda"
+    if shard is not None:
+        _dist.sync_module(module)  # every rank measures rank 0's weights
+        progress = progress and shard.rank == 0
 
     plan = _DataPlan(data, labels, batch_size, input_size, preprocess, group, num_workers, limit,
-                     loader)
+                     loader, shard)
     batches = iter(plan)
     first = next(batches, None)
-    if first is None:
+    if shard is not None:
+        _dist.total_images(0 if first is None else first.sources.shape[0])  # a rank may have none
+    elif first is None:
         raise ValueError("data: no images to measure (the data source is empty)")
     height, width = plan.input_size
     margin = plan.margin
@@ -374,6 +448,8 @@ def measure(
                                    model_dtype)
     offsets = find_offsets(module, layer_layouts, (height, width), align, device, model_dtype,
                            seed=seed)
+    if shard is not None:
+        offsets = _dist.agree(offsets, "alignment offsets")
 
     elements = list(group)
     count = len(elements)
@@ -393,12 +469,12 @@ def measure(
     all_elements = [IDENTITY] + elements
     image_sources = np.stack([invert_affine(e.matrix(height, width)) for e in all_elements])
     protocols = [PROTOCOL_CODES[e.protocol] for e in all_elements]
-    normalize = first.sources.dtype == torch.uint8
+    first_size = batch_size if first is None else first.sources.shape[0]  # None: a rank's share
+    normalize = first is not None and first.sources.dtype == torch.uint8
     mean = preprocess.mean if normalize else None
     std = preprocess.std if normalize else None
 
-    chunk = elements_per_chunk or _default_chunk(min(batch_size, first.sources.shape[0]), count,
-                                                 device)
+    chunk = elements_per_chunk or _default_chunk(min(batch_size, first_size), count, device)
     context: dict[str, Any] = {}
 
     def on_output(name: str, tensor: torch.Tensor) -> None:
@@ -487,6 +563,10 @@ def measure(
             progress_bar.update(batch.sources.shape[0])
     if progress_bar is not None:
         progress_bar.close()
+    if shard is not None:
+        images_done, plan.skipped = _dist.combine(state, consistency_rows, top_rows,
+                                                  plan.batch_keys, images_done, plan.skipped,
+                                                  plan.skipped_keys)
 
     frame = _build_frame(state, model_name, elements, comparisons, metric_names, pooled,
                          bootstrap, seed, count, len(names), images_done)
@@ -522,6 +602,8 @@ def measure(
         "images_per_second": images_done / elapsed if elapsed > 0 else None,
         "versions": {"torch": torch.__version__, "equifast": _version()},
     }
+    if shard is not None:
+        config = _dist.broadcast_object({**config, "world_size": shard.world})
     return Result(frame=frame, model_frame=model_frame, config=config, skipped=plan.skipped)
 
 
@@ -534,8 +616,9 @@ def _version() -> str:
         return "unknown"
 
 
-def _chain(first: Batch, rest: Iterator[Batch]) -> Iterator[Batch]:
-    yield first
+def _chain(first: Batch | None, rest: Iterator[Batch]) -> Iterator[Batch]:
+    if first is not None:
+        yield first
     yield from rest
 
 

@@ -1,0 +1,456 @@
+"""Surveys: measure many models with one configuration and keep each finished model in a store.
+
+A survey is resumable by construction: each model's rows are written in one transaction of the
+:class:`~equifast.survey.store.SurveyStore`, keyed by ``(model, config_hash)``; started again, a
+survey skips the pairs that are done (and those that failed, unless ``retry_failed``). A model
+that runs out of memory is retried with half the batch down to ``min_batch_size``; one that raises,
+or whose features are not finite, is recorded with its traceback and the survey goes on.
+
+Models run one after another in this process, or as one Ray task each (``ray=``), in which case
+this process (the driver) is still the only writer of the store.
+
+Example:
+    >>> from equifast.survey import run_survey
+    >>> summary = run_survey(["resnet18", "convnext_atto"], "samples", store="survey.sqlite",
+    ...                      group="translate:8,16")                     # doctest: +SKIP
+    >>> summary.done, summary.failed                                     # doctest: +SKIP
+    (['resnet18', 'convnext_atto'], [])
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import os
+import time
+import traceback as traceback_module
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from equifast.survey.store import SurveyStore, config_hash, environment_info
+
+__all__ = ["ModelOutcome", "SurveySummary", "family_of", "resolve_models", "run_survey"]
+
+_WILDCARDS = set("*?[")
+
+
+class NonFiniteFeatures(RuntimeError):
+    """A model whose features are NaN or infinite at some layer (nothing can be measured)."""
+
+
+@dataclass
+class ModelOutcome:
+    """What measuring one model gave: a result, or the error that stopped it.
+
+    ``errors`` lists every failure on the way (``(attempt, batch_size, kind, message,
+    traceback)``), the out-of-memory attempts that a smaller batch got past included.
+    """
+
+    model: str
+    result: Any = None  # equifast.Result
+    errors: list[tuple[int, int, str, str, str]] = field(default_factory=list)
+    attempts: int = 0
+    started: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.result is not None
+
+
+@dataclass
+class SurveySummary:
+    """The outcome of :func:`run_survey`: model names per outcome, and the wall time."""
+
+    done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    store: str = ""
+
+    def __str__(self) -> str:
+        text = (f"survey: {len(self.done)} done, {len(self.skipped)} skipped (already in the "
+                f"store), {len(self.failed)} failed, {self.seconds:.1f} s -> {self.store}")
+        if self.failed:
+            text += "\n  failed: " + ", ".join(self.failed)
+        return text
+
+
+def read_model_list(path: str | os.PathLike) -> list[str]:
+    """Model names from a text file: one per line; blank lines and ``#`` comments ignored."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model list {path} does not exist")
+    names = []
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            names.append(line)
+    return names
+
+
+def resolve_models(patterns: Iterable[str] = (), model_list: str | os.PathLike | None = None,
+                   pretrained_only: bool = False) -> list[str]:
+    """Expand names, timm wildcards (``"resnet*"``) and a model-list file into model names.
+
+    Wildcards go through ``timm.list_models``; with ``pretrained_only`` they list the names that
+    have pretrained weights (with their tag, e.g. ``resnet18.a1_in1k``), and plain names without
+    any pretrained weights in timm are dropped. Torchvision wildcards (``"tv:resnet*"``) use
+    ``torchvision.models.list_models``. Order is kept; duplicates are dropped.
+
+    Raises:
+        ValueError: a wildcard matches nothing, or nothing is left to measure.
+    """
+    import timm
+
+    requested = list(patterns)
+    if model_list is not None:
+        requested += read_model_list(model_list)
+    names: list[str] = []
+    for pattern in requested:
+        if _WILDCARDS & set(pattern):
+            if pattern.startswith(("tv:", "torchvision:")):
+                import torchvision
+
+                prefix, inner = pattern.split(":", 1)
+                found = [f"tv:{n}" for n in sorted(torchvision.models.list_models(
+                    module=torchvision.models)) if fnmatch.fnmatchcase(n, inner)]
+            else:
+                found = timm.list_models(pattern, pretrained=pretrained_only)
+            if not found:
+                raise ValueError(f"model pattern {pattern!r} matches no "
+                                 f"{'pretrained ' if pretrained_only else ''}model")
+            names += found
+        else:
+            if pretrained_only and not pattern.startswith(("tv:", "torchvision:")):
+                if not timm.list_models(pattern.split(".")[0], pretrained=True):
+                    continue
+            names.append(pattern)
+    unique = list(dict.fromkeys(names))
+    if not unique:
+        raise ValueError("no models to survey: give --models names/wildcards or --model-list")
+    return unique
+
+
+def family_of(model: str) -> str:
+    """Architecture family: timm's module (``resnet``, ``vision_transformer``, ...) or
+    torchvision's; the name's leading letters when neither knows it."""
+    if model.startswith(("tv:", "torchvision:")):
+        try:
+            import torchvision
+
+            builder = torchvision.models.get_model_builder(model.split(":", 1)[1])
+            return builder.__module__.rsplit(".", 1)[-1]
+        except Exception:  # noqa: BLE001 - unknown names fall through to the name itself
+            pass
+    else:
+        try:
+            from timm.models import _registry
+
+            arch = model.split(":", 1)[-1].split(".")[0]
+            module = _registry._model_to_module.get(arch)
+            if module:
+                return module
+        except Exception:  # noqa: BLE001 - a timm without the registry internals
+            pass
+    import re
+
+    return re.match(r"[A-Za-z_]*", model.split(":")[-1]).group(0).rstrip("_") or model
+
+
+def _fingerprint(value: Any) -> Any:
+    """A JSON-able stand-in for a configuration value: arrays and tensors by content hash (their
+    ``str`` elides the middle), folders by absolute path."""
+    import hashlib
+
+    import numpy as np
+    import torch
+
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        array = value.detach().cpu().contiguous().numpy() if isinstance(
+            value, torch.Tensor) else np.ascontiguousarray(value)
+        digest = hashlib.sha256(array.tobytes()).hexdigest()[:16]
+        return f"{type(value).__name__}{list(array.shape)}:{array.dtype}:{digest}"
+    if isinstance(value, os.PathLike) or (isinstance(value, str) and value != "samples"
+                                          and Path(value).exists()):
+        return str(Path(value).resolve())
+    if isinstance(value, (list, tuple)):
+        return [_fingerprint(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _fingerprint(v) for k, v in value.items()}
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return f"{type(value).__module__}.{type(value).__qualname__}"  # an iterable, a module...
+
+
+def survey_config(group: str, data: Any, measure_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The configuration that identifies a measurement (its hash keys the store): everything
+    that changes the numbers, not the batch size, device or loader workers."""
+    ignored = {"batch_size", "device", "num_workers", "progress", "loader", "dtype",
+               "channels_last", "elements_per_chunk"}
+    config = {"group": group, "data": _fingerprint(data)}
+    config.update({k: _fingerprint(v) for k, v in measure_kwargs.items() if k not in ignored})
+    return config
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    import torch
+
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    # Some backends raise a plain RuntimeError for an allocation failure.
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and ("out of memory" in text
+                                                or "can't allocate memory" in text)
+
+
+def _check_finite(result) -> None:
+    """Raise when a layer's features were not finite: every eq score of it is NaN (NaN features
+    poison the moments), while the layer was measurable (no element skipped as fractional)."""
+    if result.config.get("subpixel") == "skip":
+        return
+    frame = result.frame
+    rows = frame[(frame.comparison == "eq") & (frame.element == "mean")
+                 & (frame.metric != "flat_frac")]
+    if rows.empty:
+        return
+    dead = rows.groupby("layer", sort=False)["value"].apply(lambda v: v.isna().all())
+    if dead.any():
+        layers = list(dead[dead].index)
+        raise NonFiniteFeatures(
+            f"features are NaN or infinite at {len(layers)} layer(s), first {layers[0]!r}: "
+            "nothing there can be measured (check the weights and the input dtype)"
+        )
+
+
+def _clear_device_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _load(model: str, input_size, model_kwargs: dict[str, Any]):
+    """:func:`equifast.models.load_model`; at a non-default ``input_size``, models that fix their
+    input size when built (ViT, Swin: ``img_size``) are built for it."""
+    from equifast.models import load_model
+
+    if input_size is None or "img_size" in model_kwargs or model.startswith(("tv:",
+                                                                             "torchvision:")):
+        return load_model(model, **model_kwargs)
+    try:
+        return load_model(model, img_size=tuple(input_size), **model_kwargs)
+    except TypeError:  # a model without img_size (a CNN) takes any input size as it is
+        return load_model(model, **model_kwargs)
+
+
+def import_plugins(modules: Sequence[str]) -> None:
+    """Import modules that register models with timm (``@register_model``), by module name."""
+    import importlib
+
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            raise ImportError(f"imports: cannot import {module!r} ({error}); is it on "
+                              "PYTHONPATH (on every Ray worker too)?") from error
+
+
+def measure_model(model: str, data: Any, group: str, batch_size: int, min_batch_size: int,
+                  measure_kwargs: dict[str, Any], seed: int = 0,
+                  model_kwargs: dict[str, Any] | None = None,
+                  imports: Sequence[str] = ()) -> ModelOutcome:
+    """Measure one model of a survey, halving the batch on out-of-memory, and catch what fails.
+
+    Never raises for a failing model (KeyboardInterrupt and SystemExit pass): the outcome carries
+    the result or the errors. Runs in the survey process or in a Ray worker (``imports`` are
+    imported first: modules registering models).
+    """
+    import torch
+
+    import equifast
+
+    outcome = ModelOutcome(model=model)
+    import_plugins(imports)
+    from equifast.survey.store import _now
+
+    outcome.started = _now()
+    batch = batch_size
+    while True:
+        outcome.attempts += 1
+        try:
+            # Random init (no cached weights) is seeded, so that a survey can be repeated.
+            torch.manual_seed(seed)
+            loaded = _load(model, measure_kwargs.get("input_size"), model_kwargs or {})
+            result = equifast.measure(loaded.model, data, group=group, batch_size=batch,
+                                      model_name=model, seed=seed, **measure_kwargs)
+            result.config.update(pretrained=loaded.pretrained, note=loaded.note,
+                                 weights=loaded.weights, source=loaded.source)
+            _check_finite(result)
+            outcome.result = result
+            return outcome
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as error:  # noqa: BLE001 - a survey records every failure
+            kind = ("out_of_memory" if _is_out_of_memory(error)
+                    else "non_finite" if isinstance(error, NonFiniteFeatures)
+                    else type(error).__name__)
+            message = f"{type(error).__name__}: {error}".strip()
+            outcome.errors.append((outcome.attempts, batch, kind, message,
+                                   traceback_module.format_exc()))
+            del error
+            _clear_device_memory()
+            if kind == "out_of_memory" and batch // 2 >= min_batch_size:
+                batch //= 2
+                continue
+            return outcome
+
+
+def _record(store: SurveyStore, outcome: ModelOutcome, key: str, group: str, env_id: int,
+            config: dict[str, Any]) -> bool:
+    family = family_of(outcome.model)
+    last = len(outcome.errors) - (0 if outcome.ok else 1)
+    for attempt, batch, kind, message, trace in outcome.errors[:last]:
+        store.add_error(model=outcome.model, config_hash=key, attempt=attempt, batch_size=batch,
+                        kind=kind, message=message, traceback=trace, env_id=env_id, fatal=False)
+    if outcome.ok:
+        store.add_result(outcome.result, model=outcome.model, config_hash=key, family=family,
+                         group_spec=group, attempts=outcome.attempts, started=outcome.started,
+                         env_id=env_id)
+        return True
+    attempt, batch, kind, message, trace = outcome.errors[-1]
+    if kind == "out_of_memory":
+        message += " (still out of memory at the smallest batch size)"
+    store.add_error(model=outcome.model, config_hash=key, attempt=attempt, batch_size=batch,
+                    kind=kind, message=message, traceback=trace, env_id=env_id, fatal=True,
+                    group_spec=group, family=family, config=config)
+    return False
+
+
+def run_survey(
+    models: Sequence[str] | str = (),
+    data: Any = "samples",
+    store: str | os.PathLike = "survey.sqlite",
+    group: str = "translate:8,16,32",
+    *,
+    model_list: str | os.PathLike | None = None,
+    pretrained_only: bool = False,
+    retry_failed: bool = False,
+    batch_size: int = 32,
+    min_batch_size: int = 1,
+    seed: int = 0,
+    ray: str | bool | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    imports: Sequence[str] = (),
+    progress: bool = True,
+    log=print,
+    **measure_kwargs: Any,
+) -> SurveySummary:
+    """Measure every model of a survey under one configuration, keeping each in ``store``.
+
+    Args:
+        models: Names and wildcards (:func:`resolve_models`), e.g. ``["resnet*", "tv:vgg11"]``.
+        data: What :func:`equifast.measure` takes: a folder, ``"samples"``, a tensor...
+        store: The SQLite file (created when missing; an existing one is resumed).
+        group: A group spec (``equifast.parse_group``); a string, so that it can be stored.
+        model_list: A file with more model names (one per line).
+        pretrained_only: Keep models with pretrained weights in timm (wildcards list tags).
+        retry_failed: Measure again the models that failed before with this configuration.
+        batch_size: Images per batch; halved on out-of-memory down to ``min_batch_size``.
+        seed: Seed of random initialization, bootstrap and alignment.
+        ray: Run one Ray task per model: an address (``"auto"``, ``"ray://host:10001"``), or
+            True for a local Ray; the survey process stays the only writer of the store.
+        model_kwargs: Passed to :func:`equifast.models.load_model` for every model (with an
+            ``input_size``, models built for a fixed size get ``img_size`` when they take it).
+        imports: Modules to import first, here and in every Ray worker: plugins that register
+            models with timm (``@timm.models.register_model``).
+        progress: Progress bars (survey and current model).
+        log: Where one-line messages go (``print`` by default; ``None`` for silence).
+        **measure_kwargs: More :func:`equifast.measure` arguments (``layers``, ``limit``,
+            ``device``, ``pooled``, ``bootstrap``, ``input_size``...), the same for every model.
+
+    Returns:
+        A :class:`SurveySummary`.
+    """
+    started = time.perf_counter()
+    log = log or (lambda *_: None)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Every rank would measure every model and write it: one writer is the store's rule.
+        raise RuntimeError("run_survey: started under torchrun (WORLD_SIZE > 1); a survey spreads "
+                           "models over devices with ray=... (--ray), and torchrun spreads one "
+                           "model's images (equifast measure)")
+    if isinstance(models, str):
+        models = [models]
+    if batch_size < 1 or min_batch_size < 1 or min_batch_size > batch_size:
+        raise ValueError(f"need 1 <= min_batch_size <= batch_size, found min_batch_size="
+                         f"{min_batch_size}, batch_size={batch_size}")
+    from equifast.groups import parse_group
+
+    parse_group(group)  # a bad spec fails now, not once per model
+    imports = list(imports)
+    import_plugins(imports)
+    if isinstance(data, (str, os.PathLike)) and str(data) != "samples" and not Path(data).exists():
+        raise FileNotFoundError(f"data: no folder at {data}")
+    names = resolve_models(models, model_list, pretrained_only)
+    config = survey_config(group, data, {"seed": seed, "model_kwargs": model_kwargs or {},
+                                         **measure_kwargs})
+    key = config_hash(config)
+    summary = SurveySummary(store=str(store))
+    measure_kwargs = {"progress": progress, **measure_kwargs}
+
+    with SurveyStore(store, create=True) as db:
+        pending = []
+        for name in names:
+            status = db.status(name, key)
+            if status == "done" or (status == "failed" and not retry_failed):
+                summary.skipped.append(name)
+            else:
+                pending.append(name)
+        log(f"survey: {len(names)} models, {len(summary.skipped)} already in {store}, "
+            f"{len(pending)} to measure (config {key})")
+        env_id = db.environment_id(environment_info(measure_kwargs.get("device")))
+
+        bar = None
+        if progress and pending:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(pending), unit="model", desc="survey", position=0)
+
+        def finish(outcome: ModelOutcome) -> None:
+            ok = _record(db, outcome, key, group, env_id, config)
+            (summary.done if ok else summary.failed).append(outcome.model)
+            if ok:
+                rate = outcome.result.config.get("images_per_second") or math.nan
+                line = f"done   {outcome.model}: {rate:.1f} img/s"
+            else:
+                line = f"failed {outcome.model}: {outcome.errors[-1][3].splitlines()[0][:200]}"
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(done=len(summary.done), failed=len(summary.failed))
+                bar.write(line)
+            else:
+                log(line)
+
+        try:
+            if ray is not None and ray is not False and pending:
+                from equifast.survey.ray_tasks import run_with_ray
+
+                run_with_ray(pending, data, group, batch_size, min_batch_size, measure_kwargs,
+                             seed, model_kwargs, imports,
+                             address=None if ray is True else str(ray), on_outcome=finish)
+            else:
+                for name in pending:
+                    if bar is not None:
+                        bar.set_description(f"survey ({name})")
+                    finish(measure_model(name, data, group, batch_size, min_batch_size,
+                                         measure_kwargs, seed, model_kwargs, imports))
+        finally:
+            if bar is not None:
+                bar.close()
+    summary.seconds = time.perf_counter() - started
+    log(str(summary))
+    return summary

@@ -1,0 +1,483 @@
+"""The survey store: one SQLite file holding every finished model of a survey.
+
+SQLite because a survey is a single writer (the driver) with a few readers (analysis code, the
+report), and a transaction per finished model is exactly what makes a killed survey safe to start
+again: a model's rows are either all committed or not there at all.
+
+Schema (``SCHEMA_VERSION`` 1; every table keyed by ``run_id`` where it belongs to one run):
+
+``runs``
+    one row per ``(model, config_hash)`` that finished (``status='done'``) or gave up
+    (``status='failed'``): ``run_id, model, config_hash, family, group_spec, status, pretrained,
+    note, images, seconds, images_per_second, batch_size, attempts, device, loader, backend,
+    started, finished, env_id, config`` (the run's configuration as JSON), ``error`` (the last
+    error's one-line message for a failed run). A unique index on ``(model, config_hash)`` makes a
+    duplicate impossible: a rerun skips finished pairs, and a retried failure replaces its row.
+``layers``
+    ``run_id, layer, depth, rel_depth, kind, layout, grid_h, grid_w, channels, prefix, stride_y,
+    stride_x, stride, offset_y, offset_x``: the measured layers of a run.
+``scores``
+    ``run_id, layer, element, exact, comparison, metric, value, ci_low, ci_high, n, pooled``:
+    the rows of :attr:`equifast.Result.frame` (layer geometry lives in ``layers``).
+``model_scores``
+    ``run_id, metric, value, ci_low, ci_high, n``: top-1, top-5, consistency.
+``skipped``
+    ``run_id, path, reason``: input files a run could not read.
+``errors``
+    ``error_id, model, config_hash, attempt, batch_size, kind, message, traceback, time, env_id,
+    fatal``: every failure, also the out-of-memory attempts that a smaller batch then got past
+    (``fatal=0``).
+``environments``
+    ``env_id, fingerprint, created, hostname, platform, python, torch, torchvision, timm,
+    equifast, device, device_name, git_commit``: where runs ran (one row per distinct setup).
+``meta``
+    ``key, value``: ``schema_version``.
+
+Example:
+    >>> store = open_store("survey.sqlite")                            # doctest: +SKIP
+    >>> store.runs[["model", "status", "images_per_second"]]           # doctest: +SKIP
+    >>> eq = store.scores.query("metric == 'corr' and comparison == 'eq' and element == 'mean'")
+    ...                                                                # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import socket
+import sqlite3
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from equifast.result import FRAME_COLUMNS, MODEL_COLUMNS, Result
+
+__all__ = ["SCHEMA_VERSION", "SurveyStore", "environment_info", "export_store", "open_store"]
+
+SCHEMA_VERSION = 1
+
+LAYER_COLUMNS = [
+    "layer", "depth", "rel_depth", "kind", "layout", "grid_h", "grid_w", "channels", "prefix",
+    "stride_y", "stride_x", "stride", "offset_y", "offset_x",
+]
+SCORE_COLUMNS = [
+    "layer", "element", "exact", "comparison", "metric", "value", "ci_low", "ci_high", "n",
+    "pooled",
+]
+RUN_COLUMNS = [
+    "run_id", "model", "config_hash", "family", "group_spec", "status", "pretrained", "note",
+    "images", "seconds", "images_per_second", "batch_size", "attempts", "device", "loader",
+    "backend", "started", "finished", "env_id", "config", "error",
+]
+ENVIRONMENT_COLUMNS = [
+    "hostname", "platform", "python", "torch", "torchvision", "timm", "equifast", "device",
+    "device_name", "git_commit",
+]
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS environments (
+    env_id INTEGER PRIMARY KEY, fingerprint TEXT UNIQUE NOT NULL, created TEXT,
+    {", ".join(f"{c} TEXT" for c in ENVIRONMENT_COLUMNS)}
+);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id INTEGER PRIMARY KEY, model TEXT NOT NULL, config_hash TEXT NOT NULL, family TEXT,
+    group_spec TEXT, status TEXT NOT NULL CHECK (status IN ('done', 'failed')),
+    pretrained INTEGER, note TEXT, images INTEGER, seconds REAL, images_per_second REAL,
+    batch_size INTEGER, attempts INTEGER, device TEXT, loader TEXT, backend TEXT,
+    started TEXT, finished TEXT, env_id INTEGER REFERENCES environments (env_id),
+    config TEXT, error TEXT
+);
+CREATE UNIQUE INDEX IF NOT EXISTS runs_model_config ON runs (model, config_hash);
+CREATE TABLE IF NOT EXISTS layers (
+    run_id INTEGER NOT NULL REFERENCES runs (run_id) ON DELETE CASCADE, layer TEXT NOT NULL,
+    depth INTEGER, rel_depth REAL, kind TEXT, layout TEXT, grid_h INTEGER, grid_w INTEGER,
+    channels INTEGER, prefix INTEGER, stride_y REAL, stride_x REAL, stride REAL,
+    offset_y REAL, offset_x REAL, PRIMARY KEY (run_id, layer)
+);
+CREATE TABLE IF NOT EXISTS scores (
+    run_id INTEGER NOT NULL REFERENCES runs (run_id) ON DELETE CASCADE, layer TEXT NOT NULL,
+    element TEXT, exact INTEGER, comparison TEXT, metric TEXT, value REAL, ci_low REAL,
+    ci_high REAL, n INTEGER, pooled INTEGER
+);
+CREATE INDEX IF NOT EXISTS scores_run ON scores (run_id);
+CREATE TABLE IF NOT EXISTS model_scores (
+    run_id INTEGER NOT NULL REFERENCES runs (run_id) ON DELETE CASCADE, metric TEXT,
+    value REAL, ci_low REAL, ci_high REAL, n INTEGER
+);
+CREATE TABLE IF NOT EXISTS skipped (
+    run_id INTEGER NOT NULL REFERENCES runs (run_id) ON DELETE CASCADE, path TEXT, reason TEXT
+);
+CREATE TABLE IF NOT EXISTS errors (
+    error_id INTEGER PRIMARY KEY, model TEXT, config_hash TEXT, attempt INTEGER,
+    batch_size INTEGER, kind TEXT, message TEXT, traceback TEXT, time TEXT,
+    env_id INTEGER REFERENCES environments (env_id), fatal INTEGER
+);
+"""
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars to Python ones, NaN to NULL (SQLite has no NaN)."""
+    if value is None:
+        return None
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """A short stable hash of a JSON-able configuration (key order does not matter)."""
+    text = json.dumps(config, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _git_commit() -> str | None:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def environment_info(device: str | None = None) -> dict[str, str | None]:
+    """Versions, host, device and git commit of this process (one ``environments`` row)."""
+    import torch
+
+    import equifast
+
+    def version(module: str) -> str | None:
+        try:
+            return __import__(module).__version__
+        except Exception:  # noqa: BLE001 - an optional package that is missing or broken
+            return None
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device_name = platform.processor() or platform.machine()
+    if device.startswith("cuda") and torch.cuda.is_available():
+        device_name = torch.cuda.get_device_name(torch.device(device))
+    return {
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": version("torchvision"),
+        "timm": version("timm"),
+        "equifast": equifast.__version__,
+        "device": device,
+        "device_name": device_name,
+        "git_commit": _git_commit(),
+    }
+
+
+class SurveyStore:
+    """A survey's SQLite store: written by the survey driver, read as pandas frames.
+
+    Args:
+        path: The SQLite file.
+        create: Create it (and its folder) when missing; otherwise a missing file is an error.
+
+    Raises:
+        FileNotFoundError: ``create`` is False and there is no file at ``path``.
+        ValueError: the file is not an equifast store, or one of a newer schema.
+    """
+
+    def __init__(self, path: str | os.PathLike, create: bool = False):
+        self.path = Path(path)
+        if not self.path.exists():
+            if not create:
+                raise FileNotFoundError(f"no survey store at {self.path} (run `equifast survey "
+                                        f"--store {self.path} ...` first)")
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._connection = sqlite3.connect(self.path, timeout=60)
+            self._connection.execute("PRAGMA foreign_keys = ON")
+            if create:
+                # WAL: readers (a report, a notebook) never block the writer. synchronous=FULL:
+                # a committed model survives even a power cut, not only a killed process.
+                self._connection.execute("PRAGMA journal_mode = WAL")
+                self._connection.execute("PRAGMA synchronous = FULL")
+                with self._connection:
+                    self._connection.executescript(_SCHEMA)
+                    self._connection.execute(
+                        "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
+                        (str(SCHEMA_VERSION),))
+            version = self._connection.execute(
+                "SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        except sqlite3.DatabaseError as error:
+            raise ValueError(f"{self.path} is not an equifast survey store ({error})") from None
+        if version is None:
+            raise ValueError(f"{self.path} is not an equifast survey store (no schema_version)")
+        if int(version[0]) > SCHEMA_VERSION:
+            raise ValueError(f"{self.path} has schema version {version[0]}; this equifast reads "
+                             f"up to {SCHEMA_VERSION}: upgrade equifast")
+
+    def close(self) -> None:
+        self._connection.close()
+
+    def __enter__(self) -> SurveyStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        counts = dict(self._connection.execute(
+            "SELECT status, COUNT(*) FROM runs GROUP BY status").fetchall())
+        return (f"SurveyStore({str(self.path)!r}, done={counts.get('done', 0)}, "
+                f"failed={counts.get('failed', 0)})")
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        # BEGIN IMMEDIATE takes the write lock at once: two writers wait rather than deadlock.
+        self._connection.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._connection
+        except BaseException:
+            self._connection.rollback()
+            raise
+        self._connection.commit()
+
+    # ---------------------------------------------------------------------------------------
+    # writing (the survey driver)
+
+    def environment_id(self, info: dict[str, str | None]) -> int:
+        """The ``env_id`` of an environment (:func:`environment_info`), added when new."""
+        fingerprint = config_hash(info)
+        with self._transaction() as db:
+            db.execute(
+                f"INSERT OR IGNORE INTO environments (fingerprint, created, "
+                f"{', '.join(ENVIRONMENT_COLUMNS)}) VALUES (?, ?, "
+                f"{', '.join('?' for _ in ENVIRONMENT_COLUMNS)})",
+                (fingerprint, _now(), *[info.get(c) for c in ENVIRONMENT_COLUMNS]),
+            )
+            row = db.execute("SELECT env_id FROM environments WHERE fingerprint = ?",
+                             (fingerprint,)).fetchone()
+        return int(row[0])
+
+    def status(self, model: str, config_hash: str) -> str | None:
+        """``'done'``, ``'failed'`` or None (not run) for a ``(model, config)`` pair."""
+        row = self._connection.execute(
+            "SELECT status FROM runs WHERE model = ? AND config_hash = ?", (model, config_hash)
+        ).fetchone()
+        return None if row is None else row[0]
+
+    def add_result(self, result: Result, *, model: str, config_hash: str, family: str | None,
+                   group_spec: str, attempts: int = 1, started: str | None = None,
+                   env_id: int | None = None) -> int:
+        """Write a finished model (runs, layers, scores, model scores, skipped files) in one
+        transaction; a failed row of the same pair is replaced. Returns the ``run_id``.
+
+        Raises:
+            ValueError: the pair is already done (the store never holds a duplicate).
+        """
+        config = result.config
+        frame = result.frame
+        with self._transaction() as db:
+            if self.status(model, config_hash) == "done":
+                raise ValueError(f"{model} with config {config_hash} is already in {self.path}")
+            db.execute("DELETE FROM runs WHERE model = ? AND config_hash = ?",
+                       (model, config_hash))
+            cursor = db.execute(
+                "INSERT INTO runs (model, config_hash, family, group_spec, status, pretrained, "
+                "note, images, seconds, images_per_second, batch_size, attempts, device, loader, "
+                "backend, started, finished, env_id, config) "
+                "VALUES (?, ?, ?, ?, 'done', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (model, config_hash, family, group_spec, _plain(config.get("pretrained")),
+                 config.get("note"), _plain(config.get("images")), _plain(config.get("seconds")),
+                 _plain(config.get("images_per_second")), _plain(config.get("batch_size")),
+                 attempts, config.get("device"), config.get("loader"), config.get("backend"),
+                 started or _now(), _now(), env_id, json.dumps(config, default=str)),
+            )
+            run_id = int(cursor.lastrowid)
+            layers = frame.drop_duplicates("layer")[LAYER_COLUMNS]
+            db.executemany(
+                f"INSERT INTO layers (run_id, {', '.join(LAYER_COLUMNS)}) VALUES "
+                f"(?, {', '.join('?' for _ in LAYER_COLUMNS)})",
+                [(run_id, *map(_plain, row)) for row in layers.itertuples(index=False)],
+            )
+            db.executemany(
+                f"INSERT INTO scores (run_id, {', '.join(SCORE_COLUMNS)}) VALUES "
+                f"(?, {', '.join('?' for _ in SCORE_COLUMNS)})",
+                [(run_id, *map(_plain, row))
+                 for row in frame[SCORE_COLUMNS].itertuples(index=False)],
+            )
+            model_rows = result.model_frame[MODEL_COLUMNS[1:]]
+            db.executemany(
+                "INSERT INTO model_scores (run_id, metric, value, ci_low, ci_high, n) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [(run_id, *map(_plain, row)) for row in model_rows.itertuples(index=False)],
+            )
+            db.executemany("INSERT INTO skipped (run_id, path, reason) VALUES (?, ?, ?)",
+                           [(run_id, str(path), str(reason)) for path, reason in result.skipped])
+        return run_id
+
+    def add_error(self, *, model: str, config_hash: str, attempt: int, batch_size: int | None,
+                  kind: str, message: str, traceback: str, env_id: int | None = None,
+                  fatal: bool = True, group_spec: str | None = None, family: str | None = None,
+                  config: dict[str, Any] | None = None) -> None:
+        """Record a failure; a fatal one also marks the pair ``failed`` in ``runs`` (one
+        transaction), unless it is already done."""
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO errors (model, config_hash, attempt, batch_size, kind, message, "
+                "traceback, time, env_id, fatal) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (model, config_hash, attempt, batch_size, kind, message, traceback, _now(),
+                 env_id, int(fatal)),
+            )
+            if fatal and self.status(model, config_hash) != "done":
+                db.execute("DELETE FROM runs WHERE model = ? AND config_hash = ?",
+                           (model, config_hash))
+                db.execute(
+                    "INSERT INTO runs (model, config_hash, family, group_spec, status, "
+                    "batch_size, attempts, finished, env_id, config, error) "
+                    "VALUES (?, ?, ?, ?, 'failed', ?, ?, ?, ?, ?, ?)",
+                    (model, config_hash, family, group_spec, batch_size, attempt, _now(), env_id,
+                     json.dumps(config or {}, default=str), message.splitlines()[0][:500]
+                     if message else kind),
+                )
+
+    # ---------------------------------------------------------------------------------------
+    # reading (analysis code)
+
+    def _frame(self, sql: str, params: tuple = ()) -> pd.DataFrame:
+        return pd.read_sql_query(sql, self._connection, params=params)
+
+    @property
+    def runs(self) -> pd.DataFrame:
+        """One row per ``(model, config)``: status, timing, family, configuration (JSON)."""
+        frame = self._frame(f"SELECT {', '.join(RUN_COLUMNS)} FROM runs ORDER BY run_id")
+        frame["pretrained"] = frame["pretrained"].map(lambda v: None if pd.isna(v) else bool(v))
+        return frame
+
+    @property
+    def scores(self) -> pd.DataFrame:
+        """The per-layer scores of every finished run: :data:`equifast.result.FRAME_COLUMNS` plus
+        ``run_id`` and ``group_spec`` (the columns of :attr:`equifast.Result.frame`)."""
+        columns = ", ".join(
+            "runs.model" if c == "model" else
+            f"layers.{c}" if c in LAYER_COLUMNS else f"scores.{c}" for c in FRAME_COLUMNS
+        )
+        frame = self._frame(
+            f"SELECT scores.run_id, runs.group_spec, {columns} FROM scores "
+            "JOIN runs USING (run_id) JOIN layers USING (run_id, layer) "
+            "WHERE runs.status = 'done' ORDER BY scores.run_id, layers.depth, scores.rowid"
+        )
+        for column in ("exact", "pooled"):
+            frame[column] = frame[column].astype(bool)
+        return frame
+
+    @property
+    def layers(self) -> pd.DataFrame:
+        """Layer geometry per finished run (``run_id``, ``model`` and the layer columns)."""
+        return self._frame(
+            "SELECT layers.run_id, runs.model, runs.group_spec, layers.* FROM layers "
+            "JOIN runs USING (run_id) WHERE runs.status = 'done' ORDER BY run_id, depth"
+        ).loc[:, lambda f: ~f.columns.duplicated()]
+
+    @property
+    def model_scores(self) -> pd.DataFrame:
+        """top1, top5 and consistency of every finished run, with ``run_id, group_spec``."""
+        return self._frame(
+            "SELECT model_scores.run_id, runs.group_spec, runs.model, metric, value, ci_low, "
+            "ci_high, n FROM model_scores JOIN runs USING (run_id) WHERE runs.status = 'done' "
+            "ORDER BY model_scores.run_id, model_scores.rowid"
+        )
+
+    @property
+    def skipped(self) -> pd.DataFrame:
+        """Unreadable input files, per run."""
+        return self._frame("SELECT skipped.run_id, runs.model, path, reason FROM skipped "
+                           "JOIN runs USING (run_id) ORDER BY skipped.rowid")
+
+    @property
+    def errors(self) -> pd.DataFrame:
+        """Every recorded failure, with its traceback (``fatal=False``: a retry got past it)."""
+        frame = self._frame("SELECT * FROM errors ORDER BY error_id")
+        frame["fatal"] = frame["fatal"].astype(bool)
+        return frame
+
+    @property
+    def environments(self) -> pd.DataFrame:
+        return self._frame("SELECT * FROM environments ORDER BY env_id")
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        """Every table as a frame (what :func:`export_store` writes)."""
+        return {"runs": self.runs, "scores": self.scores, "layers": self.layers,
+                "model_scores": self.model_scores, "skipped": self.skipped,
+                "errors": self.errors, "environments": self.environments}
+
+    def result(self, model: str, group_spec: str | None = None) -> Result:
+        """The finished run of ``model`` as a :class:`equifast.Result` (the latest one when the
+        store holds several configurations; ``group_spec`` picks among them).
+
+        Raises:
+            KeyError: no finished run of that model (the message lists the models there are).
+        """
+        sql = "SELECT run_id, config FROM runs WHERE status = 'done' AND model = ?"
+        params: tuple = (model,)
+        if group_spec is not None:
+            sql += " AND group_spec = ?"
+            params += (group_spec,)
+        row = self._connection.execute(sql + " ORDER BY run_id DESC", params).fetchone()
+        if row is None:
+            known = [r[0] for r in self._connection.execute(
+                "SELECT DISTINCT model FROM runs WHERE status = 'done' ORDER BY model")]
+            raise KeyError(f"no finished run of {model!r}"
+                           f"{'' if group_spec is None else f' for group {group_spec!r}'} in "
+                           f"{self.path}; finished models: {known}")
+        run_id, config = int(row[0]), json.loads(row[1] or "{}")
+        scores, model_scores, skipped = self.scores, self.model_scores, self.skipped
+        frame = scores[scores.run_id == run_id][FRAME_COLUMNS].reset_index(drop=True)
+        model_frame = model_scores[model_scores.run_id == run_id][MODEL_COLUMNS]
+        skipped = skipped[skipped.run_id == run_id]
+        return Result(frame=frame, model_frame=model_frame.reset_index(drop=True), config=config,
+                      skipped=list(zip(skipped.path, skipped.reason)))
+
+
+def open_store(path: str | os.PathLike) -> SurveyStore:
+    """Open an existing survey store for analysis (frames: ``runs``, ``scores``, ``layers``,
+    ``model_scores``, ``skipped``, ``errors``, ``environments``).
+
+    Raises:
+        FileNotFoundError: there is no store at ``path``.
+    """
+    return SurveyStore(path, create=False)
+
+
+def export_store(path: str | os.PathLike, out: str | os.PathLike, format: str = "parquet"
+                 ) -> list[Path]:
+    """Write every table of a store to ``out/<table>.<format>`` (``parquet`` or ``csv``).
+
+    Returns:
+        The files written.
+    """
+    if format not in ("parquet", "csv"):
+        raise ValueError(f"format: expected 'parquet' or 'csv', found {format!r}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    with open_store(path) as store:
+        for name, frame in store.tables().items():
+            target = out / f"{name}.{format}"
+            if format == "parquet":
+                frame.to_parquet(target, index=False)
+            else:
+                frame.to_csv(target, index=False)
+            written.append(target)
+    return written

@@ -1,0 +1,65 @@
+"""Small timm-registered models for the survey tests: a healthy one and ones that fail on purpose.
+
+Imported by tests/test_survey.py (and by Ray workers through PYTHONPATH), registering the models
+with timm as a user's plugin module would.
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.models import register_model
+from torch import nn
+
+
+class TinyNet(nn.Module):
+    """conv - relu - strided conv - pool - linear: two measured stages."""
+
+    def __init__(self, num_classes: int = 10, fail: str = "", max_forward_batch: int = 0, **_):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.conv2 = nn.Conv2d(6, 8, 3, stride=2, padding=1)
+        self.head = nn.Linear(8, num_classes)
+        self.fail = fail
+        self.max_forward_batch = max_forward_batch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.max_forward_batch and x.shape[0] > self.max_forward_batch:
+            # what a device that cannot hold the stacked batch raises
+            raise torch.OutOfMemoryError(
+                f"CUDA out of memory (test model: forward batch {x.shape[0]} > "
+                f"{self.max_forward_batch})"
+            )
+        if self.fail == "raise":
+            raise RuntimeError("test model: this architecture is broken on purpose")
+        x = torch.relu(self.conv1(x))
+        if self.fail == "nan":
+            x = x * float("nan")
+        x = self.conv2(x)
+        return self.head(x.mean((2, 3)))
+
+
+@register_model
+def eqtest_tiny(pretrained: bool = False, **kwargs) -> nn.Module:
+    return TinyNet(**kwargs)
+
+
+@register_model
+def eqtest_raises(pretrained: bool = False, **kwargs) -> nn.Module:
+    return TinyNet(fail="raise", **kwargs)
+
+
+@register_model
+def eqtest_nan(pretrained: bool = False, **kwargs) -> nn.Module:
+    return TinyNet(fail="nan", **kwargs)
+
+
+@register_model
+def eqtest_oom_above_8(pretrained: bool = False, **kwargs) -> nn.Module:
+    """Out of memory for forward batches above 8 images: fits at batch 4 with one element per
+    forward (identity + element = 2 x 4)."""
+    return TinyNet(max_forward_batch=8, **kwargs)
+
+
+@register_model
+def eqtest_oom_always(pretrained: bool = False, **kwargs) -> nn.Module:
+    return TinyNet(max_forward_batch=1, **kwargs)

@@ -1,0 +1,344 @@
+"""Surveys: the SQLite store, resuming, failures (raise, NaN, out of memory), SIGKILL, Ray, CLI."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import equifast
+from equifast.cli import main
+from equifast.result import FRAME_COLUMNS
+from equifast.survey import (
+    SurveyStore,
+    export_store,
+    family_of,
+    open_store,
+    resolve_models,
+    run_survey,
+)
+
+sys.path.insert(0, str(Path(__file__).parent))
+import survey_models  # noqa: E402,F401 - registers the eqtest_* models with timm
+
+TESTS = Path(__file__).parent
+# Small and quick: 4 sample photos at 32x32, two shifts, few bootstrap resamples.
+SETTINGS = dict(group="translate:4,8", limit=4, input_size=(32, 32), bootstrap=20,
+                progress=False, log=None)
+REAL_MODELS = ["resnet10t", "convnext_atto", "mobilenetv3_small_050"]
+
+
+def _survey(models, store, **overrides):
+    return run_survey(models, "samples", store, **{**SETTINGS, **overrides})
+
+
+def _rows(store_path) -> pd.DataFrame:
+    """Scores of a store, keyed and sorted, without the run ids (which differ between stores)."""
+    with open_store(store_path) as store:
+        frame = store.scores.drop(columns=["run_id"])
+    return frame.sort_values(["model", "layer", "element", "comparison", "metric"]).reset_index(
+        drop=True)
+
+
+def test_store_round_trip_matches_measure(tmp_path):
+    store_path = tmp_path / "s.sqlite"
+    summary = _survey(["eqtest_tiny"], store_path)
+    assert summary.done == ["eqtest_tiny"] and not summary.failed and not summary.skipped
+    torch.manual_seed(0)  # the survey's seed: the same random init
+    direct = equifast.measure(
+        survey_models.TinyNet(), "samples", group="translate:4,8", limit=4, input_size=(32, 32),
+        bootstrap=20, progress=False, batch_size=32, seed=0, model_name="eqtest_tiny",
+    )
+    with open_store(store_path) as store:
+        assert list(store.scores.columns[:2]) == ["run_id", "group_spec"]
+        assert set(FRAME_COLUMNS) <= set(store.scores.columns)
+        result = store.result("eqtest_tiny")
+        runs = store.runs
+        env = store.environments
+    # Same weights (seeded random init), same numbers as measuring the module directly.
+    merged = result.frame.merge(direct.frame, on=["layer", "element", "comparison", "metric"],
+                                suffixes=("", "_direct"))
+    assert len(merged) == len(direct.frame) == len(result.frame) > 0
+    np.testing.assert_allclose(merged["value"], merged["value_direct"], rtol=1e-9, atol=1e-12)
+    assert (merged["n"] == merged["n_direct"]).all()
+    assert runs.loc[0, "status"] == "done" and runs.loc[0, "images"] == 4
+    assert runs.loc[0, "family"] == "survey_models"
+    assert runs.loc[0, "images_per_second"] > 0
+    assert env.loc[0, "torch"] and env.loc[0, "device"] == "cpu"
+    assert list(result.model_frame.metric) == ["consistency"]
+
+
+def test_rerun_skips_finished_and_writes_no_duplicate(tmp_path):
+    store_path = tmp_path / "s.sqlite"
+    _survey(["eqtest_tiny"], store_path)
+    before = _rows(store_path)
+    again = _survey(["eqtest_tiny", "resnet10t"], store_path)
+    assert again.skipped == ["eqtest_tiny"] and again.done == ["resnet10t"]
+    with open_store(store_path) as store:
+        assert store.runs.groupby("model").size().to_dict() == {"eqtest_tiny": 1, "resnet10t": 1}
+    pd.testing.assert_frame_equal(_rows(store_path).query("model == 'eqtest_tiny'")
+                                  .reset_index(drop=True), before)
+    # Another configuration of the same model is another run, not a duplicate.
+    other = _survey(["eqtest_tiny"], store_path, group="rotate:90")
+    assert other.done == ["eqtest_tiny"]
+    with open_store(store_path) as store:
+        assert sorted(store.runs.group_spec) == ["rotate:90", "translate:4,8", "translate:4,8"]
+        rotated = store.result("eqtest_tiny", "rotate:90")
+        assert rotated.config["elements"] == equifast.parse_group("rotate:90").names
+
+
+def test_store_refuses_a_duplicate_inside_one_transaction(tmp_path):
+    store_path = tmp_path / "s.sqlite"
+    _survey(["eqtest_tiny"], store_path)
+    with SurveyStore(store_path) as store:
+        result = store.result("eqtest_tiny")
+        key = store.runs.loc[0, "config_hash"]
+        with pytest.raises(ValueError, match="already in"):
+            store.add_result(result, model="eqtest_tiny", config_hash=key, family=None,
+                             group_spec="translate:4,8")
+        scores = len(store.scores)
+    assert scores == len(result.frame)
+
+
+def test_failures_are_recorded_and_the_survey_goes_on(tmp_path):
+    store_path = tmp_path / "s.sqlite"
+    summary = _survey(["eqtest_raises", "eqtest_nan", "eqtest_tiny", "no_such_model_xyz"],
+                      store_path)
+    assert summary.done == ["eqtest_tiny"]
+    assert sorted(summary.failed) == ["eqtest_nan", "eqtest_raises", "no_such_model_xyz"]
+    with open_store(store_path) as store:
+        runs = store.runs.set_index("model")
+        errors = store.errors.set_index("model")
+    assert runs.loc["eqtest_raises", "status"] == "failed"
+    assert "broken on purpose" in runs.loc["eqtest_raises", "error"]
+    assert errors.loc["eqtest_raises", "kind"] == "RuntimeError"
+    assert "Traceback" in errors.loc["eqtest_raises", "traceback"]
+    assert "survey_models.py" in errors.loc["eqtest_raises", "traceback"]
+    assert errors.loc["eqtest_nan", "kind"] == "non_finite"
+    assert "NaN" in errors.loc["eqtest_nan", "message"]
+    assert errors.loc["no_such_model_xyz", "kind"] == "UnknownModelError"
+    assert errors["fatal"].all()
+
+    # Failed pairs are skipped next time, measured again with retry_failed.
+    again = _survey(["eqtest_raises"], store_path)
+    assert again.skipped == ["eqtest_raises"] and not again.failed
+    retried = _survey(["eqtest_raises"], store_path, retry_failed=True)
+    assert retried.failed == ["eqtest_raises"]
+    with open_store(store_path) as store:
+        assert (store.runs.model == "eqtest_raises").sum() == 1
+        assert (store.errors.model == "eqtest_raises").sum() == 2
+
+
+def test_out_of_memory_halves_the_batch_until_it_fits(tmp_path):
+    store_path = tmp_path / "s.sqlite"
+    with pytest.warns(UserWarning, match="out of memory"):
+        summary = _survey(["eqtest_oom_above_8"], store_path, batch_size=16, limit=8)
+    assert summary.done == ["eqtest_oom_above_8"]
+    with open_store(store_path) as store:
+        run = store.runs.iloc[0]
+        errors = store.errors
+        assert store.result("eqtest_oom_above_8").config["images"] == 8
+    # Batches of 16 (all 8 photos) and 8 do not fit even at one element per forward (the engine
+    # shrinks that first): 2 x 8 images > 8; a batch of 4 does.
+    assert run["batch_size"] == 4 and run["attempts"] == 3
+    assert list(errors.batch_size) == [16, 8] and list(errors.kind) == ["out_of_memory"] * 2
+    assert not errors.fatal.any()
+
+
+@pytest.mark.filterwarnings("ignore:out of memory")
+def test_out_of_memory_gives_up_at_the_floor(tmp_path):
+    store_path = tmp_path / "s.sqlite"
+    summary = _survey(["eqtest_oom_always", "eqtest_tiny"], store_path, batch_size=8,
+                      min_batch_size=2)
+    assert summary.failed == ["eqtest_oom_always"] and summary.done == ["eqtest_tiny"]
+    with open_store(store_path) as store:
+        errors = store.errors
+        run = store.runs.set_index("model").loc["eqtest_oom_always"]
+    assert list(errors.batch_size) == [8, 4, 2]
+    assert list(errors.fatal) == [False, False, True]
+    assert "smallest batch size" in errors.message.iloc[-1]
+    assert run["status"] == "failed" and run["batch_size"] == 2
+
+
+def test_resolve_models_names_wildcards_and_lists(tmp_path):
+    listing = tmp_path / "models.txt"
+    listing.write_text("# my survey\nresnet10t\n\nconvnext_atto  # a comment\nresnet10t\n")
+    names = resolve_models(["resnet1?t", "tv:resnet1*"], model_list=listing)
+    assert names[:2] == ["resnet10t", "resnet14t"]
+    assert "tv:resnet18" in names and "convnext_atto" in names
+    assert len(names) == len(set(names))
+    pretrained = resolve_models(["resnet10t*"], pretrained_only=True)
+    assert pretrained and all(n.startswith("resnet10t.") for n in pretrained)
+    with pytest.raises(ValueError, match="matches no"):
+        resolve_models(["nothing_like_this_*"])
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        resolve_models([], model_list=tmp_path / "missing.txt")
+    assert family_of("resnet50.a1_in1k") == "resnet"
+    assert family_of("vit_tiny_patch16_224") == "vision_transformer"
+    assert family_of("tv:resnet50") == "resnet"
+
+
+def test_open_store_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no survey store at .*absent.sqlite"):
+        open_store(tmp_path / "absent.sqlite")
+    other = tmp_path / "other.sqlite"
+    sqlite3.connect(other).execute("CREATE TABLE t (x)").connection.commit()
+    with pytest.raises(ValueError, match="not an equifast survey store"):
+        open_store(other)
+    text = tmp_path / "text.sqlite"
+    text.write_text("hello, not a database " * 100)
+    with pytest.raises(ValueError, match="not an equifast survey store"):
+        open_store(text)
+
+
+def test_survey_argument_errors(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="min_batch_size"):
+        _survey(["eqtest_tiny"], tmp_path / "s.sqlite", batch_size=2, min_batch_size=4)
+    with pytest.raises(ValueError):
+        _survey(["eqtest_tiny"], tmp_path / "s.sqlite", group="translate:banana")
+    with pytest.raises(FileNotFoundError, match="no folder"):
+        run_survey(["eqtest_tiny"], tmp_path / "nowhere", tmp_path / "s.sqlite", log=None)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="torchrun"):
+        _survey(["eqtest_tiny"], tmp_path / "s.sqlite")
+    assert not (tmp_path / "s.sqlite").exists()
+
+
+def _cli_survey(store_path, models) -> list[str]:
+    # The real command line in a fresh interpreter (the test models through --import).
+    return [sys.executable, "-m", "equifast", "survey", "--import", "survey_models",
+            "--models", *models, "--samples",
+            "--group", "translate:4,8", "--limit", "4", "--input-size", "32", "--bootstrap",
+            "20", "--store", str(store_path), "--quiet"]
+
+
+def _done_models(store_path) -> list[str]:
+    if not Path(store_path).exists():
+        return []
+    try:
+        connection = sqlite3.connect(store_path, timeout=10)
+        try:
+            rows = connection.execute("SELECT model FROM runs WHERE status = 'done'").fetchall()
+        finally:
+            connection.close()
+    except sqlite3.OperationalError:  # the schema is not there yet
+        return []
+    return [r[0] for r in rows]
+
+
+def test_sigkill_at_a_random_moment_loses_nothing_and_duplicates_nothing(tmp_path):
+    models = ["eqtest_tiny", "resnet10t", "convnext_atto", "mobilenetv3_small_050",
+              "resnet14t", "regnetx_002"]
+    store_path = tmp_path / "killed.sqlite"
+    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1"}
+    rng = random.Random(1234)
+    kills = 0
+    for _ in range(4):  # kill up to two times, then let it finish
+        done_before = _done_models(store_path)
+        process = subprocess.Popen(_cli_survey(store_path, models), env=env,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if kills < 2:
+            # Wait for this run to commit one model, then kill at a random moment after it
+            # (inside the next model's measurement or its transaction).
+            deadline = time.monotonic() + 120
+            while (len(_done_models(store_path)) <= len(done_before)
+                   and process.poll() is None and time.monotonic() < deadline):
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0.0, 0.6))
+            if process.poll() is None:
+                process.send_signal(signal.SIGKILL)
+                assert process.wait(timeout=30) == -signal.SIGKILL
+                kills += 1
+                after = _done_models(store_path)
+                assert set(done_before) < set(after)  # nothing committed was lost
+                continue
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stderr.decode()[-2000:]
+        break
+    assert kills >= 1  # a run may finish before its random moment comes; one kill is a must
+    done = _done_models(store_path)
+    assert sorted(done) == sorted(models) and len(done) == len(models)
+
+    # The killed-and-resumed store holds exactly what an uninterrupted survey writes.
+    clean_path = tmp_path / "clean.sqlite"
+    subprocess.run(_cli_survey(clean_path, models), env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+    killed, clean = _rows(store_path), _rows(clean_path)
+    assert len(killed) == len(clean) > 0
+    pd.testing.assert_frame_equal(killed.drop(columns="value"), clean.drop(columns="value"))
+    np.testing.assert_allclose(killed["value"], clean["value"], rtol=1e-6, atol=1e-9)
+    with open_store(store_path) as store:
+        assert store.runs.groupby(["model", "config_hash"]).size().max() == 1
+        assert store.layers.groupby(["run_id", "layer"]).size().max() == 1
+
+
+def test_cli_survey_and_export(tmp_path, capsys):
+    store_path = tmp_path / "s.sqlite"
+    code = main(["survey", "--models", "eqtest_tiny", "eqtest_raises", "--samples", "--group",
+                 "translate:4,8", "--limit", "4", "--input-size", "32", "--bootstrap", "20",
+                 "--store", str(store_path), "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 1  # one model failed: the exit status says so
+    assert "1 done" in out and "1 failed" in out and "eqtest_raises" in out
+    for fmt in ("parquet", "csv"):
+        assert main(["export", str(store_path), "--format", fmt, "-o",
+                     str(tmp_path / fmt)]) == 0
+        scores_file = tmp_path / fmt / f"scores.{fmt}"
+        frame = pd.read_parquet(scores_file) if fmt == "parquet" else pd.read_csv(scores_file)
+        assert set(frame.model) == {"eqtest_tiny"} and len(frame) > 0
+        errors_file = tmp_path / fmt / f"errors.{fmt}"
+        errors = pd.read_parquet(errors_file) if fmt == "parquet" else pd.read_csv(errors_file)
+        assert list(errors.model) == ["eqtest_raises"]
+    assert sorted(p.name for p in (tmp_path / "csv").iterdir()) == sorted(
+        f"{t}.csv" for t in ("runs", "scores", "layers", "model_scores", "skipped", "errors",
+                             "environments"))
+    assert main(["export", str(tmp_path / "absent.sqlite")]) == 2
+    assert "no survey store" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="format"):
+        export_store(store_path, tmp_path / "x", "xlsx")
+
+
+def test_ray_survey_gives_the_sequential_rows(tmp_path, monkeypatch):
+    sequential, distributed = tmp_path / "seq.sqlite", tmp_path / "ray.sqlite"
+    _survey(REAL_MODELS, sequential)
+    # Ray's local workers inherit the driver's environment: they find the eqtest_* models too.
+    monkeypatch.setenv("PYTHONPATH", f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    summary = _survey(REAL_MODELS + ["eqtest_raises"], distributed, ray=True,
+                      imports=["survey_models"])
+    assert sorted(summary.done) == sorted(REAL_MODELS)
+    assert summary.failed == ["eqtest_raises"]
+    seq, ray_rows = _rows(sequential), _rows(distributed)
+    assert len(seq) == len(ray_rows) > 0
+    pd.testing.assert_frame_equal(seq.drop(columns="value"), ray_rows.drop(columns="value"))
+    np.testing.assert_allclose(seq["value"], ray_rows["value"], rtol=1e-6, atol=1e-9)
+    with open_store(distributed) as store:
+        assert "broken on purpose" in store.errors.traceback.iloc[0]
+
+
+def test_config_hash_follows_what_changes_the_numbers(tmp_path):
+    from equifast.survey.runner import survey_config
+    from equifast.survey.store import config_hash
+
+    images = torch.zeros(2, 3, 8, 8)
+    base = config_hash(survey_config("translate:4", images, {"labels": torch.arange(2)}))
+    assert base == config_hash(survey_config("translate:4", images.clone(),
+                                             {"labels": torch.arange(2), "batch_size": 7,
+                                              "device": "cpu", "num_workers": 3}))
+    changed = images.clone()
+    changed[1, 2, 4, 4] = 1  # one pixel: str(tensor) would not show it, the hash does
+    assert base != config_hash(survey_config("translate:4", changed, {"labels": torch.arange(2)}))
+    assert base != config_hash(survey_config("translate:4", images, {"labels": torch.ones(2)}))
+    assert base != config_hash(survey_config("translate:8", images, {"labels": torch.arange(2)}))
+    assert config_hash(survey_config("flip", tmp_path, {})) == config_hash(
+        survey_config("flip", str(tmp_path), {}))
