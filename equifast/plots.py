@@ -1,24 +1,72 @@
-"""Plots of measurement results (matplotlib figures for analysis code and reports).
+"""Plots of measurement results and surveys (matplotlib figures for analysis code and reports).
+
+Every function returns a matplotlib ``Figure`` (Agg backend: no screen needed); save it with
+``fig.savefig("depth.png")``.
+
+- :func:`plot_depth`: one :class:`equifast.Result`, scores against relative depth.
+- :func:`plot_model_depth`: one model of a survey, one panel per group.
+- :func:`plot_accuracy_vs_equivariance`: every model of a survey, accuracy against mean
+  equivariance, coloured by architecture family, with Pearson and Spearman correlations and their
+  bootstrap CIs (one panel per group).
+- :func:`model_summary` and :func:`correlations`: the numbers behind the survey plots.
 
 Example:
-    >>> fig = plot_depth(result)           # doctest: +SKIP
-    >>> fig.savefig("depth.png")           # doctest: +SKIP
+    >>> fig = plot_depth(result)                                        # doctest: +SKIP
+    >>> fig.savefig("depth.png")                                        # doctest: +SKIP
+    >>> from equifast.survey import open_store
+    >>> store = open_store("survey.sqlite")                             # doctest: +SKIP
+    >>> plot_accuracy_vs_equivariance(store).savefig("acc.svg")         # doctest: +SKIP
+    >>> plot_model_depth(store.scores.query("model == 'resnet18'"))     # doctest: +SKIP
 """
 
 from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")  # no screen on survey machines; callers can switch backends before import
 
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+
+__all__ = [
+    "COMPARISON_STYLE",
+    "accuracy_column",
+    "correlations",
+    "model_summary",
+    "plot_accuracy_vs_equivariance",
+    "plot_depth",
+    "plot_model_depth",
+]
 
 COMPARISON_STYLE = {
     "eq": ("equivariance", "tab:blue"),
     "inv": ("invariance", "tab:orange"),
     "chance": ("chance", "tab:grey"),
 }
+
+
+def _draw_depth(ax, rows: pd.DataFrame, metric: str) -> None:
+    """One line per comparison (eq, inv, chance) against relative depth, with 95% CI bands."""
+    for comparison, (label, colour) in COMPARISON_STYLE.items():
+        part = rows[rows.comparison == comparison].sort_values("depth")
+        if part.empty:
+            continue
+        ax.plot(part.rel_depth, part.value, marker="o", color=colour, label=label)
+        ax.fill_between(part.rel_depth, part.ci_low.astype(float), part.ci_high.astype(float),
+                        color=colour, alpha=0.2)
+    layers = rows.drop_duplicates("layer").sort_values("depth")
+    ax.set_xticks(layers.rel_depth, layers.layer, rotation=45, ha="right", fontsize=8)
+    ax.set_xlabel("layer (relative depth)")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
 
 
 def plot_depth(result, metric: str = "corr", element: str = "mean", ax=None):
@@ -41,19 +89,295 @@ def plot_depth(result, metric: str = "corr", element: str = "mean", ax=None):
         fig, ax = plt.subplots(figsize=(7, 4), constrained_layout=True)
     else:
         fig = ax.figure
-    for comparison, (label, colour) in COMPARISON_STYLE.items():
-        part = rows[rows.comparison == comparison].sort_values("depth")
-        if part.empty:
-            continue
-        ax.plot(part.rel_depth, part.value, marker="o", color=colour, label=label)
-        ax.fill_between(part.rel_depth, part.ci_low, part.ci_high, color=colour, alpha=0.2)
-    layers = rows.drop_duplicates("layer").sort_values("depth")
-    ax.set_xticks(layers.rel_depth, layers.layer, rotation=45, ha="right", fontsize=8)
-    ax.set_xlabel("layer (relative depth)")
-    ax.set_ylabel(metric)
+    _draw_depth(ax, rows, metric)
     model = result.config.get("model", "")
     group = result.config.get("group", "")
     ax.set_title(f"{model}: {metric} under {group} ({element})")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
+    return fig
+
+
+def _latest_runs(frame: pd.DataFrame) -> pd.DataFrame:
+    """Keep, per ``(model, group_spec)``, the rows of the latest ``run_id`` (a store can hold a
+    model twice under one group with different settings, e.g. another ``limit``)."""
+    if "run_id" not in frame.columns or frame.empty:
+        return frame
+    keys = [c for c in ("model", "group_spec") if c in frame.columns]
+    latest = frame.groupby(keys, dropna=False)["run_id"].transform("max")
+    return frame[frame["run_id"] == latest]
+
+
+def plot_model_depth(scores, metric: str = "corr", element: str = "mean", *,
+                     model: str | None = None, ncols: int = 2):
+    """One model's scores against relative depth: equivariance, invariance and chance with 95% CI
+    bands, one panel per group.
+
+    Args:
+        scores: The rows of one model: a slice of :attr:`SurveyStore.scores
+            <equifast.survey.SurveyStore.scores>` (panels per ``group_spec``; the latest run per
+            group), a :attr:`Result.frame <equifast.Result.frame>`, or a :class:`equifast.Result`.
+        metric: Which score (default ``corr``).
+        element: A group element name, or ``"mean"`` (the average over elements).
+        model: Pick this model when ``scores`` holds several.
+        ncols: Panels per row.
+
+    Returns:
+        The matplotlib ``Figure`` (one Axes per group, in order of first appearance).
+
+    Raises:
+        ValueError: no rows for the metric/element, or several models and no ``model``.
+    """
+    groups_default = None
+    if hasattr(scores, "frame") and hasattr(scores, "config"):  # a Result
+        groups_default = str(scores.config.get("group", ""))
+        scores = scores.frame
+    frame = scores
+    if model is not None:
+        frame = frame[frame.model == model]
+        if frame.empty:
+            known = sorted(scores.model.unique())
+            raise ValueError(f"no rows of model {model!r} (models: {known})")
+    models = list(dict.fromkeys(frame.model))
+    if len(models) > 1:
+        raise ValueError(f"plot_model_depth: the frame holds {len(models)} models {models[:5]}; "
+                         "pass model=NAME or a frame of one model")
+    rows = frame[(frame.metric == metric) & (frame.element == element)]
+    if rows.empty:
+        found = sorted(frame.metric.unique()) if not frame.empty else []
+        raise ValueError(f"no rows for metric {metric!r} and element {element!r} "
+                         f"(metrics there: {found})")
+    rows = _latest_runs(rows)
+    if "group_spec" in rows.columns:
+        groups = list(dict.fromkeys(rows.group_spec))
+    else:
+        groups = [groups_default]
+    ncols = max(1, min(ncols, len(groups)))
+    nrows = math.ceil(len(groups) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.5 * ncols, 4.2 * nrows),
+                             constrained_layout=True, squeeze=False)
+    name = models[0] if models else ""
+    for ax, group in zip(axes.flat, groups):
+        part = rows if group is None or "group_spec" not in rows.columns else rows[
+            rows.group_spec == group]
+        _draw_depth(ax, part, metric)
+        ax.set_title(f"{name}: {metric} under {group or '?'} ({element})", fontsize=10)
+    for ax in list(axes.flat)[len(groups):]:
+        ax.remove()
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# surveys
+
+
+def _survey_frames(source) -> dict[str, pd.DataFrame]:
+    """``runs``, ``scores`` and ``model_scores`` frames from a store, a store's path, or a mapping
+    holding them."""
+    if isinstance(source, Mapping):
+        missing = {"runs", "scores", "model_scores"} - set(source)
+        if missing:
+            raise ValueError(f"expected frames runs, scores, model_scores; missing "
+                             f"{sorted(missing)}")
+        return {k: source[k] for k in ("runs", "scores", "model_scores")}
+    if isinstance(source, (str, os.PathLike)):
+        from equifast.survey import open_store
+
+        with open_store(source) as store:
+            return {"runs": store.runs, "scores": store.scores,
+                    "model_scores": store.model_scores}
+    if all(hasattr(source, k) for k in ("runs", "scores", "model_scores")):
+        return {"runs": source.runs, "scores": source.scores, "model_scores": source.model_scores}
+    raise TypeError(f"expected a SurveyStore, a store path or a mapping of frames, found "
+                    f"{type(source).__name__}")
+
+
+def model_summary(source, metric: str = "corr") -> pd.DataFrame:
+    """One row per finished ``(model, group_spec)`` (its latest run): what the survey plots show.
+
+    Args:
+        source: A :class:`~equifast.survey.SurveyStore`, its path, or a mapping with the frames
+            ``runs``, ``scores`` and ``model_scores``.
+        metric: The score whose equivariance is averaged (default ``corr``).
+
+    Returns:
+        Columns ``run_id, model, family, group_spec, pretrained, images, images_per_second,
+        top1, top1_low, top1_high, top5, consistency, consistency_low, consistency_high,
+        mean_eq, layers``: ``mean_eq`` is the mean over layers of the ``eq`` ``metric`` at element
+        ``"mean"`` (NaN layers left out); a missing top-1 (data without labels) is NaN.
+    """
+    frames = _survey_frames(source)
+    runs = frames["runs"]
+    done = runs[runs.status == "done"].copy()
+    columns = ["run_id", "model", "family", "group_spec", "pretrained", "images",
+               "images_per_second", "top1", "top1_low", "top1_high", "top5", "consistency",
+               "consistency_low", "consistency_high", "mean_eq", "layers"]
+    if done.empty:
+        return pd.DataFrame(columns=columns)
+    done = _latest_runs(done)
+    scores = frames["scores"]
+    eq = scores[(scores.metric == metric) & (scores.comparison == "eq")
+                & (scores.element == "mean")]
+    per_run = eq.groupby("run_id")["value"].agg(["mean", "count"])
+    summary = done[["run_id", "model", "family", "group_spec", "pretrained", "images",
+                    "images_per_second"]].set_index("run_id")
+    summary["mean_eq"] = per_run["mean"]
+    summary["layers"] = per_run["count"].reindex(summary.index).fillna(0).astype(int)
+    model_scores = frames["model_scores"]
+    for name in ("top1", "top5", "consistency"):
+        part = model_scores[model_scores.metric == name].drop_duplicates("run_id", keep="last")
+        part = part.set_index("run_id")
+        summary[name] = part["value"].reindex(summary.index).astype(float)
+        if name != "top5":
+            summary[f"{name}_low"] = part["ci_low"].reindex(summary.index).astype(float)
+            summary[f"{name}_high"] = part["ci_high"].reindex(summary.index).astype(float)
+    summary["family"] = summary["family"].fillna("unknown")
+    return summary.reset_index()[columns]
+
+
+def _pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Pearson's r of each row pair (NaN where a row is constant)."""
+    x = x - x.mean(axis=1, keepdims=True)
+    y = y - y.mean(axis=1, keepdims=True)
+    denominator = np.sqrt((x * x).sum(axis=1) * (y * y).sum(axis=1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = (x * y).sum(axis=1) / denominator
+    r[~(denominator > 1e-300)] = np.nan
+    return r
+
+
+def correlations(x, y, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+                 ) -> dict[str, Any]:
+    """Pearson and Spearman correlations of paired values, with percentile bootstrap CIs over
+    the pairs (models), resampled with replacement.
+
+    Spearman's rho is Pearson's r of the ranks (average ranks for ties). Pairs with a NaN are left
+    out. Resamples where one side is constant have no correlation and are left out of the CI.
+
+    Returns:
+        ``{"n", "pearson", "pearson_low", "pearson_high", "spearman", "spearman_low",
+        "spearman_high", "n_boot"}``; NaN where fewer than 3 pairs or a side is constant.
+    """
+    x = np.asarray(x, dtype=float)
+    y = np.asarray(y, dtype=float)
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    n = len(x)
+    out: dict[str, Any] = {"n": n, "n_boot": n_boot}
+    for name in ("pearson", "spearman"):
+        out.update({name: math.nan, f"{name}_low": math.nan, f"{name}_high": math.nan})
+    if n < 3:
+        return out
+    rank_x = pd.Series(x).rank().to_numpy()
+    rank_y = pd.Series(y).rank().to_numpy()
+    out["pearson"] = float(_pearson_rows(x[None], y[None])[0])
+    out["spearman"] = float(_pearson_rows(rank_x[None], rank_y[None])[0])
+    if n_boot > 0:
+        index = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+        bx, by = x[index], y[index]
+        boot = {
+            "pearson": _pearson_rows(bx, by),
+            "spearman": _pearson_rows(pd.DataFrame(bx).rank(axis=1).to_numpy(),
+                                      pd.DataFrame(by).rank(axis=1).to_numpy()),
+        }
+        tail = (1 - level) / 2 * 100
+        for name, values in boot.items():
+            values = values[np.isfinite(values)]
+            if len(values) and math.isfinite(out[name]):
+                low, high = np.percentile(values, [tail, 100 - tail])
+                out[f"{name}_low"], out[f"{name}_high"] = float(low), float(high)
+    return out
+
+
+def _format_correlation(stats: dict[str, Any]) -> str:
+    def one(name: str, symbol: str) -> str:
+        value = stats[name]
+        if not math.isfinite(value):
+            return f"{symbol} = n/a"
+        low, high = stats[f"{name}_low"], stats[f"{name}_high"]
+        ci = f" [{low:.2f}, {high:.2f}]" if math.isfinite(low) else ""
+        return f"{symbol} = {value:.2f}{ci}"
+
+    if stats["n"] < 3:
+        return f"correlation: n/a ({stats['n']} model{'s' if stats['n'] != 1 else ''}, need 3)"
+    text = f"{one('pearson', 'Pearson r')}\n{one('spearman', 'Spearman ρ')}"
+    if not math.isfinite(stats["pearson"]):
+        text += "\n(one side is constant)"
+    return text + f"\n95% bootstrap CI, {stats['n_boot']} resamples, n = {stats['n']}"
+
+
+def accuracy_column(summary: pd.DataFrame) -> str:
+    """``"top1"`` when some model of ``summary`` has a top-1 accuracy, else ``"consistency"``
+    (data without labels)."""
+    return "top1" if summary["top1"].notna().any() else "consistency"
+
+
+def plot_accuracy_vs_equivariance(source, metric: str = "corr", *, groups=None,
+                                  n_boot: int = 1000, seed: int = 0, ncols: int = 2,
+                                  annotate: bool | None = None):
+    """Accuracy against mean equivariance, one point per model, coloured by architecture family;
+    one panel per group, with Pearson and Spearman correlations and their bootstrap CIs.
+
+    Accuracy is top-1 (``model_scores``); in a group where no model has one (data without
+    labels) it falls back to ``consistency``, and the axis label says so. Models without either
+    number, or without a finite mean equivariance, are left out (the title counts them).
+
+    Args:
+        source: A :class:`~equifast.survey.SurveyStore`, its path, a mapping with the frames
+            ``runs``, ``scores``, ``model_scores``, or a :func:`model_summary` frame.
+        metric: The score averaged over layers (default ``corr``).
+        groups: Which ``group_spec`` values, in order (default: all, in order of appearance).
+        n_boot: Bootstrap resamples of the models for the CIs (seeded by ``seed``).
+        ncols: Panels per row.
+        annotate: Write model names next to points (default: when at most 30 models).
+
+    Returns:
+        The matplotlib ``Figure``: per panel, one scatter (``ax.collections[0]``) with a point
+        per model.
+    """
+    if isinstance(source, pd.DataFrame):
+        summary = source
+    else:
+        summary = model_summary(source, metric)
+    if summary.empty:
+        raise ValueError("no finished model to plot")
+    if groups is None:
+        groups = list(dict.fromkeys(summary.group_spec))
+    families = sorted(summary.family.fillna("unknown").unique())
+    cmap = plt.get_cmap("tab10" if len(families) <= 10 else "tab20")
+    colour = {f: cmap(i % cmap.N) for i, f in enumerate(families)}
+    ncols = max(1, min(ncols, len(groups)))
+    nrows = math.ceil(len(groups) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.5 * ncols, 5.0 * nrows),
+                             constrained_layout=True, squeeze=False)
+    for ax, group in zip(axes.flat, groups):
+        part = summary[summary.group_spec == group]
+        column = accuracy_column(part)
+        points = part[part[column].notna() & np.isfinite(part.mean_eq.astype(float))]
+        left_out = len(part) - len(points)
+        ax.scatter(points.mean_eq.astype(float), points[column].astype(float),
+                   c=[colour[f] for f in points.family.fillna("unknown")], s=40,
+                   edgecolors="black", linewidths=0.5, zorder=3)
+        if annotate or (annotate is None and len(points) <= 30):
+            for _, row in points.iterrows():
+                ax.annotate(str(row.model), (row.mean_eq, row[column]), fontsize=7,
+                            xytext=(4, 3), textcoords="offset points")
+        stats = correlations(points.mean_eq, points[column], n_boot=n_boot, seed=seed)
+        ax.text(0.02, 0.98, _format_correlation(stats), transform=ax.transAxes, va="top",
+                ha="left", fontsize=8, gid="correlation",
+                bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.85})
+        ax.set_xlabel(f"mean equivariance ({metric}, eq, mean over layers)")
+        ax.set_ylabel("top-1 accuracy" if column == "top1" else
+                      "consistency (no top-1: data without labels)")
+        title = f"{group} ({len(points)} model{'s' if len(points) != 1 else ''})"
+        if left_out:
+            title += f", {left_out} without {column} or equivariance left out"
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        shown = sorted(points.family.fillna("unknown").unique())
+        if shown:
+            handles = [Line2D([], [], marker="o", linestyle="", markerfacecolor=colour[f],
+                              markeredgecolor="black", markersize=7, label=f) for f in shown]
+            ax.legend(handles=handles, title="family", loc="lower right", fontsize=7,
+                      title_fontsize=8)
+    for ax in list(axes.flat)[len(groups):]:
+        ax.remove()
     return fig

@@ -1,0 +1,454 @@
+"""Reports of a survey: the figures (checked on the matplotlib objects), the HTML page (opened in
+headless Chromium), the correlations, the command line and clear errors.
+
+A small real survey is measured once for the module (three timm models at 64x64, and a model
+registered here that raises, so that the report has a failed model); edge cases use synthetic
+stores written through :class:`equifast.survey.SurveyStore`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from timm.models import register_model
+from torch import nn
+
+from equifast.cli import main
+from equifast.plots import (
+    correlations,
+    model_summary,
+    plot_accuracy_vs_equivariance,
+    plot_depth,
+    plot_model_depth,
+)
+from equifast.report import build_report
+from equifast.result import FRAME_COLUMNS, MODEL_COLUMNS, Result
+from equifast.survey import SurveyStore, open_store, run_survey
+
+GROUP = "translate:8,16"
+SECOND_GROUP = "flip"
+MODELS = ["resnet10t", "convnext_atto", "vit_tiny_patch16_224"]
+FAILING = "eqtest_report_broken"
+CHROMIUM_INSTALL = ("headless Chromium is needed to check the HTML report: install it with "
+                    "`apt-get install -y chromium` (Debian package `chromium`; .ci/run does this)")
+
+
+class _Broken(nn.Module):
+    def __init__(self, **_):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("report test: this model is broken on purpose <64x64>")
+
+
+@register_model
+def eqtest_report_broken(pretrained: bool = False, **kwargs) -> nn.Module:
+    return _Broken(**kwargs)
+
+
+def _labelled_folder(root: Path) -> Path:
+    """A tiny ImageNet-style folder: 3 class subfolders, 2 JPEGs each (the embedded samples)."""
+    from equifast.data.samples import load_sample_image, sample_names
+
+    classes = ["n01440764", "n01443537", "n01484850"]
+    for i, name in enumerate(sample_names()[:6]):
+        folder = root / classes[i % 3]
+        folder.mkdir(parents=True, exist_ok=True)
+        load_sample_image(name).convert("RGB").save(folder / f"{name}.JPEG", quality=90)
+    return root
+
+
+@pytest.fixture(scope="module")
+def survey(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    data = _labelled_folder(root / "data")
+    store = root / "survey.sqlite"
+    started = time.perf_counter()
+    common = dict(limit=4, input_size=(64, 64), bootstrap=50, progress=False, log=None,
+                  loader="folder")
+    first = run_survey(MODELS + [FAILING], data, store, group=GROUP, **common)
+    second = run_survey(["convnext_atto"], data, store, group=SECOND_GROUP, **common)
+    measured = time.perf_counter() - started
+    assert sorted(first.done) == sorted(MODELS) and first.failed == [FAILING]
+    assert second.done == ["convnext_atto"]
+    started = time.perf_counter()
+    index = build_report(store, root / "out")
+    reported = time.perf_counter() - started
+    print(f"survey {measured:.1f} s, report {reported:.1f} s")
+    return SimpleNamespace(store=store, out=root / "out", index=index, root=root)
+
+
+# ---------------------------------------------------------------------------------------------
+# the report of a real survey
+
+
+def test_report_writes_page_and_figures(survey):
+    assert survey.index == survey.out / "index.html"
+    page = survey.index.read_text()
+    sources = re.findall(r'(?:src|href)="(figures/[^"]+)"', page)
+    assert sources, "the page references no figure"
+    for source in sources:
+        assert (survey.out / source).is_file(), f"{source} is referenced but missing"
+    stems = ["accuracy_vs_equivariance"] + [f"depth-{m}" for m in MODELS]
+    for stem in stems:
+        png = survey.out / "figures" / f"{stem}.png"
+        svg = survey.out / "figures" / f"{stem}.svg"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+        assert b"<svg" in svg.read_bytes()[:2000]
+        assert f'src="figures/{stem}.png"' in page
+    # No external resource: the page works offline.
+    assert not re.search(r'(?:src|href)="(?:https?:)?//', page)
+    # The models table: one row per model, a mean-equivariance column per group, sortable.
+    table = page.split('id="models-table"')[1].split("</table>")[0]
+    assert 'class="sortable"' in page and "<script>" in page
+    assert table.count("<tr>") == 1 + len(MODELS)
+    assert f"mean eq {GROUP}" in table and f"mean eq {SECOND_GROUP}" in table
+    for header in ("top-1", "consistency", "images/s"):
+        assert f">{header}</th>" in table
+    # The failed model with its error; skipped files.
+    failed = page.split('id="failed"')[1].split("<h2")[0]
+    assert FAILING in failed and "broken on purpose &lt;64x64&gt;" in failed
+    assert "No input file was skipped." in page
+    summary = pd.read_csv(survey.out / "models.csv")
+    assert len(summary) == len(MODELS) + 1  # convnext_atto under both groups
+
+
+def test_model_depth_figures_have_a_panel_per_group(survey):
+    with open_store(survey.store) as store:
+        scores, layers = store.scores, store.layers
+    for model in MODELS:
+        rows = scores[scores.model == model]
+        groups = list(dict.fromkeys(rows.group_spec))
+        assert len(groups) == (2 if model == "convnext_atto" else 1)
+        fig = plot_model_depth(rows)
+        assert len(fig.axes) == len(groups)
+        for ax, group in zip(fig.axes, groups):
+            run_id = rows[rows.group_spec == group].run_id.iloc[0]
+            n_layers = int((layers.run_id == run_id).sum())
+            assert n_layers >= 3
+            assert ax.get_xlabel() and ax.get_ylabel() == "corr" and group in ax.get_title()
+            lines = ax.get_lines()
+            assert [line.get_label() for line in lines] == ["equivariance", "invariance",
+                                                            "chance"]
+            for line in lines:
+                assert len(line.get_xdata()) == n_layers
+            assert len(ax.collections) == 3  # a CI band per comparison
+            eq = rows[(rows.group_spec == group) & (rows.metric == "corr")
+                      & (rows.element == "mean") & (rows.comparison == "eq")]
+            np.testing.assert_allclose(lines[0].get_ydata(), eq.sort_values("depth").value)
+        plt.close(fig)
+
+
+def test_accuracy_figure_has_a_point_per_model(survey):
+    with open_store(survey.store) as store:
+        fig = plot_accuracy_vs_equivariance(store, n_boot=200)
+        scores = store.scores
+    assert [ax.get_title().split(" (")[0] for ax in fig.axes] == [GROUP, SECOND_GROUP]
+    counts = {GROUP: len(MODELS), SECOND_GROUP: 1}
+    for ax, (group, count) in zip(fig.axes, counts.items()):
+        assert len(ax.collections) == 1
+        offsets = ax.collections[0].get_offsets()
+        assert len(offsets) == count
+        assert ax.get_xlabel().startswith("mean equivariance")
+        assert ax.get_ylabel() == "top-1 accuracy"  # the folder has labels
+        text = _correlation_text(ax)
+        assert "Pearson" in text or "correlation: n/a" in text
+        # x = the mean over layers of the eq corr at element mean, per model and group
+        eq = scores[(scores.group_spec == group) & (scores.metric == "corr")
+                    & (scores.comparison == "eq") & (scores.element == "mean")]
+        expected = sorted(eq.groupby("model").value.mean())
+        np.testing.assert_allclose(sorted(offsets[:, 0]), expected)
+        legend = ax.get_legend()
+        assert legend is not None and legend.get_title().get_text() == "family"
+    plt.close(fig)
+
+
+def _correlation_text(ax) -> str:
+    (text,) = [t for t in ax.texts if t.get_gid() == "correlation"]
+    return text.get_text()
+
+
+def test_result_plot_of_a_stored_run(survey):
+    with open_store(survey.store) as store:
+        result = store.result("resnet10t")
+    fig = result.plot()
+    ax = fig.axes[0]
+    assert len(ax.get_lines()) == 3
+    assert len(ax.get_lines()[0].get_xdata()) == result.frame.layer.nunique()
+    plt.close(fig)
+    fig = plot_depth(result, element=result.frame.element.iloc[0])
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# headless Chromium
+
+
+def _chromium() -> str:
+    path = shutil.which("chromium")
+    if path is None:
+        pytest.fail(CHROMIUM_INSTALL)
+    return path
+
+
+def _run_chromium(page: Path, profile: Path, *extra: str) -> subprocess.CompletedProcess:
+    command = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu",
+               "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--enable-logging=stderr",
+               "--v=0", "--window-size=1280,2000", *extra, page.resolve().as_uri()]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+
+
+def _console_lines(stderr: str, page: Path) -> list[str]:
+    """What the page wrote to its console (Chromium logs each message as `...:CONSOLE...]
+    "text", source: file:///...`); Chromium's own dbus/GPU noise is not the page's."""
+    return [line for line in stderr.splitlines()
+            if ":CONSOLE" in line and page.name in line]
+
+
+def test_report_in_headless_chromium(survey, tmp_path):
+    """The page renders (a screenshot that is not blank) without console errors, its scripts
+    run (errors, failed images and console.error would be written into the DOM, checked in a
+    DOM dump) and clicking a header sorts the table.
+
+    Two signals for errors, because each alone can miss: Chromium's stderr log shows console
+    messages and uncaught exceptions of the page; the page's own handler (installed first in
+    <head>) also sees images that fail to load, and writes every error into the DOM, which
+    ``--dump-dom`` prints once the page has loaded. A negative control checks that the handler
+    does report a broken image and a script error.
+    """
+    shot = tmp_path / "screenshot.png"
+    done = _run_chromium(survey.index, tmp_path / "profile", f"--screenshot={shot}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert shot.is_file(), done.stderr[-2000:]
+    assert _console_lines(done.stderr, survey.index) == []
+
+    from PIL import Image
+
+    image = np.asarray(Image.open(shot).convert("RGB"))
+    assert image.shape[:2] == (2000, 1280)
+    assert len(np.unique(image.reshape(-1, 3), axis=0)) > 50  # not one colour
+    non_white = (image < 245).any(axis=2).mean()
+    assert 0.03 < non_white < 0.9, f"{non_white:.3f} of the pixels are not white"
+
+    dom = _run_chromium(survey.index, tmp_path / "profile", "--dump-dom")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert _console_lines(dom.stderr, survey.index) == []
+    assert 'data-sortable="ready"' in dom.stdout  # the sort script ran to its end
+    assert 'data-js-errors="0"' in dom.stdout, re.findall(
+        r'<div id="js-errors"[^>]*>(.*?)</div>', dom.stdout, re.S)
+
+    # Sorting: a copy of the page clicks a header twice and writes the row order into the DOM.
+    harness = survey.out / "sort-check.html"
+    probe = """<script>
+    (function () {
+      var table = document.getElementById('models-table');
+      var th = Array.prototype.filter.call(table.tHead.rows[0].cells, function (h) {
+        return h.textContent.trim() === 'mean eq translate:8,16'; })[0];
+      function order() {
+        return Array.prototype.map.call(table.tBodies[0].rows, function (r) {
+          return r.cells[0].textContent.trim(); }).join(',');
+      }
+      th.click(); var up = order() + '|' + th.getAttribute('aria-sort');
+      th.click(); var down = order() + '|' + th.getAttribute('aria-sort');
+      var out = document.createElement('pre'); out.id = 'sort-result';
+      out.textContent = up + ';' + down; document.body.appendChild(out);
+    })();
+    </script></body>"""
+    harness.write_text(survey.index.read_text().replace("</body>", probe))
+    try:
+        sorted_dom = _run_chromium(harness, tmp_path / "profile", "--dump-dom")
+    finally:
+        harness.unlink()
+    found = re.search(r'<pre id="sort-result">([^<]*)</pre>', sorted_dom.stdout)
+    assert found, sorted_dom.stdout[-3000:]
+    up, down = found.group(1).split(";")
+    summary = pd.read_csv(survey.out / "models.csv").query("group_spec == @GROUP")
+    ascending = ",".join(summary.sort_values("mean_eq").model)
+    assert up == f"{ascending}|ascending"
+    assert down == ",".join(reversed(ascending.split(","))) + "|descending"
+
+    # Negative control: a broken image and a script error are reported.
+    broken = survey.out / "broken-check.html"
+    broken.write_text(survey.index.read_text().replace(
+        "</body>", '<img src="figures/missing.png"><script>notDefined();</script></body>'))
+    try:
+        bad = _run_chromium(broken, tmp_path / "profile", "--dump-dom")
+    finally:
+        broken.unlink()
+    assert 'data-js-errors="0"' not in bad.stdout
+    assert "failed to load" in bad.stdout and "notDefined" in bad.stdout
+    assert any("notDefined" in line for line in _console_lines(bad.stderr, broken))
+
+
+# ---------------------------------------------------------------------------------------------
+# synthetic stores: edge cases
+
+
+def _result(model: str, eq: list[float], *, top1: float | None = 0.5, consistency: float = 0.8,
+            nan_ci: bool = False, group: str = GROUP) -> Result:
+    rows = []
+    n_layers = len(eq)
+    for depth, value in enumerate(eq):
+        layer = f"layer{depth}"
+        rel = depth / max(n_layers - 1, 1)
+        for comparison, v in (("eq", value), ("inv", value / 2), ("chance", 0.1)):
+            low, high = (math.nan, math.nan) if nan_ci else (v - 0.05, v + 0.05)
+            row = dict(model=model, layer=layer, depth=depth, rel_depth=rel, kind="spatial",
+                       layout="NCHW", grid_h=8, grid_w=8, channels=16, prefix=0, stride_y=8.0,
+                       stride_x=8.0, stride=8.0, offset_y=0.0, offset_x=0.0, element="mean",
+                       exact=True, comparison=comparison, metric="corr", value=v, ci_low=low,
+                       ci_high=high, n=4, pooled=False)
+            rows.append(row)
+    model_rows = [(model, "consistency", consistency, consistency - 0.1, consistency + 0.1, 4)]
+    if top1 is not None:
+        model_rows += [(model, "top1", top1, top1 - 0.1, top1 + 0.1, 4),
+                       (model, "top5", min(1.0, top1 + 0.2), 0.0, 1.0, 4)]
+    return Result(frame=pd.DataFrame(rows, columns=FRAME_COLUMNS),
+                  model_frame=pd.DataFrame(model_rows, columns=MODEL_COLUMNS),
+                  config={"model": model, "group": group, "images": 4,
+                          "images_per_second": 10.0, "pretrained": False})
+
+
+def _store(path: Path, results: list[Result], failed: list[str] = ()) -> Path:
+    with SurveyStore(path, create=True) as store:
+        for i, result in enumerate(results):
+            store.add_result(result, model=result.config["model"], config_hash=f"h{i}",
+                             family=result.config["model"].rstrip("0123456789"),
+                             group_spec=result.config["group"])
+        for model in failed:
+            store.add_error(model=model, config_hash="hf", attempt=1, batch_size=8,
+                            kind="RuntimeError", message="RuntimeError: <boom> & bust",
+                            traceback="Traceback ...", group_spec=GROUP, family="x")
+    return path
+
+
+def test_correlations_match_numpy():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=30)
+    y = 0.6 * x + rng.normal(size=30)
+    stats = correlations(x, y, n_boot=1000, seed=0)
+    assert stats["n"] == 30 and stats["n_boot"] == 1000
+    assert stats["pearson"] == pytest.approx(np.corrcoef(x, y)[0, 1])
+    ranks = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
+    assert stats["spearman"] == pytest.approx(np.corrcoef(*ranks)[0, 1])
+    for name in ("pearson", "spearman"):
+        assert stats[f"{name}_low"] < stats[name] < stats[f"{name}_high"]
+    assert correlations(x, y, n_boot=1000, seed=0) == stats  # seeded
+    # Monotone but not linear: Spearman 1, Pearson below.
+    stats = correlations(np.arange(10.0), np.exp(np.arange(10.0)), n_boot=100)
+    assert stats["spearman"] == pytest.approx(1.0) and stats["pearson"] < 0.9
+    # Fewer than 3 models, or a constant side: no correlation (NaN), no error.
+    assert math.isnan(correlations([1.0, 2.0], [3.0, 4.0])["pearson"])
+    assert math.isnan(correlations([1.0, 2.0, 3.0], [0.0, 0.0, 0.0])["spearman"])
+    assert correlations([1.0, np.nan, 2.0, 3.0], [1.0, 5.0, 2.0, 3.5])["n"] == 3
+
+
+def test_synthetic_edge_cases(tmp_path):
+    # A model without top-1 among models with one: left out of the top-1 panel, and said so.
+    results = [_result("net1", [0.9, 0.8, 0.7], top1=0.7),
+               _result("net2", [0.8, 0.6, 0.4], top1=0.5),
+               _result("net3", [0.7, 0.5, 0.3], top1=0.2),
+               _result("other4", [0.6, 0.6], top1=None, nan_ci=True)]
+    store = _store(tmp_path / "a.sqlite", results, failed=["broken7"])
+    summary = model_summary(store)
+    assert summary.set_index("model").mean_eq.to_dict() == pytest.approx(
+        {"net1": 0.8, "net2": 0.6, "net3": 0.5, "other4": 0.6})
+    assert math.isnan(summary.set_index("model").top1["other4"])
+    fig = plot_accuracy_vs_equivariance(store, n_boot=100)
+    ax = fig.axes[0]
+    assert len(ax.collections[0].get_offsets()) == 3
+    assert "1 without top1" in ax.get_title() and ax.get_ylabel() == "top-1 accuracy"
+    text = _correlation_text(ax)
+    pearson = np.corrcoef([0.8, 0.6, 0.5], [0.7, 0.5, 0.2])[0, 1]
+    assert f"Pearson r = {pearson:.2f} [" in text and "Spearman ρ = 1.00 [" in text
+    assert "100 resamples, n = 3" in text
+    plt.close(fig)
+    # NaN CIs: the bands are empty, the lines are there.
+    with open_store(store) as opened:
+        rows = opened.scores.query("model == 'other4'")
+    fig = plot_model_depth(rows)
+    assert [len(line.get_xdata()) for line in fig.axes[0].get_lines()] == [2, 2, 2]
+    plt.close(fig)
+    # The report: failed model escaped, a missing top-1 shown as a dash.
+    index = build_report(store, tmp_path / "out", n_boot=100)
+    page = index.read_text()
+    assert "broken7" in page and "&lt;boom&gt; &amp; bust" in page
+    row = re.search(r"<tr><td[^>]*><a[^>]*>other4</a>.*?</tr>", page).group(0)
+    assert "–" in row
+
+    # No model with top-1 (data without labels): consistency, and the axis says so.
+    store = _store(tmp_path / "b.sqlite", [_result("net1", [0.9, 0.8], top1=None),
+                                            _result("net2", [0.5, 0.4], top1=None,
+                                                    consistency=0.3)])
+    fig = plot_accuracy_vs_equivariance(store)
+    ax = fig.axes[0]
+    assert "consistency" in ax.get_ylabel() and "no top-1" in ax.get_ylabel()
+    assert len(ax.collections[0].get_offsets()) == 2
+    assert "n/a" in _correlation_text(ax)
+    plt.close(fig)
+    assert "consistency (no top-1)" in build_report(store, tmp_path / "out-b").read_text()
+
+    # One model only.
+    store = _store(tmp_path / "c.sqlite", [_result("solo1", [0.9, 0.8, 0.7])])
+    fig = plot_accuracy_vs_equivariance(store)
+    assert len(fig.axes) == 1 and len(fig.axes[0].collections[0].get_offsets()) == 1
+    plt.close(fig)
+    assert build_report(store, tmp_path / "out-c").is_file()
+    assert (tmp_path / "out-c" / "figures" / "depth-solo1.svg").is_file()
+
+
+def test_plot_model_depth_needs_one_model(tmp_path):
+    store = _store(tmp_path / "s.sqlite", [_result("net1", [0.9]), _result("net2", [0.8])])
+    with open_store(store) as opened:
+        scores = opened.scores
+    with pytest.raises(ValueError, match="2 models"):
+        plot_model_depth(scores)
+    fig = plot_model_depth(scores, model="net2")
+    assert len(fig.axes) == 1
+    plt.close(fig)
+    with pytest.raises(ValueError, match="no rows for metric 'cosine'"):
+        plot_model_depth(scores, metric="cosine", model="net1")
+
+
+def test_report_errors_are_clear(tmp_path):
+    missing = tmp_path / "nowhere.sqlite"
+    with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
+        build_report(missing, tmp_path / "out")
+    only_failed = _store(tmp_path / "failed.sqlite", [], failed=["broken7"])
+    with pytest.raises(ValueError, match="no finished run"):
+        build_report(only_failed, tmp_path / "out")
+    store = _store(tmp_path / "ok.sqlite", [_result("net1", [0.9, 0.8])])
+    with pytest.raises(ValueError, match="no score 'psnr'.*corr"):
+        build_report(store, tmp_path / "out", metric="psnr")
+
+
+def test_report_progress_bar(tmp_path, capsys):
+    store = _store(tmp_path / "s.sqlite", [_result(f"net{i}", [0.9, 0.5]) for i in range(3)])
+    build_report(store, tmp_path / "out", progress=True, n_boot=50)
+    assert "report" in capsys.readouterr().err
+    build_report(store, tmp_path / "out", n_boot=50)  # 3 models: no bar by default
+    assert "report" not in capsys.readouterr().err
+
+
+def test_cli_report(tmp_path, capsys):
+    store = _store(tmp_path / "s.sqlite", [_result("net1", [0.9, 0.8]), _result("net2", [0.5])])
+    out = tmp_path / "rep"
+    assert main(["report", str(store), "-o", str(out)]) == 0
+    assert str(out / "index.html") in capsys.readouterr().out
+    assert (out / "figures" / "depth-net2.png").is_file()
+    assert main(["report", str(store), "--out", str(out), "--metric", "corr_vs_chance"]) == 2
+    assert "no score 'corr_vs_chance'" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "missing.sqlite")]) == 2
+    assert "missing.sqlite" in capsys.readouterr().err
