@@ -107,7 +107,7 @@ class _DataPlan:
 
     def __init__(self, data: DataSpec, labels, batch_size: int, input_size, preprocess, group,
                  num_workers: int | None, limit: int | None, loader: str = "auto",
-                 shard: _dist.Shard | None = None):
+                 shard: _dist.Shard | None = None, device: torch.device | None = None):
         self.skipped: list[tuple[str, str]] = []
         # Several processes: this rank reads the batches it owns and records their global order.
         self.shard = shard
@@ -144,6 +144,9 @@ class _DataPlan:
             self.input_size = tuple(input_size or preprocess.input_size)
             self.margin = group.margin(*self.input_size)
             kwargs = {} if num_workers is None else {"num_workers": num_workers}
+            if use_dali and device is not None:
+                # DALI decodes where the model runs: on the GPU ("mixed") only for a CUDA engine
+                kwargs["device"] = device
             source = DaliFolderSource if use_dali else ImageFolderSource
             self.loader = "dali" if use_dali else "folder"
             if shard is not None:
@@ -433,7 +436,7 @@ def measure(
         progress = progress and shard.rank == 0
 
     plan = _DataPlan(data, labels, batch_size, input_size, preprocess, group, num_workers, limit,
-                     loader, shard)
+                     loader, shard, device)
     batches = iter(plan)
     first = next(batches, None)
     if shard is not None:

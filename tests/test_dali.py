@@ -173,3 +173,21 @@ def test_dali_failure_mid_pass_falls_back(bad_folder: Path, monkeypatch) -> None
         got = _by_path(source)
     assert sorted(Path(p).name for p in got) == ["good.jpg"]
     assert {Path(p).name for p, _ in source.skipped} == {"corrupt.jpg", "zero.jpg", "text.jpg"}
+
+
+def test_dali_decodes_where_the_engine_runs(good_folder: Path, monkeypatch) -> None:
+    # A machine with a GPU, measuring on the CPU: DALI must decode on the CPU too (not "mixed"
+    # on a GPU the engine does not use). Pretend CUDA is there; a GPU pipeline would fail here.
+    seen = []
+    original = DaliFolderSource.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        seen.append(self.device)
+
+    monkeypatch.setattr(DaliFolderSource, "__init__", spy)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    result = equifast.measure(_net(), good_folder, group=Translation([2]), device="cpu",
+                              loader="dali", input_size=(32, 32), bootstrap=0, progress=False)
+    assert result.config["loader"] == "dali" and result.config["images"] == 9
+    assert seen == [torch.device("cpu")]
