@@ -10,6 +10,7 @@ from .engine import measure
 from .groups import Element, Flip, Group, Rotation, Translation, parse_group
 from .result import Result
 from .scores import METRICS
+from .survey import open_store, run_survey
 
 __all__ = [
     "Element",
@@ -20,6 +21,8 @@ __all__ = [
     "Rotation",
     "Translation",
     "measure",
+    "open_store",
     "parse_group",
+    "run_survey",
 ]
 __version__ = "0.1.0"

@@ -76,6 +76,7 @@ def test_store_round_trip_matches_measure(tmp_path):
     assert runs.loc[0, "images_per_second"] > 0
     assert env.loc[0, "torch"] and env.loc[0, "device"] == "cpu"
     assert list(result.model_frame.metric) == ["consistency"]
+    assert equifast.open_store is open_store and equifast.run_survey is run_survey
 
 
 def test_rerun_skips_finished_and_writes_no_duplicate(tmp_path):
