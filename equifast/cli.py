@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     measure.add_argument("--metrics", nargs="+", default=None, help="scores to report")
     measure.add_argument("--batch-size", type=int, default=16)
     measure.add_argument("--limit", type=int, default=None, help="use at most this many images")
-    measure.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ...")
+    measure.add_argument("--device", default=None,
+                         help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     measure.add_argument("--input-size", type=_parse_size, default=None, help="H,W of the input")
     measure.add_argument("--align", type=_parse_align, default="auto",
                          help="grid offsets: auto | center | corner | a number")
@@ -134,7 +135,8 @@ def _add_survey_commands(commands) -> None:
     survey.add_argument("--min-batch-size", type=int, default=1,
                         help="out of memory halves the batch down to this size, then gives up")
     survey.add_argument("--limit", type=int, default=None, help="use at most this many images")
-    survey.add_argument("--device", default=None, help="cpu, cuda ...")
+    survey.add_argument("--device", default=None,
+                        help="cpu, cuda ... (default: cuda when available; a Ray task's GPU)")
     survey.add_argument("--input-size", type=_parse_size, default=None)
     survey.add_argument("--align", type=_parse_align, default="auto")
     survey.add_argument("--pooled", action="store_true")
@@ -217,7 +219,9 @@ def _measure(args: argparse.Namespace, main: bool) -> int:
     data = args.data if args.data else "samples"
     result = equifast.measure(
         loaded.model, data, group=args.group, layers=args.layers, metrics=args.metrics,
-        batch_size=args.batch_size, device=args.device, input_size=args.input_size,
+        batch_size=args.batch_size, input_size=args.input_size,
+        # the model is built on the CPU: without --device, measure on the GPU when there is one
+        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
         align=args.align, subpixel=args.subpixel, pooled=args.pooled, bootstrap=args.bootstrap,
         seed=args.seed, limit=args.limit, num_workers=args.workers, loader=args.loader,
         progress=not args.quiet and main,

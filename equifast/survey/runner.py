@@ -276,6 +276,11 @@ def measure_model(model: str, data: Any, group: str, batch_size: int, min_batch_
 
     outcome = ModelOutcome(model=model)
     import_plugins(imports)
+    if measure_kwargs.get("device") is None:
+        # Models are built on the CPU; measure on the GPU when this process has one (in a Ray
+        # task, the GPU Ray gave it).
+        measure_kwargs = {**measure_kwargs,
+                          "device": "cuda" if torch.cuda.is_available() else "cpu"}
     from equifast.survey.store import _now
 
     outcome.started = _now()
@@ -372,6 +377,7 @@ def run_survey(
         log: Where one-line messages go (``print`` by default; ``None`` for silence).
         **measure_kwargs: More :func:`equifast.measure` arguments (``layers``, ``limit``,
             ``device``, ``pooled``, ``bootstrap``, ``input_size``...), the same for every model.
+            Without ``device``, models run on the GPU when the process has one.
 
     Returns:
         A :class:`SurveySummary`.
