@@ -209,6 +209,9 @@ def test_survey_argument_errors(tmp_path, monkeypatch):
         _survey(["eqtest_tiny"], tmp_path / "s.sqlite", group="translate:banana")
     with pytest.raises(FileNotFoundError, match="no folder"):
         run_survey(["eqtest_tiny"], tmp_path / "nowhere", tmp_path / "s.sqlite", log=None)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty"):
+        run_survey(["eqtest_tiny"], tmp_path / "empty", tmp_path / "s.sqlite", log=None)
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(RuntimeError, match="torchrun"):
         _survey(["eqtest_tiny"], tmp_path / "s.sqlite")
