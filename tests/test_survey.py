@@ -210,7 +210,7 @@ def test_survey_argument_errors(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="no folder"):
         run_survey(["eqtest_tiny"], tmp_path / "nowhere", tmp_path / "s.sqlite", log=None)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(ValueError, match="no image files found"):
         run_survey(["eqtest_tiny"], tmp_path / "empty", tmp_path / "s.sqlite", log=None)
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(RuntimeError, match="torchrun"):
