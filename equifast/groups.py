@@ -12,7 +12,8 @@ Convention:
     transformed image is ``(T_g x)(p) = x(M^-1 p)``.
 
 Protocols decide what enters the image where content leaves it:
-    ``"crop"``: the image is a window of a larger source; content comes from the source (real pixels).
+    ``"crop"``: the image is a window of a larger source; content comes from the source (real
+    pixels).
     ``"circular"``: the image wraps around.
     ``"zero"``: the per-channel mean (zero after normalization) comes in.
 
@@ -132,7 +133,7 @@ class Element:
         return matrix
 
     def is_exact(self, height: int, width: int) -> bool:
-        """Whether the element maps pixels to pixels (applied by index arithmetic, no interpolation)."""
+        """Whether the element maps pixels to pixels (index arithmetic, no interpolation)."""
         return is_integer_affine(self.matrix(height, width))
 
     def margin(self, height: int, width: int) -> tuple[int, int]:
@@ -221,7 +222,7 @@ class Group(Sequence[Element]):
         return [e.name for e in self.elements]
 
     def __mul__(self, other: Group) -> Group:
-        """Product: every element of ``self`` after every element of ``other``, plus both factors."""
+        """Product: every element of ``self`` after every one of ``other``, plus both factors."""
         if not isinstance(other, Group):
             return NotImplemented
         products = [a * b for a in self.elements for b in other.elements]
@@ -398,8 +399,8 @@ def feature_source_affines(
     """Express image maps on a feature grid, as *source* maps (output position -> source position).
 
     A feature pixel ``(i, j)`` (column ``i``, row ``j``) sits at image coordinate
-    ``P(i, j) = (offset_x + stride_x * i, offset_y + stride_y * j)``. The element acts on the grid as
-    ``M_l = P^-1 M P``; re-aligning the identity features reads, for output position ``u``, the
+    ``P(i, j) = (offset_x + stride_x * i, offset_y + stride_y * j)``. The element acts on the grid
+    as ``M_l = P^-1 M P``; re-aligning the identity features reads, for output position ``u``, the
     source position ``M_l^-1 u``, which is what this returns.
 
     Args:

@@ -2,8 +2,8 @@
 
 Layers are named by their module path (``model.named_modules()``). A selection is any mix of:
 
-- ``None`` / ``"default"``: the output of every stage or block: timm's ``feature_info`` where the model
-  has it, otherwise the top-level children (without the final classifier's own input/outputs).
+- ``None`` / ``"default"``: the output of every stage or block: timm's ``feature_info`` where the
+  model has it, otherwise the top-level children (without the final classifier's own input/outputs).
 - exact names (``"layer3"``, ``"blocks.5"``) and glob patterns (``"layer*.1"``, ``"blocks.*"``);
 - module types (``torch.nn.Conv2d``): every module of that type;
 - ``"leaves"``: every module without children.
@@ -71,7 +71,9 @@ def select_layers(model: nn.Module, layers: LayerSpec = None) -> list[str]:
         if spec == "default":
             chosen.update(default_layers(model))
         elif spec == "leaves":
-            chosen.update(n for n, m in modules.items() if n and not any(True for _ in m.children()))
+            chosen.update(
+                n for n, m in modules.items() if n and not any(True for _ in m.children())
+            )
         elif isinstance(spec, type):
             matched = {n for n, m in modules.items() if n and isinstance(m, spec)}
             if not matched:
@@ -126,8 +128,8 @@ class LayerHooks:
             tensor = first_tensor(output)
             if tensor is None:
                 raise TypeError(
-                    f"layer {name!r} outputs {type(output).__name__}, expected a tensor (or a tuple "
-                    "starting with one); leave it out of layers=[...]"
+                    f"layer {name!r} outputs {type(output).__name__}, expected a tensor (or a "
+                    "tuple starting with one); leave it out of layers=[...]"
                 )
             self.callback(name, tensor)
 

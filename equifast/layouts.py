@@ -11,8 +11,9 @@ Convention:
     - ``"NC"``: plain vectors ``(N, C)`` (pooled features, logits); viewed as ``(N, 1, 1, C)`` so
       that a correlation runs over the channel vector.
 
-    The stride of a layer is ``(H / h, W / w)`` for a model input of ``H x W``; when a layer rounds
-    sizes (a stride-2 convolution on an odd input gives ``ceil(H / 2)``), the integer stride is used.
+    The stride of a layer is ``(H / h, W / w)`` for a model input of ``H x W``; when a layer
+    rounds sizes (a stride-2 convolution on an odd input gives ``ceil(H / 2)``), the integer stride
+    is used.
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ def _plausible_grid(h: int, w: int, input_size: tuple[int, int]) -> bool:
 
 
 def _token_grid(tokens: int, input_size: tuple[int, int]) -> tuple[int, int, int] | None:
-    """``(prefix, h, w)`` for ``tokens`` tokens: the fewest prefix tokens leaving a plausible grid."""
+    """``(prefix, h, w)`` for ``tokens`` tokens: the fewest prefix tokens leaving a plausible
+    grid."""
     height, width = input_size
     for prefix in range(0, MAX_PREFIX_TOKENS + 1):
         cells = tokens - prefix
@@ -113,8 +115,9 @@ def detect_layout(
             to override).
 
     Example:
-        >>> detect_layout((2, 197, 192), (224, 224))
-        FeatureLayout(layout='NLC', grid_h=14, grid_w=14, channels=192, prefix=1, stride=(16.0, 16.0))
+        >>> detect_layout((2, 197, 192), (224, 224))  # doctest: +NORMALIZE_WHITESPACE
+        FeatureLayout(layout='NLC', grid_h=14, grid_w=14, channels=192, prefix=1,
+                      stride=(16.0, 16.0))
     """
     shape = tuple(int(s) for s in shape)
     height, width = int(input_size[0]), int(input_size[1])

@@ -41,9 +41,13 @@ def test_sources_too_small_for_shifts():
 
 
 def test_grid_cannot_be_inferred():
-    with pytest.raises(ValueError, match=r"cannot infer the feature grid of layer 'odd'.*\(2, 5, 7, 9\)"):
+    with pytest.raises(
+        ValueError, match=r"cannot infer the feature grid of layer 'odd'.*\(2, 5, 7, 9\)"
+    ):
         detect_layout((2, 5, 7, 9), (64, 64), name="odd")
-    with pytest.raises(ValueError, match=r"output shape \(2, 3, 5, 6, 7\), expected 2-D, 3-D or 4-D"):
+    with pytest.raises(
+        ValueError, match=r"output shape \(2, 3, 5, 6, 7\), expected 2-D, 3-D or 4-D"
+    ):
         detect_layout((2, 3, 5, 6, 7), (64, 64), name="odd")
 
     class Odd(nn.Module):

@@ -5,7 +5,12 @@ import pytest
 import torch
 
 from equifast.groups import (
-    Flip, Rotation, Translation, feature_source_affines, invert_affine, is_integer_affine,
+    Flip,
+    Rotation,
+    Translation,
+    feature_source_affines,
+    invert_affine,
+    is_integer_affine,
     parse_group,
 )
 from equifast.ops import _reference
@@ -52,7 +57,8 @@ def test_crop_translation_is_window_of_source():
     out = _apply(element, source, margin)
     # Content moves 2 down and 3 left: output (y, x) reads window (y - 2, x + 3).
     window_top, window_left = margin[0] - 2, margin[1] + 3
-    torch.testing.assert_close(out, source[..., window_top:window_top + 8, window_left:window_left + 8])
+    window = source[..., window_top : window_top + 8, window_left : window_left + 8]
+    torch.testing.assert_close(out, window)
 
 
 def test_zero_translation_fills_band():

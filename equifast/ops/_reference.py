@@ -2,14 +2,16 @@
 
 Convention:
     Affine maps are ``(2, 3)`` matrices acting on ``(x, y, 1)``: ``x`` is the column, ``y`` the row,
-    pixel centres at integer coordinates, origin at the top-left pixel. The ops take *source* maps:
-    output position ``u`` reads position ``A @ u`` of the input. A map whose entries are all integers
-    (within ``INTEGER_TOLERANCE``) is applied by index arithmetic; any other map samples bilinearly.
+    pixel centres at integer coordinates, origin at the top-left pixel. The ops take *source*
+    maps: output position ``u`` reads position ``A @ u`` of the input. A map whose entries are all
+    integers (within ``INTEGER_TOLERANCE``) is applied by index arithmetic; any other map samples
+    bilinearly.
 
-    Bilinear sampling (shared by the kernels through ``csrc/include/equifast/affine.h``): for a source
-    coordinate ``x``, ``x0 = floor(x)``, ``fx = x - x0``, neighbours ``x0`` and ``x0 + 1``; with
-    wrapping both wrap modulo the size; without it a position counts as inside when
-    ``-EDGE_TOLERANCE <= x <= size - 1 + EDGE_TOLERANCE`` and its neighbours are clamped into the grid.
+    Bilinear sampling (shared by the kernels through ``csrc/include/equifast/affine.h``): for a
+    source coordinate ``x``, ``x0 = floor(x)``, ``fx = x - x0``, neighbours ``x0`` and ``x0 + 1``;
+    with wrapping both wrap modulo the size; without it a position counts as inside when
+    ``-EDGE_TOLERANCE <= x <= size - 1 + EDGE_TOLERANCE`` and its neighbours are clamped into the
+    grid.
 """
 
 from __future__ import annotations
@@ -120,8 +122,9 @@ def transform_images(
 
     Args:
         src: ``(B, 3, Hs, Ws)`` uint8 (0..255) or float (already scaled, e.g. 0..1 or normalized).
-        source_affines: ``(E, 2, 3)`` float64 maps from output pixels to *window* coordinates; the
-            window is the ``out_h x out_w`` identity image at ``(margin_y, margin_x)`` of the source.
+        source_affines: ``(E, 2, 3)`` float64 maps from output pixels to *window* coordinates;
+            the window is the ``out_h x out_w`` identity image at ``(margin_y, margin_x)`` of the
+            source.
         protocols: ``(E,)`` ints: 0 crop (read the source anywhere), 1 circular (wrap in the
             window), 2 zero (outside the window reads the fill).
         margin_y, margin_x: Offset of the identity window in the source.
@@ -170,7 +173,9 @@ def transform_images(
     return result
 
 
-def realign(grid: torch.Tensor, affine: torch.Tensor, wrap: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def realign(
+    grid: torch.Tensor, affine: torch.Tensor, wrap: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Re-align ``(B, C, h, w)`` maps with a source map; returns ``(moved, valid (h, w))``."""
     height, width = grid.shape[-2:]
     indices, weights, insides = _sample_plan(affine, height, width, height, width, wrap)
@@ -201,7 +206,8 @@ def pair_stats(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> torch.T
     m2_a = (da * da).sum((-2, -1))
     m2_b = (db * db).sum((-2, -1))
     c_ab = (da * db).sum((-2, -1))
-    return torch.stack([torch.full_like(mean_a, float(count)), mean_a, mean_b, m2_a, m2_b, c_ab], -1)
+    count_column = torch.full_like(mean_a, float(count))
+    return torch.stack([count_column, mean_a, mean_b, m2_a, m2_b, c_ab], -1)
 
 
 def equivariance_stats(
