@@ -3,7 +3,8 @@
 Layers are named by their module path (``model.named_modules()``). A selection is any mix of:
 
 - ``None`` / ``"default"``: the output of every stage or block: timm's ``feature_info`` where the
-  model has it, otherwise the top-level children (without the final classifier's own input/outputs).
+  model has it, otherwise the top-level children, the largest container opened until there are
+  eight or more (torchvision's ``features.0``, ``features.1``...; heads are never opened).
 - exact names (``"layer3"``, ``"blocks.5"``) and glob patterns (``"layer*.1"``, ``"blocks.*"``);
 - module types (``torch.nn.Conv2d``): every module of that type;
 - ``"leaves"``: every module without children.
@@ -27,8 +28,52 @@ from torch import nn
 LayerSpec = str | type | Sequence[str | type] | None
 
 
+# Default layers without timm's feature_info: at least this many modules, found by opening the
+# largest container (torchvision's `features`, `encoder.layers`, `trunk_output`) level by level.
+_MIN_DEFAULT_LAYERS = 8
+# Heads are never opened: their parts see pooled vectors, not the feature maps of the trunk.
+_HEAD_NAMES = {"fc", "head", "heads", "classifier", "logits", "last_linear", "pre_logits"}
+
+
+def _parameter_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _open_containers(model: nn.Module) -> list[str]:
+    """Top-level children; while there are fewer than ``_MIN_DEFAULT_LAYERS``, the child holding the
+    most parameters (not a head, with submodules) is replaced by its own children. A ModuleList is
+    always opened: it has no forward of its own, so a hook on it would never run."""
+    modules = dict(model.named_modules())
+    layers = [name for name, _ in model.named_children()]
+
+    def children_of(name: str) -> list[str]:
+        return [f"{name}.{child}" for child, _ in modules[name].named_children()]
+
+    def expandable(name: str) -> bool:
+        module = modules[name]
+        return (name.rsplit(".", 1)[-1] not in _HEAD_NAMES and len(children_of(name)) > 1
+                and _parameter_count(module) > 0)
+
+    while True:
+        lists = [n for n in layers if isinstance(modules[n], nn.ModuleList)]
+        if lists:
+            at = layers.index(lists[0])
+            layers[at:at + 1] = children_of(lists[0])
+            continue
+        if len(layers) >= _MIN_DEFAULT_LAYERS:
+            return layers
+        candidates = [n for n in layers if expandable(n)]
+        if not candidates:
+            return layers
+        largest = max(candidates, key=lambda n: _parameter_count(modules[n]))
+        at = layers.index(largest)
+        layers[at:at + 1] = children_of(largest)
+
+
 def default_layers(model: nn.Module) -> list[str]:
-    """The stage/block outputs: timm ``feature_info`` modules, else the top-level children."""
+    """The stage/block outputs: timm ``feature_info`` modules, else the top-level children, with
+    the trunk opened until there are a few (``features.0`` ... of a torchvision MobileNet, the
+    ``encoder.layers`` of a torchvision ViT)."""
     names = dict(model.named_modules())
     feature_info = getattr(model, "feature_info", None)
     found: list[str] = []
@@ -39,7 +84,7 @@ def default_layers(model: nn.Module) -> list[str]:
                 found.append(module)
     if found:
         return found
-    children = [name for name, child in model.named_children()]
+    children = _open_containers(model)
     if not children:
         raise ValueError(
             f"{type(model).__name__} has no submodules to measure; pass layers=[...] with module "

@@ -160,6 +160,9 @@ def detect_layout(
             grid = _token_grid(tokens, (height, width))
         if grid is not None:
             p, h, w = grid
+            if (h, w) == (1, 1) and p == 0 and layout is None:
+                # One token (LeViT's last stage on a small input): a pooled vector, as a 1x1 map.
+                return FeatureLayout("NC", 1, channels, 1, 0)
             return spatial("NLC", h, w, channels, p)
     expected = {
         2: "(N, C)",

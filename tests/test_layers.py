@@ -1,0 +1,98 @@
+"""Layer selection (defaults for models without timm's feature_info) and layout detection."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torchvision
+from torch import nn
+
+from equifast.layers import default_layers, select_layers
+from equifast.layouts import detect_layout
+
+
+@pytest.mark.parametrize(
+    ("name", "expected_start", "stage"),
+    [
+        # The trunk of torchvision's MobileNet / EfficientNet is one `features` Sequential:
+        # its blocks are the layers, the classifier head stays whole.
+        ("mobilenet_v2", ["features.0", "features.1"], "features.18"),
+        ("efficientnet_b0", ["features.0", "features.1"], "features.8"),
+        # ViT: the encoder's layers, through two containers.
+        ("vit_b_16", ["conv_proj", "encoder.dropout", "encoder.layers.encoder_layer_0"],
+         "encoder.layers.encoder_layer_11"),
+        # Enough top-level children already: kept as they are.
+        ("resnet18", ["conv1", "bn1", "relu", "maxpool", "layer1"], "layer4"),
+    ],
+)
+def test_default_layers_open_the_trunk(name, expected_start, stage):
+    model = torchvision.models.get_model(name)
+    layers = default_layers(model)
+    assert layers[: len(expected_start)] == expected_start
+    assert stage in layers
+    assert len(layers) >= 8
+    heads = [n for n in layers if n.split(".")[0] in ("classifier", "heads", "fc")]
+    assert len(heads) == 1 and "." not in heads[0]  # the head is one layer, never opened
+    modules = dict(model.named_modules())
+    assert all(n in modules for n in layers)
+    # No layer sits inside another: every position is measured once.
+    assert not any(a != b and b.startswith(a + ".") for a in layers for b in layers)
+
+
+def test_default_layers_open_module_lists_and_keep_feature_info():
+    class Blocks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 4, 3)
+            self.blocks = nn.ModuleList(nn.Conv2d(4, 4, 3) for _ in range(3))
+
+        def forward(self, x):
+            x = self.stem(x)
+            for block in self.blocks:
+                x = block(x)
+            return x
+
+    # A ModuleList has no forward: its members are the layers.
+    assert default_layers(Blocks()) == ["stem", "blocks.0", "blocks.1", "blocks.2"]
+    timm_model = timm.create_model("resnet10t")
+    assert default_layers(timm_model) == [info["module"] for info in timm_model.feature_info]
+    with pytest.raises(ValueError, match="no submodules"):
+        default_layers(nn.ReLU())
+    assert select_layers(timm_model, "default") == default_layers(timm_model)
+
+
+@pytest.mark.parametrize(
+    ("shape", "input_size", "expected"),
+    [
+        ((2, 64, 14, 14), (224, 224), ("NCHW", 14, 14, 64, 0)),
+        ((2, 14, 14, 64), (224, 224), ("NHWC", 14, 14, 64, 0)),
+        ((2, 197, 192), (224, 224), ("NLC", 14, 14, 192, 1)),
+        ((2, 16, 128), (64, 64), ("NLC", 4, 4, 128, 0)),
+        ((2, 7, 5, 32), (112, 80), ("NHWC", 7, 5, 32, 0)),
+        # One position is a pooled vector, whatever the layout: channels become the vector.
+        ((2, 384, 1, 1), (64, 64), ("NC", 1, 384, 1, 0)),
+        ((2, 1, 384), (64, 64), ("NC", 1, 384, 1, 0)),
+        ((2, 1000), (224, 224), ("NC", 1, 1000, 1, 0)),
+    ],
+)
+def test_detect_layout(shape, input_size, expected):
+    layout = detect_layout(shape, input_size)
+    assert (layout.layout, layout.grid_h, layout.grid_w, layout.channels,
+            layout.prefix) == expected
+
+
+def test_a_one_token_stage_is_measured_as_a_vector():
+    import equifast
+
+    torch.manual_seed(0)
+    # LeViT on 64x64: its last stage has a single token.
+    model = timm.create_model("levit_128s", img_size=64).eval()
+    result = equifast.measure(model, "samples", group="translate:8", input_size=(64, 64),
+                              limit=2, bootstrap=0, progress=False)
+    last = result.frame[(result.frame.layer == "stages.2") & (result.frame.metric == "corr")
+                        & (result.frame.element == "mean")].set_index("comparison")
+    assert last.loc["eq", "layout"] == "NC"
+    # A vector does not move with the image: equivariance is invariance, and a number.
+    assert last.loc["eq", "value"] == pytest.approx(last.loc["inv", "value"])
+    assert torch.isfinite(torch.tensor(last.loc["eq", "value"]))
