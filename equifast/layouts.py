@@ -62,14 +62,45 @@ def _integer_stride(size: int, cells: int) -> float:
     return ratio
 
 
-def _plausible_grid(h: int, w: int, input_size: tuple[int, int]) -> bool:
+def _stride_candidates(size: int, cells: int) -> set[int]:
+    """Every integer stride ``s`` that gives ``cells`` cells from ``size`` pixels, rounding down
+    or up (57 px in 8 cells: 7 or 8; 57 px in 2 cells: anything from 20 to 56)."""
+    return {s for s in range(1, size + 1) if cells in (size // s, -(-size // s))}
+
+
+def _is_power_of_two(value: int) -> bool:
+    return value & (value - 1) == 0
+
+
+def _grid_fit(h: int, w: int, input_size: tuple[int, int]) -> tuple[float, float] | None:
+    """How an ``h x w`` grid fits the input: ``(deviation, stride)`` with one integer stride that
+    explains both sizes (a power of two when several do: CNN strides are, and 57 px in 2 cells is
+    a stride-32 map, not 28) and how far the sizes are from it (``max |size / cells - s| / s``:
+    0 for exact division, about 0.1 for rounded odd sizes); None when no stride explains both."""
     height, width = input_size
     if not (1 <= h <= height and 1 <= w <= width):
-        return False
-    stride_y, stride_x = _integer_stride(height, h), _integer_stride(width, w)
-    # A grid of a model follows the input's aspect: the same stride along both axes (within the
-    # rounding of odd sizes).
-    return abs(stride_y - stride_x) <= 0.125 * min(stride_y, stride_x)
+        return None
+    common = _stride_candidates(height, h) & _stride_candidates(width, w)
+    if not common:
+        return None
+
+    def deviation(stride: int) -> float:
+        return max(abs(height / h - stride), abs(width / w - stride)) / stride
+
+    powers = [s for s in common if _is_power_of_two(s)]
+    best = min(powers or common, key=lambda s: (deviation(s), s))
+    return deviation(best), float(best)
+
+
+def _grid_stride(h: int, w: int, input_size: tuple[int, int]) -> tuple[float, float] | None:
+    """The ``(stride_y, stride_x)`` of :func:`_grid_fit`, or None."""
+    fit = _grid_fit(h, w, input_size)
+    return None if fit is None else (fit[1], fit[1])
+
+
+def _plausible_grid(h: int, w: int, input_size: tuple[int, int]) -> bool:
+    """A grid of a model follows the input's aspect: some stride explains both of its sizes."""
+    return _grid_fit(h, w, input_size) is not None
 
 
 def _token_grid(tokens: int, input_size: tuple[int, int]) -> tuple[int, int, int] | None:
@@ -128,7 +159,10 @@ def detect_layout(
         raise ValueError(f"layout of {name!r}: expected one of {LAYOUTS}, found {layout!r}")
 
     def spatial(lay: str, h: int, w: int, c: int, p: int = 0) -> FeatureLayout:
-        stride = (_integer_stride(height, h), _integer_stride(width, w))
+        # A layout given by the user may have a grid no single stride explains (an anisotropic
+        # model): then each axis has its own.
+        stride = _grid_stride(h, w, (height, width)) or (
+            _integer_stride(height, h), _integer_stride(width, w))
         return FeatureLayout(lay, h, w, c, p, stride)
 
     ndim = len(shape)
@@ -147,9 +181,13 @@ def detect_layout(
             if (d2, d3) == (1, 1) or (d1, d2) == (1, 1):
                 # A 1x1 map is a pooled vector: compare it as one (equivariance == invariance).
                 return FeatureLayout("NC", 1, d1 * d2 * d3, 1, 0)
-            if _plausible_grid(d2, d3, (height, width)):
+            # Both readings may fit ((N, 7, 7, 8) at 224: 7x8 cells of stride 29..31, or 7x7 of
+            # stride 32): the closer fit wins, channels-first on a tie.
+            as_nchw = _grid_fit(d2, d3, (height, width))
+            as_nhwc = _grid_fit(d1, d2, (height, width))
+            if as_nchw is not None and (as_nhwc is None or as_nchw[0] <= as_nhwc[0]):
                 return spatial("NCHW", d2, d3, d1)
-            if _plausible_grid(d1, d2, (height, width)):
+            if as_nhwc is not None:
                 return spatial("NHWC", d1, d2, d3)
     if ndim == 3 and layout in (None, "NLC"):
         _, tokens, channels = shape

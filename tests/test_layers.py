@@ -74,12 +74,44 @@ def test_default_layers_open_module_lists_and_keep_feature_info():
         ((2, 384, 1, 1), (64, 64), ("NC", 1, 384, 1, 0)),
         ((2, 1, 384), (64, 64), ("NC", 1, 384, 1, 0)),
         ((2, 1000), (224, 224), ("NC", 1, 1000, 1, 0)),
+        # Both readings fit some stride: 7x8 cells (stride 29..31) or 7x7 (exactly 32).
+        ((2, 7, 7, 8), (224, 224), ("NHWC", 7, 7, 8, 0)),
+        # Odd, non-square inputs with rounding up (padded convolutions).
+        ((2, 64, 8, 9), (57, 71), ("NCHW", 8, 9, 64, 0)),
     ],
 )
 def test_detect_layout(shape, input_size, expected):
     layout = detect_layout(shape, input_size)
     assert (layout.layout, layout.grid_h, layout.grid_w, layout.channels,
             layout.prefix) == expected
+
+
+@pytest.mark.parametrize(
+    ("shape", "input_size", "stride"),
+    [
+        ((2, 64, 8, 8), (57, 57), 8.0),  # ceil(57 / 8) = 8, but also floor(57 / 7): 8 wins
+        ((2, 64, 2, 2), (57, 57), 32.0),  # anything from 20 to 56 gives 2 cells: a CNN's 32
+        ((2, 64, 8, 9), (57, 71), 8.0),  # 8 explains both axes (7 explains only 57)
+        ((2, 64, 7, 7), (224, 224), 32.0),
+        ((2, 64, 16, 16), (225, 225), 14.0),  # a patch-14 ViT: not a power of two
+        ((2, 1370, 384), (518, 518), 14.0),  # DINOv2-like: 1 prefix token, 37 x 37 patches
+    ],
+)
+def test_layout_strides(shape, input_size, stride):
+    assert detect_layout(shape, input_size).stride == (stride, stride)
+
+
+def test_real_models_on_odd_inputs():
+    import equifast
+
+    torch.manual_seed(0)
+    # resnet10t on 57x71: stage grids 29x36, 15x18, 8x9, 4x5, 2x3 (padded convs round up).
+    model = timm.create_model("resnet10t").eval()
+    result = equifast.measure(model, "samples", group="translate:4", input_size=(57, 71),
+                              limit=2, bootstrap=0, progress=False)
+    layers = result.frame.drop_duplicates("layer").set_index("layer")
+    assert list(layers.stride) == [2.0, 4.0, 8.0, 16.0, 32.0]
+    assert (layers.layout == "NCHW").all()
 
 
 def test_a_one_token_stage_is_measured_as_a_vector():
