@@ -140,6 +140,19 @@ def test_failures_are_recorded_and_the_survey_goes_on(tmp_path):
         assert (store.errors.model == "eqtest_raises").sum() == 2
 
 
+def test_layers_without_valid_positions_are_not_a_failure(tmp_path):
+    # 45 degrees on 24x24: the 6x6 map of resnet10t's last stage keeps no valid position (its
+    # scores are NaN), which is not a broken model.
+    summary = _survey(["resnet10t"], tmp_path / "s.sqlite", group="rotate:45",
+                      input_size=(24, 24))
+    assert summary.done == ["resnet10t"] and not summary.failed
+    with open_store(tmp_path / "s.sqlite") as store:
+        scores = store.scores
+    eq = scores[(scores.comparison == "eq") & (scores.metric == "corr")
+                & (scores.element == "mean")].set_index("layer")["value"]
+    assert eq.isna().any() and eq.notna().any()
+
+
 def test_out_of_memory_halves_the_batch_until_it_fits(tmp_path):
     store_path = tmp_path / "s.sqlite"
     with pytest.warns(UserWarning, match="out of memory"):

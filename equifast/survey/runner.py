@@ -205,19 +205,43 @@ def _is_out_of_memory(error: BaseException) -> bool:
                                                 or "can't allocate memory" in text)
 
 
-def _check_finite(result) -> None:
-    """Raise when a layer's features were not finite: every eq score of it is NaN (NaN features
-    poison the moments), while the layer was measurable (no element skipped as fractional)."""
-    if result.config.get("subpixel") == "skip":
-        return
+def _nonfinite_layers(model, names: list[str], input_size, device) -> list[str]:
+    """The layers among ``names`` whose output on a random image holds NaN or infinity."""
+    import torch
+
+    from equifast.layers import LayerHooks
+
+    bad: list[str] = []
+
+    def check(name: str, tensor: torch.Tensor) -> None:
+        if name not in bad and not bool(torch.isfinite(tensor).all()):
+            bad.append(name)
+
+    generator = torch.Generator().manual_seed(0)
+    image = torch.randn(2, 3, *input_size, generator=generator)
+    parameter = next(model.parameters(), None)
+    dtype = parameter.dtype if parameter is not None else torch.float32
+    with torch.inference_mode(), LayerHooks(model, names, check):
+        model(image.to(device=device, dtype=dtype))
+    return bad
+
+
+def _check_finite(result, model) -> None:
+    """Raise when the model's features are not finite. A layer whose every eq score is NaN is
+    either that or a layer without any valid position (a 2x2 map rotated by 45 degrees): one
+    forward of a random image on the suspects tells which."""
     frame = result.frame
     rows = frame[(frame.comparison == "eq") & (frame.element == "mean")
                  & (frame.metric != "flat_frac")]
     if rows.empty:
         return
     dead = rows.groupby("layer", sort=False)["value"].apply(lambda v: v.isna().all())
-    if dead.any():
-        layers = list(dead[dead].index)
+    suspects = list(dead[dead].index)
+    if not suspects:
+        return
+    layers = _nonfinite_layers(model, suspects, tuple(result.config["input_size"]),
+                               result.config.get("device", "cpu"))
+    if layers:
         raise NonFiniteFeatures(
             f"features are NaN or infinite at {len(layers)} layer(s), first {layers[0]!r}: "
             "nothing there can be measured (check the weights and the input dtype)"
@@ -295,7 +319,7 @@ def measure_model(model: str, data: Any, group: str, batch_size: int, min_batch_
                                       model_name=model, seed=seed, **measure_kwargs)
             result.config.update(pretrained=loaded.pretrained, note=loaded.note,
                                  weights=loaded.weights, source=loaded.source)
-            _check_finite(result)
+            _check_finite(result, loaded.model)
             outcome.result = result
             return outcome
         except (KeyboardInterrupt, SystemExit):
