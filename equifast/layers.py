@@ -142,39 +142,63 @@ def select_layers(model: nn.Module, layers: LayerSpec = None) -> list[str]:
     return sorted(chosen, key=order.__getitem__)
 
 
-def first_tensor(output) -> torch.Tensor | None:
-    """The tensor a layer outputs (the first one of a tuple or list)."""
+def first_tensor(output, batch: int | None = None) -> torch.Tensor | None:
+    """The tensor a layer outputs: itself, or of a tuple or list the first one whose first axis is
+    the ``batch`` (TNT's blocks return ``(pixel_tokens (B * 196, 16, C), patch_tokens (B, 197,
+    C))``: the patch tokens are the layer's image-level features), else the first tensor."""
     if isinstance(output, torch.Tensor):
         return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    return None
+    if not isinstance(output, (tuple, list)):
+        return None
+    tensors = [t for t in output if isinstance(t, torch.Tensor)]
+    if batch is not None:
+        for tensor in tensors:
+            if tensor.dim() >= 1 and tensor.shape[0] == batch:
+                return tensor
+    return tensors[0] if tensors else None
 
 
 class LayerHooks:
     """Forward hooks on named modules that pass each output to ``callback(name, tensor)``.
 
-    Use as a context manager so the hooks are always removed.
+    Use as a context manager so the hooks are always removed. The batch size of each forward is
+    read off the model's input, so that a layer's output is checked to keep the images apart
+    (first axis = batch) before anything is computed from it.
     """
 
     def __init__(self, model: nn.Module, names: Iterable[str],
                  callback: Callable[[str, torch.Tensor], None]) -> None:
         self.model, self.names, self.callback = model, list(names), callback
         self.handles: list = []
+        self.batch: int | None = None
 
     def __enter__(self) -> LayerHooks:
         modules = dict(self.model.named_modules())
+        self.handles.append(self.model.register_forward_pre_hook(self._read_batch,
+                                                                 with_kwargs=True))
         for name in self.names:
             self.handles.append(modules[name].register_forward_hook(self._hook(name)))
         return self
 
+    def _read_batch(self, module, args, kwargs) -> None:
+        images = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        self.batch = int(images.shape[0]) if images is not None and images.dim() >= 1 else None
+
     def _hook(self, name: str):
         def hook(module, inputs, output):
-            tensor = first_tensor(output)
+            tensor = first_tensor(output, self.batch)
             if tensor is None:
                 raise TypeError(
                     f"layer {name!r} outputs {type(output).__name__}, expected a tensor (or a "
                     "tuple starting with one); leave it out of layers=[...]"
+                )
+            if self.batch is not None and (tensor.dim() == 0 or tensor.shape[0] != self.batch):
+                raise ValueError(
+                    f"layer {name!r} outputs shape {tuple(tensor.shape)}, whose first axis is not "
+                    f"the batch of {self.batch} images: it does not keep the images apart "
+                    "(sequence-first tokens, pixel tokens of all patches, attention internals); "
+                    "measure a module whose output is batch first, or leave it out of "
+                    "layers=[...]"
                 )
             self.callback(name, tensor)
 

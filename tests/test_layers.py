@@ -128,3 +128,36 @@ def test_a_one_token_stage_is_measured_as_a_vector():
     # A vector does not move with the image: equivariance is invariance, and a number.
     assert last.loc["eq", "value"] == pytest.approx(last.loc["inv", "value"])
     assert torch.isfinite(torch.tensor(last.loc["eq", "value"]))
+
+
+class _TupleBlock(nn.Module):
+    """Returns (per-patch pixel tokens, patch tokens) as TNT's blocks do."""
+
+    def forward(self, x):
+        patches = x.flatten(2).transpose(1, 2)  # (B, h*w, C): batch first
+        pixels = patches.reshape(-1, 1, x.shape[1])  # (B * h * w, 1, C): not batch first
+        return pixels, patches
+
+
+class _SequenceFirst(nn.Module):
+    def forward(self, x):
+        return x.flatten(2).permute(2, 0, 1)  # (h*w, B, C)
+
+
+def test_hooks_take_the_batch_first_output_and_refuse_others():
+    import equifast
+
+    conv = nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular")
+    images = torch.rand(3, 3, 8, 8)
+    group = equifast.Translation([1, 2], protocol="circular")
+    model = nn.Sequential(conv, _TupleBlock()).eval()
+    result = equifast.measure(model, images, group=group, layers=["1"], bootstrap=0,
+                              progress=False)
+    eq = result.frame.query("metric == 'corr' and comparison == 'eq' and element == 'mean'")
+    assert eq.layout.tolist() == ["NLC"] and eq.value.iloc[0] == pytest.approx(1.0, abs=1e-6)
+
+    sequence_first = nn.Sequential(conv, _SequenceFirst()).eval()
+    # (the layout probe, a forward of 2 images, is the first to see it)
+    with pytest.raises((ValueError, RuntimeError), match=r"outputs shape \(64, 2, 4\).*not the"):
+        equifast.measure(sequence_first, images, group=group, layers=["1"], bootstrap=0,
+                         progress=False)
