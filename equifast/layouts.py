@@ -63,39 +63,49 @@ def _integer_stride(size: int, cells: int) -> float:
 
 
 def _stride_candidates(size: int, cells: int) -> set[int]:
-    """Every integer stride ``s`` that gives ``cells`` cells from ``size`` pixels, rounding down
-    or up (57 px in 8 cells: 7 or 8; 57 px in 2 cells: anything from 20 to 56)."""
-    return {s for s in range(1, size + 1) if cells in (size // s, -(-size // s))}
+    """Every integer stride ``s`` that gives ``cells`` cells from ``size`` pixels: rounding down
+    or up (57 px in 8 cells: 7 or 8; 57 px in 2 cells: anything from 20 to 56), or rounding down
+    after losing a border of up to one stride to an unpadded convolution (224 px in 111 cells:
+    a 3x3 stride-2 convolution without padding)."""
+    return {s for s in range(1, size + 1) if -s < size - s * cells <= 2 * s}
 
 
 def _is_power_of_two(value: int) -> bool:
     return value & (value - 1) == 0
 
 
-def _grid_fit(h: int, w: int, input_size: tuple[int, int]) -> tuple[float, float] | None:
-    """How an ``h x w`` grid fits the input: ``(deviation, stride)`` with one integer stride that
-    explains both sizes (a power of two when several do: CNN strides are, and 57 px in 2 cells is
-    a stride-32 map, not 28) and how far the sizes are from it (``max |size / cells - s| / s``:
-    0 for exact division, about 0.1 for rounded odd sizes); None when no stride explains both."""
+def _grid_fit(h: int, w: int, input_size: tuple[int, int]
+              ) -> tuple[float, tuple[float, float]] | None:
+    """How an ``h x w`` grid fits the input: ``(deviation, (stride_y, stride_x))``.
+
+    Preferably one integer stride that explains both sizes (a power of two when several do: CNN
+    strides are, and 57 px in 2 cells is a stride-32 map, not 28); ``deviation`` is how far the
+    sizes are from it (``max |size / cells - s| / s``: 0 for exact division, about 0.1 for rounded
+    odd sizes). Otherwise the two ratios ``size / cells`` when they agree within 1/8 (a deviation
+    of 1 or more, so that an integer fit always wins). None when neither holds.
+    """
     height, width = input_size
     if not (1 <= h <= height and 1 <= w <= width):
         return None
     common = _stride_candidates(height, h) & _stride_candidates(width, w)
-    if not common:
-        return None
+    if common:
+        def deviation(stride: int) -> float:
+            return max(abs(height / h - stride), abs(width / w - stride)) / stride
 
-    def deviation(stride: int) -> float:
-        return max(abs(height / h - stride), abs(width / w - stride)) / stride
-
-    powers = [s for s in common if _is_power_of_two(s)]
-    best = min(powers or common, key=lambda s: (deviation(s), s))
-    return deviation(best), float(best)
+        powers = [s for s in common if _is_power_of_two(s)]
+        best = min(powers or common, key=lambda s: (deviation(s), s))
+        return deviation(best), (float(best), float(best))
+    stride_y, stride_x = _integer_stride(height, h), _integer_stride(width, w)
+    spread = abs(stride_y - stride_x) / min(stride_y, stride_x)
+    if spread <= 0.125:
+        return 1.0 + spread, (stride_y, stride_x)
+    return None
 
 
 def _grid_stride(h: int, w: int, input_size: tuple[int, int]) -> tuple[float, float] | None:
     """The ``(stride_y, stride_x)`` of :func:`_grid_fit`, or None."""
     fit = _grid_fit(h, w, input_size)
-    return None if fit is None else (fit[1], fit[1])
+    return None if fit is None else fit[1]
 
 
 def _plausible_grid(h: int, w: int, input_size: tuple[int, int]) -> bool:

@@ -95,6 +95,8 @@ def test_detect_layout(shape, input_size, expected):
         ((2, 64, 7, 7), (224, 224), 32.0),
         ((2, 64, 16, 16), (225, 225), 14.0),  # a patch-14 ViT: not a power of two
         ((2, 1370, 384), (518, 518), 14.0),  # DINOv2-like: 1 prefix token, 37 x 37 patches
+        ((2, 64, 111, 111), (224, 224), 2.0),  # SqueezeNet's unpadded 3x3 stride-2 convolution
+        ((2, 64, 109, 109), (224, 224), 224 / 109),  # no integer explains it: the ratio
     ],
 )
 def test_layout_strides(shape, input_size, stride):
