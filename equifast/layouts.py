@@ -64,10 +64,15 @@ def _integer_stride(size: int, cells: int) -> float:
 
 def _stride_candidates(size: int, cells: int) -> set[int]:
     """Every integer stride ``s`` that gives ``cells`` cells from ``size`` pixels: rounding down
-    or up (57 px in 8 cells: 7 or 8; 57 px in 2 cells: anything from 20 to 56), or rounding down
-    after losing a border of up to one stride to an unpadded convolution (224 px in 111 cells:
-    a 3x3 stride-2 convolution without padding)."""
-    return {s for s in range(1, size + 1) if -s < size - s * cells <= 2 * s}
+    or up (57 px in 8 cells: 7 or 8; 57 px in 2 cells: anything from 20 to 56), or, on grids of 8
+    or more cells, rounding down after losing a border of up to one stride to an unpadded
+    convolution (224 px in 111 cells: a 3x3 stride-2 convolution without padding). Small grids
+    do not get that latitude: there it would let almost any shape pass for a grid."""
+    def fits(s: int) -> bool:
+        left_over = size - s * cells  # ceil: in (-s, 0]; floor: in [0, s)
+        return -s < left_over <= (2 * s if cells >= 8 else s - 1)
+
+    return {s for s in range(1, size + 1) if fits(s)}
 
 
 def _is_power_of_two(value: int) -> bool:
