@@ -1,14 +1,15 @@
 """Grid offsets of feature maps: where feature pixel 0 sits in input coordinates.
 
-Feature pixel ``i`` of a layer with stride ``s`` sits at input coordinate ``o + i * s``. Translations
-do not depend on ``o``; rotations and flips about the image centre do. A stride-2 convolution with
-padding ``k // 2`` has ``o = 0``, 2x2 average pooling ``o = 0.5``, a 16-pixel ViT patch ``o = 7.5``.
+Feature pixel ``i`` of a layer with stride ``s`` sits at input coordinate ``o + i * s``.
+Translations do not depend on ``o``; rotations and flips about the image centre do. A stride-2
+convolution with padding ``k // 2`` has ``o = 0``, 2x2 average pooling ``o = 0.5``, a 16-pixel ViT
+patch ``o = 7.5``.
 
-``align="auto"`` finds ``o`` from the centroid of the effective receptive field of a block of central
-feature pixels (mean absolute input-gradient over a few random inputs, with its flat background
-removed so that global mixing such as attention does not pull it to the image centre), snapped to
-half a pixel. ``"center"`` assumes ``o = (s - 1) / 2``, ``"corner"`` ``o = 0``; a number (or a
-``(oy, ox)`` pair) sets it; a dict sets it per layer.
+``align="auto"`` finds ``o`` from the centroid of the effective receptive field of a block of
+central feature pixels (mean absolute input-gradient over a few random inputs, with its flat
+background removed so that global mixing such as attention does not pull it to the image centre),
+snapped to half a pixel. ``"center"`` assumes ``o = (s - 1) / 2``, ``"corner"`` ``o = 0``; a number
+(or a ``(oy, ox)`` pair) sets it; a dict sets it per layer.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def find_offsets(
     dtype: torch.dtype = torch.float32,
     samples: int = 2,
     seed: int = 0,
+    captured: tuple[torch.Tensor, Mapping[str, torch.Tensor]] | None = None,
 ) -> dict[str, tuple[float, float]]:
     """Grid offset ``(offset_y, offset_x)`` of every layer.
 
@@ -68,6 +70,9 @@ def find_offsets(
         device, dtype: Where and how the probe forward runs.
         samples: Random inputs for the ``auto`` probe.
         seed: Seed of those inputs.
+        captured: ``(inputs, {name: output})`` of a forward of :func:`probe_inputs` (``samples``,
+            ``seed``) that already ran with gradients enabled and hooks on the layers: the ``auto``
+            probe then reuses it instead of running the model again.
 
     Returns:
         ``{name: (offset_y, offset_x)}`` (NaN for vector layers).
@@ -83,7 +88,10 @@ def find_offsets(
             auto.append(name)
         else:
             offsets[name] = fixed_offset(layout, spec)
-    if auto:
+    if auto and captured is not None:
+        offsets.update(offsets_from_graph(captured[0], captured[1], {n: layers[n] for n in auto},
+                                          input_size))
+    elif auto:
         offsets.update(_receptive_field_offsets(model, {n: layers[n] for n in auto}, input_size,
                                                 device, dtype, samples, seed))
     return {name: offsets[name] for name in layers}
@@ -102,11 +110,17 @@ def _central_block(size: int) -> slice:
     return slice(start, start + width)
 
 
-def _receptive_field_offsets(model, layers, input_size, device, dtype, samples, seed):
+def probe_inputs(input_size: tuple[int, int], device, dtype, samples: int = 2,
+                 seed: int = 0) -> torch.Tensor:
+    """The seeded random inputs of the ``auto`` probe, ``requires_grad`` set."""
     height, width = input_size
     generator = torch.Generator().manual_seed(seed)
     inputs = torch.randn(samples, 3, height, width, generator=generator).to(device, dtype)
-    inputs.requires_grad_(True)
+    return inputs.requires_grad_(True)
+
+
+def _receptive_field_offsets(model, layers, input_size, device, dtype, samples, seed):
+    inputs = probe_inputs(input_size, device, dtype, samples, seed)
     captured: dict[str, torch.Tensor] = {}
 
     def keep(name: str, tensor: torch.Tensor) -> None:
@@ -116,6 +130,22 @@ def _receptive_field_offsets(model, layers, input_size, device, dtype, samples, 
     # not accumulate into them.
     with torch.enable_grad(), LayerHooks(model, layers, keep):
         model(inputs)
+        return offsets_from_graph(inputs, captured, layers, input_size)
+
+
+def offsets_from_graph(
+    inputs: torch.Tensor,
+    captured: Mapping[str, torch.Tensor],
+    layers: Mapping[str, FeatureLayout],
+    input_size: tuple[int, int],
+) -> dict[str, tuple[float, float]]:
+    """Offsets of ``layers`` from their outputs ``captured`` in a forward of the probe ``inputs``.
+
+    The forward ran with gradients enabled (see :func:`probe_inputs`); the engine uses this to find
+    the layouts and the offsets from one probe forward.
+    """
+    height, width = input_size
+    with torch.enable_grad():
         offsets = {}
         names = list(layers)
         for i, name in enumerate(names):

@@ -8,12 +8,14 @@ reduce each chosen layer's output to the six statistics per image, element, chan
 Example:
     >>> import equifast, timm
     >>> model = timm.create_model("resnet18").eval()
-    >>> result = equifast.measure(model, "samples", group=equifast.Translation([8, 16]))  # doctest: +SKIP
-    >>> print(result.format_summary())                                                   # doctest: +SKIP
+    >>> group = equifast.Translation([8, 16])
+    >>> result = equifast.measure(model, "samples", group=group)  # doctest: +SKIP
+    >>> print(result.format_summary())                            # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
 import time
 import warnings
@@ -28,10 +30,16 @@ from torch import nn
 
 from . import _ext, ops
 from . import distributed as _dist
-from .align import AlignSpec, find_offsets
+from .align import AlignSpec, find_offsets, probe_inputs
 from .groups import (
-    IDENTITY, PROTOCOL_CODES, Group, default_group, feature_source_affines, invert_affine,
-    is_integer_affine, parse_group,
+    IDENTITY,
+    PROTOCOL_CODES,
+    Group,
+    default_group,
+    feature_source_affines,
+    invert_affine,
+    is_integer_affine,
+    parse_group,
 )
 from .layers import LayerHooks, LayerSpec, select_layers
 from .layouts import FeatureLayout, detect_layout
@@ -303,10 +311,15 @@ class _DataPlan:
         return self._iter()
 
 
+CPU_IMAGES_PER_FORWARD = 32
+
+
 def _default_chunk(batch: int, elements: int, device: torch.device) -> int:
-    # On the CPU a huge stacked batch is slower (caches): stay near 64 images per forward. On a GPU
-    # fill the device; out-of-memory halves the chunk.
-    target = 64 if device.type == "cpu" else 1024
+    # On the CPU stay near 32 images per forward: larger stacked batches are hardly faster there
+    # (caches), and the activations of one forward make the peak memory (the identity features are
+    # kept from the first forward, so smaller chunks repeat nothing). On a GPU fill the device;
+    # out-of-memory halves the chunk.
+    target = CPU_IMAGES_PER_FORWARD if device.type == "cpu" else 1024
     return max(1, min(elements, target // max(batch, 1) - 1))
 
 
@@ -363,7 +376,9 @@ def measure(
             of per-image scores.
         bootstrap: Resamples of the 95% bootstrap intervals (0: none).
         seed: Seed of the bootstrap and the alignment probe.
-        elements_per_chunk: Group elements per forward (default: chosen for the device).
+        elements_per_chunk: Group elements per forward (default: chosen for the device: about
+            32 images per forward on the CPU, 1024 on a GPU). The first forward of a batch also
+            holds the identity block; its features are kept for the later forwards.
         dtype: Model dtype on the device (default: float32 on the CPU, bfloat16 autocast on CUDA).
         channels_last: Input memory format (default: True on CUDA).
         limit: Use at most this many images.
@@ -389,7 +404,8 @@ def measure(
         >>> images = torch.rand(4, 3, 16, 16)
         >>> group = equifast.Translation([1, 2], protocol="circular")
         >>> result = equifast.measure(net, images, group=group, progress=False)
-        >>> round(float(result.frame.query("comparison == 'eq' and metric == 'corr'").value.min()), 5)
+        >>> rows = result.frame.query("comparison == 'eq' and metric == 'corr'")
+        >>> round(float(rows.value.min()), 5)
         1.0
     """
     started = time.perf_counter()
@@ -417,7 +433,8 @@ def measure(
         model_name = model_name or getattr(model, "default_cfg", {}).get("architecture") or type(
             model).__name__
     else:
-        raise TypeError(f"model: expected an nn.Module or a model name, found {type(model).__name__}")
+        raise TypeError("model: expected an nn.Module or a model name, found "
+                        f"{type(model).__name__}")
     module.eval()
     shard, device = _dist.setup(distributed, device)
     if device is None:
@@ -447,12 +464,12 @@ def measure(
     margin = plan.margin
 
     names = select_layers(module, layers)
-    layer_layouts = _probe_layouts(module, names, (height, width), layouts or {}, device,
-                                   model_dtype)
-    offsets = find_offsets(module, layer_layouts, (height, width), align, device, model_dtype,
-                           seed=seed)
+    setup_started = time.perf_counter()
+    layer_layouts, offsets = _probe(module, names, (height, width), layouts or {}, align, device,
+                                    model_dtype, seed)
     if shard is not None:
         offsets = _dist.agree(offsets, "alignment offsets")
+    probe_seconds = time.perf_counter() - setup_started
 
     elements = list(group)
     count = len(elements)
@@ -480,6 +497,16 @@ def measure(
     chunk = elements_per_chunk or _default_chunk(min(batch_size, first_size), count, device)
     context: dict[str, Any] = {}
 
+    # When the elements take several forwards, the first one holds the identity block and the
+    # others only their elements: the identity features of each layer are kept from the first
+    # forward (one block of each measured layer's output) instead of being recomputed per forward.
+    identity: dict[str, torch.Tensor] = {}
+    # CPU: return the heap pages that the forwards free (see _release_freed_memory) after every
+    # batch. Not inside the hooks: measured on vit_tiny (64 images, 12 layers), trimming there
+    # kept the peak 140 MiB lower but made the run 1.6x slower (the trims and the page faults of
+    # re-using the pages); once per batch bounds the resident size just as well across batches.
+    trim = device.type == "cpu"
+
     def on_output(name: str, tensor: torch.Tensor) -> None:
         # A module that runs several times in one forward (a shared ReLU) is measured at its
         # first call, so that every image counts once.
@@ -488,6 +515,11 @@ def measure(
         context["seen"].add(name)
         layer = state[name]
         lo, hi, batch = context["lo"], context["hi"], context["batch"]
+        if lo == 0:
+            if hi < count:
+                identity[name] = tensor[:batch].clone()
+        else:
+            tensor = torch.cat([identity[name], tensor])
         stats = _layer_stats(tensor, layer, lo, hi, batch, wrap, subpixel, force_reference)
         if batch == 1:
             stats[2] = 0  # no other image to compare with: chance is undefined
@@ -519,11 +551,12 @@ def measure(
         lo = 0
         while lo < count:
             hi = min(count, lo + chunk)
-            chosen = [0] + list(range(lo + 1, hi + 1))
+            chosen = ([0] if lo == 0 else []) + list(range(lo + 1, hi + 1))
             try:
                 images = ops.transform_images(
-                    sources, torch.from_numpy(image_sources[chosen]), [protocols[i] for i in chosen],
-                    margin, (height, width), mean, std, model_dtype, channels_last,
+                    sources, torch.from_numpy(image_sources[chosen]),
+                    [protocols[i] for i in chosen], margin, (height, width), mean, std,
+                    model_dtype, channels_last,
                     force_reference=force_reference,
                 )
                 context.update(lo=lo, hi=hi, batch=size, seen=set())
@@ -538,14 +571,17 @@ def measure(
                 warnings.warn(f"out of memory: retrying with {chunk} elements per forward",
                               stacklevel=2)
                 logits_blocks = [None] * (count + 1)
+                identity.clear()
                 lo = 0
                 continue
             if isinstance(output, torch.Tensor) and output.dim() == 2:
-                blocks = output.float().view(hi - lo + 1, size, -1)
-                logits_blocks[0] = blocks[0]
-                for j, element in enumerate(range(lo + 1, hi + 1), start=1):
+                blocks = output.float().view(len(chosen), size, -1)
+                for j, element in enumerate(chosen):
                     logits_blocks[element] = blocks[j]
             lo = hi
+        identity.clear()
+        if trim:
+            _release_freed_memory()
         if all(block is not None for block in logits_blocks):
             reference = logits_blocks[0].argmax(-1)
             same = torch.stack([logits_blocks[k + 1].argmax(-1) == reference for k in range(count)])
@@ -559,6 +595,7 @@ def measure(
                 hit1[~known], hit5[~known] = math.nan, math.nan
                 top_rows.append(torch.stack([hit1, hit5]).cpu().numpy())
 
+    batches_started = time.perf_counter()
     for batch in _chain(first, batches):
         run_batch(batch)
         images_done += batch.sources.shape[0]
@@ -571,10 +608,20 @@ def measure(
                                                   plan.batch_keys, images_done, plan.skipped,
                                                   plan.skipped_keys)
 
+    frame_started = time.perf_counter()
     frame = _build_frame(state, model_name, elements, comparisons, metric_names, pooled,
                          bootstrap, seed, count, len(names), images_done)
     model_frame = _model_frame(model_name, consistency_rows, top_rows, bootstrap, seed)
-    elapsed = time.perf_counter() - started
+    finished = time.perf_counter()
+    elapsed = finished - started
+    # Where the time went: fixed costs (loading, the layout / alignment probe, the frame with its
+    # bootstrap) apart from the per-image loop over the batches.
+    timings = {
+        "setup": batches_started - started,
+        "probe": probe_seconds,
+        "batches": frame_started - batches_started,
+        "frame": finished - frame_started,
+    }
     config = {
         "model": model_name,
         "pretrained": pretrained,
@@ -602,12 +649,46 @@ def measure(
         "preprocess": {k: (list(v) if isinstance(v, tuple) else v)
                        for k, v in vars(preprocess).items()},
         "seconds": elapsed,
+        "timings": timings,
         "images_per_second": images_done / elapsed if elapsed > 0 else None,
         "versions": {"torch": torch.__version__, "equifast": _version()},
     }
     if shard is not None:
         config = _dist.broadcast_object({**config, "world_size": shard.world})
     return Result(frame=frame, model_frame=model_frame, config=config, skipped=plan.skipped)
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+_LIBC: Any = None
+
+
+def _release_freed_memory(min_free: int = 0) -> None:
+    """Give freed heap pages back to the OS when at least ``min_free`` bytes lie free in the heap.
+
+    glibc only; elsewhere nothing. A stacked forward frees activations of a few MiB each; glibc
+    then raises its mmap threshold and serves the next ones from the heap, where the small arrays
+    that the hooks keep (scores) pin them: the resident size grew by about one forward's
+    activations per batch (measured: 40 -> 440 MiB over 4 batches of vit_tiny at 112 px, while a
+    bare forward peaks at 57 MiB; 800 -> 2350 MiB over 24 batches). ``malloc_trim`` once per
+    batch returns those pages and keeps the resident size flat across batches.
+    """
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+            _LIBC.mallinfo2.restype = _MallInfo2
+        except (OSError, AttributeError):
+            _LIBC = False
+    if not _LIBC:
+        return
+    if min_free <= 0 or _LIBC.mallinfo2().fordblks >= min_free:
+        _LIBC.malloc_trim(0)
 
 
 def _version() -> str:
@@ -634,30 +715,47 @@ def _rollback(state: dict[str, _Layer], marks: dict[str, tuple[int, int]]) -> No
         del layer.pooled[pooled_mark:]
 
 
-def _probe_layouts(module, names, input_size, overrides, device, dtype) -> dict[str, FeatureLayout]:
-    """Run one random image to learn each layer's output shape, and detect the layouts."""
-    shapes: dict[str, torch.Size] = {}
+def _probe(module, names, input_size, overrides, align, device, dtype, seed):
+    """Layouts and grid offsets of the layers, from one probe forward.
+
+    With ``align="auto"`` layers the gradient probe of :mod:`equifast.align` (seeded random inputs,
+    gradients enabled) gives the output shapes too, so that the model runs once, not twice; without
+    them one image under ``inference_mode`` gives the shapes.
+
+    Returns:
+        ``(layouts, offsets)``.
+    """
+    per_layer = dict(align) if isinstance(align, Mapping) else {name: align for name in names}
+    with_grad = any(per_layer.get(name, "auto") == "auto" for name in names)
+    captured: dict[str, torch.Tensor] = {}
 
     def keep(name: str, tensor: torch.Tensor) -> None:
-        shapes.setdefault(name, tensor.shape)
+        captured.setdefault(name, tensor)
 
-    probe = torch.zeros(1, 3, *input_size, device=device, dtype=dtype)
+    if with_grad:
+        probe = probe_inputs(input_size, device, dtype, seed=seed)
+        context = torch.enable_grad()
+    else:
+        probe = torch.zeros(1, 3, *input_size, device=device, dtype=dtype)
+        context = torch.inference_mode()
     try:
-        with torch.inference_mode(), LayerHooks(module, names, keep):
+        with context, LayerHooks(module, names, keep):
             module(probe)
     except Exception as error:
         raise RuntimeError(
             f"the model failed on a {input_size[0]}x{input_size[1]} input ({error}); pass "
             "input_size=(H, W) that the model accepts"
         ) from error
-    missing = [n for n in names if n not in shapes]
+    missing = [n for n in names if n not in captured]
     if missing:
         raise ValueError(f"layers {missing} did not run in the model's forward pass")
     layouts = {}
     for name in names:
         forced = overrides.get(name)
-        layouts[name] = detect_layout(shapes[name], input_size, layout=forced, name=name)
-    return layouts
+        layouts[name] = detect_layout(captured[name].shape, input_size, layout=forced, name=name)
+    offsets = find_offsets(module, layouts, input_size, align, device, dtype, seed=seed,
+                           captured=(probe, captured) if with_grad else None)
+    return layouts, offsets
 
 
 def _layer_stats(tensor, layer: _Layer, lo, hi, batch, wrap, subpixel, force_reference):
@@ -688,7 +786,8 @@ def _collect(parts: list[tuple[int, np.ndarray]], count: int) -> np.ndarray:
     return np.concatenate(batches, axis=-1)
 
 
-def _bootstrap(values: np.ndarray, resamples: int, seed: int, block: int = 100) -> np.ndarray | None:
+def _bootstrap(values: np.ndarray, resamples: int, seed: int,
+               block: int = 100) -> np.ndarray | None:
     """Bootstrap means of ``(rows, n)`` values (NaN ignored) -> ``(rows, R)``; ``None`` if n < 2."""
     rows, n = values.shape
     if resamples <= 0 or n < 2:

@@ -34,10 +34,13 @@ def test_bench_end_to_end_quick(tmp_path):
         assert check["unmatched_rows"] == 0 and check["rows"] > 0
         assert check["max_abs_diff_corr"] < 1e-3
         for key in ("equifast_images_per_s", "naive_images_per_s", "speedup", "floor_time",
-                    "overhead_pct", "elements_per_chunk"):
+                    "overhead_pct", "overhead_steady_pct", "fixed_seconds", "batches_seconds",
+                    "elements_per_chunk"):
             assert isinstance(row[key], (int, float)), key
+        assert set(row["equifast_phases"]) == {"setup", "probe", "batches", "frame"}
         assert row["equifast_time"]["repeats"] == 1
         assert row["floor_chunking"] in row["floor_times"]
-        assert set(row["targets"]) == {"overhead_ok", "speedup_ok", "memory_ok"}
+        assert set(row["targets"]) == {"overhead_ok", "overhead_total_ok", "speedup_ok",
+                                       "memory_ok"}
         assert "equifast_peak_mib" in row and "naive_peak_mib" in row
     assert "| resnet18 |" in proc.stdout

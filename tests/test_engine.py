@@ -32,6 +32,30 @@ def test_chunking_does_not_change_results():
                                elements_per_chunk=1)
     pd.testing.assert_frame_equal(_values(whole), _values(chunked), rtol=1e-6, atol=1e-6)
     assert chunked.config["elements_per_chunk"] == 1
+    pd.testing.assert_frame_equal(whole.model_frame, chunked.model_frame)  # logits per element
+
+
+def test_identity_block_is_forwarded_once_per_batch():
+    """Later chunks reuse the identity features of the first forward instead of recomputing."""
+    net = _net()
+    seen = []
+    handle = net[0].register_forward_hook(lambda m, inputs, out: seen.append(out.shape[0]))
+    images = torch.rand(4, 3, 24, 24)
+    group = Translation([2, 4, 6])
+    count = len(list(group))
+    try:
+        result = equifast.measure(net, images, group=group, progress=False, bootstrap=0,
+                                  batch_size=4, elements_per_chunk=2, align="center")
+    finally:
+        handle.remove()
+    assert seen[0] == 1  # the layout probe (one image; align="center" needs no gradients)
+    # identity + 2 elements, then 2 elements per forward: K + 1 blocks of 4 images in all
+    assert seen[1] == 3 * 4 and all(n == 2 * 4 for n in seen[2:-1]) and seen[-1] in (4, 8)
+    assert sum(seen[1:]) == (count + 1) * 4
+    timings = result.config["timings"]
+    assert set(timings) == {"setup", "probe", "batches", "frame"}
+    assert all(value >= 0 for value in timings.values())
+    assert timings["setup"] + timings["batches"] + timings["frame"] <= result.config["seconds"]
 
 
 def test_batches_vs_iterable_and_uint8():
