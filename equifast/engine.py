@@ -465,8 +465,9 @@ def measure(
 
     names = select_layers(module, layers)
     setup_started = time.perf_counter()
-    layer_layouts, offsets = _probe(module, names, (height, width), layouts or {}, align, device,
-                                    model_dtype, seed)
+    names, layer_layouts, offsets = _probe(module, names, (height, width), layouts or {}, align,
+                                           device, model_dtype, seed,
+                                           chosen_by_default=layers in (None, "default"))
     if shard is not None:
         offsets = _dist.agree(offsets, "alignment offsets")
     probe_seconds = time.perf_counter() - setup_started
@@ -715,7 +716,8 @@ def _rollback(state: dict[str, _Layer], marks: dict[str, tuple[int, int]]) -> No
         del layer.pooled[pooled_mark:]
 
 
-def _probe(module, names, input_size, overrides, align, device, dtype, seed):
+def _probe(module, names, input_size, overrides, align, device, dtype, seed,
+           chosen_by_default: bool = False):
     """Layouts and grid offsets of the layers, from one probe forward.
 
     With ``align="auto"`` layers the gradient probe of :mod:`equifast.align` (seeded random inputs,
@@ -723,7 +725,7 @@ def _probe(module, names, input_size, overrides, align, device, dtype, seed):
     them one image under ``inference_mode`` gives the shapes.
 
     Returns:
-        ``(layouts, offsets)``.
+        ``(names, layouts, offsets)``: the names without default layers that did not run.
     """
     per_layer = dict(align) if isinstance(align, Mapping) else {name: align for name in names}
     with_grad = any(per_layer.get(name, "auto") == "auto" for name in names)
@@ -748,14 +750,20 @@ def _probe(module, names, input_size, overrides, align, device, dtype, seed):
         ) from error
     missing = [n for n in names if n not in captured]
     if missing:
-        raise ValueError(f"layers {missing} did not run in the model's forward pass")
+        if not chosen_by_default:
+            raise ValueError(f"layers {missing} did not run in the model's forward pass")
+        # Default layers are the model's children: some never run in eval mode (GoogLeNet's and
+        # Inception's auxiliary classifiers). The user did not ask for them: leave them out.
+        warnings.warn(f"layers {missing} did not run in the model's forward pass (auxiliary "
+                      "heads, say): left out of the default layers", stacklevel=3)
+        names = [n for n in names if n in captured]
     layouts = {}
     for name in names:
         forced = overrides.get(name)
         layouts[name] = detect_layout(captured[name].shape, input_size, layout=forced, name=name)
     offsets = find_offsets(module, layouts, input_size, align, device, dtype, seed=seed,
                            captured=(probe, captured) if with_grad else None)
-    return layouts, offsets
+    return names, layouts, offsets
 
 
 def _layer_stats(tensor, layer: _Layer, lo, hi, batch, wrap, subpixel, force_reference):

@@ -592,7 +592,11 @@ def _resolve_group(group) -> Group:
     raise TypeError(f"group: expected a Group, a spec string or None, found {type(group).__name__}")
 
 
-def _probe_layouts(module, names, input_size, overrides, device, dtype) -> dict[str, FeatureLayout]:
+def _probe_layouts(
+    module, names, input_size, overrides, device, dtype, chosen_by_default: bool = False
+) -> dict[str, FeatureLayout]:
+    """Layouts of the layers that ran; default layers that did not run (auxiliary heads in eval
+    mode) are left out, asked-for ones are an error."""
     shapes: dict[str, torch.Size] = {}
 
     def keep(name: str, tensor: torch.Tensor) -> None:
@@ -601,9 +605,10 @@ def _probe_layouts(module, names, input_size, overrides, device, dtype) -> dict[
     with torch.inference_mode(), LayerHooks(module, names, keep):
         module(torch.zeros(1, 3, *input_size, device=device, dtype=dtype))
     missing = [n for n in names if n not in shapes]
-    if missing:
+    if missing and not chosen_by_default:
         raise ValueError(f"layers {missing} did not run in the model's forward pass")
-    return {n: detect_layout(shapes[n], input_size, layout=overrides.get(n), name=n) for n in names}
+    return {n: detect_layout(shapes[n], input_size, layout=overrides.get(n), name=n)
+            for n in names if n in shapes}
 
 
 def measure(
@@ -723,8 +728,10 @@ def measure(
 
     names = select_layers(module, layers)
     layer_layouts = _probe_layouts(
-        module, names, (height, width), layouts or {}, device, model_dtype
+        module, names, (height, width), layouts or {}, device, model_dtype,
+        chosen_by_default=layers in (None, "default"),
     )
+    names = [n for n in names if n in layer_layouts]
     offsets = find_offsets(
         module, layer_layouts, (height, width), align, device, model_dtype, seed=seed
     )

@@ -163,3 +163,44 @@ def test_hooks_take_the_batch_first_output_and_refuse_others():
     with pytest.raises((ValueError, RuntimeError), match=r"outputs shape \(64, 2, 4\).*not the"):
         equifast.measure(sequence_first, images, group=group, layers=["1"], bootstrap=0,
                          progress=False)
+
+
+class _WithAuxiliaryHead(nn.Module):
+    """An auxiliary classifier that only runs in training, as GoogLeNet's and Inception's."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.aux = nn.Linear(4, 2)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = self.conv(x)
+        pooled = x.mean((2, 3))
+        if self.training:
+            return self.head(pooled), self.aux(pooled)
+        return self.head(pooled)
+
+
+@pytest.mark.parametrize("implementation", ["engine", "naive"])
+def test_default_layers_that_never_run_are_left_out(implementation):
+    import equifast
+    from equifast import naive
+
+    measure = equifast.measure if implementation == "engine" else naive.measure
+    model = _WithAuxiliaryHead().eval()
+    images = torch.rand(2, 3, 16, 16)
+    group = equifast.Translation([1], protocol="circular")
+    assert default_layers(model) == ["conv", "aux", "head"]
+    with pytest.warns(UserWarning, match=r"\['aux'\] did not run") if implementation == "engine" \
+            else _no_warning_check():
+        result = measure(model, images, group=group, bootstrap=0, progress=False)
+    assert sorted(result.frame.layer.unique()) == ["conv", "head"]
+    with pytest.raises(ValueError, match=r"\['aux'\] did not run"):
+        measure(model, images, group=group, layers=["conv", "aux"], bootstrap=0, progress=False)
+
+
+def _no_warning_check():
+    import contextlib
+
+    return contextlib.nullcontext()
