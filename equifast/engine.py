@@ -41,7 +41,7 @@ from .groups import (
     is_integer_affine,
     parse_group,
 )
-from .layers import LayerHooks, LayerSpec, select_layers
+from .layers import LayerHooks, LayerOutputError, LayerSpec, select_layers
 from .layouts import FeatureLayout, detect_layout
 from .ops import COMPARISONS, merge_stats
 from .result import FRAME_COLUMNS, MODEL_COLUMNS, Result
@@ -748,6 +748,8 @@ def _probe(module, names, input_size, overrides, align, device, dtype, seed,
     try:
         with context, LayerHooks(module, names, keep):
             module(probe)
+    except LayerOutputError:
+        raise  # says which layer and why: not a matter of the input size
     except Exception as error:
         raise RuntimeError(
             f"the model failed on a {input_size[0]}x{input_size[1]} input ({error}); pass "

@@ -158,6 +158,10 @@ def first_tensor(output, batch: int | None = None) -> torch.Tensor | None:
     return tensors[0] if tensors else None
 
 
+class LayerOutputError(ValueError):
+    """A hooked layer's output cannot be measured (not a tensor, or not batch first)."""
+
+
 class LayerHooks:
     """Forward hooks on named modules that pass each output to ``callback(name, tensor)``.
 
@@ -188,12 +192,12 @@ class LayerHooks:
         def hook(module, inputs, output):
             tensor = first_tensor(output, self.batch)
             if tensor is None:
-                raise TypeError(
+                raise LayerOutputError(
                     f"layer {name!r} outputs {type(output).__name__}, expected a tensor (or a "
-                    "tuple starting with one); leave it out of layers=[...]"
+                    "tuple holding one); leave it out of layers=[...]"
                 )
             if self.batch is not None and (tensor.dim() == 0 or tensor.shape[0] != self.batch):
-                raise ValueError(
+                raise LayerOutputError(
                     f"layer {name!r} outputs shape {tuple(tensor.shape)}, whose first axis is not "
                     f"the batch of {self.batch} images: it does not keep the images apart "
                     "(sequence-first tokens, pixel tokens of all patches, attention internals); "

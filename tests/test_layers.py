@@ -160,7 +160,7 @@ def test_hooks_take_the_batch_first_output_and_refuse_others():
 
     sequence_first = nn.Sequential(conv, _SequenceFirst()).eval()
     # (the layout probe, a forward of 2 images, is the first to see it)
-    with pytest.raises((ValueError, RuntimeError), match=r"outputs shape \(64, 2, 4\).*not the"):
+    with pytest.raises(ValueError, match=r"^layer '1' outputs shape \(64, 2, 4\).*not the"):
         equifast.measure(sequence_first, images, group=group, layers=["1"], bootstrap=0,
                          progress=False)
 
@@ -204,3 +204,18 @@ def _no_warning_check():
     import contextlib
 
     return contextlib.nullcontext()
+
+
+class _DictOutput(nn.Module):
+    def forward(self, x):
+        return {"features": x}
+
+
+def test_a_layer_without_a_tensor_output_is_named():
+    import equifast
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), _DictOutput(), nn.Identity()).eval()
+    model[2].forward = lambda d: d["features"]
+    with pytest.raises(ValueError, match=r"^layer '1' outputs dict, expected a tensor"):
+        equifast.measure(model, torch.rand(2, 3, 8, 8), group="translate[circular]:1",
+                         layers=["1"], bootstrap=0, progress=False)
