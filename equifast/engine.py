@@ -41,8 +41,15 @@ from .groups import (
     is_integer_affine,
     parse_group,
 )
-from .layers import LayerHooks, LayerOutputError, LayerSpec, select_layers
-from .layouts import FeatureLayout, detect_layout
+from .layers import (
+    LayerHooks,
+    LayerOutputError,
+    LayerSpec,
+    is_broad_selection,
+    measurable_layers,
+    select_layers,
+)
+from .layouts import FeatureLayout
 from .ops import COMPARISONS, merge_stats
 from .result import FRAME_COLUMNS, MODEL_COLUMNS, Result
 from .scores import check_metrics, corr_vs_chance, score_stats
@@ -467,7 +474,7 @@ def measure(
     setup_started = time.perf_counter()
     names, layer_layouts, offsets = _probe(module, names, (height, width), layouts or {}, align,
                                            device, model_dtype, seed,
-                                           chosen_by_default=layers in (None, "default"))
+                                           lenient=is_broad_selection(layers))
     if shard is not None:
         offsets = _dist.agree(offsets, "alignment offsets")
     probe_seconds = time.perf_counter() - setup_started
@@ -722,7 +729,7 @@ def _rollback(state: dict[str, _Layer], marks: dict[str, tuple[int, int]]) -> No
 
 
 def _probe(module, names, input_size, overrides, align, device, dtype, seed,
-           chosen_by_default: bool = False):
+           lenient: bool = False):
     """Layouts and grid offsets of the layers, from one probe forward.
 
     With ``align="auto"`` layers the gradient probe of :mod:`equifast.align` (seeded random inputs,
@@ -745,8 +752,9 @@ def _probe(module, names, input_size, overrides, align, device, dtype, seed,
     else:
         probe = torch.zeros(1, 3, *input_size, device=device, dtype=dtype)
         context = torch.inference_mode()
+    hooks = LayerHooks(module, names, keep, lenient=lenient)
     try:
-        with context, LayerHooks(module, names, keep):
+        with context, hooks:
             module(probe)
     except LayerOutputError:
         raise  # says which layer and why: not a matter of the input size
@@ -755,19 +763,8 @@ def _probe(module, names, input_size, overrides, align, device, dtype, seed,
             f"the model failed on a {input_size[0]}x{input_size[1]} input ({error}); pass "
             "input_size=(H, W) that the model accepts"
         ) from error
-    missing = [n for n in names if n not in captured]
-    if missing:
-        if not chosen_by_default:
-            raise ValueError(f"layers {missing} did not run in the model's forward pass")
-        # Default layers are the model's children: some never run in eval mode (GoogLeNet's and
-        # Inception's auxiliary classifiers). The user did not ask for them: leave them out.
-        warnings.warn(f"layers {missing} did not run in the model's forward pass (auxiliary "
-                      "heads, say): left out of the default layers", stacklevel=3)
-        names = [n for n in names if n in captured]
-    layouts = {}
-    for name in names:
-        forced = overrides.get(name)
-        layouts[name] = detect_layout(captured[name].shape, input_size, layout=forced, name=name)
+    names, layouts = measurable_layers(names, captured, hooks.unmeasurable, input_size,
+                                       overrides, lenient)
     offsets = find_offsets(module, layouts, input_size, align, device, dtype, seed=seed,
                            captured=(probe, captured) if with_grad else None)
     return names, layouts, offsets

@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-from typing import Callable, Iterable, Sequence
+import warnings
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
+
+from .layouts import detect_layout
 
 LayerSpec = str | type | Sequence[str | type] | None
 
@@ -91,6 +94,21 @@ def default_layers(model: nn.Module) -> list[str]:
             "names of a model that has them"
         )
     return children
+
+
+def is_broad_selection(layers: LayerSpec) -> bool:
+    """Whether a selection names modules only indirectly (the default, ``"leaves"``, a module type
+    or a glob). Such a selection may catch modules that cannot be measured (auxiliary heads that do
+    not run in eval mode, dropout skipped by fused attention, window-attention internals whose
+    first axis is not the batch): those are left out with a warning, while a module asked for by
+    its exact name is an error."""
+    if layers is None or isinstance(layers, type):
+        return True
+    specs = [layers] if isinstance(layers, str) else list(layers)
+    return any(
+        isinstance(spec, type) or spec in ("default", "leaves") or any(c in spec for c in "*?[")
+        for spec in specs
+    )
 
 
 def select_layers(model: nn.Module, layers: LayerSpec = None) -> list[str]:
@@ -171,10 +189,13 @@ class LayerHooks:
     """
 
     def __init__(self, model: nn.Module, names: Iterable[str],
-                 callback: Callable[[str, torch.Tensor], None]) -> None:
+                 callback: Callable[[str, torch.Tensor], None], lenient: bool = False) -> None:
         self.model, self.names, self.callback = model, list(names), callback
         self.handles: list = []
         self.batch: int | None = None
+        # lenient: an output that cannot be measured is noted here (name -> reason), not raised
+        self.lenient = lenient
+        self.unmeasurable: dict[str, str] = {}
 
     def __enter__(self) -> LayerHooks:
         modules = dict(self.model.named_modules())
@@ -190,20 +211,28 @@ class LayerHooks:
 
     def _hook(self, name: str):
         def hook(module, inputs, output):
+            if name in self.unmeasurable:
+                return
             tensor = first_tensor(output, self.batch)
+            problem = None
             if tensor is None:
-                raise LayerOutputError(
+                problem = (
                     f"layer {name!r} outputs {type(output).__name__}, expected a tensor (or a "
                     "tuple holding one); leave it out of layers=[...]"
                 )
-            if self.batch is not None and (tensor.dim() == 0 or tensor.shape[0] != self.batch):
-                raise LayerOutputError(
+            elif self.batch is not None and (tensor.dim() == 0 or tensor.shape[0] != self.batch):
+                problem = (
                     f"layer {name!r} outputs shape {tuple(tensor.shape)}, whose first axis is not "
                     f"the batch of {self.batch} images: it does not keep the images apart "
                     "(sequence-first tokens, pixel tokens of all patches, attention internals); "
                     "measure a module whose output is batch first, or leave it out of "
                     "layers=[...]"
                 )
+            if problem is not None:
+                if not self.lenient:
+                    raise LayerOutputError(problem)
+                self.unmeasurable[name] = problem
+                return
             self.callback(name, tensor)
 
         return hook
@@ -212,3 +241,42 @@ class LayerHooks:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+
+
+def measurable_layers(
+    names: list[str], captured: Mapping[str, torch.Tensor], unmeasurable: Mapping[str, str],
+    input_size: tuple[int, int], overrides: Mapping[str, str], lenient: bool,
+) -> tuple[list[str], dict]:
+    """The probed layers that can be measured, with their layouts.
+
+    A broad selection (``lenient``: default layers, ``"leaves"``, types, globs) leaves out, with
+    one warning, the layers that did not run (auxiliary heads in eval mode, dropout that fused
+    attention skips), whose output is not batch first, or whose shape fits no layout; a layer
+    asked for by name is an error instead.
+    """
+    dropped: dict[str, str] = dict(unmeasurable)
+    for name in names:
+        if name not in captured and name not in dropped:
+            if not lenient:
+                missing = [n for n in names if n not in captured]
+                raise ValueError(f"layers {missing} did not run in the model's forward pass")
+            dropped[name] = "did not run in the model's forward pass"
+    layouts = {}
+    for name in names:
+        if name in dropped:
+            continue
+        try:
+            layouts[name] = detect_layout(captured[name].shape, input_size,
+                                          layout=overrides.get(name), name=name)
+        except ValueError as error:
+            if not lenient or name in overrides:
+                raise
+            dropped[name] = str(error)
+    if dropped:
+        shown = "; ".join(f"{n}: {why}" for n, why in list(dropped.items())[:3])
+        warnings.warn(f"{len(dropped)} of {len(names)} selected layers cannot be measured and are "
+                      f"left out ({shown}{'; ...' if len(dropped) > 3 else ''})", stacklevel=4)
+    kept = [n for n in names if n in layouts]
+    if not kept:
+        raise ValueError(f"none of the {len(names)} selected layers can be measured: {shown}")
+    return kept, layouts

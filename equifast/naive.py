@@ -55,8 +55,8 @@ from torch import nn
 
 from .align import AlignSpec, find_offsets
 from .groups import INTEGER_TOLERANCE, Group, default_group, feature_source_affines, parse_group
-from .layers import LayerHooks, LayerSpec, select_layers
-from .layouts import FeatureLayout, detect_layout, grid_view
+from .layers import LayerHooks, LayerSpec, is_broad_selection, measurable_layers, select_layers
+from .layouts import FeatureLayout, grid_view
 from .result import FRAME_COLUMNS, MODEL_COLUMNS, Result
 
 __all__ = ["COMPARISONS", "METRICS", "measure", "realign", "transform"]
@@ -593,22 +593,20 @@ def _resolve_group(group) -> Group:
 
 
 def _probe_layouts(
-    module, names, input_size, overrides, device, dtype, chosen_by_default: bool = False
+    module, names, input_size, overrides, device, dtype, lenient: bool = False
 ) -> dict[str, FeatureLayout]:
-    """Layouts of the layers that ran; default layers that did not run (auxiliary heads in eval
-    mode) are left out, asked-for ones are an error."""
-    shapes: dict[str, torch.Size] = {}
+    """Layouts of the layers that can be measured (a broad selection leaves the others out)."""
+    shapes: dict[str, torch.Tensor] = {}
 
     def keep(name: str, tensor: torch.Tensor) -> None:
-        shapes.setdefault(name, tensor.shape)
+        shapes.setdefault(name, tensor)
 
-    with torch.inference_mode(), LayerHooks(module, names, keep):
+    hooks = LayerHooks(module, names, keep, lenient=lenient)
+    with torch.inference_mode(), hooks:
         module(torch.zeros(1, 3, *input_size, device=device, dtype=dtype))
-    missing = [n for n in names if n not in shapes]
-    if missing and not chosen_by_default:
-        raise ValueError(f"layers {missing} did not run in the model's forward pass")
-    return {n: detect_layout(shapes[n], input_size, layout=overrides.get(n), name=n)
-            for n in names if n in shapes}
+    _, layouts = measurable_layers(names, shapes, hooks.unmeasurable, input_size, overrides,
+                                   lenient)
+    return layouts
 
 
 def measure(
@@ -729,7 +727,7 @@ def measure(
     names = select_layers(module, layers)
     layer_layouts = _probe_layouts(
         module, names, (height, width), layouts or {}, device, model_dtype,
-        chosen_by_default=layers in (None, "default"),
+        lenient=is_broad_selection(layers),
     )
     names = [n for n in names if n in layer_layouts]
     offsets = find_offsets(
