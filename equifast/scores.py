@@ -76,15 +76,23 @@ def score_stats(
     count, mean_a, mean_b = stats[..., 0], stats[..., 1], stats[..., 2]
     m2_a, m2_b, c_ab = stats[..., 3], stats[..., 4], stats[..., 5]
     out: dict[str, torch.Tensor] = {}
-    sum_m2_a, sum_m2_b, sum_c = m2_a.sum(-1), m2_b.sum(-1), c_ab.sum(-1)
-    corr = _safe_div(sum_c, torch.sqrt(sum_m2_a * sum_m2_b))
-    # Sums of squares about zero, built from the centred moments without cancellation-prone sums.
-    sum_aa = (m2_a + count * mean_a * mean_a).sum(-1)
-    sum_bb = (m2_b + count * mean_b * mean_b).sum(-1)
+    # The channel sums every score needs, as one reduction of stacked per-channel terms (the
+    # engine scores every layer of every batch: a few large ops beat many small ones).
+    weighted_a, weighted_b = count * mean_a, count * mean_b
+    terms = torch.stack([
+        count, m2_a, m2_b, c_ab,
+        # sums of squares and products about zero, built from the centred moments without
+        # cancellation-prone raw sums
+        m2_a + weighted_a * mean_a, m2_b + weighted_b * mean_b, c_ab + weighted_a * mean_b,
+        m2_a + m2_b - 2 * c_ab + count * (mean_a - mean_b) ** 2, weighted_b,
+    ], -1).sum(-2)
+    total, sum_m2_a, sum_m2_b, sum_c = terms[..., 0], terms[..., 1], terms[..., 2], terms[..., 3]
+    sum_aa, sum_bb, sum_ab = terms[..., 4], terms[..., 5], terms[..., 6]
     # A sum of squares: rounding of the centred moments can take it just below zero for maps
     # equal to the statistics' precision; it is then zero.
-    sum_sq_diff = (m2_a + m2_b - 2 * c_ab + count * (mean_a - mean_b) ** 2).sum(-1).clamp_min(0)
-    total = count.sum(-1)
+    sum_sq_diff = terms[..., 7].clamp_min(0)
+    sum_weighted_b = terms[..., 8]
+    corr = _safe_div(sum_c, torch.sqrt(sum_m2_a * sum_m2_b))
     for metric in metrics:
         if metric == "corr":
             out[metric] = corr
@@ -106,8 +114,7 @@ def score_stats(
                 value = _safe_div((per_channel * live).sum(-1), live.sum(-1))
                 out[metric] = torch.where(empty, torch.full_like(value, math.nan), value)
         elif metric == "cosine":
-            out[metric] = _safe_div((c_ab + count * mean_a * mean_b).sum(-1),
-                                    torch.sqrt(sum_aa * sum_bb))
+            out[metric] = _safe_div(sum_ab, torch.sqrt(sum_aa * sum_bb))
         elif metric == "nde":
             out[metric] = _safe_div(sum_sq_diff, sum_aa + sum_bb)
         elif metric == "rel_err":
@@ -115,7 +122,7 @@ def score_stats(
         elif metric == "psnr":
             mse = _safe_div(sum_sq_diff, total)
             if psnr_range is None:
-                grand_mean_b = _safe_div((count * mean_b).sum(-1), total)
+                grand_mean_b = _safe_div(sum_weighted_b, total)
                 var_b = _safe_div(sum_bb - total * grand_mean_b**2, total).clamp_min(0)
                 peak = 4.0 * torch.sqrt(var_b)
             else:
