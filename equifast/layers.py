@@ -254,6 +254,9 @@ def measurable_layers(
     attention skips), whose output is not batch first, or whose shape fits no layout; a layer
     asked for by name is an error instead.
     """
+    if not names:
+        raise ValueError("layers: the selection is empty; name at least one module (or pass "
+                         "layers=None for the default stage outputs)")
     dropped: dict[str, str] = dict(unmeasurable)
     for name in names:
         if name not in captured and name not in dropped:
@@ -272,8 +275,8 @@ def measurable_layers(
             if not lenient or name in overrides:
                 raise
             dropped[name] = str(error)
+    shown = "; ".join(f"{n}: {why}" for n, why in list(dropped.items())[:3])
     if dropped:
-        shown = "; ".join(f"{n}: {why}" for n, why in list(dropped.items())[:3])
         warnings.warn(f"{len(dropped)} of {len(names)} selected layers cannot be measured and are "
                       f"left out ({shown}{'; ...' if len(dropped) > 3 else ''})", stacklevel=4)
     kept = [n for n in names if n in layouts]

@@ -241,3 +241,12 @@ def test_a_layer_without_a_tensor_output_is_named():
     with pytest.raises(ValueError, match=r"^layer '1' outputs dict, expected a tensor"):
         equifast.measure(model, torch.rand(2, 3, 8, 8), group="translate[circular]:1",
                          layers=["1"], bootstrap=0, progress=False)
+
+
+def test_an_empty_selection_is_a_clear_error():
+    import equifast
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1)).eval()
+    with pytest.raises(ValueError, match="selection is empty"):
+        equifast.measure(model, torch.rand(2, 3, 8, 8), group="translate[circular]:1", layers=[],
+                         progress=False)
