@@ -220,7 +220,7 @@ def test_survey_argument_errors(tmp_path, monkeypatch):
         _survey(["eqtest_tiny"], tmp_path / "s.sqlite", batch_size=2, min_batch_size=4)
     with pytest.raises(ValueError):
         _survey(["eqtest_tiny"], tmp_path / "s.sqlite", group="translate:banana")
-    with pytest.raises(FileNotFoundError, match="no folder"):
+    with pytest.raises(FileNotFoundError, match="nowhere' does not exist"):
         run_survey(["eqtest_tiny"], tmp_path / "nowhere", tmp_path / "s.sqlite", log=None)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no image files found"):

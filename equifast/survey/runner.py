@@ -424,11 +424,10 @@ def run_survey(
     imports = list(imports)
     import_plugins(imports)
     if isinstance(data, (str, os.PathLike)) and str(data) != "samples":
-        if not Path(data).exists():
-            raise FileNotFoundError(f"data: no folder at {data}")
         from equifast.data.folder import find_images
 
-        find_images(data)  # an empty folder fails once here, not once per model
+        # A missing or empty folder fails once here (naming the path), not once per model.
+        find_images(data)
     names = resolve_models(models, model_list, pretrained_only)
     config = survey_config(group, data, {"seed": seed, "model_kwargs": model_kwargs or {},
                                          **measure_kwargs})
