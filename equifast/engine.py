@@ -532,10 +532,12 @@ def measure(
         if batch == 1:
             stats[2] = 0  # no other image to compare with: chance is undefined
         scores = score_stats(stats, metric_names)
+        # Kept on the device until the batch is done (_fetch_batch): a copy to the host here
+        # would wait for the GPU at every layer and leave it idle while the next layers launch.
         for metric, value in scores.items():
-            layer.scores.setdefault(metric, []).append((lo, value.cpu().numpy()))
+            layer.scores.setdefault(metric, []).append((lo, value))
         if pooled:
-            layer.pooled.append((lo, merge_stats(stats, dim=2).cpu()))
+            layer.pooled.append((lo, merge_stats(stats, dim=2)))
 
     consistency_rows: list[np.ndarray] = []
     top_rows: list[np.ndarray] = []
@@ -554,8 +556,7 @@ def measure(
         sources = batch.sources.to(device, non_blocking=True)
         size = sources.shape[0]
         logits_blocks: list[torch.Tensor | None] = [None] * (count + 1)
-        marks = {name: (len(layer.scores.get("corr", [])), len(layer.pooled))
-                 for name, layer in state.items()}
+        marks = _marks(state)
         lo = 0
         while lo < count:
             hi = min(count, lo + chunk)
@@ -587,6 +588,7 @@ def measure(
                 for j, element in enumerate(chosen):
                     logits_blocks[element] = blocks[j]
             lo = hi
+        _fetch_batch(state, marks)
         identity.clear()
         if trim:
             _release_freed_memory(_TRIM_MIN_FREE)
@@ -717,6 +719,21 @@ def _chain(first: Batch | None, rest: Iterator[Batch]) -> Iterator[Batch]:
     if first is not None:
         yield first
     yield from rest
+
+
+def _marks(state: dict[str, _Layer]) -> dict[str, tuple[int, int]]:
+    """How many score and pooled chunks each layer holds (every metric holds as many)."""
+    return {name: (len(next(iter(layer.scores.values()), [])), len(layer.pooled))
+            for name, layer in state.items()}
+
+
+def _fetch_batch(state: dict[str, _Layer], marks: dict[str, tuple[int, int]]) -> None:
+    """Bring the chunks recorded since ``marks`` to the host (scores as numpy arrays)."""
+    for name, layer in state.items():
+        scores_mark, pooled_mark = marks[name]
+        for parts in layer.scores.values():
+            parts[scores_mark:] = [(lo, value.cpu().numpy()) for lo, value in parts[scores_mark:]]
+        layer.pooled[pooled_mark:] = [(lo, stats.cpu()) for lo, stats in layer.pooled[pooled_mark:]]
 
 
 def _rollback(state: dict[str, _Layer], marks: dict[str, tuple[int, int]]) -> None:
