@@ -12,6 +12,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <string_view>
 #include <vector>
 
@@ -36,10 +37,6 @@ at::Tensor equivariance_stats_cuda(const at::Tensor& feats, const at::Tensor& so
   if (problem.elements == 0 || view.channels == 0) return stats;
   TORCH_CHECK(grid_h * grid_w < (int64_t{1} << 31), "equifast: equivariance_stats on CUDA "
               "supports grids of fewer than 2^31 positions, but got ", grid_h, " x ", grid_w, ".");
-  TORCH_CHECK(batch <= 65535 && problem.elements <= 65535,
-              "equifast: equivariance_stats on CUDA supports at most 65535 images per block and "
-              "65535 elements, but got batch ",
-              batch, " and ", problem.elements, " elements. Split the call.");
 
   // Per element: the map, its number of valid positions and the first one (host).
   const std::vector<DeviceElement> elements = make_device_elements(problem);
@@ -49,6 +46,12 @@ at::Tensor equivariance_stats_cuda(const at::Tensor& feats, const at::Tensor& so
   const at::Tensor device_elements = host.to(feats.device(), /*non_blocking=*/true);
 
   const StatsLaunch launch = make_stats_launch(problem, with_inv, with_chance);
+  TORCH_CHECK(launch.blocks_y <= 65535 && launch.blocks_z <= 65535 &&
+                  launch.blocks_x <= std::numeric_limits<int32_t>::max(),
+              "equifast: equivariance_stats on CUDA supports at most 65535 images per block, ",
+              "65535 channel tiles (", launch.channels_inner ? 32 : kWarps, " channels each) and ",
+              "2^31 - 1 elements, but got batch ", batch, ", ", view.channels, " channels and ",
+              problem.elements, " elements. Split the call.");
   const dim3 blocks(static_cast<unsigned>(launch.blocks_x), static_cast<unsigned>(launch.blocks_y),
                     static_cast<unsigned>(launch.blocks_z));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();

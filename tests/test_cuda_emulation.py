@@ -1,0 +1,343 @@
+"""The CUDA kernel of equivariance_stats run on the CPU, under an emulation of CUDA execution.
+
+``tests/cuda_emulation/emulate_stats.cpp`` compiles ``csrc/cuda/equivariance_stats_kernel.cuh``
+(the kernel ``stats_kernel`` and the host helpers the CUDA launcher uses) for the host, with
+blocks run one after another and the 256 threads of a block as cooperative fibers meeting at
+``__syncthreads`` and warp shuffles. This checks the kernel's indexing, its split of the work over
+lanes, warps and channel tiles and its merges without a GPU, against the float64 reference and
+the CPU kernel.
+
+Inputs in float32 or bfloat16 are compared with the reference fed the same values (upcast), so
+the tolerances measure the kernel's arithmetic. Shapes are small: every block runs 256 emulated
+threads.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import equifast.ops  # noqa: F401  (loads the compiled CPU kernel, if built)
+from equifast import _ext
+from equifast.ops import _reference as R
+
+REPO = Path(__file__).resolve().parents[1]
+FIELDS = ("count", "mean_a", "mean_b", "m2_a", "m2_b", "c_ab")
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    """The emulated kernel, built once per session (a missing compiler fails, it does not skip)."""
+    from torch.utils.cpp_extension import load
+
+    assert shutil.which("c++") or shutil.which("g++"), "no C++ compiler to build the emulation"
+    build = tmp_path_factory.mktemp("cuda_emulation_build")
+    return load(
+        name="equifast_cuda_emulation",
+        sources=[str(REPO / "tests" / "cuda_emulation" / "emulate_stats.cpp")],
+        extra_include_paths=[str(REPO / "csrc" / "include"), str(REPO / "csrc" / "cuda")],
+        extra_cflags=["-O1", "-g0", "-std=c++20"],
+        build_directory=str(build),
+        verbose=False,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Feature-grid source maps (x, y order): output position (x, y) reads (m0 x + m1 y + m2, ...).
+
+
+def shift(dx: float, dy: float) -> list[list[float]]:
+    return [[1.0, 0.0, dx], [0.0, 1.0, dy]]
+
+
+def rot90(h: int, w: int) -> list[list[float]]:
+    """A quarter turn about the grid centre (integer when h + w is even)."""
+    cx, cy = (w - 1) / 2, (h - 1) / 2
+    return [[0.0, -1.0, cx + cy], [1.0, 0.0, cy - cx]]
+
+
+def rot180(h: int, w: int) -> list[list[float]]:
+    return [[-1.0, 0.0, w - 1.0], [0.0, -1.0, h - 1.0]]
+
+
+def flip_x(h: int, w: int) -> list[list[float]]:
+    return [[-1.0, 0.0, w - 1.0], [0.0, 1.0, 0.0]]
+
+
+def flip_y(h: int, w: int) -> list[list[float]]:
+    return [[1.0, 0.0, 0.0], [0.0, -1.0, h - 1.0]]
+
+
+def rotation(degrees: float, h: int, w: int) -> list[list[float]]:
+    """A rotation about the grid centre (bilinear)."""
+    c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    cx, cy = (w - 1) / 2, (h - 1) / 2
+    return [[c, -s, cx - c * cx + s * cy], [s, c, cy - s * cx - c * cy]]
+
+
+def affines_of(maps) -> torch.Tensor:
+    return torch.tensor(maps, dtype=torch.float64).reshape(-1, 2, 3)
+
+
+def mixed_maps(h: int, w: int):
+    """(maps, wrap): integer shifts (crop and circular), quarter turn, flips, bilinear maps."""
+    maps = [
+        shift(1, 2),
+        shift(2, -3),
+        rot90(h, w),
+        flip_x(h, w),
+        flip_y(h, w),
+        rotation(30, h, w),
+        shift(0.5, 0.25),
+    ]
+    wrap = [0, 1, 0, 0, 0, 0, 1]
+    return maps, wrap
+
+
+# --------------------------------------------------------------------------------------------
+# Features and comparisons
+
+
+def make_feats(layout, images, channels, h, w, dtype, variant="plain", prefix=0, scale=1.0):
+    base = scale * torch.randn(images, channels, h, w, dtype=torch.float64)
+    if layout == "NCHW":
+        feats = base
+        if variant == "channels_last":  # NCHW shape, NHWC strides: the channels-inner kernel
+            feats = base.contiguous(memory_format=torch.channels_last)
+    elif layout == "NHWC":
+        feats = base.permute(0, 2, 3, 1).contiguous()
+    else:  # NLC with `prefix` tokens before the grid's
+        tokens = base.flatten(2).transpose(1, 2)
+        head = scale * torch.randn(images, prefix, channels, dtype=torch.float64)
+        feats = torch.cat([head, tokens], 1).contiguous()
+    return feats.to(dtype)
+
+
+def assert_stats_close(got, want, rtol, what=""):
+    """(3, K, B, C, 6) statistics equal within rtol on each field's natural scale.
+
+    Means on the scale of the values (|mean| + spread), sums of squares relatively, co-moments
+    relative to sqrt(m2_a m2_b); the error of one value (rtol times its scale) may move a sum of
+    squares by 2 error sqrt(n m2), which is allowed too. Counts must be equal.
+    """
+    assert got.shape == want.shape, (what, got.shape, want.shape)
+    assert got.dtype == torch.float64
+    want = want.double()
+    assert torch.isfinite(got).all(), f"{what}: non-finite statistics"
+    count, mean_a, mean_b, m2_a, m2_b, c_ab = want.unbind(-1)
+    if not torch.equal(got[..., 0], count):
+        index = tuple(int(i) for i in (got[..., 0] != count).nonzero()[0])
+        raise AssertionError(
+            f"{what}: counts differ at {index}: emulated {got[index].tolist()}, "
+            f"expected {want[index].tolist()}"
+        )
+    safe = count.clamp(min=1)
+    error_a = rtol * (mean_a.abs() + (m2_a / safe).sqrt())
+    error_b = rtol * (mean_b.abs() + (m2_b / safe).sqrt())
+    tiny = 1e-30
+    checks = {
+        "mean_a": (got[..., 1] - mean_a).abs() <= error_a + tiny,
+        "mean_b": (got[..., 2] - mean_b).abs() <= error_b + tiny,
+        "m2_a": (got[..., 3] - m2_a).abs()
+        <= rtol * m2_a + 2 * error_a * (count * m2_a).sqrt() + tiny,
+        "m2_b": (got[..., 4] - m2_b).abs()
+        <= rtol * m2_b + 2 * error_b * (count * m2_b).sqrt() + tiny,
+        "c_ab": (got[..., 5] - c_ab).abs()
+        <= rtol * (m2_a * m2_b).sqrt()
+        + error_a * (count * m2_b).sqrt()
+        + error_b * (count * m2_a).sqrt()
+        + tiny,
+    }
+    for name, ok in checks.items():
+        if not bool(ok.all()):
+            index = tuple(int(i) for i in (~ok).nonzero()[0])
+            field = FIELDS.index(name)
+            raise AssertionError(
+                f"{what}: {name} differs at (comparison, k, b, c) = {index}: emulated "
+                f"{got[index][field].item()!r}, expected {want[index][field].item()!r} "
+                f"(rows: emulated {got[index].tolist()}, expected {want[index].tolist()})"
+            )
+
+
+def rtol_for(dtype) -> float:
+    return 1e-9 if dtype == torch.float64 else 1e-6
+
+
+def check(
+    emu,
+    feats,
+    affines,
+    wrap,
+    batch,
+    layout,
+    h,
+    w,
+    prefix=0,
+    subpixel="bilinear",
+    with_inv=True,
+    with_chance=True,
+    rtol=None,
+):
+    """Emulated CUDA kernel against the float64 reference and the CPU kernel; returns it."""
+    args = (affines, list(wrap), batch, layout, h, w, prefix, subpixel, with_inv, with_chance)
+    got = emu.emulated_equivariance_stats(feats, *args)
+    rtol = rtol_for(feats.dtype) if rtol is None else rtol
+    want = R.equivariance_stats(feats, *args)
+    assert_stats_close(got, want, rtol, "against the reference")
+    if _ext.has_kernel("equivariance_stats", "cpu"):
+        cpu = torch.ops.equifast.equivariance_stats(feats, *args)
+        assert_stats_close(got, cpu, rtol, "against the CPU kernel")
+    for i, wanted in enumerate((True, with_inv, with_chance)):
+        if not wanted:
+            assert bool((got[i] == 0).all())
+    return got
+
+
+# --------------------------------------------------------------------------------------------
+# Tests
+
+LAYOUT_CASES = [
+    ("NCHW", "plain", 0),
+    ("NCHW", "channels_last", 0),
+    ("NHWC", "plain", 0),
+    ("NLC", "plain", 0),
+    ("NLC", "plain", 1),
+    ("NLC", "plain", 4),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("layout,variant,prefix", LAYOUT_CASES)
+def test_layouts_and_dtypes(emu, dtype, layout, variant, prefix):
+    h, w, channels, batch = 7, 5, 33, 2  # odd grid; more than one tile of 8 and of 32 channels
+    maps, wrap = mixed_maps(h, w)
+    affines = affines_of(maps)
+    assert [R.is_integer_map(a) for a in affines] == [True] * 5 + [False] * 2
+    feats = make_feats(layout, (len(maps) + 1) * batch, channels, h, w, dtype, variant, prefix)
+    inner, kx, ky, kz = emu.emulated_launch_shape(
+        feats, affines, wrap, batch, layout, h, w, prefix, "bilinear"
+    )
+    assert inner == (variant == "channels_last" or layout != "NCHW")
+    assert (kx, ky, kz) == (len(maps), math.ceil(channels / (32 if inner else 8)), batch)
+    got = check(emu, feats, affines, wrap, batch, layout, h, w, prefix)
+    assert (got[0, [1, 6], :, :, 0] == h * w).all()  # wrapped: all valid
+
+
+SIZE_CASES = [(7, 5), (1, 9), (3, 3), (2, 4), (13, 11)]
+
+
+@pytest.mark.parametrize(
+    "layout,variant", [("NCHW", "plain"), ("NCHW", "channels_last"), ("NHWC", "plain")]
+)
+@pytest.mark.parametrize("h,w", SIZE_CASES)
+@pytest.mark.parametrize("channels,batch", [(1, 1), (3, 3), (33, 1)])
+def test_sizes(emu, layout, variant, h, w, channels, batch):
+    # Grids with fewer positions than lanes (and one past kUnroll * 32), channel counts below,
+    # at and past the tiles, batch 1 (chance compares the image with itself) and 3.
+    maps = [shift(1, -1), shift(2, 1), flip_x(h, w), rot180(h, w), rotation(30, h, w)]
+    wrap = [0, 1, 0, 0, 0]
+    feats = make_feats(layout, (len(maps) + 1) * batch, channels, h, w, torch.float32, variant)
+    got = check(emu, feats, affines_of(maps), wrap, batch, layout, h, w)
+    if batch == 1:
+        assert torch.equal(got[0], got[2])
+
+
+SHIFTS = [(0, 1), (1, 0), (-2, 3), (3, -4), (0, 0), (4, 6), (0, -6), (6, 0), (9, 0), (-11, 5)]
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_integer_shifts(emu, layout):
+    h, w, channels, batch = 7, 5, 9, 2
+    maps = [shift(dx, dy) for dx, dy in SHIFTS] * 2
+    wrap = [0] * len(SHIFTS) + [1] * len(SHIFTS)
+    feats = make_feats(layout, (len(maps) + 1) * batch, channels, h, w, torch.float64)
+    got = check(emu, feats, affines_of(maps), wrap, batch, layout, h, w)
+    for k, (dx, dy) in enumerate(SHIFTS):
+        valid = max(w - abs(dx), 0) * max(h - abs(dy), 0)
+        assert (got[0, k, :, :, 0] == valid).all(), (dx, dy)
+        if valid == 0:
+            assert (got[:, k] == 0).all()
+        assert (got[0, len(SHIFTS) + k, :, :, 0] == h * w).all()
+    assert (got[0, SHIFTS.index((4, 6)), :, :, 0] == 1).all()  # a single valid position
+
+
+@pytest.mark.parametrize("subpixel", ["bilinear", "skip"])
+@pytest.mark.parametrize("layout,variant", [("NCHW", "plain"), ("NHWC", "plain")])
+def test_subpixel(emu, subpixel, layout, variant):
+    h = w = 6
+    maps = [
+        shift(2, 0),
+        shift(0.5, 0),
+        shift(1.5, -0.5),
+        rot90(h, w),
+        rotation(45, h, w),
+        shift(-0.25, 0.75),
+    ]
+    wrap = [0, 0, 1, 0, 0, 1]
+    exact = [R.is_integer_map(a) for a in affines_of(maps)]
+    assert exact == [True, False, False, True, False, False]
+    feats = make_feats(layout, (len(maps) + 1) * 2, 10, h, w, torch.float32, variant)
+    got = check(emu, feats, affines_of(maps), wrap, 2, layout, h, w, subpixel=subpixel)
+    for k, is_exact in enumerate(exact):
+        assert bool((got[:, k] == 0).all()) == (subpixel == "skip" and not is_exact)
+
+
+@pytest.mark.parametrize("with_inv,with_chance", [(True, False), (False, True), (False, False)])
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_comparisons_requested(emu, with_inv, with_chance, layout):
+    h, w = 5, 7
+    maps = [shift(1, 2), rotation(30, h, w)]
+    feats = make_feats(layout, 3 * 3, 9, h, w, torch.float32)
+    check(
+        emu,
+        feats,
+        affines_of(maps),
+        [0, 0],
+        3,
+        layout,
+        h,
+        w,
+        with_inv=with_inv,
+        with_chance=with_chance,
+    )
+
+
+def test_large_offset(emu):
+    # Mean 1e4, spread 1: the shifted single-pass sums keep the spread and the co-moment.
+    h, w = 6, 7
+    maps = [shift(1, 1), shift(0.5, 0.5)]
+    for layout in ("NCHW", "NHWC"):
+        feats = 1e4 + make_feats(layout, 3 * 2, 9, h, w, torch.float64)
+        check(emu, feats, affines_of(maps), [1, 0], 2, layout, h, w)
+
+
+@pytest.mark.parametrize("layout,variant", [("NCHW", "plain"), ("NHWC", "plain")])
+def test_nan_at_invalid_positions_stays_out(emu, layout, variant):
+    # Element 0 reads (x + 1, y) (exact), element 1 (x + 1.5, y) (bilinear: columns x + 1 and
+    # x + 2), both cropped: the last column is invalid for both. NaN there in their transformed
+    # images, and in the identity's column 0 (which neither reads at a valid position once inv is
+    # off, though the exact loop loads clamped addresses at invalid ones), must not reach their
+    # statistics.
+    h, w, channels, batch = 5, 6, 10, 2
+    maps = [shift(1, 0), shift(1.5, 0), shift(-1, 0)]
+    affines = affines_of(maps)
+    images = (len(maps) + 1) * batch
+    clean = make_feats("NCHW", images, channels, h, w, torch.float32)
+    poisoned = clean.clone()
+    poisoned[batch : 3 * batch, :, :, w - 1] = float("nan")  # transformed images of elements 0, 1
+    poisoned[:batch, :, :, 0] = float("nan")  # identity column 0
+    if layout == "NHWC":
+        clean, poisoned = (t.permute(0, 2, 3, 1).contiguous() for t in (clean, poisoned))
+    args = (affines, [0, 0, 0], batch, layout, h, w, 0, "bilinear", False, True)
+    got = emu.emulated_equivariance_stats(poisoned, *args)
+    want = R.equivariance_stats(clean, *args)
+    # Elements 0 and 1 never use a NaN value: equal to the clean statistics.
+    assert_stats_close(got[:, :2], want[:, :2], 1e-6, "NaN at invalid positions")
+    assert (got[0, 0, :, :, 0] == h * (w - 1)).all()
+    assert (got[0, 1, :, :, 0] == h * (w - 2)).all()
+    # Element 2 (reads x - 1) compares against identity column 0 at x = 1: NaN must show.
+    assert torch.isnan(got[0, 2, :, :, 2]).all()
