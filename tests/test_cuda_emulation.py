@@ -246,6 +246,29 @@ def test_sizes(emu, layout, variant, h, w, channels, batch):
         assert torch.equal(got[0], got[2])
 
 
+@pytest.mark.parametrize(
+    "layout,variant", [("NCHW", "plain"), ("NCHW", "channels_last"), ("NHWC", "plain")]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_integer_maps_whose_valid_positions_are_no_rectangle(emu, layout, variant, dtype):
+    # Integer shears (crop): their valid positions form a parallelogram, so the kernel walks the
+    # grid with the index maps rather than a rectangle; a shifted quarter turn and a flip with a
+    # shift are rectangles whose source steps mix both axes. 13 x 11 positions take several
+    # kUnroll rounds per thread.
+    h, w, channels, batch = 13, 11, 9, 2
+    maps = [
+        [[1.0, 1.0, -3.0], [0.0, 1.0, 0.0]],
+        [[1.0, 0.0, 0.0], [-1.0, 1.0, 2.0]],
+        [[0.0, -1.0, w - 1.0 + 2.0], [1.0, 0.0, -1.0]],
+        [[-1.0, 0.0, w - 1.0 - 3.0], [0.0, 1.0, 2.0]],
+        shift(3, -2),
+    ]
+    feats = make_feats(layout, (len(maps) + 1) * batch, channels, h, w, dtype, variant)
+    got = check(emu, feats, affines_of(maps), [0] * len(maps), batch, layout, h, w)
+    counts = got[0, :, 0, 0, 0]
+    assert 0 < counts[0] < h * w and 0 < counts[1] < h * w
+
+
 SHIFTS = [(0, 1), (1, 0), (-2, 3), (3, -4), (0, 0), (4, 6), (0, -6), (6, 0), (9, 0), (-11, 5)]
 
 

@@ -23,6 +23,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -45,6 +46,14 @@ struct DeviceElement {
   SourceMap map;
   int64_t count;             // valid positions
   int64_t first_x, first_y;  // the first valid position (row-major): the shifts are read there
+  // rect != 0: an integer map without wrapping whose valid positions fill the rectangle
+  // [rect_x0, rect_x0 + rect_w) x [rect_y0, rect_y0 + rect_h) (translations, quarter turns and
+  // flips under crop). Its source offset is then linear in (x, y), from_dx x + from_dy y + from_0
+  // in the strides of the features, and the kernel walks the rectangle without per-position
+  // index maps or validity tests.
+  int64_t rect;
+  int64_t rect_x0, rect_y0, rect_w, rect_h;
+  int64_t from_dx, from_dy, from_0;
 };
 
 struct StatsParams {
@@ -119,10 +128,88 @@ __device__ __forceinline__ void add_pair(double* sums, int i, double a, double b
   sums[4 + 3 * i] += a * b;
 }
 
-// The integer-map loop: the shifted sums of one thread's positions (first, first + step, ...).
-// Row and column advance by adding (no division per position); positions past the end and
-// invalid ones read a clamped in-grid address and are left out of the sums (never multiplied
-// by 0, so that a non-finite value at an invalid position cannot leak in).
+// Reads kUnroll positions (all loads first) and adds the live ones to the shifted sums: `at` is
+// the position in the compared images, `from` its source in the identity images (both offsets
+// in the strides of the features, in bounds also where not live).
+template <typename value_t, typename scalar_t>
+__device__ __forceinline__ void add_positions(const StatsParams& p, const scalar_t* image,
+                                              const scalar_t* id_b, const scalar_t* id_next,
+                                              const int64_t* at, const int64_t* from,
+                                              const bool* live, double shift_a, double shift_eq,
+                                              double shift_inv, double shift_chance,
+                                              double* sums) {
+  value_t a_values[kUnroll], eq_values[kUnroll], inv_values[kUnroll], chance_values[kUnroll];
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    a_values[u] = static_cast<value_t>(image[at[u]]);
+    eq_values[u] = static_cast<value_t>(id_b[from[u]]);
+    inv_values[u] = p.with_inv ? static_cast<value_t>(id_b[at[u]]) : value_t(0);
+    chance_values[u] = p.with_chance ? static_cast<value_t>(id_next[from[u]]) : value_t(0);
+  }
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    if (!live[u]) continue;
+    const double a = static_cast<double>(a_values[u]) - shift_a;
+    sums[0] += a;
+    sums[1] += a * a;
+    add_pair(sums, 0, a, static_cast<double>(eq_values[u]) - shift_eq);
+    if (p.with_inv) add_pair(sums, 1, a, static_cast<double>(inv_values[u]) - shift_inv);
+    if (p.with_chance) add_pair(sums, 2, a, static_cast<double>(chance_values[u]) - shift_chance);
+  }
+}
+
+// The rectangle loop (DeviceElement::rect): one thread's positions first, first + step, ... of
+// the rectangle, row-major. Both offsets advance by additions only; the integer index maps of
+// accumulate_exact took half the SM's integer pipeline on an H200 (ncu), for what is a
+// translation of the source pointer here.
+template <typename value_t, typename scalar_t>
+__device__ __forceinline__ void accumulate_rectangle(
+    const DeviceElement& element, const StatsParams& p, const scalar_t* image,
+    const scalar_t* id_b, const scalar_t* id_next, int first, int step, double shift_a,
+    double shift_eq, double shift_inv, double shift_chance, double* sums) {
+  // 32-bit counters: the rectangle lies in a grid of fewer than 2^31 positions (host check).
+  const int rect_w = static_cast<int>(element.rect_w);
+  const int positions = static_cast<int>(element.rect_w * element.rect_h);
+  const int step_y = step / rect_w;
+  const int step_x = step - step_y * rect_w;
+  const int64_t sx = p.stride_x, sy = p.stride_y;
+  const int64_t fx = element.from_dx, fy = element.from_dy;
+  int x = first % rect_w;  // column in the rectangle; the row lives in the offsets
+  const int64_t gx = element.rect_x0 + x, gy = element.rect_y0 + first / rect_w;
+  int64_t at = gx * sx + gy * sy;
+  int64_t from = gx * fx + gy * fy + element.from_0;
+  const int64_t at_step = step_x * sx + step_y * sy, from_step = step_x * fx + step_y * fy;
+  const int64_t at_carry = sy - rect_w * sx, from_carry = fy - rect_w * fx;  // next row
+  // Past the end: the rectangle's first corner, a valid position (its loads stay in bounds).
+  const int64_t at_corner = element.rect_x0 * sx + element.rect_y0 * sy;
+  const int64_t from_corner = element.rect_x0 * fx + element.rect_y0 * fy + element.from_0;
+  for (int base = first; base < positions; base += kUnroll * step) {
+    int64_t at_u[kUnroll], from_u[kUnroll];
+    bool live[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      live[u] = base + u * step < positions;
+      at_u[u] = live[u] ? at : at_corner;
+      from_u[u] = live[u] ? from : from_corner;
+      x += step_x;
+      at += at_step;
+      from += from_step;
+      if (x >= rect_w) {
+        x -= rect_w;
+        at += at_carry;
+        from += from_carry;
+      }
+    }
+    add_positions<value_t>(p, image, id_b, id_next, at_u, from_u, live, shift_a, shift_eq,
+                           shift_inv, shift_chance, sums);
+  }
+}
+
+// The integer-map loop for other integer maps (wrapping, or valid positions that do not fill a
+// rectangle): one thread's positions (first, first + step, ...) of the grid. Row and column
+// advance by adding (no division per position); positions past the end and invalid ones read a
+// clamped in-grid address and are left out of the sums (never multiplied by 0, so that a
+// non-finite value at an invalid position cannot leak in).
 template <typename value_t, typename scalar_t>
 __device__ __forceinline__ void accumulate_exact(
     const DeviceElement& element, const StatsParams& p, const scalar_t* image,
@@ -156,26 +243,8 @@ __device__ __forceinline__ void accumulate_exact(
         ++y;
       }
     }
-    value_t a_values[kUnroll], eq_values[kUnroll], inv_values[kUnroll], chance_values[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      a_values[u] = static_cast<value_t>(image[at[u]]);
-      eq_values[u] = static_cast<value_t>(id_b[from[u]]);
-      inv_values[u] = p.with_inv ? static_cast<value_t>(id_b[at[u]]) : value_t(0);
-      chance_values[u] = p.with_chance ? static_cast<value_t>(id_next[from[u]]) : value_t(0);
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (!live[u]) continue;
-      const double a = static_cast<double>(a_values[u]) - shift_a;
-      sums[0] += a;
-      sums[1] += a * a;
-      add_pair(sums, 0, a, static_cast<double>(eq_values[u]) - shift_eq);
-      if (p.with_inv) add_pair(sums, 1, a, static_cast<double>(inv_values[u]) - shift_inv);
-      if (p.with_chance) {
-        add_pair(sums, 2, a, static_cast<double>(chance_values[u]) - shift_chance);
-      }
-    }
+    add_positions<value_t>(p, image, id_b, id_next, at, from, live, shift_a, shift_eq,
+                           shift_inv, shift_chance, sums);
   }
 }
 
@@ -294,7 +363,10 @@ __global__ void __launch_bounds__(kThreads)
   if (active) {
     const int first = kChannelsInner ? warp : lane;
     const int step = kChannelsInner ? kWarps : 32;
-    if (element.map.exact) {
+    if (element.rect) {
+      accumulate_rectangle<value_t>(element, p, image, id_b, id_next, first, step, shift_a,
+                                    shift_eq, shift_inv, shift_chance, sums);
+    } else if (element.map.exact) {
       accumulate_exact<value_t>(element, p, image, id_b, id_next, first, step, shift_a, shift_eq,
                                 shift_inv, shift_chance, sums);
     } else {
@@ -356,8 +428,12 @@ inline std::vector<DeviceElement> make_device_elements(const StatsProblem& probl
     element.map = problem.maps[k];
     element.count = 0;
     element.first_x = element.first_y = 0;
+    element.rect = 0;
+    element.rect_x0 = element.rect_y0 = element.rect_w = element.rect_h = 0;
+    element.from_dx = element.from_dy = element.from_0 = 0;
     if (!element.map.exact && problem.skip_subpixel) continue;
     const SampleGrid grid = feature_grid(view.grid_h, view.grid_w, element.map.wrap != 0);
+    int64_t min_x = view.grid_w, max_x = -1, min_y = view.grid_h, max_y = -1;
     for (int64_t y = 0; y < view.grid_h; ++y) {
       for (int64_t x = 0; x < view.grid_w; ++x) {
         if (!position_valid(element.map, x, y, grid)) continue;
@@ -366,7 +442,26 @@ inline std::vector<DeviceElement> make_device_elements(const StatsProblem& probl
           element.first_y = y;
         }
         ++element.count;
+        min_x = std::min(min_x, x);
+        max_x = std::max(max_x, x);
+        min_y = std::min(min_y, y);
+        max_y = std::max(max_y, y);
       }
+    }
+    // Valid positions of a non-wrapping integer map read their source unclamped
+    // (exact_tap: clamping only moves invalid ones), so the source offset is linear in (x, y).
+    const int64_t width = max_x - min_x + 1, height = max_y - min_y + 1;
+    if (element.map.exact && !element.map.wrap && element.count > 0 &&
+        element.count == width * height) {
+      const int64_t* m = element.map.im;
+      element.rect = 1;
+      element.rect_x0 = min_x;
+      element.rect_y0 = min_y;
+      element.rect_w = width;
+      element.rect_h = height;
+      element.from_dx = m[0] * view.stride_x + m[3] * view.stride_y;
+      element.from_dy = m[1] * view.stride_x + m[4] * view.stride_y;
+      element.from_0 = m[2] * view.stride_x + m[5] * view.stride_y;
     }
   }
   return elements;
