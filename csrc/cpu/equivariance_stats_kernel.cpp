@@ -27,9 +27,17 @@
 //     vectors, compiled for SSE2 and, chosen at run time, for AVX2 + FMA):
 //       channels contiguous (NHWC, NLC, channels_last): vectors over channels, read in place;
 //       positions contiguous (NCHW), per element: integer translations with long runs go along
-//         their runs of positions (vectors over positions, read in place); rotations, flips,
-//         bilinear maps and short runs go through tiles of 16 channels transposed into a
-//         [position][channel] scratch (gathers become row reads), grids up to 4096 positions.
+//         their runs of positions (vectors over positions, read in place); so do bilinear maps
+//         whose runs are long: a bilinear run keeps its first position's weights (bitwise) and
+//         its taps advance with x (fractional translations), so it is four shifted rows, and the
+//         re-aligned identity plane is interpolated once per (element, image, channel) and
+//         cached (image b's eq plane is image b - 1's chance plane; tasks go images fastest);
+//         the next element's plane is prefetched (planes up to 8 KB). Rotations, flips, other
+//         bilinear maps and short runs go through tiles of 16 channels transposed (4 x 4 blocks
+//         in registers) into a [position][channel] scratch (gathers become row reads), grids up
+//         to 4096 positions; small tiles of the next element are prefetched.
+//     With AVX-512 (a third copy, run-time choice) the channels loops use 8 x float64 vectors and
+//     all loops get 32 vector registers.
 //   - Threads: equifast::parallel_for = at::parallel_for when compiled with OpenMP (recommended:
 //     -fopenmp shares torch's OpenMP team), else torch's inter-op pool (parallel.h).
 #include <ATen/Dispatch.h>
@@ -41,6 +49,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <string_view>
 #include <type_traits>
@@ -60,7 +69,7 @@ constexpr int kFields = 2 + 3 * kComparisons;  // sum a, sum a^2, (sum b, sum b^
 constexpr int kTile = 256;                   // channels per task when channels are contiguous
 constexpr int kTransposeTile = 16;           // channels per task of the transposed loop nest
 constexpr int64_t kTransposeMaxPositions = 4096;  // larger grids: the positions loop nest
-constexpr int kChunkPositions = 4;           // positions per register pass (channels loops)
+constexpr int kChunkPositions = 8;           // positions per register pass (channels loops)
 constexpr int64_t kMaxRun = 1024;            // longest run of positions
 
 // A run of valid positions along x in one row of the grid.
@@ -84,6 +93,8 @@ struct ElementPlan {
   std::vector<int64_t> taps;         // bilinear: 4 source offsets per valid position
   std::vector<double> weights;       // bilinear: their 4 weights (reference order)
 };
+
+
 
 ElementPlan make_plan(const SourceMap& map, int64_t grid_h, int64_t grid_w, int64_t sy,
                       int64_t sx, bool skip_subpixel, bool flat) {
@@ -121,8 +132,20 @@ ElementPlan make_plan(const SourceMap& map, int64_t grid_h, int64_t grid_w, int6
         // Extend the open run; for exact maps only while the source keeps a constant step
         // (wrapping around breaks it).
         Segment* last = open ? &plan.segments.back() : nullptr;
-        const bool extend = last != nullptr && last->len < kMaxRun &&
-                            (!plan.exact || last->len == 1 || src - prev_src == last->src_step);
+        bool extend = last != nullptr && last->len < kMaxRun &&
+                      (!plan.exact || last->len == 1 || src - prev_src == last->src_step);
+        if (extend && !plan.exact) {
+          // Bilinear runs keep their first position's weights (bitwise) and taps advanced by
+          // sx per position, so that a run is four strided rows (read in place, vectorized).
+          const int64_t* t0 = plan.taps.data() + 4 * last->first;
+          const int64_t* t1 = plan.taps.data() + 4 * plan.count;
+          const double* w0 = plan.weights.data() + 4 * last->first;
+          const double* w1 = plan.weights.data() + 4 * plan.count;
+          for (int j = 0; j < 4; ++j) {
+            extend = extend && t1[j] == t0[j] + last->len * sx &&
+                     std::memcmp(&w1[j], &w0[j], sizeof(double)) == 0;
+          }
+        }
         if (extend) {
           if (plan.exact && last->len == 1) last->src_step = src - prev_src;
           ++last->len;
@@ -174,6 +197,8 @@ typedef double f64x2 __attribute__((vector_size(16)));
 typedef double f64x2_u __attribute__((vector_size(16), aligned(8), may_alias));
 typedef double f64x4 __attribute__((vector_size(32)));
 typedef double f64x4_u __attribute__((vector_size(32), aligned(8), may_alias));
+typedef double f64x8 __attribute__((vector_size(64)));
+typedef double f64x8_u __attribute__((vector_size(64), aligned(8), may_alias));
 
 // Broadcast without a function that returns a vector by value (whose ABI would depend on the ISA
 // the function is compiled for).
@@ -194,6 +219,43 @@ template <>
 struct Load4<double> {
   static inline __attribute__((always_inline)) void load(const double* pointer, f64x4& out) {
     out = *reinterpret_cast<const f64x4_u*>(pointer);
+  }
+};
+
+// W (4 or 8) values into a float64 vector of W lanes (the channels loops; 8 with AVX-512, whose
+// 32 registers hold the 8-lane sums).
+template <typename T, int W>
+struct LoadV;
+template <>
+struct LoadV<float, 4> {
+  typedef f64x4 vec;
+  typedef f64x4_u vec_u;
+  static inline __attribute__((always_inline)) void load(const float* pointer, vec& out) {
+    out = __builtin_convertvector(*reinterpret_cast<const f32x4_u*>(pointer), f64x4);
+  }
+};
+template <>
+struct LoadV<double, 4> {
+  typedef f64x4 vec;
+  typedef f64x4_u vec_u;
+  static inline __attribute__((always_inline)) void load(const double* pointer, vec& out) {
+    out = *reinterpret_cast<const f64x4_u*>(pointer);
+  }
+};
+template <>
+struct LoadV<float, 8> {
+  typedef f64x8 vec;
+  typedef f64x8_u vec_u;
+  static inline __attribute__((always_inline)) void load(const float* pointer, vec& out) {
+    out = __builtin_convertvector(*reinterpret_cast<const f32x8_u*>(pointer), f64x8);
+  }
+};
+template <>
+struct LoadV<double, 8> {
+  typedef f64x8 vec;
+  typedef f64x8_u vec_u;
+  static inline __attribute__((always_inline)) void load(const double* pointer, vec& out) {
+    out = *reinterpret_cast<const f64x8_u*>(pointer);
   }
 };
 
@@ -241,142 +303,6 @@ struct StatsJob {
   const std::vector<ElementPlan>* transposed_plans;  // in the strides of a transposed tile
 };
 
-// ---------------------------------------------------------------------------------------------
-// Positions contiguous (NCHW): tasks [begin, end) of (image b, channel c). Each run of valid
-// positions is read in place when it is contiguous on both sides (integer translations of float
-// features), and packed into a small scratch otherwise (gathers, bilinear taps, half types).
-template <int NB, typename scalar_t, typename acc_t>
-inline void positions_range(const StatsJob<scalar_t>& job, int64_t begin, int64_t end) {
-  typedef f64x4 vec_t;  // float64 sums, 4 positions per vector (two SSE2 registers or one AVX2)
-  constexpr int W = 4;
-  const FeatureView& v = job.view;
-  const int64_t channels = v.channels, batch = job.out.batch, sx = v.stride_x;
-  const int* which = job.out.which;
-  std::vector<acc_t> scratch(4 * kMaxRun);
-  acc_t* pack_a = scratch.data();
-  acc_t* pack_b[3] = {pack_a + kMaxRun, pack_a + 2 * kMaxRun, pack_a + 3 * kMaxRun};
-  for (int64_t task = begin; task < end; ++task) {
-    const int64_t b = task / channels, c = task % channels;
-    const scalar_t* id_b = job.data + b * v.stride_n + c * v.stride_c;
-    const scalar_t* id_next = job.data + ((b + 1) % batch) * v.stride_n + c * v.stride_c;
-    for (int64_t k = 0; k < job.out.elements; ++k) {
-      const ElementPlan& plan = (*job.plans)[k];
-      if (plan.skip || plan.count == 0) continue;  // statistics stay 0
-      const scalar_t* image = job.data + ((k + 1) * batch + b) * v.stride_n + c * v.stride_c;
-      // The sources of slot i: eq (re-aligned b), inv (b in place), chance (re-aligned b + 1).
-      const scalar_t* sources[3];
-      bool realigned[3];
-      for (int i = 0; i < NB; ++i) {
-        const int comparison = which[i];
-        sources[i] = comparison == 2 ? id_next : id_b;
-        realigned[i] = comparison != 1;
-      }
-      // Shifts: the values at the first valid position.
-      const Segment& first = plan.segments.front();
-      const double shift_a = static_cast<double>(static_cast<acc_t>(image[first.out]));
-      double shift_b[NB];
-      for (int i = 0; i < NB; ++i) {
-        if (!realigned[i]) {
-          shift_b[i] = static_cast<double>(static_cast<acc_t>(sources[i][first.out]));
-        } else if (plan.exact) {
-          shift_b[i] = static_cast<double>(static_cast<acc_t>(sources[i][first.src]));
-        } else {
-          shift_b[i] = static_cast<double>(
-              bilinear_value<acc_t>(sources[i], plan.taps.data(), plan.weights.data()));
-        }
-      }
-      vec_t sum_a{}, sum_aa{}, sum_b[NB], sum_bb[NB], sum_ab[NB];
-      double sums[kFields] = {};  // the positions past the last full vector of each run
-      for (int i = 0; i < NB; ++i) sum_b[i] = sum_bb[i] = sum_ab[i] = vec_t{};
-      const vec_t shift_a_vec = EQUIFAST_BROADCAST(vec_t, shift_a);
-      vec_t shift_b_vec[NB];
-      for (int i = 0; i < NB; ++i) shift_b_vec[i] = EQUIFAST_BROADCAST(vec_t, shift_b[i]);
-      for (const Segment& seg : plan.segments) {
-        const int64_t len = seg.len;
-        // Pointers to the run's a and b values: in place, or packed into the scratch.
-        const acc_t* run_a;
-        const acc_t* run_b[3];
-        bool in_place = std::is_same_v<scalar_t, acc_t> && sx == 1;
-        if (in_place) {
-          for (int i = 0; i < NB; ++i) {
-            const bool unit_step = plan.exact && (seg.src_step == 1 || len == 1);
-            in_place = in_place && (!realigned[i] || unit_step);
-          }
-        }
-        if (in_place) {
-          run_a = reinterpret_cast<const acc_t*>(image + seg.out);
-          for (int i = 0; i < NB; ++i) {
-            const int64_t start = realigned[i] ? seg.src : seg.out;
-            run_b[i] = reinterpret_cast<const acc_t*>(sources[i] + start);
-          }
-        } else {
-          for (int64_t p = 0; p < len; ++p) pack_a[p] = static_cast<acc_t>(image[seg.out + p * sx]);
-          for (int i = 0; i < NB; ++i) {
-            const scalar_t* source = sources[i];
-            acc_t* dst = pack_b[i];
-            if (!realigned[i]) {
-              for (int64_t p = 0; p < len; ++p) {
-                dst[p] = static_cast<acc_t>(source[seg.out + p * sx]);
-              }
-            } else if (plan.exact) {
-              const int64_t step = seg.src_step;
-              for (int64_t p = 0; p < len; ++p) {
-                dst[p] = static_cast<acc_t>(source[seg.src + p * step]);
-              }
-            } else {
-              const int64_t* taps = plan.taps.data() + 4 * seg.first;
-              const double* weights = plan.weights.data() + 4 * seg.first;
-              for (int64_t p = 0; p < len; ++p) {
-                dst[p] = bilinear_value<acc_t>(source, taps + 4 * p, weights + 4 * p);
-              }
-            }
-            run_b[i] = dst;
-          }
-          run_a = pack_a;
-        }
-        // The single-pass shifted sums: W positions per step, then a scalar tail.
-        int64_t p = 0;
-        for (; p + W <= len; p += W) {
-          vec_t a, bv;
-          Load4<acc_t>::load(run_a + p, a);
-          a -= shift_a_vec;
-          sum_a += a;
-          sum_aa += a * a;
-          for (int i = 0; i < NB; ++i) {
-            Load4<acc_t>::load(run_b[i] + p, bv);
-            bv -= shift_b_vec[i];
-            sum_b[i] += bv;
-            sum_bb[i] += bv * bv;
-            sum_ab[i] += a * bv;
-          }
-        }
-        for (; p < len; ++p) {
-          const double a = static_cast<double>(run_a[p]) - shift_a;
-          sums[0] += a;
-          sums[1] += a * a;
-          for (int i = 0; i < NB; ++i) {
-            const double bv = static_cast<double>(run_b[i][p]) - shift_b[i];
-            sums[2 + 3 * i] += bv;
-            sums[3 + 3 * i] += bv * bv;
-            sums[4 + 3 * i] += a * bv;
-          }
-        }
-      }
-      for (int l = 0; l < W; ++l) {
-        sums[0] += sum_a[l];
-        sums[1] += sum_aa[l];
-        for (int i = 0; i < NB; ++i) {
-          sums[2 + 3 * i] += sum_b[i][l];
-          sums[3 + 3 * i] += sum_bb[i][l];
-          sums[4 + 3 * i] += sum_ab[i][l];
-        }
-      }
-      job.out.template store<NB>(k, b, c, static_cast<double>(plan.count), shift_a, shift_b,
-                                 sums, 1);
-    }
-  }
-}
-
 // Copies `width` channels (stride sc) at `src` into `dst` as acc_t; the unit-stride loop
 // vectorizes.
 template <typename scalar_t, typename acc_t>
@@ -422,16 +348,227 @@ inline void bilinear_channels(acc_t* dst, const scalar_t* image, const int64_t* 
   }
 }
 
+// The re-aligned planes (bilinear values of every valid position, in plan order) of one channel
+// of identity images, a few per element, tagged by (image, channel): the eq plane of image b is
+// the chance plane of image b - 1, and image 0's serves the last image's chance.
+template <typename scalar_t, typename acc_t>
+class PlaneCache {
+  static constexpr int kSlots = 3;
+
+ public:
+  explicit PlaneCache(int64_t elements) : slots_(elements) {}
+
+  const acc_t* get(int64_t k, const ElementPlan& plan, const scalar_t* source, int64_t image,
+                   int64_t channel, int64_t sx) {
+    Slots& s = slots_[k];
+    for (int j = 0; j < kSlots; ++j) {
+      if (s.image[j] == image && s.channel[j] == channel) {
+        s.used[j] = ++clock_;
+        return s.data.data() + j * plan.count;
+      }
+    }
+    if (s.data.empty()) s.data.resize(kSlots * plan.count);
+    int victim = 0;  // least recently used, but keep image 0 (the last image's chance)
+    for (int j = 1; j < kSlots; ++j) {
+      const bool keep_v = s.image[victim] == 0 && s.channel[victim] == channel;
+      const bool keep_j = s.image[j] == 0 && s.channel[j] == channel;
+      if (keep_v != keep_j ? keep_v : s.used[j] < s.used[victim]) victim = j;
+    }
+    acc_t* plane = s.data.data() + victim * plan.count;
+    for (const Segment& seg : plan.segments) {  // taps advance by sx along a run (make_plan)
+      bilinear_channels(plane + seg.first, source, plan.taps.data() + 4 * seg.first,
+                        plan.weights.data() + 4 * seg.first, seg.len, sx);
+    }
+    s.image[victim] = image;
+    s.channel[victim] = channel;
+    s.used[victim] = ++clock_;
+    return plane;
+  }
+
+ private:
+  struct Slots {
+    std::vector<acc_t> data;
+    int64_t image[kSlots] = {-1, -1, -1};
+    int64_t channel[kSlots] = {-1, -1, -1};
+    int64_t used[kSlots] = {0, 0, 0};
+  };
+  std::vector<Slots> slots_;
+  int64_t clock_ = 0;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Positions contiguous (NCHW): tasks [begin, end) of (image b, channel c). Each run of valid
+// positions is read in place when it is contiguous on both sides (integer translations of float
+// features), and packed into a small scratch otherwise (gathers, bilinear taps, half types).
+template <int NB, typename scalar_t, typename acc_t>
+inline void positions_range(const StatsJob<scalar_t>& job, int64_t begin, int64_t end) {
+  typedef f64x4 vec_t;  // float64 sums, 4 positions per vector (two SSE2 registers or one AVX2)
+  constexpr int W = 4;
+  const FeatureView& v = job.view;
+  const int64_t channels = v.channels, batch = job.out.batch, sx = v.stride_x;
+  const int* which = job.out.which;
+  std::vector<acc_t> scratch(4 * kMaxRun);
+  acc_t* pack_a = scratch.data();
+  acc_t* pack_b[3] = {pack_a + kMaxRun, pack_a + 2 * kMaxRun, pack_a + 3 * kMaxRun};
+  PlaneCache<scalar_t, acc_t> cache(job.out.elements);
+  const int64_t plane_bytes = static_cast<int64_t>(v.grid_h * v.stride_y * sizeof(scalar_t));
+  const int64_t prefetch_bytes =
+      v.stride_x == 1 && v.stride_y == v.grid_w && plane_bytes <= 8192 ? plane_bytes : 0;
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t b = task % batch, c = task / batch;  // images fastest: planes are reused
+    const scalar_t* id_b = job.data + b * v.stride_n + c * v.stride_c;
+    const scalar_t* id_next = job.data + ((b + 1) % batch) * v.stride_n + c * v.stride_c;
+    for (int64_t k = 0; k < job.out.elements; ++k) {
+      const ElementPlan& plan = (*job.plans)[k];
+      if (plan.skip || plan.count == 0) continue;  // statistics stay 0
+      const scalar_t* image = job.data + ((k + 1) * batch + b) * v.stride_n + c * v.stride_c;
+      if (prefetch_bytes > 0) {
+        // The next element's plane (or the next task's first), elsewhere in memory, is on its
+        // way while this one is summed.
+        const scalar_t* ahead = nullptr;
+        if (k + 1 < job.out.elements) {
+          ahead = image + batch * v.stride_n;
+        } else if (task + 1 < end) {
+          ahead = job.data + (batch + (task + 1) % batch) * v.stride_n +
+                  ((task + 1) / batch) * v.stride_c;
+        }
+        if (ahead != nullptr) {
+          const char* bytes = reinterpret_cast<const char*>(ahead);
+          for (int64_t o = 0; o < prefetch_bytes; o += 64) __builtin_prefetch(bytes + o);
+        }
+      }
+      // The sources of slot i: eq (re-aligned b), inv (b in place), chance (re-aligned b + 1).
+      const scalar_t* sources[3];
+      bool realigned[3];
+      for (int i = 0; i < NB; ++i) {
+        const int comparison = which[i];
+        sources[i] = comparison == 2 ? id_next : id_b;
+        realigned[i] = comparison != 1;
+      }
+      // Shifts: the values at the first valid position.
+      const Segment& first = plan.segments.front();
+      const double shift_a = static_cast<double>(static_cast<acc_t>(image[first.out]));
+      double shift_b[NB];
+      for (int i = 0; i < NB; ++i) {
+        if (!realigned[i]) {
+          shift_b[i] = static_cast<double>(static_cast<acc_t>(sources[i][first.out]));
+        } else if (plan.exact) {
+          shift_b[i] = static_cast<double>(static_cast<acc_t>(sources[i][first.src]));
+        } else {
+          shift_b[i] = static_cast<double>(
+              bilinear_value<acc_t>(sources[i], plan.taps.data(), plan.weights.data()));
+        }
+      }
+      // Bilinear maps: the re-aligned identity planes (eq of image b is chance of b - 1).
+      const acc_t* planes[3] = {nullptr, nullptr, nullptr};
+      if (!plan.exact) {
+        for (int i = 0; i < NB; ++i) {
+          if (realigned[i]) {
+            const int64_t img = which[i] == 2 ? (b + 1) % batch : b;
+            planes[i] = cache.get(k, plan, sources[i], img, c, sx);
+          }
+        }
+      }
+      vec_t sum_a{}, sum_aa{}, sum_b[NB], sum_bb[NB], sum_ab[NB];
+      double sums[kFields] = {};  // the positions past the last full vector of each run
+      for (int i = 0; i < NB; ++i) sum_b[i] = sum_bb[i] = sum_ab[i] = vec_t{};
+      const vec_t shift_a_vec = EQUIFAST_BROADCAST(vec_t, shift_a);
+      vec_t shift_b_vec[NB];
+      for (int i = 0; i < NB; ++i) shift_b_vec[i] = EQUIFAST_BROADCAST(vec_t, shift_b[i]);
+      for (const Segment& seg : plan.segments) {
+        const int64_t len = seg.len;
+        // Pointers to the run's a and b values: in place, or packed into the scratch.
+        const acc_t* run_a;
+        const acc_t* run_b[3];
+        // Read in place where a row of values is contiguous (float values, unit steps);
+        // bilinear rows come from the element's re-aligned planes, others are packed.
+        const bool direct = std::is_same_v<scalar_t, acc_t> && sx == 1;
+        if (direct) {
+          run_a = reinterpret_cast<const acc_t*>(image + seg.out);
+        } else {
+          for (int64_t p = 0; p < len; ++p) pack_a[p] = static_cast<acc_t>(image[seg.out + p * sx]);
+          run_a = pack_a;
+        }
+        for (int i = 0; i < NB; ++i) {
+          const scalar_t* source = sources[i];
+          acc_t* dst = pack_b[i];
+          if (!realigned[i]) {
+            if (direct) {
+              run_b[i] = reinterpret_cast<const acc_t*>(source + seg.out);
+              continue;
+            }
+            for (int64_t p = 0; p < len; ++p) {
+              dst[p] = static_cast<acc_t>(source[seg.out + p * sx]);
+            }
+          } else if (plan.exact) {
+            const int64_t step = seg.src_step;
+            if (direct && (step == 1 || len == 1)) {
+              run_b[i] = reinterpret_cast<const acc_t*>(source + seg.src);
+              continue;
+            }
+            for (int64_t p = 0; p < len; ++p) {
+              dst[p] = static_cast<acc_t>(source[seg.src + p * step]);
+            }
+          } else {
+            run_b[i] = planes[i] + seg.first;
+            continue;
+          }
+          run_b[i] = dst;
+        }
+        // The single-pass shifted sums: W positions per step, then a scalar tail.
+        int64_t p = 0;
+        for (; p + W <= len; p += W) {
+          vec_t a, bv;
+          Load4<acc_t>::load(run_a + p, a);
+          a -= shift_a_vec;
+          sum_a += a;
+          sum_aa += a * a;
+          for (int i = 0; i < NB; ++i) {
+            Load4<acc_t>::load(run_b[i] + p, bv);
+            bv -= shift_b_vec[i];
+            sum_b[i] += bv;
+            sum_bb[i] += bv * bv;
+            sum_ab[i] += a * bv;
+          }
+        }
+        for (; p < len; ++p) {
+          const double a = static_cast<double>(run_a[p]) - shift_a;
+          sums[0] += a;
+          sums[1] += a * a;
+          for (int i = 0; i < NB; ++i) {
+            const double bv = static_cast<double>(run_b[i][p]) - shift_b[i];
+            sums[2 + 3 * i] += bv;
+            sums[3 + 3 * i] += bv * bv;
+            sums[4 + 3 * i] += a * bv;
+          }
+        }
+      }
+      for (int l = 0; l < W; ++l) {
+        sums[0] += sum_a[l];
+        sums[1] += sum_aa[l];
+        for (int i = 0; i < NB; ++i) {
+          sums[2 + 3 * i] += sum_b[i][l];
+          sums[3 + 3 * i] += sum_bb[i][l];
+          sums[4 + 3 * i] += sum_ab[i][l];
+        }
+      }
+      job.out.template store<NB>(k, b, c, static_cast<double>(plan.count), shift_a, shift_b,
+                                 sums, 1);
+    }
+  }
+}
+
 // The work of one element on one tile of channels whose values sit at channel stride `sc`
 // (channels contiguous, or a transposed tile). Positions go in chunks of kChunkPositions; for
 // each chunk, each group of 4 channels loads its float64 sums (kept in L1 across positions) into
 // registers, adds the chunk and stores them back. Rows are read in place (float values, integer
 // maps, unit channel stride) or packed [position][channel] into a scratch (half types, bilinear
 // taps, strided channels). acc_t: the type values are read and rounded in.
-template <int NB, typename scalar_t, typename acc_t>
+template <int NB, typename scalar_t, typename acc_t, int W>
 class ChannelsWorker {
-  typedef f64x4 vec_t;  // float64 sums, 4 channels per vector (two SSE2 registers or one AVX2)
-  static constexpr int W = 4;
+  // float64 sums, W channels per vector (4: two SSE2 registers or one AVX2; 8: one AVX-512)
+  typedef typename LoadV<acc_t, W>::vec vec_t;
+  typedef typename LoadV<acc_t, W>::vec_u vec_u;
   static constexpr int64_t kBlock = static_cast<int64_t>(kChunkPositions) * kTile;
   static constexpr int64_t kShiftStride = kTile + 8;  // off a power of two: distinct L1 sets
 
@@ -525,36 +662,36 @@ class ChannelsWorker {
       for (int64_t g = 0; g < groups; ++g) {
         const int64_t t0 = g * W;
         double* group_sums = sums_.data() + g * kFields * W;
-        const vec_t ka = *reinterpret_cast<const f64x4_u*>(shift_a + t0);
-        vec_t sum_a = *reinterpret_cast<const f64x4_u*>(group_sums);
-        vec_t sum_aa = *reinterpret_cast<const f64x4_u*>(group_sums + W);
+        const vec_t ka = *reinterpret_cast<const vec_u*>(shift_a + t0);
+        vec_t sum_a = *reinterpret_cast<const vec_u*>(group_sums);
+        vec_t sum_aa = *reinterpret_cast<const vec_u*>(group_sums + W);
         vec_t kb[NB], sum_b[NB], sum_bb[NB], sum_ab[NB];
         for (int i = 0; i < NB; ++i) {
-          kb[i] = *reinterpret_cast<const f64x4_u*>(shift_b[i] + t0);
-          sum_b[i] = *reinterpret_cast<const f64x4_u*>(group_sums + (2 + 3 * i) * W);
-          sum_bb[i] = *reinterpret_cast<const f64x4_u*>(group_sums + (3 + 3 * i) * W);
-          sum_ab[i] = *reinterpret_cast<const f64x4_u*>(group_sums + (4 + 3 * i) * W);
+          kb[i] = *reinterpret_cast<const vec_u*>(shift_b[i] + t0);
+          sum_b[i] = *reinterpret_cast<const vec_u*>(group_sums + (2 + 3 * i) * W);
+          sum_bb[i] = *reinterpret_cast<const vec_u*>(group_sums + (3 + 3 * i) * W);
+          sum_ab[i] = *reinterpret_cast<const vec_u*>(group_sums + (4 + 3 * i) * W);
         }
         for (int64_t j = 0; j < n; ++j) {
           vec_t a, bv;
-          Load4<acc_t>::load(base_a + offsets_a[j] + t0, a);
+          LoadV<acc_t, W>::load(base_a + offsets_a[j] + t0, a);
           a -= ka;
           sum_a += a;
           sum_aa += a * a;
           for (int i = 0; i < NB; ++i) {
-            Load4<acc_t>::load(base_b[i] + offsets_b[i][j] + t0, bv);
+            LoadV<acc_t, W>::load(base_b[i] + offsets_b[i][j] + t0, bv);
             bv -= kb[i];
             sum_b[i] += bv;
             sum_bb[i] += bv * bv;
             sum_ab[i] += a * bv;
           }
         }
-        *reinterpret_cast<f64x4_u*>(group_sums) = sum_a;
-        *reinterpret_cast<f64x4_u*>(group_sums + W) = sum_aa;
+        *reinterpret_cast<vec_u*>(group_sums) = sum_a;
+        *reinterpret_cast<vec_u*>(group_sums + W) = sum_aa;
         for (int i = 0; i < NB; ++i) {
-          *reinterpret_cast<f64x4_u*>(group_sums + (2 + 3 * i) * W) = sum_b[i];
-          *reinterpret_cast<f64x4_u*>(group_sums + (3 + 3 * i) * W) = sum_bb[i];
-          *reinterpret_cast<f64x4_u*>(group_sums + (4 + 3 * i) * W) = sum_ab[i];
+          *reinterpret_cast<vec_u*>(group_sums + (2 + 3 * i) * W) = sum_b[i];
+          *reinterpret_cast<vec_u*>(group_sums + (3 + 3 * i) * W) = sum_bb[i];
+          *reinterpret_cast<vec_u*>(group_sums + (4 + 3 * i) * W) = sum_ab[i];
         }
       }
     }
@@ -578,13 +715,13 @@ class ChannelsWorker {
 
 // Channels contiguous (NHWC, NLC, channels_last NCHW): tasks [begin, end) of (image b, tile of
 // up to kTile channels), so that the rows of a are read as long contiguous stretches.
-template <int NB, typename scalar_t, typename acc_t>
+template <int NB, typename scalar_t, typename acc_t, int W>
 inline void channels_range(const StatsJob<scalar_t>& job, int64_t begin, int64_t end) {
   const FeatureView& v = job.view;
   const int64_t batch = job.out.batch;
   const int64_t tiles = (v.channels + kTile - 1) / kTile;
   const int64_t sc = v.stride_c;
-  ChannelsWorker<NB, scalar_t, acc_t> worker(job.out);
+  ChannelsWorker<NB, scalar_t, acc_t, W> worker(job.out);
   for (int64_t task = begin; task < end; ++task) {
     const int64_t b = task / tiles, c0 = (task % tiles) * kTile;
     const int64_t width = std::min<int64_t>(kTile, v.channels - c0);
@@ -599,6 +736,13 @@ inline void channels_range(const StatsJob<scalar_t>& job, int64_t begin, int64_t
   }
 }
 
+#if defined(__clang__)
+#define EQUIFAST_SHUFFLE(a, b, i0, i1, i2, i3) __builtin_shufflevector(a, b, i0, i1, i2, i3)
+#else
+#define EQUIFAST_SHUFFLE(a, b, i0, i1, i2, i3) \
+  __builtin_shuffle(a, b, (__attribute__((vector_size(16))) int){i0, i1, i2, i3})
+#endif
+
 // Copies channels [c0, c0 + width) of one image into a [position][kTransposeTile] tile, a block
 // of positions at a time: each plane is read in runs (one stream per channel, in memory order)
 // while the block of the tile being written (4 KB) stays in L1.
@@ -609,7 +753,42 @@ inline void transpose_tile(acc_t* dst, const scalar_t* image, int64_t width, con
     const int64_t positions = v.grid_h * v.grid_w;
     for (int64_t p0 = 0; p0 < positions; p0 += kBlockPositions) {
       const int64_t p1 = std::min(positions, p0 + kBlockPositions);
-      for (int64_t t = 0; t < width; ++t) {
+      int64_t t = 0;
+      if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+        // 4 channels x 4 positions at a time, transposed in registers.
+        for (; t + 4 <= width; t += 4) {
+          const float* r0 = image + t * v.stride_c;
+          const float* r1 = r0 + v.stride_c;
+          const float* r2 = r1 + v.stride_c;
+          const float* r3 = r2 + v.stride_c;
+          int64_t p = p0;
+          for (; p + 4 <= p1; p += 4) {
+            const f32x4 x0 = *reinterpret_cast<const f32x4_u*>(r0 + p);
+            const f32x4 x1 = *reinterpret_cast<const f32x4_u*>(r1 + p);
+            const f32x4 x2 = *reinterpret_cast<const f32x4_u*>(r2 + p);
+            const f32x4 x3 = *reinterpret_cast<const f32x4_u*>(r3 + p);
+            const f32x4 t0 = EQUIFAST_SHUFFLE(x0, x1, 0, 4, 1, 5);
+            const f32x4 t1 = EQUIFAST_SHUFFLE(x0, x1, 2, 6, 3, 7);
+            const f32x4 t2 = EQUIFAST_SHUFFLE(x2, x3, 0, 4, 1, 5);
+            const f32x4 t3 = EQUIFAST_SHUFFLE(x2, x3, 2, 6, 3, 7);
+            float* d = dst + p * kTransposeTile + t;
+            *reinterpret_cast<f32x4_u*>(d) = EQUIFAST_SHUFFLE(t0, t2, 0, 1, 4, 5);
+            *reinterpret_cast<f32x4_u*>(d + kTransposeTile) = EQUIFAST_SHUFFLE(t0, t2, 2, 3, 6, 7);
+            *reinterpret_cast<f32x4_u*>(d + 2 * kTransposeTile) =
+                EQUIFAST_SHUFFLE(t1, t3, 0, 1, 4, 5);
+            *reinterpret_cast<f32x4_u*>(d + 3 * kTransposeTile) =
+                EQUIFAST_SHUFFLE(t1, t3, 2, 3, 6, 7);
+          }
+          for (; p < p1; ++p) {
+            float* d = dst + p * kTransposeTile + t;
+            d[0] = r0[p];
+            d[1] = r1[p];
+            d[2] = r2[p];
+            d[3] = r3[p];
+          }
+        }
+      }
+      for (; t < width; ++t) {
         const scalar_t* plane = image + t * v.stride_c;
         for (int64_t p = p0; p < p1; ++p) {
           dst[p * kTransposeTile + t] = static_cast<acc_t>(plane[p]);
@@ -633,7 +812,7 @@ inline void transpose_tile(acc_t* dst, const scalar_t* image, int64_t width, con
 // (image b, tile of kTransposeTile channels). The identity tiles of b and b + 1 are transposed
 // once per task, each element's tile once per element; the channels loops then read rows of 16
 // contiguous channels, wherever the map sends them (a rotation's gathers become row reads).
-template <int NB, typename scalar_t, typename acc_t>
+template <int NB, typename scalar_t, typename acc_t, int W>
 inline void transposed_range(const StatsJob<scalar_t>& job, int64_t begin, int64_t end) {
   const FeatureView& v = job.view;
   const int64_t batch = job.out.batch;
@@ -644,7 +823,12 @@ inline void transposed_range(const StatsJob<scalar_t>& job, int64_t begin, int64
   acc_t* tile_a = tiles_data.data();
   acc_t* tile_b = tile_a + tile_size;
   acc_t* tile_next = tile_b + tile_size;
-  ChannelsWorker<NB, acc_t, acc_t> worker(job.out);
+  ChannelsWorker<NB, acc_t, acc_t, W> worker(job.out);
+  const bool dense = v.stride_x == 1 && v.stride_y == v.grid_w &&
+                     v.stride_c == v.grid_h * v.grid_w && v.channels % kTransposeTile == 0;
+  const int64_t block_bytes =
+      static_cast<int64_t>(kTransposeTile * v.stride_c * sizeof(scalar_t));
+  const int64_t prefetch_bytes = dense && block_bytes <= 16384 ? block_bytes : 0;
   for (int64_t task = begin; task < end; ++task) {
     const int64_t b = task / tiles, c0 = (task % tiles) * kTransposeTile;
     const int64_t width = std::min<int64_t>(kTransposeTile, v.channels - c0);
@@ -657,6 +841,20 @@ inline void transposed_range(const StatsJob<scalar_t>& job, int64_t begin, int64
     for (int64_t k = 0; k < job.out.elements; ++k) {
       const ElementPlan& plan = (*job.transposed_plans)[k];
       if (plan.skip || plan.count == 0) continue;  // statistics stay 0
+      if (prefetch_bytes > 0) {
+        // Small dense tiles: the next element's (or the next task's first) block of a, which
+        // sits elsewhere in memory, is on its way while this one is computed.
+        const scalar_t* ahead =
+            k + 1 < job.out.elements
+                ? job.data + ((k + 2) * batch + b) * v.stride_n + c0 * v.stride_c
+                : (task + 1 < end ? job.data + (batch + (task + 1) / tiles) * v.stride_n +
+                                        ((task + 1) % tiles) * kTransposeTile * v.stride_c
+                                  : nullptr);
+        if (ahead != nullptr) {
+          const char* bytes = reinterpret_cast<const char*>(ahead);
+          for (int64_t o = 0; o < prefetch_bytes; o += 64) __builtin_prefetch(bytes + o);
+        }
+      }
       transpose_tile(tile_a, job.data + ((k + 1) * batch + b) * v.stride_n + c0 * v.stride_c,
                      width, v);
       worker.element(plan, tile_a, tile_b, id_next, width, kTransposeTile, 1, k, b, c0);
@@ -666,17 +864,18 @@ inline void transposed_range(const StatsJob<scalar_t>& job, int64_t begin, int64
 
 // The loop nests compiled twice: for the baseline x86-64 ISA (SSE2) and, chosen at run time, for
 // AVX2 + FMA. `flatten` inlines the helpers into the AVX2
-// copies so that they are compiled for AVX2 too. EQUIFAST_CPU_ISA=default disables AVX2.
+// copies so that they are compiled for AVX2 too (and a third copy for AVX-512: 32 registers,
+// 8-lane channels loops). EQUIFAST_CPU_ISA=default disables AVX2, =avx2 disables AVX-512.
 enum class LoopNest { kChannels, kTransposed, kPositions };
 
-template <int NB, typename scalar_t, typename acc_t>
+template <int NB, typename scalar_t, typename acc_t, int W = 4>
 inline void run_range(LoopNest nest, const StatsJob<scalar_t>& job, int64_t begin, int64_t end) {
   switch (nest) {
     case LoopNest::kChannels:
-      channels_range<NB, scalar_t, acc_t>(job, begin, end);
+      channels_range<NB, scalar_t, acc_t, W>(job, begin, end);
       break;
     case LoopNest::kTransposed:
-      transposed_range<NB, scalar_t, acc_t>(job, begin, end);
+      transposed_range<NB, scalar_t, acc_t, W>(job, begin, end);
       break;
     case LoopNest::kPositions:
       positions_range<NB, scalar_t, acc_t>(job, begin, end);
@@ -694,6 +893,20 @@ __attribute__((target("avx2,fma"), flatten)) void run_range_avx2(LoopNest nest,
   run_range<NB, scalar_t, acc_t>(nest, job, begin, end);
 }
 
+template <int NB, typename scalar_t, typename acc_t>
+__attribute__((target("avx2,fma,avx512f,avx512vl,avx512dq,avx512bw"), flatten)) void
+run_range_avx512(LoopNest nest, const StatsJob<scalar_t>& job, int64_t begin, int64_t end) {
+  run_range<NB, scalar_t, acc_t, 8>(nest, job, begin, end);
+}
+
+bool use_avx512() {
+  const char* isa = std::getenv("EQUIFAST_CPU_ISA");
+  if (isa != nullptr && std::string(isa) != "avx512") return false;
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw");
+}
+
 bool use_avx2() {
   const char* isa = std::getenv("EQUIFAST_CPU_ISA");
   if (isa != nullptr && std::string(isa) == "default") return false;
@@ -709,6 +922,7 @@ template <int NB, typename scalar_t, typename acc_t>
 void run_stats_nb(const StatsJob<scalar_t>& job, LoopNest nest) {
   const FeatureView& v = job.view;
   const bool avx2 = use_avx2();
+  const bool avx512 = avx2 && use_avx512();
   int64_t tasks = job.out.batch * v.channels;
   if (nest == LoopNest::kChannels) tasks = job.out.batch * ((v.channels + kTile - 1) / kTile);
   if (nest == LoopNest::kTransposed) {
@@ -721,11 +935,13 @@ void run_stats_nb(const StatsJob<scalar_t>& job, LoopNest nest) {
   const int64_t grain = std::max<int64_t>(1, 65536 / values_per_task);
   parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
 #if EQUIFAST_HAVE_AVX2_PATH
+    if (avx512) return run_range_avx512<NB, scalar_t, acc_t>(nest, job, begin, end);
     if (avx2) return run_range_avx2<NB, scalar_t, acc_t>(nest, job, begin, end);
 #endif
     run_range<NB, scalar_t, acc_t>(nest, job, begin, end);
   });
   (void)avx2;
+  (void)avx512;
 }
 
 at::Tensor equivariance_stats_cpu(const at::Tensor& feats, const at::Tensor& source_affines,
@@ -758,6 +974,9 @@ at::Tensor equivariance_stats_cpu(const at::Tensor& feats, const at::Tensor& sou
       ElementPlan plan = make_plan(problem.maps[k], view.grid_h, view.grid_w, view.stride_y,
                                    view.stride_x, problem.skip_subpixel, channels_inner);
       bool along_runs = !can_transpose || plan.skip || plan.count == 0;
+      if (!along_runs && !plan.exact && view.stride_x == 1) {
+        along_runs = plan.count >= 8 * static_cast<int64_t>(plan.segments.size());
+      }
       if (!along_runs && plan.exact && view.stride_x == 1) {
         // Contiguous on both sides, and runs long enough for vectors.
         bool contiguous = true;
