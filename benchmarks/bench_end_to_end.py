@@ -373,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=None,
                         help="batch size of both loops (default 8 on the CPU, 4 quick, 128 CUDA)")
     parser.add_argument("--no-leaves", action="store_true", help="skip resnet18 layers='leaves'")
-    parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    parser.add_argument("--no-memory", action="store_true",
+                        help="skip the peak-memory runs (a subprocess per variant on the CPU)")
     args = parser.parse_args(argv)
     device = common.setup_run(args)
     cuda = device.type == "cuda"
