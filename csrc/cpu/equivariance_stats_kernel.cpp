@@ -204,26 +204,10 @@ typedef double f64x8_u __attribute__((vector_size(64), aligned(8), may_alias));
 // the function is compiled for).
 #define EQUIFAST_BROADCAST(vec_t, value) (vec_t{} + (value))
 
-// Four values (float32 or float64) into a float64 vector: the sums are float64 (see the design
-// note at the top). Through a reference, not a return value, so that no vector crosses a call
-// boundary whose ABI would depend on the ISA (they are inlined anyway).
-template <typename T>
-struct Load4;
-template <>
-struct Load4<float> {
-  static inline __attribute__((always_inline)) void load(const float* pointer, f64x4& out) {
-    out = __builtin_convertvector(*reinterpret_cast<const f32x4_u*>(pointer), f64x4);
-  }
-};
-template <>
-struct Load4<double> {
-  static inline __attribute__((always_inline)) void load(const double* pointer, f64x4& out) {
-    out = *reinterpret_cast<const f64x4_u*>(pointer);
-  }
-};
-
-// W (4 or 8) values into a float64 vector of W lanes (the channels loops; 8 with AVX-512, whose
-// 32 registers hold the 8-lane sums).
+// W (4 or 8) float32 or float64 values into a float64 vector of W lanes: the sums are float64
+// (see the design note at the top). Through a reference, not a return value, so that no vector
+// crosses a call boundary whose ABI would depend on the ISA (they are inlined anyway). 8 lanes
+// with AVX-512, whose 32 registers hold the 8-lane sums.
 template <typename T, int W>
 struct LoadV;
 template <>
@@ -519,12 +503,12 @@ inline void positions_range(const StatsJob<scalar_t>& job, int64_t begin, int64_
         int64_t p = 0;
         for (; p + W <= len; p += W) {
           vec_t a, bv;
-          Load4<acc_t>::load(run_a + p, a);
+          LoadV<acc_t, 4>::load(run_a + p, a);
           a -= shift_a_vec;
           sum_a += a;
           sum_aa += a * a;
           for (int i = 0; i < NB; ++i) {
-            Load4<acc_t>::load(run_b[i] + p, bv);
+            LoadV<acc_t, 4>::load(run_b[i] + p, bv);
             bv -= shift_b_vec[i];
             sum_b[i] += bv;
             sum_bb[i] += bv * bv;

@@ -205,6 +205,23 @@ __device__ __forceinline__ void accumulate_rectangle(
   }
 }
 
+// A thread's walk over the grid, row-major: positions first, first + step, ... as (x, y), advanced
+// by additions (no division per position; step_x < grid_w, so one carry at most).
+struct GridWalk {
+  int x, y, step_x, step_y, grid_w;
+  __device__ __forceinline__ GridWalk(int first, int step, int grid_w_)
+      : x(first % grid_w_), y(first / grid_w_), step_x(step % grid_w_), step_y(step / grid_w_),
+        grid_w(grid_w_) {}
+  __device__ __forceinline__ void advance() {
+    x += step_x;
+    y += step_y;
+    if (x >= grid_w) {
+      x -= grid_w;
+      ++y;
+    }
+  }
+};
+
 // The integer-map loop for other integer maps (wrapping, or valid positions that do not fill a
 // rectangle): one thread's positions (first, first + step, ...) of the grid. Row and column
 // advance by adding (no division per position); positions past the end and invalid ones read a
@@ -219,11 +236,7 @@ __device__ __forceinline__ void accumulate_exact(
   // 32-bit position arithmetic (the host checks that the grid has fewer than 2^31 positions).
   const int positions = static_cast<int>(p.grid_h * p.grid_w);
   if (positions == 0) return;
-  const int grid_w = static_cast<int>(p.grid_w);
-  const int step_y = step / grid_w;
-  const int step_x = step - step_y * grid_w;
-  int y = first / grid_w;
-  int x = first - y * grid_w;
+  GridWalk walk(first, step, static_cast<int>(p.grid_w));
   for (int base = first; base < positions; base += kUnroll * step) {
     int64_t at[kUnroll], from[kUnroll];
     bool live[kUnroll];
@@ -231,29 +244,21 @@ __device__ __forceinline__ void accumulate_exact(
     for (int u = 0; u < kUnroll; ++u) {
       const bool in_range = base + u * step < positions;
       int64_t ix, iy;
-      apply_exact_map(element.map, x, y, ix, iy);
+      apply_exact_map(element.map, walk.x, walk.y, ix, iy);
       const ExactTap tap = exact_tap(ix, iy, grid);  // indices clamped into the grid
       live[u] = in_range && tap.inside;
-      at[u] = in_range ? y * p.stride_y + x * p.stride_x : 0;
+      at[u] = in_range ? walk.y * p.stride_y + walk.x * p.stride_x : 0;
       from[u] = tap.iy * p.stride_y + tap.ix * p.stride_x;
-      x += step_x;
-      y += step_y;
-      if (x >= grid_w) {
-        x -= grid_w;
-        ++y;
-      }
+      walk.advance();
     }
     add_positions<value_t>(p, image, id_b, id_next, at, from, live, shift_a, shift_eq,
                            shift_inv, shift_chance, sums);
   }
 }
 
-// Positions per step of the bilinear loop. Each already issues up to ten loads together; two
-// per step took the kernel from 112 to 147 registers (ptxas, sm_90), one block of 256 threads per
-// SM instead of two, so the bilinear loop stays at one.
-constexpr int kBilinearUnroll = 1;
-
-// The bilinear loop (non-integer maps): as accumulate_exact, with four taps per sampled value.
+// The bilinear loop (non-integer maps): one position per step, its ten loads issued together.
+// Two positions per step, as in the integer loops, took the kernel from 112 to 147 registers
+// (ptxas, sm_90): one block of 256 threads per SM instead of two.
 template <typename value_t, typename scalar_t>
 __device__ __forceinline__ void accumulate_bilinear(
     const DeviceElement& element, const StatsParams& p, const scalar_t* image,
@@ -262,57 +267,29 @@ __device__ __forceinline__ void accumulate_bilinear(
   const SampleGrid grid = feature_grid(p.grid_h, p.grid_w, element.map.wrap != 0);
   const int positions = static_cast<int>(p.grid_h * p.grid_w);
   if (positions == 0) return;
-  const int grid_w = static_cast<int>(p.grid_w);
-  const int step_y = step / grid_w;
-  const int step_x = step - step_y * grid_w;
-  int y = first / grid_w;
-  int x = first - y * grid_w;
-  for (int base = first; base < positions; base += kBilinearUnroll * step) {
-    Taps taps[kBilinearUnroll];
-    int64_t at[kBilinearUnroll];
-    bool live[kBilinearUnroll];
+  GridWalk walk(first, step, static_cast<int>(p.grid_w));
+  for (int position = first; position < positions; position += step, walk.advance()) {
+    Taps taps;
+    if (!source_taps(element.map, grid, walk.x, walk.y, p.stride_y, p.stride_x, taps)) continue;
+    const int64_t at = walk.y * p.stride_y + walk.x * p.stride_x;
+    const scalar_t a_raw = image[at];
+    const scalar_t inv_raw = p.with_inv ? id_b[at] : scalar_t(0);
+    scalar_t eq_raw[4], chance_raw[4];
 #pragma unroll
-    for (int u = 0; u < kBilinearUnroll; ++u) {
-      const bool in_range = base + u * step < positions;
-      // Taps are clamped into the grid, also past the end: every load below is in bounds.
-      const bool inside = source_taps(element.map, grid, x, y, p.stride_y, p.stride_x, taps[u]);
-      live[u] = in_range && inside;
-      at[u] = in_range ? y * p.stride_y + x * p.stride_x : 0;
-      x += step_x;
-      y += step_y;
-      if (x >= grid_w) {
-        x -= grid_w;
-        ++y;
-      }
+    for (int t = 0; t < 4; ++t) {
+      eq_raw[t] = id_b[taps.offset[t]];
+      chance_raw[t] = p.with_chance ? id_next[taps.offset[t]] : scalar_t(0);
     }
-    scalar_t a_raw[kBilinearUnroll], inv_raw[kBilinearUnroll];
-    scalar_t eq_raw[kBilinearUnroll][4], chance_raw[kBilinearUnroll][4];
-#pragma unroll
-    for (int u = 0; u < kBilinearUnroll; ++u) {
-      a_raw[u] = image[at[u]];
-      if (p.with_inv) inv_raw[u] = id_b[at[u]];
-#pragma unroll
-      for (int t = 0; t < 4; ++t) {
-        eq_raw[u][t] = id_b[taps[u].offset[t]];
-        if (p.with_chance) chance_raw[u][t] = id_next[taps[u].offset[t]];
-      }
+    const double a = static_cast<double>(static_cast<value_t>(a_raw)) - shift_a;
+    sums[0] += a;
+    sums[1] += a * a;
+    add_pair(sums, 0, a, static_cast<double>(blend<value_t>(eq_raw, taps.weight)) - shift_eq);
+    if (p.with_inv) {
+      add_pair(sums, 1, a, static_cast<double>(static_cast<value_t>(inv_raw)) - shift_inv);
     }
-#pragma unroll
-    for (int u = 0; u < kBilinearUnroll; ++u) {
-      if (!live[u]) continue;
-      const double a = static_cast<double>(static_cast<value_t>(a_raw[u])) - shift_a;
-      sums[0] += a;
-      sums[1] += a * a;
-      add_pair(sums, 0, a,
-               static_cast<double>(blend<value_t>(eq_raw[u], taps[u].weight)) - shift_eq);
-      if (p.with_inv) {
-        add_pair(sums, 1, a, static_cast<double>(static_cast<value_t>(inv_raw[u])) - shift_inv);
-      }
-      if (p.with_chance) {
-        add_pair(sums, 2, a,
-                 static_cast<double>(blend<value_t>(chance_raw[u], taps[u].weight)) -
-                     shift_chance);
-      }
+    if (p.with_chance) {
+      add_pair(sums, 2, a,
+               static_cast<double>(blend<value_t>(chance_raw, taps.weight)) - shift_chance);
     }
   }
 }
