@@ -20,13 +20,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from stats_checks import assert_stats_close
 
 import equifast.ops  # noqa: F401  (loads the compiled CPU kernel, if built)
 from equifast import _ext
 from equifast.ops import _reference as R
 
 REPO = Path(__file__).resolve().parents[1]
-FIELDS = ("count", "mean_a", "mean_b", "m2_a", "m2_b", "c_ab")
 
 
 @pytest.fixture(scope="module")
@@ -115,52 +115,6 @@ def make_feats(layout, images, channels, h, w, dtype, variant="plain", prefix=0,
         head = scale * torch.randn(images, prefix, channels, dtype=torch.float64)
         feats = torch.cat([head, tokens], 1).contiguous()
     return feats.to(dtype)
-
-
-def assert_stats_close(got, want, rtol, what=""):
-    """(3, K, B, C, 6) statistics equal within rtol on each field's natural scale.
-
-    Means on the scale of the values (|mean| + spread), sums of squares relatively, co-moments
-    relative to sqrt(m2_a m2_b); the error of one value (rtol times its scale) may move a sum of
-    squares by 2 error sqrt(n m2), which is allowed too. Counts must be equal.
-    """
-    assert got.shape == want.shape, (what, got.shape, want.shape)
-    assert got.dtype == torch.float64
-    want = want.double()
-    assert torch.isfinite(got).all(), f"{what}: non-finite statistics"
-    count, mean_a, mean_b, m2_a, m2_b, c_ab = want.unbind(-1)
-    if not torch.equal(got[..., 0], count):
-        index = tuple(int(i) for i in (got[..., 0] != count).nonzero()[0])
-        raise AssertionError(
-            f"{what}: counts differ at {index}: emulated {got[index].tolist()}, "
-            f"expected {want[index].tolist()}"
-        )
-    safe = count.clamp(min=1)
-    error_a = rtol * (mean_a.abs() + (m2_a / safe).sqrt())
-    error_b = rtol * (mean_b.abs() + (m2_b / safe).sqrt())
-    tiny = 1e-30
-    checks = {
-        "mean_a": (got[..., 1] - mean_a).abs() <= error_a + tiny,
-        "mean_b": (got[..., 2] - mean_b).abs() <= error_b + tiny,
-        "m2_a": (got[..., 3] - m2_a).abs()
-        <= rtol * m2_a + 2 * error_a * (count * m2_a).sqrt() + tiny,
-        "m2_b": (got[..., 4] - m2_b).abs()
-        <= rtol * m2_b + 2 * error_b * (count * m2_b).sqrt() + tiny,
-        "c_ab": (got[..., 5] - c_ab).abs()
-        <= rtol * (m2_a * m2_b).sqrt()
-        + error_a * (count * m2_b).sqrt()
-        + error_b * (count * m2_a).sqrt()
-        + tiny,
-    }
-    for name, ok in checks.items():
-        if not bool(ok.all()):
-            index = tuple(int(i) for i in (~ok).nonzero()[0])
-            field = FIELDS.index(name)
-            raise AssertionError(
-                f"{what}: {name} differs at (comparison, k, b, c) = {index}: emulated "
-                f"{got[index][field].item()!r}, expected {want[index][field].item()!r} "
-                f"(rows: emulated {got[index].tolist()}, expected {want[index].tolist()})"
-            )
 
 
 def rtol_for(dtype) -> float:

@@ -18,6 +18,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from stats_checks import assert_stats_close
 
 import equifast.ops  # noqa: F401  (registers the fake kernels used by opcheck)
 from equifast import _ext, groups
@@ -77,52 +78,6 @@ def stats_op(
     got = torch.ops.equifast.equivariance_stats(feats, *args)
     want = R.equivariance_stats(feats.detach().cpu(), *args)
     return got, want
-
-
-def assert_stats_close(got: torch.Tensor, want: torch.Tensor, rtol: float = 2e-5) -> None:
-    """Compare (3, K, B, C, 6) statistics with tolerances on each field's natural scale.
-
-    Means are compared on the scale of their values, sums of squares relatively, co-moments
-    relative to sqrt(m2_a * m2_b) (an exact zero co-moment cannot be matched relatively by
-    float32 arithmetic). A kernel value (say a bilinear interpolation in float32) may be off by
-    about rtol * |value|; in a sum of squares that moves by up to 2 * error * sqrt(n * m2), which
-    matters when the spread is tiny next to the values: that term is allowed too.
-    """
-    assert got.shape == want.shape, (got.shape, want.shape)
-    assert got.dtype == torch.float64
-    got = got.detach().cpu().double()
-    want = want.double()
-    assert torch.isfinite(got).all(), "non-finite statistics"
-    count, mean_a, mean_b, m2_a, m2_b, c_ab = want.unbind(-1)
-    assert torch.equal(got[..., 0], count), "counts differ"
-    safe = count.clamp(min=1)
-    spread_a = (m2_a / safe).sqrt()
-    spread_b = (m2_b / safe).sqrt()
-    error_a = rtol * (mean_a.abs() + spread_a)  # error of one value of a
-    error_b = rtol * (mean_b.abs() + spread_b)
-    tiny = 1e-30
-    checks = {
-        "mean_a": (got[..., 1] - mean_a).abs() <= error_a + tiny,
-        "mean_b": (got[..., 2] - mean_b).abs() <= error_b + tiny,
-        "m2_a": (got[..., 3] - m2_a).abs()
-        <= rtol * m2_a + 2 * error_a * (count * m2_a).sqrt() + tiny,
-        "m2_b": (got[..., 4] - m2_b).abs()
-        <= rtol * m2_b + 2 * error_b * (count * m2_b).sqrt() + tiny,
-        "c_ab": (got[..., 5] - c_ab).abs()
-        <= rtol * (m2_a * m2_b).sqrt()
-        + error_a * (count * m2_b).sqrt()
-        + error_b * (count * m2_a).sqrt()
-        + tiny,
-    }
-    for name, ok in checks.items():
-        if not bool(ok.all()):
-            index = tuple(int(i) for i in (~ok).nonzero()[0])
-            field = ["count", "mean_a", "mean_b", "m2_a", "m2_b", "c_ab"].index(name)
-            raise AssertionError(
-                f"{name} differs at {index}: kernel {got[index][field].item()!r}, reference "
-                f"{want[index][field].item()!r} (row kernel {got[index].tolist()}, reference "
-                f"{want[index].tolist()})"
-            )
 
 
 def rtol_for(dtype: torch.dtype) -> float:
