@@ -60,6 +60,7 @@
 #include "equifast/moments.h"
 #include "equifast/parallel.h"
 #include "equifast/stats_args.h"
+#include "cpu_isa.h"
 
 namespace equifast {
 namespace {
@@ -867,46 +868,25 @@ inline void run_range(LoopNest nest, const StatsJob<scalar_t>& job, int64_t begi
   }
 }
 
-#if defined(__GNUC__) && defined(__x86_64__)
-#define EQUIFAST_HAVE_AVX2_PATH 1
-
+#if EQUIFAST_HAVE_AVX2_PATH
 template <int NB, typename scalar_t, typename acc_t>
-__attribute__((target("avx2,fma"), flatten)) void run_range_avx2(LoopNest nest,
-                                                                  const StatsJob<scalar_t>& job,
-                                                                  int64_t begin, int64_t end) {
+EQUIFAST_TARGET_AVX2 void run_range_avx2(LoopNest nest, const StatsJob<scalar_t>& job,
+                                         int64_t begin, int64_t end) {
   run_range<NB, scalar_t, acc_t>(nest, job, begin, end);
 }
 
 template <int NB, typename scalar_t, typename acc_t>
-__attribute__((target("avx2,fma,avx512f,avx512vl,avx512dq,avx512bw"), flatten)) void
-run_range_avx512(LoopNest nest, const StatsJob<scalar_t>& job, int64_t begin, int64_t end) {
+EQUIFAST_TARGET_AVX512 void run_range_avx512(LoopNest nest, const StatsJob<scalar_t>& job,
+                                             int64_t begin, int64_t end) {
   run_range<NB, scalar_t, acc_t, 8>(nest, job, begin, end);
 }
-
-bool use_avx512() {
-  const char* isa = std::getenv("EQUIFAST_CPU_ISA");
-  if (isa != nullptr && std::string(isa) != "avx512") return false;
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw");
-}
-
-bool use_avx2() {
-  const char* isa = std::getenv("EQUIFAST_CPU_ISA");
-  if (isa != nullptr && std::string(isa) == "default") return false;
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-}
-#else
-#define EQUIFAST_HAVE_AVX2_PATH 0
-bool use_avx2() { return false; }
 #endif
 
 template <int NB, typename scalar_t, typename acc_t>
 void run_stats_nb(const StatsJob<scalar_t>& job, LoopNest nest) {
   const FeatureView& v = job.view;
   const bool avx2 = use_avx2();
-  const bool avx512 = avx2 && use_avx512();
+  const bool avx512 = use_avx512();
   int64_t tasks = job.out.batch * v.channels;
   if (nest == LoopNest::kChannels) tasks = job.out.batch * ((v.channels + kTile - 1) / kTile);
   if (nest == LoopNest::kTransposed) {

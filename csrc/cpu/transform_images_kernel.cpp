@@ -6,8 +6,10 @@
 // Design: tasks are (element, output row). A task first computes the row's sampling plan once
 // (the shared affine.h rules: one tap for integer maps, four bilinear taps otherwise, weights
 // already multiplied by the validity so that outside positions read the fill 0), then applies it
-// to every image and channel. uint8 sources normalize through a 256-entry table per channel
-// computed in float64, so integer maps reproduce the reference bit for bit.
+// to every image and channel. uint8 sources normalize as the reference does, in float64, so
+// integer maps reproduce it bit for bit: through a 256-entry table per channel, or in the AVX2 /
+// AVX-512 copies of the loops (run-time choice, cpu_isa.h) through one float64 fma per value,
+// vectorized, where that fma was checked to equal the table for every byte value.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -15,7 +17,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -23,129 +27,329 @@
 #include "equifast/checks.h"
 #include "equifast/parallel.h"
 #include "equifast/transform_args.h"
+#include "cpu_isa.h"
 
 namespace equifast {
 namespace {
 
-// Source value -> normalized value in acc_t: a table for uint8, scale and shift otherwise.
+// Source value -> normalized value. The reference computes in float64 and rounds once; so do the
+// loops here, up to the rounding of the normalized value where it is used alone (integer maps).
 template <typename scalar_t, typename acc_t>
 struct Normalizer {
-  acc_t scale[3], shift[3];
+  // float64 v * scale + shift: (v / 255 - mean) / std for uint8, (v - mean) / std otherwise.
+  double scale[3], shift[3];
+  // uint8 only: the reference's (v / 255 - mean) / std, rounded to acc_t.
   acc_t table[3][256];
+  // uint8 only: whether fma(v, scale, shift), rounded to acc_t, equals the table for all 256
+  // values of every channel (checked here, exhaustively). Then the vector loops compute it (a
+  // table lookup per pixel does not vectorize) and integer maps stay bit for bit the reference.
+  bool arithmetic_is_exact = false;
 
-  Normalizer(const TransformProblem& problem) {
+  explicit Normalizer(const TransformProblem& problem) {
+    constexpr bool kBytes = std::is_same_v<scalar_t, uint8_t>;
+    bool exact = kBytes;
     for (int c = 0; c < 3; ++c) {
       const double mean = problem.normalize ? problem.mean[c] : 0.0;
       const double std = problem.normalize ? problem.std[c] : 1.0;
-      scale[c] = static_cast<acc_t>(1.0 / std);
-      shift[c] = static_cast<acc_t>(-mean / std);
-      if constexpr (std::is_same_v<scalar_t, uint8_t>) {
-        // The reference's arithmetic, in float64: (v / 255 - mean) / std.
+      scale[c] = kBytes ? 1.0 / (255.0 * std) : 1.0 / std;
+      shift[c] = -mean / std;
+      if constexpr (kBytes) {
         for (int v = 0; v < 256; ++v) {
           table[c][v] = static_cast<acc_t>((static_cast<double>(v) / 255.0 - mean) / std);
+          const acc_t fused =
+              static_cast<acc_t>(std::fma(static_cast<double>(v), scale[c], shift[c]));
+          exact = exact && std::memcmp(&fused, &table[c][v], sizeof(acc_t)) == 0;
         }
       }
     }
+    arithmetic_is_exact = exact;
+  }
+};
+
+// One channel's normalization, as the loops use it.
+//   operator(): the value rounded to acc_t (integer maps). uint8: the table, or with kFused (FMA
+//     copies, arithmetic_is_exact) the checked fma; other sources: float64 arithmetic, rounded.
+//   wide(): the value in float64, for bilinear sums (rounded once, at the end).
+template <typename scalar_t, typename acc_t, bool kFused>
+struct ChannelNormalizer {
+  const acc_t* table;
+  double scale, shift;
+
+  ChannelNormalizer(const Normalizer<scalar_t, acc_t>& n, int c)
+      : table(n.table[c]), scale(n.scale[c]), shift(n.shift[c]) {}
+
+  inline acc_t operator()(scalar_t value) const {
+    if constexpr (std::is_same_v<scalar_t, uint8_t> && !kFused) {
+      return table[value];
+    } else if constexpr (kFused) {
+      return static_cast<acc_t>(std::fma(static_cast<double>(value), scale, shift));
+    } else {
+      return static_cast<acc_t>(wide(value));
+    }
   }
 
-  inline acc_t operator()(scalar_t value, int c) const {
-    if constexpr (std::is_same_v<scalar_t, uint8_t>) {
-      return table[c][value];
-    } else {
-      return static_cast<acc_t>(value) * scale[c] + shift[c];
+  inline double wide(scalar_t value) const {
+    return static_cast<double>(value) * scale + shift;
+  }
+};
+
+// The sampling plan of one output row of one element (the shared affine.h rules: one tap for
+// integer maps, four bilinear taps otherwise, weights already multiplied by the validity so that
+// outside positions read the fill 0), computed once and applied to every image and channel.
+enum class RowKind {
+  kLine,      // integer map, all valid: source offset first + x * step (translations, quarter
+              // turns and flips away from the edges). No per-pixel plan.
+  kGather,    // integer map: offsets[x], weights[x] (0 or 1)
+  kBilinear,  // offsets[t * width + x], weights[t * width + x] for the taps t = 00, 01, 10, 11
+};
+
+struct RowPlan {
+  RowKind kind = RowKind::kLine;
+  int64_t first = 0, step = 0;   // kLine
+  bool paired = false;           // kBilinear: every x1 tap is the byte after its x0 tap
+  std::vector<int64_t> offsets;  // into one image plane of src
+  std::vector<double> weights;
+
+  explicit RowPlan(int64_t width) : offsets(4 * width), weights(4 * width) {}
+
+  // An integer map moves the source by a fixed (dx, dy) per output pixel along a row. When both
+  // ends of the row are valid, so is every pixel between them (the valid set is a rectangle), and
+  // the offsets are a progression; under the circular protocol only if the row does not wrap.
+  bool build_line(const TransformProblem& problem, const TransformElement& element, int64_t y,
+                  int64_t base, int64_t src_sh, int64_t src_sw) {
+    const SampleGrid& grid = element.grid;
+    int64_t ix0, iy0, ix1, iy1;
+    apply_exact_map(element.map, 0, y, ix0, iy0);
+    apply_exact_map(element.map, problem.out_w - 1, y, ix1, iy1);
+    if (grid.wrap) {
+      const auto within = [](int64_t i, int64_t n) { return i >= 0 && i < n; };
+      if (!(within(ix0, grid.bound_w) && within(ix1, grid.bound_w) &&
+            within(iy0, grid.bound_h) && within(iy1, grid.bound_h))) {
+        return false;
+      }
+    }
+    const ExactTap start = exact_tap(ix0, iy0, grid), end = exact_tap(ix1, iy1, grid);
+    if (!start.inside || !end.inside) return false;
+    kind = RowKind::kLine;
+    first = base + start.iy * src_sh + start.ix * src_sw;
+    step = element.map.im[0] * src_sw + element.map.im[3] * src_sh;
+    return true;
+  }
+
+  void build(const TransformProblem& problem, const TransformElement& element, int64_t y,
+             int64_t src_sh, int64_t src_sw) {
+    const int64_t width = problem.out_w;
+    // The sampled grid: the window for circular elements, the whole source otherwise.
+    const int64_t base =
+        element.window ? problem.margin_y * src_sh + problem.margin_x * src_sw : 0;
+    if (element.map.exact != 0) {
+      if (build_line(problem, element, y, base, src_sh, src_sw)) return;
+      kind = RowKind::kGather;
+      for (int64_t x = 0; x < width; ++x) {
+        int64_t ix, iy;
+        apply_exact_map(element.map, x, y, ix, iy);
+        const ExactTap tap = exact_tap(ix, iy, element.grid);
+        offsets[x] = base + tap.iy * src_sh + tap.ix * src_sw;
+        weights[x] = tap.inside ? 1.0 : 0.0;
+      }
+      return;
+    }
+    kind = RowKind::kBilinear;
+    for (int64_t x = 0; x < width; ++x) {
+      double sx, sy;
+      apply_map(element.map, static_cast<double>(x), static_cast<double>(y), sx, sy);
+      const BilinearTaps t = bilinear_taps(sx, sy, element.grid);
+      const double inside = t.inside ? 1.0 : 0.0;
+      offsets[x] = base + t.y0 * src_sh + t.x0 * src_sw;
+      offsets[width + x] = base + t.y0 * src_sh + t.x1 * src_sw;
+      offsets[2 * width + x] = base + t.y1 * src_sh + t.x0 * src_sw;
+      offsets[3 * width + x] = base + t.y1 * src_sh + t.x1 * src_sw;
+      weights[x] = t.w00 * inside;
+      weights[width + x] = t.w01 * inside;
+      weights[2 * width + x] = t.w10 * inside;
+      weights[3 * width + x] = t.w11 * inside;
+    }
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    paired = src_sw == 1;  // the pair loop reads x0 as the low byte of a 16-bit load
+#else
+    paired = false;
+#endif
+    for (int64_t x = 0; paired && x < width; ++x) {
+      paired = offsets[width + x] == offsets[x] + 1 &&
+               offsets[3 * width + x] == offsets[2 * width + x] + 1;
     }
   }
 };
 
-template <typename scalar_t, typename out_t, typename acc_t>
-void transform_cpu_impl(const at::Tensor& src, const TransformProblem& problem, at::Tensor& out) {
-  const int64_t batch = problem.batch, out_h = problem.out_h, out_w = problem.out_w;
-  const int64_t elements = static_cast<int64_t>(problem.elements.size());
-  const int64_t src_sn = src.stride(0), src_sc = src.stride(1), src_sh = src.stride(2),
-                src_sw = src.stride(3);
-  const int64_t out_sn = out.stride(0), out_sc = out.stride(1), out_sh = out.stride(2),
-                out_sw = out.stride(3);
-  const scalar_t* src_data = src.const_data_ptr<scalar_t>();
-  out_t* out_data = out.data_ptr<out_t>();
-  const Normalizer<scalar_t, acc_t> normalize(problem);
+template <typename scalar_t, typename out_t>
+struct TransformJob {
+  const TransformProblem& problem;
+  const scalar_t* src;
+  out_t* out;
+  int64_t src_sn, src_sc, src_sh, src_sw;
+  int64_t out_sn, out_sc, out_sh, out_sw;
+};
 
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, batch * 3 * out_w));
-  parallel_for(0, elements * out_h, grain, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> offsets(4 * out_w);
-    std::vector<acc_t> weights(4 * out_w);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t e = task / out_h, y = task % out_h;
-      const TransformElement& element = problem.elements[e];
-      const bool exact = element.map.exact != 0;
-      // The sampled grid: the window for circular elements, the whole source otherwise.
-      const int64_t base =
-          element.window ? problem.margin_y * src_sh + problem.margin_x * src_sw : 0;
-      // The row's plan: offsets into an image plane of src, weights * validity.
-      for (int64_t x = 0; x < out_w; ++x) {
-        if (exact) {
-          int64_t ix, iy;
-          apply_exact_map(element.map, x, y, ix, iy);
-          const ExactTap tap = exact_tap(ix, iy, element.grid);
-          offsets[x] = base + tap.iy * src_sh + tap.ix * src_sw;
-          weights[x] = tap.inside ? acc_t(1) : acc_t(0);
-        } else {
-          double sx, sy;
-          apply_map(element.map, static_cast<double>(x), static_cast<double>(y), sx, sy);
-          const BilinearTaps t = bilinear_taps(sx, sy, element.grid);
-          const double inside = t.inside ? 1.0 : 0.0;
-          int64_t* o = &offsets[4 * x];
-          acc_t* w = &weights[4 * x];
-          o[0] = base + t.y0 * src_sh + t.x0 * src_sw;
-          o[1] = base + t.y0 * src_sh + t.x1 * src_sw;
-          o[2] = base + t.y1 * src_sh + t.x0 * src_sw;
-          o[3] = base + t.y1 * src_sh + t.x1 * src_sw;
-          w[0] = static_cast<acc_t>(t.w00 * inside);
-          w[1] = static_cast<acc_t>(t.w01 * inside);
-          w[2] = static_cast<acc_t>(t.w10 * inside);
-          w[3] = static_cast<acc_t>(t.w11 * inside);
+// Writes output row y of element e for every image and channel. The loops over x are written
+// for the compiler's vectorizer: unit-stride reads of the plan, and for uint8 sources the
+// gathers (which no vector ISA has for bytes) split off into a scalar copy into `taps`.
+template <typename scalar_t, typename out_t, typename acc_t, bool kFused>
+inline void write_rows(const TransformJob<scalar_t, out_t>& job,
+                       const Normalizer<scalar_t, acc_t>& normalizer, const RowPlan& plan,
+                       int64_t e, int64_t y, std::vector<scalar_t>& taps) {
+  const int64_t batch = job.problem.batch, width = job.problem.out_w, out_sw = job.out_sw;
+  constexpr bool kBytes = std::is_same_v<scalar_t, uint8_t>;
+  const int64_t tap_count = plan.kind == RowKind::kBilinear ? 4 : 1;
+  const int64_t* offsets = plan.offsets.data();
+  const double* weights = plan.weights.data();
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int c = 0; c < 3; ++c) {
+      const ChannelNormalizer<scalar_t, acc_t, kFused> normalize(normalizer, c);
+      const scalar_t* plane = job.src + b * job.src_sn + c * job.src_sc;
+      out_t* row = job.out + (e * batch + b) * job.out_sn + c * job.out_sc + y * job.out_sh;
+      if (plan.kind == RowKind::kLine) {
+        const scalar_t* source = plane + plan.first;
+        int64_t step = plan.step;
+        if (kBytes && step != 1) {  // quarter turns, flips: a strided copy, then unit stride
+          for (int64_t x = 0; x < width; ++x) taps[x] = source[x * step];
+          source = taps.data();
+          step = 1;
         }
-      }
-      // A whole row of valid pixels read with one step (translations, flips): no per-pixel plan.
-      bool run = exact;
-      const int64_t step = out_w > 1 ? offsets[1] - offsets[0] : 0;
-      for (int64_t x = 0; run && x < out_w; ++x) {
-        run = weights[x] == acc_t(1) && offsets[x] == offsets[0] + x * step;
-      }
-      for (int64_t b = 0; b < batch; ++b) {
-        for (int64_t c = 0; c < 3; ++c) {
-          const scalar_t* plane = src_data + b * src_sn + c * src_sc;
-          out_t* row = out_data + (e * batch + b) * out_sn + c * out_sc + y * out_sh;
-          if (run) {
-            const scalar_t* source = plane + offsets[0];
-            if (out_sw == 1 && step == 1) {
-              for (int64_t x = 0; x < out_w; ++x) {
-                row[x] = static_cast<out_t>(normalize(source[x], c));
-              }
-            } else {
-              for (int64_t x = 0; x < out_w; ++x) {
-                row[x * out_sw] = static_cast<out_t>(normalize(source[x * step], c));
-              }
-            }
-          } else if (exact) {
-            for (int64_t x = 0; x < out_w; ++x) {
-              row[x * out_sw] = static_cast<out_t>(normalize(plane[offsets[x]], c) * weights[x]);
-            }
-          } else {
-            for (int64_t x = 0; x < out_w; ++x) {
-              const int64_t* o = &offsets[4 * x];
-              const acc_t* w = &weights[4 * x];
-              // The reference's order: ((v00 w00 + v01 w01) + v10 w10) + v11 w11.
-              acc_t value = normalize(plane[o[0]], c) * w[0];
-              value += normalize(plane[o[1]], c) * w[1];
-              value += normalize(plane[o[2]], c) * w[2];
-              value += normalize(plane[o[3]], c) * w[3];
-              row[x * out_sw] = static_cast<out_t>(value);
-            }
+        if (out_sw == 1 && step == 1) {
+          for (int64_t x = 0; x < width; ++x) row[x] = static_cast<out_t>(normalize(source[x]));
+        } else {
+          for (int64_t x = 0; x < width; ++x) {
+            row[x * out_sw] = static_cast<out_t>(normalize(source[x * step]));
           }
         }
+        continue;
+      }
+      // The taps' source values, row-major by tap: gathered once, then read with unit stride.
+      const scalar_t* values = taps.data();
+      if constexpr (kBytes) {
+        if (plan.paired) {
+          // Each tap pair (x0, x1) is two neighbouring bytes: one 16-bit load per pair, half the
+          // gathers (the bytes then part in the vector loop below).
+          uint16_t* pairs = reinterpret_cast<uint16_t*>(taps.data());
+          for (int64_t x = 0; x < width; ++x) {
+            std::memcpy(pairs + x, plane + offsets[x], 2);
+            std::memcpy(pairs + width + x, plane + offsets[2 * width + x], 2);
+          }
+        } else {
+          for (int64_t i = 0; i < tap_count * width; ++i) taps[i] = plane[offsets[i]];
+        }
+      }
+      auto tap = [&](int64_t t, int64_t x) -> scalar_t {
+        if constexpr (kBytes) {
+          return values[t * width + x];
+        } else {
+          return plane[offsets[t * width + x]];
+        }
+      };
+      if (plan.kind == RowKind::kGather) {
+        for (int64_t x = 0; x < width; ++x) {
+          // weights[x] is 0 or 1: the rounded value, or the fill.
+          const acc_t weight = static_cast<acc_t>(weights[x]);
+          row[x * out_sw] = static_cast<out_t>(normalize(tap(0, x)) * weight);
+        }
+        continue;
+      }
+      // Bilinear: float64 sums in the reference's order ((v00 w00 + v01 w01) + v10 w10) + v11 w11,
+      // rounded once.
+      const double *w00 = weights, *w01 = weights + width, *w10 = weights + 2 * width,
+                   *w11 = weights + 3 * width;
+      if (kBytes && plan.paired) {
+        const uint16_t* top = reinterpret_cast<const uint16_t*>(values);
+        const uint16_t* bottom = top + width;
+        for (int64_t x = 0; x < width; ++x) {
+          // Little-endian pairs: the low byte is x0.
+          double value = normalize.wide(static_cast<scalar_t>(top[x] & 0xff)) * w00[x];
+          value += normalize.wide(static_cast<scalar_t>(top[x] >> 8)) * w01[x];
+          value += normalize.wide(static_cast<scalar_t>(bottom[x] & 0xff)) * w10[x];
+          value += normalize.wide(static_cast<scalar_t>(bottom[x] >> 8)) * w11[x];
+          row[x * out_sw] = static_cast<out_t>(value);
+        }
+        continue;
+      }
+      for (int64_t x = 0; x < width; ++x) {
+        double value = normalize.wide(tap(0, x)) * w00[x];
+        value += normalize.wide(tap(1, x)) * w01[x];
+        value += normalize.wide(tap(2, x)) * w10[x];
+        value += normalize.wide(tap(3, x)) * w11[x];
+        row[x * out_sw] = static_cast<out_t>(value);
       }
     }
+  }
+}
+
+// Tasks are (element, output row): a task builds its row plan once, then writes that row of every
+// image and channel.
+template <typename scalar_t, typename out_t, typename acc_t, bool kFused>
+inline void transform_range(const TransformJob<scalar_t, out_t>& job,
+                            const Normalizer<scalar_t, acc_t>& normalizer, int64_t begin,
+                            int64_t end) {
+  const TransformProblem& problem = job.problem;
+  RowPlan plan(problem.out_w);
+  std::vector<scalar_t> taps(std::is_same_v<scalar_t, uint8_t> ? 4 * problem.out_w : 0);
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t e = task / problem.out_h, y = task % problem.out_h;
+    plan.build(problem, problem.elements[e], y, job.src_sh, job.src_sw);
+    write_rows<scalar_t, out_t, acc_t, kFused>(job, normalizer, plan, e, y, taps);
+  }
+}
+
+#if EQUIFAST_HAVE_AVX2_PATH
+template <typename scalar_t, typename out_t, typename acc_t, bool kFused>
+EQUIFAST_TARGET_AVX2 void transform_range_avx2(const TransformJob<scalar_t, out_t>& job,
+                                               const Normalizer<scalar_t, acc_t>& normalizer,
+                                               int64_t begin, int64_t end) {
+  transform_range<scalar_t, out_t, acc_t, kFused>(job, normalizer, begin, end);
+}
+
+template <typename scalar_t, typename out_t, typename acc_t, bool kFused>
+EQUIFAST_TARGET_AVX512 void transform_range_avx512(const TransformJob<scalar_t, out_t>& job,
+                                                   const Normalizer<scalar_t, acc_t>& normalizer,
+                                                   int64_t begin, int64_t end) {
+  transform_range<scalar_t, out_t, acc_t, kFused>(job, normalizer, begin, end);
+}
+#endif
+
+template <typename scalar_t, typename out_t, typename acc_t>
+void transform_cpu_impl(const at::Tensor& src, const TransformProblem& problem, at::Tensor& out) {
+  const TransformJob<scalar_t, out_t> job{
+      problem,       src.const_data_ptr<scalar_t>(), out.data_ptr<out_t>(), src.stride(0),
+      src.stride(1), src.stride(2),                  src.stride(3),         out.stride(0),
+      out.stride(1), out.stride(2),                  out.stride(3)};
+  const Normalizer<scalar_t, acc_t> normalizer(problem);
+  const bool avx2 = use_avx2();
+  const bool avx512 = use_avx512();
+  // The fused normalization needs a hardware fma: only the AVX2 and AVX-512 copies use it.
+  const bool fused = normalizer.arithmetic_is_exact && avx2;
+  const int64_t elements = static_cast<int64_t>(problem.elements.size());
+  const int64_t grain =
+      std::max<int64_t>(1, 16384 / std::max<int64_t>(1, problem.batch * 3 * problem.out_w));
+  parallel_for(0, elements * problem.out_h, grain, [&](int64_t begin, int64_t end) {
+#if EQUIFAST_HAVE_AVX2_PATH
+    if constexpr (std::is_same_v<scalar_t, uint8_t>) {
+      if (avx512 && fused) {
+        return transform_range_avx512<scalar_t, out_t, acc_t, true>(job, normalizer, begin, end);
+      }
+      if (avx2 && fused) {
+        return transform_range_avx2<scalar_t, out_t, acc_t, true>(job, normalizer, begin, end);
+      }
+    }
+    if (avx512) {
+      return transform_range_avx512<scalar_t, out_t, acc_t, false>(job, normalizer, begin, end);
+    }
+    if (avx2) {
+      return transform_range_avx2<scalar_t, out_t, acc_t, false>(job, normalizer, begin, end);
+    }
+#endif
+    transform_range<scalar_t, out_t, acc_t, false>(job, normalizer, begin, end);
   });
+  (void)avx2;
+  (void)avx512;
+  (void)fused;
 }
 
 at::Tensor transform_images_cpu(const at::Tensor& src, const at::Tensor& source_affines,
