@@ -668,6 +668,24 @@ def test_transform_integer_maps_are_exact(device, height, width, protocol):
     assert torch.equal(got.cpu(), want)
 
 
+def test_transform_large_output_streams_rows(device):
+    # Outputs beyond the last-level cache (32 MB) are written with non-temporal stores on the
+    # CPU, through a staged row: an odd width leaves rows unaligned, so the copy's head and tail
+    # run too. Integer maps stay bit for bit; a rotation by 10 degrees goes through the bilinear
+    # rows.
+    size, margin = (457, 511), (2, 3)
+    elements = groups.Translation([(1, -2), (-3, 0)]).elements + groups.Flip("vertical").elements
+    elements += groups.Rotation([10]).elements
+    affines, protocols = image_affines(elements, *size)
+    src = source_images(torch.uint8, device, 3, size[0] + 4, size[1] + 6)
+    out_bytes = len(protocols) * 3 * 3 * size[0] * size[1] * 4
+    assert out_bytes > 32 << 20
+    got, want = transform_op(src, affines, protocols, margin, size)
+    exact = 4 * 3  # the identity, two translations and the flip, 3 images each
+    assert torch.equal(got[:exact].cpu(), want[:exact])
+    assert_images_close(got, want, torch.float32)
+
+
 def test_transform_circular_shift_is_roll(device):
     height, width, margin = 6, 7, (2, 2)
     elements = groups.Translation([(2, -3)], protocol="circular").elements
