@@ -9,17 +9,19 @@ and ``Rotation()`` (90, 180, 270 degrees), each case
    the device, which both share: float32 NCHW on the CPU, bfloat16 autocast channels-last on CUDA)
    and checks that their ``value`` columns agree (merged on layer / element / comparison / metric;
    largest absolute difference of ``corr`` below ``1e-3``);
-2. times both (warm-up, then the median of ``repeats`` interleaved runs) and reports images/s and
-   the ratio;
+2. times both (warm-up, then ``repeats`` interleaved rounds) and reports images/s (median) and
+   the ratio (median over the rounds of the ratio within a round);
 3. measures the peak memory of each: on the CPU the growth of the peak RSS of a fresh ``spawn``
    subprocess per variant (peak resident size ``VmHWM`` after the measurement minus the resident
    size just before it, model and data already built); on CUDA ``torch.cuda.max_memory_allocated``
    above the memory allocated before, each variant in turn in the benchmark's process;
-4. times the *floor*: bare forwards (no hooks, ``inference_mode``) of the ``(K + 1) * B`` stacked
-   images of every batch, over several chunkings (one element block per forward, the engine's
-   chunking, everything at once); the fastest is the floor and ``overhead`` is equifast's time
-   over it; ``overhead_steady`` is the time of equifast's loop over the batches (its
-   ``config["timings"]``) over it, with the fixed per-call cost (setup, probe, frame) apart.
+4. times the *floor* in the same rounds: bare forwards (no hooks, ``inference_mode``) of the
+   ``(K + 1) * B`` stacked images of every batch, over several chunkings (one element block per
+   forward, the engine's chunking, everything at once); the fastest is the floor and
+   ``overhead`` is equifast's time over it; ``overhead_steady`` is the time of equifast's loop
+   over the batches (its ``config["timings"]``) over it, with the fixed per-call cost (setup,
+   probe, frame) apart. Both are medians of per-round ratios: this machine's speed drifts by
+   more than the overheads measured, so each ratio compares runs made side by side.
 
 ``resnet18`` is measured in both layer modes: the default stage outputs and ``layers="leaves"``.
 
@@ -227,8 +229,11 @@ def measure_memory(case, device, seed, threads) -> dict[str, dict[str, Any]]:
 # The floor: bare forwards of the stacked images
 
 
-def floor_times(model, case, chunk: int, count: int, device, warmup, repeats, sync):
-    """Time bare forwards of all ``(K + 1) * B`` images of the run, over several chunkings."""
+def floor_plans(model, case, chunk: int, count: int, device) -> dict[str, Any]:
+    """Bare forwards of all ``(K + 1) * B`` images of the run, over several chunkings.
+
+    Returns ``{chunking: fn}``, each ``fn`` running every batch's forwards once.
+    """
     size, batch, images = case["size"], case["batch"], case["images"]
     cuda = device.type == "cuda"
     memory_format = torch.channels_last if cuda else torch.contiguous_format
@@ -261,9 +266,7 @@ def floor_times(model, case, chunk: int, count: int, device, warmup, repeats, sy
                         model(inputs[n])
         return fn
 
-    timed = common.time_interleaved({k: forward(p) for k, p in plans.items()},
-                                    warmup=warmup, repeats=repeats, sync=sync)
-    return timed
+    return {k: forward(p) for k, p in plans.items()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -296,11 +299,18 @@ def run_case(case, device, args, sync) -> dict[str, Any]:
     def run_equifast():
         phases.append(run_variant("equifast", model, sources, case, device).config["timings"])
 
-    # The agreement check above ran both loops once: it is the warm-up (plus `warmup` more).
+    # The agreement check above ran both loops once: it is the warm-up (plus `warmup` more). The
+    # floors run in the same rounds (equifast, naive, each floor, then again): the machine's
+    # speed drifts by more than the overheads measured here, so every ratio compares runs made
+    # side by side.
+    floors = floor_plans(model, case, chunk, count, device)
+    for fn in floors.values():  # their warm-up: allocator and one-time kernel choices
+        fn()
     timed = common.time_interleaved(
         {
             "equifast": run_equifast,
             "naive": lambda: run_variant("naive", model, sources, case, device),
+            **{f"floor: {k}": fn for k, fn in floors.items()},
         },
         warmup=args.warmup, repeats=args.repeats, sync=sync,
     )
@@ -316,20 +326,21 @@ def run_case(case, device, args, sync) -> dict[str, Any]:
     n = case["images"]
     row["equifast_images_per_s"] = n / timed["equifast"]["median"]
     row["naive_images_per_s"] = n / timed["naive"]["median"]
-    row["speedup"] = timed["naive"]["median"] / timed["equifast"]["median"]
+    row["speedup"] = paired_median(timed["naive"]["times"], timed["equifast"]["times"])
 
     # The loops above ran the model on the shapes of the engine's and the naive chunkings.
-    floors = floor_times(model, case, chunk, count, device, args.warmup, args.repeats, sync)
-    row["floor_times"] = floors
-    best = min(floors, key=lambda k: floors[k]["median"])
+    row["floor_times"] = {k: timed[f"floor: {k}"] for k in floors}
+    best = min(floors, key=lambda k: row["floor_times"][k]["median"])
+    floor = row["floor_times"][best]
     row["floor_chunking"] = best
-    row["floor_time"] = floors[best]["median"]
-    row["overhead_pct"] = 100 * (timed["equifast"]["median"] / row["floor_time"] - 1)
+    row["floor_time"] = floor["median"]
+    row["overhead_pct"] = 100 * (paired_median(timed["equifast"]["times"], floor["times"]) - 1)
     # Steady state: the per-image loop (transform, forward, statistics, scores) over the floor.
-    row["overhead_steady_pct"] = 100 * (row["batches_seconds"] / row["floor_time"] - 1)
-    engine_floor = next(v for k, v in floors.items() if k.startswith("engine"))
+    row["overhead_steady_pct"] = 100 * (
+        paired_median([p["batches"] for p in timed_phases], floor["times"]) - 1)
+    engine_floor = next(v for k, v in row["floor_times"].items() if k.startswith("engine"))
     row["overhead_vs_engine_chunking_pct"] = 100 * (
-        timed["equifast"]["median"] / engine_floor["median"] - 1)
+        paired_median(timed["equifast"]["times"], engine_floor["times"]) - 1)
 
     if not args.no_memory:
         memory = measure_memory(case, device, args.seed, torch.get_num_threads())
@@ -357,6 +368,11 @@ def run_case(case, device, args, sync) -> dict[str, Any]:
 
 
 render_rows = common.render_end_to_end_rows
+
+
+def paired_median(numerators: list[float], denominators: list[float]) -> float:
+    """Median of the ratios of times measured in the same round (``time_interleaved``)."""
+    return statistics.median(a / b for a, b in zip(numerators, denominators, strict=True))
 
 
 def main(argv: list[str] | None = None) -> int:
