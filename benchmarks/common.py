@@ -321,8 +321,9 @@ def render_table(results: list[tuple[str, dict[str, Any]]]) -> str:
             lines[0] += f"; device copy bandwidth {extra:.0f} GB/s"
         lines += [
             "",
-            "| op | case | dtype | batch | baseline | compiled | speedup | GB/s | % copy | check |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| op | case | dtype | batch | baseline | compiled | speedup | GB/s | % copy "
+            "| fresh output | speedup beyond it | check |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in payload.get("rows", []):
             check = row.get("check", {})
@@ -331,9 +332,10 @@ def render_table(results: list[tuple[str, dict[str, Any]]]) -> str:
             baseline = row.get("baseline_time") or {}
             comp = format_seconds(compiled.get("median")) if row.get("compiled") else "n/a"
             ratio = row.get("copy_ratio")
+            fresh = (row.get("fresh_output_time") or {}).get("median")
             lines.append(
                 "| {op} | {case} | {dtype} | {batch} | {base} | {comp} | {speed} | {gbs} | {ratio} "
-                "| {ok} |".format(
+                "| {fresh} | {beyond} | {ok} |".format(
                     op=row.get("op", "?"),
                     case=row.get("case", "?"),
                     dtype=row.get("dtype", "?"),
@@ -343,6 +345,8 @@ def render_table(results: list[tuple[str, dict[str, Any]]]) -> str:
                     speed=_fmt(row.get("speedup"), ".2f", "x"),
                     gbs=_fmt(row.get("gbs"), ".1f"),
                     ratio=_fmt(None if ratio is None else 100 * ratio, ".0f", "%"),
+                    fresh="-" if fresh is None else format_seconds(fresh),
+                    beyond=_fmt(row.get("speedup_beyond_fresh_output"), ".2f", "x"),
                     ok=ok,
                 )
             )
@@ -352,7 +356,9 @@ def render_table(results: list[tuple[str, dict[str, Any]]]) -> str:
         "(`n/a`: not built for this device). GB/s: bytes(feats) / time for equivariance_stats, "
         "(bytes(src) + bytes(out)) / time for transform_images, of the compiled op (of the "
         "baseline without one); `% copy` compares it with the device's measured copy bandwidth "
-        "(read + write). Method and caveats: see above."
+        "(read + write); `fresh output` (transform_images) the time to allocate and write an "
+        "output of the same shape once, which both sides pay, and the speedup beyond it. Method "
+        "and caveats: see above."
     )
     return "\n\n".join(blocks + [note])
 
