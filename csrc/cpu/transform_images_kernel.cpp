@@ -226,10 +226,21 @@ inline void stream_fence() {
 // to `row` with element stride `stride`. The loops over x are written for the compiler's
 // vectorizer: unit-stride reads of the plan, and for uint8 sources the gathers (which no vector
 // ISA has for bytes) split off into a scalar copy into `taps`.
+template <typename scalar_t>
+struct RowScratch {
+  std::vector<scalar_t> taps;    // uint8 sources: gathered tap values, [tap][x]
+  std::vector<uint16_t> pairs;   // uint8 sources, paired rows: [top / bottom][x]
+  explicit RowScratch(int64_t width)
+      : taps(std::is_same_v<scalar_t, uint8_t> ? 4 * width : 0),
+        pairs(std::is_same_v<scalar_t, uint8_t> ? 2 * width : 0) {}
+};
+
 template <typename scalar_t, typename out_t, typename acc_t, bool kFused>
-inline void write_row(const RowPlan& plan, const ChannelNormalizer<scalar_t, acc_t, kFused>& normalize,
-                      const scalar_t* plane, int64_t src_sw, int64_t width, out_t* row,
-                      int64_t stride, scalar_t* taps) {
+inline void write_row(const RowPlan& plan,
+                      const ChannelNormalizer<scalar_t, acc_t, kFused>& normalize,
+                      const scalar_t* plane, int64_t width, out_t* row, int64_t stride,
+                      RowScratch<scalar_t>& scratch) {
+  scalar_t* taps = scratch.taps.data();
   constexpr bool kBytes = std::is_same_v<scalar_t, uint8_t>;
   const int64_t* offsets = plan.offsets.data();
   const double* weights = plan.weights.data();
@@ -256,7 +267,7 @@ inline void write_row(const RowPlan& plan, const ChannelNormalizer<scalar_t, acc
     if (plan.paired) {
       // Each tap pair (x0, x1) is two neighbouring bytes: one 16-bit load per pair, half the
       // gathers (the bytes then part in the vector loop below).
-      uint16_t* pairs = reinterpret_cast<uint16_t*>(taps);
+      uint16_t* pairs = scratch.pairs.data();
       for (int64_t x = 0; x < width; ++x) {
         std::memcpy(pairs + x, plane + offsets[x], 2);
         std::memcpy(pairs + width + x, plane + offsets[2 * width + x], 2);
@@ -285,7 +296,7 @@ inline void write_row(const RowPlan& plan, const ChannelNormalizer<scalar_t, acc
   const double *w00 = weights, *w01 = weights + width, *w10 = weights + 2 * width,
                *w11 = weights + 3 * width;
   if (kBytes && plan.paired) {
-    const uint16_t* top = reinterpret_cast<const uint16_t*>(taps);
+    const uint16_t* top = scratch.pairs.data();
     const uint16_t* bottom = top + width;
     for (int64_t x = 0; x < width; ++x) {
       // Little-endian pairs: the low byte is x0.
@@ -315,7 +326,7 @@ inline void transform_range(const TransformJob<scalar_t, out_t>& job,
   const TransformProblem& problem = job.problem;
   const int64_t batch = problem.batch, width = problem.out_w;
   RowPlan plan(width);
-  std::vector<scalar_t> taps(std::is_same_v<scalar_t, uint8_t> ? 4 * width : 0);
+  RowScratch<scalar_t> scratch(width);
   std::vector<out_t> staged(job.stream ? width : 0);
   for (int64_t task = begin; task < end; ++task) {
     const int64_t e = task / problem.out_h, y = task % problem.out_h;
@@ -326,10 +337,10 @@ inline void transform_range(const TransformJob<scalar_t, out_t>& job,
         const scalar_t* plane = job.src + b * job.src_sn + c * job.src_sc;
         out_t* row = job.out + (e * batch + b) * job.out_sn + c * job.out_sc + y * job.out_sh;
         if (job.stream) {
-          write_row(plan, normalize, plane, job.src_sw, width, staged.data(), 1, taps.data());
+          write_row(plan, normalize, plane, width, staged.data(), 1, scratch);
           stream_copy(row, staged.data(), width * sizeof(out_t));
         } else {
-          write_row(plan, normalize, plane, job.src_sw, width, row, job.out_sw, taps.data());
+          write_row(plan, normalize, plane, width, row, job.out_sw, scratch);
         }
       }
     }
