@@ -55,8 +55,8 @@ def check_metrics(metrics: Sequence[str] | None) -> tuple[str, ...]:
 
 
 def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)),
-                       torch.full_like(num, math.nan))
+    """``num / den`` where ``den > 0``, NaN elsewhere."""
+    return torch.where(den > 0, num / den, math.nan)
 
 
 def score_stats(
@@ -73,25 +73,26 @@ def score_stats(
         ``{metric: (...) float64 tensor}``; NaN where undefined (no valid positions, all flat).
     """
     stats = stats.to(torch.float64)
-    count, mean_a, mean_b = stats[..., 0], stats[..., 1], stats[..., 2]
-    m2_a, m2_b, c_ab = stats[..., 3], stats[..., 4], stats[..., 5]
+    count, mean_a, mean_b, m2_a, m2_b, c_ab = stats.unbind(-1)
     out: dict[str, torch.Tensor] = {}
     # The channel sums every score needs, as one reduction of stacked per-channel terms (the
-    # engine scores every layer of every batch: a few large ops beat many small ones).
+    # engine scores every layer of every batch: a few large ops beat many small ones). Stacked
+    # along a new first axis, so that the copy and the reduction run over contiguous channels.
     weighted_a, weighted_b = count * mean_a, count * mean_b
+    difference = mean_a - mean_b
     terms = torch.stack([
         count, m2_a, m2_b, c_ab,
         # sums of squares and products about zero, built from the centred moments without
         # cancellation-prone raw sums
         m2_a + weighted_a * mean_a, m2_b + weighted_b * mean_b, c_ab + weighted_a * mean_b,
-        m2_a + m2_b - 2 * c_ab + count * (mean_a - mean_b) ** 2, weighted_b,
-    ], -1).sum(-2)
-    total, sum_m2_a, sum_m2_b, sum_c = terms[..., 0], terms[..., 1], terms[..., 2], terms[..., 3]
-    sum_aa, sum_bb, sum_ab = terms[..., 4], terms[..., 5], terms[..., 6]
+        m2_a + m2_b - 2 * c_ab + count * difference * difference, weighted_b,
+    ]).sum(-1)
+    total, sum_m2_a, sum_m2_b, sum_c, sum_aa, sum_bb, sum_ab, sum_sq_diff, sum_weighted_b = (
+        terms.unbind(0)
+    )
     # A sum of squares: rounding of the centred moments can take it just below zero for maps
     # equal to the statistics' precision; it is then zero.
-    sum_sq_diff = terms[..., 7].clamp_min(0)
-    sum_weighted_b = terms[..., 8]
+    sum_sq_diff = sum_sq_diff.clamp_min(0)
     corr = _safe_div(sum_c, torch.sqrt(sum_m2_a * sum_m2_b))
     for metric in metrics:
         if metric == "corr":
@@ -99,7 +100,7 @@ def score_stats(
         elif metric == "one_minus_corr":
             out[metric] = 1.0 - corr
         elif metric in ("corr_channelwise", "flat_frac"):
-            safe = torch.where(count > 0, count, torch.ones_like(count))
+            safe = torch.where(count > 0, count, 1.0)
             var_a, var_b = m2_a / safe, m2_b / safe
             flat_a = var_a <= (FLAT_RELATIVE * mean_a) ** 2 + FLAT_ABSOLUTE**2
             flat_b = var_b <= (FLAT_RELATIVE * mean_b) ** 2 + FLAT_ABSOLUTE**2
@@ -107,12 +108,12 @@ def score_stats(
             empty = total <= 0
             if metric == "flat_frac":
                 value = flat.to(torch.float64).mean(-1)
-                out[metric] = torch.where(empty, torch.full_like(value, math.nan), value)
+                out[metric] = torch.where(empty, math.nan, value)
             else:
                 per_channel = c_ab / torch.sqrt(torch.where(flat, 1.0, m2_a * m2_b))
                 live = (~flat).to(torch.float64)
                 value = _safe_div((per_channel * live).sum(-1), live.sum(-1))
-                out[metric] = torch.where(empty, torch.full_like(value, math.nan), value)
+                out[metric] = torch.where(empty, math.nan, value)
         elif metric == "cosine":
             out[metric] = _safe_div(sum_ab, torch.sqrt(sum_aa * sum_bb))
         elif metric == "nde":
