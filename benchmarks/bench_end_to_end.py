@@ -304,8 +304,9 @@ def run_case(case, device, args, sync) -> dict[str, Any]:
     # speed drifts by more than the overheads measured here, so every ratio compares runs made
     # side by side.
     floors = floor_plans(model, case, chunk, count, device)
-    for fn in floors.values():  # their warm-up: allocator and one-time kernel choices
-        fn()
+    if args.warmup <= 0:  # the floors' own warm-up (allocator, one-time kernel choices)
+        for fn in floors.values():
+            fn()
     timed = common.time_interleaved(
         {
             "equifast": run_equifast,
