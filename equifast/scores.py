@@ -101,8 +101,9 @@ def score_stats(
         if not flat_cache:
             safe = torch.where(count > 0, count, 1.0)
             var_a, var_b = m2_a / safe, m2_b / safe
-            flat_cache.append((var_a <= (FLAT_RELATIVE * mean_a) ** 2 + FLAT_ABSOLUTE**2)
-                        | (var_b <= (FLAT_RELATIVE * mean_b) ** 2 + FLAT_ABSOLUTE**2))
+            flat_a = var_a <= (FLAT_RELATIVE * mean_a) ** 2 + FLAT_ABSOLUTE**2
+            flat_b = var_b <= (FLAT_RELATIVE * mean_b) ** 2 + FLAT_ABSOLUTE**2
+            flat_cache.append(flat_a | flat_b)
         return flat_cache[0]
 
     for metric in metrics:
