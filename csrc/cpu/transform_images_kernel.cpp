@@ -6,10 +6,13 @@
 // Design: tasks are (element, output row). A task first computes the row's sampling plan once
 // (the shared affine.h rules: one tap for integer maps, four bilinear taps otherwise, weights
 // already multiplied by the validity so that outside positions read the fill 0), then applies it
-// to every image and channel. uint8 sources normalize as the reference does, in float64, so
-// integer maps reproduce it bit for bit: through a 256-entry table per channel, or in the AVX2 /
-// AVX-512 copies of the loops (run-time choice, cpu_isa.h) through one float64 fma per value,
-// vectorized, where that fma was checked to equal the table for every byte value.
+// to every image and channel. Integer rows whose ends are valid are a start and a step (no
+// per-pixel plan); bilinear rows sum their four taps in float64 and round once, as the reference.
+// uint8 sources normalize as the reference does, in float64, so integer maps reproduce it bit for
+// bit: through a 256-entry table per channel, or in the AVX2 / AVX-512 copies of the loops
+// (run-time choice, cpu_isa.h) through one float64 fma per value, vectorized, where that fma was
+// checked to equal the table for every byte value. Outputs beyond the last-level cache are
+// written with non-temporal stores.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
