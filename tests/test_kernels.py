@@ -341,6 +341,24 @@ def test_stats_large_offset_keeps_correlation(device):
             assert abs(corr.item() - expected) < 1e-4, (dtype, corr.item(), expected)
 
 
+def test_cpu_isa_cap_must_be_known(monkeypatch):
+    # EQUIFAST_CPU_ISA caps the vector ISA of the CPU kernels; a value it does not know is an
+    # error that names the choices, not a silent fallback to some copy of the loops.
+    monkeypatch.setenv("EQUIFAST_CPU_ISA", "sse9")
+    size = 6
+    affines, protocols = image_affines(groups.Translation([(1, 0)]).elements, size, size)
+    src = source_images(torch.uint8, "cpu", 2, size + 2, size + 2)
+    message = r"EQUIFAST_CPU_ISA must be one of default, avx2, avx512 \(or unset\), but got 'sse9'"
+    with pytest.raises(RuntimeError, match=message):
+        transform_op(src, affines, protocols, (1, 1), (size, size))
+    feats = torch.randn(4, 3, 5, 5)
+    identity = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]], dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.equifast.equivariance_stats(
+            feats, identity, [0], 2, "NCHW", 5, 5, 0, "bilinear", True, True
+        )
+
+
 @pytest.mark.parametrize("isa", ["default", "avx2", "best"])
 @pytest.mark.parametrize("layout,variant", [("NCHW", "plain"), ("NHWC", "plain")])
 def test_stats_cpu_code_paths(monkeypatch, isa, layout, variant):

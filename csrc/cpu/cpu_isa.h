@@ -6,6 +6,8 @@
 // the best the CPU supports).
 #pragma once
 
+#include <c10/util/Exception.h>
+
 #include <cstdlib>
 #include <string>
 
@@ -20,13 +22,24 @@
 
 namespace equifast {
 
+// The cap EQUIFAST_CPU_ISA sets: 0 default (SSE2), 1 avx2, 2 avx512 (also when unset).
+inline int cpu_isa_cap() {
+  const char* isa = std::getenv("EQUIFAST_CPU_ISA");
+  if (isa == nullptr || std::string(isa).empty() || std::string(isa) == "avx512") return 2;
+  if (std::string(isa) == "avx2") return 1;
+  TORCH_CHECK(std::string(isa) == "default",
+              "EQUIFAST_CPU_ISA must be one of default, avx2, avx512 (or unset), but got '", isa,
+              "'.");
+  return 0;
+}
+
 inline bool use_avx2() {
 #if EQUIFAST_HAVE_AVX2_PATH
-  const char* isa = std::getenv("EQUIFAST_CPU_ISA");
-  if (isa != nullptr && std::string(isa) == "default") return false;
+  if (cpu_isa_cap() < 1) return false;
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #else
+  (void)cpu_isa_cap();  // a wrong value is an error everywhere
   return false;
 #endif
 }
@@ -34,8 +47,7 @@ inline bool use_avx2() {
 // Implies use_avx2().
 inline bool use_avx512() {
 #if EQUIFAST_HAVE_AVX2_PATH
-  const char* isa = std::getenv("EQUIFAST_CPU_ISA");
-  if (isa != nullptr && std::string(isa) != "avx512") return false;
+  if (cpu_isa_cap() < 2) return false;
   __builtin_cpu_init();
   return use_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw");
