@@ -94,28 +94,23 @@ def score_stats(
     # equal to the statistics' precision; it is then zero.
     sum_sq_diff = sum_sq_diff.clamp_min(0)
     corr = _safe_div(sum_c, torch.sqrt(sum_m2_a * sum_m2_b))
-    flat_cache: list[torch.Tensor] = []
-
-    def flat_channels() -> torch.Tensor:
-        """Channels spatially constant on either side (computed once for both metrics)."""
-        if not flat_cache:
-            safe = torch.where(count > 0, count, 1.0)
-            var_a, var_b = m2_a / safe, m2_b / safe
-            flat_a = var_a <= (FLAT_RELATIVE * mean_a) ** 2 + FLAT_ABSOLUTE**2
-            flat_b = var_b <= (FLAT_RELATIVE * mean_b) ** 2 + FLAT_ABSOLUTE**2
-            flat_cache.append(flat_a | flat_b)
-        return flat_cache[0]
-
+    flat = None
+    if "flat_frac" in metrics or "corr_channelwise" in metrics:
+        # Channels spatially constant on either side.
+        safe = torch.where(count > 0, count, 1.0)
+        var_a, var_b = m2_a / safe, m2_b / safe
+        flat_a = var_a <= (FLAT_RELATIVE * mean_a) ** 2 + FLAT_ABSOLUTE**2
+        flat_b = var_b <= (FLAT_RELATIVE * mean_b) ** 2 + FLAT_ABSOLUTE**2
+        flat = flat_a | flat_b
     for metric in metrics:
         if metric == "corr":
             out[metric] = corr
         elif metric == "one_minus_corr":
             out[metric] = 1.0 - corr
         elif metric == "flat_frac":
-            value = flat_channels().to(torch.float64).mean(-1)
+            value = flat.to(torch.float64).mean(-1)
             out[metric] = torch.where(total <= 0, math.nan, value)
         elif metric == "corr_channelwise":
-            flat = flat_channels()
             per_channel = c_ab / torch.sqrt(torch.where(flat, 1.0, m2_a * m2_b))
             live = (~flat).to(torch.float64)
             value = _safe_div((per_channel * live).sum(-1), live.sum(-1))
