@@ -1,8 +1,15 @@
 """Shared fixtures: deterministic seeds and small CPU threads."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
+
+# The compiled ops fill their outputs with NaN before writing them (csrc/include/equifast/poison.h),
+# so that any element a kernel leaves unwritten fails the comparison instead of passing on stale
+# heap memory that held the right values from an earlier call.
+os.environ.setdefault("EQUIFAST_POISON_OUTPUTS", "1")
 
 
 @pytest.fixture(autouse=True)

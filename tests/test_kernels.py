@@ -5,8 +5,9 @@ and on CUDA (marker ``cuda``) when a GPU and the CUDA kernels are there. Inputs 
 are compared with the reference run on the *same* half values upcast, so the tolerances measure
 the kernels' arithmetic, not the input rounding.
 
-Outputs are freshly allocated by the ops (nothing to poison): every element is compared, which
-catches unwritten or garbage values, and outputs must be finite.
+The ops allocate their outputs uninitialized; ``conftest.py`` sets ``EQUIFAST_POISON_OUTPUTS=1``, so
+they fill them with NaN first. Every element is compared and outputs must be finite, which catches
+an element a kernel leaves unwritten (stale heap memory could otherwise hold the right values).
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -33,6 +34,7 @@
 #include "equifast/affine.h"
 #include "equifast/checks.h"
 #include "equifast/parallel.h"
+#include "equifast/poison.h"
 #include "equifast/transform_args.h"
 #include "cpu_isa.h"
 
@@ -428,6 +430,7 @@ at::Tensor transform_images_cpu(const at::Tensor& src, const at::Tensor& source_
                              channels_last ? at::MemoryFormat::ChannelsLast
                                            : at::MemoryFormat::Contiguous);
   if (out.numel() == 0) return out;
+  if (poison_outputs()) out.fill_(std::numeric_limits<double>::quiet_NaN());  // tests
   AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kByte, src.scalar_type(),
                                   "transform_images_cpu", [&] {
     using src_t = scalar_t;

@@ -12,10 +12,12 @@
 
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
 #include "equifast/checks.h"
+#include "equifast/poison.h"
 #include "transform_images_kernel.cuh"
 
 namespace equifast {
@@ -37,6 +39,7 @@ at::Tensor transform_images_cuda(const at::Tensor& src, const at::Tensor& source
                              channels_last ? at::MemoryFormat::ChannelsLast
                                            : at::MemoryFormat::Contiguous);
   if (out.numel() == 0) return out;
+  if (poison_outputs()) out.fill_(std::numeric_limits<double>::quiet_NaN());  // tests
   TORCH_CHECK(elements <= 65535, "equifast: transform_images on CUDA supports at most 65535 "
               "elements, but got ", elements, ". Split the call.");
 
