@@ -387,6 +387,32 @@ def test_stats_cpu_code_paths(monkeypatch, isa, layout, variant):
     assert torch.equal(results[0], results[1])  # deterministic: no reduction across threads
 
 
+@pytest.mark.parametrize("layout,prefix", [("NHWC", 0), ("NLC", 1)])
+@pytest.mark.parametrize("channels,batch", [(384, 1), (392, 3), (800, 2), (1030, 1)])
+def test_stats_cpu_channel_tiles(layout, prefix, channels, batch):
+    # Channels-contiguous features go in tasks of whole rows up to 384 channels, split into equal
+    # tiles when wider and narrowed while a small batch would leave a thread idle: every split
+    # (with any thread count) gives the reference's numbers.
+    size = 5
+    elements = mixed_elements(size)
+    affines = feature_affines(elements, size, size)
+    feats = make_feats(
+        layout, (len(elements) + 1) * batch, channels, size, size, torch.float32, "cpu",
+        "plain", prefix,
+    )
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            got, want = stats_op(feats, affines, wrap_flags(elements), batch, layout, size, size, prefix)
+            assert_stats_close(got, want)
+            results.append(got)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+
+
 @pytest.mark.parametrize("isa", ["default", "avx2", "best"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
 @pytest.mark.parametrize(

@@ -73,15 +73,18 @@ namespace {
 
 constexpr int kComparisons = 3;              // eq, inv, chance (the first axis of the output)
 constexpr int kFields = 2 + 3 * kComparisons;  // sum a, sum a^2, (sum b, sum b^2, sum ab) x 3
-// Channels per task when channels are contiguous, and positions per pass of the channels loops:
-// each pass reloads the running sums of the task's channels (11 vectors per 8 channels), so
-// more positions per pass and fewer channels per task keep sums and rows in L1 (measured on a
-// 2-core EPYC against 256 channels x 8 positions: NHWC 56x56x256 30.5 -> 27.5 ms, ViT NLC
-// 197x384 2.8 -> 2.5 ms, quarter turns 28x28 7.2 -> 6.7 ms).
-constexpr int kTile = 128;
+// Channels per task when channels are contiguous (at most; see channels_per_task), and positions
+// per pass of the channels loops. Each pass reloads the running sums of the task's channels (11
+// vectors per 8 channels, 34 KB for 384 channels: L1 or L2). Tasks that cover whole rows of
+// channels read the features as one stream, and 64 positions per pass amortize the reloads:
+// against 128 channels x 16 positions, timed alternately in one process on a 2-core EPYC, NHWC
+// 56x56x256 took 0.81x the time and ViT NLC 197x384 0.84-0.92x (the transposed loop nest, 16
+// channels wide, was unchanged within 2%).
+constexpr int kTile = 384;
+constexpr int kMinTile = 64;                 // narrowest task, when tasks are too few for threads
 constexpr int kTransposeTile = 16;           // channels per task of the transposed loop nest
 constexpr int64_t kTransposeMaxPositions = 4096;  // larger grids: the positions loop nest
-constexpr int kChunkPositions = 16;
+constexpr int kChunkPositions = 64;
 constexpr int64_t kMaxRun = 1024;            // longest run of positions
 
 // A run of valid positions along x in one row of the grid.
@@ -308,7 +311,21 @@ struct StatsJob {
   StatsOut out;
   const std::vector<ElementPlan>* plans;  // in the strides of feats
   const std::vector<ElementPlan>* transposed_plans;  // in the strides of a transposed tile
+  int64_t tile;  // channels per task of the channels loop nest (channels_per_task)
 };
+
+// Channels per task of the channels loop nest: whole rows up to kTile channels, in tiles of
+// equal width (a multiple of 8) when a row is wider; narrower (down to kMinTile) while the batch
+// would give fewer than two tasks per thread, so that small batches still use every thread.
+int64_t channels_per_task(int64_t channels, int64_t batch, int64_t threads) {
+  const auto round_up = [](int64_t n, int64_t m) { return (n + m - 1) / m * m; };
+  int64_t tiles = (channels + kTile - 1) / kTile;
+  int64_t width = std::min<int64_t>(round_up((channels + tiles - 1) / tiles, 8), kTile);
+  while (width > kMinTile && batch * ((channels + width - 1) / width) < 2 * threads) {
+    width = std::max<int64_t>(kMinTile, round_up(width / 2, 8));
+  }
+  return width;
+}
 
 // Copies `width` channels (stride sc) at `src` into `dst` as acc_t; the unit-stride loop
 // vectorizes.
@@ -576,18 +593,18 @@ class ChannelsWorker {
   // float64 sums, W channels per vector (4: two SSE2 registers or one AVX2; 8: one AVX-512)
   typedef typename LoadV<acc_t, W>::vec vec_t;
   typedef typename LoadV<acc_t, W>::vec_u vec_u;
-  static constexpr int64_t kBlock = static_cast<int64_t>(kChunkPositions) * kTile;
+  // Rows packed into the scratch (half types, bilinear taps, strided channels) go 16 positions
+  // per pass, so that the packed block stays small.
+  static constexpr int kPackedChunkPositions = 16;
+  static constexpr int64_t kBlock = static_cast<int64_t>(kPackedChunkPositions) * kTile;
   static constexpr int64_t kShiftStride = kTile + 8;  // off a power of two: distinct L1 sets
 
  public:
   explicit ChannelsWorker(const StatsOut& out)
       : out_(out),
-        scratch_(4 * kBlock, acc_t(0)),
         sums_(kFields * kTile),
         values_(kTile),
-        shifts_((1 + kComparisons) * kShiftStride) {
-    for (int j = 0; j < kChunkPositions; ++j) packed_offsets_[j] = j * kTile;
-  }
+        shifts_((1 + kComparisons) * kShiftStride) {}
 
   // Statistics of element k (plan) for image b and channels [c0, c0 + width): a's rows at
   // `image`, the identity rows at `id_b` and `id_next`. `readable` channels (>= width) may be
@@ -627,10 +644,14 @@ class ChannelsWorker {
     // Sums interleaved by vector group, [group][field][lane]: one group's fields share a few
     // cache lines (a [field][channel] layout puts them 2 KB apart, on the same L1 sets).
     std::fill_n(sums_.data(), groups * kFields * W, 0.0);
+    // The packed rows, `lanes` apart (allocated on first use: rows read in place need none).
+    if (!in_place && scratch_.empty()) scratch_.assign(4 * kBlock, acc_t(0));
+    for (int j = 0; j < kPackedChunkPositions; ++j) packed_offsets_[j] = j * lanes;
     acc_t* pack_a = scratch_.data();
     acc_t* pack_b[3] = {pack_a + kBlock, pack_a + 2 * kBlock, pack_a + 3 * kBlock};
-    for (int64_t j0 = 0; j0 < plan.count; j0 += kChunkPositions) {
-      const int64_t n = std::min<int64_t>(kChunkPositions, plan.count - j0);
+    const int64_t chunk = in_place ? kChunkPositions : kPackedChunkPositions;
+    for (int64_t j0 = 0; j0 < plan.count; j0 += chunk) {
+      const int64_t n = std::min<int64_t>(chunk, plan.count - j0);
       const int64_t* out_offsets = plan.out_offsets.data() + j0;
       const int64_t* src_offsets = plan.src_offsets.data() + j0;
       const acc_t* base_a;
@@ -646,9 +667,9 @@ class ChannelsWorker {
         }
       } else {
         for (int64_t j = 0; j < n; ++j) {
-          copy_channels(pack_a + j * kTile, image + out_offsets[j], width, sc);
+          copy_channels(pack_a + j * lanes, image + out_offsets[j], width, sc);
           for (int i = 0; i < NB; ++i) {
-            acc_t* row = pack_b[i] + j * kTile;
+            acc_t* row = pack_b[i] + j * lanes;
             if (!realigned[i]) {
               copy_channels(row, sources[i] + out_offsets[j], width, sc);
             } else if (plan.exact) {
@@ -717,21 +738,21 @@ class ChannelsWorker {
   std::vector<double> sums_;     // [group][field][lane]
   std::vector<acc_t> values_;    // one row of channels
   std::vector<double> shifts_;   // [a, b slots][channel]
-  int64_t packed_offsets_[kChunkPositions];
+  int64_t packed_offsets_[kPackedChunkPositions];
 };
 
 // Channels contiguous (NHWC, NLC, channels_last NCHW): tasks [begin, end) of (image b, tile of
-// up to kTile channels), so that the rows of a are read as long contiguous stretches.
+// job.tile channels: whole rows where they fit), so that the rows of a are read as one stream.
 template <int NB, typename scalar_t, typename acc_t, int W>
 inline void channels_range(const StatsJob<scalar_t>& job, int64_t begin, int64_t end) {
   const FeatureView& v = job.view;
   const int64_t batch = job.out.batch;
-  const int64_t tiles = (v.channels + kTile - 1) / kTile;
+  const int64_t tiles = (v.channels + job.tile - 1) / job.tile;
   const int64_t sc = v.stride_c;
   ChannelsWorker<NB, scalar_t, acc_t, W> worker(job.out);
   for (int64_t task = begin; task < end; ++task) {
-    const int64_t b = task / tiles, c0 = (task % tiles) * kTile;
-    const int64_t width = std::min<int64_t>(kTile, v.channels - c0);
+    const int64_t b = task / tiles, c0 = (task % tiles) * job.tile;
+    const int64_t width = std::min<int64_t>(job.tile, v.channels - c0);
     const scalar_t* id_b = job.data + b * v.stride_n + c0 * sc;
     const scalar_t* id_next = job.data + ((b + 1) % batch) * v.stride_n + c0 * sc;
     for (int64_t k = 0; k < job.out.elements; ++k) {
@@ -910,7 +931,7 @@ void run_stats_nb(const StatsJob<scalar_t>& job, LoopNest nest) {
   const bool avx2 = use_avx2();
   const bool avx512 = use_avx512();
   int64_t tasks = job.out.batch * v.channels;
-  if (nest == LoopNest::kChannels) tasks = job.out.batch * ((v.channels + kTile - 1) / kTile);
+  if (nest == LoopNest::kChannels) tasks = job.out.batch * ((v.channels + job.tile - 1) / job.tile);
   if (nest == LoopNest::kTransposed) {
     tasks = job.out.batch * ((v.channels + kTransposeTile - 1) / kTransposeTile);
   }
@@ -1012,7 +1033,8 @@ at::Tensor equivariance_stats_cpu(const at::Tensor& feats, const at::Tensor& sou
     // float32 sums for float, half and bfloat16 features, float64 for float64 ones.
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const StatsJob<scalar_t> job{feats.const_data_ptr<scalar_t>() + view.offset, view, out,
-                                 &plans, &transposed_plans};
+                                 &plans, &transposed_plans,
+                                 channels_per_task(view.channels, batch, at::get_num_threads())};
     // Each element is computed by exactly one of the loop nests (the other skips it).
     std::vector<LoopNest> nests;
     if (channels_inner) {
