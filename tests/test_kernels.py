@@ -397,15 +397,24 @@ def test_stats_cpu_channel_tiles(layout, prefix, channels, batch):
     elements = mixed_elements(size)
     affines = feature_affines(elements, size, size)
     feats = make_feats(
-        layout, (len(elements) + 1) * batch, channels, size, size, torch.float32, "cpu",
-        "plain", prefix,
+        layout,
+        (len(elements) + 1) * batch,
+        channels,
+        size,
+        size,
+        torch.float32,
+        "cpu",
+        "plain",
+        prefix,
     )
     threads = torch.get_num_threads()
     try:
         results = []
         for count in (1, 2, 3):
             torch.set_num_threads(count)
-            got, want = stats_op(feats, affines, wrap_flags(elements), batch, layout, size, size, prefix)
+            got, want = stats_op(
+                feats, affines, wrap_flags(elements), batch, layout, size, size, prefix
+            )
             assert_stats_close(got, want)
             results.append(got)
     finally:
