@@ -72,15 +72,18 @@ constexpr int kFields = 2 + 3 * kComparisons;  // sum a, sum a^2, (sum b, sum b^
 // Channels per task when channels are contiguous (at most; see channels_per_task), and positions
 // per pass of the channels loops. Each pass reloads the running sums of the task's channels (11
 // vectors per 8 channels, 34 KB for 384 channels: L1 or L2). Tasks that cover whole rows of
-// channels read the features as one stream, and 64 positions per pass amortize the reloads:
-// against 128 channels x 16 positions, timed alternately in one process on a 2-core EPYC, NHWC
-// 56x56x256 took 0.81x the time and ViT NLC 197x384 0.84-0.92x (the transposed loop nest, 16
-// channels wide, was unchanged within 2%).
+// channels read the features as one stream, and longer passes amortize the reloads. Timed
+// alternately in one process on a 2-core EPYC, caches flushed between calls: against 128
+// channels x 16 positions, whole rows x 64 positions took 0.81x the time for NHWC 56x56x256 and
+// 0.84-0.92x for ViT NLC 197x384; prefetching the next pass's rows of a (ChannelsWorker) then
+// took another 0.87-0.92x / 0.82-0.84x with passes of 24-32 positions (the prefetched rows still
+// in L1 when used), and did nothing with 64. The transposed loop nest (16 channels, tiles in
+// cache) was unchanged within 2% by either and prefetches nothing.
 constexpr int kTile = 384;
 constexpr int kMinTile = 64;                 // narrowest task, when tasks are too few for threads
 constexpr int kTransposeTile = 16;           // channels per task of the transposed loop nest
 constexpr int64_t kTransposeMaxPositions = 4096;  // larger grids: the positions loop nest
-constexpr int kChunkPositions = 64;
+constexpr int kChunkPositions = 32;
 constexpr int64_t kMaxRun = 1024;            // longest run of positions
 
 // A run of valid positions along x in one row of the grid.
@@ -598,10 +601,11 @@ class ChannelsWorker {
 
   // Statistics of element k (plan) for image b and channels [c0, c0 + width): a's rows at
   // `image`, the identity rows at `id_b` and `id_next`. `readable` channels (>= width) may be
-  // read at each row (the rest of a vector group is discarded).
+  // read at each row (the rest of a vector group is discarded). `prefetch`: a's rows come from
+  // memory (not from a tile in cache), so prefetch them a pass ahead.
   void element(const ElementPlan& plan, const scalar_t* image, const scalar_t* id_b,
                const scalar_t* id_next, int64_t width, int64_t readable, int64_t sc, int64_t k,
-               int64_t b, int64_t c0) {
+               int64_t b, int64_t c0, bool prefetch) {
     const int64_t groups = (width + W - 1) / W;
     const scalar_t* sources[3];
     bool realigned[3];
@@ -644,6 +648,12 @@ class ChannelsWorker {
       const int64_t n = std::min<int64_t>(chunk, plan.count - j0);
       const int64_t* out_offsets = plan.out_offsets.data() + j0;
       const int64_t* src_offsets = plan.src_offsets.data() + j0;
+      // Rows of a read in place from memory: the next pass's rows are prefetched during this one,
+      // a cache line per row and line of channels, so that they arrive a pass ahead.
+      const int64_t prefetch_rows = prefetch && in_place && j0 + chunk < plan.count
+                                        ? std::min<int64_t>(chunk, plan.count - j0 - chunk)
+                                        : 0;
+      const int64_t* prefetch_offsets = out_offsets + chunk;
       const acc_t* base_a;
       const int64_t* offsets_a;
       const acc_t* base_b[3];
@@ -690,8 +700,10 @@ class ChannelsWorker {
           sum_bb[i] = *reinterpret_cast<const vec_u*>(group_sums + (3 + 3 * i) * W);
           sum_ab[i] = *reinterpret_cast<const vec_u*>(group_sums + (4 + 3 * i) * W);
         }
+        const int64_t rows_ahead = (t0 * sizeof(acc_t)) % 64 == 0 ? prefetch_rows : 0;
         for (int64_t j = 0; j < n; ++j) {
           vec_t a, bv;
+          if (j < rows_ahead) __builtin_prefetch(base_a + prefetch_offsets[j] + t0);
           LoadV<acc_t, W>::load(base_a + offsets_a[j] + t0, a);
           a -= ka;
           sum_a += a;
@@ -749,7 +761,7 @@ inline void channels_range(const StatsJob<scalar_t>& job, int64_t begin, int64_t
       const ElementPlan& plan = (*job.plans)[k];
       if (plan.skip || plan.count == 0) continue;  // statistics stay 0
       const scalar_t* image = job.data + ((k + 1) * batch + b) * v.stride_n + c0 * sc;
-      worker.element(plan, image, id_b, id_next, width, width, sc, k, b, c0);
+      worker.element(plan, image, id_b, id_next, width, width, sc, k, b, c0, true);
     }
   }
 }
@@ -875,7 +887,7 @@ inline void transposed_range(const StatsJob<scalar_t>& job, int64_t begin, int64
       }
       transpose_tile(tile_a, job.data + ((k + 1) * batch + b) * v.stride_n + c0 * v.stride_c,
                      width, v);
-      worker.element(plan, tile_a, tile_b, id_next, width, kTransposeTile, 1, k, b, c0);
+      worker.element(plan, tile_a, tile_b, id_next, width, kTransposeTile, 1, k, b, c0, false);
     }
   }
 }
