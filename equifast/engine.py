@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -509,11 +510,11 @@ def measure(
     # others only their elements: the identity features of each layer are kept from the first
     # forward (one block of each measured layer's output) instead of being recomputed per forward.
     identity: dict[str, torch.Tensor] = {}
-    # CPU: return the heap pages that the forwards free (see _release_freed_memory) after every
-    # batch. Not inside the hooks: measured on vit_tiny (64 images, 12 layers), trimming there
-    # kept the peak 140 MiB lower but made the run 1.6x slower (the trims and the page faults of
-    # re-using the pages); once per batch bounds the resident size just as well across batches.
-    trim = device.type == "cpu"
+    # CPU: bound the resident size across batches (_HeapTrimmer). Checked between batches, never
+    # inside the hooks: measured on vit_tiny (64 images, 12 layers), trimming there kept the peak
+    # 140 MiB lower but made the run 1.6x slower (the trims and the page faults of re-using the
+    # pages).
+    trimmer = _HeapTrimmer() if device.type == "cpu" else None
 
     def on_output(name: str, tensor: torch.Tensor) -> None:
         # A module that runs several times in one forward (a shared ReLU) is measured at its
@@ -590,8 +591,8 @@ def measure(
             lo = hi
         _fetch_batch(state, marks)
         identity.clear()
-        if trim:
-            _release_freed_memory(_TRIM_MIN_FREE)
+        if trimmer is not None:
+            trimmer.after_batch()
         if all(block is not None for block in logits_blocks):
             reference = logits_blocks[0].argmax(-1)
             same = torch.stack([logits_blocks[k + 1].argmax(-1) == reference for k in range(count)])
@@ -668,42 +669,65 @@ def measure(
     return Result(frame=frame, model_frame=model_frame, config=config, skipped=plan.skipped)
 
 
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
-        "fordblks", "keepcost")]
-
-
 _LIBC: Any = None
-# Trim once this much lies free in the heap. Every trim costs page faults when the next forward
-# touches the pages again (convnext_atto, 8 batches: 1.49 s trimming after every batch, 1.24 s
-# with this threshold); the threshold bounds what the heap holds beyond a forward's needs
-# (vit_tiny's peak: 985 MiB trimming every batch, 1014 MiB with it; 2450 MiB never trimming).
-_TRIM_MIN_FREE = 64 << 20
+# How far the resident size may grow past its level after the first batch before the heap is
+# trimmed (see _HeapTrimmer).
+_TRIM_SLACK = 128 << 20
 
 
-def _release_freed_memory(min_free: int = 0) -> None:
-    """Give freed heap pages back to the OS when at least ``min_free`` bytes lie free in the heap.
+def _resident_bytes() -> int | None:
+    """The process's resident size (Linux), or None where /proc/self/statm is not there."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
 
-    glibc only; elsewhere nothing. A stacked forward frees activations of a few MiB each; glibc
-    then raises its mmap threshold and serves the next ones from the heap, where the small arrays
-    that the hooks keep (scores) pin them: the resident size grew by about one forward's
-    activations per batch (measured: 40 -> 440 MiB over 4 batches of vit_tiny at 112 px, while a
-    bare forward peaks at 57 MiB; 800 -> 2350 MiB over 24 batches). ``malloc_trim`` once per
-    batch returns those pages and keeps the resident size flat across batches.
-    """
+
+def _malloc_trim() -> bool:
+    """Give the heap's free pages back to the OS (glibc); False where there is no glibc."""
     global _LIBC
     if _LIBC is None:
         try:
             _LIBC = ctypes.CDLL("libc.so.6")
             _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
-            _LIBC.mallinfo2.restype = _MallInfo2
         except (OSError, AttributeError):
             _LIBC = False
     if not _LIBC:
-        return
-    if min_free <= 0 or _LIBC.mallinfo2().fordblks >= min_free:
-        _LIBC.malloc_trim(0)
+        return False
+    _LIBC.malloc_trim(0)
+    return True
+
+
+class _HeapTrimmer:
+    """Keeps the resident size of a CPU run within ``_TRIM_SLACK`` of its level after the first
+    batch, trimming the heap only when it grows past that.
+
+    A stacked forward frees activations of a few MiB each; glibc then raises its mmap threshold,
+    serves the next ones from the heap and keeps their pages when they are freed, so later forwards
+    run without page faults. Small arrays kept across batches can pin freed space, and the heap
+    then grew by about a forward per batch (measured in an earlier engine: vit_tiny at 112 px,
+    800 -> 2350 MiB over 24 batches); ``malloc_trim`` returns free pages to the OS. But the next
+    forward faults them in again: trimming after every batch cost 3-29% of the loop (timed
+    alternately in one process, 8 batches: convnext_atto rotations 1.07 s against 0.78 s,
+    translations 1.64 s against 1.29 s, resnet18 and vit_tiny 3-10%), while without trimming the
+    resident size grew by 0 (convnext_atto), 20 (resnet18) and 46 MiB (vit_tiny) over 24 batches.
+    So the trim is a bound, not a routine: after a trim the limit moves to the new resident size
+    plus the slack, so that memory the run really holds (results) is not trimmed for again.
+    """
+
+    def __init__(self) -> None:
+        self.limit: int | None = None
+
+    def after_batch(self) -> None:
+        resident = _resident_bytes()
+        if resident is None:
+            return
+        if self.limit is None:
+            self.limit = resident + _TRIM_SLACK
+        elif resident > self.limit and _malloc_trim():
+            after = _resident_bytes()
+            self.limit = max(self.limit, (after if after is not None else resident) + _TRIM_SLACK)
 
 
 def _version() -> str:

@@ -186,3 +186,29 @@ def test_labels_are_trimmed_with_limit():
     result = equifast.measure(_net(), images, labels=torch.arange(6) % 5, limit=4,
                               group=Translation([2]), progress=False, bootstrap=0)
     assert result.model_frame.set_index("metric").loc["top1", "n"] == 4
+
+
+def test_heap_trimmer_trims_only_past_the_slack(monkeypatch):
+    # On the CPU the engine trims the heap only when the resident size has grown by the slack
+    # since the first batch (a trim costs page faults in the next forwards), and after a trim
+    # measures again from where the trim left it.
+    from equifast import engine
+
+    resident = iter([1000, 1050, 1100, 1300, 1200, 1250, 1400, 1500, 1550]).__next__
+    trims = []
+    monkeypatch.setattr(engine, "_TRIM_SLACK", 200)
+    monkeypatch.setattr(engine, "_resident_bytes", resident)
+    monkeypatch.setattr(engine, "_malloc_trim", lambda: trims.append(True) or True)
+    trimmer = engine._HeapTrimmer()
+    trimmer.after_batch()  # first batch: 1000, limit 1200
+    assert trimmer.limit == 1200 and not trims
+    trimmer.after_batch()  # 1050
+    trimmer.after_batch()  # 1100
+    assert not trims
+    trimmer.after_batch()  # 1300 > 1200: trim, 1200 resident after it, limit 1400
+    assert len(trims) == 1 and trimmer.limit == 1400
+    trimmer.after_batch()  # 1250
+    trimmer.after_batch()  # 1400: not past the limit
+    assert len(trims) == 1
+    trimmer.after_batch()  # 1500: trim, 1550 after it (memory really held), limit 1750
+    assert len(trims) == 2 and trimmer.limit == 1750
