@@ -641,8 +641,11 @@ class ChannelsWorker {
     // The packed rows, `lanes` apart (allocated on first use: rows read in place need none).
     if (!in_place && scratch_.empty()) scratch_.assign(4 * kBlock, acc_t(0));
     for (int j = 0; j < kPackedChunkPositions; ++j) packed_offsets_[j] = j * lanes;
-    acc_t* pack_a = scratch_.data();
-    acc_t* pack_b[3] = {pack_a + kBlock, pack_a + 2 * kBlock, pack_a + 3 * kBlock};
+    acc_t* pack_a = in_place ? nullptr : scratch_.data();
+    acc_t* pack_b[3] = {nullptr, nullptr, nullptr};
+    if (!in_place) {
+      for (int i = 0; i < 3; ++i) pack_b[i] = pack_a + (i + 1) * kBlock;
+    }
     const int64_t chunk = in_place ? kChunkPositions : kPackedChunkPositions;
     for (int64_t j0 = 0; j0 < plan.count; j0 += chunk) {
       const int64_t n = std::min<int64_t>(chunk, plan.count - j0);
@@ -933,7 +936,9 @@ void run_stats_nb(const StatsJob<scalar_t>& job, LoopNest nest) {
   const bool avx2 = use_avx2();
   const bool avx512 = use_avx512();
   int64_t tasks = job.out.batch * v.channels;
-  if (nest == LoopNest::kChannels) tasks = job.out.batch * ((v.channels + job.tile - 1) / job.tile);
+  if (nest == LoopNest::kChannels) {
+    tasks = job.out.batch * ((v.channels + job.tile - 1) / job.tile);
+  }
   if (nest == LoopNest::kTransposed) {
     tasks = job.out.batch * ((v.channels + kTransposeTile - 1) / kTransposeTile);
   }
