@@ -708,7 +708,8 @@ class _HeapTrimmer:
     run without page faults. Small arrays kept across batches can pin freed space, and the heap
     then grew by about a forward per batch (measured in an earlier engine: vit_tiny at 112 px,
     800 -> 2350 MiB over 24 batches); ``malloc_trim`` returns free pages to the OS. But the next
-    forward faults them in again: trimming after every batch cost 3-29% of the loop (timed
+    forward faults them in again: trimming after each batch with 64 MiB free (the earlier
+    policy, which trimmed after every batch of these runs) cost 3-29% of the loop (timed
     alternately in one process, 8 batches: convnext_atto rotations 1.07 s against 0.78 s,
     translations 1.64 s against 1.29 s, resnet18 and vit_tiny 3-10%), while without trimming the
     resident size grew by 0 (convnext_atto), 20 (resnet18) and 46 MiB (vit_tiny) over 24 batches.
