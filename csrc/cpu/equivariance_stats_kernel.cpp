@@ -656,7 +656,7 @@ class ChannelsWorker {
       const int64_t prefetch_rows = prefetch && in_place && j0 + chunk < plan.count
                                         ? std::min<int64_t>(chunk, plan.count - j0 - chunk)
                                         : 0;
-      const int64_t* prefetch_offsets = out_offsets + chunk;
+      const int64_t* prefetch_offsets = prefetch_rows > 0 ? out_offsets + chunk : nullptr;
       const acc_t* base_a;
       const int64_t* offsets_a;
       const acc_t* base_b[3];
