@@ -360,6 +360,23 @@ def test_cpu_isa_cap_must_be_known(monkeypatch):
         )
 
 
+def assert_stats_same_for_thread_counts(feats, args, counts) -> None:
+    """The CPU op with each of torch's thread ``counts``: the reference's numbers every time, and
+    the same bits (deterministic: no reduction across threads)."""
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in counts:
+            torch.set_num_threads(count)
+            got, want = stats_op(feats, *args)
+            assert_stats_close(got, want)
+            results.append(got)
+    finally:
+        torch.set_num_threads(threads)
+    for got in results[1:]:
+        assert torch.equal(results[0], got)
+
+
 @pytest.mark.parametrize("isa", ["default", "avx2", "best"])
 @pytest.mark.parametrize("layout,variant", [("NCHW", "plain"), ("NHWC", "plain")])
 def test_stats_cpu_code_paths(monkeypatch, isa, layout, variant):
@@ -374,17 +391,8 @@ def test_stats_cpu_code_paths(monkeypatch, isa, layout, variant):
     feats = make_feats(
         layout, (len(elements) + 1) * batch, 48, size, size, torch.float32, "cpu", variant
     )
-    threads = torch.get_num_threads()
-    try:
-        results = []
-        for count in (1, 2):
-            torch.set_num_threads(count)
-            got, want = stats_op(feats, affines, wrap_flags(elements), batch, layout, size, size)
-            assert_stats_close(got, want)
-            results.append(got)
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(results[0], results[1])  # deterministic: no reduction across threads
+    args = (affines, wrap_flags(elements), batch, layout, size, size)
+    assert_stats_same_for_thread_counts(feats, args, (1, 2))
 
 
 @pytest.mark.parametrize("layout,prefix", [("NHWC", 0), ("NLC", 1)])
@@ -407,19 +415,8 @@ def test_stats_cpu_channel_tiles(layout, prefix, channels, batch):
         "plain",
         prefix,
     )
-    threads = torch.get_num_threads()
-    try:
-        results = []
-        for count in (1, 2, 3):
-            torch.set_num_threads(count)
-            got, want = stats_op(
-                feats, affines, wrap_flags(elements), batch, layout, size, size, prefix
-            )
-            assert_stats_close(got, want)
-            results.append(got)
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+    args = (affines, wrap_flags(elements), batch, layout, size, size, prefix)
+    assert_stats_same_for_thread_counts(feats, args, (1, 2, 3))
 
 
 @pytest.mark.parametrize("isa", ["default", "avx2", "best"])
