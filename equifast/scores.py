@@ -54,13 +54,44 @@ def check_metrics(metrics: Sequence[str] | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(("corr",) + tuple(m for m in metrics if m in METRICS)))
 
 
+def _channel_sums(terms: torch.Tensor, channel_counts: list[int] | None) -> torch.Tensor:
+    """Sums over the last (channel) axis: whole, or per layer for ``channel_counts``."""
+    if channel_counts is None:
+        return terms.sum(-1)
+    if len(channel_counts) == 1:
+        return terms.sum(-1, keepdim=True)
+    # One deterministic segmented reduction (each sum runs in channel order), instead of one
+    # reduction per layer: on a GPU the launches, not the arithmetic, set the time of scoring.
+    # `unsafe`: the counts were checked by the caller, and torch's own check reads them back from
+    # the device (a synchronization per call).
+    lengths = _counts_tensor(channel_counts, terms.device, torch.long)
+    lengths = lengths.expand(*terms.shape[:-1], len(channel_counts))
+    return torch.segment_reduce(terms, "sum", lengths=lengths, axis=terms.dim() - 1, unsafe=True)
+
+
+_COUNTS_CACHE: dict[tuple, torch.Tensor] = {}
+
+
+def _counts_tensor(counts: list[int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``counts`` as a tensor on ``device``, made once: the engine scores the same layers every
+    forward, and a fresh host-to-device copy would wait for the GPU each time."""
+    key = (tuple(counts), str(device), dtype)
+    tensor = _COUNTS_CACHE.get(key)
+    if tensor is None:
+        if len(_COUNTS_CACHE) >= 64:
+            _COUNTS_CACHE.clear()
+        tensor = _COUNTS_CACHE[key] = torch.tensor(counts, dtype=dtype, device=device)
+    return tensor
+
+
 def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     """``num / den`` where ``den > 0``, NaN elsewhere."""
     return torch.where(den > 0, num / den, math.nan)
 
 
 def score_stats(
-    stats: torch.Tensor, metrics: Sequence[str] = DEFAULT_METRICS, psnr_range: float | None = None
+    stats: torch.Tensor, metrics: Sequence[str] = DEFAULT_METRICS, psnr_range: float | None = None,
+    channel_counts: Sequence[int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Scores of compared pairs from their per-channel statistics.
 
@@ -68,11 +99,30 @@ def score_stats(
         stats: ``(..., C, 6)`` statistics (any float dtype; computed in float64).
         metrics: Which scores (names in ``METRICS``).
         psnr_range: Peak-to-peak range for ``psnr`` (``None``: four standard deviations of ``b``).
+        channel_counts: Score several layers in one call: ``stats`` holds their channels one
+            after the other (concatenated along the channel axis), ``channel_counts[i]`` of layer
+            ``i``. ``None``: all channels are one layer.
 
     Returns:
-        ``{metric: (...) float64 tensor}``; NaN where undefined (no valid positions, all flat).
+        ``{metric: (...) float64 tensor}``, or ``(..., L)`` with ``L = len(channel_counts)``; NaN
+        where undefined (no valid positions, all flat).
+
+    Example (two layers of 1 and 2 channels scored in one call):
+        >>> a = torch.tensor([4.0, 0.0, 0.0, 2.0, 2.0, 2.0], dtype=torch.float64)
+        >>> b = torch.tensor([4.0, 0.0, 0.0, 2.0, 2.0, -2.0], dtype=torch.float64)
+        >>> score_stats(torch.stack([a, a, b]), ["corr"], channel_counts=[1, 2])["corr"].tolist()
+        [1.0, 0.0]
     """
     stats = stats.to(torch.float64)
+    if stats.dim() < 2 or stats.shape[-1] != 6:
+        raise ValueError(f"score_stats: expected statistics of shape (..., C, 6), found "
+                         f"{tuple(stats.shape)}")
+    if channel_counts is not None:
+        channel_counts = [int(c) for c in channel_counts]
+        if any(c < 1 for c in channel_counts) or sum(channel_counts) != stats.shape[-2]:
+            raise ValueError(f"score_stats: channel_counts must be positive and add up to the "
+                             f"{stats.shape[-2]} channels of the statistics, found "
+                             f"{channel_counts}")
     count, mean_a, mean_b, m2_a, m2_b, c_ab = stats.unbind(-1)
     out: dict[str, torch.Tensor] = {}
     # The channel sums every score needs, as one reduction of stacked per-channel terms (the
@@ -80,40 +130,45 @@ def score_stats(
     # along a new first axis, so that the copy and the reduction run over contiguous channels.
     weighted_a, weighted_b = count * mean_a, count * mean_b
     difference = mean_a - mean_b
-    terms = torch.stack([
+    per_channel_terms = [
         count, m2_a, m2_b, c_ab,
         # sums of squares and products about zero, built from the centred moments without
         # cancellation-prone raw sums
         m2_a + weighted_a * mean_a, m2_b + weighted_b * mean_b, c_ab + weighted_a * mean_b,
         m2_a + m2_b - 2 * c_ab + count * difference * difference, weighted_b,
-    ]).sum(-1)
-    total, sum_m2_a, sum_m2_b, sum_c, sum_aa, sum_bb, sum_ab, sum_sq_diff, sum_weighted_b = (
-        terms.unbind(0)
-    )
-    # A sum of squares: rounding of the centred moments can take it just below zero for maps
-    # equal to the statistics' precision; it is then zero.
-    sum_sq_diff = sum_sq_diff.clamp_min(0)
-    corr = _safe_div(sum_c, torch.sqrt(sum_m2_a * sum_m2_b))
-    flat = None
-    if "flat_frac" in metrics or "corr_channelwise" in metrics:
+    ]
+    with_flat = "flat_frac" in metrics or "corr_channelwise" in metrics
+    if with_flat:
         # Channels spatially constant on either side.
         safe = torch.where(count > 0, count, 1.0)
         var_a, var_b = m2_a / safe, m2_b / safe
         flat_a = var_a <= (FLAT_RELATIVE * mean_a) ** 2 + FLAT_ABSOLUTE**2
         flat_b = var_b <= (FLAT_RELATIVE * mean_b) ** 2 + FLAT_ABSOLUTE**2
         flat = flat_a | flat_b
+        # Each channel's Pearson correlation, zero where flat (left out of the mean).
+        channelwise = torch.where(flat, 0.0, c_ab / torch.sqrt(torch.where(flat, 1.0, m2_a * m2_b)))
+        per_channel_terms += [flat.to(torch.float64), channelwise]
+    terms = _channel_sums(torch.stack(per_channel_terms), channel_counts)
+    total, sum_m2_a, sum_m2_b, sum_c, sum_aa, sum_bb, sum_ab, sum_sq_diff, sum_weighted_b = (
+        terms[:9].unbind(0)
+    )
+    # A sum of squares: rounding of the centred moments can take it just below zero for maps
+    # equal to the statistics' precision; it is then zero.
+    sum_sq_diff = sum_sq_diff.clamp_min(0)
+    corr = _safe_div(sum_c, torch.sqrt(sum_m2_a * sum_m2_b))
+    if with_flat:
+        flat_channels, sum_channelwise = terms[9], terms[10]
+        channels = (_counts_tensor(channel_counts, stats.device, torch.float64)
+                    if channel_counts is not None else float(stats.shape[-2]))
     for metric in metrics:
         if metric == "corr":
             out[metric] = corr
         elif metric == "one_minus_corr":
             out[metric] = 1.0 - corr
         elif metric == "flat_frac":
-            value = flat.to(torch.float64).mean(-1)
-            out[metric] = torch.where(total <= 0, math.nan, value)
+            out[metric] = torch.where(total <= 0, math.nan, flat_channels / channels)
         elif metric == "corr_channelwise":
-            per_channel = c_ab / torch.sqrt(torch.where(flat, 1.0, m2_a * m2_b))
-            live = (~flat).to(torch.float64)
-            value = _safe_div((per_channel * live).sum(-1), live.sum(-1))
+            value = _safe_div(sum_channelwise, channels - flat_channels)
             out[metric] = torch.where(total <= 0, math.nan, value)
         elif metric == "cosine":
             out[metric] = _safe_div(sum_ab, torch.sqrt(sum_aa * sum_bb))

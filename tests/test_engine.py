@@ -212,3 +212,43 @@ def test_heap_trimmer_trims_only_past_the_slack(monkeypatch):
     assert len(trims) == 1
     trimmer.after_batch()  # 1500: trim, 1550 after it (memory really held), limit 1750
     assert len(trims) == 2 and trimmer.limit == 1750
+
+
+@pytest.mark.parametrize("group_bytes", [1, 1 << 30])  # every layer alone / a forward at once
+@pytest.mark.parametrize("batch_size, pooled", [(3, False), (1, False), (4, True)])
+def test_layers_scored_together_give_the_per_layer_scores(monkeypatch, group_bytes, batch_size,
+                                                          pooled):
+    """The GPU's way of scoring (a forward's layers in one call), run here: the same frame."""
+    from equifast import engine
+    from equifast.scores import METRICS
+
+    calls = []
+    score_stats = engine.score_stats
+
+    def counted(stats, metrics, channel_counts=None):
+        calls.append(channel_counts)
+        return score_stats(stats, metrics, channel_counts=channel_counts)
+
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 5, 3, stride=2, padding=1),
+        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3),
+    ).eval()
+    images = torch.rand(5, 3, 20, 20)
+    kwargs = dict(group=Translation([2, 4, 6]), layers="leaves", metrics=METRICS, pooled=pooled,
+                  progress=False, bootstrap=20, batch_size=batch_size, elements_per_chunk=2)
+    monkeypatch.setattr(engine, "score_stats", counted)
+    monkeypatch.setattr(engine, "_SCORE_LAYERS_TOGETHER", False)
+    alone = equifast.measure(net, images, **kwargs)
+    assert calls and all(counts is None for counts in calls)
+    calls.clear()
+    monkeypatch.setattr(engine, "_SCORE_LAYERS_TOGETHER", True)
+    monkeypatch.setattr(engine, "_SCORE_GROUP_BYTES", group_bytes)
+    together = equifast.measure(net, images, **kwargs)
+    layers = len(set(together.frame.layer))
+    assert layers >= 5
+    # The pooled scores are computed after the batches, one layer per call (no channel_counts).
+    grouped = [counts for counts in calls if counts is not None]
+    assert grouped and (pooled or len(grouped) == len(calls))
+    assert sorted(set(len(counts) for counts in grouped)) == ([1] if group_bytes == 1 else [layers])
+    pd.testing.assert_frame_equal(_values(together), _values(alone), rtol=1e-12, atol=1e-12)
+    pd.testing.assert_frame_equal(together.model_frame, alone.model_frame)

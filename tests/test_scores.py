@@ -88,3 +88,37 @@ def test_zero_count_gives_nan_and_corr_vs_chance():
     assert all(np.isnan(float(v)) for v in scores.values())
     assert corr_vs_chance(0.8, 0.6) == pytest.approx(0.5)
     assert np.isnan(corr_vs_chance(0.8, 1.0))
+
+
+@settings(max_examples=30, deadline=None)
+@given(channel_counts=st.lists(st.integers(1, 7), min_size=1, max_size=5),
+       seed=st.integers(0, 10_000), flat_channels=st.integers(0, 3), empty_layer=st.booleans())
+def test_layers_scored_together_equal_layers_scored_one_by_one(channel_counts, seed,
+                                                               flat_channels, empty_layer):
+    """``channel_counts``: several layers' channels in one call give each layer's own scores."""
+    rng = np.random.default_rng(seed)
+    layers = []
+    for channels in channel_counts:
+        a = rng.normal(size=(2, channels, 30)) * rng.uniform(0.1, 3, (2, channels, 1))
+        b = 0.7 * a + rng.normal(size=a.shape) + rng.normal(size=(2, channels, 1))
+        a[:, :min(flat_channels, channels)] = 1.5  # flat channels (flat_frac, corr_channelwise)
+        layers.append(torch.stack([_stats(a[i], b[i]) for i in range(2)]))  # (2, C, 6)
+    if empty_layer:
+        layers[-1][1] = 0  # no valid position for the second pair of the last layer
+    together = score_stats(torch.cat(layers, 1), METRICS, channel_counts=channel_counts)
+    for i, stats in enumerate(layers):
+        alone = score_stats(stats, METRICS)
+        for metric in METRICS:
+            assert together[metric].shape == (2, len(channel_counts))
+            torch.testing.assert_close(together[metric][:, i], alone[metric], rtol=1e-12,
+                                       atol=1e-14, equal_nan=True, msg=metric)
+
+
+def test_channel_counts_must_cover_the_channels():
+    stats = torch.ones(2, 5, 6, dtype=torch.float64)
+    with pytest.raises(ValueError, match="add up to the 5 channels"):
+        score_stats(stats, ["corr"], channel_counts=[2, 2])
+    with pytest.raises(ValueError, match="positive"):
+        score_stats(stats, ["corr"], channel_counts=[5, 0])
+    with pytest.raises(ValueError, match=r"\(\.\.\., C, 6\)"):
+        score_stats(torch.ones(4, 5), ["corr"])
