@@ -41,7 +41,42 @@ def profile_case(model_name: str, group: str, layers: str | None, images: int, b
     print(averages.table(sort_by="self_cpu_time_total", row_limit=16, max_name_column_width=60))
 
 
+def compare_scoring(model_name: str, group: str, layers: str | None, images: int, batch: int,
+                    rounds: int = 3) -> None:
+    """The loop's time with the layers of a forward scored together and one by one, alternately."""
+    import equifast
+    from equifast import engine
+
+    device = torch.device("cuda")
+    case = dict(model=model_name, group=group, layers=layers, images=images, size=224, batch=batch)
+    model, sources = e2e.build(case, seed=0)
+    kwargs = e2e.measure_kwargs(case, device)
+    equifast.measure(model, sources[:batch], **kwargs)
+    times: dict[bool, list[float]] = {True: [], False: []}
+    try:
+        for _ in range(rounds):
+            for together in (True, False):
+                engine._SCORE_LAYERS_TOGETHER = together
+                torch.cuda.synchronize()
+                result = equifast.measure(model, sources, **kwargs)
+                torch.cuda.synchronize()
+                times[together].append(result.config["timings"]["batches"])
+    finally:
+        engine._SCORE_LAYERS_TOGETHER = None
+    median = {k: sorted(v)[len(v) // 2] * 1e3 for k, v in times.items()}
+    print(f"--- scoring {model_name} {group} layers={layers or 'default'}: loop over batches "
+          f"together {median[True]:.1f} ms, one by one {median[False]:.1f} ms "
+          f"({median[False] / median[True]:.2f}x)")
+
+
 def main() -> None:
+    for case in [("resnet18", "translation", "leaves", 128, 128),
+                 ("vit_tiny_patch16_224", "translation", None, 512, 128),
+                 ("resnet18", "translation", None, 512, 128)]:
+        try:
+            compare_scoring(*case)
+        except Exception as error:  # a diagnostic: report and go on
+            print(f"{case}: {type(error).__name__}: {error}")
     cases = [
         ("vit_tiny_patch16_224", "translation", None, 256, 128),
         ("resnet18", "translation", None, 256, 128),
