@@ -22,7 +22,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -163,6 +163,10 @@ class _DataPlan:
             if use_dali and device is not None:
                 # DALI decodes where the model runs: on the GPU ("mixed") only for a CUDA engine
                 kwargs["device"] = device
+            if not use_dali and device is not None and device.type == "cuda":
+                # pinned in the loader's own thread, so that the engine's copy to the GPU
+                # neither waits for the GPU nor stages the batch itself
+                kwargs["pin_memory"] = True
             source = DaliFolderSource if use_dali else ImageFolderSource
             self.loader = "dali" if use_dali else "folder"
             if shard is not None:
@@ -574,9 +578,19 @@ def measure(
     backend = "reference" if force_reference or not _ext.has_kernel(
         "equivariance_stats", device.type) else "compiled"
 
-    def run_batch(batch: Batch) -> None:
+    def run_batch(batch: Batch) -> Callable[[], None]:
+        """Launches the batch's forwards; returns what brings its results to the host.
+
+        On a GPU the caller runs that after launching the next batch, so that the copies to the
+        host wait for work that is already done, and the GPU never idles while the host launches.
+        """
         nonlocal chunk
-        sources = batch.sources.to(device, non_blocking=True)
+        sources = batch.sources
+        if device.type == "cuda" and sources.device.type == "cpu" and not sources.is_pinned():
+            # A copy from pageable memory makes the host wait until the GPU has drained its
+            # queue (the driver stages it): pinned, it runs beside the previous batch's work.
+            sources = sources.pin_memory()
+        sources = sources.to(device, non_blocking=True)
         size = sources.shape[0]
         logits_blocks: list[torch.Tensor | None] = [None] * (count + 1)
         marks = _marks(state)
@@ -614,29 +628,46 @@ def measure(
                 for j, element in enumerate(chosen):
                     logits_blocks[element] = blocks[j]
             lo = hi
-        _fetch_batch(state, marks, tables, metric_names)
         identity.clear()
-        if trimmer is not None:
-            trimmer.after_batch()
-        if all(block is not None for block in logits_blocks):
-            reference = logits_blocks[0].argmax(-1)
-            same = torch.stack([logits_blocks[k + 1].argmax(-1) == reference for k in range(count)])
-            consistency_rows.append(same.float().cpu().numpy())  # (K, B)
-            if batch.labels is not None:
-                labels_device = batch.labels.to(reference.device)
-                top5 = logits_blocks[0].topk(min(5, logits_blocks[0].shape[-1]), -1).indices
-                hit1 = (top5[:, 0] == labels_device).float()
-                hit5 = (top5 == labels_device[:, None]).any(-1).float()
-                known = labels_device >= 0
-                hit1[~known], hit5[~known] = math.nan, math.nan
-                top_rows.append(torch.stack([hit1, hit5]).cpu().numpy())
+        batch_tables = list(tables)
+        tables.clear()
+        end_marks = _marks(state)
+
+        def finish() -> None:
+            _fetch_batch(state, marks, end_marks, batch_tables, metric_names)
+            if all(block is not None for block in logits_blocks):
+                tally_logits(logits_blocks, batch.labels)
+
+        return finish
+
+    def tally_logits(logits_blocks: list[torch.Tensor], labels: torch.Tensor | None) -> None:
+        """Consistency of the top-1 class under each element, and top-1 / top-5 hits."""
+        reference = logits_blocks[0].argmax(-1)
+        same = torch.stack([logits_blocks[k + 1].argmax(-1) == reference for k in range(count)])
+        consistency_rows.append(same.float().cpu().numpy())  # (K, B)
+        if labels is not None:
+            labels_device = labels.to(reference.device)
+            top5 = logits_blocks[0].topk(min(5, logits_blocks[0].shape[-1]), -1).indices
+            hit1 = (top5[:, 0] == labels_device).float()
+            hit5 = (top5 == labels_device[:, None]).any(-1).float()
+            known = labels_device >= 0
+            hit1[~known], hit5[~known] = math.nan, math.nan
+            top_rows.append(torch.stack([hit1, hit5]).cpu().numpy())
 
     batches_started = time.perf_counter()
+    unfinished: Callable[[], None] | None = None  # the previous batch's finish (run_batch)
     for batch in _chain(first, batches):
-        run_batch(batch)
+        finish = run_batch(batch)
+        if unfinished is not None:
+            unfinished()
+        unfinished = finish
+        if trimmer is not None:
+            trimmer.after_batch()
         images_done += batch.sources.shape[0]
         if progress_bar is not None:
             progress_bar.update(batch.sources.shape[0])
+    if unfinished is not None:
+        unfinished()
     if progress_bar is not None:
         progress_bar.close()
     if shard is not None:
@@ -792,10 +823,10 @@ def _marks(state: dict[str, _Layer]) -> dict[str, int]:
     return {name: len(layer.pooled) for name, layer in state.items()}
 
 
-def _fetch_batch(state: dict[str, _Layer], marks: dict[str, int],
+def _fetch_batch(state: dict[str, _Layer], marks: dict[str, int], end_marks: dict[str, int],
                  tables: list[tuple[list[str], int, torch.Tensor]], metric_names) -> None:
-    """Bring the batch's scores (``tables``, emptied) and pooled statistics recorded since
-    ``marks`` to the host: scores as numpy arrays in each layer's ``scores``."""
+    """Bring a batch's scores (``tables``, emptied) and its pooled statistics (recorded between
+    ``marks`` and ``end_marks``) to the host: scores as numpy arrays in each layer's ``scores``."""
     for names, lo, table in tables:
         values = table.cpu().numpy()  # (metrics, 3, Kc, B, layers): one copy for all its layers
         for i, name in enumerate(names):
@@ -804,8 +835,8 @@ def _fetch_batch(state: dict[str, _Layer], marks: dict[str, int],
                 scores.setdefault(metric, []).append((lo, values[m, ..., i]))
     tables.clear()
     for name, layer in state.items():
-        mark = marks[name]
-        layer.pooled[mark:] = [(lo, stats.cpu()) for lo, stats in layer.pooled[mark:]]
+        start, end = marks[name], end_marks[name]
+        layer.pooled[start:end] = [(lo, stats.cpu()) for lo, stats in layer.pooled[start:end]]
 
 
 def _rollback(state: dict[str, _Layer], marks: dict[str, int]) -> None:

@@ -8,6 +8,7 @@ close to the float32 one, the naive oracle on the same device, and a survey that
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import timm
 import torch
@@ -103,3 +104,22 @@ def test_survey_runs_on_the_gpu_by_default(tmp_path):
     with open_store(tmp_path / "s.sqlite") as store:
         assert store.runs.loc[0, "device"].startswith("cuda")
         assert store.environments.loc[0, "device"].startswith("cuda")
+
+
+def test_gpu_folder_of_images_equals_cpu(tmp_path, no_tf32):
+    """Folder loader on a GPU (pinned batches, several of them, with labels): the CPU's numbers."""
+    from equifast.data.samples import load_sample_image
+
+    for i, name in enumerate(["astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field"]):
+        folder = tmp_path / f"class{i % 2}"
+        folder.mkdir(exist_ok=True)
+        load_sample_image(name).convert("RGB").resize((96, 80)).save(folder / f"{name}.png")
+    model = _model("resnet10t")
+    kwargs = dict(group="translate:8", input_size=(64, 64), batch_size=2, num_workers=1,
+                  loader="folder", progress=False, bootstrap=0)
+    cpu = equifast.measure(model, tmp_path, device="cpu", **kwargs)
+    gpu = equifast.measure(model, tmp_path, device="cuda", dtype=torch.float32,
+                           channels_last=False, **kwargs)
+    assert gpu.config["loader"] == "folder" and gpu.config["images"] == 5
+    np.testing.assert_allclose(_corr(gpu), _corr(cpu), atol=1e-4, equal_nan=True)
+    pd.testing.assert_frame_equal(gpu.model_frame, cpu.model_frame)
