@@ -115,7 +115,7 @@ def test_gpu_folder_of_images_equals_cpu(tmp_path, no_tf32):
         folder.mkdir(exist_ok=True)
         load_sample_image(name).convert("RGB").resize((96, 80)).save(folder / f"{name}.png")
     model = _model("resnet10t")
-    kwargs = dict(group="translate:8", input_size=(64, 64), batch_size=2, num_workers=1,
+    kwargs = dict(group="translate:8", input_size=(64, 64), batch_size=2, num_workers=0,
                   loader="folder", progress=False, bootstrap=0)
     cpu = equifast.measure(model, tmp_path, device="cpu", **kwargs)
     gpu = equifast.measure(model, tmp_path, device="cuda", dtype=torch.float32,
