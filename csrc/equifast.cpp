@@ -46,6 +46,12 @@ TORCH_LIBRARY(equifast, m) {
       "equivariance_stats(Tensor feats, Tensor source_affines, int[] wrap, int batch, str layout, "
       "int grid_h, int grid_w, int prefix, str subpixel, bool with_inv, bool with_chance) "
       "-> Tensor");
+
+  // Scores of compared pairs from float64 statistics (..., C, 6) of one or several layers whose
+  // channels lie one after the other (channel_counts): (..., L, 8) float64, the scores in the
+  // order of equifast.scores.METRICS. CPU only; elsewhere equifast/scores.py computes them with
+  // torch ops. Contract: equifast/scores.py (score_stats).
+  m.def("score_stats(Tensor stats, int[] channel_counts, float? psnr_range) -> Tensor");
 }
 
 namespace {

@@ -271,7 +271,7 @@ def _run_info() -> int:
         "extension": _ext.build_info(),
         "kernels": {
             op: {device: _ext.has_kernel(op, device) for device in ("cpu", "cuda")}
-            for op in ("transform_images", "equivariance_stats")
+            for op in ("transform_images", "equivariance_stats", "score_stats")
         },
     }
     for name in ("timm", "torchvision", "nvidia.dali", "numpy", "pandas"):

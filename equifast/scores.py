@@ -25,11 +25,14 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
 import numpy as np
 import torch
+
+from . import _ext
 
 METRICS = ("corr", "one_minus_corr", "corr_channelwise", "flat_frac", "cosine", "nde", "rel_err",
            "psnr")
@@ -52,6 +55,11 @@ def check_metrics(metrics: Sequence[str] | None) -> tuple[str, ...]:
         raise ValueError(f"unknown metrics {unknown}; expected some of {METRICS + DERIVED_METRICS}")
     # corr is needed for corr_vs_chance and the summaries.
     return tuple(dict.fromkeys(("corr",) + tuple(m for m in metrics if m in METRICS)))
+
+
+@functools.cache
+def _has_compiled_op(device_type: str) -> bool:
+    return _ext.has_kernel("score_stats", device_type)
 
 
 def _channel_sums(terms: torch.Tensor, channel_counts: list[int] | None) -> torch.Tensor:
@@ -91,7 +99,7 @@ def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
 
 def score_stats(
     stats: torch.Tensor, metrics: Sequence[str] = DEFAULT_METRICS, psnr_range: float | None = None,
-    channel_counts: Sequence[int] | None = None,
+    channel_counts: Sequence[int] | None = None, force_reference: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Scores of compared pairs from their per-channel statistics.
 
@@ -102,6 +110,9 @@ def score_stats(
         channel_counts: Score several layers in one call: ``stats`` holds their channels one
             after the other (concatenated along the channel axis), ``channel_counts[i]`` of layer
             ``i``. ``None``: all channels are one layer.
+        force_reference: Compute with torch ops even where the compiled op ``equifast::score_stats``
+            exists (the CPU): one pass over the channels per layer, the same definitions, sums in
+            channel order (the torch ops sum in another order: equal to about 1e-15 relative).
 
     Returns:
         ``{metric: (...) float64 tensor}``, or ``(..., L)`` with ``L = len(channel_counts)``; NaN
@@ -123,6 +134,16 @@ def score_stats(
             raise ValueError(f"score_stats: channel_counts must be positive and add up to the "
                              f"{stats.shape[-2]} channels of the statistics, found "
                              f"{channel_counts}")
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metrics {unknown}; expected some of {METRICS}")
+    if not force_reference and _has_compiled_op(stats.device.type):
+        counts = channel_counts if channel_counts is not None else [stats.shape[-2]]
+        table = torch.ops.equifast.score_stats(
+            stats.contiguous(), counts, None if psnr_range is None else float(psnr_range))
+        if channel_counts is None:
+            table = table.squeeze(-2)
+        return {metric: table[..., METRICS.index(metric)] for metric in metrics}
     count, mean_a, mean_b, m2_a, m2_b, c_ab = stats.unbind(-1)
     out: dict[str, torch.Tensor] = {}
     # The channel sums every score needs, as one reduction of stacked per-channel terms (the

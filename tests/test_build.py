@@ -64,6 +64,7 @@ def test_build_info():
     [
         ("transform_images", TRANSFORM_IMAGES_ARGS),
         ("equivariance_stats", EQUIVARIANCE_STATS_ARGS),
+        ("score_stats", ["stats", "channel_counts", "psnr_range"]),
     ],
 )
 def test_schema(op_name, arg_names):

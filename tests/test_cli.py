@@ -5,6 +5,7 @@ import json
 import pandas as pd
 import pytest
 
+from equifast import _ext
 from equifast.cli import main
 
 
@@ -28,7 +29,9 @@ def test_measure_samples_writes_table_and_plot(tmp_path, capsys):
 def test_info_lists_kernels(capsys):
     assert main(["info"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert set(info["kernels"]) == {"transform_images", "equivariance_stats"}
+    assert set(info["kernels"]) == {"transform_images", "equivariance_stats", "score_stats"}
+    assert info["kernels"]["score_stats"]["cpu"] is _ext.has_kernel("score_stats", "cpu")
+    assert info["kernels"]["score_stats"]["cuda"] is False  # scored with torch ops on a GPU
     assert info["torch"]
 
 

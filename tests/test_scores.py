@@ -1,11 +1,14 @@
 """Scores from statistics against numpy on random data, and the reference statistics op."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from equifast import _ext
 from equifast.ops import _reference, merge_stats
 from equifast.scores import METRICS, corr_vs_chance, score_stats
 
@@ -40,16 +43,21 @@ def _stats(a, b):
         ((a - ma[:, None]) * (b - mb[:, None])).sum(1)], -1))
 
 
+# Both ways of computing the scores: the compiled op (CPU) and the torch ops (every device).
+PATHS = [pytest.param(False, id="compiled"), pytest.param(True, id="torch")]
+
+
+@pytest.mark.parametrize("force_reference", PATHS)
 @settings(max_examples=40, deadline=None)
 @given(channels=st.integers(1, 6), positions=st.integers(2, 40), seed=st.integers(0, 10_000),
        flat_channel=st.booleans())
-def test_scores_match_numpy(channels, positions, seed, flat_channel):
+def test_scores_match_numpy(force_reference, channels, positions, seed, flat_channel):
     rng = np.random.default_rng(seed)
     a = rng.normal(size=(channels, positions)) * rng.uniform(0.1, 3, (channels, 1))
     b = 0.7 * a + rng.normal(size=(channels, positions)) + rng.normal(size=(channels, 1))
     if flat_channel:
         a[0] = 2.5
-    scores = score_stats(_stats(a, b), METRICS)
+    scores = score_stats(_stats(a, b), METRICS, force_reference=force_reference)
     with np.errstate(invalid="ignore"):  # one flat channel: corr is 0 / 0, NaN on both sides
         expected = _numpy_scores(a, b)
     for metric in METRICS:
@@ -83,18 +91,21 @@ def test_merge_stats_equals_stats_of_concatenation():
     torch.testing.assert_close(merged, whole)
 
 
-def test_zero_count_gives_nan_and_corr_vs_chance():
-    scores = score_stats(torch.zeros(2, 6, dtype=torch.float64), METRICS)
+@pytest.mark.parametrize("force_reference", PATHS)
+def test_zero_count_gives_nan_and_corr_vs_chance(force_reference):
+    scores = score_stats(torch.zeros(2, 6, dtype=torch.float64), METRICS,
+                         force_reference=force_reference)
     assert all(np.isnan(float(v)) for v in scores.values())
     assert corr_vs_chance(0.8, 0.6) == pytest.approx(0.5)
     assert np.isnan(corr_vs_chance(0.8, 1.0))
 
 
+@pytest.mark.parametrize("force_reference", PATHS)
 @settings(max_examples=30, deadline=None)
 @given(channel_counts=st.lists(st.integers(1, 7), min_size=1, max_size=5),
        seed=st.integers(0, 10_000), flat_channels=st.integers(0, 3), empty_layer=st.booleans())
-def test_layers_scored_together_equal_layers_scored_one_by_one(channel_counts, seed,
-                                                               flat_channels, empty_layer):
+def test_layers_scored_together_equal_layers_scored_one_by_one(force_reference, channel_counts,
+                                                               seed, flat_channels, empty_layer):
     """``channel_counts``: several layers' channels in one call give each layer's own scores."""
     rng = np.random.default_rng(seed)
     layers = []
@@ -105,9 +116,10 @@ def test_layers_scored_together_equal_layers_scored_one_by_one(channel_counts, s
         layers.append(torch.stack([_stats(a[i], b[i]) for i in range(2)]))  # (2, C, 6)
     if empty_layer:
         layers[-1][1] = 0  # no valid position for the second pair of the last layer
-    together = score_stats(torch.cat(layers, 1), METRICS, channel_counts=channel_counts)
+    together = score_stats(torch.cat(layers, 1), METRICS, channel_counts=channel_counts,
+                           force_reference=force_reference)
     for i, stats in enumerate(layers):
-        alone = score_stats(stats, METRICS)
+        alone = score_stats(stats, METRICS, force_reference=True)
         for metric in METRICS:
             assert together[metric].shape == (2, len(channel_counts))
             torch.testing.assert_close(together[metric][:, i], alone[metric], rtol=1e-12,
@@ -122,3 +134,60 @@ def test_channel_counts_must_cover_the_channels():
         score_stats(stats, ["corr"], channel_counts=[5, 0])
     with pytest.raises(ValueError, match=r"\(\.\.\., C, 6\)"):
         score_stats(torch.ones(4, 5), ["corr"])
+
+
+needs_compiled = pytest.mark.skipif(
+    not _ext.has_kernel("score_stats", "cpu"),
+    reason="equifast._C has no CPU score_stats (extension not built)")
+
+
+@needs_compiled
+@settings(max_examples=60, deadline=None)
+@given(leading=st.lists(st.integers(1, 3), min_size=0, max_size=3),
+       channel_counts=st.lists(st.integers(1, 40), min_size=1, max_size=4),
+       seed=st.integers(0, 10_000), psnr_range=st.sampled_from([None, 2.0, 255.0]),
+       specials=st.booleans())
+def test_compiled_scores_equal_torch_scores(leading, channel_counts, seed, psnr_range, specials):
+    """The compiled op against the torch ops on raw statistics: offsets, flat channels, pairs
+    without valid positions, NaN statistics, any leading shape."""
+    rng = np.random.default_rng(seed)
+    shape = (*leading, sum(channel_counts))
+    count = rng.integers(1, 200, shape).astype(np.float64)
+    mean_a = rng.normal(size=shape) * 10 ** rng.uniform(-3, 4, shape)
+    mean_b = mean_a + rng.normal(size=shape)
+    m2_a = rng.uniform(0, 5, shape) * count
+    m2_b = rng.uniform(0, 5, shape) * count
+    c_ab = rng.uniform(-1, 1, shape) * np.sqrt(m2_a * m2_b)
+    stats = torch.from_numpy(np.stack([count, mean_a, mean_b, m2_a, m2_b, c_ab], -1))
+    if specials:
+        flat = torch.from_numpy(rng.random(shape) < 0.2)
+        stats[..., 3][flat] = 0.0  # flat on the a side
+        empty = torch.from_numpy(rng.random(shape) < 0.1)
+        stats[empty] = 0.0  # no valid position
+        if stats.numel() > 6:
+            stats.view(-1, 6)[0, 5] = math.nan
+    compiled = score_stats(stats, METRICS, psnr_range, channel_counts)
+    torch_ops = score_stats(stats, METRICS, psnr_range, channel_counts, force_reference=True)
+    for metric in METRICS:
+        assert compiled[metric].shape == (*leading, len(channel_counts))
+        torch.testing.assert_close(compiled[metric], torch_ops[metric], rtol=1e-11, atol=1e-12,
+                                   equal_nan=True, msg=metric)
+
+
+@needs_compiled
+def test_compiled_scores_opcheck_and_errors():
+    import equifast.ops  # noqa: F401  (registers the fake kernel)
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(6, 5, 20))
+    b = a + rng.normal(size=a.shape)
+    stats = torch.stack([_stats(x, y) for x, y in zip(a, b)]).view(2, 3, 5, 6)
+    assert not torch.ops.equifast.score_stats(stats, [2, 3], None).isnan().any()  # opcheck: no NaN
+    torch.library.opcheck(torch.ops.equifast.score_stats.default, (stats, [2, 3], None))
+    torch.library.opcheck(torch.ops.equifast.score_stats.default, (stats, [5], 10.0))
+    with pytest.raises(RuntimeError, match="add up to 4, but the stats have 5 channels"):
+        torch.ops.equifast.score_stats(stats, [1, 3], None)
+    with pytest.raises(RuntimeError, match="expected float64 stats"):
+        torch.ops.equifast.score_stats(stats.float(), [5], None)
+    with pytest.raises(RuntimeError, match="must be positive"):
+        torch.ops.equifast.score_stats(stats, [5, 0], None)

@@ -136,6 +136,10 @@ def _register_fakes() -> None:
         return feats.new_empty((3, source_affines.shape[0], batch, channels, 6),
                                dtype=torch.float64)
 
+    @torch.library.register_fake("equifast::score_stats")
+    def _(stats, channel_counts, psnr_range):
+        return stats.new_empty((*stats.shape[:-2], len(channel_counts), 8))
+
 
 _register_fakes()
 
