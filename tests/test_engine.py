@@ -4,6 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import equifast
@@ -41,17 +43,17 @@ def test_identity_block_is_forwarded_once_per_batch():
     seen = []
     handle = net[0].register_forward_hook(lambda m, inputs, out: seen.append(out.shape[0]))
     images = torch.rand(4, 3, 24, 24)
-    group = Translation([2, 4, 6])
+    group = Translation([2, 4])
     count = len(list(group))
     try:
         result = equifast.measure(net, images, group=group, progress=False, bootstrap=0,
-                                  batch_size=4, elements_per_chunk=2, align="center")
+                                  batch_size=4, elements_per_chunk=3, align="center")
     finally:
         handle.remove()
     assert seen[0] == 1  # the layout probe (one image; align="center" needs no gradients)
-    # identity + 2 elements, then 2 elements per forward: K + 1 blocks of 4 images in all
-    assert seen[1] == 3 * 4 and all(n == 2 * 4 for n in seen[2:-1]) and seen[-1] in (4, 8)
-    assert sum(seen[1:]) == (count + 1) * 4
+    # 4 elements, at most 3 per forward: two forwards, their 5 blocks of 4 images spread evenly
+    # (identity + 2 elements, then 2 elements; not 4 blocks, then 1); the identity block once
+    assert count == 4 and seen[1:] == [3 * 4, 2 * 4]
     timings = result.config["timings"]
     assert set(timings) == {"setup", "probe", "batches", "frame"}
     assert all(value >= 0 for value in timings.values())
@@ -271,3 +273,20 @@ def test_batches_finish_in_order():
         ours = (frame.comparison != "chance") & (frame.metric != "corr_vs_chance")
         np.testing.assert_allclose(a[ours], b[ours], rtol=1e-6, atol=1e-6, err_msg=column)
     pd.testing.assert_frame_equal(batched.model_frame, whole.model_frame)
+
+
+@settings(max_examples=200, deadline=None)
+@given(count=st.integers(0, 60), chunk=st.integers(1, 20))
+def test_forward_bounds_spread_the_blocks_evenly(count, chunk):
+    from equifast.engine import _forward_bounds
+
+    bounds = _forward_bounds(count, chunk)
+    forwards = 0 if count == 0 else 1 + -(-max(0, count - chunk) // chunk)  # chunk at a time
+    assert len(bounds) == forwards
+    assert [lo for lo, _ in bounds] == [0, *(hi for _, hi in bounds[:-1])][:len(bounds)]
+    assert (bounds[-1][1] if bounds else 0) == count
+    sizes = [hi - lo for lo, hi in bounds]
+    assert all(1 <= size <= chunk for size in sizes)
+    if bounds:
+        blocks = [sizes[0] + 1] + sizes[1:]  # the identity block rides with the first forward
+        assert max(blocks) == -(-(count + 1) // forwards)  # as even as the forwards allow
