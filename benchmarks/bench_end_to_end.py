@@ -243,14 +243,14 @@ def floor_plans(model, case, chunk: int, count: int, device) -> dict[str, Any]:
         x = torch.randn(n, 3, size, size, device=device)
         return x.contiguous(memory_format=memory_format)
 
+    from equifast.engine import _forward_bounds
+
+    # The engine's own plan: at most `chunk` elements per forward, the identity block with the
+    # first, the blocks spread evenly (the identity features are kept, not recomputed).
+    blocks = [hi - lo + (lo == 0) for lo, hi in _forward_bounds(count, chunk)]
     plans = {
-        # The engine's own plan: the identity block with the first `chunk` elements, then `chunk`
-        # elements per forward (the identity features are kept, not recomputed).
-        f"engine (1+{chunk}, then {chunk} blocks/forward)" if chunk < count
-        else f"engine ({count + 1} blocks/forward)": [
-            [(min(chunk, count - lo) + (lo == 0)) * b for lo in range(0, count, chunk)]
-            for b in batches
-        ],
+        f"engine ({' + '.join(map(str, blocks))} blocks)": [[n * b for n in blocks]
+                                                             for b in batches],
         "1 block/forward": [[b] * (count + 1) for b in batches],
     }
     if chunk < count:
