@@ -43,17 +43,17 @@ struct ChannelSums {
   // Adds one channel's statistics {count, mean_a, mean_b, m2_a, m2_b, c_ab}.
   C10_HOST_DEVICE inline void add(const double* s) {
     const double count = s[0], mean_a = s[1], mean_b = s[2], m2a = s[3], m2b = s[4], c = s[5];
-    const double weighted_a = count * mean_a, weighted_b_ = count * mean_b;
+    const double weighted_a = count * mean_a, channel_weighted_b = count * mean_b;
     const double difference = mean_a - mean_b;
     total += count;
     m2_a += m2a;
     m2_b += m2b;
     c_ab += c;
     aa += m2a + weighted_a * mean_a;
-    bb += m2b + weighted_b_ * mean_b;
+    bb += m2b + channel_weighted_b * mean_b;
     ab += c + weighted_a * mean_b;
     sq_diff += m2a + m2b - 2 * c + count * difference * difference;
-    weighted_b += weighted_b_;
+    weighted_b += channel_weighted_b;
     const double safe = count > 0 ? count : 1.0;
     const double relative_a = kFlatRelative * mean_a, relative_b = kFlatRelative * mean_b;
     const double floor = kFlatAbsolute * kFlatAbsolute;
