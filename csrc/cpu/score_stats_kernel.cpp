@@ -13,8 +13,10 @@
 #include <cstdint>
 #include <limits>
 #include <optional>
+#include <string>
 #include <vector>
 
+#include "equifast/checks.h"
 #include "equifast/parallel.h"
 #include "equifast/poison.h"
 #include "equifast/scores.h"
@@ -24,33 +26,30 @@ namespace {
 
 at::Tensor score_stats_cpu(const at::Tensor& stats, c10::IntArrayRef channel_counts,
                            std::optional<double> psnr_range) {
-  TORCH_CHECK(stats.device().is_cpu(), "equifast::score_stats (CPU): expected stats on the CPU, ",
-              "found ", stats.device(), ".");
-  TORCH_CHECK(stats.scalar_type() == at::kDouble,
-              "equifast::score_stats: expected float64 stats, found ", stats.scalar_type(), ".");
-  TORCH_CHECK(stats.dim() >= 2 && stats.size(-1) == 6,
-              "equifast::score_stats: expected stats of shape (..., C, 6), found ", stats.sizes(),
-              ".");
-  TORCH_CHECK(stats.is_contiguous(), "equifast::score_stats: expected contiguous stats.");
+  check_defined(stats, "stats");
+  check_device_cpu(stats, "stats");
+  check_dtype(stats, "stats", at::kDouble);
+  EQUIFAST_CHECK_ARG(stats.dim() >= 2, "stats", "must have shape (..., C, 6), but got shape ",
+                     stats.sizes(), ".");
+  check_size(stats, "stats", stats.dim() - 1, 6, "statistics per channel");
+  check_contiguous(stats, "stats");
   const int64_t channels = stats.size(-2);
   const int64_t layers = static_cast<int64_t>(channel_counts.size());
-  TORCH_CHECK(layers >= 1, "equifast::score_stats: expected at least one channel count.");
+  EQUIFAST_CHECK_VALUE(layers >= 1, "channel_counts", "must have at least one entry, but got none.");
   std::vector<int64_t> starts(layers + 1, 0);
   for (int64_t i = 0; i < layers; ++i) {
-    TORCH_CHECK(channel_counts[i] >= 1, "equifast::score_stats: channel counts must be positive, ",
-                "found ", channel_counts, ".");
+    check_positive(channel_counts[i], ("channel_counts[" + std::to_string(i) + "]").c_str());
     starts[i + 1] = starts[i] + channel_counts[i];
   }
-  TORCH_CHECK(starts[layers] == channels, "equifast::score_stats: the channel counts ",
-              channel_counts, " add up to ", starts[layers], ", but the stats have ", channels,
-              " channels.");
+  EQUIFAST_CHECK_VALUE(starts[layers] == channels, "channel_counts", channel_counts, " add up to ",
+                       starts[layers], ", but the stats have ", channels, " channels.");
 
   std::vector<int64_t> out_shape(stats.sizes().begin(), stats.sizes().end() - 2);
   out_shape.push_back(layers);
   out_shape.push_back(kScoreCount);
   at::Tensor out = at::empty(out_shape, stats.options());
   if (poison_outputs()) out.fill_(std::numeric_limits<double>::quiet_NaN());
-  const int64_t rows = channels == 0 ? 0 : stats.numel() / (channels * 6);
+  const int64_t rows = stats.numel() / (channels * 6);  // channels >= 1: checked above
   if (rows == 0) return out;
 
   const double* in = stats.const_data_ptr<double>();
