@@ -229,7 +229,7 @@ def measure_memory(case, device, seed, threads) -> dict[str, dict[str, Any]]:
 # The floor: bare forwards of the stacked images
 
 
-def floor_plans(model, case, chunk: int, count: int, device) -> dict[str, Any]:
+def floor_plans(model, case, chunk: int, blocks: int, count: int, device) -> dict[str, Any]:
     """Bare forwards of all ``(K + 1) * B`` images of the run, over several chunkings.
 
     Returns ``{chunking: fn}``, each ``fn`` running every batch's forwards once.
@@ -245,15 +245,19 @@ def floor_plans(model, case, chunk: int, count: int, device) -> dict[str, Any]:
 
     from equifast.engine import _forward_bounds
 
-    # The engine's own plan: at most `chunk` elements per forward, the identity block with the
-    # first, the blocks spread evenly (the identity features are kept, not recomputed).
-    blocks = [hi - lo + (lo == 0) for lo, hi in _forward_bounds(count, chunk)]
+    # The engine's own plan: at most `chunk` elements and `blocks` blocks per forward, the
+    # identity block with the first, the blocks spread evenly (the identity features are kept,
+    # not recomputed).
+    engine = [hi - lo + (i == 0) for i, (lo, hi) in enumerate(_forward_bounds(count, chunk,
+                                                                              blocks))]
     plans = {
-        f"engine ({' + '.join(map(str, blocks))} blocks)": [[n * b for n in blocks]
+        f"engine ({' + '.join(map(str, engine))} blocks)": [[n * b for n in engine]
                                                              for b in batches],
         "1 block/forward": [[b] * (count + 1) for b in batches],
     }
-    if chunk < count:
+    if all(n == 1 for n in engine):  # the engine's plan is one block per forward
+        del plans["1 block/forward"]
+    if len(engine) > 1:
         plans[f"{count + 1} blocks/forward (all at once)"] = [[(count + 1) * b] for b in batches]
     inputs = {n: stacked(n) for plan in plans.values() for sizes in plan for n in sizes}
 
@@ -287,7 +291,8 @@ def run_case(case, device, args, sync) -> dict[str, Any]:
     row["check"] = check
     count = len(make_group(case["group"]).elements)
     chunk = int(fast.config["elements_per_chunk"])
-    row.update(elements=count, elements_per_chunk=chunk,
+    blocks = int(fast.config["blocks_per_forward"])
+    row.update(elements=count, elements_per_chunk=chunk, blocks_per_forward=blocks,
                layers_measured=int(fast.frame["layer"].nunique()))
     print(f"   check: {'ok' if check['passed'] else 'FAIL'} "
           f"(max |diff| corr {check['max_abs_diff_corr']:.2e}, {check['rows']} rows)", flush=True)
@@ -303,7 +308,7 @@ def run_case(case, device, args, sync) -> dict[str, Any]:
     # floors run in the same rounds (equifast, naive, each floor, then again): the machine's
     # speed drifts by more than the overheads measured here, so every ratio compares runs made
     # side by side.
-    floors = floor_plans(model, case, chunk, count, device)
+    floors = floor_plans(model, case, chunk, blocks, count, device)
     if args.warmup <= 0:  # the floors' own warm-up (allocator, one-time kernel choices)
         for fn in floors.values():
             fn()

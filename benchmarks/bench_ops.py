@@ -63,9 +63,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 ELEMENTS = 8  # K: group elements besides the identity
 GPU_BATCH = 32  # B on CUDA: (K + 1) * B = 9 * 32 maps, as in a real measurement
-# B on the CPU: (K + 1) * 8 = 72 maps, close to the engine's CPU chunk of about 64 images per
-# forward (equifast.engine._default_chunk); the run takes about 20 s on 2 cores (`--batch 32`:
-# about 2 min).
+# B on the CPU: (K + 1) * 8 = 72 maps, a batch's worth of the engine's statistics calls at 8
+# images per batch; the run takes about 20 s on 2 cores (`--batch 32`: about 2 min).
 CPU_BATCH = 8
 QUICK_BATCH = 2
 CHECK_IMAGES = 2  # images per block for the float64 reference check of the baseline

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import numbers
 import os
 import time
 import warnings
@@ -323,33 +324,58 @@ class _DataPlan:
         return self._iter()
 
 
-CPU_IMAGES_PER_FORWARD = 32
+# Input pixels per forward on the CPU: 32 images of 112 px, 8 of 224 px. The activations of the
+# largest forward set the peak memory, while the speed per image varies with the forward's size
+# only irregularly on 2 cores (oneDNN's blocking and the heap both change with the shapes).
+# Measured in fresh processes, 8 images per batch: at 224 px, one block per forward (this
+# budget) against four (the former default of 32 images) took 0.96-0.97x the time with a peak of
+# 122-138 against 276-370 MiB (convnext_atto) and 220-228 against 459-514 MiB (resnet18); at
+# 112 px, forwards of 16 images instead of 32 put convnext_atto's peak below the naive loop's
+# (71-78 against 81-83 MiB) but made its loop 1.11-1.24x slower with translations.
+CPU_PIXELS_PER_FORWARD = 32 * 112 * 112
 
 
-def _default_chunk(batch: int, elements: int, device: torch.device) -> int:
-    # On the CPU stay near 32 images per forward: larger stacked batches are hardly faster there
-    # (caches), and the activations of one forward make the peak memory (the identity features are
-    # kept from the first forward, so smaller chunks repeat nothing). On a GPU fill the device;
-    # out-of-memory halves the chunk.
-    target = CPU_IMAGES_PER_FORWARD if device.type == "cpu" else 1024
-    return max(1, min(elements, target // max(batch, 1) - 1))
+def _default_plan(batch: int, elements: int, pixels: int, device: torch.device) -> tuple[int, int]:
+    """``(elements, blocks)`` per forward for a batch of ``batch`` images of ``pixels`` pixels.
+
+    On the CPU a forward holds at most the blocks (of ``batch`` images each, the identity block
+    counted) that ``CPU_PIXELS_PER_FORWARD`` allows, at least one: with one, the identity block
+    has a forward to itself, and every forward is as large as one of the naive loop's. On a GPU
+    fill the device (about 1024 images) and let out-of-memory halve the plan.
+    """
+    if device.type == "cpu":
+        blocks = max(1, CPU_PIXELS_PER_FORWARD // max(batch * pixels, 1))
+        chunk = max(1, min(elements, blocks))
+        return chunk, min(blocks, chunk + 1)
+    chunk = max(1, min(elements, 1024 // max(batch, 1) - 1))
+    return chunk, chunk + 1
 
 
-def _forward_bounds(count: int, chunk: int) -> list[tuple[int, int]]:
+def _forward_bounds(count: int, chunk: int, blocks: int | None = None) -> list[tuple[int, int]]:
     """The elements ``[lo, hi)`` of each forward of a batch: the first forward carries the identity
-    block, every forward at most ``chunk`` elements.
+    block, every forward at most ``chunk`` elements and at most ``blocks`` blocks, the identity
+    block counted (default ``chunk + 1``: the identity block rides along with ``chunk``
+    elements). With ``blocks=1`` the first forward is the identity block alone
+    (``lo == hi == 0``): the identity block leads the first forward, not every forward with
+    ``lo == 0``.
 
-    As many forwards as ``chunk`` elements at a time need, with the blocks spread evenly over them
-    (9 blocks in chunks of 3 elements: 3 + 3 + 3 blocks, not 4 + 3 + 2): the largest forward sets
-    the peak memory of the activations, the number of forwards the time.
+    As few forwards as these limits allow, with the blocks spread evenly over them (9 blocks in
+    chunks of 3 elements: 3 + 3 + 3 blocks, not 4 + 3 + 2): the largest forward sets the peak
+    memory of the activations, the number of forwards the time.
     """
     if count == 0:
         return []
-    forwards = 1 + -(-max(0, count - chunk) // chunk)
+    blocks = chunk + 1 if blocks is None else blocks
+    if chunk < 1 or blocks < 1:
+        raise ValueError(f"forward plan: expected at least one element and one block per "
+                         f"forward, found {chunk} and {blocks}")
+    first_most = min(chunk, blocks - 1)  # elements beside the identity block
+    later_most = min(chunk, blocks)
+    forwards = 1 + -(-max(0, count - first_most) // later_most)
     if forwards == 1:
         return [(0, count)]
     per_forward = -(-(count + 1) // forwards)  # blocks, the identity block included
-    first = min(chunk, per_forward - 1)
+    first = min(first_most, per_forward - 1)
     rest, later = count - first, forwards - 1
     sizes = [first] + [rest // later + (1 if i < rest % later else 0) for i in range(later)]
     bounds, lo = [], 0
@@ -412,9 +438,11 @@ def measure(
             of per-image scores.
         bootstrap: Resamples of the 95% bootstrap intervals (0: none).
         seed: Seed of the bootstrap and the alignment probe.
-        elements_per_chunk: Group elements per forward (default: chosen for the device: about
-            32 images per forward on the CPU, 1024 on a GPU). The first forward of a batch also
-            holds the identity block; its features are kept for the later forwards.
+        elements_per_chunk: Group elements per forward; the first forward of a batch also holds
+            the identity block, whose features are kept for the later forwards. Default: chosen
+            for the device: on the CPU about 400,000 input pixels per forward (32 images of
+            112 px, 8 of 224 px; never less than one block of ``batch_size`` images, and then the
+            identity block has a forward of its own), on a GPU about 1024 images.
         dtype: Model dtype on the device (default: float32 on the CPU, bfloat16 autocast on CUDA).
         channels_last: Input memory format (default: True on CUDA).
         limit: Use at most this many images.
@@ -454,6 +482,11 @@ def measure(
         raise ValueError(f"subpixel: expected 'bilinear' or 'skip', found {subpixel!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size: expected a positive integer, found {batch_size}")
+    if elements_per_chunk is not None and (
+            not isinstance(elements_per_chunk, numbers.Integral)
+            or isinstance(elements_per_chunk, bool) or elements_per_chunk < 1):
+        raise ValueError(f"elements_per_chunk: expected a positive integer or None, found "
+                         f"{elements_per_chunk!r}")
 
     from .models import LoadedModel, load_model, preprocess_for
 
@@ -531,7 +564,10 @@ def measure(
     mean = preprocess.mean if normalize else None
     std = preprocess.std if normalize else None
 
-    chunk = elements_per_chunk or _default_chunk(min(batch_size, first_size), count, device)
+    if elements_per_chunk is not None:
+        chunk, blocks = elements_per_chunk, elements_per_chunk + 1
+    else:
+        chunk, blocks = _default_plan(min(batch_size, first_size), count, height * width, device)
     context: dict[str, Any] = {}
 
     # When the elements take several forwards, the first one holds the identity block and the
@@ -573,9 +609,11 @@ def measure(
         context["seen"].add(name)
         layer = state[name]
         lo, hi, batch = context["lo"], context["hi"], context["batch"]
-        if lo == 0:
+        if context["first"]:  # the identity block leads this forward
             if hi < count:
                 identity[name] = tensor[:batch].clone()
+            if hi == 0:
+                return  # the identity block alone: compared in the later forwards
         else:
             tensor = torch.cat([identity[name], tensor])
         stats = _layer_stats(tensor, layer, lo, hi, batch, wrap, subpixel, force_reference)
@@ -608,7 +646,7 @@ def measure(
         On a GPU the caller runs that after launching the next batch, so that the copies to the
         host wait for work that is already done, and the GPU never idles while the host launches.
         """
-        nonlocal chunk
+        nonlocal chunk, blocks
         sources = batch.sources
         if device.type == "cuda" and sources.device.type == "cpu" and not sources.is_pinned():
             # A copy from pageable memory makes the host wait until the GPU has drained its
@@ -618,11 +656,11 @@ def measure(
         size = sources.shape[0]
         logits_blocks: list[torch.Tensor | None] = [None] * (count + 1)
         marks = _marks(state)
-        bounds = _forward_bounds(count, chunk)
+        bounds = _forward_bounds(count, chunk, blocks)
         forward = 0
         while forward < len(bounds):
             lo, hi = bounds[forward]
-            chosen = ([0] if lo == 0 else []) + list(range(lo + 1, hi + 1))
+            chosen = ([0] if forward == 0 else []) + list(range(lo + 1, hi + 1))
             try:
                 images = ops.transform_images(
                     sources, torch.from_numpy(image_sources[chosen]),
@@ -630,29 +668,32 @@ def measure(
                     model_dtype, channels_last,
                     force_reference=force_reference,
                 )
-                context.update(lo=lo, hi=hi, batch=size, seen=set())
+                context.update(lo=lo, hi=hi, first=forward == 0, batch=size, seen=set())
                 with torch.inference_mode(), LayerHooks(module, names, on_output), \
                         torch.autocast(device.type, torch.bfloat16, enabled=autocast):
                     output = module(images)
                     score_pending()
             except torch.cuda.OutOfMemoryError:
-                if chunk == 1:
+                if blocks == 1:
                     raise
                 _rollback(state, marks)
                 tables.clear()
                 pending.clear()
+                # Halve the elements per forward; below one element beside the identity block,
+                # give the identity block a forward of its own.
                 chunk = max(1, chunk // 2)
-                warnings.warn(f"out of memory: retrying with {chunk} elements per forward",
-                              stacklevel=2)
+                blocks = min(blocks - 1, chunk + 1)
+                warnings.warn(f"out of memory: retrying with at most {chunk} elements and "
+                              f"{blocks} blocks of images per forward", stacklevel=2)
                 logits_blocks = [None] * (count + 1)
                 identity.clear()
-                bounds = _forward_bounds(count, chunk)
+                bounds = _forward_bounds(count, chunk, blocks)
                 forward = 0
                 continue
             if isinstance(output, torch.Tensor) and output.dim() == 2:
-                blocks = output.float().view(len(chosen), size, -1)
+                per_block = output.float().view(len(chosen), size, -1)
                 for j, element in enumerate(chosen):
-                    logits_blocks[element] = blocks[j]
+                    logits_blocks[element] = per_block[j]
             forward += 1
         identity.clear()
         batch_tables = list(tables)
@@ -728,6 +769,7 @@ def measure(
         "margin": list(margin),
         "batch_size": batch_size,
         "elements_per_chunk": chunk,
+        "blocks_per_forward": blocks,
         "align": align if isinstance(align, (str, int, float)) else str(align),
         "subpixel": subpixel,
         "metrics": list(metric_names),

@@ -35,7 +35,7 @@ def test_bench_end_to_end_quick(tmp_path):
         assert check["max_abs_diff_corr"] < 1e-3
         for key in ("equifast_images_per_s", "naive_images_per_s", "speedup", "floor_time",
                     "overhead_pct", "overhead_steady_pct", "fixed_seconds", "batches_seconds",
-                    "elements_per_chunk"):
+                    "elements_per_chunk", "blocks_per_forward"):
             assert isinstance(row[key], (int, float)), key
         assert set(row["equifast_phases"]) == {"setup", "probe", "batches", "frame"}
         assert row["equifast_time"]["repeats"] == 1

@@ -275,18 +275,86 @@ def test_batches_finish_in_order():
     pd.testing.assert_frame_equal(batched.model_frame, whole.model_frame)
 
 
-@settings(max_examples=200, deadline=None)
-@given(count=st.integers(0, 60), chunk=st.integers(1, 20))
-def test_forward_bounds_spread_the_blocks_evenly(count, chunk):
+@settings(max_examples=300, deadline=None)
+@given(count=st.integers(0, 60), chunk=st.integers(1, 20), blocks=st.none() | st.integers(1, 21))
+def test_forward_bounds_spread_the_blocks_evenly(count, chunk, blocks):
     from equifast.engine import _forward_bounds
 
-    bounds = _forward_bounds(count, chunk)
-    forwards = 0 if count == 0 else 1 + -(-max(0, count - chunk) // chunk)  # chunk at a time
+    bounds = _forward_bounds(count, chunk, blocks)
+    most_blocks = chunk + 1 if blocks is None else blocks
+    first_most, later_most = min(chunk, most_blocks - 1), min(chunk, most_blocks)
+    # As few forwards as the limits allow: the first as full as it may be, then the later ones.
+    forwards = 0 if count == 0 else 1 + -(-max(0, count - first_most) // later_most)
     assert len(bounds) == forwards
     assert [lo for lo, _ in bounds] == [0, *(hi for _, hi in bounds[:-1])][:len(bounds)]
     assert (bounds[-1][1] if bounds else 0) == count
     sizes = [hi - lo for lo, hi in bounds]
-    assert all(1 <= size <= chunk for size in sizes)
+    assert all(size <= chunk for size in sizes)
+    assert all(size >= 1 for size in sizes[1:])  # only the first may be the identity block alone
     if bounds:
-        blocks = [sizes[0] + 1] + sizes[1:]  # the identity block rides with the first forward
-        assert max(blocks) == -(-(count + 1) // forwards)  # as even as the forwards allow
+        per_forward = [sizes[0] + 1] + sizes[1:]  # the identity block rides with the first
+        assert max(per_forward) <= most_blocks
+        # as even as the number of forwards allows: the first forward full, the others within
+        # one block of each other and of it
+        assert max(per_forward) == -(-(count + 1) // forwards)
+        assert min(per_forward) >= max(per_forward) - 1
+
+
+def test_forward_bounds_reject_empty_forwards():
+    from equifast.engine import _forward_bounds
+
+    with pytest.raises(ValueError, match="at least one element and one block"):
+        _forward_bounds(4, 0)
+    with pytest.raises(ValueError, match="at least one element and one block"):
+        _forward_bounds(4, 2, 0)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
+def test_elements_per_chunk_must_be_a_positive_integer(bad):
+    with pytest.raises(ValueError, match=r"elements_per_chunk: expected a positive integer"):
+        equifast.measure(_net(), torch.rand(2, 3, 24, 24), group=Translation([2]),
+                         progress=False, elements_per_chunk=bad)
+
+
+@pytest.mark.parametrize("batch,size,expected", [
+    (8, 112, (4, 4)),    # 32 images of 112 px: four blocks per forward
+    (16, 112, (2, 2)),
+    (4, 112, (6, 7)),    # every block in one forward
+    (8, 224, (1, 1)),    # one block per forward: the identity block alone first
+    (32, 224, (1, 1)),
+    (64, 48, (2, 2)),
+])
+def test_default_cpu_plan_bounds_the_pixels_per_forward(batch, size, expected):
+    from equifast.engine import CPU_PIXELS_PER_FORWARD, _default_plan, _forward_bounds
+
+    chunk, blocks = _default_plan(batch, 6, size * size, torch.device("cpu"))
+    assert (chunk, blocks) == expected
+    bounds = _forward_bounds(6, chunk, blocks)
+    images = [(hi - lo + (i == 0)) * batch for i, (lo, hi) in enumerate(bounds)]
+    assert max(images) * size * size <= max(CPU_PIXELS_PER_FORWARD, batch * size * size)
+
+
+def test_identity_block_alone_gives_the_same_results(monkeypatch):
+    """One block per forward (large images): the identity block gets a forward of its own, and
+    its kept features are compared in every later forward."""
+    from equifast import engine
+
+    net = _net()
+    seen = []
+    handle = net[0].register_forward_hook(lambda m, inputs, out: seen.append(out.shape[0]))
+    images = torch.rand(5, 3, 24, 24)
+    labels = torch.tensor([0, 1, 2, 3, 4])
+    kwargs = dict(labels=labels, group=Translation([2, 4]), progress=False, bootstrap=50,
+                  batch_size=3, align="center")
+    monkeypatch.setattr(engine, "CPU_PIXELS_PER_FORWARD", 1)
+    try:
+        alone = equifast.measure(net, images, **kwargs)
+    finally:
+        handle.remove()
+    assert alone.config["blocks_per_forward"] == 1
+    # the layout probe, then per batch (3 and 2 images) five forwards of one block each
+    assert seen[1:] == [3] * 5 + [2] * 5
+    whole = equifast.measure(net, images, elements_per_chunk=4, **kwargs)
+    assert whole.config["blocks_per_forward"] == 5
+    pd.testing.assert_frame_equal(_values(alone), _values(whole), rtol=1e-12, atol=1e-12)
+    pd.testing.assert_frame_equal(alone.model_frame, whole.model_frame)

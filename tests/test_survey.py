@@ -156,14 +156,15 @@ def test_layers_without_valid_positions_are_not_a_failure(tmp_path):
 def test_out_of_memory_halves_the_batch_until_it_fits(tmp_path):
     store_path = tmp_path / "s.sqlite"
     with pytest.warns(UserWarning, match="out of memory"):
-        summary = _survey(["eqtest_oom_above_8"], store_path, batch_size=16, limit=8)
-    assert summary.done == ["eqtest_oom_above_8"]
+        summary = _survey(["eqtest_oom_above_4"], store_path, batch_size=16, limit=8)
+    assert summary.done == ["eqtest_oom_above_4"]
     with open_store(store_path) as store:
         run = store.runs.iloc[0]
         errors = store.errors
-        assert store.result("eqtest_oom_above_8").config["images"] == 8
-    # Batches of 16 (all 8 photos) and 8 do not fit even at one element per forward (the engine
-    # shrinks that first): 2 x 8 images > 8; a batch of 4 does.
+        assert store.result("eqtest_oom_above_4").config["images"] == 8
+    # Batches of 16 (all 8 photos) and 8 do not fit even at one block of images per forward
+    # (the engine shrinks its forwards first, down to the identity block alone): 8 images > 4;
+    # a batch of 4 does.
     assert run["batch_size"] == 4 and run["attempts"] == 3
     assert list(errors.batch_size) == [16, 8] and list(errors.kind) == ["out_of_memory"] * 2
     assert not errors.fatal.any()
