@@ -315,6 +315,14 @@ def test_limit_spreads_over_classes_and_shards(messy_folder: Path) -> None:
     assert sorted(p for s in shards for p, _ in s.items) == sorted(p for p, _ in items)
 
 
+def test_images_beside_class_folders_are_named_in_a_warning(messy_folder: Path) -> None:
+    _make_jpeg(messy_folder / "stray.jpg", "chelsea")
+    with pytest.warns(UserWarning, match=r"1 image file\(s\) outside them \(e.g. 'stray.jpg'\)"):
+        items, classes = find_images(messy_folder)
+    assert classes == ["n001_cat", "n002_space", "n003_empty"]
+    assert all("stray" not in path for path, _ in items)
+
+
 def test_missing_and_empty_folders(tmp_path: Path) -> None:
     pre = Preprocess((32, 32))
     missing = tmp_path / "no_such_dir"

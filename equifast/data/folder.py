@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,18 +162,25 @@ def _scan_folder(root: Path) -> tuple[list[tuple[str, int]], list[str] | None]:
         if entry.is_dir() and not entry.name.startswith(".")
     )
     class_files = {name: _walk_images(root / name) for name in subdirs}
+    flat = sorted(
+        Path(entry.path)
+        for entry in os.scandir(root)
+        if entry.is_file() and not entry.name.startswith(".") and _is_image(Path(entry.name))
+    )
     if any(class_files.values()):
         # ImageNet-style. Empty class folders keep their index (as in a partial copy of ImageNet
         # val): dropping them would shift every later label against the model's outputs.
         items = [
             (str(file), label) for label, name in enumerate(subdirs) for file in class_files[name]
         ]
+        if flat:
+            warnings.warn(
+                f"{str(root)!r} has class subfolders ({len(subdirs)}, with {len(items)} images), "
+                f"so its {len(flat)} image file(s) outside them (e.g. {flat[0].name!r}) are not "
+                f"measured: move them into a class folder, or pass a folder of their own",
+                stacklevel=3,
+            )
         return items, subdirs
-    flat = sorted(
-        Path(entry.path)
-        for entry in os.scandir(root)
-        if entry.is_file() and not entry.name.startswith(".") and _is_image(Path(entry.name))
-    )
     if not flat:
         raise _no_images_error(root, "folder")
     return [(str(file), -1) for file in flat], None
