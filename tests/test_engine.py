@@ -358,3 +358,36 @@ def test_identity_block_alone_gives_the_same_results(monkeypatch):
     assert whole.config["blocks_per_forward"] == 5
     pd.testing.assert_frame_equal(_values(alone), _values(whole), rtol=1e-12, atol=1e-12)
     pd.testing.assert_frame_equal(alone.model_frame, whole.model_frame)
+
+
+def test_out_of_memory_shrinks_the_forwards_down_to_one_block(monkeypatch):
+    """The engine's out-of-memory path (a GPU's, raised here on the CPU): the elements per forward
+    halve, then the identity block gets a forward of its own; the results are those of a run that
+    fitted at once."""
+    net = _net()
+    images = torch.rand(5, 3, 24, 24)
+    kwargs = dict(group=Translation([2, 4, 6]), progress=False, bootstrap=20, batch_size=3,
+                  align="center")
+    fitted = equifast.measure(net, images, elements_per_chunk=6, **kwargs)
+    sizes = []
+    original = net.forward
+
+    def forward(x):
+        sizes.append(x.shape[0])
+        if x.shape[0] > 3:  # more than one block of the batch of 3
+            raise torch.cuda.OutOfMemoryError("test: pretend the stacked batch does not fit")
+        return original(x)
+
+    monkeypatch.setattr(net, "forward", forward)
+    with pytest.warns(UserWarning, match="out of memory: retrying with at most") as caught:
+        shrunk = equifast.measure(net, images, elements_per_chunk=6, **kwargs)
+    # 6 elements + identity in one forward, then at most 3 + 1 blocks, 1 + 1, then one block
+    assert [str(w.message) for w in caught] == [
+        f"out of memory: retrying with at most {chunk} elements and {blocks} blocks of images "
+        "per forward" for chunk, blocks in [(3, 4), (1, 2), (1, 1)]
+    ]
+    assert shrunk.config["elements_per_chunk"] == 1 and shrunk.config["blocks_per_forward"] == 1
+    # after the shrinking, both batches (3 and 2 images) run one block per forward, 7 each
+    assert sizes[-14:] == [3] * 7 + [2] * 7
+    pd.testing.assert_frame_equal(_values(shrunk), _values(fitted), rtol=1e-12, atol=1e-12)
+    pd.testing.assert_frame_equal(shrunk.model_frame, fitted.model_frame)
