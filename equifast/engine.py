@@ -443,7 +443,9 @@ def measure(
             for the device: on the CPU about 400,000 input pixels per forward (32 images of
             112 px, 8 of 224 px; never less than one block of ``batch_size`` images, and then the
             identity block has a forward of its own), on a GPU about 1024 images.
-        dtype: Model dtype on the device (default: float32 on the CPU, bfloat16 autocast on CUDA).
+        dtype: Model dtype on the device; the model is converted in place, as by ``Module.to``
+            (default: the model's own dtype when it is not float32, so that a float64 or half
+            model runs as it is; else float32 on the CPU and bfloat16 autocast on CUDA).
         channels_last: Input memory format (default: True on CUDA).
         limit: Use at most this many images.
         num_workers: Loader workers for a folder (DALI: CPU threads).
@@ -488,7 +490,7 @@ def measure(
         raise ValueError(f"elements_per_chunk: expected a positive integer or None, found "
                          f"{elements_per_chunk!r}")
 
-    from .models import LoadedModel, load_model, preprocess_for
+    from .models import LoadedModel, load_model, model_dtype_for, preprocess_for
 
     note = ""
     pretrained = None
@@ -510,11 +512,10 @@ def measure(
         parameter = next(module.parameters(), None)
         device = parameter.device if parameter is not None else torch.device("cpu")
     device = torch.device(device)
+    model_dtype, autocast = model_dtype_for(module, dtype, device)
     module.to(device)
-    autocast = dtype is None and device.type == "cuda"
-    model_dtype = dtype or torch.float32
     if dtype is not None:
-        module.to(dtype)
+        module.to(dtype)  # in place, as Module.to: the caller's model stays in this dtype
     if channels_last is None:
         channels_last = device.type == "cuda"
     if shard is not None:
@@ -950,9 +951,11 @@ def _probe(module, names, input_size, overrides, align, device, dtype, seed,
     except LayerOutputError:
         raise  # says which layer and why: not a matter of the input size
     except Exception as error:
+        shape = " x ".join(map(str, probe.shape))
         raise RuntimeError(
-            f"the model failed on a {input_size[0]}x{input_size[1]} input ({error}); pass "
-            "input_size=(H, W) that the model accepts"
+            f"the model failed on its probe input ({shape}, {str(dtype).replace('torch.', '')} "
+            f"on {device}): {type(error).__name__}: {error}. A model built for another input "
+            f"size needs input_size=(H, W); one that runs in another dtype needs dtype=..."
         ) from error
     names, layouts = measurable_layers(names, captured, hooks.unmeasurable, input_size,
                                        overrides, lenient)

@@ -165,6 +165,36 @@ def preprocess_for(model: nn.Module) -> Preprocess:
     return preprocess
 
 
+def model_dtype_for(model: nn.Module, dtype: torch.dtype | None,
+                    device: torch.device) -> tuple[torch.dtype, bool]:
+    """The dtype a measurement runs ``model`` in, and whether under bfloat16 autocast.
+
+    Args:
+        model: the module (its parameters tell its own dtype).
+        dtype: the caller's choice, or None.
+        device: where it runs.
+
+    Returns:
+        ``(dtype, autocast)``: ``dtype`` when given; else the model's own floating dtype when it
+        is not float32 (a float64 or half model runs as it is); else float32, under bfloat16
+        autocast on CUDA.
+
+    Raises:
+        TypeError: ``dtype`` is not a floating ``torch.dtype``.
+    """
+    if dtype is not None:
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(
+                "dtype: expected a floating torch.dtype (torch.float32, torch.float64, "
+                f"torch.bfloat16, torch.float16) or None, found {dtype!r}"
+            )
+        return dtype, False
+    own = next((t.dtype for t in model.parameters() if t.is_floating_point()), None)
+    if own is not None and own != torch.float32:
+        return own, False
+    return torch.float32, device.type == "cuda"
+
+
 def _replace_input_size(preprocess: Preprocess, size: tuple[int, int]) -> Preprocess:
     # keep crop_pct: the same share of the image at the new size, as timm's eval does
     return Preprocess(

@@ -662,7 +662,8 @@ def measure(
         bootstrap: Resamples of the 95% intervals (0: none).
         seed: Seed of the bootstrap and the alignment probe.
         elements_per_chunk: Ignored.
-        dtype: Model dtype (default float32; bfloat16 autocast on CUDA).
+        dtype: Model dtype; the model is converted in place, as by ``Module.to`` (default: the
+            model's own dtype when it is not float32; else float32, bfloat16 autocast on CUDA).
         channels_last: Input memory format (default: True on CUDA).
         limit: At most this many images.
         num_workers: Loader workers for a folder.
@@ -684,7 +685,7 @@ def measure(
     if batch_size < 1:
         raise ValueError(f"batch_size: expected a positive integer, found {batch_size}")
 
-    from .models import load_model, preprocess_for
+    from .models import load_model, model_dtype_for, preprocess_for
 
     note, pretrained = "", None
     if isinstance(model, str):
@@ -708,11 +709,10 @@ def measure(
         parameter = next(module.parameters(), None)
         device = parameter.device if parameter is not None else torch.device("cpu")
     device = torch.device(device)
+    model_dtype, autocast = model_dtype_for(module, dtype, device)
     module.to(device)
-    autocast = dtype is None and device.type == "cuda"
-    model_dtype = dtype or torch.float32
     if dtype is not None:
-        module.to(dtype)
+        module.to(dtype)  # in place, as Module.to: the caller's model stays in this dtype
     if channels_last is None:
         channels_last = device.type == "cuda"
 

@@ -78,3 +78,45 @@ def test_bad_arguments():
 def test_sources_leave_no_image():
     with pytest.raises(ValueError, match=r"leave no image.*smaller shifts"):
         equifast.measure(_net(), torch.rand(2, 3, 40, 40), progress=False)
+
+
+@pytest.mark.parametrize("measure", ["engine", "naive"])
+def test_a_model_runs_in_its_own_dtype_by_default(measure):
+    """A float64 model needs no dtype argument (before, float32 probe inputs failed in the first
+    convolution with a message about the input size); dtype converts the model in place."""
+    from equifast import naive
+
+    fn = equifast.measure if measure == "engine" else naive.measure
+    images = torch.rand(3, 3, 24, 24)
+    kwargs = dict(group=equifast.Translation([2]), progress=False, bootstrap=0)
+    net = _net().double()
+    result = fn(net, images, **kwargs)
+    assert result.config["dtype"] == "float64"
+    converted = _net()
+    fn(converted, images, dtype=torch.float64, **kwargs)
+    assert next(converted.parameters()).dtype == torch.float64  # as Module.to(dtype)
+    again = fn(converted, images, **kwargs)  # a later call without dtype keeps working
+    assert again.config["dtype"] == "float64"
+
+
+@pytest.mark.parametrize("bad", ["float64", torch.int32, 64])
+def test_dtype_must_be_a_floating_torch_dtype(bad):
+    net = _net()
+    with pytest.raises(TypeError, match=r"dtype: expected a floating torch.dtype .* found"):
+        equifast.measure(net, torch.rand(2, 3, 24, 24), dtype=bad, progress=False)
+    assert next(net.parameters()).dtype == torch.float32  # nothing converted before the check
+
+
+def test_a_model_that_fails_on_the_probe_input_names_the_input():
+    class NeedsFourChannels(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    with pytest.raises(RuntimeError, match=r"probe input \(2 x 3 x 20 x 20, float32 on cpu\): "
+                                           r"RuntimeError: .*input_size=\(H, W\).*dtype="):
+        equifast.measure(NeedsFourChannels(), torch.rand(2, 3, 24, 24), layers=["conv"],
+                         group=equifast.Translation([2]), input_size=(20, 20), progress=False)
