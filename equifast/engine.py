@@ -33,6 +33,7 @@ from torch import nn
 from . import _ext, ops
 from . import distributed as _dist
 from .align import AlignSpec, find_offsets, probe_inputs
+from .data.geometry import check_input_size
 from .groups import (
     IDENTITY,
     PROTOCOL_CODES,
@@ -484,6 +485,7 @@ def measure(
         raise ValueError(f"subpixel: expected 'bilinear' or 'skip', found {subpixel!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size: expected a positive integer, found {batch_size}")
+    input_size = check_input_size(input_size)
     if elements_per_chunk is not None and (
             not isinstance(elements_per_chunk, numbers.Integral)
             or isinstance(elements_per_chunk, bool) or elements_per_chunk < 1):

@@ -251,7 +251,8 @@ def Translation(  # noqa: N802 - reads as a class, like torchvision's transforms
 
     Args:
         shifts: ``[(dy, dx), ...]``, or a list of numbers ``d`` meaning ``(0, d)`` and ``(d, 0)``.
-            Default: 8, 16 and 32 pixels along each axis (most layers then re-align exactly).
+            Default: 8, 16 and 32 pixels along each axis (most layers then re-align exactly). A
+            zero shift is the identity, which is always measured: it is left out.
         protocol: ``"crop"`` (default, for real data), ``"circular"`` or ``"zero"``.
 
     Example:
@@ -271,6 +272,8 @@ def Translation(  # noqa: N802 - reads as a class, like torchvision's transforms
     elements = []
     for dy, dx in pairs:
         dy, dx = _clean_number(dy), _clean_number(dx)
+        if dy == 0 and dx == 0:
+            continue  # the identity, always measured (a number d = 0 would give it twice)
         elements.append(
             Element(
                 f"translate({dy},{dx})",
@@ -358,23 +361,38 @@ def parse_group(spec: str) -> Group:
         for part in parts[1:]:
             group = group * part
         return group
-    head, _, args = spec.partition(":")
-    kind, protocol = head, None
-    if "[" in head and head.endswith("]"):
-        kind, protocol = head[:-1].split("[", 1)
-    values = [v for v in args.split(",") if v.strip()] if args else []
+    head, colon, args = spec.partition(":")
+    kind, protocol = head.strip(), None
+    if "[" in kind and kind.endswith("]"):
+        kind, protocol = kind[:-1].split("[", 1)
+    values = [v.strip() for v in args.split(",")] if colon else []
+    if colon and not all(values):
+        raise ValueError(
+            f"group spec {spec!r}: expected comma-separated values after ':', found an empty one "
+            "(e.g. 'translate:8,16,32', 'rotate:90,180')"
+        )
+
+    def number(text: str) -> float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"expected a number, found {text!r}") from None
+
     try:
         if kind in ("translate", "translation", "shift"):
             shifts: list = []
             for value in values:
                 if "/" in value:
-                    dy, dx = value.split("/")
-                    shifts.append((float(dy), float(dx)))
+                    pair = value.split("/")
+                    if len(pair) != 2:
+                        raise ValueError(
+                            f"expected a shift 'dy/dx' of two numbers, found {value!r}")
+                    shifts.append((number(pair[0]), number(pair[1])))
                 else:
-                    shifts.append(float(value))
+                    shifts.append(number(value))
             return Translation(shifts or None, protocol=protocol or "crop")
         if kind in ("rotate", "rotation"):
-            angles = [float(v) for v in values] or [90, 180, 270]
+            angles = [number(v) for v in values] or [90, 180, 270]
             return Rotation(angles, protocol=protocol or "crop")
         if kind == "flip":
             return Flip([v.strip() for v in values] or "horizontal")

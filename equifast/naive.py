@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .align import AlignSpec, find_offsets
+from .data.geometry import check_input_size
 from .groups import INTEGER_TOLERANCE, Group, default_group, feature_source_affines, parse_group
 from .layers import LayerHooks, LayerSpec, is_broad_selection, measurable_layers, select_layers
 from .layouts import FeatureLayout, grid_view
@@ -684,6 +685,7 @@ def measure(
         raise ValueError(f"subpixel: expected 'bilinear' or 'skip', found {subpixel!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size: expected a positive integer, found {batch_size}")
+    input_size = check_input_size(input_size)
 
     from .models import load_model, model_dtype_for, preprocess_for
 

@@ -120,3 +120,17 @@ def test_a_model_that_fails_on_the_probe_input_names_the_input():
                                            r"RuntimeError: .*input_size=\(H, W\).*dtype="):
         equifast.measure(NeedsFourChannels(), torch.rand(2, 3, 24, 24), layers=["conv"],
                          group=equifast.Translation([2]), input_size=(20, 20), progress=False)
+
+
+@pytest.mark.parametrize("measure", ["engine", "naive"])
+def test_input_size_is_a_pair_or_one_integer(measure):
+    from equifast import naive
+
+    fn = equifast.measure if measure == "engine" else naive.measure
+    kwargs = dict(group=equifast.Translation([2]), progress=False, bootstrap=0)
+    images = torch.rand(2, 3, 24, 24)
+    square = fn(_net(), images, input_size=20, **kwargs)
+    assert square.config["input_size"] == [20, 20]
+    for bad in [(20, 20, 3), (20,), 0, (20, -1), "20", (20.5, 20), True]:
+        with pytest.raises(ValueError, match=r"input_size: expected \(H, W\).* found"):
+            fn(_net(), images, input_size=bad, **kwargs)

@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +37,7 @@ __all__ = [
     "Preprocess",
     "apply_crop_plan",
     "as_margin",
+    "check_input_size",
     "crop_plan",
     "resize_and_crop",
     "resized_size",
@@ -62,6 +64,28 @@ INTERPOLATIONS: dict[str, Image.Resampling] = {
 # timm's third mode, "border", pads with the mean colour; a padded border is exactly what the crop
 # protocol avoids, so models configured with it are read as "center" (see models.py).
 CROP_MODES = ("center", "squash")
+
+
+def check_input_size(value) -> tuple[int, int] | None:
+    """A caller's ``input_size``: None, one positive integer (a square) or a pair ``(H, W)``.
+
+    Raises:
+        ValueError: anything else (named, with what was expected).
+    """
+    if value is None:
+        return None
+    size = (value, value) if isinstance(value, numbers.Integral) else value
+    try:
+        pair = tuple(size)
+    except TypeError:
+        pair = ()
+    if (len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, numbers.Integral)
+                              for v in pair) or min(pair) < 1):
+        raise ValueError(
+            "input_size: expected (H, W), two positive integers, or one positive integer for a "
+            f"square input; found {value!r}"
+        )
+    return int(pair[0]), int(pair[1])
 
 
 @dataclass(frozen=True)
