@@ -54,7 +54,7 @@ from .layers import (
 )
 from .layouts import FeatureLayout
 from .ops import COMPARISONS, merge_stats
-from .result import FRAME_COLUMNS, MODEL_COLUMNS, Result
+from .result import FRAME_COLUMNS, MODEL_COLUMNS, Result, warn_undefined_elements
 from .scores import check_metrics, corr_vs_chance, score_stats
 
 DataSpec = Any  # tensor, iterable of (images, labels), folder path, or "samples"/None
@@ -105,6 +105,11 @@ def _check_sources(images: torch.Tensor, where: str) -> torch.Tensor:
         raise ValueError(f"{where}: the batch holds no images (shape {tuple(images.shape)})")
     if not (images.dtype == torch.uint8 or images.is_floating_point()):
         raise TypeError(f"{where}: expected uint8 or floating images, found {images.dtype}")
+    if images.is_floating_point():
+        bad = int((~torch.isfinite(images)).sum())
+        if bad:
+            raise ValueError(f"{where}: expected finite pixel values, found {bad} NaN or infinite "
+                             f"of {images.numel()}")
     return images
 
 
@@ -697,6 +702,10 @@ def measure(
                 per_block = output.float().view(len(chosen), size, -1)
                 for j, element in enumerate(chosen):
                     logits_blocks[element] = per_block[j]
+            elif not isinstance(output, torch.Tensor) and not context.get("warned_output"):
+                # (a tensor of another shape is a backbone's features: nothing to say)
+                context["warned_output"] = True
+                _warn_no_logits(output)
             forward += 1
         identity.clear()
         batch_tables = list(tables)
@@ -793,6 +802,7 @@ def measure(
     }
     if shard is not None:
         config = _dist.broadcast_object({**config, "world_size": shard.world})
+    warn_undefined_elements(frame, subpixel)
     return Result(frame=frame, model_frame=model_frame, config=config, skipped=plan.skipped)
 
 
@@ -873,6 +883,15 @@ class _HeapTrimmer:
         elif resident > self.limit and _malloc_trim():
             after = _resident_bytes()
             self.limit = max(self.limit, (after if after is not None else resident) + _TRIM_SLACK)
+
+
+def _warn_no_logits(output: Any) -> None:
+    warnings.warn(
+        f"the model's output is a {type(output).__name__}, not (batch, classes) logits: the "
+        "result has no consistency or top-1 / top-5 (model_frame is empty); the layers' scores "
+        "are unaffected",
+        stacklevel=4,  # the caller of measure
+    )
 
 
 def _version() -> str:

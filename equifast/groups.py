@@ -252,7 +252,7 @@ def Translation(  # noqa: N802 - reads as a class, like torchvision's transforms
     Args:
         shifts: ``[(dy, dx), ...]``, or a list of numbers ``d`` meaning ``(0, d)`` and ``(d, 0)``.
             Default: 8, 16 and 32 pixels along each axis (most layers then re-align exactly). A
-            zero shift is the identity, which is always measured: it is left out.
+            number 0 gives one element, ``(0, 0)``.
         protocol: ``"crop"`` (default, for real data), ``"circular"`` or ``"zero"``.
 
     Example:
@@ -264,7 +264,8 @@ def Translation(  # noqa: N802 - reads as a class, like torchvision's transforms
     pairs: list[tuple[float, float]] = []
     for shift in shifts:
         if isinstance(shift, (int, float, np.integer, np.floating)):
-            pairs += [(0, shift), (shift, 0)]
+            # d = 0 is one element (a control: the identity moved by nothing), not the same twice
+            pairs += [(0, shift), (shift, 0)] if shift != 0 else [(0, 0)]
         else:
             if len(shift) != 2:
                 raise ValueError(f"a shift is a number or a pair (dy, dx), found {shift!r}")
@@ -272,8 +273,6 @@ def Translation(  # noqa: N802 - reads as a class, like torchvision's transforms
     elements = []
     for dy, dx in pairs:
         dy, dx = _clean_number(dy), _clean_number(dx)
-        if dy == 0 and dx == 0:
-            continue  # the identity, always measured (a number d = 0 would give it twice)
         elements.append(
             Element(
                 f"translate({dy},{dx})",

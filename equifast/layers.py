@@ -73,20 +73,31 @@ def _open_containers(model: nn.Module) -> list[str]:
         layers[at:at + 1] = children_of(largest)
 
 
-def default_layers(model: nn.Module) -> list[str]:
-    """The stage/block outputs: timm ``feature_info`` modules, else the top-level children, with
-    the trunk opened until there are a few (``features.0`` ... of a torchvision MobileNet, the
-    ``encoder.layers`` of a torchvision ViT)."""
-    names = dict(model.named_modules())
+def _feature_info_modules(model: nn.Module) -> list[str]:
+    """The modules a timm ``feature_info`` names (stage outputs) that ``model`` has."""
     feature_info = getattr(model, "feature_info", None)
+    if not isinstance(feature_info, (list, tuple)):
+        return []
+    names = dict(model.named_modules())
     found: list[str] = []
-    if isinstance(feature_info, (list, tuple)):
-        for info in feature_info:
-            module = info.get("module") if isinstance(info, dict) else None
-            if module and module in names and module not in found:
-                found.append(module)
-    if found:
-        return found
+    for info in feature_info:
+        module = info.get("module") if isinstance(info, dict) else None
+        if module and module in names and module not in found:
+            found.append(module)
+    return found
+
+
+def default_layers(model: nn.Module) -> list[str]:
+    """The stage/block outputs: timm ``feature_info`` modules (of the model, or of the outermost
+    submodule that has them), else the top-level children, with the trunk opened until there are a
+    few (``features.0`` ... of a torchvision MobileNet, the ``encoder.layers`` of a torchvision
+    ViT)."""
+    # The model's own feature_info, else that of the outermost submodule that has one (a timm
+    # model wrapped in the user's module: its stages, under the wrapper's names).
+    for prefix, module in model.named_modules():
+        found = _feature_info_modules(module)
+        if found:
+            return [f"{prefix}.{name}" if prefix else name for name in found]
     children = _open_containers(model)
     if not children:
         raise ValueError(

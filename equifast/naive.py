@@ -58,7 +58,7 @@ from .data.geometry import check_input_size
 from .groups import INTEGER_TOLERANCE, Group, default_group, feature_source_affines, parse_group
 from .layers import LayerHooks, LayerSpec, is_broad_selection, measurable_layers, select_layers
 from .layouts import FeatureLayout, grid_view
-from .result import FRAME_COLUMNS, MODEL_COLUMNS, Result
+from .result import FRAME_COLUMNS, MODEL_COLUMNS, Result, warn_undefined_elements
 
 __all__ = ["COMPARISONS", "METRICS", "measure", "realign", "transform"]
 
@@ -422,6 +422,11 @@ def _sources_tensor(images, where: str) -> torch.Tensor:
         )
     if not (images.dtype == torch.uint8 or images.is_floating_point()):
         raise TypeError(f"{where}: expected uint8 or floating images, found {images.dtype}")
+    if images.is_floating_point():
+        bad = int((~torch.isfinite(images)).sum())
+        if bad:
+            raise ValueError(f"{where}: expected finite pixel values, found {bad} NaN or infinite "
+                             f"of {images.numel()}")
     return images
 
 
@@ -755,6 +760,7 @@ def measure(
     pooled_sums: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     consistency_rows: list[np.ndarray] = []
     top_rows: list[np.ndarray] = []
+    warned_output: list[bool] = []  # one warning per call for output that is not logits
 
     def forward(images: torch.Tensor):
         """One forward; returns the output and a float64 ``(B, C, h, w)`` view of every layer."""
@@ -780,6 +786,11 @@ def measure(
             else:
                 grids[name] = grid_view(kept[name], layout)
         logits = output.float() if isinstance(output, torch.Tensor) and output.dim() == 2 else None
+        if not isinstance(output, torch.Tensor) and not warned_output:
+            warned_output.append(True)
+            warnings.warn(f"the model's output is a {type(output).__name__}, not (batch, classes) "
+                          "logits: the result has no consistency or top-1 / top-5 (model_frame "
+                          "is empty); the layers' scores are unaffected", stacklevel=4)
         return logits, grids
 
     def run_batch(sources: torch.Tensor, batch_labels: torch.Tensor | None) -> None:
@@ -893,6 +904,7 @@ def measure(
         "images_per_second": images_done / elapsed if elapsed > 0 else None,
         "versions": {"torch": torch.__version__},
     }
+    warn_undefined_elements(frame, subpixel)
     return Result(frame=frame, model_frame=model_frame, config=config, skipped=source.skipped)
 
 

@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,29 @@ FRAME_COLUMNS = [
     "comparison", "metric", "value", "ci_low", "ci_high", "n", "pooled",
 ]
 MODEL_COLUMNS = ["model", "metric", "value", "ci_low", "ci_high", "n"]
+
+
+def warn_undefined_elements(frame: pd.DataFrame, subpixel: str = "bilinear") -> list[str]:
+    """Warn about group elements whose every score is NaN, in every layer; returns them.
+
+    Such an element leaves no position where the moved features and the re-aligned original
+    both exist (a shift as large as the feature grids), no layer re-aligns it exactly under
+    ``subpixel="skip"``, or every feature it compares is constant.
+    """
+    elements = frame[frame.element != "mean"]
+    if elements.empty:
+        return []
+    undefined = elements.groupby("element", sort=False)["value"].apply(lambda v: v.isna().all())
+    names = [name for name, empty in undefined.items() if empty]
+    if names:
+        skip = ", no layer re-aligns them exactly (subpixel='skip')," if subpixel == "skip" else ""
+        warnings.warn(
+            f"group elements {names}: every score is NaN in every layer: the moved features share "
+            f"no position with the original ones (a shift as large as the feature grids?){skip} "
+            "or they are constant",
+            stacklevel=3,
+        )
+    return names
 
 
 @dataclass

@@ -134,3 +134,37 @@ def test_input_size_is_a_pair_or_one_integer(measure):
     for bad in [(20, 20, 3), (20,), 0, (20, -1), "20", (20.5, 20), True]:
         with pytest.raises(ValueError, match=r"input_size: expected \(H, W\).* found"):
             fn(_net(), images, input_size=bad, **kwargs)
+
+
+@pytest.mark.parametrize("measure", ["engine", "naive"])
+def test_silent_failures_are_named(measure):
+    """Non-finite pixels are refused; elements without any defined score and models whose output
+    is not logits are named in a warning."""
+    from equifast import naive
+
+    fn = equifast.measure if measure == "engine" else naive.measure
+    kwargs = dict(progress=False, bootstrap=0)
+    images = torch.rand(2, 3, 24, 24)
+    poisoned = images.clone()
+    poisoned[1, 0, 3, 4] = float("nan")
+    poisoned[0, 2, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"expected finite pixel values, found 2 NaN or infinite"):
+        fn(_net(), poisoned, group=equifast.Translation([2]), **kwargs)
+    # a shift of the whole input: the moved and the original features share no position
+    with pytest.warns(UserWarning, match=r"\['translate\(0,24\)', 'translate\(24,0\)'\]: every "
+                                         r"score is NaN"):
+        fn(_net(), torch.rand(2, 3, 72, 72), group=equifast.Translation([2, 24]),
+           input_size=(24, 24), **kwargs)
+
+    class TupleOut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = _net()
+
+        def forward(self, x):
+            return self.body(x), x.mean()
+
+    with pytest.warns(UserWarning, match=r"output is a tuple, not \(batch, classes\) logits"):
+        result = fn(TupleOut(), images, group=equifast.Translation([2]), layers=["body.0"],
+                    **kwargs)
+    assert result.model_frame.empty and not result.frame.empty

@@ -153,8 +153,9 @@ def test_hooks_take_the_batch_first_output_and_refuse_others():
     images = torch.rand(3, 3, 8, 8)
     group = equifast.Translation([1, 2], protocol="circular")
     model = nn.Sequential(conv, _TupleBlock()).eval()
-    result = equifast.measure(model, images, group=group, layers=["1"], bootstrap=0,
-                              progress=False)
+    with pytest.warns(UserWarning, match="output is a tuple, not"):  # no logits
+        result = equifast.measure(model, images, group=group, layers=["1"], bootstrap=0,
+                                  progress=False)
     eq = result.frame.query("metric == 'corr' and comparison == 'eq' and element == 'mean'")
     assert eq.layout.tolist() == ["NLC"] and eq.value.iloc[0] == pytest.approx(1.0, abs=1e-6)
 
@@ -250,3 +251,19 @@ def test_an_empty_selection_is_a_clear_error():
     with pytest.raises(ValueError, match="selection is empty"):
         equifast.measure(model, torch.rand(2, 3, 8, 8), group="translate[circular]:1", layers=[],
                          progress=False)
+
+
+def test_default_layers_of_a_wrapped_timm_model_are_its_stages():
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.normalize = nn.Identity()
+            self.net = timm.create_model("resnet10t")
+            self.extra = nn.Linear(1000, 3)
+
+        def forward(self, x):
+            return self.extra(self.net(self.normalize(x)))
+
+    wrapper = Wrapper()
+    stages = [info["module"] for info in wrapper.net.feature_info]
+    assert default_layers(wrapper) == [f"net.{name}" for name in stages]
