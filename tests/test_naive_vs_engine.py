@@ -352,15 +352,17 @@ def test_resnet_rotations_and_flip(resnet, align):
 
 def test_resnet_subpixel_skip_and_zero_rotation(resnet):
     group = Translation([4, 8]) + Rotation([30], protocol="zero")
-    _check(
-        resnet,
-        _sources(32, 8, count=3),
-        group=group,
-        layers=["layer1", "layer2"],
-        subpixel="skip",
-        batch_size=3,
-        align="corner",
-    )
+    # no layer re-aligns a 30-degree turn exactly: both loops name it
+    with pytest.warns(UserWarning, match=r"\['rotate\(30\)'\]: every score is NaN.*'skip'"):
+        _check(
+            resnet,
+            _sources(32, 8, count=3),
+            group=group,
+            layers=["layer1", "layer2"],
+            subpixel="skip",
+            batch_size=3,
+            align="corner",
+        )
 
 
 def test_vit_nlc_with_class_token():
