@@ -976,7 +976,7 @@ def _probe(module, names, input_size, overrides, align, device, dtype, seed,
         raise RuntimeError(
             f"the model failed on its probe input ({shape}, {str(dtype).replace('torch.', '')} "
             f"on {device}): {type(error).__name__}: {error}. A model built for another input "
-            f"size needs input_size=(H, W); one that runs in another dtype needs dtype=..."
+            "size needs input_size=(H, W); one that runs in another dtype needs dtype=..."
         ) from error
     names, layouts = measurable_layers(names, captured, hooks.unmeasurable, input_size,
                                        overrides, lenient)
