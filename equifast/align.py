@@ -15,6 +15,7 @@ snapped to half a pixel. ``"center"`` assumes ``o = (s - 1) / 2``, ``"corner"`` 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Mapping
 
 import torch
@@ -30,6 +31,33 @@ def _snap(value: float) -> float:
     return round(value * 2.0) / 2.0
 
 
+def _align_error(align) -> ValueError:
+    return ValueError(
+        "align: expected 'auto', 'center', 'corner', a finite number, an (offset_y, offset_x) "
+        f"pair of them or a dict of those per layer; found {align!r}"
+    )
+
+
+def _finite_number(value) -> bool:
+    return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def check_align(align: AlignSpec) -> AlignSpec:
+    """``align`` as given, once every spec in it is one :func:`find_offsets` accepts."""
+    specs = list(align.values()) if isinstance(align, Mapping) else [align]
+    for spec in specs:
+        if isinstance(spec, str):
+            if spec not in ("auto", "center", "corner"):
+                raise _align_error(align)
+        elif isinstance(spec, (tuple, list)):
+            if len(spec) != 2 or not all(_finite_number(v) for v in spec):
+                raise _align_error(align)
+        elif not _finite_number(spec):
+            raise _align_error(align)
+    return align
+
+
 def fixed_offset(layout: FeatureLayout, align) -> tuple[float, float]:
     """Offset for a non-``auto`` spec."""
     if layout.kind == "vector":
@@ -39,14 +67,11 @@ def fixed_offset(layout: FeatureLayout, align) -> tuple[float, float]:
         return ((stride_y - 1) / 2.0, (stride_x - 1) / 2.0)
     if align == "corner":
         return (0.0, 0.0)
-    if isinstance(align, (int, float)):
+    if _finite_number(align):
         return (float(align), float(align))
-    if isinstance(align, (tuple, list)) and len(align) == 2:
+    if isinstance(align, (tuple, list)) and len(align) == 2 and all(map(_finite_number, align)):
         return (float(align[0]), float(align[1]))
-    raise ValueError(
-        f"align: expected 'auto', 'center', 'corner', a number, a (offset_y, offset_x) pair or a "
-        f"dict of those per layer; found {align!r}"
-    )
+    raise _align_error(align)
 
 
 def find_offsets(

@@ -33,11 +33,32 @@ def _parse_size(text: str) -> tuple[int, int]:
     return values[0], values[1]
 
 
+def _count(minimum: int):
+    """An argparse type: an integer of at least ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, found {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, found {value}")
+        return value
+
+    return parse
+
+
 def _parse_align(text: str):
+    from equifast.align import check_align
+
     try:
-        return float(text)
+        value: float | str = float(text)
     except ValueError:
-        return text
+        value = text
+    try:
+        return check_align(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,8 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     measure.add_argument("--layers", nargs="+", default=None,
                          help="module names or globs (default: stage outputs); 'leaves' for all")
     measure.add_argument("--metrics", nargs="+", default=None, help="scores to report")
-    measure.add_argument("--batch-size", type=int, default=16)
-    measure.add_argument("--limit", type=int, default=None, help="use at most this many images")
+    measure.add_argument("--batch-size", type=_count(1), default=16)
+    measure.add_argument("--limit", type=_count(1), default=None,
+                         help="use at most this many images")
     measure.add_argument("--device", default=None,
                          help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     measure.add_argument("--input-size", type=_parse_size, default=None, help="H,W of the input")
@@ -70,9 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="grid offsets: auto | center | corner | a number")
     measure.add_argument("--subpixel", choices=("bilinear", "skip"), default="bilinear")
     measure.add_argument("--pooled", action="store_true", help="score pooled statistics")
-    measure.add_argument("--bootstrap", type=int, default=1000)
+    measure.add_argument("--bootstrap", type=_count(0), default=1000)
     measure.add_argument("--seed", type=int, default=0)
-    measure.add_argument("--workers", type=int, default=None, help="loader workers")
+    measure.add_argument("--workers", type=_count(0), default=None, help="loader workers")
     measure.add_argument("--loader", choices=("auto", "dali", "folder"), default="auto",
                          help="image folder loader: NVIDIA DALI, Pillow, or DALI when installed")
     measure.add_argument("--reference", action="store_true",
@@ -131,18 +153,19 @@ def _add_survey_commands(commands) -> None:
                         help="measure again models that failed with this configuration")
     survey.add_argument("--layers", nargs="+", default=None)
     survey.add_argument("--metrics", nargs="+", default=None)
-    survey.add_argument("--batch-size", type=int, default=32)
-    survey.add_argument("--min-batch-size", type=int, default=1,
+    survey.add_argument("--batch-size", type=_count(1), default=32)
+    survey.add_argument("--min-batch-size", type=_count(1), default=1,
                         help="out of memory halves the batch down to this size, then gives up")
-    survey.add_argument("--limit", type=int, default=None, help="use at most this many images")
+    survey.add_argument("--limit", type=_count(1), default=None,
+                        help="use at most this many images")
     survey.add_argument("--device", default=None,
                         help="cpu, cuda ... (default: cuda when available; a Ray task's GPU)")
     survey.add_argument("--input-size", type=_parse_size, default=None)
     survey.add_argument("--align", type=_parse_align, default="auto")
     survey.add_argument("--pooled", action="store_true")
-    survey.add_argument("--bootstrap", type=int, default=1000)
+    survey.add_argument("--bootstrap", type=_count(0), default=1000)
     survey.add_argument("--seed", type=int, default=0)
-    survey.add_argument("--workers", type=int, default=None, help="loader workers")
+    survey.add_argument("--workers", type=_count(0), default=None, help="loader workers")
     survey.add_argument("--loader", choices=("auto", "dali", "folder"), default="auto")
     survey.add_argument("--ray", nargs="?", const=True, default=None, metavar="ADDRESS",
                         help="one Ray task per model; no ADDRESS: a local Ray, or 'auto', "
@@ -164,6 +187,10 @@ def _run_survey(args: argparse.Namespace) -> int:
 
     if not args.models and not args.model_list:
         raise ValueError("survey: give --models NAME|GLOB ... or --model-list FILE")
+    if args.metrics is not None:  # checked before any model runs (each would fail on it)
+        from equifast.scores import check_metrics
+
+        check_metrics(args.metrics)
     measure_kwargs = {
         "layers": args.layers, "metrics": args.metrics, "limit": args.limit,
         "device": args.device, "input_size": args.input_size, "align": args.align,
@@ -211,6 +238,8 @@ def _measure(args: argparse.Namespace, main: bool) -> int:
     import equifast
     from equifast.models import load_model
 
+    # Checked before the measurement, so that a bad --out cannot lose a finished run.
+    table_path, plot_path = _output_paths(args.out)
     # Random init (no cached weights) is seeded too, so that a run can be repeated.
     torch.manual_seed(args.seed)
     loaded = load_model(args.model)
@@ -240,11 +269,6 @@ def _measure(args: argparse.Namespace, main: bool) -> int:
             print(f"  {path}: {reason}")
     if not main:
         return 0
-    out = Path(args.out)
-    if out.suffix in (".parquet", ".csv"):
-        table_path, plot_path = out, out.with_suffix(".png")
-    else:
-        table_path, plot_path = out / "result.parquet", out / "depth.png"
     result.save(table_path)
     print(f"wrote {table_path}")
     if not args.no_plot:
@@ -254,6 +278,23 @@ def _measure(args: argparse.Namespace, main: bool) -> int:
         plot_depth(result).savefig(plot_path, dpi=120)
         print(f"wrote {plot_path}")
     return 0
+
+
+def _output_paths(out: str) -> tuple[Path, Path]:
+    """``(table, plot)`` paths of ``--out``: a .parquet / .csv file (any case), else a folder."""
+    path = Path(out)
+    if path.suffix.lower() in (".parquet", ".csv"):
+        if path.is_dir():
+            raise ValueError(f"--out {out}: is a folder; expected a .parquet or .csv file name")
+        return path, path.with_suffix(".png")
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {out}: is an existing file; expected a .parquet or .csv file "
+                         "name, or a folder (for result.parquet and depth.png)")
+    if path.suffix.lower() in (".json", ".png", ".pdf", ".svg", ".html", ".txt", ".pkl", ".pt",
+                               ".xlsx", ".feather"):
+        raise ValueError(f"--out {out}: expected a .parquet or .csv file name, or a folder "
+                         f"(for result.parquet and depth.png); found a {path.suffix} file name")
+    return path / "result.parquet", path / "depth.png"
 
 
 def _run_info() -> int:
@@ -297,9 +338,14 @@ def main(argv: list[str] | None = None) -> int:
             return _run_export(args)
         if args.command == "report":
             return _run_report(args)
-    except (ValueError, FileNotFoundError, KeyError, TypeError) as error:
+    except (ValueError, FileNotFoundError, KeyError, TypeError, ImportError) as error:
         print(f"equifast: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        resume = (" (the store keeps every finished model: run the same command to resume)"
+                  if args.command == "survey" else "")
+        print(f"equifast: interrupted{resume}", file=sys.stderr)
+        return 130
     return 1
 
 

@@ -32,7 +32,7 @@ from torch import nn
 
 from . import _ext, ops
 from . import distributed as _dist
-from .align import AlignSpec, find_offsets, probe_inputs
+from .align import AlignSpec, check_align, find_offsets, probe_inputs
 from .data.geometry import check_input_size
 from .groups import (
     IDENTITY,
@@ -491,13 +491,19 @@ def measure(
     if batch_size < 1:
         raise ValueError(f"batch_size: expected a positive integer, found {batch_size}")
     input_size = check_input_size(input_size)
+    check_align(align)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, numbers.Integral)
+                              or limit < 1):
+        raise ValueError(f"limit: expected a positive integer or None, found {limit!r}")
+    if isinstance(bootstrap, bool) or not isinstance(bootstrap, numbers.Integral) or bootstrap < 0:
+        raise ValueError(f"bootstrap: expected a number of resamples >= 0, found {bootstrap!r}")
     if elements_per_chunk is not None and (
             not isinstance(elements_per_chunk, numbers.Integral)
             or isinstance(elements_per_chunk, bool) or elements_per_chunk < 1):
         raise ValueError(f"elements_per_chunk: expected a positive integer or None, found "
                          f"{elements_per_chunk!r}")
 
-    from .models import LoadedModel, load_model, model_dtype_for, preprocess_for
+    from .models import LoadedModel, check_device, load_model, model_dtype_for, preprocess_for
 
     note = ""
     pretrained = None
@@ -518,7 +524,7 @@ def measure(
     if device is None:
         parameter = next(module.parameters(), None)
         device = parameter.device if parameter is not None else torch.device("cpu")
-    device = torch.device(device)
+    device = check_device(device)
     model_dtype, autocast = model_dtype_for(module, dtype, device)
     module.to(device)
     if dtype is not None:

@@ -165,6 +165,26 @@ def preprocess_for(model: nn.Module) -> Preprocess:
     return preprocess
 
 
+def check_device(device: torch.device | str) -> torch.device:
+    """``device`` as a ``torch.device``, once it names one this machine has.
+
+    Raises:
+        ValueError: not a device string, or a CUDA device when there is none (or not that many).
+    """
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', found {device!r}") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(resolved)!r}: no CUDA GPU is available here "
+                             "(torch.cuda.is_available() is False); use device='cpu'")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(resolved)!r}: this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
+    return resolved
+
+
 def model_dtype_for(model: nn.Module, dtype: torch.dtype | None,
                     device: torch.device) -> tuple[torch.dtype, bool]:
     """The dtype a measurement runs ``model`` in, and whether under bfloat16 autocast.

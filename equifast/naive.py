@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import time
 import warnings
 from contextlib import nullcontext
@@ -53,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .align import AlignSpec, find_offsets
+from .align import AlignSpec, check_align, find_offsets
 from .data.geometry import check_input_size
 from .groups import INTEGER_TOLERANCE, Group, default_group, feature_source_affines, parse_group
 from .layers import LayerHooks, LayerSpec, is_broad_selection, measurable_layers, select_layers
@@ -691,8 +692,14 @@ def measure(
     if batch_size < 1:
         raise ValueError(f"batch_size: expected a positive integer, found {batch_size}")
     input_size = check_input_size(input_size)
+    check_align(align)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, numbers.Integral)
+                              or limit < 1):
+        raise ValueError(f"limit: expected a positive integer or None, found {limit!r}")
+    if isinstance(bootstrap, bool) or not isinstance(bootstrap, numbers.Integral) or bootstrap < 0:
+        raise ValueError(f"bootstrap: expected a number of resamples >= 0, found {bootstrap!r}")
 
-    from .models import load_model, model_dtype_for, preprocess_for
+    from .models import check_device, load_model, model_dtype_for, preprocess_for
 
     note, pretrained = "", None
     if isinstance(model, str):
@@ -715,7 +722,7 @@ def measure(
     if device is None:
         parameter = next(module.parameters(), None)
         device = parameter.device if parameter is not None else torch.device("cpu")
-    device = torch.device(device)
+    device = check_device(device)
     model_dtype, autocast = model_dtype_for(module, dtype, device)
     module.to(device)
     if dtype is not None:

@@ -146,9 +146,9 @@ class Result:
         """Save to ``.parquet`` or ``.csv`` (config and model scores go to a ``.json`` beside)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        if path.suffix == ".parquet":
+        if path.suffix.lower() == ".parquet":
             self.frame.to_parquet(path, index=False)
-        elif path.suffix == ".csv":
+        elif path.suffix.lower() == ".csv":
             self.frame.to_csv(path, index=False)
         else:
             raise ValueError(f"save: expected a path ending in .parquet or .csv, found {path}")
@@ -163,13 +163,15 @@ class Result:
 
     @classmethod
     def load(cls, path: str | Path) -> Result:
-        """Load what :meth:`save` wrote."""
+        """Load what :meth:`save` wrote (a folder: its ``result.parquet``, as the CLI writes)."""
         path = Path(path)
+        if path.is_dir() and (path / "result.parquet").is_file():
+            path = path / "result.parquet"
         if not path.exists():
             raise FileNotFoundError(f"no result at {path}")
-        if path.suffix == ".parquet":
+        if path.suffix.lower() == ".parquet":
             frame = pd.read_parquet(path)
-        elif path.suffix == ".csv":
+        elif path.suffix.lower() == ".csv":
             frame = pd.read_csv(path)
         else:
             raise ValueError(f"load: expected a .parquet or .csv file, found {path}")

@@ -46,3 +46,64 @@ def test_help_lists_commands(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "measure" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--limit", "0"], "argument --limit: expected an integer >= 1, found 0"),
+    (["--bootstrap", "-5"], "argument --bootstrap: expected an integer >= 0, found -5"),
+    (["--batch-size", "two"], "argument --batch-size: expected an integer, found 'two'"),
+    (["--align", "nan"], "argument --align: align: expected 'auto', 'center', 'corner', a finite"),
+])
+def test_bad_numbers_are_refused_before_any_work(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["measure", "--model", "resnet18", *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_out_and_device_are_refused_before_the_measurement(tmp_path, capsys, monkeypatch):
+    import equifast
+
+    def never(*args, **kwargs):
+        raise AssertionError("measured although the command could not finish")
+
+    existing = tmp_path / "afile"
+    existing.write_text("x")
+    monkeypatch.setattr(equifast, "measure", never)
+    for out, message in [(existing, "is an existing file"), (tmp_path / "r.json", "a .json file")]:
+        assert main(["measure", "--model", "resnet18", "--limit", "1", "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err
+    monkeypatch.undo()
+    assert main(["measure", "--model", "resnet10t", "--limit", "1", "--device", "bogus",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "device: expected 'cpu', 'cuda' or 'cuda:N', found 'bogus'" in capsys.readouterr().err
+
+
+def test_upper_case_csv_and_folder_results_load(tmp_path):
+    import equifast
+
+    out = tmp_path / "R.CSV"
+    assert main(["measure", "--model", "resnet10t", "--limit", "2", "--group", "translate:8",
+                 "--input-size", "64", "--bootstrap", "0", "--quiet", "--no-plot",
+                 "--out", str(out)]) == 0
+    assert out.is_file()
+    assert equifast.Result.load(out).config["images"] == 2
+    folder = tmp_path / "run"
+    assert main(["measure", "--model", "resnet10t", "--limit", "2", "--group", "translate:8",
+                 "--input-size", "64", "--bootstrap", "0", "--quiet", "--no-plot",
+                 "--out", str(folder)]) == 0
+    assert equifast.Result.load(folder).config["images"] == 2
+
+
+def test_interrupt_is_one_line(monkeypatch, capsys):
+    from equifast import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_run_survey", interrupted)
+    assert main(["survey", "--models", "resnet10t", "--store", "s.sqlite"]) == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
+        "equifast: interrupted (the store keeps every finished model: run the same command "
+        "to resume)"]

@@ -168,3 +168,27 @@ def test_silent_failures_are_named(measure):
         result = fn(TupleOut(), images, group=equifast.Translation([2]), layers=["body.0"],
                     **kwargs)
     assert result.model_frame.empty and not result.frame.empty
+
+
+@pytest.mark.parametrize("measure", ["engine", "naive"])
+@pytest.mark.parametrize("argument,bad,message", [
+    ("limit", 0, r"limit: expected a positive integer or None, found 0"),
+    ("bootstrap", -1, r"bootstrap: expected a number of resamples >= 0, found -1"),
+    ("align", float("nan"), r"align: expected 'auto', 'center', 'corner', a finite number"),
+    ("align", {"0": "middle"}, r"align: expected .* found \{'0': 'middle'\}"),
+    ("device", "bogus", r"device: expected 'cpu', 'cuda' or 'cuda:N', found 'bogus'"),
+])
+def test_arguments_are_checked_before_the_model_runs(measure, argument, bad, message):
+    from equifast import naive
+
+    fn = equifast.measure if measure == "engine" else naive.measure
+    with pytest.raises(ValueError, match=message):
+        fn(_net(), torch.rand(2, 3, 24, 24), group=equifast.Translation([2]), progress=False,
+           **{argument: bad})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without")
+def test_cuda_without_a_gpu_is_named():
+    with pytest.raises(ValueError, match=r"device 'cuda': no CUDA GPU is available here"):
+        equifast.measure(_net(), torch.rand(2, 3, 24, 24), group=equifast.Translation([2]),
+                         device="cuda", progress=False)

@@ -133,6 +133,8 @@ def test_failures_are_recorded_and_the_survey_goes_on(tmp_path):
     # Failed pairs are skipped next time, measured again with retry_failed.
     again = _survey(["eqtest_raises"], store_path)
     assert again.skipped == ["eqtest_raises"] and not again.failed
+    assert again.failed_before == ["eqtest_raises"]  # named, not counted as merely done
+    assert "1 of them failed" in str(again) and "--retry-failed" in str(again)
     retried = _survey(["eqtest_raises"], store_path, retry_failed=True)
     assert retried.failed == ["eqtest_raises"]
     with open_store(store_path) as store:

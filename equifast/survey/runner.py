@@ -68,12 +68,17 @@ class SurveySummary:
     failed: list[str] = field(default_factory=list)
     seconds: float = 0.0
     store: str = ""
+    failed_before: list[str] = field(default_factory=list)  # skipped: they failed in a past run
 
     def __str__(self) -> str:
+        before = f", {len(self.failed_before)} of them failed" if self.failed_before else ""
         text = (f"survey: {len(self.done)} done, {len(self.skipped)} skipped (already in the "
-                f"store), {len(self.failed)} failed, {self.seconds:.1f} s -> {self.store}")
+                f"store{before}), {len(self.failed)} failed, {self.seconds:.1f} s -> {self.store}")
         if self.failed:
             text += "\n  failed: " + ", ".join(self.failed)
+        if self.failed_before:
+            text += ("\n  failed before (kept as they are; --retry-failed measures them again): "
+                     + ", ".join(self.failed_before))
         return text
 
 
@@ -441,6 +446,8 @@ def run_survey(
             status = db.status(name, key)
             if status == "done" or (status == "failed" and not retry_failed):
                 summary.skipped.append(name)
+                if status == "failed":
+                    summary.failed_before.append(name)
             else:
                 pending.append(name)
         log(f"survey: {len(names)} models, {len(summary.skipped)} already in {store}, "
