@@ -270,7 +270,7 @@ def _measure(args: argparse.Namespace, main: bool) -> int:
     if not main:
         return 0
     result.save(table_path)
-    print(f"wrote {table_path}")
+    print(f"wrote {table_path} (with {table_path.name}.json beside: config and model scores)")
     if not args.no_plot:
         from equifast.plots import plot_depth
 

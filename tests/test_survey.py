@@ -322,7 +322,7 @@ def test_cli_survey_and_export(tmp_path, capsys):
         assert list(errors.model) == ["eqtest_raises"]
     assert sorted(p.name for p in (tmp_path / "csv").iterdir()) == sorted(
         f"{t}.csv" for t in ("runs", "scores", "layers", "model_scores", "skipped", "errors",
-                             "environments"))
+                             "environments", "meta"))
     assert main(["export", str(tmp_path / "absent.sqlite")]) == 2
     assert "no survey store" in capsys.readouterr().err
     with pytest.raises(ValueError, match="format"):

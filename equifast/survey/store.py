@@ -416,11 +416,16 @@ class SurveyStore:
     def environments(self) -> pd.DataFrame:
         return self._frame("SELECT * FROM environments ORDER BY env_id")
 
+    @property
+    def meta(self) -> pd.DataFrame:
+        """The store's own records (``key``, ``value``: its schema version and the like)."""
+        return self._frame("SELECT key, value FROM meta ORDER BY key")
+
     def tables(self) -> dict[str, pd.DataFrame]:
         """Every table as a frame (what :func:`export_store` writes)."""
         return {"runs": self.runs, "scores": self.scores, "layers": self.layers,
                 "model_scores": self.model_scores, "skipped": self.skipped,
-                "errors": self.errors, "environments": self.environments}
+                "errors": self.errors, "environments": self.environments, "meta": self.meta}
 
     def result(self, model: str, group_spec: str | None = None) -> Result:
         """The finished run of ``model`` as a :class:`equifast.Result` (the latest one when the
