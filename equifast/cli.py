@@ -262,7 +262,10 @@ def _measure(args: argparse.Namespace, main: bool) -> int:
           f"({len(result.config['elements'])} elements), input {result.config['input_size']}, "
           f"{result.config['seconds']:.1f} s ({result.config['backend']} ops"
           f"{f', {processes} processes' if processes > 1 else ''})")
-    print(result.format_summary())
+    # The table shows the first score asked for (--metrics), else corr.
+    shown = next((m for m in args.metrics or [] if m not in ("corr_vs_chance", "flat_frac")),
+                 "corr")
+    print(result.format_summary(shown))
     if result.skipped:
         print(f"skipped {len(result.skipped)} unreadable files:")
         for path, reason in result.skipped[:20]:
@@ -281,11 +284,14 @@ def _measure(args: argparse.Namespace, main: bool) -> int:
 
 
 def _output_paths(out: str) -> tuple[Path, Path]:
-    """``(table, plot)`` paths of ``--out``: a .parquet / .csv file (any case), else a folder."""
+    """``(table, plot)`` paths of ``--out``: a .parquet / .csv file (any case), else a folder.
+    The folder that will hold them is created now, so that a path that cannot be written fails
+    before the measurement, not after it."""
     path = Path(out)
     if path.suffix.lower() in (".parquet", ".csv"):
         if path.is_dir():
             raise ValueError(f"--out {out}: is a folder; expected a .parquet or .csv file name")
+        _make_folder(path.parent, out)
         return path, path.with_suffix(".png")
     if path.exists() and not path.is_dir():
         raise ValueError(f"--out {out}: is an existing file; expected a .parquet or .csv file "
@@ -294,7 +300,16 @@ def _output_paths(out: str) -> tuple[Path, Path]:
                                ".xlsx", ".feather"):
         raise ValueError(f"--out {out}: expected a .parquet or .csv file name, or a folder "
                          f"(for result.parquet and depth.png); found a {path.suffix} file name")
+    _make_folder(path, out)
     return path / "result.parquet", path / "depth.png"
+
+
+def _make_folder(folder: Path, out: str) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(
+            f"--out {out}: cannot create the folder {str(folder)!r} ({error})") from None
 
 
 def _run_info() -> int:

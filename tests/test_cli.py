@@ -107,3 +107,18 @@ def test_interrupt_is_one_line(monkeypatch, capsys):
     assert err.strip().splitlines() == [
         "equifast: interrupted (the store keeps every finished model: run the same command "
         "to resume)"]
+
+
+def test_the_table_shows_the_first_metric_asked_for(capsys):
+    assert main(["measure", "--model", "resnet10t", "--limit", "2", "--group", "translate:8",
+                 "--input-size", "64", "--bootstrap", "0", "--quiet", "--no-plot",
+                 "--metrics", "cosine", "psnr", "--out", "/dev/null/unused.csv"]) == 2
+    assert "cannot create the folder '/dev/null'" in capsys.readouterr().err  # before measuring
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        assert main(["measure", "--model", "resnet10t", "--limit", "2", "--group", "translate:8",
+                     "--input-size", "64", "--bootstrap", "0", "--quiet", "--no-plot",
+                     "--metrics", "cosine", "psnr", "--out", folder + "/r.parquet"]) == 0
+    printed = capsys.readouterr().out
+    assert "eq cosine" in printed and "eq corr" not in printed
