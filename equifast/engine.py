@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ctypes
 import math
-import numbers
 import os
 import time
 import warnings
@@ -32,8 +31,8 @@ from torch import nn
 
 from . import _ext, ops
 from . import distributed as _dist
-from .align import AlignSpec, check_align, find_offsets, probe_inputs
-from .data.geometry import check_input_size
+from .align import AlignSpec, find_offsets, probe_inputs
+from .arguments import check_count, check_finite_pixels, check_run_arguments
 from .groups import (
     IDENTITY,
     PROTOCOL_CODES,
@@ -54,7 +53,7 @@ from .layers import (
 )
 from .layouts import FeatureLayout
 from .ops import COMPARISONS, merge_stats
-from .result import FRAME_COLUMNS, MODEL_COLUMNS, Result, warn_undefined_elements
+from .result import FRAME_COLUMNS, MODEL_COLUMNS, Result, warn_not_logits, warn_undefined_elements
 from .scores import check_metrics, corr_vs_chance, score_stats
 
 DataSpec = Any  # tensor, iterable of (images, labels), folder path, or "samples"/None
@@ -105,11 +104,7 @@ def _check_sources(images: torch.Tensor, where: str) -> torch.Tensor:
         raise ValueError(f"{where}: the batch holds no images (shape {tuple(images.shape)})")
     if not (images.dtype == torch.uint8 or images.is_floating_point()):
         raise TypeError(f"{where}: expected uint8 or floating images, found {images.dtype}")
-    if images.is_floating_point():
-        bad = int((~torch.isfinite(images)).sum())
-        if bad:
-            raise ValueError(f"{where}: expected finite pixel values, found {bad} NaN or infinite "
-                             f"of {images.numel()}")
+    check_finite_pixels(images, where)
     return images
 
 
@@ -490,18 +485,9 @@ def measure(
         raise ValueError(f"subpixel: expected 'bilinear' or 'skip', found {subpixel!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size: expected a positive integer, found {batch_size}")
-    input_size = check_input_size(input_size)
-    check_align(align)
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, numbers.Integral)
-                              or limit < 1):
-        raise ValueError(f"limit: expected a positive integer or None, found {limit!r}")
-    if isinstance(bootstrap, bool) or not isinstance(bootstrap, numbers.Integral) or bootstrap < 0:
-        raise ValueError(f"bootstrap: expected a number of resamples >= 0, found {bootstrap!r}")
-    if elements_per_chunk is not None and (
-            not isinstance(elements_per_chunk, numbers.Integral)
-            or isinstance(elements_per_chunk, bool) or elements_per_chunk < 1):
-        raise ValueError(f"elements_per_chunk: expected a positive integer or None, found "
-                         f"{elements_per_chunk!r}")
+    input_size = check_run_arguments(input_size, align, limit, bootstrap)
+    if elements_per_chunk is not None:
+        check_count("elements_per_chunk", elements_per_chunk, 1, "a positive integer or None")
 
     from .models import LoadedModel, check_device, load_model, model_dtype_for, preprocess_for
 
@@ -711,7 +697,7 @@ def measure(
             elif not isinstance(output, torch.Tensor) and not context.get("warned_output"):
                 # (a tensor of another shape is a backbone's features: nothing to say)
                 context["warned_output"] = True
-                _warn_no_logits(output)
+                warn_not_logits(output, stacklevel=3)  # the caller of measure
             forward += 1
         identity.clear()
         batch_tables = list(tables)
@@ -889,15 +875,6 @@ class _HeapTrimmer:
         elif resident > self.limit and _malloc_trim():
             after = _resident_bytes()
             self.limit = max(self.limit, (after if after is not None else resident) + _TRIM_SLACK)
-
-
-def _warn_no_logits(output: Any) -> None:
-    warnings.warn(
-        f"the model's output is a {type(output).__name__}, not (batch, classes) logits: the "
-        "result has no consistency or top-1 / top-5 (model_frame is empty); the layers' scores "
-        "are unaffected",
-        stacklevel=4,  # the caller of measure
-    )
 
 
 def _version() -> str:

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 import time
 import warnings
 from contextlib import nullcontext
@@ -54,12 +53,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .align import AlignSpec, check_align, find_offsets
-from .data.geometry import check_input_size
+from .align import AlignSpec, find_offsets
+from .arguments import check_finite_pixels, check_run_arguments
 from .groups import INTEGER_TOLERANCE, Group, default_group, feature_source_affines, parse_group
 from .layers import LayerHooks, LayerSpec, is_broad_selection, measurable_layers, select_layers
 from .layouts import FeatureLayout, grid_view
-from .result import FRAME_COLUMNS, MODEL_COLUMNS, Result, warn_undefined_elements
+from .result import FRAME_COLUMNS, MODEL_COLUMNS, Result, warn_not_logits, warn_undefined_elements
 
 __all__ = ["COMPARISONS", "METRICS", "measure", "realign", "transform"]
 
@@ -423,11 +422,7 @@ def _sources_tensor(images, where: str) -> torch.Tensor:
         )
     if not (images.dtype == torch.uint8 or images.is_floating_point()):
         raise TypeError(f"{where}: expected uint8 or floating images, found {images.dtype}")
-    if images.is_floating_point():
-        bad = int((~torch.isfinite(images)).sum())
-        if bad:
-            raise ValueError(f"{where}: expected finite pixel values, found {bad} NaN or infinite "
-                             f"of {images.numel()}")
+    check_finite_pixels(images, where)
     return images
 
 
@@ -691,13 +686,7 @@ def measure(
         raise ValueError(f"subpixel: expected 'bilinear' or 'skip', found {subpixel!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size: expected a positive integer, found {batch_size}")
-    input_size = check_input_size(input_size)
-    check_align(align)
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, numbers.Integral)
-                              or limit < 1):
-        raise ValueError(f"limit: expected a positive integer or None, found {limit!r}")
-    if isinstance(bootstrap, bool) or not isinstance(bootstrap, numbers.Integral) or bootstrap < 0:
-        raise ValueError(f"bootstrap: expected a number of resamples >= 0, found {bootstrap!r}")
+    input_size = check_run_arguments(input_size, align, limit, bootstrap)
 
     from .models import check_device, load_model, model_dtype_for, preprocess_for
 
@@ -795,9 +784,7 @@ def measure(
         logits = output.float() if isinstance(output, torch.Tensor) and output.dim() == 2 else None
         if not isinstance(output, torch.Tensor) and not warned_output:
             warned_output.append(True)
-            warnings.warn(f"the model's output is a {type(output).__name__}, not (batch, classes) "
-                          "logits: the result has no consistency or top-1 / top-5 (model_frame "
-                          "is empty); the layers' scores are unaffected", stacklevel=4)
+            warn_not_logits(output, stacklevel=4)  # the caller of measure
         return logits, grids
 
     def run_batch(sources: torch.Tensor, batch_labels: torch.Tensor | None) -> None:

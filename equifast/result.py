@@ -57,6 +57,16 @@ def warn_undefined_elements(frame: pd.DataFrame, subpixel: str = "bilinear") -> 
     return names
 
 
+def warn_not_logits(output, stacklevel: int) -> None:
+    """Warn that a model's output (not a tensor) gives no model-level scores."""
+    warnings.warn(
+        f"the model's output is a {type(output).__name__}, not (batch, classes) logits: the "
+        "result has no consistency or top-1 / top-5 (model_frame is empty); the layers' scores "
+        "are unaffected",
+        stacklevel=stacklevel + 1,
+    )
+
+
 @dataclass
 class Result:
     """Scores of one measurement.

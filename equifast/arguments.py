@@ -1,0 +1,47 @@
+"""Checks of the arguments that ``equifast.measure`` and ``equifast.naive.measure`` share, made
+before any model or data is touched (one place, so that both loops refuse the same values with
+the same messages)."""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from .align import AlignSpec, check_align
+from .data.geometry import check_input_size
+
+
+def check_count(name: str, value, minimum: int, what: str) -> None:
+    """``value`` is an integer (not a bool) of at least ``minimum``.
+
+    Raises:
+        ValueError: naming ``name``, what was expected (``what``) and what was found.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name}: expected {what}, found {value!r}")
+
+
+def check_run_arguments(input_size, align: AlignSpec, limit: int | None,
+                        bootstrap: int) -> tuple[int, int] | None:
+    """Checks ``input_size``, ``align``, ``limit`` and ``bootstrap``; returns the input size as
+    ``(H, W)`` (or None)."""
+    input_size = check_input_size(input_size)
+    check_align(align)
+    if limit is not None:
+        check_count("limit", limit, 1, "a positive integer or None")
+    check_count("bootstrap", bootstrap, 0, "a number of resamples >= 0")
+    return input_size
+
+
+def check_finite_pixels(images: torch.Tensor, where: str) -> None:
+    """Floating ``images`` hold no NaN or infinite value (they would turn every score into NaN).
+
+    Raises:
+        ValueError: naming ``where`` and how many values are not finite.
+    """
+    if images.is_floating_point():
+        bad = int((~torch.isfinite(images)).sum())
+        if bad:
+            raise ValueError(f"{where}: expected finite pixel values, found {bad} NaN or infinite "
+                             f"of {images.numel()}")
