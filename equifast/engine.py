@@ -49,6 +49,7 @@ from .layers import (
     LayerSpec,
     is_broad_selection,
     measurable_layers,
+    refine_layouts,
     select_layers,
 )
 from .layouts import FeatureLayout
@@ -963,6 +964,7 @@ def _probe(module, names, input_size, overrides, align, device, dtype, seed,
         ) from error
     names, layouts = measurable_layers(names, captured, hooks.unmeasurable, input_size,
                                        overrides, lenient)
+    layouts = refine_layouts(module, layouts, input_size, device, dtype, overrides)
     offsets = find_offsets(module, layouts, input_size, align, device, dtype, seed=seed,
                            captured=(probe, captured) if with_grad else None)
     return names, layouts, offsets

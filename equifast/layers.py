@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import fnmatch
 import warnings
@@ -26,7 +27,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .layouts import detect_layout
+from .layouts import GROWTH, FeatureLayout, detect_layout, grown_grid_of, stride_from_growth
 
 LayerSpec = str | type | Sequence[str | type] | None
 
@@ -294,3 +295,67 @@ def measurable_layers(
     if not kept:
         raise ValueError(f"none of the {len(names)} selected layers can be measured: {shown}")
     return kept, layouts
+
+
+
+def refine_layouts(
+    model: nn.Module, layouts: Mapping[str, FeatureLayout], input_size: tuple[int, int],
+    device, dtype, overrides: Mapping[str, str] | None = None, growth: int = GROWTH,
+) -> dict[str, FeatureLayout]:
+    """``layouts`` as a second shape probe, ``growth`` pixels larger on both sides, tells them.
+
+    One input size cannot tell a stride from a border lost to unpadded convolutions, nor two
+    strides on a small grid, nor always a channel axis from a grid axis (``(N, 32, 17, 9)`` at
+    33 x 17 pixels; see :mod:`equifast.layouts`). How the output grows with the input can: grid
+    axes gain ``growth / stride`` cells, a channel axis none. A model that does not run at the
+    larger size (a ViT built for one size), or a layer whose grid does not grow (adaptive
+    pooling), keeps what one size gave; a layout given in ``overrides`` keeps its reading.
+    """
+    overrides = overrides or {}
+    spatial = [name for name, layout in layouts.items() if layout.kind == "spatial"]
+    if not spatial:
+        return dict(layouts)
+    height, width = input_size
+    grown_size = (height + growth, width + growth)
+    shapes: dict[str, torch.Size] = {}
+
+    def keep(name: str, tensor: torch.Tensor) -> None:
+        shapes.setdefault(name, tensor.shape)
+
+    try:
+        with torch.inference_mode(), LayerHooks(model, spatial, keep, lenient=True):
+            model(torch.zeros(1, 3, *grown_size, device=device, dtype=dtype))
+    except Exception:  # noqa: BLE001 - a model that fails at another size keeps one size's reading
+        return dict(layouts)
+    refined = dict(layouts)
+    for name in spatial:
+        if name not in shapes:
+            continue
+        layout = layouts[name]
+        if name not in overrides:
+            layout = _grown_reading(layout, tuple(shapes[name]), input_size, name)
+        grown = grown_grid_of(layout, shapes[name], grown_size)
+        stride = None if grown is None else stride_from_growth(
+            (layout.grid_h, layout.grid_w), grown, input_size, growth)
+        refined[name] = layout if stride is None else dataclasses.replace(layout, stride=stride)
+    return refined
+
+
+def _grown_reading(layout: FeatureLayout, grown: tuple[int, ...], input_size: tuple[int, int],
+                   name: str) -> FeatureLayout:
+    """A 4-D reading swapped to the other one when the grown output says that its channel axis is
+    a grid axis: the axis that did not grow holds the channels."""
+    if len(grown) != 4 or layout.layout not in ("NCHW", "NHWC"):
+        return layout
+    if layout.layout == "NCHW":
+        shape = (grown[0], layout.channels, layout.grid_h, layout.grid_w)
+        swapped = "NHWC" if grown[1] != shape[1] and grown[3] == shape[3] else None
+    else:
+        shape = (grown[0], layout.grid_h, layout.grid_w, layout.channels)
+        swapped = "NCHW" if grown[3] != shape[3] and grown[1] == shape[1] else None
+    if swapped is None:
+        return layout
+    try:
+        return detect_layout(shape, input_size, layout=swapped, name=name)
+    except ValueError:
+        return layout

@@ -13,7 +13,11 @@ Convention:
 
     The stride of a layer is ``(H / h, W / w)`` for a model input of ``H x W``; when a layer
     rounds sizes (a stride-2 convolution on an odd input gives ``ceil(H / 2)``), the integer stride
-    is used.
+    is used. One input size cannot tell every stride apart: convolutions without padding lose a
+    border (Inception v3 at 224 px has a 5 x 5 stride-32 map, 44.8 px per cell), and small grids
+    fit many strides (a 2 x 2 map of a 33 px input: 16 or 32). Where the model also runs on an
+    input ``GROWTH`` pixels larger, :func:`stride_from_growth` reads the stride off how many cells
+    the grid gains, which borders do not change.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ import torch
 
 LAYOUTS = ("NCHW", "NHWC", "NLC", "NC")
 MAX_PREFIX_TOKENS = 8
+# Pixels added to both sides of the input for the second shape probe: a multiple of every
+# power-of-two stride up to 64, so that such a grid gains exactly GROWTH / stride cells.
+GROWTH = 64
 
 
 @dataclass(frozen=True)
@@ -116,6 +123,72 @@ def _grid_stride(h: int, w: int, input_size: tuple[int, int]) -> tuple[float, fl
 def _plausible_grid(h: int, w: int, input_size: tuple[int, int]) -> bool:
     """A grid of a model follows the input's aspect: some stride explains both of its sizes."""
     return _grid_fit(h, w, input_size) is not None
+
+
+def _growth_strides(size: int, cells: int, grown_cells: int, growth: int) -> set[int]:
+    """Integer strides ``s`` under which ``cells`` cells at ``size`` pixels become ``grown_cells``
+    at ``size + growth``: the grid gains ``floor`` or ``ceil`` of ``growth / s`` cells (a border
+    lost to unpadded convolutions is the same at both sizes), and holds no more cells than
+    ``ceil(size / s)`` (what padding to the full input gives). Empty when the grid did not grow
+    (adaptive pooling to a fixed size)."""
+    gained = grown_cells - cells
+    if gained < 1:
+        return set()
+    return {s for s in range(1, size + growth + 1)
+            if growth // s <= gained <= -(-growth // s) and cells <= -(-size // s)}
+
+
+def stride_from_growth(
+    grid: tuple[int, int], grown_grid: tuple[int, int], input_size: tuple[int, int],
+    growth: int = GROWTH,
+) -> tuple[float, float] | None:
+    """The stride of a layer from its grid at two input sizes, or None when they do not tell it.
+
+    ``grid`` is ``(h, w)`` at ``input_size``, ``grown_grid`` at ``input_size`` plus ``growth`` on
+    both sides. One integer stride explains both axes: a power of two when several do, then the
+    one closest to ``growth / gained cells``.
+
+    Example:
+        >>> stride_from_growth((5, 5), (7, 7), (224, 224))  # Inception v3's last stage
+        (32.0, 32.0)
+        >>> stride_from_growth((16, 16), (20, 20), (224, 224))  # a 14-pixel patch embedding
+        (14.0, 14.0)
+    """
+    (h, w), (grown_h, grown_w) = grid, grown_grid
+    height, width = input_size
+    common = (_growth_strides(height, h, grown_h, growth)
+              & _growth_strides(width, w, grown_w, growth))
+    if not common:
+        return None
+
+    def deviation(stride: int) -> float:
+        return max(abs(growth / (grown_h - h) - stride),
+                   abs(growth / (grown_w - w) - stride)) / stride
+
+    powers = [s for s in common if _is_power_of_two(s)]
+    best = min(powers or common, key=lambda s: (deviation(s), s))
+    return float(best), float(best)
+
+
+def grown_grid_of(layout: FeatureLayout, shape: tuple[int, ...] | torch.Size,
+                  grown_size: tuple[int, int]) -> tuple[int, int] | None:
+    """``(h, w)`` of a layer output of ``shape`` read with ``layout`` (found at another input
+    size) for an input of ``grown_size``; None when the shape does not fit it."""
+    shape = tuple(int(s) for s in shape)
+    if layout.layout == "NCHW" and len(shape) == 4:
+        return shape[2], shape[3]
+    if layout.layout == "NHWC" and len(shape) == 4:
+        return shape[1], shape[2]
+    if layout.layout == "NLC" and len(shape) == 3:
+        cells = shape[1] - layout.prefix
+        if cells < 1:
+            return None
+        height, width = grown_size
+        h = round(math.sqrt(cells * height / width))
+        for candidate in (h, h - 1, h + 1):
+            if candidate >= 1 and cells % candidate == 0:
+                return candidate, cells // candidate
+    return None
 
 
 def _token_grid(tokens: int, input_size: tuple[int, int]) -> tuple[int, int, int] | None:

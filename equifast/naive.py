@@ -56,7 +56,14 @@ from torch import nn
 from .align import AlignSpec, find_offsets
 from .arguments import check_finite_pixels, check_run_arguments
 from .groups import INTEGER_TOLERANCE, Group, default_group, feature_source_affines, parse_group
-from .layers import LayerHooks, LayerSpec, is_broad_selection, measurable_layers, select_layers
+from .layers import (
+    LayerHooks,
+    LayerSpec,
+    is_broad_selection,
+    measurable_layers,
+    refine_layouts,
+    select_layers,
+)
 from .layouts import FeatureLayout, grid_view
 from .result import FRAME_COLUMNS, MODEL_COLUMNS, Result, warn_not_logits, warn_undefined_elements
 
@@ -608,7 +615,7 @@ def _probe_layouts(
         module(torch.zeros(1, 3, *input_size, device=device, dtype=dtype))
     _, layouts = measurable_layers(names, shapes, hooks.unmeasurable, input_size, overrides,
                                    lenient)
-    return layouts
+    return refine_layouts(module, layouts, input_size, device, dtype, overrides)
 
 
 def measure(

@@ -50,10 +50,12 @@ def test_identity_block_is_forwarded_once_per_batch():
                                   batch_size=4, elements_per_chunk=3, align="center")
     finally:
         handle.remove()
-    assert seen[0] == 1  # the layout probe (one image; align="center" needs no gradients)
+    # the layout probe and the stride probe at a larger size (one image each; align="center"
+    # needs no gradients)
+    assert seen[:2] == [1, 1]
     # 4 elements, at most 3 per forward: two forwards, their 5 blocks of 4 images spread evenly
     # (identity + 2 elements, then 2 elements; not 4 blocks, then 1); the identity block once
-    assert count == 4 and seen[1:] == [3 * 4, 2 * 4]
+    assert count == 4 and seen[2:] == [3 * 4, 2 * 4]
     timings = result.config["timings"]
     assert set(timings) == {"setup", "probe", "batches", "frame"}
     assert all(value >= 0 for value in timings.values())
@@ -352,8 +354,8 @@ def test_identity_block_alone_gives_the_same_results(monkeypatch):
     finally:
         handle.remove()
     assert alone.config["blocks_per_forward"] == 1
-    # the layout probe, then per batch (3 and 2 images) five forwards of one block each
-    assert seen[1:] == [3] * 5 + [2] * 5
+    # the layout and stride probes, then per batch (3 and 2 images) five forwards of one block each
+    assert seen[2:] == [3] * 5 + [2] * 5
     whole = equifast.measure(net, images, elements_per_chunk=4, **kwargs)
     assert whole.config["blocks_per_forward"] == 5
     pd.testing.assert_frame_equal(_values(alone), _values(whole), rtol=1e-12, atol=1e-12)

@@ -55,6 +55,31 @@ def test_strided_net_exact_for_shifts_divisible_by_stride():
     assert set(result.frame.stride.dropna()) == {2.0, 4.0}
 
 
+@pytest.mark.parametrize("implementation", ["engine", "naive"])
+def test_unpadded_net_exact_for_shifts_divisible_by_its_stride(implementation):
+    """Valid (unpadded) convolutions lose a border: 48 px give a 5 x 5 map at stride 8 (9.6 px per
+    cell). Features at positions both views cover come from the same pixels, so shifts by
+    multiples of the true stride score exactly 1 there; a stride read off the one size would
+    re-align by a fraction of a cell."""
+    from equifast import naive
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2), nn.ReLU(),
+    ).eval()
+    images = torch.rand(3, 3, 48 + 2 * 16, 48 + 2 * 16)
+    group = Translation([(0, 8), (16, 0), (-8, 8)])
+    measure = equifast.measure if implementation == "engine" else naive.measure
+    result = measure(net, images, group=group, layers=["1", "3", "5"], input_size=(48, 48),
+                     progress=False, bootstrap=0)
+    eq = _rows(result)
+    assert eq.exact.all() and len(eq) == 3 * 3
+    np.testing.assert_allclose(eq.value, 1.0, atol=1e-5)
+    strides = result.frame.drop_duplicates("layer").set_index("layer").stride
+    assert strides.to_dict() == {"1": 2.0, "3": 4.0, "5": 8.0}
+
+
 def _symmetrize(conv: nn.Conv2d) -> None:
     with torch.no_grad():
         weight = conv.weight

@@ -8,8 +8,8 @@ import torch
 import torchvision
 from torch import nn
 
-from equifast.layers import default_layers, select_layers
-from equifast.layouts import detect_layout
+from equifast.layers import default_layers, refine_layouts, select_layers
+from equifast.layouts import detect_layout, grown_grid_of, stride_from_growth
 
 
 @pytest.mark.parametrize(
@@ -103,6 +103,101 @@ def test_layout_strides(shape, input_size, stride):
     assert detect_layout(shape, input_size).stride == (stride, stride)
 
 
+@pytest.mark.parametrize(
+    ("grid", "grown", "input_size", "stride"),
+    [
+        ((5, 5), (7, 7), (224, 224), 32.0),  # Inception v3: 44.8 px per cell, a stride of 32
+        ((25, 25), (33, 33), (223, 223), 8.0),  # its stride-8 stage on an odd input
+        ((2, 2), (4, 4), (33, 33), 32.0),  # one size fits 16 as well
+        ((1, 2), (3, 4), (17, 33), 32.0),  # and here only 9..17
+        ((1, 1), (3, 3), (24, 24), 32.0),
+        ((16, 16), (20, 20), (224, 224), 14.0),  # a patch-14 ViT gains 4 or 5 cells: not 16
+        ((37, 37), (41, 41), (518, 518), 14.0),
+        ((8, 9), (16, 17), (57, 71), 8.0),
+        ((2, 3), (4, 5), (57, 71), 32.0),
+        ((111, 111), (143, 143), (224, 224), 2.0),  # unpadded 3x3 stride-2 convolution
+    ],
+)
+def test_stride_from_growth(grid, grown, input_size, stride):
+    assert stride_from_growth(grid, grown, input_size) == (stride, stride)
+
+
+@pytest.mark.parametrize(
+    ("grid", "grown", "input_size"),
+    [
+        ((7, 7), (7, 7), (224, 224)),  # adaptive pooling: the grid does not grow
+        ((7, 7), (9, 7), (224, 224)),  # one axis only: no stride explains both
+        ((8, 8), (6, 6), (64, 64)),
+    ],
+)
+def test_stride_from_growth_needs_both_axes_to_grow(grid, grown, input_size):
+    assert stride_from_growth(grid, grown, input_size) is None
+
+
+def test_grown_grid_of_reads_each_layout():
+    tokens = detect_layout((2, 197, 192), (224, 224))
+    assert grown_grid_of(tokens, (1, 1 + 18 * 18, 192), (288, 288)) == (18, 18)
+    assert grown_grid_of(tokens, (1, 1 + 12 * 20, 192), (192, 320)) == (12, 20)
+    channels_last = detect_layout((2, 56, 56, 96), (224, 224))
+    assert channels_last.layout == "NHWC"
+    assert grown_grid_of(channels_last, (1, 72, 72, 96), (288, 288)) == (72, 72)
+    maps = detect_layout((2, 8, 7, 7), (224, 224))
+    assert grown_grid_of(maps, (1, 8, 9, 9), (288, 288)) == (9, 9)
+    assert grown_grid_of(tokens, (1, 4, 4, 192), (288, 288)) is None  # not tokens any more
+
+
+def _unpadded_net():
+    # Valid convolutions: 48 px give 23, 11, 5 cells (9.6 px per cell at the last); the strides
+    # are 2, 4 and 8, and the maps move by exactly one cell per stride of shift.
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2), nn.ReLU(),
+    ).eval()
+
+
+def test_refine_layouts_reads_strides_from_a_larger_input():
+    torch.manual_seed(0)
+    net = _unpadded_net()
+    shapes = {"1": (2, 8, 23, 23), "3": (2, 8, 11, 11), "5": (2, 8, 5, 5)}
+    one_size = {name: detect_layout(shape, (48, 48)) for name, shape in shapes.items()}
+    assert one_size["5"].stride != (8.0, 8.0)  # what the single size says: the test can fail
+    refined = refine_layouts(net, one_size, (48, 48), "cpu", torch.float32)
+    assert {name: layout.stride for name, layout in refined.items()} == {
+        "1": (2.0, 2.0), "3": (4.0, 4.0), "5": (8.0, 8.0)}
+    assert all(refined[n].grid_h == one_size[n].grid_h for n in shapes)
+    # A model that refuses another input size keeps the single size's reading.
+
+    class FixedSize(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = _unpadded_net()
+
+        def forward(self, x):
+            if x.shape[-2:] != (48, 48):
+                raise AssertionError(f"input size {tuple(x.shape[-2:])} does not match (48, 48)")
+            return self.body(x)
+
+    fixed = FixedSize().eval()
+    kept = refine_layouts(fixed, {f"body.{n}": v for n, v in one_size.items()}, (48, 48), "cpu",
+                          torch.float32)
+    assert kept == {f"body.{n}": v for n, v in one_size.items()}
+
+
+def test_refine_layouts_tells_channels_from_grid_axes():
+    # (N, 32, 17, 9) at 33 x 17 px: a 32 x 17 grid of 9 channels (stride 1) fits the aspect better
+    # than a 17 x 9 grid of 32 channels (stride 2); at 97 x 81 px only the latter grows as a grid.
+    net = nn.Sequential(nn.Conv2d(3, 32, 3, stride=2, padding=1)).eval()
+    one_size = {"0": detect_layout((2, 32, 17, 9), (33, 17))}
+    assert one_size["0"].layout == "NHWC"
+    refined = refine_layouts(net, one_size, (33, 17), "cpu", torch.float32)["0"]
+    assert (refined.layout, refined.grid_h, refined.grid_w, refined.channels) == ("NCHW", 17, 9, 32)
+    assert refined.stride == (2.0, 2.0)
+    # A layout the user gave keeps its reading (its stride is still refined).
+    forced = {"0": detect_layout((2, 32, 17, 9), (33, 17), layout="NHWC")}
+    kept = refine_layouts(net, forced, (33, 17), "cpu", torch.float32, overrides={"0": "NHWC"})
+    assert kept["0"].layout == "NHWC"
+
+
 def test_real_models_on_odd_inputs():
     import equifast
 
@@ -114,6 +209,20 @@ def test_real_models_on_odd_inputs():
     layers = result.frame.drop_duplicates("layer").set_index("layer")
     assert list(layers.stride) == [2.0, 4.0, 8.0, 16.0, 32.0]
     assert (layers.layout == "NCHW").all()
+
+
+def test_unpadded_real_model_strides():
+    import equifast
+
+    torch.manual_seed(0)
+    # Inception v3's valid convolutions: 107 px give 51, 23, 11, 5, 2 cells; read off the one
+    # size, the strides would be 2.1, 4.65, 10, 21 and 64.
+    model = timm.create_model("inception_v3").eval()
+    result = equifast.measure(model, "samples", group="translate:8", input_size=(107, 107),
+                              limit=1, bootstrap=0, progress=False)
+    layers = result.frame.drop_duplicates("layer").set_index("layer")
+    assert list(layers.grid_h) == [51, 23, 11, 5, 2]
+    assert list(layers.stride) == [2.0, 4.0, 8.0, 16.0, 32.0]
 
 
 def test_a_one_token_stage_is_measured_as_a_vector():
