@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="group spec: translate:8,16,32 | translate[circular]:4 | "
                               "rotate:90,180,270 | flip; join with + (union) or * (product)")
     measure.add_argument("--layers", nargs="+", default=None,
-                         help="module names or globs (default: stage outputs); 'leaves' for all")
+                         help="module names, globs or class names such as Conv2d (default: stage "
+                         "outputs); 'leaves' for all")
     measure.add_argument("--metrics", nargs="+", default=None, help="scores to report")
     measure.add_argument("--batch-size", type=_count(1), default=16)
     measure.add_argument("--limit", type=_count(1), default=None,

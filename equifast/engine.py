@@ -537,7 +537,7 @@ def measure(
     setup_started = time.perf_counter()
     names, layer_layouts, offsets = _probe(module, names, (height, width), layouts or {}, align,
                                            device, model_dtype, seed,
-                                           lenient=is_broad_selection(layers))
+                                           lenient=is_broad_selection(layers, module))
     if shard is not None:
         offsets = _dist.agree(offsets, "alignment offsets")
     probe_seconds = time.perf_counter() - setup_started

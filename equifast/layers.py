@@ -6,7 +6,9 @@ Layers are named by their module path (``model.named_modules()``). A selection i
   model has it, otherwise the top-level children, the largest container opened until there are
   eight or more (torchvision's ``features.0``, ``features.1``...; heads are never opened).
 - exact names (``"layer3"``, ``"blocks.5"``) and glob patterns (``"layer*.1"``, ``"blocks.*"``);
-- module types (``torch.nn.Conv2d``): every module of that type;
+- module types (``torch.nn.Conv2d``): every module of that type; or their class names, the form
+  the command line takes (``"Conv2d"``, ``"nn.Conv2d"``, ``"BasicBlock"``), where no module has
+  that name;
 - ``"leaves"``: every module without children.
 
 Example:
@@ -108,19 +110,30 @@ def default_layers(model: nn.Module) -> list[str]:
     return children
 
 
-def is_broad_selection(layers: LayerSpec) -> bool:
+def is_broad_selection(layers: LayerSpec, model: nn.Module | None = None) -> bool:
     """Whether a selection names modules only indirectly (the default, ``"leaves"``, a module type
-    or a glob). Such a selection may catch modules that cannot be measured (auxiliary heads that do
-    not run in eval mode, dropout skipped by fused attention, window-attention internals whose
-    first axis is not the batch): those are left out with a warning, while a module asked for by
-    its exact name is an error."""
+    or its class name, a glob). Such a selection may catch modules that cannot be measured
+    (auxiliary heads that do not run in eval mode, dropout skipped by fused attention,
+    window-attention internals whose first axis is not the batch): those are left out with a
+    warning, while a module asked for by its exact name is an error. Class names are told from
+    module names with ``model``."""
     if layers is None or isinstance(layers, type):
         return True
     specs = [layers] if isinstance(layers, str) else list(layers)
+    names = {n for n, _ in model.named_modules()} if model is not None else set()
     return any(
         isinstance(spec, type) or spec in ("default", "leaves") or any(c in spec for c in "*?[")
+        or (model is not None and spec not in names and bool(_modules_of_class(model, spec)))
         for spec in specs
     )
+
+
+def _modules_of_class(model: nn.Module, class_name: str) -> set[str]:
+    """Names of the modules that are instances of a class called ``class_name`` (its last dotted
+    part: ``"nn.Conv2d"`` is ``Conv2d``), subclasses included, as ``isinstance`` has it."""
+    wanted = class_name.rsplit(".", 1)[-1]
+    return {name for name, module in model.named_modules()
+            if name and any(cls.__name__ == wanted for cls in type(module).__mro__)}
 
 
 def select_layers(model: nn.Module, layers: LayerSpec = None) -> list[str]:
@@ -157,14 +170,20 @@ def select_layers(model: nn.Module, layers: LayerSpec = None) -> list[str]:
         elif isinstance(spec, str):
             if any(ch in spec for ch in "*?["):
                 matched = {n for n in modules if n and fnmatch.fnmatchcase(n, spec)}
+            elif spec in modules and spec:
+                matched = {spec}
             else:
-                matched = {spec} if spec in modules and spec else set()
+                matched = _modules_of_class(model, spec)
             if not matched:
                 close = difflib.get_close_matches(spec, [n for n in modules if n], n=5, cutoff=0.5)
+                classes = sorted({type(m).__name__ for n, m in modules.items() if n})
+                close += difflib.get_close_matches(spec.rsplit(".", 1)[-1], classes, n=3,
+                                                   cutoff=0.6)
                 hint = f"; close names: {close}" if close else ""
                 raise ValueError(
                     f"layer {spec!r} matches no module of {type(model).__name__}{hint} "
-                    "(names as in model.named_modules(); globs like 'layer*' work too)"
+                    "(names as in model.named_modules(); globs like 'layer*' and class names "
+                    "like 'Conv2d' work too)"
                 )
             chosen.update(matched)
         else:

@@ -737,7 +737,7 @@ def measure(
     names = select_layers(module, layers)
     layer_layouts = _probe_layouts(
         module, names, (height, width), layouts or {}, device, model_dtype,
-        lenient=is_broad_selection(layers),
+        lenient=is_broad_selection(layers, module),
     )
     names = [n for n in names if n in layer_layouts]
     offsets = find_offsets(

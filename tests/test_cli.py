@@ -26,6 +26,16 @@ def test_measure_samples_writes_table_and_plot(tmp_path, capsys):
     assert sidecar["config"]["images"] == 3
 
 
+def test_measure_selects_layers_by_class_name(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["measure", "--model", "resnet10t", "--samples", "--limit", "2", "--group",
+                 "translate:8", "--layers", "BasicBlock", "--bootstrap", "0", "--quiet",
+                 "--input-size", "48", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    frame = pd.read_parquet(out / "result.parquet")
+    assert sorted(set(frame.layer)) == ["layer1.0", "layer2.0", "layer3.0", "layer4.0"]
+
+
 def test_info_lists_kernels(capsys):
     assert main(["info"]) == 0
     info = json.loads(capsys.readouterr().out)

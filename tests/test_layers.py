@@ -8,7 +8,7 @@ import torch
 import torchvision
 from torch import nn
 
-from equifast.layers import default_layers, refine_layouts, select_layers
+from equifast.layers import default_layers, is_broad_selection, refine_layouts, select_layers
 from equifast.layouts import detect_layout, grown_grid_of, stride_from_growth
 
 
@@ -351,6 +351,62 @@ def test_a_layer_without_a_tensor_output_is_named():
     with pytest.raises(ValueError, match=r"^layer '1' outputs dict, expected a tensor"):
         equifast.measure(model, torch.rand(2, 3, 8, 8), group="translate[circular]:1",
                          layers=["1"], bootstrap=0, progress=False)
+
+
+def test_class_names_select_modules_of_that_class():
+    model = torchvision.models.resnet18()
+    by_type = select_layers(model, nn.BatchNorm2d)
+    assert select_layers(model, "BatchNorm2d") == by_type
+    assert select_layers(model, "nn.BatchNorm2d") == select_layers(model, "torch.nn.BatchNorm2d")
+    assert select_layers(model, "nn.BatchNorm2d") == by_type and len(by_type) == 20
+    assert select_layers(model, ["BasicBlock", "fc"]) == [
+        "layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer3.0", "layer3.1", "layer4.0",
+        "layer4.1", "fc"]
+    # As isinstance has it: a subclass of the class named is caught too.
+
+    class Gate(nn.ReLU):
+        pass
+
+    gated = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), Gate())
+    assert select_layers(gated, "ReLU") == ["1", "2"] and select_layers(gated, "Gate") == ["2"]
+    # A module name wins over a class name; a class name is a broad selection, a name is not.
+    named = nn.Sequential()
+    named.add_module("Conv2d", nn.Identity())
+    named.add_module("body", nn.Conv2d(3, 4, 3))
+    assert select_layers(named, "Conv2d") == ["Conv2d"]
+    assert not is_broad_selection("Conv2d", named)
+    assert is_broad_selection("Conv2d", gated) and is_broad_selection(["0", "ReLU"], gated)
+    assert not is_broad_selection(["0", "2"], gated)
+    with pytest.raises(ValueError, match=r"matches no module.*'BatchNorm2d'"):
+        select_layers(model, "BatchNorm")
+
+
+def test_a_class_name_selection_leaves_out_what_cannot_be_measured():
+    import equifast
+
+    class Pair(nn.Module):  # its output is not a tensor: left out of a broad selection
+        def forward(self, x):
+            return {"x": x}
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.relu = nn.ReLU()
+            self.pair = Pair()
+
+        def forward(self, x):
+            self.pair(x)
+            return self.relu(self.conv(x))
+
+    images = torch.rand(2, 3, 12, 12)
+    kwargs = dict(group="translate[circular]:1", progress=False, bootstrap=0)
+    with pytest.warns(UserWarning, match="1 of 3 selected layers cannot be measured"):
+        result = equifast.measure(Net().eval(), images, layers=["Conv2d", "ReLU", "Pair"],
+                                  **kwargs)
+    assert set(result.frame.layer) == {"conv", "relu"}
+    with pytest.raises(Exception, match="outputs dict"):
+        equifast.measure(Net().eval(), images, layers=["conv", "pair"], **kwargs)
 
 
 def test_an_empty_selection_is_a_clear_error():
