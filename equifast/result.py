@@ -83,17 +83,37 @@ class Result:
     config: dict[str, Any] = field(default_factory=dict)
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
+    def _check_metric(self, metric: str, element: str = "mean") -> None:
+        metrics = self.frame.metric.unique().tolist()
+        if metric not in metrics:
+            raise ValueError(f"metric {metric!r} is not in the result; it holds {metrics}")
+        elements = self.frame.element.unique().tolist()
+        if element not in elements:
+            raise ValueError(f"element {element!r} is not in the result; it holds {elements}")
+
     def scores(self, metric: str = "corr", element: str = "mean") -> pd.DataFrame:
-        """Wide table: one row per layer, the comparisons as columns (with CIs)."""
+        """Wide table: one row per layer (``layer``, ``depth``), and per comparison its
+        ``metric`` for ``element`` with the 95% CI, named as in :meth:`summary` (``eq``,
+        ``eq_lo``, ``eq_hi``, ``inv``, ...)."""
+        self._check_metric(metric, element)
         rows = self.frame[(self.frame.metric == metric) & (self.frame.element == element)]
-        wide = rows.pivot_table(index=["depth", "layer"], columns="comparison",
-                                values=["value", "ci_low", "ci_high"], aggfunc="first")
-        wide.columns = [f"{comp}_{what}".replace("_value", "") for what, comp in wide.columns]
-        return wide.reset_index()
+        # unstack, not pivot_table: an interval that is NaN throughout (bootstrap=0) keeps its
+        # column
+        wide = (rows.drop_duplicates(["depth", "layer", "comparison"])
+                .set_index(["depth", "layer", "comparison"])[["value", "ci_low", "ci_high"]]
+                .unstack("comparison").sort_index(level="depth"))
+        suffix = {"value": "", "ci_low": "_lo", "ci_high": "_hi"}
+        wide.columns = [f"{comp}{suffix[what]}" for what, comp in wide.columns]
+        order = [f"{comp}{end}" for comp in ("eq", "inv", "chance") for end in ("", "_lo", "_hi")]
+        columns = [c for c in order if c in wide.columns]
+        columns += [c for c in wide.columns if c not in columns]
+        table = wide[columns].reset_index()
+        return table[["layer", "depth", *columns]]
 
     def summary(self, metric: str = "corr") -> pd.DataFrame:
         """Per-layer table: stride, eq / inv / chance ``metric`` with 95% CIs, flat_frac, n, and
         the normalized equivariance ``corr_vs_chance``."""
+        self._check_metric(metric)
         frame = self.frame[self.frame.element == "mean"]
         layers = frame.drop_duplicates("layer").set_index("layer")
         table = pd.DataFrame(index=layers.index)

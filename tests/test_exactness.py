@@ -1,6 +1,7 @@
 """Exactness properties of the measure that need no oracle (DESIGN.md section 7)."""
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -139,6 +140,25 @@ def test_result_roundtrip_and_summary(tmp_path):
         np.testing.assert_allclose(loaded.frame.value.to_numpy(dtype=float),
                                    result.frame.value.to_numpy(dtype=float))
     assert "eq corr" in result.format_summary()
+    # scores(): the same table for any metric and element, with summary()'s column names
+    scores = result.scores()
+    columns = ["eq", "eq_lo", "eq_hi", "inv", "inv_lo", "inv_hi", "chance", "chance_lo",
+               "chance_hi"]
+    assert list(scores.columns) == ["layer", "depth", *columns]
+    pd.testing.assert_frame_equal(scores[["layer", "depth", *columns]],
+                                  summary[["layer", "depth", *columns]], check_dtype=False)
+    one = result.scores("nde", "translate(0,1)")
+    rows = result.frame[(result.frame.metric == "nde") & (result.frame.comparison == "inv")
+                        & (result.frame.element == "translate(0,1)")]
+    np.testing.assert_allclose(one.inv, rows.value)
+    with pytest.raises(ValueError, match=r"metric 'nde2' is not in the result; it holds \['corr'"):
+        result.summary("nde2")
+    with pytest.raises(ValueError, match=r"element .translate\(9,9\). is not in the result"):
+        result.scores(element="translate(9,9)")
+    # Without a bootstrap the intervals are NaN, and still there.
+    plain = equifast.measure(net, images, group=Translation([1], protocol="circular"),
+                             progress=False, bootstrap=0).scores()
+    assert list(plain.columns) == ["layer", "depth", *columns] and plain.eq_lo.isna().all()
 
 
 def test_result_plot_has_a_line_per_comparison():
