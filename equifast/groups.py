@@ -340,6 +340,8 @@ def parse_group(spec: str) -> Group:
     Grammar: terms joined by ``+`` (union) or ``*`` (product); a term is
     ``translate:8,16,32`` (both axes), ``translate:0/8,8/0`` (``dy/dx`` pairs),
     ``translate[circular]:8``, ``rotate:90,180,270``, ``flip`` / ``flip:horizontal,vertical``.
+    A protocol in brackets is one of ``crop``, ``circular``, ``zero``; a flip accepts any, as all
+    are the same for it.
 
     Example:
         >>> parse_group("translate:8,16+rotate:90").names
@@ -364,6 +366,9 @@ def parse_group(spec: str) -> Group:
     kind, protocol = head.strip(), None
     if "[" in kind and kind.endswith("]"):
         kind, protocol = kind[:-1].split("[", 1)
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"group spec {spec!r}: protocol {protocol!r} is not one of "
+                             f"{PROTOCOLS} (e.g. 'translate[circular]:8')")
     values = [v.strip() for v in args.split(",")] if colon else []
     if colon and not all(values):
         raise ValueError(
@@ -394,6 +399,8 @@ def parse_group(spec: str) -> Group:
             angles = [number(v) for v in values] or [90, 180, 270]
             return Rotation(angles, protocol=protocol or "crop")
         if kind == "flip":
+            # Any protocol is the same for a flip: it maps the image onto itself, so nothing
+            # comes from outside it.
             return Flip([v.strip() for v in values] or "horizontal")
     except ValueError as error:
         raise ValueError(f"group spec {spec!r}: {error}") from None

@@ -106,10 +106,25 @@ def test_parse_group():
     ("translate:8,,16", r"found an empty one"),
     ("rotate:", r"found an empty one"),
     ("rotate:ninety", r"expected a number, found 'ninety'"),
+    ("flip[mirror]", r"protocol 'mirror' is not one of \('crop', 'circular', 'zero'\)"),
+    ("rotate[]:90", r"protocol '' is not one of"),
 ])
 def test_parse_group_names_what_is_wrong(spec, message):
     with pytest.raises(ValueError, match=rf"group spec {re.escape(repr(spec))}: .*{message}"):
         parse_group(spec)
+
+
+def test_a_flip_is_the_same_under_any_protocol():
+    """Why the parser lets a flip take any protocol: the flipped window never leaves itself."""
+    sources = torch.rand(2, 3, 7 + 4, 9 + 6, dtype=torch.float64)  # margins 2 and 3
+    window = sources[..., 2:9, 3:12]
+    for axis, dim in (("vertical", -2), ("horizontal", -1)):
+        (element,) = parse_group(f"flip[zero]:{axis}")
+        source = torch.from_numpy(invert_affine(element.matrix(7, 9)))[None]
+        for code in (0, 1, 2):
+            out = _reference.transform_images(sources, source, [code], 2, 3, 7, 9, None, None,
+                                              torch.float64, False)
+            torch.testing.assert_close(out, window.flip(dim))
 
 
 def test_a_zero_shift_is_one_element():
