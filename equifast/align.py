@@ -8,7 +8,8 @@ patch ``o = 7.5``.
 ``align="auto"`` finds ``o`` from the centroid of the effective receptive field of a block of
 central feature pixels (mean absolute input-gradient over a few random inputs, with its flat
 background removed so that global mixing such as attention does not pull it to the image centre),
-snapped to half a pixel. ``"center"`` assumes ``o = (s - 1) / 2``, ``"corner"`` ``o = 0``; a number
+snapped to half a pixel; where the pixels with a non-zero gradient lie inside the image, from the
+centre of that footprint, which convolutions and pooling make exact whatever the weights. ``"center"`` assumes ``o = (s - 1) / 2``, ``"corner"`` ``o = 0``; a number
 (or a ``(oy, ox)`` pair) sets it; a dict sets it per layer.
 """
 
@@ -186,6 +187,8 @@ def offsets_from_graph(
             if gradient is None:
                 raise RuntimeError(f"layer {name!r} does not depend on the input")
             magnitude = gradient.detach().float().abs().sum((0, 1))
+            footprint = _footprint_centre(magnitude) if gradient.dtype in (
+                torch.float32, torch.float64) else None
             # Remove the flat floor (global mixing reaches every pixel) before taking the centroid.
             magnitude = (magnitude - magnitude.median()).clamp_min(0)
             total = magnitude.sum()
@@ -199,8 +202,29 @@ def offsets_from_graph(
             stride_y, stride_x = layout.stride
             # The block's receptive fields centre on o + s * (mean position of the block).
             mean_row, mean_col = (rows.start + rows.stop - 1) / 2, (cols.start + cols.stop - 1) / 2
-            offsets[name] = (
-                _snap(centroid_y - stride_y * mean_row),
-                _snap(centroid_x - stride_x * mean_col),
-            )
+            offset = (centroid_y - stride_y * mean_row, centroid_x - stride_x * mean_col)
+            if footprint is not None:
+                # The footprint's centre is exact for convolutions and pooling whatever the
+                # weights; the centroid of random weights leans by a pixel or more (ConvNeXt's
+                # first stage: 0.0 / 1.0 instead of 1.5). Taken when the two are within half a
+                # stride of each other, so that an odd footprint does not override the centroid.
+                centred = (footprint[0] - stride_y * mean_row, footprint[1] - stride_x * mean_col)
+                if (abs(centred[0] - offset[0]) <= stride_y / 2
+                        and abs(centred[1] - offset[1]) <= stride_x / 2):
+                    offset = centred
+            offsets[name] = (_snap(offset[0]), _snap(offset[1]))
     return offsets
+
+
+def _footprint_centre(magnitude: torch.Tensor) -> tuple[float, float] | None:
+    """Centre ``(y, x)`` of the pixels with a non-zero gradient when they lie inside the image
+    (a receptive field that reaches a border is cut there, and its centre moves); else None."""
+    height, width = magnitude.shape
+    rows = torch.nonzero(magnitude.sum(1) > 0).flatten()
+    cols = torch.nonzero(magnitude.sum(0) > 0).flatten()
+    if rows.numel() == 0 or cols.numel() == 0:
+        return None
+    top, bottom, left, right = int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
+    if top == 0 or left == 0 or bottom == height - 1 or right == width - 1:
+        return None
+    return (top + bottom) / 2, (left + right) / 2

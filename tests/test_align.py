@@ -1,0 +1,116 @@
+"""align="auto": grid offsets from the probe's input gradients (equifast.align)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from equifast import align
+from equifast.align import find_offsets
+from equifast.layouts import detect_layout
+
+SEEDS = range(6)
+
+
+def _offsets(net: nn.Module, names: list[str], size: int) -> dict[str, tuple[float, float]]:
+    shapes: dict[str, torch.Size] = {}
+    modules = dict(net.named_modules())
+
+    def keep(name: str):
+        def hook(module, inputs, output) -> None:
+            shapes.setdefault(name, output.shape)
+        return hook
+
+    handles = [modules[n].register_forward_hook(keep(n)) for n in names]
+    with torch.no_grad():
+        net(torch.zeros(1, 3, size, size))
+    for handle in handles:
+        handle.remove()
+    layouts = {n: detect_layout(shapes[n], (size, size)) for n in names}
+    return find_offsets(net, layouts, (size, size), "auto")
+
+
+def _convnext_like() -> nn.Sequential:
+    # A 4x4 stride-4 patch stem (o = 1.5), a 7x7 depthwise convolution (o kept), a 2x2 stride-2
+    # downsampling (o = 1.5 + 4 * 0.5 = 3.5).
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 4, stride=4), nn.Conv2d(16, 16, 7, padding=3, groups=16), nn.GELU(),
+        nn.Conv2d(16, 32, 2, stride=2), nn.GELU(),
+    ).eval()
+
+
+def _pooled() -> nn.Sequential:
+    # 3x3 convolutions keep o = 0; 2x2 average pooling sits between its pixels (o + s * 0.5).
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.Conv2d(16, 16, 3, padding=1),
+        nn.ReLU(), nn.AvgPool2d(2),
+    ).eval()
+
+
+def _unpadded() -> nn.Sequential:
+    # Valid 3x3 stride-2 convolutions: pixel i of each sits at 2i + 1 of the one before.
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, stride=2), nn.ReLU(), nn.Conv2d(16, 16, 3, stride=2), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, stride=2), nn.ReLU(),
+    ).eval()
+
+
+def _patches() -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(3, 24, 16, stride=16), nn.ReLU()).eval()
+
+
+@pytest.mark.parametrize(("build", "size", "expected"), [
+    (_convnext_like, 96, {"1": 1.5, "4": 3.5}),
+    (_pooled, 64, {"1": 0.0, "2": 0.5, "5": 1.5}),
+    (_unpadded, 96, {"1": 1.0, "3": 3.0, "5": 7.0}),
+    (_patches, 128, {"1": 7.5}),
+])
+def test_auto_offsets_are_exact_for_convolutions_whatever_the_weights(build, size, expected):
+    """Random weights lean the gradient's centroid; the footprint of a receptive field inside the
+    image does not: every seed gives the geometric offsets."""
+    for seed in SEEDS:
+        torch.manual_seed(seed)
+        found = _offsets(build(), list(expected), size)
+        assert found == {name: (o, o) for name, o in expected.items()}, f"seed {seed}"
+
+
+def test_the_centroid_alone_leans_with_random_weights(monkeypatch):
+    """Why the footprint is used: without it, some seeds miss ConvNeXt's 1.5."""
+    monkeypatch.setattr(align, "_footprint_centre", lambda magnitude: None)
+    missed = 0
+    for seed in SEEDS:
+        torch.manual_seed(seed)
+        missed += _offsets(_convnext_like(), ["1"], 96)["1"] != (1.5, 1.5)
+    assert missed > 0
+
+
+def test_global_mixing_falls_back_to_the_centroid():
+    """A squeeze-excitation gate reaches every pixel: the footprint is the whole image, and the
+    centroid (above the flat floor) still finds the local convolution's centre."""
+
+    class Gated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 16, 3, padding=1)
+            self.gate = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(16, 16, 1), nn.Sigmoid())
+            self.out = nn.Identity()
+
+        def forward(self, x):
+            x = self.conv(x)
+            return self.out(x * self.gate(x))
+
+    torch.manual_seed(0)
+    net = Gated().eval()
+    magnitude = torch.ones(32, 32)
+    assert align._footprint_centre(magnitude) is None  # reaches the borders: not used
+    assert _offsets(net, ["out"], 32) == {"out": (0.0, 0.0)}
+
+
+def test_footprint_centre():
+    magnitude = torch.zeros(10, 12)
+    magnitude[2:7, 3:6] = torch.rand(5, 3) + 0.1
+    assert align._footprint_centre(magnitude) == (4.0, 4.0)
+    magnitude[0, 4] = 1.0  # reaches the top border: cut there, so not a centre
+    assert align._footprint_centre(magnitude) is None
+    assert align._footprint_centre(torch.zeros(5, 5)) is None
