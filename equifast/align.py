@@ -9,8 +9,9 @@ patch ``o = 7.5``.
 central feature pixels (mean absolute input-gradient over a few random inputs, with its flat
 background removed so that global mixing such as attention does not pull it to the image centre),
 snapped to half a pixel; where the pixels with a non-zero gradient lie inside the image, from the
-centre of that footprint, which convolutions and pooling make exact whatever the weights. ``"center"`` assumes ``o = (s - 1) / 2``, ``"corner"`` ``o = 0``; a number
-(or a ``(oy, ox)`` pair) sets it; a dict sets it per layer.
+centre of that footprint, which convolutions and pooling make exact whatever the weights.
+``"center"`` assumes ``o = (s - 1) / 2``, ``"corner"`` ``o = 0``; a number (or a ``(oy, ox)``
+pair) sets it; a dict sets it per layer.
 """
 
 from __future__ import annotations

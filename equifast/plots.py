@@ -310,6 +310,26 @@ def accuracy_column(summary: pd.DataFrame) -> str:
     return "top1" if summary["top1"].notna().any() else "consistency"
 
 
+def _emptiest_corner(ax, xs, ys, width: float = 0.45, height: float = 0.2
+                     ) -> tuple[float, float, str, str]:
+    """``(x, y, ha, va)`` in axes coordinates of the corner whose ``width x height`` box (axes
+    fractions) holds the fewest points, top left on a tie: where the correlation box covers
+    least."""
+    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+    fx = (np.asarray(xs, dtype=float) - x0) / ((x1 - x0) or 1.0)
+    fy = (np.asarray(ys, dtype=float) - y0) / ((y1 - y0) or 1.0)
+    corners = [(0.02, 0.98, "left", "top"), (0.98, 0.98, "right", "top"),
+               (0.02, 0.02, "left", "bottom"), (0.98, 0.02, "right", "bottom")]
+
+    def covered(corner) -> int:
+        _, _, ha, va = corner
+        in_x = fx <= width if ha == "left" else fx >= 1 - width
+        in_y = fy >= 1 - height if va == "top" else fy <= height
+        return int(np.count_nonzero(in_x & in_y))
+
+    return min(corners, key=covered)
+
+
 def plot_accuracy_vs_equivariance(source, metric: str = "corr", *, groups=None,
                                   n_boot: int = 1000, seed: int = 0, ncols: int = 2,
                                   annotate: bool | None = None):
@@ -361,8 +381,10 @@ def plot_accuracy_vs_equivariance(source, metric: str = "corr", *, groups=None,
                 ax.annotate(str(row.model), (row.mean_eq, row[column]), fontsize=7,
                             xytext=(4, 3), textcoords="offset points")
         stats = correlations(points.mean_eq, points[column], n_boot=n_boot, seed=seed)
-        ax.text(0.02, 0.98, _format_correlation(stats), transform=ax.transAxes, va="top",
-                ha="left", fontsize=8, gid="correlation",
+        x, y, ha, va = _emptiest_corner(ax, points.mean_eq.astype(float),
+                                        points[column].astype(float))
+        ax.text(x, y, _format_correlation(stats), transform=ax.transAxes, va=va, ha=ha,
+                fontsize=8, gid="correlation",
                 bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.85})
         ax.set_xlabel(f"mean equivariance ({metric}, eq, mean over layers)")
         ax.set_ylabel("top-1 accuracy" if column == "top1" else
@@ -376,7 +398,8 @@ def plot_accuracy_vs_equivariance(source, metric: str = "corr", *, groups=None,
         if shown:
             handles = [Line2D([], [], marker="o", linestyle="", markerfacecolor=colour[f],
                               markeredgecolor="black", markersize=7, label=f) for f in shown]
-            ax.legend(handles=handles, title="family", loc="lower right", fontsize=7,
+            # "best": matplotlib's own search for the place that covers the fewest points
+            ax.legend(handles=handles, title="family", loc="best", fontsize=7,
                       title_fontsize=8)
     for ax in list(axes.flat)[len(groups):]:
         ax.remove()

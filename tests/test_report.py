@@ -355,6 +355,32 @@ def test_correlations_match_numpy():
     assert correlations([1.0, np.nan, 2.0, 3.0], [1.0, 5.0, 2.0, 3.5])["n"] == 3
 
 
+@pytest.mark.parametrize("crowded", ["top left", "top right"])
+def test_the_correlation_box_and_legend_leave_the_points_free(tmp_path, crowded):
+    """The box goes to the corner with the fewest points, the legend where matplotlib finds
+    room: with models crowded in a top corner, neither covers a point."""
+    rng = np.random.default_rng(0)
+    left = crowded == "top left"
+    results = []
+    for i in range(12):  # mean equivariance near one side, accuracy high
+        eq = (0.32 + 0.02 * rng.random()) if left else (0.88 + 0.02 * rng.random())
+        results.append(_result(f"net{i}", [eq, eq], top1=0.9 - 0.01 * i))
+    results.append(_result("anchor20", [0.6, 0.6], top1=0.1))  # far corner of the range
+    results.append(_result("anchor21", [0.9 if left else 0.3] * 2, top1=0.12))
+    store = _store(tmp_path / "crowd.sqlite", results)
+    fig = plot_accuracy_vs_equivariance(store, n_boot=50, annotate=False)
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    points = ax.transData.transform(ax.collections[0].get_offsets())
+    (text,) = [t for t in ax.texts if t.get_gid() == "correlation"]
+    for artist in (text.get_bbox_patch(), ax.get_legend()):
+        box = artist.get_window_extent(renderer)
+        inside = [box.contains(x, y) for x, y in points]
+        assert not any(inside), f"{artist.__class__.__name__} covers {sum(inside)} points"
+    plt.close(fig)
+
+
 def test_synthetic_edge_cases(tmp_path):
     # A model without top-1 among models with one: left out of the top-1 panel, and said so.
     results = [_result("net1", [0.9, 0.8, 0.7], top1=0.7),
