@@ -316,7 +316,6 @@ def measurable_layers(
     return kept, layouts
 
 
-
 def refine_layouts(
     model: nn.Module, layouts: Mapping[str, FeatureLayout], input_size: tuple[int, int],
     device, dtype, overrides: Mapping[str, str] | None = None, growth: int = GROWTH,
