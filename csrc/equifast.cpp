@@ -41,11 +41,12 @@ TORCH_LIBRARY(equifast, m) {
       "bool channels_last) -> Tensor");
 
   // float32 sufficient statistics (eq, inv, chance) comparing each transformed block of a layer
-  // output with the transformed identity block. Contract: equifast/ops and DESIGN.md section 4.
+  // output with the transformed identity block: the first block of feats, or `reference` (then
+  // feats holds the K element blocks only). Contract: equifast/ops and DESIGN.md section 4.
   m.def(
       "equivariance_stats(Tensor feats, Tensor source_affines, int[] wrap, int batch, str layout, "
-      "int grid_h, int grid_w, int prefix, str subpixel, bool with_inv, bool with_chance) "
-      "-> Tensor");
+      "int grid_h, int grid_w, int prefix, str subpixel, bool with_inv, bool with_chance, "
+      "Tensor? reference=None) -> Tensor");
 
   // Scores of compared pairs from float64 statistics (..., C, 6) of one or several layers whose
   // channels lie one after the other (channel_counts): (..., L, 8) float64, the scores in the

@@ -32,6 +32,7 @@ EQUIVARIANCE_STATS_ARGS = [
     "subpixel",
     "with_inv",
     "with_chance",
+    "reference",
 ]
 
 
@@ -87,6 +88,7 @@ def test_schema_types():
     assert types["layout"] == "str"
     assert types["wrap"] == "List[int]"
     assert types["with_chance"] == "bool"
+    assert types["reference"] == "Optional[Tensor]"
 
 
 def test_has_kernel_unknown_op_is_false():

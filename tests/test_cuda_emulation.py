@@ -181,6 +181,28 @@ def test_layouts_and_dtypes(emu, dtype, layout, variant, prefix):
     assert (got[0, [1, 6], :, :, 0] == h * w).all()  # wrapped: all valid
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout,variant,prefix", LAYOUT_CASES)
+def test_identity_block_apart(emu, dtype, layout, variant, prefix):
+    """``reference``: the identity block in a tensor of its own, whose images lie twice as far
+    apart as the elements' (NaN between them), gives exactly the statistics of the two stacked."""
+    h, w, channels, batch = 5, 6, 33, 3
+    maps, wrap = mixed_maps(h, w)
+    affines = affines_of(maps)
+    feats = make_feats(layout, (len(maps) + 1) * batch, channels, h, w, dtype, variant, prefix)
+    spread = torch.full((2 * batch, *feats.shape[1:]), float("nan"), dtype=dtype)
+    spread = spread.contiguous(memory_format=torch.channels_last) if (
+        variant == "channels_last") else spread
+    identity = spread[::2]
+    identity.copy_(feats[:batch])
+    assert identity.stride()[1:] == feats.stride()[1:] and identity.stride(0) != feats.stride(0)
+    args = (affines, list(wrap), batch, layout, h, w, prefix, "bilinear", True, True)
+    stacked = emu.emulated_equivariance_stats(feats, *args)
+    apart = emu.emulated_equivariance_stats(feats[batch:], *args, reference=identity)
+    assert torch.equal(apart, stacked)
+    assert_stats_close(apart, R.equivariance_stats(feats, *args), rtol_for(dtype))
+
+
 SIZE_CASES = [(7, 5), (1, 9), (3, 3), (2, 4), (13, 11)]
 
 

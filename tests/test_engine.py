@@ -336,6 +336,48 @@ def test_default_cpu_plan_bounds_the_pixels_per_forward(batch, size, expected):
     assert max(images) * size * size <= max(CPU_PIXELS_PER_FORWARD, batch * size * size)
 
 
+def test_kept_identity_features_of_any_layout_give_the_same_results(monkeypatch):
+    """Later forwards pass the kept identity features beside their own to the stats op; where the
+    kept copy is laid out otherwise (a clone of a strided view is dense), they are stacked
+    instead. Both give the single forward's numbers."""
+    from equifast import engine, ops
+
+    class Views(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.every_other = nn.Identity()  # a strided view: its clone is laid out otherwise
+            self.channels_last = nn.Identity()
+            self.vector = nn.Identity()
+
+        def forward(self, x):
+            x = torch.relu(self.conv(x))
+            self.every_other(x[:, ::2])
+            self.channels_last(x.contiguous(memory_format=torch.channels_last))
+            return self.vector(x.mean((2, 3)))
+
+    torch.manual_seed(0)
+    net = Views().eval()
+    images = torch.rand(5, 3, 12, 12)
+    kwargs = dict(group=Translation([1, 2], protocol="circular"), progress=False, bootstrap=0,
+                  batch_size=3, align="center",
+                  layers=["conv", "every_other", "channels_last", "vector"])
+    whole = equifast.measure(net, images, elements_per_chunk=4, **kwargs)
+    calls = []
+    real = ops.equivariance_stats
+
+    def spy(feats, *args, reference=None, **kw):
+        calls.append(reference is not None)
+        return real(feats, *args, reference=reference, **kw)
+
+    monkeypatch.setattr(ops, "equivariance_stats", spy)
+    monkeypatch.setattr(engine, "CPU_PIXELS_PER_FORWARD", 1)  # the identity block alone first
+    alone = equifast.measure(net, images, **kwargs)
+    assert alone.config["blocks_per_forward"] == 1
+    assert any(calls) and not all(calls)  # the strided view's kept copy was stacked
+    pd.testing.assert_frame_equal(_values(alone), _values(whole), rtol=1e-12, atol=1e-12)
+
+
 def test_identity_block_alone_gives_the_same_results(monkeypatch):
     """One block per forward (large images): the identity block gets a forward of its own, and
     its kept features are compared in every later forward."""

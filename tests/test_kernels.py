@@ -535,9 +535,72 @@ def stats_sample_args(device):
     ]
 
 
+def _split_identity(feats: torch.Tensor, batch: int, gap: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The identity block as a tensor of its own whose images are ``gap`` images apart (another
+    image stride than the elements'), laid out like ``feats`` after the batch axis."""
+    identity = feats[:batch]
+    # One image of feats spans this many elements (its strides after the batch axis included).
+    span = 1 + sum((n - 1) * abs(st) for n, st in zip(feats.shape[1:], feats.stride()[1:]))
+    holder = torch.full((batch * gap * span,), float("nan"), dtype=feats.dtype,
+                        device=feats.device)
+    slots = holder.as_strided(identity.shape, (gap * span, *feats.stride()[1:]))
+    slots.copy_(identity)
+    return slots, feats[batch:]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("layout,variant,prefix", LAYOUT_CASES)
+def test_stats_identity_block_apart(device, dtype, layout, variant, prefix):
+    """``reference``: the identity block in a tensor of its own (the engine's later forwards)
+    gives exactly the statistics of the two stacked, in every layout and loop nest."""
+    size, batch = 7, 3
+    elements = mixed_elements(size)
+    affines = feature_affines(elements, size, size)
+    wrap = wrap_flags(elements)
+    feats = make_feats(layout, (len(elements) + 1) * batch, 20, size, size, dtype, device,
+                       variant, prefix)
+    args = (affines, wrap, batch, layout, size, size, prefix, "bilinear", True, True)
+    stacked = torch.ops.equifast.equivariance_stats(feats, *args)
+    for gap in (1, 3):
+        identity, rest = _split_identity(feats, batch, gap)
+        apart = torch.ops.equifast.equivariance_stats(rest, *args, identity)
+        assert torch.equal(apart, stacked), f"gap {gap}"
+    want = R.equivariance_stats(rest.cpu(), *args, identity.cpu())
+    assert_stats_close(apart, want, rtol_for(dtype))
+    assert_stats_close(stacked, R.equivariance_stats(feats.cpu(), *args), rtol_for(dtype))
+
+
+def test_stats_identity_block_apart_errors():
+    size, batch = 4, 2
+    affines = feature_affines(groups.Translation([(1, 0)]).elements, size, size)
+    feats = torch.randn(2 * batch, 3, size, size)
+    identity, rest = feats[:batch].clone(), feats[batch:]
+    args = (affines, [0], batch, "NCHW", size, size, 0, "bilinear", True, True)
+    with pytest.raises(RuntimeError, match=r"expected shape \(2, \*feats.shape\[1:\]\)"):
+        torch.ops.equifast.equivariance_stats(rest, *args, identity[:1])
+    with pytest.raises(RuntimeError, match="reference must lay out its images like feats"):
+        torch.ops.equifast.equivariance_stats(
+            rest, *args, identity.contiguous(memory_format=torch.channels_last))
+    with pytest.raises(RuntimeError, match="must have the dtype and device of feats"):
+        torch.ops.equifast.equivariance_stats(rest, *args, identity.double())
+    with pytest.raises(RuntimeError, match=r"K \* batch = 1 \* 2 = 2 were expected"):
+        torch.ops.equifast.equivariance_stats(feats, *args, identity)
+    # An axis of size 1 may have any stride: it is never stepped along.
+    one = torch.randn(2 * batch, 1, size, size)
+    odd = torch.randn(batch, 1, size, size).as_strided((batch, 1, size, size),
+                                                        (size * size, 7, size, 1))
+    got = torch.ops.equifast.equivariance_stats(one[batch:], *args, odd)
+    want = R.equivariance_stats(torch.cat([odd, one[batch:]]), *args)
+    assert_stats_close(got, want, rtol_for(torch.float32))
+
+
 def test_stats_opcheck(device):
     for args in stats_sample_args(device):
         torch.library.opcheck(torch.ops.equifast.equivariance_stats.default, args)
+        feats, affines, batch = args[0], args[1], args[3]
+        identity, rest = feats[:batch].clone(), feats[batch:]  # the identity block apart
+        torch.library.opcheck(torch.ops.equifast.equivariance_stats.default,
+                              (rest, affines, *args[2:], identity))
 
 
 def _stats_error_cases():

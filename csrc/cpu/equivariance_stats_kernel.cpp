@@ -302,12 +302,23 @@ struct StatsOut {
 // Everything the loop nests share.
 template <typename scalar_t>
 struct StatsJob {
-  const scalar_t* data;  // feats at (image 0, channel 0, y 0, x 0)
+  // The identity block (the first images of feats, or `reference`) and the element blocks, each
+  // at (image 0, channel 0, y 0, x 0); both share the view's channel and position strides.
+  const scalar_t* identity;
+  int64_t identity_stride_n;
+  const scalar_t* blocks;  // element 0's block; element k's starts k * batch images later
   FeatureView view;
   StatsOut out;
   const std::vector<ElementPlan>* plans;  // in the strides of feats
   const std::vector<ElementPlan>* transposed_plans;  // in the strides of a transposed tile
   int64_t tile;  // channels per task of the channels loop nest (channels_per_task)
+
+  const scalar_t* identity_image(int64_t b, int64_t c) const {
+    return identity + b * identity_stride_n + c * view.stride_c;
+  }
+  const scalar_t* element_image(int64_t k, int64_t b, int64_t c) const {
+    return blocks + (k * out.batch + b) * view.stride_n + c * view.stride_c;
+  }
 };
 
 // Channels per task of the channels loop nest: whole rows up to kTile channels, in tiles of
@@ -437,12 +448,12 @@ inline void positions_range(const StatsJob<scalar_t>& job, int64_t begin, int64_
       v.stride_x == 1 && v.stride_y == v.grid_w && plane_bytes <= 8192 ? plane_bytes : 0;
   for (int64_t task = begin; task < end; ++task) {
     const int64_t b = task % batch, c = task / batch;  // images fastest: planes are reused
-    const scalar_t* id_b = job.data + b * v.stride_n + c * v.stride_c;
-    const scalar_t* id_next = job.data + ((b + 1) % batch) * v.stride_n + c * v.stride_c;
+    const scalar_t* id_b = job.identity_image(b, c);
+    const scalar_t* id_next = job.identity_image((b + 1) % batch, c);
     for (int64_t k = 0; k < job.out.elements; ++k) {
       const ElementPlan& plan = (*job.plans)[k];
       if (plan.skip || plan.count == 0) continue;  // statistics stay 0
-      const scalar_t* image = job.data + ((k + 1) * batch + b) * v.stride_n + c * v.stride_c;
+      const scalar_t* image = job.element_image(k, b, c);
       if (prefetch_bytes > 0) {
         // The next element's plane (or the next task's first), elsewhere in memory, is on its
         // way while this one is summed.
@@ -450,8 +461,7 @@ inline void positions_range(const StatsJob<scalar_t>& job, int64_t begin, int64_
         if (k + 1 < job.out.elements) {
           ahead = image + batch * v.stride_n;
         } else if (task + 1 < end) {
-          ahead = job.data + (batch + (task + 1) % batch) * v.stride_n +
-                  ((task + 1) / batch) * v.stride_c;
+          ahead = job.element_image(0, (task + 1) % batch, (task + 1) / batch);
         }
         if (ahead != nullptr) {
           const char* bytes = reinterpret_cast<const char*>(ahead);
@@ -762,12 +772,12 @@ inline void channels_range(const StatsJob<scalar_t>& job, int64_t begin, int64_t
   for (int64_t task = begin; task < end; ++task) {
     const int64_t b = task / tiles, c0 = (task % tiles) * job.tile;
     const int64_t width = std::min<int64_t>(job.tile, v.channels - c0);
-    const scalar_t* id_b = job.data + b * v.stride_n + c0 * sc;
-    const scalar_t* id_next = job.data + ((b + 1) % batch) * v.stride_n + c0 * sc;
+    const scalar_t* id_b = job.identity_image(b, c0);
+    const scalar_t* id_next = job.identity_image((b + 1) % batch, c0);
     for (int64_t k = 0; k < job.out.elements; ++k) {
       const ElementPlan& plan = (*job.plans)[k];
       if (plan.skip || plan.count == 0) continue;  // statistics stay 0
-      const scalar_t* image = job.data + ((k + 1) * batch + b) * v.stride_n + c0 * sc;
+      const scalar_t* image = job.element_image(k, b, c0);
       worker.element(plan, image, id_b, id_next, width, width, sc, k, b, c0, true);
     }
   }
@@ -870,9 +880,9 @@ inline void transposed_range(const StatsJob<scalar_t>& job, int64_t begin, int64
     const int64_t b = task / tiles, c0 = (task % tiles) * kTransposeTile;
     const int64_t width = std::min<int64_t>(kTransposeTile, v.channels - c0);
     const int64_t next = (b + 1) % batch;
-    transpose_tile(tile_b, job.data + b * v.stride_n + c0 * v.stride_c, width, v);
+    transpose_tile(tile_b, job.identity_image(b, c0), width, v);
     if (next != b) {
-      transpose_tile(tile_next, job.data + next * v.stride_n + c0 * v.stride_c, width, v);
+      transpose_tile(tile_next, job.identity_image(next, c0), width, v);
     }
     const acc_t* id_next = next != b ? tile_next : tile_b;
     for (int64_t k = 0; k < job.out.elements; ++k) {
@@ -883,17 +893,16 @@ inline void transposed_range(const StatsJob<scalar_t>& job, int64_t begin, int64
         // sits elsewhere in memory, is on its way while this one is computed.
         const scalar_t* ahead =
             k + 1 < job.out.elements
-                ? job.data + ((k + 2) * batch + b) * v.stride_n + c0 * v.stride_c
-                : (task + 1 < end ? job.data + (batch + (task + 1) / tiles) * v.stride_n +
-                                        ((task + 1) % tiles) * kTransposeTile * v.stride_c
+                ? job.element_image(k + 1, b, c0)
+                : (task + 1 < end ? job.element_image(0, (task + 1) / tiles,
+                                                      ((task + 1) % tiles) * kTransposeTile)
                                   : nullptr);
         if (ahead != nullptr) {
           const char* bytes = reinterpret_cast<const char*>(ahead);
           for (int64_t o = 0; o < prefetch_bytes; o += 64) __builtin_prefetch(bytes + o);
         }
       }
-      transpose_tile(tile_a, job.data + ((k + 1) * batch + b) * v.stride_n + c0 * v.stride_c,
-                     width, v);
+      transpose_tile(tile_a, job.element_image(k, b, c0), width, v);
       worker.element(plan, tile_a, tile_b, id_next, width, kTransposeTile, 1, k, b, c0, false);
     }
   }
@@ -965,10 +974,11 @@ void run_stats_nb(const StatsJob<scalar_t>& job, LoopNest nest) {
 at::Tensor equivariance_stats_cpu(const at::Tensor& feats, const at::Tensor& source_affines,
                                   c10::IntArrayRef wrap, int64_t batch, c10::string_view layout,
                                   int64_t grid_h, int64_t grid_w, int64_t prefix,
-                                  c10::string_view subpixel, bool with_inv, bool with_chance) {
+                                  c10::string_view subpixel, bool with_inv, bool with_chance,
+                                  const std::optional<at::Tensor>& reference) {
   const StatsProblem problem = check_stats_args(
       feats, source_affines, wrap, batch, std::string_view(layout.data(), layout.size()), grid_h,
-      grid_w, prefix, std::string_view(subpixel.data(), subpixel.size()));
+      grid_w, prefix, std::string_view(subpixel.data(), subpixel.size()), reference);
   check_device_cpu(feats, "feats");
   const FeatureView& view = problem.view;
   // Uninitialized: the loop nests write every (k, b, c) of the comparisons they compute, and only
@@ -1043,7 +1053,11 @@ at::Tensor equivariance_stats_cpu(const at::Tensor& feats, const at::Tensor& sou
                                   "equivariance_stats_cpu", [&] {
     // float32 sums for float, half and bfloat16 features, float64 for float64 ones.
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const StatsJob<scalar_t> job{feats.const_data_ptr<scalar_t>() + view.offset, view, out,
+    const scalar_t* base = feats.const_data_ptr<scalar_t>() + view.offset;
+    const scalar_t* identity =
+        problem.separate_identity ? reference->const_data_ptr<scalar_t>() + view.offset : base;
+    const StatsJob<scalar_t> job{identity, problem.identity_stride_n,
+                                 base + problem.element_start * view.stride_n, view, out,
                                  &plans, &transposed_plans,
                                  channels_per_task(view.channels, batch, at::get_num_threads())};
     // Each element is computed by exactly one of the loop nests (the other skips it).

@@ -25,10 +25,11 @@ namespace {
 at::Tensor equivariance_stats_cuda(const at::Tensor& feats, const at::Tensor& source_affines,
                                    c10::IntArrayRef wrap, int64_t batch, c10::string_view layout,
                                    int64_t grid_h, int64_t grid_w, int64_t prefix,
-                                   c10::string_view subpixel, bool with_inv, bool with_chance) {
+                                   c10::string_view subpixel, bool with_inv, bool with_chance,
+                                   const std::optional<at::Tensor>& reference) {
   const StatsProblem problem = check_stats_args(
       feats, source_affines, wrap, batch, std::string_view(layout.data(), layout.size()), grid_h,
-      grid_w, prefix, std::string_view(subpixel.data(), subpixel.size()));
+      grid_w, prefix, std::string_view(subpixel.data(), subpixel.size()), reference);
   check_device_cuda(feats, "feats");
   const c10::cuda::CUDAGuard device_guard(feats.device());
   const FeatureView& view = problem.view;
@@ -59,13 +60,16 @@ at::Tensor equivariance_stats_cuda(const at::Tensor& feats, const at::Tensor& so
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(),
                                   "equivariance_stats_cuda", [&] {
-    const scalar_t* data = feats.const_data_ptr<scalar_t>() + view.offset;
+    const scalar_t* base = feats.const_data_ptr<scalar_t>() + view.offset;
+    const scalar_t* identity =
+        problem.separate_identity ? reference->const_data_ptr<scalar_t>() + view.offset : base;
+    const scalar_t* element_blocks = base + problem.element_start * view.stride_n;
     if (launch.channels_inner) {
       stats_kernel<true, scalar_t><<<blocks, kThreads, 0, stream>>>(
-          data, elements_ptr, launch.params, stats.data_ptr<double>());
+          identity, element_blocks, elements_ptr, launch.params, stats.data_ptr<double>());
     } else {
       stats_kernel<false, scalar_t><<<blocks, kThreads, 0, stream>>>(
-          data, elements_ptr, launch.params, stats.data_ptr<double>());
+          identity, element_blocks, elements_ptr, launch.params, stats.data_ptr<double>());
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

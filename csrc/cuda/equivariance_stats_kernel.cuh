@@ -59,6 +59,7 @@ struct DeviceElement {
 struct StatsParams {
   int64_t channels, grid_h, grid_w, batch, elements;
   int64_t stride_n, stride_c, stride_y, stride_x;
+  int64_t identity_stride_n;  // between the identity images (those of feats, or `reference`)
   bool with_inv, with_chance;
 };
 
@@ -297,8 +298,11 @@ __device__ __forceinline__ void accumulate_bilinear(
 template <bool kChannelsInner, typename scalar_t,
           typename value_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>>
 __global__ void __launch_bounds__(kThreads)
-    stats_kernel(const scalar_t* __restrict__ data, const DeviceElement* __restrict__ elements,
-                 StatsParams p, double* __restrict__ out) {
+    stats_kernel(const scalar_t* __restrict__ identity, const scalar_t* __restrict__ blocks,
+                 const DeviceElement* __restrict__ elements, StatsParams p,
+                 double* __restrict__ out) {
+  // identity: the identity block's image 0; blocks: element 0's image 0 (element k's block starts
+  // k * batch images later), both at channel 0, position (0, 0).
   // Elements vary fastest over the blocks: the blocks running at the same time read the same
   // identity images, which then come from L2 rather than memory.
   const int64_t k = blockIdx.x;
@@ -317,9 +321,10 @@ __global__ void __launch_bounds__(kThreads)
   const bool active = c < p.channels;
   const int64_t channel = active ? c : 0;  // idle lanes still take part in the merges
 
-  const scalar_t* image = data + ((k + 1) * p.batch + b) * p.stride_n + channel * p.stride_c;
-  const scalar_t* id_b = data + b * p.stride_n + channel * p.stride_c;
-  const scalar_t* id_next = data + ((b + 1) % p.batch) * p.stride_n + channel * p.stride_c;
+  const scalar_t* image = blocks + (k * p.batch + b) * p.stride_n + channel * p.stride_c;
+  const scalar_t* id_b = identity + b * p.identity_stride_n + channel * p.stride_c;
+  const scalar_t* id_next =
+      identity + ((b + 1) % p.batch) * p.identity_stride_n + channel * p.stride_c;
 
   // Shifts: the values at the first valid position, the same in every thread of the channel.
   double shift_a, shift_eq, shift_inv = 0, shift_chance = 0;
@@ -466,6 +471,7 @@ inline StatsLaunch make_stats_launch(const StatsProblem& problem, bool with_inv,
   params.stride_c = view.stride_c;
   params.stride_y = view.stride_y;
   params.stride_x = view.stride_x;
+  params.identity_stride_n = problem.identity_stride_n;
   params.with_inv = with_inv;
   params.with_chance = with_chance;
   const int64_t channel_step = view.stride_c < 0 ? -view.stride_c : view.stride_c;

@@ -87,11 +87,13 @@ def equivariance_stats(
     with_inv: bool = True,
     with_chance: bool = True,
     force_reference: bool = False,
+    reference: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Equivariance / invariance / chance statistics of one layer for the stacked batch.
 
     Args:
-        feats: Layer output of ``(K + 1) * batch`` images, identity block first, in ``layout``.
+        feats: Layer output of ``(K + 1) * batch`` images, identity block first, in ``layout``;
+            with ``reference``, of the ``K * batch`` images of the elements only.
         source_affines: ``(K, 2, 3)`` float64 feature-grid source maps.
         wrap: ``(K,)`` 1 for circular elements.
         batch: Images per block.
@@ -101,6 +103,10 @@ def equivariance_stats(
         subpixel: ``"bilinear"`` or ``"skip"``.
         with_inv, with_chance: Which comparisons besides equivariance.
         force_reference: Use the pure-PyTorch reference even when a kernel exists.
+        reference: The identity block, ``batch`` images laid out like ``feats`` (the same shape
+            and strides after the batch axis), when it is not the first block of ``feats``: the
+            statistics are those of the two stacked, without copying them together (the engine
+            keeps the identity features of a batch's first forward for its later ones).
 
     Returns:
         ``(3, K, B, C, 6)`` float64 statistics (see ``STATS_FIELDS``, ``COMPARISONS``).
@@ -113,8 +119,10 @@ def equivariance_stats(
     args = (affines, [int(w) for w in wrap], int(batch), layout, int(grid_h), int(grid_w),
             int(prefix), subpixel, bool(with_inv), bool(with_chance))
     if _use_kernel("equivariance_stats", feats.device, force_reference):
-        return torch.ops.equifast.equivariance_stats(feats, *args)
-    return _reference.equivariance_stats(feats.detach(), *args).to(feats.device)
+        return torch.ops.equifast.equivariance_stats(feats, *args, reference)
+    return _reference.equivariance_stats(
+        feats.detach(), *args, None if reference is None else reference.detach()
+    ).to(feats.device)
 
 
 def _register_fakes() -> None:
@@ -131,7 +139,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("equifast::equivariance_stats")
     def _(feats, source_affines, wrap, batch, layout, grid_h, grid_w, prefix, subpixel, with_inv,
-          with_chance):
+          with_chance, reference=None):
         channels = feats.shape[1] if layout == "NCHW" else feats.shape[-1]
         return feats.new_empty((3, source_affines.shape[0], batch, channels, 6),
                                dtype=torch.float64)

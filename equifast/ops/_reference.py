@@ -222,13 +222,15 @@ def equivariance_stats(
     subpixel: str,
     with_inv: bool,
     with_chance: bool,
+    reference: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Statistics of the equivariance, invariance and chance comparisons (reference).
 
     Args:
         feats: The layer output for the stacked batch, ``N = (K + 1) * batch`` images, identity
             block first, in ``layout`` (``"NCHW"``, ``"NHWC"`` or ``"NLC"``; vectors are passed as
-            ``NCHW`` of shape ``(N, 1, 1, C)``).
+            ``NCHW`` of shape ``(N, 1, 1, C)``). With ``reference``, the ``K * batch`` images of
+            the elements only.
         source_affines: ``(K, 2, 3)`` float64 maps in feature-grid coordinates: output position
             ``u`` of the re-aligned identity map reads position ``A_k @ u``.
         wrap: ``(K,)`` 1 where the element wraps around (circular protocol).
@@ -236,6 +238,8 @@ def equivariance_stats(
         layout, grid_h, grid_w, prefix: How to view ``feats`` (see :mod:`equifast.layouts`).
         subpixel: ``"bilinear"`` or ``"skip"`` (non-integer maps give count 0: NaN scores).
         with_inv, with_chance: Whether to compute those comparisons (zeros otherwise).
+        reference: The identity block (``batch`` images laid out like ``feats``) when it is not
+            the first block of ``feats``: the same statistics as with the two stacked.
 
     Returns:
         ``(3, K, B, C, 6)`` float64 statistics for eq, inv, chance: count, mean_a, mean_b, m2_a,
@@ -243,6 +247,11 @@ def equivariance_stats(
         ``b`` the re-aligned identity features (eq), the identity features (inv) or the re-aligned
         identity features of image ``(n + 1) % B`` (chance).
     """
+    if reference is not None:
+        if reference.shape[1:] != feats.shape[1:] or reference.shape[0] != batch:
+            raise ValueError(f"reference: expected the identity block of shape "
+                             f"{(batch, *feats.shape[1:])}, found {tuple(reference.shape)}")
+        feats = torch.cat([reference.to(feats.device), feats])
     grid = grid_view(feats, layout, grid_h, grid_w, prefix).to(torch.float64)
     total, channels = grid.shape[:2]
     elements = source_affines.shape[0]

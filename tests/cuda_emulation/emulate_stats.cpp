@@ -216,12 +216,13 @@ at::Tensor emulated_equivariance_stats(const at::Tensor& feats, const at::Tensor
                                        std::vector<int64_t> wrap, int64_t batch,
                                        const std::string& layout, int64_t grid_h, int64_t grid_w,
                                        int64_t prefix, const std::string& subpixel, bool with_inv,
-                                       bool with_chance) {
+                                       bool with_chance,
+                                       const std::optional<at::Tensor>& reference) {
   using namespace equifast;
   const StatsProblem problem =
       check_stats_args(feats, source_affines, c10::IntArrayRef(wrap), batch,
                        std::string_view(layout), grid_h, grid_w, prefix,
-                       std::string_view(subpixel));
+                       std::string_view(subpixel), reference);
   check_device_cpu(feats, "feats");
   const FeatureView& view = problem.view;
   at::Tensor stats = at::zeros({kComparisons, problem.elements, batch, view.channels, 6},
@@ -242,15 +243,18 @@ at::Tensor emulated_equivariance_stats(const at::Tensor& feats, const at::Tensor
   const std::lock_guard<std::mutex> lock(g_launch_mutex);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(),
                                   "emulated_equivariance_stats", [&] {
-    const scalar_t* data = feats.const_data_ptr<scalar_t>() + view.offset;
+    const scalar_t* base = feats.const_data_ptr<scalar_t>() + view.offset;
+    const scalar_t* identity =
+        problem.separate_identity ? reference->const_data_ptr<scalar_t>() + view.offset : base;
+    const scalar_t* element_blocks = base + problem.element_start * view.stride_n;
     const StatsParams params = launch.params;
     if (launch.channels_inner) {
       emulate_launch(blocks, kThreads, [&] {
-        stats_kernel<true, scalar_t>(data, elements_ptr, params, out);
+        stats_kernel<true, scalar_t>(identity, element_blocks, elements_ptr, params, out);
       });
     } else {
       emulate_launch(blocks, kThreads, [&] {
-        stats_kernel<false, scalar_t>(data, elements_ptr, params, out);
+        stats_kernel<false, scalar_t>(identity, element_blocks, elements_ptr, params, out);
       });
     }
   });
@@ -275,7 +279,10 @@ std::tuple<bool, int64_t, int64_t, int64_t> emulated_launch_shape(
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("emulated_equivariance_stats", &emulated_equivariance_stats,
-        "equivariance_stats through the CUDA kernel, emulated on the host");
+        "equivariance_stats through the CUDA kernel, emulated on the host", py::arg("feats"),
+        py::arg("source_affines"), py::arg("wrap"), py::arg("batch"), py::arg("layout"),
+        py::arg("grid_h"), py::arg("grid_w"), py::arg("prefix"), py::arg("subpixel"),
+        py::arg("with_inv"), py::arg("with_chance"), py::arg("reference") = py::none());
   m.def("emulated_launch_shape", &emulated_launch_shape,
         "(channels_inner, blocks_x, blocks_y, blocks_z) of the CUDA launch");
 }

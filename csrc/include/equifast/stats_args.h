@@ -7,6 +7,7 @@
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -27,17 +28,24 @@ struct FeatureView {
 
 // Everything a stats kernel needs, checked.
 struct StatsProblem {
-  FeatureView view;
+  FeatureView view;  // of feats (the view of `reference` differs only in stride_n)
   int64_t elements = 0;  // K
   int64_t batch = 0;     // B
   bool skip_subpixel = false;
   std::vector<SourceMap> maps;  // K source maps in feature-grid coordinates
+  // Where the identity block is: the first `batch` images of feats, or a tensor of its own
+  // (`reference`), whose images are identity_stride_n elements apart. Element k's block starts
+  // at image element_start + k * batch of feats.
+  bool separate_identity = false;
+  int64_t identity_stride_n = 0;
+  int64_t element_start = 0;
 };
 
 inline StatsProblem check_stats_args(const at::Tensor& feats, const at::Tensor& source_affines,
                                      c10::IntArrayRef wrap, int64_t batch,
                                      std::string_view layout, int64_t grid_h, int64_t grid_w,
-                                     int64_t prefix, std::string_view subpixel) {
+                                     int64_t prefix, std::string_view subpixel,
+                                     const std::optional<at::Tensor>& reference = std::nullopt) {
   check_defined(feats, "feats");
   check_defined(source_affines, "source_affines");
   check_dtype_in(feats, "feats", {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16});
@@ -96,11 +104,41 @@ inline StatsProblem check_stats_args(const at::Tensor& feats, const at::Tensor& 
                     source_affines.sizes(), ".");
   const int64_t elements = source_affines.size(0);
   check_list_size(wrap, "wrap", elements, "one per element of source_affines");
-  TORCH_CHECK(view.images == (elements + 1) * batch, "equifast: feats holds ", view.images,
-                    " images (shape ", feats.sizes(), "), but (K + 1) * batch = (", elements,
-                    " + 1) * ", batch, " = ", (elements + 1) * batch,
-                    " were expected: the identity block first, then one block of `batch` images "
-                    "per element of source_affines.");
+  problem.separate_identity = reference.has_value() && reference->defined();
+  if (problem.separate_identity) {
+    const at::Tensor& identity = *reference;
+    TORCH_CHECK(identity.device() == feats.device() && identity.scalar_type() ==
+                    feats.scalar_type(), "equifast: reference must have the dtype and device of "
+                    "feats (", feats.scalar_type(), " on ", feats.device(), "), but has ",
+                    identity.scalar_type(), " on ", identity.device(), ".");
+    bool same_image_shape = identity.dim() == feats.dim() && identity.size(0) == batch;
+    bool same_strides = same_image_shape;
+    for (int64_t d = 1; same_image_shape && d < feats.dim(); ++d) {
+      same_image_shape = identity.size(d) == feats.size(d);
+      // (a stride of an axis of size 1 is never used)
+      same_strides = same_strides && (feats.size(d) <= 1 || identity.stride(d) == feats.stride(d));
+    }
+    TORCH_CHECK(same_image_shape, "equifast: reference holds the identity block: expected ",
+                "shape (", batch, ", *feats.shape[1:]) with feats of shape ", feats.sizes(),
+                ", but got shape ", identity.sizes(), ".");
+    TORCH_CHECK(same_strides, "equifast: reference must lay out its images like feats (strides ",
+                feats.strides().slice(1), " after the batch axis), but has strides ",
+                identity.strides(), ".");
+    TORCH_CHECK(view.images == elements * batch, "equifast: feats holds ", view.images,
+                " images (shape ", feats.sizes(), "), but K * batch = ", elements, " * ", batch,
+                " = ", elements * batch, " were expected: one block of `batch` images per element "
+                "of source_affines (the identity block is `reference`).");
+    problem.identity_stride_n = identity.stride(0);
+    problem.element_start = 0;
+  } else {
+    TORCH_CHECK(view.images == (elements + 1) * batch, "equifast: feats holds ", view.images,
+                " images (shape ", feats.sizes(), "), but (K + 1) * batch = (", elements,
+                " + 1) * ", batch, " = ", (elements + 1) * batch,
+                " were expected: the identity block first, then one block of `batch` images "
+                "per element of source_affines.");
+    problem.identity_stride_n = view.stride_n;
+    problem.element_start = batch;
+  }
   problem.elements = elements;
   problem.batch = batch;
   problem.skip_subpixel = subpixel == "skip";
