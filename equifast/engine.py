@@ -535,9 +535,11 @@ def measure(
 
     names = select_layers(module, layers)
     setup_started = time.perf_counter()
+    probe_report: dict[str, str] = {}
     names, layer_layouts, offsets = _probe(module, names, (height, width), layouts or {}, align,
                                            device, model_dtype, seed,
-                                           lenient=is_broad_selection(layers, module))
+                                           lenient=is_broad_selection(layers, module),
+                                           report=probe_report)
     if shard is not None:
         offsets = _dist.agree(offsets, "alignment offsets")
     probe_seconds = time.perf_counter() - setup_started
@@ -774,6 +776,7 @@ def measure(
         "elements": group.names,
         "layers": names,
         "layouts": {n: state[n].layout.layout for n in names},
+        "stride_probe": probe_report.get("stride_probe"),
         "offsets": {n: list(state[n].offset) for n in names},
         "input_size": [height, width],
         "margin": list(margin),
@@ -931,7 +934,7 @@ def _rollback(state: dict[str, _Layer], marks: dict[str, int]) -> None:
 
 
 def _probe(module, names, input_size, overrides, align, device, dtype, seed,
-           lenient: bool = False):
+           lenient: bool = False, report: dict | None = None):
     """Layouts and grid offsets of the layers, from one probe forward.
 
     With ``align="auto"`` layers the gradient probe of :mod:`equifast.align` (seeded random inputs,
@@ -969,7 +972,8 @@ def _probe(module, names, input_size, overrides, align, device, dtype, seed,
         ) from error
     names, layouts = measurable_layers(names, captured, hooks.unmeasurable, input_size,
                                        overrides, lenient)
-    layouts = refine_layouts(module, layouts, input_size, device, dtype, overrides)
+    layouts = refine_layouts(module, layouts, input_size, device, dtype, overrides,
+                             report=report)
     offsets = find_offsets(module, layouts, input_size, align, device, dtype, seed=seed,
                            captured=(probe, captured) if with_grad else None)
     return names, layouts, offsets

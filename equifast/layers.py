@@ -319,6 +319,7 @@ def measurable_layers(
 def refine_layouts(
     model: nn.Module, layouts: Mapping[str, FeatureLayout], input_size: tuple[int, int],
     device, dtype, overrides: Mapping[str, str] | None = None, growth: int = GROWTH,
+    report: dict | None = None,
 ) -> dict[str, FeatureLayout]:
     """``layouts`` as a second shape probe, ``growth`` pixels larger on both sides, tells them.
 
@@ -328,10 +329,13 @@ def refine_layouts(
     axes gain ``growth / stride`` cells, a channel axis none. A model that does not run at the
     larger size (a ViT built for one size), or a layer whose grid does not grow (adaptive
     pooling), keeps what one size gave; a layout given in ``overrides`` keeps its reading.
+    ``report["stride_probe"]``, when a dict is given, says which it was and why.
     """
     overrides = overrides or {}
+    report = {} if report is None else report
     spatial = [name for name, layout in layouts.items() if layout.kind == "spatial"]
     if not spatial:
+        report["stride_probe"] = "not needed: no spatial layer"
         return dict(layouts)
     height, width = input_size
     grown_size = (height + growth, width + growth)
@@ -343,8 +347,14 @@ def refine_layouts(
     try:
         with torch.inference_mode(), LayerHooks(model, spatial, keep, lenient=True):
             model(torch.zeros(1, 3, *grown_size, device=device, dtype=dtype))
-    except Exception:  # noqa: BLE001 - a model that fails at another size keeps one size's reading
+    except Exception as error:  # noqa: BLE001 - a model that fails there keeps one size's reading
+        message = " ".join(str(error).split())
+        report["stride_probe"] = (
+            f"one input size: the model did not run at {grown_size[0]}x{grown_size[1]} "
+            f"({type(error).__name__}: {message[:160]})")
         return dict(layouts)
+    report["stride_probe"] = (f"two input sizes: {height}x{width} and "
+                              f"{grown_size[0]}x{grown_size[1]}")
     refined = dict(layouts)
     for name in spatial:
         if name not in shapes:

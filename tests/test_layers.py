@@ -161,9 +161,11 @@ def test_refine_layouts_reads_strides_from_a_larger_input():
     shapes = {"1": (2, 8, 23, 23), "3": (2, 8, 11, 11), "5": (2, 8, 5, 5)}
     one_size = {name: detect_layout(shape, (48, 48)) for name, shape in shapes.items()}
     assert one_size["5"].stride != (8.0, 8.0)  # what the single size says: the test can fail
-    refined = refine_layouts(net, one_size, (48, 48), "cpu", torch.float32)
+    report = {}
+    refined = refine_layouts(net, one_size, (48, 48), "cpu", torch.float32, report=report)
     assert {name: layout.stride for name, layout in refined.items()} == {
         "1": (2.0, 2.0), "3": (4.0, 4.0), "5": (8.0, 8.0)}
+    assert report == {"stride_probe": "two input sizes: 48x48 and 112x112"}
     assert all(refined[n].grid_h == one_size[n].grid_h for n in shapes)
     # A model that refuses another input size keeps the single size's reading.
 
@@ -179,8 +181,17 @@ def test_refine_layouts_reads_strides_from_a_larger_input():
 
     fixed = FixedSize().eval()
     kept = refine_layouts(fixed, {f"body.{n}": v for n, v in one_size.items()}, (48, 48), "cpu",
-                          torch.float32)
+                          torch.float32, report=report)
     assert kept == {f"body.{n}": v for n, v in one_size.items()}
+    assert report["stride_probe"] == (
+        "one input size: the model did not run at 112x112 (AssertionError: input size "
+        "(112, 112) does not match (48, 48))")
+    # The engine records it.
+    import equifast
+
+    result = equifast.measure(fixed, torch.rand(2, 3, 48, 48), group="translate[circular]:8",
+                              layers=["body.5"], bootstrap=0, progress=False)
+    assert result.config["stride_probe"].startswith("one input size: the model did not run")
 
 
 def test_refine_layouts_tells_channels_from_grid_axes():
