@@ -208,10 +208,11 @@ def offsets_from_graph(
                 # The footprint's centre is exact for convolutions and pooling whatever the
                 # weights; the centroid of random weights leans by a pixel or more (ConvNeXt's
                 # first stage: 0.0 / 1.0 instead of 1.5). Taken when the two are within half a
-                # stride of each other, so that an odd footprint does not override the centroid.
+                # stride (at least 2 pixels: a stride-1 layer's centroid leans as far) of each
+                # other, so that an odd footprint does not override the centroid.
                 centred = (footprint[0] - stride_y * mean_row, footprint[1] - stride_x * mean_col)
-                if (abs(centred[0] - offset[0]) <= stride_y / 2
-                        and abs(centred[1] - offset[1]) <= stride_x / 2):
+                if (abs(centred[0] - offset[0]) <= max(stride_y / 2, 2.0)
+                        and abs(centred[1] - offset[1]) <= max(stride_x / 2, 2.0)):
                     offset = centred
             offsets[name] = (_snap(offset[0]), _snap(offset[1]))
     return offsets

@@ -10,7 +10,7 @@ from equifast import align
 from equifast.align import find_offsets
 from equifast.layouts import detect_layout
 
-SEEDS = range(6)
+SEEDS = range(8)
 
 
 def _offsets(net: nn.Module, names: list[str], size: int) -> dict[str, tuple[float, float]]:
@@ -60,11 +60,19 @@ def _patches() -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(3, 24, 16, stride=16), nn.ReLU()).eval()
 
 
+def _stride_one() -> nn.Sequential:
+    # Few channels and wide kernels: the centroid of a stride-1 layer leans by up to a pixel.
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 7, padding=3), nn.ReLU(), nn.Conv2d(4, 4, 5, padding=2), nn.ReLU(),
+    ).eval()
+
+
 @pytest.mark.parametrize(("build", "size", "expected"), [
     (_convnext_like, 96, {"1": 1.5, "4": 3.5}),
     (_pooled, 64, {"1": 0.0, "2": 0.5, "5": 1.5}),
     (_unpadded, 96, {"1": 1.0, "3": 3.0, "5": 7.0}),
     (_patches, 128, {"1": 7.5}),
+    (_stride_one, 48, {"1": 0.0, "3": 0.0}),
 ])
 def test_auto_offsets_are_exact_for_convolutions_whatever_the_weights(build, size, expected):
     """Random weights lean the gradient's centroid; the footprint of a receptive field inside the
