@@ -180,32 +180,31 @@ def grown_grid_of(layout: FeatureLayout, shape: tuple[int, ...] | torch.Size,
     if layout.layout == "NHWC" and len(shape) == 4:
         return shape[1], shape[2]
     if layout.layout == "NLC" and len(shape) == 3:
-        cells = shape[1] - layout.prefix
-        if cells < 1:
-            return None
-        height, width = grown_size
-        h = round(math.sqrt(cells * height / width))
-        for candidate in (h, h - 1, h + 1):
-            if candidate >= 1 and cells % candidate == 0:
-                return candidate, cells // candidate
+        return next(_token_grid_shapes(shape[1] - layout.prefix, grown_size), None)
     return None
+
+
+def _token_grid_shapes(cells: int, input_size: tuple[int, int]):
+    """The ``(h, w)`` with ``h * w = cells`` closest to the input's aspect, nearest first."""
+    if cells < 1:
+        return
+    height, width = input_size
+    # h * w = cells with h / w = height / width  =>  h = sqrt(cells * height / width).
+    h = round(math.sqrt(cells * height / width))
+    for candidate in (h, h - 1, h + 1):
+        if candidate >= 1 and cells % candidate == 0:
+            yield candidate, cells // candidate
 
 
 def _token_grid(tokens: int, input_size: tuple[int, int]) -> tuple[int, int, int] | None:
     """``(prefix, h, w)`` for ``tokens`` tokens: the fewest prefix tokens leaving a plausible
     grid."""
-    height, width = input_size
     for prefix in range(0, MAX_PREFIX_TOKENS + 1):
-        cells = tokens - prefix
-        if cells < 1:
+        if tokens - prefix < 1:
             break
-        # h * w = cells with h / w = height / width  =>  h = sqrt(cells * height / width).
-        h = round(math.sqrt(cells * height / width))
-        for candidate in (h, h - 1, h + 1):
-            if candidate >= 1 and cells % candidate == 0:
-                w = cells // candidate
-                if _plausible_grid(candidate, w, input_size):
-                    return prefix, candidate, w
+        for h, w in _token_grid_shapes(tokens - prefix, input_size):
+            if _plausible_grid(h, w, input_size):
+                return prefix, h, w
     return None
 
 

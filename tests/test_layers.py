@@ -209,29 +209,28 @@ def test_refine_layouts_tells_channels_from_grid_axes():
     assert kept["0"].layout == "NHWC"
 
 
-def test_real_models_on_odd_inputs():
+def _stage_layouts(name: str, group: str, input_size: tuple[int, int], limit: int):
+    """One row per default layer of a random-init timm model measured on the samples."""
     import equifast
 
     torch.manual_seed(0)
+    model = timm.create_model(name).eval()
+    result = equifast.measure(model, "samples", group=group, input_size=input_size, limit=limit,
+                              bootstrap=0, progress=False)
+    return result.frame.drop_duplicates("layer").set_index("layer")
+
+
+def test_real_models_on_odd_inputs():
     # resnet10t on 57x71: stage grids 29x36, 15x18, 8x9, 4x5, 2x3 (padded convs round up).
-    model = timm.create_model("resnet10t").eval()
-    result = equifast.measure(model, "samples", group="translate:4", input_size=(57, 71),
-                              limit=2, bootstrap=0, progress=False)
-    layers = result.frame.drop_duplicates("layer").set_index("layer")
+    layers = _stage_layouts("resnet10t", "translate:4", (57, 71), limit=2)
     assert list(layers.stride) == [2.0, 4.0, 8.0, 16.0, 32.0]
     assert (layers.layout == "NCHW").all()
 
 
 def test_unpadded_real_model_strides():
-    import equifast
-
-    torch.manual_seed(0)
     # Inception v3's valid convolutions: 107 px give 51, 23, 11, 5, 2 cells; read off the one
     # size, the strides would be 2.1, 4.65, 10, 21 and 64.
-    model = timm.create_model("inception_v3").eval()
-    result = equifast.measure(model, "samples", group="translate:8", input_size=(107, 107),
-                              limit=1, bootstrap=0, progress=False)
-    layers = result.frame.drop_duplicates("layer").set_index("layer")
+    layers = _stage_layouts("inception_v3", "translate:8", (107, 107), limit=1)
     assert list(layers.grid_h) == [51, 23, 11, 5, 2]
     assert list(layers.stride) == [2.0, 4.0, 8.0, 16.0, 32.0]
 
