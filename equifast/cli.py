@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="grid offsets: auto | center | corner | a number")
     measure.add_argument("--subpixel", choices=("bilinear", "skip"), default="bilinear")
     measure.add_argument("--pooled", action="store_true", help="score pooled statistics")
+    measure.add_argument("--baseline", choices=("init",), default=None,
+                         help="also measure a freshly initialized copy (seeded with --seed) on "
+                              "the same images: 'init' and 'learned' columns")
     measure.add_argument("--bootstrap", type=_count(0), default=1000)
     measure.add_argument("--seed", type=int, default=0)
     measure.add_argument("--workers", type=_count(0), default=None, help="loader workers")
@@ -164,6 +167,9 @@ def _add_survey_commands(commands) -> None:
     survey.add_argument("--input-size", type=_parse_size, default=None)
     survey.add_argument("--align", type=_parse_align, default="auto")
     survey.add_argument("--pooled", action="store_true")
+    survey.add_argument("--baseline", choices=("init",), default=None,
+                        help="also measure each model's freshly initialized copy (stored as the "
+                             "init / learned columns of the scores)")
     survey.add_argument("--bootstrap", type=_count(0), default=1000)
     survey.add_argument("--seed", type=int, default=0)
     survey.add_argument("--workers", type=_count(0), default=None, help="loader workers")
@@ -196,7 +202,7 @@ def _run_survey(args: argparse.Namespace) -> int:
         "layers": args.layers, "metrics": args.metrics, "limit": args.limit,
         "device": args.device, "input_size": args.input_size, "align": args.align,
         "pooled": args.pooled, "bootstrap": args.bootstrap, "num_workers": args.workers,
-        "loader": args.loader,
+        "loader": args.loader, "baseline": args.baseline,
     }
     summary = run_survey(
         args.models, args.data or "samples", args.store, args.group,
@@ -247,6 +253,11 @@ def _measure(args: argparse.Namespace, main: bool) -> int:
     print(f"model: {loaded.name} ({loaded.source}); "
           f"{'pretrained weights' if loaded.pretrained else loaded.note}")
     data = args.data if args.data else "samples"
+    baseline = None
+    if args.baseline == "init":
+        from equifast.baseline import init_copy_by_name
+
+        baseline = init_copy_by_name(args.model, args.seed)
     result = equifast.measure(
         loaded.model, data, group=args.group, layers=args.layers, metrics=args.metrics,
         batch_size=args.batch_size, input_size=args.input_size,
@@ -255,7 +266,7 @@ def _measure(args: argparse.Namespace, main: bool) -> int:
         align=args.align, subpixel=args.subpixel, pooled=args.pooled, bootstrap=args.bootstrap,
         seed=args.seed, limit=args.limit, num_workers=args.workers, loader=args.loader,
         progress=not args.quiet and main,
-        model_name=loaded.name, force_reference=args.reference,
+        model_name=loaded.name, force_reference=args.reference, baseline=baseline,
     )
     result.config.update(pretrained=loaded.pretrained, note=loaded.note)
     processes = result.config.get("world_size", 1)

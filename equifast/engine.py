@@ -33,6 +33,7 @@ from . import _ext, ops
 from . import distributed as _dist
 from .align import AlignSpec, find_offsets, probe_inputs
 from .arguments import check_count, check_finite_pixels, check_run_arguments
+from .baseline import INIT, TRAINED, InitCopy, WithBaseline, init_copy, member_name, same_parameters
 from .groups import (
     IDENTITY,
     PROTOCOL_CODES,
@@ -54,7 +55,14 @@ from .layers import (
 )
 from .layouts import FeatureLayout
 from .ops import COMPARISONS, merge_stats
-from .result import FRAME_COLUMNS, MODEL_COLUMNS, Result, warn_not_logits, warn_undefined_elements
+from .result import (
+    BASELINE_COLUMNS,
+    FRAME_COLUMNS,
+    MODEL_COLUMNS,
+    Result,
+    warn_not_logits,
+    warn_undefined_elements,
+)
 from .scores import check_metrics, corr_vs_chance, score_stats
 
 DataSpec = Any  # tensor, iterable of (images, labels), folder path, or "samples"/None
@@ -415,6 +423,7 @@ def measure(
     model_name: str | None = None,
     force_reference: bool = False,
     distributed: bool | None = None,
+    baseline: str | nn.Module | None = None,
 ) -> Result:
     """Measure how equivariant every chosen layer of ``model`` is under ``group``.
 
@@ -462,6 +471,13 @@ def measure(
             (an error without them), False never. Every rank returns the same complete result;
             only rank 0 shows a progress bar. Without a device, each rank uses ``cuda:LOCAL_RANK``
             when CUDA is present.
+        baseline: ``"init"``: also measure a freshly initialized copy of the architecture
+            (seeded with ``seed``; :mod:`equifast.baseline` says how it is built) in the same
+            forwards, on the same images, and fill the frame's ``init`` and ``learned`` (``value -
+            init``) columns with their 95% intervals (paired: the same resamples of the same
+            images). A module (or an :class:`equifast.baseline.InitCopy`): that initialized copy
+            (same architecture; moved to the model's device and dtype in place). None
+            (default): no baseline; those columns are NaN.
 
     Returns:
         A :class:`equifast.Result`.
@@ -489,12 +505,18 @@ def measure(
     input_size = check_run_arguments(input_size, align, limit, bootstrap)
     if elements_per_chunk is not None:
         check_count("elements_per_chunk", elements_per_chunk, 1, "a positive integer or None")
+    if not (baseline is None or isinstance(baseline, (nn.Module, InitCopy))
+            or (isinstance(baseline, str) and baseline == "init")):
+        raise ValueError("baseline: expected None, 'init' or an initialized copy of the model "
+                         f"(an nn.Module), found {baseline!r}")
 
     from .models import LoadedModel, check_device, load_model, model_dtype_for, preprocess_for
 
     note = ""
     pretrained = None
+    by_name = None  # the name a model was given by: its initialized copy is built by name too
     if isinstance(model, str):
+        by_name = model
         loaded: LoadedModel = load_model(model)
         module, preprocess = loaded.model, loaded.preprocess
         model_name = model_name or loaded.name
@@ -518,8 +540,23 @@ def measure(
         module.to(dtype)  # in place, as Module.to: the caller's model stays in this dtype
     if channels_last is None:
         channels_last = device.type == "cuda"
+    fresh = None
+    if baseline is not None:
+        if isinstance(baseline, str):
+            fresh = init_copy(module, seed, by_name)
+        else:
+            fresh = baseline if isinstance(baseline, InitCopy) else InitCopy(
+                baseline.eval(), f"a module given as baseline= ({type(baseline).__name__})")
+            if not same_parameters(fresh.module, module):
+                raise ValueError("baseline: expected a module of the model's architecture (the "
+                                 "same parameter names and shapes), found another "
+                                 f"({type(fresh.module).__name__})")
+        parameter = next(module.parameters(), None)
+        fresh.module.to(device, parameter.dtype if parameter is not None else None)
     if shard is not None:
         _dist.sync_module(module)  # every rank measures rank 0's weights
+        if fresh is not None:
+            _dist.sync_module(fresh.module)
         progress = progress and shard.rank == 0
 
     plan = _DataPlan(data, labels, batch_size, input_size, preprocess, group, num_workers, limit,
@@ -548,6 +585,16 @@ def measure(
     count = len(elements)
     image_matrices = group.matrices(height, width, with_identity=False)
     wrap = [int(e.protocol == "circular") for e in elements]
+    # The layers, keyed by the names the hooks see. With a baseline both models run as one
+    # module (WithBaseline), and the copy's layers take the model's layouts and offsets: the
+    # same geometry, and a difference of the two scores that no offset estimate moves.
+    runner: nn.Module = module
+    keys = {name: name for name in names}
+    copy_keys: dict[str, str] = {}
+    if fresh is not None:
+        runner = WithBaseline(module, fresh.module)
+        keys = {name: member_name(TRAINED, name) for name in names}
+        copy_keys = {name: member_name(INIT, name) for name in names}
     state: dict[str, _Layer] = {}
     for depth, name in enumerate(names):
         layout = layer_layouts[name]
@@ -556,7 +603,10 @@ def measure(
         else:
             affines = feature_source_affines(image_matrices, layout.stride, offsets[name])
         exact = np.array([is_integer_affine(a) for a in affines])
-        state[name] = _Layer(name, depth, layout, offsets[name], affines, exact)
+        state[keys[name]] = _Layer(name, depth, layout, offsets[name], affines, exact)
+        if name in copy_keys:
+            state[copy_keys[name]] = _Layer(name, depth, layout, offsets[name], affines, exact)
+    hooked = list(state)
 
     # Image-space source maps of the transform: identity first.
     all_elements = [IDENTITY] + elements
@@ -677,9 +727,9 @@ def measure(
                     force_reference=force_reference,
                 )
                 context.update(lo=lo, hi=hi, first=forward == 0, batch=size, seen=set())
-                with torch.inference_mode(), LayerHooks(module, names, on_output), \
+                with torch.inference_mode(), LayerHooks(runner, hooked, on_output), \
                         torch.autocast(device.type, torch.bfloat16, enabled=autocast):
-                    output = module(images)
+                    output = runner(images)
                     score_pending()
             except torch.cuda.OutOfMemoryError:
                 if blocks == 1:
@@ -755,8 +805,18 @@ def measure(
                                                   plan.skipped_keys)
 
     frame_started = time.perf_counter()
-    frame = _build_frame(state, model_name, elements, comparisons, metric_names, pooled,
-                         bootstrap, seed, count, len(names), images_done)
+    frame_arguments = (model_name, elements, comparisons, metric_names, pooled, bootstrap, seed,
+                       count, len(names), images_done)
+    if fresh is None:
+        frame = _build_frame(state, *frame_arguments)
+    else:
+        distributions: dict = {}
+        copy_distributions: dict = {}
+        frame = _build_frame({k: state[k] for k in keys.values()}, *frame_arguments,
+                             distributions=distributions)
+        copy_frame = _build_frame({k: state[k] for k in copy_keys.values()}, *frame_arguments,
+                                  distributions=copy_distributions)
+        frame = _add_baseline(frame, copy_frame, distributions, copy_distributions)
     model_frame = _model_frame(model_name, consistency_rows, top_rows, bootstrap, seed)
     finished = time.perf_counter()
     elapsed = finished - started
@@ -775,9 +835,9 @@ def measure(
         "group": group.name,
         "elements": group.names,
         "layers": names,
-        "layouts": {n: state[n].layout.layout for n in names},
+        "layouts": {n: state[keys[n]].layout.layout for n in names},
         "stride_probe": probe_report.get("stride_probe"),
-        "offsets": {n: list(state[n].offset) for n in names},
+        "offsets": {n: list(state[keys[n]].offset) for n in names},
         "input_size": [height, width],
         "margin": list(margin),
         "batch_size": batch_size,
@@ -800,6 +860,8 @@ def measure(
         "timings": timings,
         "images_per_second": images_done / elapsed if elapsed > 0 else None,
         "versions": {"torch": torch.__version__, "equifast": _version()},
+        "baseline": None if fresh is None else {"how": fresh.how, "kept": fresh.kept,
+                                                 "seed": seed},
     }
     if shard is not None:
         config = _dist.broadcast_object({**config, "world_size": shard.world})
@@ -1058,7 +1120,9 @@ def _nanmean(values: np.ndarray, axis: int) -> np.ndarray:
 
 
 def _build_frame(state, model_name, elements, comparisons, metric_names, pooled, bootstrap, seed,
-                 count, layer_count, images) -> pd.DataFrame:
+                 count, layer_count, images, distributions: dict | None = None) -> pd.DataFrame:
+    """The tidy frame of the layers in ``state``; ``distributions``, when given, receives each
+    row's bootstrap means (``(layer, element, comparison, metric) -> (R,)`` or None)."""
     element_names = [e.name for e in elements] + ["mean"]
     comparison_index = [COMPARISONS.index(c) for c in comparisons]
     records = []
@@ -1102,21 +1166,57 @@ def _build_frame(state, model_name, elements, comparisons, metric_names, pooled,
             records.append({**base, "element": element_names[k], "exact": exact[k],
                             "comparison": comparison, "metric": metric, "value": point[i],
                             "ci_low": low[i], "ci_high": high[i], "n": int(ns[i])})
+            if distributions is not None:
+                distributions[(layer.name, element_names[k], comparison, metric)] = (
+                    None if dist is None else dist[i])
         # Normalized equivariance, from the means of eq and chance corr (same resamples).
         if "eq" in comparisons and "chance" in comparisons:
             for k in range(count + 1):
                 i_eq, i_ch = row_of[("corr", "eq", k)], row_of[("corr", "chance", k)]
                 value = float(corr_vs_chance(point[i_eq], point[i_ch]))
+                ratio = None
                 if dist is not None:
                     ratio = corr_vs_chance(dist[i_eq], dist[i_ch])[None, :]
                     lo_ci, hi_ci = _interval(ratio, 1)
                 else:
                     lo_ci, hi_ci = np.array([np.nan]), np.array([np.nan])
+                if distributions is not None:
+                    distributions[(layer.name, element_names[k], "eq", "corr_vs_chance")] = (
+                        None if ratio is None else ratio[0])
                 records.append({**base, "element": element_names[k], "exact": exact[k],
                                 "comparison": "eq", "metric": "corr_vs_chance", "value": value,
                                 "ci_low": float(lo_ci[0]), "ci_high": float(hi_ci[0]),
                                 "n": int(min(ns[i_eq], ns[i_ch]))})
     return pd.DataFrame.from_records(records, columns=FRAME_COLUMNS)
+
+
+_ROW_KEY = ["layer", "element", "comparison", "metric"]
+
+
+def _add_baseline(frame: pd.DataFrame, copy_frame: pd.DataFrame, distributions: dict,
+                  copy_distributions: dict) -> pd.DataFrame:
+    """Fill ``frame``'s baseline columns from the initialized copy's frame of the same rows.
+
+    ``learned`` is ``value - init``; its interval comes from the differences of the two rows'
+    bootstrap means, which resample the same images (or batches) with the same seed: a paired
+    interval, narrower than the two intervals side by side when the scores move together.
+    """
+    frame = frame.drop(columns=BASELINE_COLUMNS)
+    copy_rows = copy_frame[_ROW_KEY + ["value", "ci_low", "ci_high"]].rename(
+        columns={"value": "init", "ci_low": "init_lo", "ci_high": "init_hi"})
+    frame = frame.merge(copy_rows, on=_ROW_KEY, how="left", validate="one_to_one")
+    frame["learned"] = frame["value"] - frame["init"]
+    differences = []
+    for key in frame[_ROW_KEY].itertuples(index=False, name=None):
+        a, b = distributions.get(key), copy_distributions.get(key)
+        differences.append(None if a is None or b is None else a - b)
+    resamples = next((len(d) for d in differences if d is not None), 0)
+    if resamples:
+        stacked = np.stack([np.full(resamples, np.nan) if d is None else d for d in differences])
+        frame["learned_lo"], frame["learned_hi"] = _interval(stacked, len(frame))
+    else:
+        frame["learned_lo"], frame["learned_hi"] = np.nan, np.nan
+    return frame[FRAME_COLUMNS]
 
 
 def _pooled_values(layer: _Layer, metric_names, bootstrap, seed, count):

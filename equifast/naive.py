@@ -649,7 +649,8 @@ def measure(
 
     Takes the same arguments and returns a :class:`Result` with the same rows and columns
     (``elements_per_chunk`` and ``force_reference`` are accepted and ignored: every element gets a
-    forward of its own). ``config["loop"]`` is ``"naive"``.
+    forward of its own). ``config["loop"]`` is ``"naive"``. ``loader``, ``distributed`` and
+    ``baseline`` are the engine's alone: the frame's baseline columns are NaN here.
 
     Args:
         model: A module, or a timm name / ``"tv:<torchvision name>"``.

@@ -61,6 +61,11 @@ def _draw_depth(ax, rows: pd.DataFrame, metric: str) -> None:
         ax.plot(part.rel_depth, part.value, marker="o", color=colour, label=label)
         ax.fill_between(part.rel_depth, part.ci_low.astype(float), part.ci_high.astype(float),
                         color=colour, alpha=0.2)
+        # baseline="init": the initialized copy's equivariance, dashed; the gap is what was learned
+        init = pd.to_numeric(part["init"], errors="coerce") if "init" in part else None
+        if comparison == "eq" and init is not None and init.notna().any():
+            ax.plot(part.rel_depth, init, linestyle="--", marker=".", color=colour,
+                    label=f"{label} at init")
     layers = rows.drop_duplicates("layer").sort_values("depth")
     ax.set_xticks(layers.rel_depth, layers.layer, rotation=45, ha="right", fontsize=8)
     ax.set_xlabel("layer (relative depth)")
@@ -201,15 +206,17 @@ def model_summary(source, metric: str = "corr") -> pd.DataFrame:
     Returns:
         Columns ``run_id, model, family, group_spec, pretrained, images, images_per_second,
         top1, top1_low, top1_high, top5, consistency, consistency_low, consistency_high,
-        mean_eq, layers``: ``mean_eq`` is the mean over layers of the ``eq`` ``metric`` at element
-        ``"mean"`` (NaN layers left out); a missing top-1 (data without labels) is NaN.
+        mean_eq, mean_learned, layers``: ``mean_eq`` is the mean over layers of the ``eq``
+        ``metric`` at element ``"mean"`` (NaN layers left out), ``mean_learned`` the same of its
+        ``learned`` part (``baseline="init"``; NaN without); a missing top-1 (data without labels)
+        is NaN.
     """
     frames = _survey_frames(source)
     runs = frames["runs"]
     done = runs[runs.status == "done"].copy()
     columns = ["run_id", "model", "family", "group_spec", "pretrained", "images",
                "images_per_second", "top1", "top1_low", "top1_high", "top5", "consistency",
-               "consistency_low", "consistency_high", "mean_eq", "layers"]
+               "consistency_low", "consistency_high", "mean_eq", "mean_learned", "layers"]
     if done.empty:
         return pd.DataFrame(columns=columns)
     done = _latest_runs(done)
@@ -220,6 +227,9 @@ def model_summary(source, metric: str = "corr") -> pd.DataFrame:
     summary = done[["run_id", "model", "family", "group_spec", "pretrained", "images",
                     "images_per_second"]].set_index("run_id")
     summary["mean_eq"] = per_run["mean"]
+    learned = (pd.to_numeric(eq["learned"], errors="coerce") if "learned" in eq
+               else pd.Series(np.nan, index=eq.index))
+    summary["mean_learned"] = learned.groupby(eq["run_id"]).mean()
     summary["layers"] = per_run["count"].reindex(summary.index).fillna(0).astype(int)
     model_scores = frames["model_scores"]
     for name in ("top1", "top5", "consistency"):

@@ -303,9 +303,16 @@ def build_report(store_path: str | os.PathLike, out_dir: str | os.PathLike, *,
     latest = summary.sort_values("run_id").groupby("model", sort=False).last()
     mean_eq = summary.pivot_table(index="model", columns="group_spec", values="mean_eq",
                                   aggfunc="last")
+    # baseline="init" runs: the learned part of the mean equivariance, per group
+    mean_learned = summary.pivot_table(index="model", columns="group_spec",
+                                       values="mean_learned", aggfunc="last", dropna=False)
+    learned_groups = [g for g in groups
+                      if g in mean_learned.columns and mean_learned[g].notna().any()]
     header = ['<th>model</th>', '<th>family</th>', '<th>pretrained</th>',
               '<th data-type="number">top-1</th>', '<th data-type="number">consistency</th>']
     header += [f'<th data-type="number">mean eq {html.escape(str(g))}</th>' for g in groups]
+    header += [f'<th data-type="number" title="mean eq minus that of the initialized copy">'
+               f'learned eq {html.escape(str(g))}</th>' for g in learned_groups]
     header += ['<th data-type="number">images/s</th>', '<th data-type="number">images</th>']
     body = []
     for model in models:
@@ -322,6 +329,9 @@ def build_report(store_path: str | os.PathLike, out_dir: str | os.PathLike, *,
             cells.append(_cell(text, sort, numeric=True, title=ci))
         for group in groups:
             value = mean_eq.at[model, group] if group in mean_eq.columns else math.nan
+            cells.append(_cell(*_number(value), numeric=True))
+        for group in learned_groups:
+            value = mean_learned.at[model, group] if model in mean_learned.index else math.nan
             cells.append(_cell(*_number(value), numeric=True))
         cells.append(_cell(*_number(row.images_per_second, 1), numeric=True))
         cells.append(_cell(*_number(row.images, 0), numeric=True))

@@ -26,10 +26,13 @@ from typing import Any
 
 import pandas as pd
 
+# Filled by measure(..., baseline="init") (equifast.baseline): the initialized copy's score of the
+# row with its 95% interval, and learned = value - init with its paired interval; NaN without.
+BASELINE_COLUMNS = ["init", "init_lo", "init_hi", "learned", "learned_lo", "learned_hi"]
 FRAME_COLUMNS = [
     "model", "layer", "depth", "rel_depth", "kind", "layout", "grid_h", "grid_w", "channels",
     "prefix", "stride_y", "stride_x", "stride", "offset_y", "offset_x", "element", "exact",
-    "comparison", "metric", "value", "ci_low", "ci_high", "n", "pooled",
+    "comparison", "metric", "value", "ci_low", "ci_high", "n", "pooled", *BASELINE_COLUMNS,
 ]
 MODEL_COLUMNS = ["model", "metric", "value", "ci_low", "ci_high", "n"]
 
@@ -94,25 +97,35 @@ class Result:
     def scores(self, metric: str = "corr", element: str = "mean") -> pd.DataFrame:
         """Wide table: one row per layer (``layer``, ``depth``), and per comparison its
         ``metric`` for ``element`` with the 95% CI, named as in :meth:`summary` (``eq``,
-        ``eq_lo``, ``eq_hi``, ``inv``, ...)."""
+        ``eq_lo``, ``eq_hi``, ``inv``, ...; with a baseline also ``eq_init``, ``eq_learned``,
+        ``eq_learned_lo``, ...)."""
         self._check_metric(metric, element)
         rows = self.frame[(self.frame.metric == metric) & (self.frame.element == element)]
         # unstack, not pivot_table: an interval that is NaN throughout (bootstrap=0) keeps its
         # column
-        wide = (rows.drop_duplicates(["depth", "layer", "comparison"])
-                .set_index(["depth", "layer", "comparison"])[["value", "ci_low", "ci_high"]]
-                .unstack("comparison").sort_index(level="depth"))
         suffix = {"value": "", "ci_low": "_lo", "ci_high": "_hi"}
+        if self.has_baseline:
+            suffix.update({c: f"_{c}" for c in BASELINE_COLUMNS})
+        wide = (rows.drop_duplicates(["depth", "layer", "comparison"])
+                .set_index(["depth", "layer", "comparison"])[list(suffix)]
+                .unstack("comparison").sort_index(level="depth"))
         wide.columns = [f"{comp}{suffix[what]}" for what, comp in wide.columns]
-        order = [f"{comp}{end}" for comp in ("eq", "inv", "chance") for end in ("", "_lo", "_hi")]
+        order = [f"{comp}{end}" for comp in ("eq", "inv", "chance") for end in suffix.values()]
         columns = [c for c in order if c in wide.columns]
         columns += [c for c in wide.columns if c not in columns]
         table = wide[columns].reset_index()
         return table[["layer", "depth", *columns]]
 
+    @property
+    def has_baseline(self) -> bool:
+        """Whether the result holds an initialization baseline (``baseline="init"``)."""
+        return "init" in self.frame.columns and bool(self.frame["init"].notna().any())
+
     def summary(self, metric: str = "corr") -> pd.DataFrame:
         """Per-layer table: stride, eq / inv / chance ``metric`` with 95% CIs, flat_frac, n, and
-        the normalized equivariance ``corr_vs_chance``."""
+        the normalized equivariance ``corr_vs_chance`` (``vs_chance``). With a baseline, each
+        comparison also has ``<comparison>_init`` and ``<comparison>_learned`` with its interval
+        (``_learned_lo``, ``_learned_hi``), and ``vs_chance_learned``."""
         self._check_metric(metric)
         frame = self.frame[self.frame.element == "mean"]
         layers = frame.drop_duplicates("layer").set_index("layer")
@@ -128,9 +141,16 @@ class Result:
             table[f"{comparison}"] = part["value"]
             table[f"{comparison}_lo"] = part["ci_low"]
             table[f"{comparison}_hi"] = part["ci_high"]
+            if self.has_baseline:
+                table[f"{comparison}_init"] = part["init"]
+                table[f"{comparison}_learned"] = part["learned"]
+                table[f"{comparison}_learned_lo"] = part["learned_lo"]
+                table[f"{comparison}_learned_hi"] = part["learned_hi"]
         normalized = frame[(frame.metric == "corr_vs_chance")].set_index("layer")
         if not normalized.empty:
             table["vs_chance"] = normalized["value"]
+            if self.has_baseline:
+                table["vs_chance_learned"] = normalized["learned"]
         flat = frame[(frame.metric == "flat_frac") & (frame.comparison == "eq")].set_index("layer")
         if not flat.empty:
             table["flat_frac"] = flat["value"]
@@ -139,12 +159,16 @@ class Result:
         return table.reset_index().sort_values("depth").reset_index(drop=True)
 
     def format_summary(self, metric: str = "corr") -> str:
-        """The summary as aligned text, with CIs as ``value [low, high]``."""
+        """The summary as aligned text, with CIs as ``value [low, high]``; with a baseline, the
+        initialized copy's eq score and the learned part of it (``eq - init``) follow."""
         table = self.summary(metric)
+        baseline = self.has_baseline
         lines = []
         header = f"{'layer':<24} {'stride':>6} " + " ".join(
             f"{c + ' ' + metric:>22}" for c in ("eq", "inv", "chance")
         ) + f" {'vs_chance':>9} {'flat_frac':>9} {'n':>5}"
+        if baseline:
+            header += f" {'eq init':>8} {'eq learned':>22}"
         lines.append(header)
         for _, row in table.iterrows():
             cells = []
@@ -155,12 +179,17 @@ class Result:
                 else:
                     cells.append("-")
             stride = "-" if pd.isna(row["stride"]) else f"{row['stride']:g}"
-            lines.append(
+            line = (
                 f"{str(row['layer'])[:24]:<24} {stride:>6} "
                 + " ".join(f"{c:>22}" for c in cells)
                 + f" {row.get('vs_chance', float('nan')):9.4f} "
                 f"{row.get('flat_frac', float('nan')):9.3f} {int(row['n']):5d}"
             )
+            if baseline and "eq_init" in row:
+                learned = (f"{row['eq_learned']:+7.4f} [{row['eq_learned_lo']:+6.3f},"
+                           f"{row['eq_learned_hi']:+6.3f}]")
+                line += f" {row['eq_init']:8.4f} {learned:>22}"
+            lines.append(line)
         if not self.model_frame.empty:
             for _, row in self.model_frame.iterrows():
                 lines.append(f"{row['metric']}: {row['value']:.4f} (n={int(row['n'])})")
@@ -207,6 +236,9 @@ class Result:
             raise ValueError(f"load: expected a .parquet or .csv file, found {path}")
         sidecar_path = path.with_suffix(path.suffix + ".json")
         sidecar = json.loads(sidecar_path.read_text()) if sidecar_path.exists() else {}
+        for column in BASELINE_COLUMNS:  # a result saved before baselines existed
+            if column not in frame.columns:
+                frame[column] = float("nan")
         model_frame = pd.DataFrame(sidecar.get("model_frame", []), columns=MODEL_COLUMNS)
         skipped = [tuple(s) for s in sidecar.get("skipped", [])]
         return cls(frame=frame, model_frame=model_frame, config=sidecar.get("config", {}),

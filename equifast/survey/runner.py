@@ -277,6 +277,21 @@ def _load(model: str, input_size, model_kwargs: dict[str, Any]):
         return load_model(model, **model_kwargs)
 
 
+def _init_copy(model: str, input_size, model_kwargs: dict[str, Any], seed: int):
+    """The model built again without weights, seeded (``baseline="init"``): the same
+    constructor as the model itself, so that an untrained model's ``learned`` is exactly 0."""
+    import torch
+
+    from equifast.baseline import InitCopy
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        # without checkpoint_path: load_model would load the user's weights whatever pretrained
+        kwargs = {k: v for k, v in model_kwargs.items() if k != "checkpoint_path"}
+        fresh = _load(model, input_size, {**kwargs, "pretrained": False}).model
+    return InitCopy(fresh.eval(), f"{model!r} built again with pretrained=False")
+
+
 def import_plugins(modules: Sequence[str]) -> None:
     """Import modules that register models with timm (``@register_model``), by module name."""
     import importlib
@@ -320,8 +335,12 @@ def measure_model(model: str, data: Any, group: str, batch_size: int, min_batch_
             # Random init (no cached weights) is seeded, so that a survey can be repeated.
             torch.manual_seed(seed)
             loaded = _load(model, measure_kwargs.get("input_size"), model_kwargs or {})
+            kwargs = dict(measure_kwargs)
+            if kwargs.get("baseline") == "init":
+                kwargs["baseline"] = _init_copy(model, measure_kwargs.get("input_size"),
+                                                model_kwargs or {}, seed)
             result = equifast.measure(loaded.model, data, group=group, batch_size=batch,
-                                      model_name=model, seed=seed, **measure_kwargs)
+                                      model_name=model, seed=seed, **kwargs)
             result.config.update(pretrained=loaded.pretrained, note=loaded.note,
                                  weights=loaded.weights, source=loaded.source)
             _check_finite(result, loaded.model)

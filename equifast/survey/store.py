@@ -4,7 +4,7 @@ SQLite because a survey is a single writer (the driver) with a few readers (anal
 report), and a transaction per finished model is exactly what makes a killed survey safe to start
 again: a model's rows are either all committed or not there at all.
 
-Schema (``SCHEMA_VERSION`` 1; every table keyed by ``run_id`` where it belongs to one run):
+Schema (``SCHEMA_VERSION`` 2; every table keyed by ``run_id`` where it belongs to one run):
 
 ``runs``
     one row per ``(model, config_hash)`` that finished (``status='done'``) or gave up
@@ -17,8 +17,11 @@ Schema (``SCHEMA_VERSION`` 1; every table keyed by ``run_id`` where it belongs t
     ``run_id, layer, depth, rel_depth, kind, layout, grid_h, grid_w, channels, prefix, stride_y,
     stride_x, stride, offset_y, offset_x``: the measured layers of a run.
 ``scores``
-    ``run_id, layer, element, exact, comparison, metric, value, ci_low, ci_high, n, pooled``:
-    the rows of :attr:`equifast.Result.frame` (layer geometry lives in ``layers``).
+    ``run_id, layer, element, exact, comparison, metric, value, ci_low, ci_high, n, pooled,
+    init, init_lo, init_hi, learned, learned_lo, learned_hi``: the rows of
+    :attr:`equifast.Result.frame` (layer geometry lives in ``layers``; the last six are NULL
+    without ``baseline="init"``; version 1 had no such columns, and opening a version-1 store
+    adds them).
 ``model_scores``
     ``run_id, metric, value, ci_low, ci_high, n``: top-1, top-5, consistency.
 ``skipped``
@@ -58,11 +61,11 @@ from typing import Any
 
 import pandas as pd
 
-from equifast.result import FRAME_COLUMNS, MODEL_COLUMNS, Result
+from equifast.result import BASELINE_COLUMNS, FRAME_COLUMNS, MODEL_COLUMNS, Result
 
 __all__ = ["SCHEMA_VERSION", "SurveyStore", "environment_info", "export_store", "open_store"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 LAYER_COLUMNS = [
     "layer", "depth", "rel_depth", "kind", "layout", "grid_h", "grid_w", "channels", "prefix",
@@ -70,7 +73,7 @@ LAYER_COLUMNS = [
 ]
 SCORE_COLUMNS = [
     "layer", "element", "exact", "comparison", "metric", "value", "ci_low", "ci_high", "n",
-    "pooled",
+    "pooled", *BASELINE_COLUMNS,
 ]
 RUN_COLUMNS = [
     "run_id", "model", "config_hash", "family", "group_spec", "status", "pretrained", "note",
@@ -106,7 +109,7 @@ CREATE TABLE IF NOT EXISTS layers (
 CREATE TABLE IF NOT EXISTS scores (
     run_id INTEGER NOT NULL REFERENCES runs (run_id) ON DELETE CASCADE, layer TEXT NOT NULL,
     element TEXT, exact INTEGER, comparison TEXT, metric TEXT, value REAL, ci_low REAL,
-    ci_high REAL, n INTEGER, pooled INTEGER
+    ci_high REAL, n INTEGER, pooled INTEGER, {", ".join(f"{c} REAL" for c in BASELINE_COLUMNS)}
 );
 CREATE INDEX IF NOT EXISTS scores_run ON scores (run_id);
 CREATE TABLE IF NOT EXISTS model_scores (
@@ -226,6 +229,36 @@ class SurveyStore:
         if int(version[0]) > SCHEMA_VERSION:
             raise ValueError(f"{self.path} has schema version {version[0]}; this equifast reads "
                              f"up to {SCHEMA_VERSION}: upgrade equifast")
+        self._upgrade()
+
+    def _upgrade(self) -> None:
+        """Bring a version-1 store to version 2 (the baseline columns of ``scores``).
+
+        A store that cannot be written (a read-only file) is read as it is: the missing columns
+        read as NULL (:meth:`_score_column`).
+        """
+        missing = [c for c in BASELINE_COLUMNS if c not in self._columns("scores")]
+        if not missing:
+            return
+        try:
+            with self._connection:
+                for column in missing:
+                    self._connection.execute(f"ALTER TABLE scores ADD COLUMN {column} REAL")
+                self._connection.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'",
+                                         (str(SCHEMA_VERSION),))
+        except sqlite3.OperationalError:
+            pass
+
+    def _columns(self, table: str) -> set[str]:
+        return {row[1] for row in self._connection.execute(f"PRAGMA table_info({table})")}
+
+    def _score_column(self, column: str, present: set[str]) -> str:
+        """The SELECT expression of a frame column in :attr:`scores`."""
+        if column == "model":
+            return "runs.model"
+        if column in LAYER_COLUMNS:
+            return f"layers.{column}"
+        return f"scores.{column}" if column in present else f"NULL AS {column}"
 
     def close(self) -> None:
         self._connection.close()
@@ -369,10 +402,8 @@ class SurveyStore:
     def scores(self) -> pd.DataFrame:
         """The per-layer scores of every finished run: :data:`equifast.result.FRAME_COLUMNS` plus
         ``run_id`` and ``group_spec`` (the columns of :attr:`equifast.Result.frame`)."""
-        columns = ", ".join(
-            "runs.model" if c == "model" else
-            f"layers.{c}" if c in LAYER_COLUMNS else f"scores.{c}" for c in FRAME_COLUMNS
-        )
+        present = self._columns("scores")
+        columns = ", ".join(self._score_column(c, present) for c in FRAME_COLUMNS)
         frame = self._frame(
             f"SELECT scores.run_id, runs.group_spec, {columns} FROM scores "
             "JOIN runs USING (run_id) JOIN layers USING (run_id, layer) "
