@@ -50,8 +50,10 @@ from .layers import (
     LayerSpec,
     is_broad_selection,
     measurable_layers,
+    prefix_tokens_of,
     refine_layouts,
     select_layers,
+    token_order_of,
 )
 from .layouts import FeatureLayout
 from .ops import COMPARISONS, merge_stats
@@ -1033,7 +1035,8 @@ def _probe(module, names, input_size, overrides, align, device, dtype, seed,
             "size needs input_size=(H, W); one that runs in another dtype needs dtype=..."
         ) from error
     names, layouts = measurable_layers(names, captured, hooks.unmeasurable, input_size,
-                                       overrides, lenient)
+                                       overrides, lenient, prefix_tokens_of(module),
+                                       token_order_of(module))
     layouts = refine_layouts(module, layouts, input_size, device, dtype, overrides,
                              report=report)
     offsets = find_offsets(module, layouts, input_size, align, device, dtype, seed=seed,
@@ -1094,13 +1097,24 @@ def _bootstrap(values: np.ndarray, resamples: int, seed: int,
         return None
     rng = np.random.default_rng(seed)
     valid = ~np.isnan(values)
-    filled = np.where(valid, values, 0.0)
+    filled = np.where(valid & ~np.isinf(values), values, 0.0)
+    # An infinite value (psnr of identical maps) makes the mean of a resample that draws it
+    # infinite: counted apart, since inf * a weight of 0 would be NaN in the product.
+    plus = (values == math.inf).astype(np.float64)
+    minus = (values == -math.inf).astype(np.float64)
+    infinite = bool(plus.any() or minus.any())
     out = np.empty((rows, resamples))
     for start in range(0, resamples, block):
         size = min(block, resamples - start)
         weights = rng.multinomial(n, np.full(n, 1.0 / n), size=size).astype(np.float64)
         with np.errstate(divide="ignore", invalid="ignore"):
-            out[:, start:start + size] = (filled @ weights.T) / (valid @ weights.T)
+            means = (filled @ weights.T) / (valid @ weights.T)
+        if infinite:
+            drawn_plus, drawn_minus = plus @ weights.T > 0, minus @ weights.T > 0
+            means[drawn_plus] = math.inf
+            means[drawn_minus] = -math.inf
+            means[drawn_plus & drawn_minus] = math.nan
+        out[:, start:start + size] = means
     return out
 
 
@@ -1109,8 +1123,17 @@ def _interval(distribution: np.ndarray | None, rows: int) -> tuple[np.ndarray, n
         return np.full(rows, np.nan), np.full(rows, np.nan)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        return (np.nanpercentile(distribution, 2.5, axis=1),
-                np.nanpercentile(distribution, 97.5, axis=1))
+        low = np.nanpercentile(distribution, 2.5, axis=1)
+        high = np.nanpercentile(distribution, 97.5, axis=1)
+        # Rows holding an infinite resample (psnr of identical maps): linear interpolation
+        # would give inf - inf = NaN, so take the resamples at the bounds (wider, never NaN).
+        infinite = np.isinf(distribution).any(axis=1)
+        if infinite.any():
+            low[infinite] = np.nanpercentile(distribution[infinite], 2.5, axis=1,
+                                             method="lower")
+            high[infinite] = np.nanpercentile(distribution[infinite], 97.5, axis=1,
+                                              method="higher")
+        return low, high
 
 
 def _nanmean(values: np.ndarray, axis: int) -> np.ndarray:

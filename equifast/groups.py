@@ -139,13 +139,14 @@ class Element:
     def margin(self, height: int, width: int) -> tuple[int, int]:
         """Pixels of source needed beyond the image on each side, ``(margin_y, margin_x)``.
 
-        Only exact ``crop`` elements ask for a margin: they are windows of a larger source, moved by
-        the element's translation relative to the same map taken about the image centre. So a
-        margin depends on the shifts only, never on the image size (a 90-degree rotation of a
-        non-square image asks for none: what it cannot take from the source is filled with the
-        mean and masked in the comparison).
+        Only ``crop`` elements ask for a margin: they are windows of a larger source, moved by the
+        element's translation relative to the same map taken about the image centre. So a margin
+        depends on the shifts only, never on the image size (a rotation about the centre asks for
+        none: what it cannot take from the source is filled with the mean and masked in the
+        comparison). A fractional shift asks for the whole pixels its bilinear samples reach
+        (2.5 px: 3), so that it, too, moves real image content in.
         """
-        if self.protocol != "crop" or not self.is_exact(height, width):
+        if self.protocol != "crop":
             return (0, 0)
         matrix = self.matrix(height, width)
         linear, translation = matrix[:, :2], matrix[:, 2]
@@ -153,7 +154,8 @@ class Element:
         extra = translation - (centre - linear @ centre)
         # The source window moves by L^-1 d for an extra translation d applied after L.
         shift = np.abs(np.linalg.solve(linear, extra))
-        return (int(round(shift[1])), int(round(shift[0])))
+        # (a tolerance, so that an integer shift computed as 7.999999999 or 8.000000001 asks for 8)
+        return (int(np.ceil(shift[1] - 1e-6)), int(np.ceil(shift[0] - 1e-6)))
 
     def __mul__(self, other: Element) -> Element:
         """``self * other``: apply ``other`` first, then ``self``."""

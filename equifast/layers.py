@@ -77,7 +77,11 @@ def _open_containers(model: nn.Module) -> list[str]:
 
 
 def _feature_info_modules(model: nn.Module) -> list[str]:
-    """The modules a timm ``feature_info`` names (stage outputs) that ``model`` has."""
+    """The modules a timm ``feature_info`` names (stage outputs) that ``model`` has.
+
+    A ``ModuleList`` there (CoaT's ``serial_blocks1``) has no forward of its own and its hook
+    would never run: its last module, whose output is the stage's, stands for it.
+    """
     feature_info = getattr(model, "feature_info", None)
     if not isinstance(feature_info, (list, tuple)):
         return []
@@ -85,6 +89,9 @@ def _feature_info_modules(model: nn.Module) -> list[str]:
     found: list[str] = []
     for info in feature_info:
         module = info.get("module") if isinstance(info, dict) else None
+        while module in names and isinstance(names[module], nn.ModuleList) and len(
+                names[module]):
+            module = f"{module}.{len(names[module]) - 1}"
         if module and module in names and module not in found:
             found.append(module)
     return found
@@ -274,11 +281,45 @@ class LayerHooks:
         self.handles.clear()
 
 
+def prefix_tokens_of(model: nn.Module) -> int | None:
+    """The prefix tokens (class, distillation, register) the model says it has: timm's
+    ``num_prefix_tokens`` of the model, or of the outermost submodule that has it (a wrapped
+    model); None when none says."""
+    for _, module in model.named_modules():
+        value = getattr(module, "num_prefix_tokens", None)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+    return None
+
+
+def token_order_of(model: nn.Module) -> dict[str, str]:
+    """The modules whose tokens are not in raster order, each with why.
+
+    timm's Hiera reorders its tokens (``Unroll``) so that pooling windows lie together in memory;
+    read as a raster grid they are scrambled, and shifts that are multiples of the stride would
+    score about 0 while marked exact. The modules registered after the ``Unroll`` (its blocks;
+    Hiera registers its modules in the order they run) see unrolled tokens; the patch embedding
+    before it does not.
+    """
+    scrambled: dict[str, str] = {}
+    unroll = None
+    for name, module in model.named_modules():
+        if unroll is None and type(module).__name__ == "Unroll":
+            unroll = name
+        if unroll is not None:
+            scrambled[name] = (f"its tokens are in the unrolled order of {unroll!r} "
+                               f"({type(model).__name__}), not a raster grid")
+    return scrambled
+
+
 def measurable_layers(
     names: list[str], captured: Mapping[str, torch.Tensor], unmeasurable: Mapping[str, str],
     input_size: tuple[int, int], overrides: Mapping[str, str], lenient: bool,
+    prefix_hint: int | None = None, token_order: Mapping[str, str] | None = None,
 ) -> tuple[list[str], dict]:
-    """The probed layers that can be measured, with their layouts.
+    """The probed layers that can be measured, with their layouts (``prefix_hint``: see
+    :func:`prefix_tokens_of` and :func:`equifast.layouts.detect_layout`; ``token_order``: see
+    :func:`token_order_of`: token layers of such a model are left out, or an error when named).
 
     A broad selection (``lenient``: default layers, ``"leaves"``, types, globs) leaves out, with
     one warning, the layers that did not run (auxiliary heads in eval mode, dropout that fused
@@ -295,17 +336,37 @@ def measurable_layers(
                 missing = [n for n in names if n not in captured]
                 raise ValueError(f"layers {missing} did not run in the model's forward pass")
             dropped[name] = "did not run in the model's forward pass"
+    # Attention maps ((B, heads, L, L), or (B, L, L, heads) in talking heads) fit a square grid
+    # as well as a feature map does, but their axes are tokens, not positions: L x L where L is
+    # the token count of a layer of the same forward.
+    token_counts = {int(t.shape[1]) for t in captured.values() if t.dim() == 3}
     layouts = {}
     for name in names:
         if name in dropped:
             continue
+        shape = tuple(captured[name].shape)
+        if lenient and name not in overrides and len(shape) == 4 and (
+                shape[2] == shape[3] in token_counts or shape[1] == shape[2] in token_counts):
+            dropped[name] = (f"output {shape} is an attention map (tokens x tokens of the "
+                             f"model's {max(shape[1], shape[2])}-token layers), not a grid")
+            continue
         try:
             layouts[name] = detect_layout(captured[name].shape, input_size,
-                                          layout=overrides.get(name), name=name)
+                                          layout=overrides.get(name), name=name,
+                                          prefix_hint=prefix_hint)
         except ValueError as error:
             if not lenient or name in overrides:
                 raise
             dropped[name] = str(error)
+            continue
+        if token_order and name in token_order and layouts[name].layout == "NLC":
+            del layouts[name]
+            problem = (f"layer {name!r} outputs tokens (shape {shape}) but "
+                       f"{token_order[name]}: its positions cannot be re-aligned; measure layers "
+                       "before the reordering (the patch embedding)")
+            if not lenient:
+                raise ValueError(problem)
+            dropped[name] = problem
     shown = "; ".join(f"{n}: {why}" for n, why in list(dropped.items())[:3])
     if dropped:
         warnings.warn(f"{len(dropped)} of {len(names)} selected layers cannot be measured and are "

@@ -214,6 +214,7 @@ def detect_layout(
     layout: str | None = None,
     prefix: int | None = None,
     name: str = "layer",
+    prefix_hint: int | None = None,
 ) -> FeatureLayout:
     """Find how a layer output of ``shape`` maps to a grid, for a model input of ``input_size``.
 
@@ -224,6 +225,10 @@ def detect_layout(
             4-D outputs that fit both ``NCHW`` and ``NHWC`` are read as ``NCHW``.
         prefix: Force the number of prefix tokens of an ``NLC`` layout.
         name: Layer name for error messages.
+        prefix_hint: The prefix tokens the model says it has (timm's ``num_prefix_tokens``):
+            taken where the tokens after them form a plausible grid, otherwise (a layer without
+            them) the fewest prefix tokens that leave one. Token counts alone can mislead:
+            1 + 7 x 9 tokens (a 112 x 144 DeiT) pass for an 8 x 8 grid.
 
     Returns:
         The :class:`FeatureLayout`.
@@ -282,7 +287,13 @@ def detect_layout(
             found = _token_grid(tokens - prefix, (height, width))
             grid = (prefix, *found[1:]) if found is not None and found[0] == 0 else None
         else:
-            grid = _token_grid(tokens, (height, width))
+            grid = None
+            if prefix_hint is not None and 0 < prefix_hint < tokens:
+                found = _token_grid(tokens - prefix_hint, (height, width))
+                if found is not None and found[0] == 0:
+                    grid = (prefix_hint, *found[1:])
+            if grid is None:
+                grid = _token_grid(tokens, (height, width))
         if grid is not None:
             p, h, w = grid
             if (h, w) == (1, 1) and p == 0 and layout is None:

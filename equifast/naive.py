@@ -61,8 +61,10 @@ from .layers import (
     LayerSpec,
     is_broad_selection,
     measurable_layers,
+    prefix_tokens_of,
     refine_layouts,
     select_layers,
+    token_order_of,
 )
 from .layouts import FeatureLayout, grid_view
 from .result import FRAME_COLUMNS, MODEL_COLUMNS, Result, warn_not_logits, warn_undefined_elements
@@ -236,6 +238,12 @@ def _ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
     return torch.where(denominator > 0, numerator / safe, torch.full_like(numerator, math.nan))
 
 
+def _psnr(peak_squared: torch.Tensor, mse: torch.Tensor) -> torch.Tensor:
+    """``10 log10(peak^2 / mse)``; +inf for identical maps (mse 0), NaN for 0 / 0."""
+    value = 10.0 * torch.log10(_ratio(peak_squared, mse))
+    return torch.where((mse == 0) & (peak_squared > 0), math.inf, value)
+
+
 def _flat(mean: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
     return variance <= (FLAT_RELATIVE * mean) ** 2 + FLAT_ABSOLUTE**2
 
@@ -286,7 +294,7 @@ def pair_scores(
         elif metric == "psnr":
             mse = sum_diff / (channels * positions)
             spread = b.flatten(1).var(-1, correction=0)  # all valid values around their mean
-            value = 10.0 * torch.log10(_ratio(16.0 * spread, mse))
+            value = _psnr(16.0 * spread, mse)
         else:
             raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
         out[metric] = value
@@ -352,7 +360,7 @@ def sums_scores(sums: torch.Tensor, metrics: Sequence[str]) -> dict[str, torch.T
             mse = _ratio(sum_diff, total)
             grand_mean = _ratio(sum_b.sum(-1), total)
             spread = _ratio(all_bb - total * grand_mean**2, total).clamp_min(0)
-            value = 10.0 * torch.log10(_ratio(16.0 * spread, mse))
+            value = _psnr(16.0 * spread, mse)
         else:
             raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
         out[metric] = value
@@ -385,10 +393,21 @@ def resample_weights(n: int, resamples: int, seed: int) -> np.ndarray | None:
 
 
 def _resampled_means(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """NaN-ignoring means of ``values`` ``(rows, n)`` under every resample -> ``(rows, R)``."""
+    """NaN-ignoring means of ``values`` ``(rows, n)`` under every resample -> ``(rows, R)``.
+
+    An infinite value (psnr of identical maps) makes the mean of a resample that draws it
+    infinite; a resample that does not draw it keeps a finite mean.
+    """
     valid = ~np.isnan(values)
+    finite = valid & ~np.isinf(values)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return (np.where(valid, values, 0.0) @ weights.T) / (valid @ weights.T)
+        means = (np.where(finite, values, 0.0) @ weights.T) / (valid @ weights.T)
+    plus = (values == math.inf).astype(np.float64) @ weights.T > 0
+    minus = (values == -math.inf).astype(np.float64) @ weights.T > 0
+    means[plus] = math.inf
+    means[minus] = -math.inf
+    means[plus & minus] = math.nan
+    return means
 
 
 def _percentiles(distribution: np.ndarray | None, rows: int) -> tuple[np.ndarray, np.ndarray]:
@@ -396,10 +415,13 @@ def _percentiles(distribution: np.ndarray | None, rows: int) -> tuple[np.ndarray
         return np.full(rows, math.nan), np.full(rows, math.nan)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        return (
-            np.nanpercentile(distribution, 2.5, axis=1),
-            np.nanpercentile(distribution, 97.5, axis=1),
-        )
+        low = np.nanpercentile(distribution, 2.5, axis=1)
+        high = np.nanpercentile(distribution, 97.5, axis=1)
+        # with an infinite resample, linear interpolation gives NaN: the bounding resamples
+        for row in np.flatnonzero(np.isinf(distribution).any(axis=1)):
+            low[row] = np.nanpercentile(distribution[row], 2.5, method="lower")
+            high[row] = np.nanpercentile(distribution[row], 97.5, method="higher")
+        return low, high
 
 
 def _nanmean(values: np.ndarray, axis: int) -> np.ndarray:
@@ -614,7 +636,7 @@ def _probe_layouts(
     with torch.inference_mode(), hooks:
         module(torch.zeros(1, 3, *input_size, device=device, dtype=dtype))
     _, layouts = measurable_layers(names, shapes, hooks.unmeasurable, input_size, overrides,
-                                   lenient)
+                                   lenient, prefix_tokens_of(module), token_order_of(module))
     return refine_layouts(module, layouts, input_size, device, dtype, overrides)
 
 

@@ -205,7 +205,10 @@ def score_stats(
                 peak = 4.0 * torch.sqrt(var_b)
             else:
                 peak = torch.full_like(mse, float(psnr_range))
-            out[metric] = 10.0 * torch.log10(_safe_div(peak * peak, mse))
+            # Maps equal to the last bit (mse exactly 0) have an infinite PSNR, as skimage and
+            # torchmetrics give it; 0 / 0 (b constant, a equal to it) has none.
+            value = 10.0 * torch.log10(_safe_div(peak * peak, mse))
+            out[metric] = torch.where((mse == 0) & (peak > 0), math.inf, value)
     return out
 
 

@@ -122,3 +122,41 @@ def test_footprint_centre():
     magnitude[0, 4] = 1.0  # reaches the top border: cut there, so not a centre
     assert align._footprint_centre(magnitude) is None
     assert align._footprint_centre(torch.zeros(5, 5)) is None
+
+
+class _ChannelNorm(nn.Module):
+    """A LayerNorm over the channels of an NCHW map (timm's LayerNorm2d), untrained: weight 1,
+    bias 0, so that the channels of every position sum to exactly 0."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(channels)
+
+    def forward(self, x):
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def test_a_layer_norm_at_init_does_not_blind_the_probe():
+    """The probe mixes the channels with random weights: their plain sum after an untrained
+    LayerNorm is 0 at every position and its gradient round-off noise. Behind global mixing (a
+    gate: the centroid decides) that put a stride-8 stage's offset up to 7.5 px off over these
+    seeds; now it stays within 1 px of the geometric 3.5."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.stem_norm = nn.Conv2d(3, 32, 4, stride=4), _ChannelNorm(32)
+            self.gate = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(32, 32, 1), nn.Sigmoid())
+            self.mix = nn.Conv2d(32, 32, 3, padding=1)
+            self.down, self.down_norm = nn.Conv2d(32, 64, 2, stride=2), _ChannelNorm(64)
+
+        def forward(self, x):
+            x = self.stem_norm(self.stem(x))
+            x = x + self.mix(x * self.gate(x))
+            return self.down_norm(self.down(x))
+
+    for seed in SEEDS:
+        torch.manual_seed(seed)
+        found = _offsets(Net().eval(), ["stem_norm", "down_norm"], 96)
+        assert found["stem_norm"] == (1.5, 1.5), seed
+        assert max(abs(o - 3.5) for o in found["down_norm"]) <= 1.0, (seed, found)

@@ -77,6 +77,13 @@ def test_margin_and_products():
     assert len(group) == 4 + 1 + 4
     assert all(e.is_exact(32, 32) for e in group)
     assert Rotation([30]).margin(32, 32) == (0, 0)
+    # A fractional shift asks for the whole pixels its bilinear samples reach (DESIGN 1.5: no
+    # artificial border enters the image under crop); other protocols ask for none.
+    assert Translation([2.5]).margin(32, 32) == (3, 3)
+    assert Translation([(0.25, -7.5)]).margin(33, 40) == (1, 8)
+    assert Translation([4, 7.5]).margin(32, 32) == (8, 8)
+    assert Translation([2.5], protocol="zero").margin(32, 32) == (0, 0)
+    assert (Rotation([30]) * Translation([(0, 6)])).margin(32, 32) == (0, 6)
 
 
 def test_feature_affines_exact_at_stride_multiples():

@@ -442,3 +442,105 @@ def test_default_layers_of_a_wrapped_timm_model_are_its_stages():
     wrapper = Wrapper()
     stages = [info["module"] for info in wrapper.net.feature_info]
     assert default_layers(wrapper) == [f"net.{name}" for name in stages]
+
+
+def _layouts_of(model, layers, size, **kwargs):
+    import equifast
+
+    group = equifast.Translation([16])
+    my, mx = group.margin(*size)
+    images = torch.randint(0, 256, (2, 3, size[0] + 2 * my, size[1] + 2 * mx), dtype=torch.uint8)
+    result = equifast.measure(model, images, group=group, layers=layers, input_size=size,
+                              bootstrap=0, progress=False, batch_size=2, **kwargs)
+    rows = result.frame.drop_duplicates("layer").set_index("layer")
+    return {name: (row.layout, int(row.prefix), int(row.grid_h), int(row.grid_w), row.stride_y)
+            for name, row in rows.iterrows()}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "size", "expected"),
+    [
+        # 1 + 7 x 9 = 64 tokens also pass for an 8 x 8 grid of stride 15 without a class token
+        (dict(img_size=(112, 144)), (112, 144), ("NLC", 1, 7, 9, 16.0)),
+        # 5 + 4 x 4 = 21 tokens: 1 + 4 x 5 of stride 14 is the fewest-prefix reading
+        (dict(img_size=64, reg_tokens=4), (64, 64), ("NLC", 5, 4, 4, 16.0)),
+    ],
+)
+def test_prefix_tokens_come_from_the_model(kwargs, size, expected):
+    """timm's num_prefix_tokens decides the prefix where the token count fits several readings;
+    a layer without those tokens (the patch embedding) still reads without them."""
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs).eval()
+    found = _layouts_of(model, ["patch_embed", "blocks.0", "blocks.11"], size)
+    assert found["blocks.0"] == expected and found["blocks.11"] == expected
+    assert found["patch_embed"] == ("NLC", 0, *expected[2:])
+
+
+class _TokenMixer(nn.Module):
+    """Patchify to tokens with a class token, then self-attention whose probabilities pass an
+    attn_drop module: (B, heads, L, L), which fits a grid as well as a feature map does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, 8, 8, stride=8)
+        self.cls = nn.Parameter(torch.zeros(1, 1, 8))
+        self.qkv = nn.Linear(8, 24)
+        self.attn_drop = nn.Dropout(0.0)
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x):
+        tokens = self.patch(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.cls.expand(len(x), -1, -1), tokens], 1)
+        q, k, v = self.qkv(tokens).reshape(len(x), -1, 3, 2, 4).permute(2, 0, 3, 1, 4)
+        attention = self.attn_drop((q @ k.transpose(-2, -1)).softmax(-1))  # (B, 2, 17, 17)
+        return self.proj((attention @ v).transpose(1, 2).flatten(2))
+
+
+def test_attention_maps_are_not_grids():
+    model = _TokenMixer().eval()
+    with pytest.warns(UserWarning, match=r"attn_drop: output \(2, 2, 17, 17\) is an attention map"):
+        found = _layouts_of(model, "leaves", (32, 32))
+    assert "attn_drop" not in found
+    assert found["proj"] == ("NLC", 1, 4, 4, 8.0)
+
+
+def test_feature_info_module_lists_stand_for_their_last_module():
+    """A stage that is a ModuleList (CoaT's serial_blocks) never runs itself: its last block's
+    output is the stage's."""
+    model = timm.create_model("coat_lite_tiny", pretrained=False)
+    layers = default_layers(model)
+    assert layers[0] == "serial_blocks1.1" and len(layers) == 4
+    modules = dict(model.named_modules())
+    assert not any(isinstance(modules[name], nn.ModuleList) for name in layers)
+
+
+class Unroll(nn.Module):
+    """Hiera's token reordering (a stand-in with its class name): raster order -> windows."""
+
+    def forward(self, tokens):
+        b, n, c = tokens.shape
+        side = int(n**0.5)
+        grid = tokens.reshape(b, side // 2, 2, side // 2, 2, c)
+        return grid.permute(0, 2, 4, 1, 3, 5).reshape(b, n, c)
+
+
+class _Unrolled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, 8, 4, stride=4)
+        self.embed = nn.Identity()
+        self.unroll = Unroll()
+        self.block = nn.Linear(8, 8)
+
+    def forward(self, x):
+        tokens = self.embed(self.patch(x).flatten(2).transpose(1, 2))
+        return self.block(self.unroll(tokens))
+
+
+def test_unrolled_tokens_are_refused():
+    model = _Unrolled().eval()
+    found = _layouts_of(model, ["patch", "embed"], (32, 32))
+    assert found["embed"] == ("NLC", 0, 8, 8, 4.0)  # before the reordering: a raster grid
+    with pytest.raises(ValueError, match=r"'block' outputs tokens .* unrolled order of 'unroll'"):
+        _layouts_of(model, ["block"], (32, 32))
+    with pytest.warns(UserWarning, match="unrolled order"):
+        assert set(_layouts_of(model, "leaves", (32, 32))) == {"patch", "embed"}

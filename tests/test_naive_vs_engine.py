@@ -197,6 +197,35 @@ def test_circular_conv_net_is_exactly_equivariant():
     assert result.config["loop"] == "naive"
 
 
+def test_exact_realignment_psnr_and_fractional_crop_shifts():
+    """Exact re-alignments give identical maps: psnr +inf in both loops, with a resampled
+    interval that reaches it; a fractional crop shift moves real content in (a margin of 3 px for
+    2.5), so it differs from the zero protocol where the fill enters the image."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 4, stride=4), torch.nn.ReLU(),
+                              torch.nn.Conv2d(8, 8, 3, padding=1))
+    group = Translation([(0, 4), (0, 2.5)])
+    assert group.margin(32, 32) == (0, 4)
+    images = torch.rand(5, 3, 32, 40, dtype=torch.float64) * 2 - 1
+    kwargs = dict(group=group, layers=["0", "2"], input_size=(32, 32), bootstrap=40,
+                  metrics=["corr", "nde", "psnr"], progress=False, align=1.5, batch_size=5)
+    engine = equifast.measure(net, images, **kwargs)
+    reference = naive.measure(net, images, **kwargs)
+    _compare(engine, reference)
+    psnr = engine.frame.query("comparison == 'eq' and metric == 'psnr' and layer == '0'")
+    exact = psnr.set_index("element").loc["translate(0,4)"]
+    assert exact.value == math.inf and exact.ci_high == math.inf and exact.n == 5
+    assert math.isfinite(psnr.set_index("element").loc["translate(0,2.5)"].value)
+
+    zero = Translation([(0, 4), (0, 2.5)], protocol="zero")
+    filled = equifast.measure(net, images[..., 4:36], **dict(kwargs, group=zero))
+    # (layer 2: its 3 x 3 kernel reaches the border cell whose pixels the fill entered)
+    corr = ("comparison == 'eq' and metric == 'corr' and element == 'translate(0,2.5)' and "
+            "layer == '2'")
+    assert abs(engine.frame.query(corr).value.iloc[0] - filled.frame.query(corr).value.iloc[0]) \
+        > 1e-4
+
+
 def test_naive_does_not_import_what_it_checks():
     import ast
     import inspect
@@ -243,7 +272,13 @@ def _compare(engine: equifast.Result, reference: equifast.Result) -> float:
         assert (nan_a == nan_b).all(), merged.loc[
             nan_a != nan_b, KEYS + [column + "_engine", column + "_naive"]
         ]
-        difference = np.abs(np.where(nan_a, 0.0, a - b))
+        # psnr of identical maps is infinite: on both sides, with the same sign
+        infinite = np.isinf(a) | np.isinf(b)
+        assert (a[infinite] == b[infinite]).all(), merged.loc[
+            infinite & (a != b), KEYS + [column + "_engine", column + "_naive"]
+        ]
+        with np.errstate(invalid="ignore"):  # inf - inf, masked
+            difference = np.abs(np.where(nan_a | infinite, 0.0, a - b))
         # psnr is in dB; the engine derives sum (a - b)^2 from float32 statistics, whose
         # cancellation for nearly equal maps costs up to ~1e-5 relative there (worse when the maps
         # are equal to float32 precision: test_difference_metrics_of_nearly_equal_maps).

@@ -101,6 +101,23 @@ def test_zero_count_gives_nan_and_corr_vs_chance(force_reference):
 
 
 @pytest.mark.parametrize("force_reference", PATHS)
+def test_psnr_of_identical_maps_is_infinite(force_reference):
+    """mse exactly 0 (an exact re-alignment) is +inf dB, not NaN; b constant and a equal to it
+    (0 / 0) stays NaN; the other metrics keep their values."""
+    count, mean = 12.0, 3.0
+    identical = torch.tensor([count, mean, mean, 5.0, 5.0, 5.0], dtype=torch.float64)
+    constant = torch.tensor([count, mean, mean, 0.0, 0.0, 0.0], dtype=torch.float64)
+    different = torch.tensor([count, mean, mean, 5.0, 5.0, 4.0], dtype=torch.float64)
+    stats = torch.stack([identical, constant, different])[:, None]  # (3, channels=1, 6)
+    scores = score_stats(stats, METRICS, force_reference=force_reference)
+    psnr = scores["psnr"].tolist()
+    assert psnr[0] == math.inf
+    assert math.isnan(psnr[1])
+    assert math.isfinite(psnr[2]) and psnr[2] > 0
+    assert scores["corr"][0].item() == pytest.approx(1.0) and scores["nde"][0].item() == 0.0
+
+
+@pytest.mark.parametrize("force_reference", PATHS)
 @settings(max_examples=30, deadline=None)
 @given(channel_counts=st.lists(st.integers(1, 7), min_size=1, max_size=5),
        seed=st.integers(0, 10_000), flat_channels=st.integers(0, 3), empty_layer=st.booleans())

@@ -97,7 +97,12 @@ C10_HOST_DEVICE inline void scores_from_sums(const ChannelSums& s, int64_t chann
     var_b = var_b < 0 ? 0.0 : var_b;
     peak = 4.0 * std::sqrt(var_b);
   }
-  out[kPsnr] = 10.0 * std::log10(safe_div(peak * peak, mse));
+  // Maps equal to the last bit (mse exactly 0: an exact re-alignment of a shift by a multiple of
+  // the stride) have an infinite PSNR, as skimage and torchmetrics give it; 0 / 0 (b constant and
+  // a equal to it) has none.
+  const double peak2 = peak * peak;
+  out[kPsnr] = mse == 0.0 ? (peak2 > 0 ? std::numeric_limits<double>::infinity() : nan)
+                          : 10.0 * std::log10(safe_div(peak2, mse));
 }
 
 }  // namespace equifast
