@@ -86,6 +86,7 @@ class _Layer:
     offset: tuple[float, float]
     source_affines: np.ndarray  # (K, 2, 3) feature-grid source maps
     exact: np.ndarray  # (K,) bool
+    wrap: list[int]  # (K,) circular elements that wrap on this grid (FeatureLayout.tiles)
     scores: dict[str, list[np.ndarray]] = field(default_factory=dict)  # metric -> [(3, K, B)]
     pooled: list[torch.Tensor] = field(default_factory=list)  # [(3, K, C, 6)] per batch
 
@@ -605,9 +606,11 @@ def measure(
         else:
             affines = feature_source_affines(image_matrices, layout.stride, offsets[name])
         exact = np.array([is_integer_affine(a) for a in affines])
-        state[keys[name]] = _Layer(name, depth, layout, offsets[name], affines, exact)
+        layer_wrap = wrap if layout.tiles((height, width)) else [0] * count
+        state[keys[name]] = _Layer(name, depth, layout, offsets[name], affines, exact, layer_wrap)
         if name in copy_keys:
-            state[copy_keys[name]] = _Layer(name, depth, layout, offsets[name], affines, exact)
+            state[copy_keys[name]] = _Layer(name, depth, layout, offsets[name], affines, exact,
+                                            layer_wrap)
     hooked = list(state)
 
     # Image-space source maps of the transform: identity first.
@@ -675,7 +678,7 @@ def measure(
             # measured layer's output per forward cost more than its statistics (resnet18 at
             # 224 px, one block per forward: torch.cat 2.4x the time of equivariance_stats).
             reference = identity[name]
-        stats = _layer_stats(tensor, layer, lo, hi, batch, wrap, subpixel, force_reference,
+        stats = _layer_stats(tensor, layer, lo, hi, batch, layer.wrap, subpixel, force_reference,
                              reference)
         if batch == 1:
             stats[2] = 0  # no other image to compare with: chance is undefined

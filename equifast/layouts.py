@@ -58,6 +58,15 @@ class FeatureLayout:
     def kind(self) -> str:
         return "vector" if self.layout == "NC" else "spatial"
 
+    def tiles(self, input_size: tuple[int, int]) -> bool:
+        """Whether the grid's cells tile the input exactly (``grid * stride == size`` on both
+        axes). Only then is a circular shift of the image one of the grid: at 33 px, 17 cells of
+        stride 2 span 34 px, and the features that wrap come from a seam the image does not have,
+        so the engine masks them as it does for the other protocols."""
+        return (self.kind == "spatial"
+                and abs(self.grid_h * self.stride[0] - input_size[0]) < 1e-6
+                and abs(self.grid_w * self.stride[1] - input_size[1]) < 1e-6)
+
 
 def _integer_stride(size: int, cells: int) -> float:
     """Input pixels per grid cell; the integer one when ``cells`` is a rounded ``size / s``."""

@@ -838,7 +838,10 @@ def measure(
                     continue  # not evaluated: NaN scores, nothing pooled
                 a = moved_grids[name]
                 b_identity = identity[name]
-                wrap = element.protocol == "circular"
+                # (a grid that does not tile the image, 17 cells of stride 2 at 33 px, wraps at a
+                # seam the image does not have: its wrapped band is masked instead)
+                wrap = (element.protocol == "circular"
+                        and layer_layouts[name].tiles((height, width)))
                 b_moved, valid = realign(b_identity, source_map, wrap)
                 pairs = [(0, b_moved), (1, b_identity)]
                 if batch > 1:  # chance: image n against image (n + 1) mod B

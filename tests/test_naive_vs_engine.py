@@ -226,6 +226,24 @@ def test_exact_realignment_psnr_and_fractional_crop_shifts():
         > 1e-4
 
 
+@pytest.mark.parametrize("size", [32, 33])
+def test_circular_shifts_on_a_grid_that_does_not_tile_the_image(size):
+    """At 33 px a stride-2 grid has 17 cells spanning 34 px: a circular shift of the image is not
+    one of the grid, whose wrapped band comes from a seam the image does not have. It is masked
+    (n counts it out), and the rest is exactly equivariant, as at 32 px where the grid wraps."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, stride=2, padding=1, padding_mode="circular"))
+    images = torch.randn(3, 3, size, size, dtype=torch.float64)
+    kwargs = dict(group=Translation([(0, 2), (4, 0)], protocol="circular"), layers=["0"],
+                  metrics=["corr", "nde"], bootstrap=0, progress=False, align=0)
+    engine = equifast.measure(net, images, **kwargs)
+    _compare(engine, naive.measure(net, images, **kwargs))
+    eq = engine.frame.query("comparison == 'eq' and metric == 'corr'")
+    assert eq.exact.all()
+    np.testing.assert_allclose(eq.value, 1.0, atol=1e-12)
+
+
 def test_naive_does_not_import_what_it_checks():
     import ast
     import inspect
