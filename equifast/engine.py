@@ -426,7 +426,7 @@ def measure(
     model_name: str | None = None,
     force_reference: bool = False,
     distributed: bool | None = None,
-    baseline: str | nn.Module | None = None,
+    baseline: str | nn.Module | InitCopy | None = None,
 ) -> Result:
     """Measure how equivariant every chosen layer of ``model`` is under ``group``.
 
