@@ -245,6 +245,47 @@ def test_integer_maps_whose_valid_positions_are_no_rectangle(emu, layout, varian
     assert 0 < counts[0] < h * w and 0 < counts[1] < h * w
 
 
+def test_elements_go_to_the_launch_of_their_path(emu):
+    # Rectangles (crop shifts, quarter turn, flips) first, then the other integer maps (circular
+    # shift, shear), then the bilinear ones; a shift past the grid has no valid position and is
+    # not launched (its statistics stay 0). 0 rectangle, 1 integer, 2 bilinear.
+    h, w, batch = 7, 5, 2
+    maps = [
+        rotation(30, h, w),
+        shift(1, 2),
+        shift(2, -3),
+        [[1.0, 1.0, -3.0], [0.0, 1.0, 0.0]],
+        shift(9, 0),
+        rot90(h, w),
+        shift(0.5, 0.25),
+        flip_y(h, w),
+    ]
+    wrap = [0, 0, 1, 0, 0, 0, 1, 0]
+    affines = affines_of(maps)
+    feats = make_feats("NCHW", (len(maps) + 1) * batch, 3, h, w, torch.float64)
+    paths = emu.emulated_element_paths(feats, affines, wrap, batch, "NCHW", h, w, 0, "bilinear")
+    assert paths == [(1, 0), (5, 0), (7, 0), (2, 1), (3, 1), (0, 2), (6, 2)]
+    skipped = emu.emulated_element_paths(feats, affines, wrap, batch, "NCHW", h, w, 0, "skip")
+    assert skipped == [(1, 0), (5, 0), (7, 0), (2, 1), (3, 1)]
+    got = check(emu, feats, affines, wrap, batch, "NCHW", h, w)
+    assert (got[:, 4] == 0).all()
+
+
+def test_rectangle_offsets_must_fit_32_bits(emu):
+    # A 56 x 56 rectangle; a thread's offsets run up to kThreads columns and rows past it.
+    fits = emu.emulated_rectangle_fits
+    assert fits(1, 56, 0, 0, 56, 56, 1, 56, 57)
+    assert fits(256, 56 * 256, 0, 0, 56, 56, 256, 56 * 256, 0)  # NHWC, 256 channels
+    # stride_y large enough that (rows + kThreads + 1) * stride_y passes 2^31 - 1
+    rows = 56 + 256 + 1
+    big = (2**31 - 1) // rows + 1
+    assert not fits(1, big, 0, 0, 56, 56, 1, 1, 0)
+    assert fits(1, big // 4, 0, 0, 56, 56, 1, big // 4, 0)
+    # the source offsets count too, and together with the positions' offsets
+    assert not fits(1, 1, 0, 0, 56, 56, 1, 1, 2**31 - 1)
+    assert not fits(1, big // 2 + 1, 0, 0, 56, 56, 1, big // 2 + 1, 0)
+
+
 SHIFTS = [(0, 1), (1, 0), (-2, 3), (3, -4), (0, 0), (4, 6), (0, -6), (6, 0), (9, 0), (-11, 5)]
 
 

@@ -39,8 +39,10 @@ at::Tensor equivariance_stats_cuda(const at::Tensor& feats, const at::Tensor& so
   TORCH_CHECK(grid_h * grid_w < (int64_t{1} << 31), "equifast: equivariance_stats on CUDA "
               "supports grids of fewer than 2^31 positions, but got ", grid_h, " x ", grid_w, ".");
 
-  // Per element: the map, its number of valid positions and the first one (host).
+  // Per element: the map, its number of valid positions and the first one (host), ordered by
+  // path; elements without a valid position are left out (their statistics stay 0).
   const std::vector<DeviceElement> elements = make_device_elements(problem);
+  if (elements.empty()) return stats;
   const int64_t bytes = static_cast<int64_t>(elements.size() * sizeof(DeviceElement));
   at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
   std::memcpy(host.data_ptr(), elements.data(), bytes);
@@ -53,10 +55,10 @@ at::Tensor equivariance_stats_cuda(const at::Tensor& feats, const at::Tensor& so
               "65535 channel tiles (", launch.channels_inner ? 32 : kWarps, " channels each) and ",
               "2^31 - 1 elements, but got batch ", batch, ", ", view.channels, " channels and ",
               problem.elements, " elements. Split the call.");
-  const dim3 blocks(static_cast<unsigned>(launch.blocks_x), static_cast<unsigned>(launch.blocks_y),
-                    static_cast<unsigned>(launch.blocks_z));
+  const std::vector<PathLaunch> runs = path_launches(elements);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const auto* elements_ptr = reinterpret_cast<const DeviceElement*>(device_elements.data_ptr());
+  double* out = stats.data_ptr<double>();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(),
                                   "equivariance_stats_cuda", [&] {
@@ -64,14 +66,18 @@ at::Tensor equivariance_stats_cuda(const at::Tensor& feats, const at::Tensor& so
     const scalar_t* identity =
         problem.separate_identity ? reference->const_data_ptr<scalar_t>() + view.offset : base;
     const scalar_t* element_blocks = base + problem.element_start * view.stride_n;
+    const auto launcher = [&](const PathLaunch& run, auto kernel) {
+      const dim3 blocks(static_cast<unsigned>(run.count), static_cast<unsigned>(launch.blocks_y),
+                        static_cast<unsigned>(launch.blocks_z));
+      kernel<<<blocks, kThreads, 0, stream>>>(identity, element_blocks, elements_ptr + run.start,
+                                              launch.params, out);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
     if (launch.channels_inner) {
-      stats_kernel<true, scalar_t><<<blocks, kThreads, 0, stream>>>(
-          identity, element_blocks, elements_ptr, launch.params, stats.data_ptr<double>());
+      launch_stats_kernels<true, scalar_t>(runs, launcher);
     } else {
-      stats_kernel<false, scalar_t><<<blocks, kThreads, 0, stream>>>(
-          identity, element_blocks, elements_ptr, launch.params, stats.data_ptr<double>());
+      launch_stats_kernels<false, scalar_t>(runs, launcher);
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return stats;
 }

@@ -4,6 +4,10 @@
 // GPU).
 //
 // Design:
+//   - One launch per kind of element (StatsPath: integer maps whose valid positions fill a
+//     rectangle, other integer maps, bilinear maps), each its own instantiation of the kernel:
+//     a register budget is per function, and one kernel for all three paths paid the bilinear
+//     taps' registers (112 per thread, two blocks per SM) in the rectangle loop too.
 //   - One block per (element k, channel tile, image b): blockIdx = (k, tile, b), elements
 //     fastest. Every element of the transformed block a is read by exactly one thread, once; the
 //     identity images are read through L2 (blocks of the same tile and image, one per element,
@@ -40,18 +44,30 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kComparisons = 3;
 constexpr int kFields = 2 + 3 * kComparisons;  // sum a, sum a^2, then (sum b, sum b^2, sum ab) x 3
 
+// The three loops of the kernel, one launch each.
+enum StatsPath : int64_t {
+  kRectanglePath = 0,  // integer map, valid positions fill a rectangle, 32-bit offsets suffice
+  kIntegerPath = 1,    // other integer maps (wrapping, ragged valid sets, large strides)
+  kBilinearPath = 2,   // non-integer maps
+  kNoPath = 3,         // nothing to do (no valid position, or subpixel 'skip'): never launched
+};
+
 // One element as the kernel sees it. count == 0: nothing to do (no valid position, or a
-// non-integer map with subpixel 'skip'); the statistics stay 0.
+// non-integer map with subpixel 'skip'); the statistics stay 0 and it is not launched.
 struct DeviceElement {
   SourceMap map;
+  int64_t index;             // k: its block of images and its rows of the output
+  int64_t path;              // StatsPath
   int64_t count;             // valid positions
   int64_t first_x, first_y;  // the first valid position (row-major): the shifts are read there
-  // rect != 0: an integer map without wrapping whose valid positions fill the rectangle
+  // Integer maps: offsets (strides of the features) of the first valid position and of its
+  // source, where the shifts are read.
+  int64_t first_at, first_from;
+  // kRectanglePath: an integer map without wrapping whose valid positions fill the rectangle
   // [rect_x0, rect_x0 + rect_w) x [rect_y0, rect_y0 + rect_h) (translations, quarter turns and
   // flips under crop). Its source offset is then linear in (x, y), from_dx x + from_dy y + from_0
   // in the strides of the features, and the kernel walks the rectangle without per-position
-  // index maps or validity tests.
-  int64_t rect;
+  // index maps or validity tests, in 32-bit offsets (the host checks that they fit).
   int64_t rect_x0, rect_y0, rect_w, rect_h;
   int64_t from_dx, from_dy, from_0;
 };
@@ -129,27 +145,28 @@ __device__ __forceinline__ void add_pair(double* sums, int i, double a, double b
   sums[4 + 3 * i] += a * b;
 }
 
-// Reads kUnroll positions (all loads first) and adds the live ones to the shifted sums: `at` is
+// Reads kCount positions (all loads first) and adds the live ones to the shifted sums: `at` is
 // the position in the compared images, `from` its source in the identity images (both offsets
-// in the strides of the features, in bounds also where not live).
-template <typename value_t, typename scalar_t>
+// in the strides of the features, in bounds also where not live). live == nullptr: all are live
+// (the rectangle loop's full steps: no tests, no selects).
+template <typename value_t, int kCount, typename offset_t, typename scalar_t>
 __device__ __forceinline__ void add_positions(const StatsParams& p, const scalar_t* image,
                                               const scalar_t* id_b, const scalar_t* id_next,
-                                              const int64_t* at, const int64_t* from,
+                                              const offset_t* at, const offset_t* from,
                                               const bool* live, double shift_a, double shift_eq,
                                               double shift_inv, double shift_chance,
                                               double* sums) {
-  value_t a_values[kUnroll], eq_values[kUnroll], inv_values[kUnroll], chance_values[kUnroll];
+  value_t a_values[kCount], eq_values[kCount], inv_values[kCount], chance_values[kCount];
 #pragma unroll
-  for (int u = 0; u < kUnroll; ++u) {
+  for (int u = 0; u < kCount; ++u) {
     a_values[u] = static_cast<value_t>(image[at[u]]);
     eq_values[u] = static_cast<value_t>(id_b[from[u]]);
     inv_values[u] = p.with_inv ? static_cast<value_t>(id_b[at[u]]) : value_t(0);
     chance_values[u] = p.with_chance ? static_cast<value_t>(id_next[from[u]]) : value_t(0);
   }
 #pragma unroll
-  for (int u = 0; u < kUnroll; ++u) {
-    if (!live[u]) continue;
+  for (int u = 0; u < kCount; ++u) {
+    if (live != nullptr && !live[u]) continue;
     const double a = static_cast<double>(a_values[u]) - shift_a;
     sums[0] += a;
     sums[1] += a * a;
@@ -159,39 +176,38 @@ __device__ __forceinline__ void add_positions(const StatsParams& p, const scalar
   }
 }
 
-// The rectangle loop (DeviceElement::rect): one thread's positions first, first + step, ... of
-// the rectangle, row-major. Both offsets advance by additions only; the integer index maps of
-// accumulate_exact took half the SM's integer pipeline on an H200 (ncu), for what is a
-// translation of the source pointer here.
+// The rectangle loop (kRectanglePath): one thread's positions first, first + step, ... of the
+// rectangle, row-major. Both offsets advance by additions only, in 32 bits: the integer index
+// maps of accumulate_exact took half the SM's integer pipeline on an H200 (ncu), for what is a
+// translation of the source pointer here. The thread's count of positions is known up front, so
+// the steps of kUnroll positions need no end tests; the last few go one at a time.
 template <typename value_t, typename scalar_t>
 __device__ __forceinline__ void accumulate_rectangle(
     const DeviceElement& element, const StatsParams& p, const scalar_t* image,
     const scalar_t* id_b, const scalar_t* id_next, int first, int step, double shift_a,
     double shift_eq, double shift_inv, double shift_chance, double* sums) {
-  // 32-bit counters: the rectangle lies in a grid of fewer than 2^31 positions (host check).
   const int rect_w = static_cast<int>(element.rect_w);
   const int positions = static_cast<int>(element.rect_w * element.rect_h);
+  if (first >= positions) return;
+  const int mine = (positions - 1 - first) / step + 1;  // this thread's positions
   const int step_y = step / rect_w;
   const int step_x = step - step_y * rect_w;
-  const int64_t sx = p.stride_x, sy = p.stride_y;
-  const int64_t fx = element.from_dx, fy = element.from_dy;
+  const int sx = static_cast<int>(p.stride_x), sy = static_cast<int>(p.stride_y);
+  const int fx = static_cast<int>(element.from_dx), fy = static_cast<int>(element.from_dy);
   int x = first % rect_w;  // column in the rectangle; the row lives in the offsets
-  const int64_t gx = element.rect_x0 + x, gy = element.rect_y0 + first / rect_w;
-  int64_t at = gx * sx + gy * sy;
-  int64_t from = gx * fx + gy * fy + element.from_0;
-  const int64_t at_step = step_x * sx + step_y * sy, from_step = step_x * fx + step_y * fy;
-  const int64_t at_carry = sy - rect_w * sx, from_carry = fy - rect_w * fx;  // next row
-  // Past the end: the rectangle's first corner, a valid position (its loads stay in bounds).
-  const int64_t at_corner = element.rect_x0 * sx + element.rect_y0 * sy;
-  const int64_t from_corner = element.rect_x0 * fx + element.rect_y0 * fy + element.from_0;
-  for (int base = first; base < positions; base += kUnroll * step) {
-    int64_t at_u[kUnroll], from_u[kUnroll];
-    bool live[kUnroll];
+  const int gx = static_cast<int>(element.rect_x0) + x;
+  const int gy = static_cast<int>(element.rect_y0) + first / rect_w;
+  int at = gx * sx + gy * sy;
+  int from = gx * fx + gy * fy + static_cast<int>(element.from_0);
+  const int at_step = step_x * sx + step_y * sy, from_step = step_x * fx + step_y * fy;
+  const int at_carry = sy - rect_w * sx, from_carry = fy - rect_w * fx;  // next row
+  int done = 0;
+  for (; done + kUnroll <= mine; done += kUnroll) {
+    int at_u[kUnroll], from_u[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      live[u] = base + u * step < positions;
-      at_u[u] = live[u] ? at : at_corner;
-      from_u[u] = live[u] ? from : from_corner;
+      at_u[u] = at;
+      from_u[u] = from;
       x += step_x;
       at += at_step;
       from += from_step;
@@ -201,8 +217,20 @@ __device__ __forceinline__ void accumulate_rectangle(
         from += from_carry;
       }
     }
-    add_positions<value_t>(p, image, id_b, id_next, at_u, from_u, live, shift_a, shift_eq,
-                           shift_inv, shift_chance, sums);
+    add_positions<value_t, kUnroll>(p, image, id_b, id_next, at_u, from_u, nullptr, shift_a,
+                                    shift_eq, shift_inv, shift_chance, sums);
+  }
+  for (; done < mine; ++done) {
+    add_positions<value_t, 1>(p, image, id_b, id_next, &at, &from, nullptr, shift_a, shift_eq,
+                              shift_inv, shift_chance, sums);
+    x += step_x;
+    at += at_step;
+    from += from_step;
+    if (x >= rect_w) {
+      x -= rect_w;
+      at += at_carry;
+      from += from_carry;
+    }
   }
 }
 
@@ -252,8 +280,8 @@ __device__ __forceinline__ void accumulate_exact(
       from[u] = tap.iy * p.stride_y + tap.ix * p.stride_x;
       walk.advance();
     }
-    add_positions<value_t>(p, image, id_b, id_next, at, from, live, shift_a, shift_eq,
-                           shift_inv, shift_chance, sums);
+    add_positions<value_t, kUnroll>(p, image, id_b, id_next, at, from, live, shift_a, shift_eq,
+                                    shift_inv, shift_chance, sums);
   }
 }
 
@@ -295,24 +323,24 @@ __device__ __forceinline__ void accumulate_bilinear(
   }
 }
 
-template <bool kChannelsInner, typename scalar_t,
+template <int64_t kPath, bool kChannelsInner, typename scalar_t, int kMinBlocks = 1,
           typename value_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
     stats_kernel(const scalar_t* __restrict__ identity, const scalar_t* __restrict__ blocks,
                  const DeviceElement* __restrict__ elements, StatsParams p,
                  double* __restrict__ out) {
   // identity: the identity block's image 0; blocks: element 0's image 0 (element k's block starts
-  // k * batch images later), both at channel 0, position (0, 0).
+  // k * batch images later), both at channel 0, position (0, 0). elements: this launch's elements,
+  // all of path kPath, none empty.
   // Elements vary fastest over the blocks: the blocks running at the same time read the same
   // identity images, which then come from L2 rather than memory.
-  const int64_t k = blockIdx.x;
   const int64_t tile = blockIdx.y;
   const int64_t b = blockIdx.z;
   // The element in shared memory: read where needed rather than held in registers.
   __shared__ DeviceElement element;
-  if (threadIdx.x == 0) element = elements[k];
+  if (threadIdx.x == 0) element = elements[blockIdx.x];
   __syncthreads();
-  if (element.count == 0) return;  // uniform over the block: statistics stay 0
+  const int64_t k = element.index;
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   // Channels contiguous: lanes over channels, warps over positions. Otherwise: warps over
@@ -329,14 +357,21 @@ __global__ void __launch_bounds__(kThreads)
   // Shifts: the values at the first valid position, the same in every thread of the channel.
   double shift_a, shift_eq, shift_inv = 0, shift_chance = 0;
   {
-    const SampleGrid grid = feature_grid(p.grid_h, p.grid_w, element.map.wrap != 0);
-    Taps taps;
-    source_taps(element.map, grid, element.first_x, element.first_y, p.stride_y, p.stride_x, taps);
-    const int64_t at = element.first_y * p.stride_y + element.first_x * p.stride_x;
+    const int64_t at = element.first_at;
     shift_a = static_cast<double>(static_cast<value_t>(image[at]));
-    shift_eq = static_cast<double>(sample<value_t>(id_b, taps));
     if (p.with_inv) shift_inv = static_cast<double>(static_cast<value_t>(id_b[at]));
-    if (p.with_chance) shift_chance = static_cast<double>(sample<value_t>(id_next, taps));
+    if constexpr (kPath == kBilinearPath) {
+      const SampleGrid grid = feature_grid(p.grid_h, p.grid_w, element.map.wrap != 0);
+      Taps taps;
+      source_taps(element.map, grid, element.first_x, element.first_y, p.stride_y, p.stride_x,
+                  taps);
+      shift_eq = static_cast<double>(sample<value_t>(id_b, taps));
+      if (p.with_chance) shift_chance = static_cast<double>(sample<value_t>(id_next, taps));
+    } else {
+      const int64_t from = element.first_from;
+      shift_eq = static_cast<double>(static_cast<value_t>(id_b[from]));
+      if (p.with_chance) shift_chance = static_cast<double>(static_cast<value_t>(id_next[from]));
+    }
   }
 
   double sums[kFields];
@@ -345,10 +380,10 @@ __global__ void __launch_bounds__(kThreads)
   if (active) {
     const int first = kChannelsInner ? warp : lane;
     const int step = kChannelsInner ? kWarps : 32;
-    if (element.rect) {
+    if constexpr (kPath == kRectanglePath) {
       accumulate_rectangle<value_t>(element, p, image, id_b, id_next, first, step, shift_a,
                                     shift_eq, shift_inv, shift_chance, sums);
-    } else if (element.map.exact) {
+    } else if constexpr (kPath == kIntegerPath) {
       accumulate_exact<value_t>(element, p, image, id_b, id_next, first, step, shift_a, shift_eq,
                                 shift_inv, shift_chance, sums);
     } else {
@@ -400,17 +435,35 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Host: the largest |offset| the rectangle loop forms, in the strides of the features: its
+// offsets run over the rectangle's columns and, past its last row, up to step / width + 1 rows
+// further (a thread's last advance), step <= kThreads.
+inline bool rectangle_offsets_fit_32_bits(const DeviceElement& element, const FeatureView& view) {
+  const auto magnitude = [](int64_t v) { return v < 0 ? -v : v; };
+  const int64_t columns = element.rect_x0 + element.rect_w + kThreads;
+  const int64_t rows = element.rect_y0 + element.rect_h + kThreads + 1;
+  const int64_t at_bound = magnitude(view.stride_x) * columns + magnitude(view.stride_y) * rows;
+  const int64_t from_bound = magnitude(element.from_dx) * columns +
+                             magnitude(element.from_dy) * rows + magnitude(element.from_0);
+  const int64_t limit = (int64_t{1} << 31) - 1;
+  return at_bound < limit && from_bound < limit && at_bound + from_bound < limit;
+}
+
 // Host: per element, the map, its number of valid positions and the first one, with the very
-// rule the kernel applies (affine.h).
+// rule the kernel applies (affine.h), and its path. Returned in the order of the launches:
+// rectangle elements first, then other integer maps, then bilinear ones; empty elements are left
+// out (their statistics stay 0).
 inline std::vector<DeviceElement> make_device_elements(const StatsProblem& problem) {
   const FeatureView& view = problem.view;
   std::vector<DeviceElement> elements(problem.elements);
   for (int64_t k = 0; k < problem.elements; ++k) {
     DeviceElement& element = elements[k];
     element.map = problem.maps[k];
+    element.index = k;
+    element.path = kNoPath;
     element.count = 0;
     element.first_x = element.first_y = 0;
-    element.rect = 0;
+    element.first_at = element.first_from = 0;
     element.rect_x0 = element.rect_y0 = element.rect_w = element.rect_h = 0;
     element.from_dx = element.from_dy = element.from_0 = 0;
     if (!element.map.exact && problem.skip_subpixel) continue;
@@ -430,13 +483,22 @@ inline std::vector<DeviceElement> make_device_elements(const StatsProblem& probl
         max_y = std::max(max_y, y);
       }
     }
+    if (element.count == 0) continue;
+    element.first_at = element.first_y * view.stride_y + element.first_x * view.stride_x;
+    if (!element.map.exact) {
+      element.path = kBilinearPath;
+      continue;
+    }
+    int64_t ix, iy;
+    apply_exact_map(element.map, element.first_x, element.first_y, ix, iy);
+    const ExactTap tap = exact_tap(ix, iy, grid);
+    element.first_from = tap.iy * view.stride_y + tap.ix * view.stride_x;
+    element.path = kIntegerPath;
     // Valid positions of a non-wrapping integer map read their source unclamped
     // (exact_tap: clamping only moves invalid ones), so the source offset is linear in (x, y).
     const int64_t width = max_x - min_x + 1, height = max_y - min_y + 1;
-    if (element.map.exact && !element.map.wrap && element.count > 0 &&
-        element.count == width * height) {
+    if (!element.map.wrap && element.count == width * height) {
       const int64_t* m = element.map.im;
-      element.rect = 1;
       element.rect_x0 = min_x;
       element.rect_y0 = min_y;
       element.rect_w = width;
@@ -444,13 +506,65 @@ inline std::vector<DeviceElement> make_device_elements(const StatsProblem& probl
       element.from_dx = m[0] * view.stride_x + m[3] * view.stride_y;
       element.from_dy = m[1] * view.stride_x + m[4] * view.stride_y;
       element.from_0 = m[2] * view.stride_x + m[5] * view.stride_y;
+      if (rectangle_offsets_fit_32_bits(element, view)) element.path = kRectanglePath;
     }
   }
-  return elements;
+  std::vector<DeviceElement> ordered;
+  ordered.reserve(elements.size());
+  for (const int64_t path : {kRectanglePath, kIntegerPath, kBilinearPath}) {
+    for (const DeviceElement& element : elements) {
+      if (element.path == path) ordered.push_back(element);
+    }
+  }
+  return ordered;
+}
+
+// Host: the launches of an ordered element list, one per path present: (path, first element in
+// the list, number of elements).
+struct PathLaunch {
+  int64_t path, start, count;
+};
+
+inline std::vector<PathLaunch> path_launches(const std::vector<DeviceElement>& ordered) {
+  std::vector<PathLaunch> launches;
+  for (int64_t i = 0; i < static_cast<int64_t>(ordered.size()); ++i) {
+    if (launches.empty() || launches.back().path != ordered[i].path) {
+      launches.push_back({ordered[i].path, i, 0});
+    }
+    ++launches.back().count;
+  }
+  return launches;
+}
+
+// Blocks of the rectangle kernel per SM that its registers must allow (__launch_bounds__): 3 caps
+// them at 80 (some spilled), 1 leaves about 94 (two blocks per SM). Measured on an H200
+// (bench_ops, 32 x 8 maps): 16-bit features gained from the third block (bfloat16 256 x 56 x 56
+// 1.32 -> 1.12 ms, 512 x 28 x 28 727 -> 574 us, quarter turns 320 -> 255 us), float32 features
+// lost (256 x 56 x 56 858 us -> 1.10 ms, NHWC 881 us -> 1.01 ms); 4 blocks (64 registers,
+// heavy spills) were slower for both.
+template <typename scalar_t>
+constexpr int kRectangleMinBlocks = sizeof(scalar_t) == 2 ? 3 : 1;
+
+// Host: calls launcher(run, kernel) for each launch of `runs`, with the kernel instantiated for
+// its path (a __global__ function pointer: the CUDA launcher puts it in <<<...>>>, the emulation
+// calls it).
+template <bool kChannelsInner, typename scalar_t, typename Launcher>
+void launch_stats_kernels(const std::vector<PathLaunch>& runs, Launcher&& launcher) {
+  for (const PathLaunch& run : runs) {
+    if (run.path == kRectanglePath) {
+      launcher(run, &stats_kernel<kRectanglePath, kChannelsInner, scalar_t,
+                                  kRectangleMinBlocks<scalar_t>>);
+    } else if (run.path == kIntegerPath) {
+      launcher(run, &stats_kernel<kIntegerPath, kChannelsInner, scalar_t>);
+    } else {
+      launcher(run, &stats_kernel<kBilinearPath, kChannelsInner, scalar_t>);
+    }
+  }
 }
 
 // Host: the kernel's parameters and launch shape. Channels contiguous (NHWC, NLC, channels_last):
-// 32 channels per block; otherwise kWarps channels per block. Grid = (K, channel tiles, B).
+// 32 channels per block; otherwise kWarps channels per block. Grid = (K, channel tiles, B), the
+// K elements split over the launches of their paths (path_launches).
 struct StatsLaunch {
   StatsParams params;
   bool channels_inner;

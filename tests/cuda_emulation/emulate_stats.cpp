@@ -237,6 +237,7 @@ at::Tensor emulated_equivariance_stats(const at::Tensor& feats, const at::Tensor
               "launch too large");
   const dim3 blocks(static_cast<unsigned>(launch.blocks_x), static_cast<unsigned>(launch.blocks_y),
                     static_cast<unsigned>(launch.blocks_z));
+  const std::vector<PathLaunch> runs = path_launches(elements);
   const DeviceElement* elements_ptr = elements.data();
   double* out = stats.data_ptr<double>();
 
@@ -248,14 +249,16 @@ at::Tensor emulated_equivariance_stats(const at::Tensor& feats, const at::Tensor
         problem.separate_identity ? reference->const_data_ptr<scalar_t>() + view.offset : base;
     const scalar_t* element_blocks = base + problem.element_start * view.stride_n;
     const StatsParams params = launch.params;
+    const auto launcher = [&](const PathLaunch& run, auto kernel) {
+      const dim3 grid(static_cast<unsigned>(run.count), blocks.y, blocks.z);
+      emulate_launch(grid, kThreads, [&] {
+        kernel(identity, element_blocks, elements_ptr + run.start, params, out);
+      });
+    };
     if (launch.channels_inner) {
-      emulate_launch(blocks, kThreads, [&] {
-        stats_kernel<true, scalar_t>(identity, element_blocks, elements_ptr, params, out);
-      });
+      launch_stats_kernels<true, scalar_t>(runs, launcher);
     } else {
-      emulate_launch(blocks, kThreads, [&] {
-        stats_kernel<false, scalar_t>(identity, element_blocks, elements_ptr, params, out);
-      });
+      launch_stats_kernels<false, scalar_t>(runs, launcher);
     }
   });
   return stats;
@@ -275,6 +278,45 @@ std::tuple<bool, int64_t, int64_t, int64_t> emulated_launch_shape(
   return {launch.channels_inner, launch.blocks_x, launch.blocks_y, launch.blocks_z};
 }
 
+
+// The launches the CUDA launcher would make: (element k, path) in launch order (StatsPath:
+// 0 rectangle, 1 other integer maps, 2 bilinear; elements without a valid position left out).
+std::vector<std::tuple<int64_t, int64_t>> emulated_element_paths(
+    const at::Tensor& feats, const at::Tensor& source_affines, std::vector<int64_t> wrap,
+    int64_t batch, const std::string& layout, int64_t grid_h, int64_t grid_w, int64_t prefix,
+    const std::string& subpixel) {
+  using namespace equifast;
+  const StatsProblem problem =
+      check_stats_args(feats, source_affines, c10::IntArrayRef(wrap), batch,
+                       std::string_view(layout), grid_h, grid_w, prefix,
+                       std::string_view(subpixel));
+  std::vector<std::tuple<int64_t, int64_t>> paths;
+  for (const DeviceElement& element : make_device_elements(problem)) {
+    paths.emplace_back(element.index, element.path);
+  }
+  return paths;
+}
+
+// rectangle_offsets_fit_32_bits for a rectangle and strides given as numbers (features of such
+// strides would not fit in memory).
+bool emulated_rectangle_fits(int64_t stride_x, int64_t stride_y, int64_t rect_x0, int64_t rect_y0,
+                             int64_t rect_w, int64_t rect_h, int64_t from_dx, int64_t from_dy,
+                             int64_t from_0) {
+  using namespace equifast;
+  DeviceElement element{};
+  element.rect_x0 = rect_x0;
+  element.rect_y0 = rect_y0;
+  element.rect_w = rect_w;
+  element.rect_h = rect_h;
+  element.from_dx = from_dx;
+  element.from_dy = from_dy;
+  element.from_0 = from_0;
+  FeatureView view;
+  view.stride_x = stride_x;
+  view.stride_y = stride_y;
+  return rectangle_offsets_fit_32_bits(element, view);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -285,4 +327,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("with_inv"), py::arg("with_chance"), py::arg("reference") = py::none());
   m.def("emulated_launch_shape", &emulated_launch_shape,
         "(channels_inner, blocks_x, blocks_y, blocks_z) of the CUDA launch");
+  m.def("emulated_element_paths", &emulated_element_paths,
+        "(element, path) of the CUDA launches, in launch order");
+  m.def("emulated_rectangle_fits", &emulated_rectangle_fits,
+        "whether the rectangle loop's offsets fit in 32 bits");
 }
