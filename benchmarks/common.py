@@ -411,10 +411,16 @@ def render_end_to_end_rows(rows: list[dict[str, Any]]) -> str:
 
 
 def load_results(root: str | os.PathLike = RESULTS_DIR) -> list[tuple[str, dict[str, Any]]]:
-    """All ``*.json`` result files under ``root`` as ``[(path relative to root, payload)]``."""
+    """All ``*.json`` result files under ``root`` as ``[(path relative to root, payload)]``.
+
+    Files under an ``experiments`` folder (variants timed to choose between them, kept as the
+    evidence of a choice) are left out: the table shows the tree as it is.
+    """
     root = Path(root)
     found = []
     for path in sorted(root.rglob("*.json")) if root.is_dir() else []:
+        if "experiments" in path.relative_to(root).parts[:-1]:
+            continue
         try:
             payload = json.loads(path.read_text())
         except (OSError, ValueError):

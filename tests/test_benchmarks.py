@@ -167,3 +167,9 @@ def test_timing_and_readme_table(tmp_path, monkeypatch):
     assert "old" not in text and "| equivariance_stats | c1 |" in text and text.endswith("after\n")
     assert "cpu/ops.json" in text
     assert common.update_readme_table(readme, results) is False  # idempotent
+    # Variants timed to choose between them stay out of the table.
+    variant = dict(payload, rows=[dict(payload["rows"][0], case="variant")])
+    common.write_result(results / "cpu" / "experiments", "ops-variant", variant)
+    assert [name for name, _ in common.load_results(results)] == ["cpu/ops.json"]
+    assert common.update_readme_table(readme, results) is False
+    assert "| variant |" not in readme.read_text()
