@@ -217,6 +217,12 @@ def _token_grid(tokens: int, input_size: tuple[int, int]) -> tuple[int, int, int
     return None
 
 
+def _token_fit(grid: tuple[int, int, int], input_size: tuple[int, int]) -> float:
+    """The deviation (:func:`_grid_fit`) of the ``(prefix, h, w)`` reading of a token layer."""
+    fit = _grid_fit(grid[1], grid[2], input_size)
+    return math.inf if fit is None else fit[0]
+
+
 def detect_layout(
     shape: tuple[int, ...] | torch.Size,
     input_size: tuple[int, int],
@@ -235,9 +241,11 @@ def detect_layout(
         prefix: Force the number of prefix tokens of an ``NLC`` layout.
         name: Layer name for error messages.
         prefix_hint: The prefix tokens the model says it has (timm's ``num_prefix_tokens``):
-            taken where the tokens after them form a plausible grid, otherwise (a layer without
-            them) the fewest prefix tokens that leave one. Token counts alone can mislead:
-            1 + 7 x 9 tokens (a 112 x 144 DeiT) pass for an 8 x 8 grid.
+            taken where the tokens after them form a grid that fits the input at least as
+            closely as the reading without the hint (the fewest prefix tokens that leave a
+            plausible grid); a layer before the class token joins has none. Token counts alone
+            can mislead: 1 + 7 x 9 tokens (a 112 x 144 DeiT) pass for an 8 x 8 grid, and 196
+            tokens without a class token for 1 + 13 x 15.
 
     Returns:
         The :class:`FeatureLayout`.
@@ -296,13 +304,18 @@ def detect_layout(
             found = _token_grid(tokens - prefix, (height, width))
             grid = (prefix, *found[1:]) if found is not None and found[0] == 0 else None
         else:
-            grid = None
+            grid = _token_grid(tokens, (height, width))
             if prefix_hint is not None and 0 < prefix_hint < tokens:
+                # The model's prefix tokens, unless the layer has none (CaiT's and XCiT's blocks
+                # before the class token joins, a ViT's patch embedding): 196 tokens are a
+                # 14 x 14 grid, not 1 + 13 x 15. The closer fit to the input wins, the hint on
+                # a tie (1 + 7 x 9 tokens of a 112 x 144 DeiT fit exactly; 8 x 8 does not).
                 found = _token_grid(tokens - prefix_hint, (height, width))
                 if found is not None and found[0] == 0:
-                    grid = (prefix_hint, *found[1:])
-            if grid is None:
-                grid = _token_grid(tokens, (height, width))
+                    hinted = (prefix_hint, *found[1:])
+                    if grid is None or _token_fit(hinted, (height, width)) <= _token_fit(
+                            grid, (height, width)):
+                        grid = hinted
         if grid is not None:
             p, h, w = grid
             if (h, w) == (1, 1) and p == 0 and layout is None:

@@ -106,6 +106,25 @@ def test_rotation_symmetric_filters_are_rotation_equivariant(align):
     assert _rows(other).value.max() < 0.99
 
 
+@pytest.mark.parametrize("implementation", ["engine", "naive"])
+def test_patch_embedding_is_exact_for_shifts_by_its_patch(implementation):
+    """A ViT's patch embedding (no class token yet, though the model has one) is a stride-16
+    convolution: shifts by 16 and 32 pixels along either axis score exactly 1 (before, its 196
+    tokens were read as 1 + 13 x 15 and one axis scored about 0)."""
+    import timm
+
+    from equifast import naive
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1).eval()
+    measure = equifast.measure if implementation == "engine" else naive.measure
+    result = measure(model, torch.rand(2, 3, 224 + 64, 224 + 64),
+                     group=Translation([(0, 16), (16, 0), (32, 32)]), layers=["patch_embed"],
+                     progress=False, bootstrap=0)
+    eq = _rows(result)
+    assert len(eq) == 3 and eq.exact.all()
+    np.testing.assert_allclose(eq.value, 1.0, atol=1e-5)
+
+
 def test_mlp_on_pixels_scores_near_chance():
     torch.manual_seed(1)
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(3 * 12 * 12, 256), nn.ReLU(),

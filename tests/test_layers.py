@@ -464,6 +464,8 @@ def _layouts_of(model, layers, size, **kwargs):
         (dict(img_size=(112, 144)), (112, 144), ("NLC", 1, 7, 9, 16.0)),
         # 5 + 4 x 4 = 21 tokens: 1 + 4 x 5 of stride 14 is the fewest-prefix reading
         (dict(img_size=64, reg_tokens=4), (64, 64), ("NLC", 5, 4, 4, 16.0)),
+        # the patch embedding's 196 tokens also pass for 1 + 13 x 15 of stride 15 (or 16)
+        (dict(), (224, 224), ("NLC", 1, 14, 14, 16.0)),
     ],
 )
 def test_prefix_tokens_come_from_the_model(kwargs, size, expected):
@@ -473,6 +475,17 @@ def test_prefix_tokens_come_from_the_model(kwargs, size, expected):
     found = _layouts_of(model, ["patch_embed", "blocks.0", "blocks.11"], size)
     assert found["blocks.0"] == expected and found["blocks.11"] == expected
     assert found["patch_embed"] == ("NLC", 0, *expected[2:])
+
+
+def test_token_layers_before_the_class_token_have_no_prefix():
+    """CaiT adds its class token only in the last blocks, though the model declares one prefix
+    token: its first blocks' 196 tokens are a 14 x 14 grid (read as 1 + 13 x 15 before)."""
+    model = timm.create_model("cait_xxs24_224", pretrained=False, depth=2).eval()
+    assert model.num_prefix_tokens == 1
+    found = _layouts_of(model, ["blocks.0", "blocks.1", "blocks_token_only.1", "norm"],
+                        (224, 224))
+    assert found["blocks.0"] == found["blocks.1"] == ("NLC", 0, 14, 14, 16.0)
+    assert found["norm"] == ("NLC", 1, 14, 14, 16.0)
 
 
 class _TokenMixer(nn.Module):
