@@ -417,6 +417,7 @@ def refine_layouts(
     report["stride_probe"] = (f"two input sizes: {height}x{width} and "
                               f"{grown_size[0]}x{grown_size[1]}")
     refined = dict(layouts)
+    fixed: list[str] = []
     for name in spatial:
         if name not in shapes:
             continue
@@ -427,7 +428,70 @@ def refine_layouts(
         stride = None if grown is None else stride_from_growth(
             (layout.grid_h, layout.grid_w), grown, input_size, growth)
         refined[name] = layout if stride is None else dataclasses.replace(layout, stride=stride)
+        if grown == (layout.grid_h, layout.grid_w) and name not in overrides:
+            fixed.append(name)
+    fixed = _resampling_layers(model, fixed, refined, input_size, device, dtype)
+    if fixed:
+        fixed = [f"{name} ({refined[name].grid_h}x{refined[name].grid_w}, stride "
+                 f"{_format_stride(refined[name].stride)})" for name in fixed]
+        # Adaptive pooling to a fixed size (VGG's avgpool): its cells are input positions at
+        # one stride only where it maps the cells before it one to one (VGG at 224 px, not
+        # warned); at other sizes it resamples them, and shifts re-align only approximately.
+        report["stride_probe"] += f"; grid did not grow: {', '.join(fixed)}"
+        warnings.warn(
+            f"{len(fixed)} layer(s) keep the same grid at {height}x{width} and "
+            f"{grown_size[0]}x{grown_size[1]} pixels and resample the grid they receive: "
+            f"{', '.join(fixed)}. Their cells are not the input's positions at one stride "
+            "(adaptive pooling to a fixed size), so shifts re-align there only approximately; "
+            "measure the layer before, or run at the model's native input size.",
+            UserWarning, stacklevel=3)
     return refined
+
+
+def _resampling_layers(model: nn.Module, names: Sequence[str],
+                       layouts: Mapping[str, FeatureLayout], input_size: tuple[int, int], device,
+                       dtype) -> list[str]:
+    """Of ``names`` (layers whose grid is the same at two input sizes), those that resample the
+    grid they receive at ``input_size``: the others receive a grid of their own size there (VGG's
+    adaptive pooling at 224 px), so their cells are the input's positions one to one. One forward
+    of one image, only when some layer has a fixed grid; a layer whose input cannot be read as a
+    grid counts as resampling."""
+    if not names:
+        return []
+    modules = dict(model.named_modules())
+    received: dict[str, tuple[int, ...]] = {}
+    handles = []
+    for name in names:
+        def remember(module, args, name=name):
+            if args and isinstance(args[0], torch.Tensor):
+                received.setdefault(name, tuple(args[0].shape))
+        if name in modules:
+            handles.append(modules[name].register_forward_pre_hook(remember))
+    try:
+        with torch.inference_mode():
+            model(torch.zeros(1, 3, *input_size, device=device, dtype=dtype))
+    except Exception:  # noqa: BLE001 - then every one of them is reported
+        return list(names)
+    finally:
+        for handle in handles:
+            handle.remove()
+    resampling = []
+    for name in names:
+        layout, shape = layouts[name], received.get(name)
+        grid = None
+        if shape is not None and len(shape) == 4:
+            grid = shape[2:] if layout.layout == "NCHW" else shape[1:3]
+        if grid != (layout.grid_h, layout.grid_w):
+            resampling.append(name)
+    return resampling
+
+
+def _format_stride(stride: tuple[float, float]) -> str:
+    """``16`` or ``14 x 17`` (pixels per cell along y and x)."""
+    stride_y, stride_x = stride
+    if stride_y == stride_x:
+        return f"{stride_y:g}"
+    return f"{stride_y:g} x {stride_x:g}"
 
 
 def _grown_reading(layout: FeatureLayout, grown: tuple[int, ...], input_size: tuple[int, int],

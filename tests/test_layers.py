@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import timm
 import torch
 import torchvision
 from torch import nn
 
+import equifast
 from equifast.layers import default_layers, is_broad_selection, refine_layouts, select_layers
 from equifast.layouts import detect_layout, grown_grid_of, stride_from_growth
 
@@ -486,6 +489,29 @@ def test_token_layers_before_the_class_token_have_no_prefix():
                         (224, 224))
     assert found["blocks.0"] == found["blocks.1"] == ("NLC", 0, 14, 14, 16.0)
     assert found["norm"] == ("NLC", 1, 14, 14, 16.0)
+
+
+@pytest.mark.parametrize("implementation", ["engine", "naive"])
+def test_adaptive_pooling_that_resamples_is_named(implementation):
+    """A grid that keeps its size when the input grows (adaptive pooling) is a grid of input
+    positions only where it receives a grid of its own size (VGG at 224 px); elsewhere it
+    resamples and a warning names it."""
+    from equifast import naive
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 8, stride=8), nn.AdaptiveAvgPool2d((4, 4))).eval()
+    measure = equifast.measure if implementation == "engine" else naive.measure
+    group = equifast.Translation([8], protocol="circular")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 32 px: 4 x 4 cells in, 4 x 4 out, one to one
+        one_to_one = measure(net, torch.rand(2, 3, 32, 32), group=group, layers=["0", "1"],
+                             progress=False, bootstrap=0)
+    if implementation == "engine":
+        assert "did not grow" not in one_to_one.config["stride_probe"]
+    with pytest.warns(UserWarning, match=r"resample the grid they receive: 1 \(4x4, stride 12\)"):
+        resampled = measure(net, torch.rand(2, 3, 48, 48), group=group, layers=["0", "1"],
+                            progress=False, bootstrap=0)
+    if implementation == "engine":
+        assert "grid did not grow: 1 (4x4" in resampled.config["stride_probe"]
 
 
 class _TokenMixer(nn.Module):
