@@ -618,9 +618,6 @@ def measure(
     image_sources = np.stack([invert_affine(e.matrix(height, width)) for e in all_elements])
     protocols = [PROTOCOL_CODES[e.protocol] for e in all_elements]
     first_size = batch_size if first is None else first.sources.shape[0]  # None: a rank's share
-    normalize = first is not None and first.sources.dtype == torch.uint8
-    mean = preprocess.mean if normalize else None
-    std = preprocess.std if normalize else None
 
     if elements_per_chunk is not None:
         chunk, blocks = elements_per_chunk, elements_per_chunk + 1
@@ -711,6 +708,11 @@ def measure(
         """
         nonlocal chunk, blocks
         sources = batch.sources
+        # Each batch by its own dtype (an iterable may mix them): uint8 0..255 is normalized with
+        # the model's mean and std, float is taken as already preprocessed.
+        normalize = sources.dtype == torch.uint8
+        mean = preprocess.mean if normalize else None
+        std = preprocess.std if normalize else None
         if device.type == "cuda" and sources.device.type == "cpu" and not sources.is_pinned():
             # A copy from pageable memory makes the host wait until the GPU has drained its
             # queue (the driver stages it): pinned, it runs beside the previous batch's work.

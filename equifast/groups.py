@@ -65,11 +65,25 @@ def compose(outer: np.ndarray, inner: np.ndarray) -> np.ndarray:
     return (to_homogeneous(outer) @ to_homogeneous(inner))[:2]
 
 
-def _translation_matrix(dy: float, dx: float) -> MatrixFn:
+def _translation_matrix(dy: float, dx: float, circular: bool = False) -> MatrixFn:
     def matrix(height: int, width: int) -> np.ndarray:
-        return np.array([[1.0, 0.0, dx], [0.0, 1.0, dy]])
+        if not circular:
+            return np.array([[1.0, 0.0, dx], [0.0, 1.0, dy]])
+        # A circular shift by d and by d +- size is the same image; the feature grid is moved by
+        # the shortest of them, so that they score the same also where a layer's grid does not
+        # tile the image (there its wrapped band is masked, and a shift by -32 of a 34-pixel
+        # image would otherwise move the grid by 8 cells instead of half a cell).
+        return np.array([[1.0, 0.0, _shortest_shift(dx, width)],
+                         [0.0, 1.0, _shortest_shift(dy, height)]])
 
     return matrix
+
+
+def _shortest_shift(shift: float, size: int) -> float:
+    """``shift`` modulo ``size``, taken in ``[-size / 2, size / 2]`` (unchanged when it is)."""
+    if abs(shift) <= size / 2:
+        return shift
+    return shift - size * round(shift / size)
 
 
 def _rotation_matrix(angle: float) -> MatrixFn:
@@ -255,7 +269,9 @@ def Translation(  # noqa: N802 - reads as a class, like torchvision's transforms
         shifts: ``[(dy, dx), ...]``, or a list of numbers ``d`` meaning ``(0, d)`` and ``(d, 0)``.
             Default: 8, 16 and 32 pixels along each axis (most layers then re-align exactly). A
             number 0 gives one element, ``(0, 0)``.
-        protocol: ``"crop"`` (default, for real data), ``"circular"`` or ``"zero"``.
+        protocol: ``"crop"`` (default, for real data), ``"circular"`` or ``"zero"``. A circular
+            shift is taken modulo the image size, as the shortest equivalent one (by -32 pixels
+            on a 34-pixel image is by 2): the same image, the same scores.
 
     Example:
         >>> Translation([8, 16]).names
@@ -278,7 +294,7 @@ def Translation(  # noqa: N802 - reads as a class, like torchvision's transforms
         elements.append(
             Element(
                 f"translate({dy},{dx})",
-                _translation_matrix(dy, dx),
+                _translation_matrix(dy, dx, circular=protocol == "circular"),
                 protocol=protocol,
                 kind="translation",
                 params=(("dy", dy), ("dx", dx)),

@@ -244,6 +244,40 @@ def test_circular_shifts_on_a_grid_that_does_not_tile_the_image(size):
     np.testing.assert_allclose(eq.value, 1.0, atol=1e-12)
 
 
+def test_circular_shifts_by_a_whole_image_more_score_the_same():
+    """A circular shift by d and by d +- the image size give the same image; a stride-4 grid of
+    9 cells does not tile 34 pixels, and the grid moved by -32 or 36 pixels (not by 2) scored an
+    exact 1 on one column, or nothing (n = 0)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, stride=4, padding=1, padding_mode="circular")).eval()
+    images = torch.rand(3, 3, 34, 34)
+    group = Translation([(0, 2), (0, -32), (0, 36), (-31, 0), (3, 0)], protocol="circular")
+    kwargs = dict(group=group, layers=["0"], bootstrap=0, progress=False)
+    engine = equifast.measure(net, images, **kwargs)
+    _compare(engine, naive.measure(net, images, **kwargs))
+    eq = engine.frame.query("comparison == 'eq' and metric == 'corr' and element != 'mean'")
+    eq = eq.set_index("element")
+    assert eq.loc["translate(0,2)", "n"] == 3 and not eq.exact.any()
+    for same in ("translate(0,-32)", "translate(0,36)"):
+        assert eq.loc[same, "value"] == eq.loc["translate(0,2)", "value"]
+    assert eq.loc["translate(-31,0)", "value"] == eq.loc["translate(3,0)", "value"]
+
+
+def test_iterable_of_float_and_uint8_batches():
+    """Each batch of an iterable is taken by its own dtype (uint8 normalized, float as given):
+    the engine decided once, from the first batch."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.AvgPool2d(2), torch.nn.Conv2d(8, 8, 3, padding=1)).eval()
+    pixels = (torch.rand(6, 3, 40, 40) * 255).round().to(torch.uint8)
+    floats = torch.rand(6, 3, 40, 40)
+    kwargs = dict(group=Translation([2, 3], protocol="circular"), layers=["1", "3"],
+                  bootstrap=0, progress=False)
+    for batches in ([floats[:3], pixels[3:]], [pixels[:3], floats[3:]]):
+        _compare(equifast.measure(net, batches, **kwargs), naive.measure(net, batches, **kwargs))
+
+
 def test_naive_does_not_import_what_it_checks():
     import ast
     import inspect
