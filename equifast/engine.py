@@ -34,6 +34,7 @@ from . import distributed as _dist
 from .align import AlignSpec, find_offsets, probe_inputs
 from .arguments import check_count, check_finite_pixels, check_run_arguments
 from .baseline import INIT, TRAINED, InitCopy, WithBaseline, init_copy, member_name, same_parameters
+from .data.folder import no_images_message
 from .groups import (
     IDENTITY,
     PROTOCOL_CODES,
@@ -498,9 +499,13 @@ def measure(
     started = time.perf_counter()
     group = resolve_group(group)
     metric_names = check_metrics(metrics)
+    if isinstance(comparisons, str):
+        comparisons = [comparisons]
     unknown = [c for c in comparisons if c not in COMPARISONS]
     if unknown:
         raise ValueError(f"comparisons: expected some of {COMPARISONS}, found {unknown}")
+    if not comparisons:
+        raise ValueError(f"comparisons: expected at least one of {COMPARISONS}, found none")
     if subpixel not in ("bilinear", "skip"):
         raise ValueError(f"subpixel: expected 'bilinear' or 'skip', found {subpixel!r}")
     if batch_size < 1:
@@ -569,7 +574,7 @@ def measure(
     if shard is not None:
         _dist.total_images(0 if first is None else first.sources.shape[0])  # a rank may have none
     elif first is None:
-        raise ValueError("data: no images to measure (the data source is empty)")
+        raise ValueError(no_images_message(plan.skipped))
     height, width = plan.input_size
     margin = plan.margin
 

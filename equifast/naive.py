@@ -55,6 +55,7 @@ from torch import nn
 
 from .align import AlignSpec, find_offsets
 from .arguments import check_finite_pixels, check_run_arguments
+from .data.folder import no_images_message
 from .groups import INTEGER_TOLERANCE, Group, default_group, feature_source_affines, parse_group
 from .layers import (
     LayerHooks,
@@ -709,9 +710,13 @@ def measure(
     started = time.perf_counter()
     group = _resolve_group(group)
     metric_names = _check_metrics(metrics)
+    if isinstance(comparisons, str):
+        comparisons = [comparisons]
     unknown = [c for c in comparisons if c not in COMPARISONS]
     if unknown:
         raise ValueError(f"comparisons: expected some of {COMPARISONS}, found {unknown}")
+    if not comparisons:
+        raise ValueError(f"comparisons: expected at least one of {COMPARISONS}, found none")
     if subpixel not in ("bilinear", "skip"):
         raise ValueError(f"subpixel: expected 'bilinear' or 'skip', found {subpixel!r}")
     if batch_size < 1:
@@ -753,7 +758,7 @@ def measure(
     batches = iter(source)
     first = next(batches, None)
     if first is None:
-        raise ValueError("data: no images to measure (the data source is empty)")
+        raise ValueError(no_images_message(source.skipped))
     height, width = source.input_size
     margin = source.margin
 

@@ -154,7 +154,10 @@ class Result:
         flat = frame[(frame.metric == "flat_frac") & (frame.comparison == "eq")].set_index("layer")
         if not flat.empty:
             table["flat_frac"] = flat["value"]
-        n = frame[(frame.metric == metric) & (frame.comparison == "eq")].set_index("layer")
+        # Positions compared: eq's, or (eq not measured) those of the first comparison there is.
+        present = [c for c in ("eq", "inv", "chance") if (frame.comparison == c).any()]
+        n = frame[(frame.metric == metric)
+                  & (frame.comparison == (present[0] if present else "eq"))].set_index("layer")
         table["n"] = n["n"]
         return table.reset_index().sort_values("depth").reset_index(drop=True)
 
@@ -183,7 +186,8 @@ class Result:
                 f"{str(row['layer'])[:24]:<24} {stride:>6} "
                 + " ".join(f"{c:>22}" for c in cells)
                 + f" {row.get('vs_chance', float('nan')):9.4f} "
-                f"{row.get('flat_frac', float('nan')):9.3f} {int(row['n']):5d}"
+                f"{row.get('flat_frac', float('nan')):9.3f} "
+                f"{'-' if pd.isna(row['n']) else int(row['n']):>5}"
             )
             if baseline and "eq_init" in row:
                 learned = (f"{row['eq_learned']:+7.4f} [{row['eq_learned_lo']:+6.3f},"

@@ -75,6 +75,43 @@ def test_bad_arguments():
         detect_layout((2, 4, 4, 4), (16, 16), layout="CHW", name="x")
 
 
+@pytest.mark.parametrize("implementation", ["engine", "naive"])
+def test_comparisons_must_name_at_least_one(implementation):
+    from equifast import naive
+
+    measure = equifast.measure if implementation == "engine" else naive.measure
+    images = torch.rand(2, 3, 16, 16)
+    group = equifast.Translation([1], protocol="circular")
+    with pytest.raises(ValueError, match="comparisons: expected at least one of"):
+        measure(_net(), images, group=group, comparisons=[], progress=False)
+    with pytest.raises(ValueError, match=r"comparisons: expected some of .* found \['equi'\]"):
+        measure(_net(), images, group=group, comparisons=["eq", "equi"], progress=False)
+
+
+def test_summary_without_eq():
+    """Only inv (or chance) measured: the summary's n comes from it, and the printed table has
+    '-' where eq would be (it raised on a NaN n before)."""
+    result = equifast.measure(_net(), torch.rand(3, 3, 16, 16), comparisons="inv",
+                              group=equifast.Translation([1], protocol="circular"),
+                              layers=["0", "2"], progress=False, bootstrap=0)
+    table = result.summary()
+    assert "eq" not in table and (table["n"] == 3).all()
+    lines = result.format_summary().splitlines()
+    assert len(lines) == 3 and all(line.split()[-1] == "3" for line in lines[1:])
+
+
+@pytest.mark.parametrize("implementation", ["engine", "naive"])
+def test_a_folder_of_unreadable_files_says_why(implementation, tmp_path):
+    from equifast import naive
+
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "text.png").write_text("not a png")
+    measure = equifast.measure if implementation == "engine" else naive.measure
+    with pytest.raises(ValueError, match=r"every file of the source was skipped, 2 in all "
+                                         r"\(.*empty.jpg: empty file.*text.png: not an image"):
+        measure(_net(), str(tmp_path), input_size=16, progress=False)
+
+
 def test_sources_leave_no_image():
     with pytest.raises(ValueError, match=r"leave no image.*smaller shifts"):
         equifast.measure(_net(), torch.rand(2, 3, 40, 40), progress=False)

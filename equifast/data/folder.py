@@ -399,3 +399,13 @@ class ImageFolderSource:
             f"{len(self.classes) if self.classes else None}, source_size={self.source_size}, "
             f"batch_size={self.batch_size}, num_workers={self.num_workers})"
         )
+
+
+def no_images_message(skipped: list[tuple[str, str]]) -> str:
+    """The error of a data source that gave no image: the files it skipped and why, if any."""
+    if not skipped:
+        return "data: no images to measure (the data source is empty)"
+    shown = "; ".join(f"{path}: {why}" for path, why in skipped[:3])
+    more = f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+    return (f"data: no images to measure: every file of the source was skipped, {len(skipped)} "
+            f"in all ({shown}{more})")
