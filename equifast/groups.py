@@ -266,7 +266,8 @@ def Translation(  # noqa: N802 - reads as a class, like torchvision's transforms
     """Translations by ``(dy, dx)`` pixels.
 
     Args:
-        shifts: ``[(dy, dx), ...]``, or a list of numbers ``d`` meaning ``(0, d)`` and ``(d, 0)``.
+        shifts: ``[(dy, dx), ...]``, or a list of numbers ``d`` meaning ``(0, d)`` and ``(d, 0)``
+            (one number alone is such a list).
             Default: 8, 16 and 32 pixels along each axis (most layers then re-align exactly). A
             number 0 gives one element, ``(0, 0)``.
         protocol: ``"crop"`` (default, for real data), ``"circular"`` or ``"zero"``. A circular
@@ -279,6 +280,8 @@ def Translation(  # noqa: N802 - reads as a class, like torchvision's transforms
     """
     if shifts is None:
         shifts = [8, 16, 32]
+    elif isinstance(shifts, (int, float, np.integer, np.floating)):
+        shifts = [shifts]  # Translation(8): one distance, along both axes
     pairs: list[tuple[float, float]] = []
     for shift in shifts:
         if isinstance(shift, (int, float, np.integer, np.floating)):
@@ -290,7 +293,7 @@ def Translation(  # noqa: N802 - reads as a class, like torchvision's transforms
             pairs.append((shift[0], shift[1]))
     elements = []
     for dy, dx in pairs:
-        dy, dx = _clean_number(dy), _clean_number(dx)
+        dy, dx = _clean_number(dy, "translation shift"), _clean_number(dx, "translation shift")
         elements.append(
             Element(
                 f"translate({dy},{dx})",
@@ -313,9 +316,11 @@ def Rotation(angles: Sequence[float] = (90, 180, 270), protocol: str = "crop") -
         >>> Rotation().names
         ['rotate(90)', 'rotate(180)', 'rotate(270)']
     """
+    if isinstance(angles, (int, float, np.integer, np.floating)):
+        angles = [angles]  # Rotation(90)
     elements = []
     for angle in angles:
-        angle = _clean_number(angle)
+        angle = _clean_number(angle, "rotation angle")
         elements.append(
             Element(
                 f"rotate({angle})",
@@ -346,10 +351,16 @@ def Flip(axis: str | Sequence[str] = "horizontal") -> Group:  # noqa: N802
     return Group(elements, name="flip")
 
 
-def _clean_number(value: float) -> float | int:
-    """``8.0 -> 8`` so names read naturally; fractional values stay floats."""
-    value = float(value)
-    return int(value) if value.is_integer() else value
+def _clean_number(value: float, what: str = "value") -> float | int:
+    """``8.0 -> 8`` so names read naturally; fractional values stay floats. A value that is not
+    a finite number is a ValueError naming ``what`` it was meant to be."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what}: expected a number, found {value!r}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{what}: expected a finite number, found {value!r}")
+    return int(number) if number.is_integer() else number
 
 
 def parse_group(spec: str) -> Group:

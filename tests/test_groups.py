@@ -146,3 +146,18 @@ def test_bilinear_rotation_keeps_centre_and_masks_corners():
     torch.testing.assert_close(out[..., 4, 4], images[..., 4, 4])
     assert torch.all(out[..., 0, 0] == 0)  # the corner's source lies outside: fill
     assert np.isfinite(out.numpy()).all()
+
+
+def test_single_numbers_and_non_finite_values():
+    assert Translation(8).names == Translation([8]).names
+    assert Rotation(90).names == ["rotate(90)"]
+    for bad, what in ((float("nan"), "rotation angle"), (float("inf"), "rotation angle")):
+        with pytest.raises(ValueError, match=f"{what}: expected a finite number, found {bad}"):
+            Rotation([bad])
+    with pytest.raises(ValueError, match="translation shift: expected a finite number"):
+        Translation([(0, float("-inf"))])
+    with pytest.raises(ValueError, match="translation shift: expected a number, found 'x'"):
+        Translation([(0, "x")])
+    for spec in ("rotate:nan", "translate:inf", "translate:1e400"):
+        with pytest.raises(ValueError, match=f"group spec '{spec}'.*expected a finite number"):
+            parse_group(spec)
