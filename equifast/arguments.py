@@ -31,6 +31,8 @@ def check_run_arguments(input_size, align: AlignSpec, limit: int | None,
     if limit is not None:
         check_count("limit", limit, 1, "a positive integer or None")
     check_count("bootstrap", bootstrap, 0, "a number of resamples >= 0")
+    if bootstrap == 1:  # one resample's "interval" is a point, which may not even hold the value
+        raise ValueError("bootstrap: expected 0 (no intervals) or at least 2 resamples, found 1")
     return input_size
 
 

@@ -48,6 +48,15 @@ def _count(minimum: int):
     return parse
 
 
+def _resamples(text: str) -> int:
+    """An argparse type: 0 (no intervals) or at least 2 bootstrap resamples."""
+    value = _count(0)(text)
+    if value == 1:
+        raise argparse.ArgumentTypeError("expected 0 (no intervals) or at least 2 resamples, "
+                                         "found 1")
+    return value
+
+
 def _parse_align(text: str):
     from equifast.align import check_align
 
@@ -96,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     measure.add_argument("--baseline", choices=("init",), default=None,
                          help="also measure a freshly initialized copy (seeded with --seed) on "
                               "the same images: 'init' and 'learned' columns")
-    measure.add_argument("--bootstrap", type=_count(0), default=1000)
+    measure.add_argument("--bootstrap", type=_resamples, default=1000)
     measure.add_argument("--seed", type=int, default=0)
     measure.add_argument("--workers", type=_count(0), default=None, help="loader workers")
     measure.add_argument("--loader", choices=("auto", "dali", "folder"), default="auto",
@@ -170,7 +179,7 @@ def _add_survey_commands(commands) -> None:
     survey.add_argument("--baseline", choices=("init",), default=None,
                         help="also measure each model's freshly initialized copy (stored as the "
                              "init / learned columns of the scores)")
-    survey.add_argument("--bootstrap", type=_count(0), default=1000)
+    survey.add_argument("--bootstrap", type=_resamples, default=1000)
     survey.add_argument("--seed", type=int, default=0)
     survey.add_argument("--workers", type=_count(0), default=None, help="loader workers")
     survey.add_argument("--loader", choices=("auto", "dali", "folder"), default="auto")

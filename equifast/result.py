@@ -57,7 +57,41 @@ def warn_undefined_elements(frame: pd.DataFrame, subpixel: str = "bilinear") -> 
             "or they are constant",
             stacklevel=3,
         )
+    _warn_undefined_layers(elements[~elements.element.isin(names)])
     return names
+
+
+def _warn_undefined_layers(elements: pd.DataFrame) -> list[str]:
+    """Warn about layers whose correlations are NaN for every element (those of elements
+    undefined everywhere left out): spatially constant features (a random-init LeViT stage, the
+    zero-initialized branch of a MobileViT block; cosine and nde stay defined there) or no valid
+    position. Returns them."""
+    correlations = elements[elements.metric.isin(("corr", "one_minus_corr", "corr_channelwise"))]
+    scores = correlations if not correlations.empty else elements[
+        elements.metric != "flat_frac"]
+    if scores.empty:
+        return []
+    undefined = scores.groupby("layer", sort=False)["value"].apply(lambda v: v.isna().all())
+    names = [name for name, empty in undefined.items() if empty]
+    if names:
+        flat = elements[(elements.metric == "flat_frac") & elements.layer.isin(names)]
+        constant = [n for n in names if n in set(flat.loc[flat.value == 1.0, "layer"])]
+        other = [n for n in names if n not in constant]
+        causes = []
+        if constant:
+            causes.append(f"{_shown(constant)}: spatially constant features (flat_frac 1)")
+        if other:
+            causes.append(f"{_shown(other)}: no position where the moved and the re-aligned "
+                          "features both exist, or constant features")
+        what = "correlations" if not correlations.empty else "scores"
+        warnings.warn(f"{len(names)} layer(s) have no defined {what} (NaN for every element): "
+                      + "; ".join(causes), stacklevel=4)
+    return names
+
+
+def _shown(names: list[str], most: int = 8) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most
+                                      else "")
 
 
 def warn_not_logits(output, stacklevel: int) -> None:

@@ -61,6 +61,7 @@ def test_help_lists_commands(capsys):
 @pytest.mark.parametrize("argv,message", [
     (["--limit", "0"], "argument --limit: expected an integer >= 1, found 0"),
     (["--bootstrap", "-5"], "argument --bootstrap: expected an integer >= 0, found -5"),
+    (["--bootstrap", "1"], "argument --bootstrap: expected 0 (no intervals) or at least 2"),
     (["--batch-size", "two"], "argument --batch-size: expected an integer, found 'two'"),
     (["--align", "nan"], "argument --align: align: expected 'auto', 'center', 'corner', a finite"),
 ])

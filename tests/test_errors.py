@@ -69,6 +69,8 @@ def test_bad_arguments():
         equifast.measure(_net(), images, metrics=["accuracy"], progress=False)
     with pytest.raises(ValueError, match="subpixel"):
         equifast.measure(_net(), images, subpixel="nearest", progress=False)
+    with pytest.raises(ValueError, match=r"bootstrap: expected 0 \(no intervals\) or at least 2"):
+        equifast.measure(_net(), images, bootstrap=1, progress=False)
     with pytest.raises(TypeError, match="model: expected an nn.Module"):
         equifast.measure(42, images, progress=False)
     with pytest.raises(ValueError, match="layout of 'x'"):
@@ -110,6 +112,28 @@ def test_a_folder_of_unreadable_files_says_why(implementation, tmp_path):
     with pytest.raises(ValueError, match=r"every file of the source was skipped, 2 in all "
                                          r"\(.*empty.jpg: empty file.*text.png: not an image"):
         measure(_net(), str(tmp_path), input_size=16, progress=False)
+
+
+class _Constant(nn.Module):
+    """Spatially constant features (a collapsed stage): every correlation is undefined."""
+
+    def forward(self, x):
+        return x.mean((2, 3), keepdim=True).expand_as(x).contiguous()
+
+
+@pytest.mark.parametrize("implementation", ["engine", "naive"])
+def test_a_layer_without_defined_correlations_is_named(implementation):
+    from equifast import naive
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), _Constant()).eval()
+    measure = equifast.measure if implementation == "engine" else naive.measure
+    with pytest.warns(UserWarning, match=r"1 layer\(s\) have no defined correlations \(NaN for "
+                                         r"every element\): 1: spatially constant features"):
+        result = measure(net, torch.rand(2, 3, 32, 32), layers=["0", "1"], progress=False,
+                         group=equifast.Translation([2], protocol="circular"), bootstrap=0)
+    corr = result.frame.query("metric == 'corr'")
+    assert corr[corr.layer == "1"].value.isna().all()
+    assert corr[corr.layer == "0"].value.notna().all()
 
 
 def test_sources_leave_no_image():
