@@ -1161,7 +1161,8 @@ def _build_frame(state, model_name, elements, comparisons, metric_names, pooled,
     records = []
     for layer in state.values():
         if pooled:
-            points, distributions = _pooled_values(layer, metric_names, bootstrap, seed, count)
+            # (not `distributions`: that argument collects the rows' resamples for the baseline)
+            points, resamples = _pooled_values(layer, metric_names, bootstrap, seed, count)
         else:
             values = {m: _collect(layer.scores[m], count) for m in metric_names}  # (3, K, N)
         layout = layer.layout
@@ -1180,8 +1181,8 @@ def _build_frame(state, model_name, elements, comparisons, metric_names, pooled,
                 for k in range(count + 1)]
         if pooled:
             point = np.array([points[m][COMPARISONS.index(c), k] for m, c, k in keys])
-            dist = None if distributions is None else np.stack(
-                [distributions[m][COMPARISONS.index(c), k] for m, c, k in keys])
+            dist = None if resamples is None else np.stack(
+                [resamples[m][COMPARISONS.index(c), k] for m, c, k in keys])
             ns = np.full(len(keys), images)
         else:
             matrix = []

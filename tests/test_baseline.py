@@ -115,6 +115,18 @@ def test_learned_interval_is_paired() -> None:
             & (other["learned"] <= other["learned_hi"] + 1e-12)).all()
 
 
+def test_pooled_learned_interval_is_filled() -> None:
+    """Pooled scores have intervals from two batches on; the learned one too (it was NaN in every
+    row: the pooled resamples never reached the baseline)."""
+    model = _trained(SmallNet())
+    settings = dict(SETTINGS, pooled=True, batch_size=2)
+    frame = equifast.measure(model, _sources(6, GROUP), baseline="init", **settings).frame
+    rows = frame.dropna(subset=["value", "init"])
+    assert len(rows) and rows["learned_lo"].notna().all() and rows["learned_hi"].notna().all()
+    assert ((rows["learned_lo"] <= rows["learned"] + 1e-12)
+            & (rows["learned"] <= rows["learned_hi"] + 1e-12)).all()
+
+
 def test_summary_scores_and_text_show_the_baseline() -> None:
     model = _trained(SmallNet())
     images = _sources(4, GROUP)
