@@ -301,8 +301,9 @@ def build_report(store_path: str | os.PathLike, out_dir: str | os.PathLike, *,
 
     # The models table: one row per model, mean equivariance per group.
     latest = summary.sort_values("run_id").groupby("model", sort=False).last()
+    # dropna=False: a finished model whose eq scores are all NaN keeps its row (a '–' cell)
     mean_eq = summary.pivot_table(index="model", columns="group_spec", values="mean_eq",
-                                  aggfunc="last")
+                                  aggfunc="last", dropna=False)
     # baseline="init" runs: the learned part of the mean equivariance, per group
     mean_learned = summary.pivot_table(index="model", columns="group_spec",
                                        values="mean_learned", aggfunc="last", dropna=False)
@@ -328,7 +329,8 @@ def build_report(store_path: str | os.PathLike, out_dir: str | os.PathLike, *,
                 ci = f"95% CI [{row[f'{name}_low']:.3f}, {row[f'{name}_high']:.3f}]"
             cells.append(_cell(text, sort, numeric=True, title=ci))
         for group in groups:
-            value = mean_eq.at[model, group] if group in mean_eq.columns else math.nan
+            value = (mean_eq.at[model, group]
+                     if group in mean_eq.columns and model in mean_eq.index else math.nan)
             cells.append(_cell(*_number(value), numeric=True))
         for group in learned_groups:
             value = mean_learned.at[model, group] if model in mean_learned.index else math.nan
