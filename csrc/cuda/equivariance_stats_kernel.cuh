@@ -201,28 +201,8 @@ __device__ __forceinline__ void accumulate_rectangle(
   int from = gx * fx + gy * fy + static_cast<int>(element.from_0);
   const int at_step = step_x * sx + step_y * sy, from_step = step_x * fx + step_y * fy;
   const int at_carry = sy - rect_w * sx, from_carry = fy - rect_w * fx;  // next row
-  int done = 0;
-  for (; done + kUnroll <= mine; done += kUnroll) {
-    int at_u[kUnroll], from_u[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      at_u[u] = at;
-      from_u[u] = from;
-      x += step_x;
-      at += at_step;
-      from += from_step;
-      if (x >= rect_w) {
-        x -= rect_w;
-        at += at_carry;
-        from += from_carry;
-      }
-    }
-    add_positions<value_t, kUnroll>(p, image, id_b, id_next, at_u, from_u, nullptr, shift_a,
-                                    shift_eq, shift_inv, shift_chance, sums);
-  }
-  for (; done < mine; ++done) {
-    add_positions<value_t, 1>(p, image, id_b, id_next, &at, &from, nullptr, shift_a, shift_eq,
-                              shift_inv, shift_chance, sums);
+  // The thread's next position: one step along the rows, with at most one carry to the next.
+  const auto advance = [&] {
     x += step_x;
     at += at_step;
     from += from_step;
@@ -231,6 +211,23 @@ __device__ __forceinline__ void accumulate_rectangle(
       at += at_carry;
       from += from_carry;
     }
+  };
+  int done = 0;
+  for (; done + kUnroll <= mine; done += kUnroll) {
+    int at_u[kUnroll], from_u[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      at_u[u] = at;
+      from_u[u] = from;
+      advance();
+    }
+    add_positions<value_t, kUnroll>(p, image, id_b, id_next, at_u, from_u, nullptr, shift_a,
+                                    shift_eq, shift_inv, shift_chance, sums);
+  }
+  for (; done < mine; ++done) {
+    add_positions<value_t, 1>(p, image, id_b, id_next, &at, &from, nullptr, shift_a, shift_eq,
+                              shift_inv, shift_chance, sums);
+    advance();
   }
 }
 
