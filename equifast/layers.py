@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import fnmatch
+import math
 import warnings
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -76,25 +77,46 @@ def _open_containers(model: nn.Module) -> list[str]:
         layers[at:at + 1] = children_of(largest)
 
 
-def _feature_info_modules(model: nn.Module) -> list[str]:
-    """The modules a timm ``feature_info`` names (stage outputs) that ``model`` has.
+def _feature_info_reductions(model: nn.Module) -> dict[str, float | None]:
+    """The modules a timm ``feature_info`` names (stage outputs) that ``model`` has, each with the
+    reduction (stride) it declares, in the order of ``feature_info``.
 
     A ``ModuleList`` there (CoaT's ``serial_blocks1``) has no forward of its own and its hook
     would never run: its last module, whose output is the stage's, stands for it.
     """
     feature_info = getattr(model, "feature_info", None)
     if not isinstance(feature_info, (list, tuple)):
-        return []
+        return {}
     names = dict(model.named_modules())
-    found: list[str] = []
+    found: dict[str, float | None] = {}
     for info in feature_info:
         module = info.get("module") if isinstance(info, dict) else None
         while module in names and isinstance(names[module], nn.ModuleList) and len(
                 names[module]):
             module = f"{module}.{len(names[module]) - 1}"
         if module and module in names and module not in found:
-            found.append(module)
+            reduction = info.get("reduction")
+            found[module] = (float(reduction) if isinstance(reduction, (int, float))
+                             and not isinstance(reduction, bool) and reduction > 0 else None)
     return found
+
+
+def _feature_info_modules(model: nn.Module) -> list[str]:
+    """The modules a timm ``feature_info`` names (stage outputs) that ``model`` has."""
+    return list(_feature_info_reductions(model))
+
+
+def declared_reductions(model: nn.Module) -> dict[str, float]:
+    """Module name -> the reduction (stride) timm's ``feature_info`` declares for its output, of
+    the model and of every submodule that has a ``feature_info`` (a wrapped timm model, or the
+    model beside its initialized copy; names as in ``model.named_modules()``; an outer
+    declaration wins)."""
+    declared: dict[str, float] = {}
+    for prefix, module in model.named_modules():
+        for name, reduction in _feature_info_reductions(module).items():
+            if reduction is not None:
+                declared.setdefault(f"{prefix}.{name}" if prefix else name, reduction)
+    return declared
 
 
 def default_layers(model: nn.Module) -> list[str]:
@@ -198,19 +220,31 @@ def select_layers(model: nn.Module, layers: LayerSpec = None) -> list[str]:
     return sorted(chosen, key=order.__getitem__)
 
 
-def first_tensor(output, batch: int | None = None) -> torch.Tensor | None:
+def first_tensor(output, batch: int | None = None,
+                 grid: tuple[float, float] | None = None) -> torch.Tensor | None:
     """The tensor a layer outputs: itself, or of a tuple or list the first one whose first axis is
     the ``batch`` (TNT's blocks return ``(pixel_tokens (B * 196, 16, C), patch_tokens (B, 197,
-    C))``: the patch tokens are the layer's image-level features), else the first tensor."""
+    C))``: the patch tokens are the layer's image-level features), else the first tensor.
+
+    ``grid`` (rows, columns the layer is declared to have: the input size over its
+    ``feature_info`` reduction) chooses among several batch-first feature maps: an HRNet stage
+    returns one per resolution, highest first, and timm declares the stage's stride to be that of
+    its lowest-resolution branch.
+    """
     if isinstance(output, torch.Tensor):
         return output
     if not isinstance(output, (tuple, list)):
         return None
     tensors = [t for t in output if isinstance(t, torch.Tensor)]
     if batch is not None:
-        for tensor in tensors:
-            if tensor.dim() >= 1 and tensor.shape[0] == batch:
-                return tensor
+        batch_first = [t for t in tensors if t.dim() >= 1 and t.shape[0] == batch]
+        if grid is not None:
+            maps = [t for t in batch_first if t.dim() == 4]
+            if len({tuple(t.shape[-2:]) for t in maps}) > 1:
+                return min(maps, key=lambda t: abs(math.log(t.shape[-2] / grid[0]))
+                           + abs(math.log(t.shape[-1] / grid[1])))
+        if batch_first:
+            return batch_first[0]
     return tensors[0] if tensors else None
 
 
@@ -231,6 +265,10 @@ class LayerHooks:
         self.model, self.names, self.callback = model, list(names), callback
         self.handles: list = []
         self.batch: int | None = None
+        self.input_size: tuple[int, int] | None = None
+        # feature_info's declared strides: which of a multi-resolution output is the layer's
+        self.reductions = declared_reductions(model)
+        self.warned_branches: set[str] = set()
         # lenient: an output that cannot be measured is noted here (name -> reason), not raised
         self.lenient = lenient
         self.unmeasurable: dict[str, str] = {}
@@ -246,12 +284,39 @@ class LayerHooks:
     def _read_batch(self, module, args, kwargs) -> None:
         images = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
         self.batch = int(images.shape[0]) if images is not None and images.dim() >= 1 else None
+        self.input_size = (tuple(int(s) for s in images.shape[-2:])
+                           if images is not None and images.dim() == 4 else None)
+
+    def _warn_if_several_maps(self, name: str, output) -> None:
+        """A layer that outputs feature maps of several sizes (a multi-resolution stage) and has no
+        declared stride to choose by: the first is measured, and the user is told which."""
+        if not isinstance(output, (tuple, list)) or self.batch is None:
+            return
+        shapes = [tuple(t.shape) for t in output if isinstance(t, torch.Tensor) and t.dim() == 4
+                  and t.shape[0] == self.batch]
+        if len({shape[-2:] for shape in shapes}) > 1:
+            self.warned_branches.add(name)
+            warnings.warn(
+                f"layer {name!r} outputs {len(shapes)} feature maps of different sizes "
+                f"({', '.join(f'{s[1]} channels' for s in shapes)}; its model declares no "
+                "stride for it in feature_info); the first is measured. To measure another, "
+                "hook the module that makes it",
+                stacklevel=2)
+
+    def _declared_grid(self, name: str) -> tuple[float, float] | None:
+        reduction = self.reductions.get(name)
+        if reduction is None or self.input_size is None:
+            return None
+        return (max(self.input_size[0] / reduction, 1.0), max(self.input_size[1] / reduction, 1.0))
 
     def _hook(self, name: str):
         def hook(module, inputs, output):
             if name in self.unmeasurable:
                 return
-            tensor = first_tensor(output, self.batch)
+            grid = self._declared_grid(name)
+            tensor = first_tensor(output, self.batch, grid)
+            if grid is None and name not in self.warned_branches:
+                self._warn_if_several_maps(name, output)
             problem = None
             if tensor is None:
                 problem = (

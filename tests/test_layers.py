@@ -583,3 +583,50 @@ def test_unrolled_tokens_are_refused():
         _layouts_of(model, ["block"], (32, 32))
     with pytest.warns(UserWarning, match="unrolled order"):
         assert set(_layouts_of(model, "leaves", (32, 32))) == {"patch", "embed"}
+
+
+class _TwoResolutions(nn.Module):
+    """A stage that returns its branches highest resolution first, as HRNet's stages do: stride 2
+    and stride 4. ``feature_info`` (when given) declares the stage's stride, as timm's HRNet
+    declares that of its lowest-resolution branch."""
+
+    def __init__(self, declared: int | None) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, stride=2, padding=1, padding_mode="circular")
+        self.down = nn.Conv2d(4, 6, 3, stride=2, padding=1, padding_mode="circular")
+        self.stage = _Branches()
+        if declared is not None:
+            self.feature_info = [{"module": "stage", "reduction": declared, "num_chs": 6}]
+
+    def forward(self, x):
+        high = self.stem(x)
+        return self.stage([high, self.down(high)])[1].mean((2, 3))
+
+
+class _Branches(nn.Module):
+    def forward(self, branches):
+        return [branch.relu() for branch in branches]
+
+
+@pytest.mark.parametrize("implementation", ["engine", "naive"])
+def test_a_multi_resolution_stage_is_measured_at_its_declared_stride(implementation):
+    from equifast import naive
+
+    measure = equifast.measure if implementation == "engine" else naive.measure
+    images = torch.rand(3, 3, 32, 32)
+    group = equifast.Translation([4], protocol="circular")
+    for declared, stride, channels in ((4, 4, 6), (2, 2, 4)):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*feature maps of different sizes")
+            result = measure(_TwoResolutions(declared).eval(), images, group=group,
+                             layers=["stage"], bootstrap=0, progress=False)
+        row = result.frame.query("metric == 'corr' and comparison == 'eq' and element == 'mean'")
+        assert row.stride.tolist() == [stride] and row.channels.tolist() == [channels]
+        # shifts by a multiple of the stride re-align exactly on a circular network
+        assert row.value.iloc[0] == pytest.approx(1.0, abs=1e-5)
+    # Without a declared stride the first map is measured, and a warning says so.
+    with pytest.warns(UserWarning, match=r"'stage' outputs 2 feature maps of different sizes "
+                                         r"\(4 channels, 6 channels;.*\); the first is measured"):
+        result = measure(_TwoResolutions(None).eval(), images, group=group, layers=["stage"],
+                         bootstrap=0, progress=False)
+    assert result.frame.stride.unique().tolist() == [2]
