@@ -136,22 +136,24 @@ def _reinitialize(model: nn.Module) -> tuple[nn.Module, str, list[str]]:
     return fresh, how, kept
 
 
-def init_copy_by_name(name: str, seed: int, **load_kwargs) -> InitCopy:
+def init_copy_by_name(name: str, seed: int, input_size: tuple[int, int] | None = None,
+                      **load_kwargs) -> InitCopy:
     """The model ``name`` (:func:`equifast.models.load_model`) built with ``pretrained=False``,
     seeded with ``seed``; the global random state is left as it was.
 
-    ``load_kwargs`` go to ``load_model`` (``img_size=`` for a ViT built for another size). A
-    model loaded without cached weights under ``torch.manual_seed(seed)`` is this very copy, so
-    that its ``learned`` scores are exactly 0.
+    ``input_size`` builds a model that fixes its input size (a ViT) for it, as
+    :func:`equifast.models.load_model_sized` does for the model itself; ``load_kwargs`` go to
+    ``load_model``. A model loaded the same way without cached weights under
+    ``torch.manual_seed(seed)`` is this very copy, so that its ``learned`` scores are exactly 0.
     """
-    from .models import load_model
+    from .models import load_model_sized
 
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.manual_seed(seed)
         # without checkpoint_path: load_model would load those weights whatever pretrained says
         load_kwargs = {k: v for k, v in load_kwargs.items() if k != "checkpoint_path"}
-        fresh = load_model(name, **{**load_kwargs, "pretrained": False}).model
+        fresh = load_model_sized(name, input_size, **{**load_kwargs, "pretrained": False}).model
     return InitCopy(fresh.eval(), f"{name!r} built again with pretrained=False")
 
 

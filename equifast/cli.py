@@ -252,13 +252,14 @@ def _measure(args: argparse.Namespace, main: bool) -> int:
     import torch
 
     import equifast
-    from equifast.models import load_model
+    from equifast.models import load_model_sized
 
     # Checked before the measurement, so that a bad --out cannot lose a finished run.
     table_path, plot_path = _output_paths(args.out)
-    # Random init (no cached weights) is seeded too, so that a run can be repeated.
+    # Random init (no cached weights) is seeded too, so that a run can be repeated; a model
+    # that fixes its input size when built (a ViT) is built for --input-size.
     torch.manual_seed(args.seed)
-    loaded = load_model(args.model)
+    loaded = load_model_sized(args.model, args.input_size)
     print(f"model: {loaded.name} ({loaded.source}); "
           f"{'pretrained weights' if loaded.pretrained else loaded.note}")
     data = args.data if args.data else "samples"
@@ -266,7 +267,7 @@ def _measure(args: argparse.Namespace, main: bool) -> int:
     if args.baseline == "init":
         from equifast.baseline import init_copy_by_name
 
-        baseline = init_copy_by_name(args.model, args.seed)
+        baseline = init_copy_by_name(args.model, args.seed, args.input_size)
     result = equifast.measure(
         loaded.model, data, group=args.group, layers=args.layers, metrics=args.metrics,
         batch_size=args.batch_size, input_size=args.input_size,

@@ -33,7 +33,8 @@ from torch import nn
 
 from equifast.data.geometry import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, Preprocess
 
-__all__ = ["LoadedModel", "UnknownModelError", "from_module", "load_model", "preprocess_for"]
+__all__ = ["LoadedModel", "UnknownModelError", "from_module", "load_model", "load_model_sized",
+           "preprocess_for"]
 
 _TV_PREFIXES = ("tv:", "torchvision:")
 _TIMM_PREFIX = "timm:"
@@ -542,6 +543,33 @@ def load_model(name: str, pretrained: bool | None = None, **kwargs: Any) -> Load
             f"{name}: pretrained weights requested but not loaded; {loaded.note}", stacklevel=2
         )
     return loaded
+
+
+def load_model_sized(name: str, input_size: tuple[int, int] | None = None,
+                     **kwargs: Any) -> LoadedModel:
+    """:func:`load_model`, built for ``input_size`` where the model fixes its input size.
+
+    timm models that fix their input size when built (ViT, Swin, ...) take ``img_size``: at a
+    given ``input_size`` they are built for it, so that they run on inputs of that size (and
+    their position embeddings have the matching shape). Models without ``img_size`` (CNNs)
+    take any input size as they are. The command line, the survey and
+    ``equifast.measure(name, ...)`` build models by name through this function.
+
+    Args:
+        name: model name (:func:`load_model`).
+        input_size: ``(H, W)`` of the input, or None for the model's default.
+        **kwargs: passed to :func:`load_model`; an ``img_size`` given there wins.
+
+    Returns:
+        The :class:`LoadedModel`.
+    """
+    if input_size is None or "img_size" in kwargs or name.strip().startswith(_TV_PREFIXES):
+        return load_model(name, **kwargs)
+    size = (int(input_size[0]), int(input_size[1]))
+    try:
+        return load_model(name, img_size=size, **kwargs)
+    except TypeError:  # a model without img_size (a CNN) takes any input size as it is
+        return load_model(name, **kwargs)
 
 
 def from_module(

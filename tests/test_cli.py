@@ -133,3 +133,20 @@ def test_the_table_shows_the_first_metric_asked_for(capsys):
                      "--metrics", "cosine", "psnr", "--out", folder + "/r.parquet"]) == 0
     printed = capsys.readouterr().out
     assert "eq cosine" in printed and "eq corr" not in printed
+
+
+def test_input_size_builds_a_fixed_size_model_and_its_copy_for_it(tmp_path, capsys):
+    import equifast
+
+    # a timm ViT fixes its input size when built: --input-size must reach img_size, for the model
+    # and for the initialized copy built by name (whose position embedding must match)
+    out = tmp_path / "vit.csv"
+    code = main(["measure", "--model", "vit_tiny_patch16_224", "--limit", "1", "--group",
+                 "translate:16", "--layers", "blocks.0", "--input-size", "64", "--bootstrap",
+                 "0", "--baseline", "init", "--quiet", "--no-plot", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    result = equifast.Result.load(out)
+    assert result.config["input_size"] == [64, 64]
+    assert result.config["baseline"]["how"] == ("'vit_tiny_patch16_224' built again with "
+                                                "pretrained=False")
+    assert result.frame["init"].notna().any()

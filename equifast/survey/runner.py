@@ -264,32 +264,19 @@ def _clear_device_memory() -> None:
 
 
 def _load(model: str, input_size, model_kwargs: dict[str, Any]):
-    """:func:`equifast.models.load_model`; at a non-default ``input_size``, models that fix their
-    input size when built (ViT, Swin: ``img_size``) are built for it."""
-    from equifast.models import load_model
+    """:func:`equifast.models.load_model_sized`: at a non-default ``input_size``, models that fix
+    their input size when built (ViT, Swin: ``img_size``) are built for it."""
+    from equifast.models import load_model_sized
 
-    if input_size is None or "img_size" in model_kwargs or model.startswith(("tv:",
-                                                                             "torchvision:")):
-        return load_model(model, **model_kwargs)
-    try:
-        return load_model(model, img_size=tuple(input_size), **model_kwargs)
-    except TypeError:  # a model without img_size (a CNN) takes any input size as it is
-        return load_model(model, **model_kwargs)
+    return load_model_sized(model, input_size, **model_kwargs)
 
 
 def _init_copy(model: str, input_size, model_kwargs: dict[str, Any], seed: int):
     """The model built again without weights, seeded (``baseline="init"``): the same
     constructor as the model itself, so that an untrained model's ``learned`` is exactly 0."""
-    import torch
+    from equifast.baseline import init_copy_by_name
 
-    from equifast.baseline import InitCopy
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        # without checkpoint_path: load_model would load the user's weights whatever pretrained
-        kwargs = {k: v for k, v in model_kwargs.items() if k != "checkpoint_path"}
-        fresh = _load(model, input_size, {**kwargs, "pretrained": False}).model
-    return InitCopy(fresh.eval(), f"{model!r} built again with pretrained=False")
+    return init_copy_by_name(model, seed, input_size, **model_kwargs)
 
 
 def import_plugins(modules: Sequence[str]) -> None:
