@@ -140,6 +140,9 @@ def _add_report_command(commands) -> None:
 def _run_report(args: argparse.Namespace) -> int:
     from equifast.report import build_report
 
+    # (not created here: a report that fails on its store leaves no empty folder behind)
+    _check_folder(Path(args.out), "-o/--out", args.out,
+                  "expected a folder (for index.html and figures/)", create=False)
     index = build_report(args.store, args.out, metric=args.metric)
     print(f"wrote {index}")
     return 0
@@ -228,6 +231,8 @@ def _run_export(args: argparse.Namespace) -> int:
     from equifast.survey import export_store
 
     out = args.out or str(Path(args.store).with_suffix(""))
+    _check_folder(Path(out), "-o/--out" if args.out else "the default -o/--out (STORE without "
+                  "its suffix)", out, f"expected a folder (for <table>.{args.format} files)")
     for path in export_store(args.store, out, args.format):
         print(f"wrote {path}")
     return 0
@@ -310,28 +315,69 @@ def _output_paths(out: str) -> tuple[Path, Path]:
     The folder that will hold them is created now, so that a path that cannot be written fails
     before the measurement, not after it."""
     path = Path(out)
+    expected = ("expected a .parquet or .csv file name, or a folder (for result.parquet and "
+                "depth.png)")
     if path.suffix.lower() in (".parquet", ".csv"):
-        if path.is_dir():
-            raise ValueError(f"--out {out}: is a folder; expected a .parquet or .csv file name")
-        _make_folder(path.parent, out)
+        if _is_dir(path, "--out", expected):
+            raise ValueError(f"--out {_shown_path(out)}: is a folder; expected a .parquet or .csv "
+                             "file name")
+        _check_folder(path.parent, "--out", out, f"expected a folder to hold {path.name}")
         return path, path.with_suffix(".png")
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"--out {out}: is an existing file; expected a .parquet or .csv file "
-                         "name, or a folder (for result.parquet and depth.png)")
     if path.suffix.lower() in (".json", ".png", ".pdf", ".svg", ".html", ".txt", ".pkl", ".pt",
                                ".xlsx", ".feather"):
-        raise ValueError(f"--out {out}: expected a .parquet or .csv file name, or a folder "
-                         f"(for result.parquet and depth.png); found a {path.suffix} file name")
-    _make_folder(path, out)
+        raise ValueError(f"--out {_shown_path(out)}: {expected}; found a {path.suffix} file name")
+    _check_folder(path, "--out", out, expected)
     return path / "result.parquet", path / "depth.png"
 
 
-def _make_folder(folder: Path, out: str) -> None:
+def _shown_path(path: str | Path, most: int = 80) -> str:
+    """``path`` for a message: a very long one (a name past the file system's limit) is cut in
+    the middle, keeping its end, with its length."""
+    path = str(path)
+    if len(path) <= most:
+        return path
+    return f"{path[:most // 2]}...{path[-most // 4:]} ({len(path)} characters)"
+
+
+def _os_reason(error: OSError) -> str:
+    """What an OSError says, without repeating the (possibly very long) path."""
+    import errno
+
+    reason = error.strerror or str(error)
+    if error.errno == errno.ENAMETOOLONG:
+        reason += " (a name in the path is longer than the file system allows, 255 bytes on most)"
+    return reason
+
+
+def _is_dir(path: Path, option: str, expected: str) -> bool:
+    try:
+        return path.is_dir()
+    except OSError as error:  # a name too long, no permission to look inside a parent ...
+        raise ValueError(f"{option} {_shown_path(path)}: unusable path: {_os_reason(error)}; "
+                         f"{expected}") from None
+
+
+def _check_folder(folder: Path, option: str, given: str, expected: str,
+                  create: bool = True) -> None:
+    """Refuse an output folder that is an existing file or an unusable path, with a message
+    naming ``option`` (as ``given`` on the command line) and what was ``expected``. ``create``
+    makes the folder now, so that one that cannot be made fails before any work."""
+    if not _is_dir(folder, option, expected):
+        # the folder, or the nearest of its parents that exists, is a file
+        existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            found = ("is an existing file" if existing == Path(given)
+                     else f"cannot create the folder {_shown_path(folder)!r}: "
+                     + ("it" if existing == folder else repr(_shown_path(existing)))
+                     + " is an existing file")
+            raise ValueError(f"{option} {_shown_path(given)}: {found}; {expected}")
+    if not create:
+        return
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise ValueError(
-            f"--out {out}: cannot create the folder {str(folder)!r} ({error})") from None
+        raise ValueError(f"{option} {_shown_path(given)}: cannot create the folder "
+                         f"{_shown_path(folder)!r}: {_os_reason(error)}; {expected}") from None
 
 
 def _run_info() -> int:
@@ -377,6 +423,10 @@ def main(argv: list[str] | None = None) -> int:
             return _run_report(args)
     except (ValueError, FileNotFoundError, KeyError, TypeError, ImportError) as error:
         print(f"equifast: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a path that cannot be read or written (--data, --store ...)
+        where = f"{_shown_path(str(error.filename))}: " if error.filename is not None else ""
+        print(f"equifast: error: {where}{_os_reason(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         resume = (" (the store keeps every finished model: run the same command to resume)"

@@ -1,6 +1,7 @@
 """The command line: measure on the embedded samples, info, and clear errors."""
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -150,3 +151,45 @@ def test_input_size_builds_a_fixed_size_model_and_its_copy_for_it(tmp_path, caps
     assert result.config["baseline"]["how"] == ("'vit_tiny_patch16_224' built again with "
                                                 "pretrained=False")
     assert result.frame["init"].notna().any()
+
+
+def test_unusable_output_paths_are_one_line_errors(tmp_path, capsys, monkeypatch):
+    import equifast
+
+    def never(*args, **kwargs):
+        raise AssertionError("measured although the command could not finish")
+
+    monkeypatch.chdir(tmp_path)  # short relative paths: the messages cut paths past 80 characters
+    monkeypatch.setattr(equifast, "measure", never)
+    Path("afile").write_text("x")
+    long = "a" * 300  # past the file system's 255-byte limit on a name: ENAMETOOLONG
+    cases = [
+        (["measure", "--model", "resnet10t", "--out", "afile/sub/r.csv"],
+         "--out afile/sub/r.csv: cannot create the folder 'afile/sub': 'afile' is an existing "
+         "file; expected a folder to hold r.csv"),
+        (["measure", "--model", "resnet10t", "--out", "afile/sub"],
+         "'afile' is an existing file; expected a .parquet or .csv file name, or a folder"),
+        (["measure", "--model", "resnet10t", "--out", f"{long}.csv"],
+         f"--out {'a' * 40}...{'a' * 16}.csv (304 characters): unusable path: File name too long "
+         "(a name in the path is longer than the file system allows, 255 bytes on most); expected"
+         " a .parquet or .csv file name"),
+        (["measure", "--model", "resnet10t", "--out", long], "File name too long"),
+        (["export", "afile", "-o", "afile"],
+         "-o/--out afile: is an existing file; expected a folder (for <table>.parquet files)"),
+        (["export", "afile", "-o", long], "(300 characters): unusable path: File name too long"),
+        (["report", "afile", "-o", "afile"],
+         "-o/--out afile: is an existing file; expected a folder (for index.html and figures/)"),
+        (["survey", "--models", "resnet10t", "--quiet", "--store", f"{long}.sqlite"],
+         "(307 characters): File name too long"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err, (argv, err)
+        assert len(err.strip().splitlines()) == 1 and err.startswith("equifast: error: "), err
+    monkeypatch.undo()  # an unusable --data path fails inside measure, before any forward
+    assert main(["measure", "--model", "resnet10t", "--data", str(tmp_path / long), "--out",
+                 str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("equifast: error: ") and len(err.strip().splitlines()) == 1, err
+    assert "characters): File name too long" in err
