@@ -525,7 +525,12 @@ def measure(
     by_name = None  # the name a model was given by: its initialized copy is built by name too
     if isinstance(model, str):
         by_name = model
-        loaded: LoadedModel = load_model(model)
+        # A random init (no cached weights) is seeded with `seed`, as on the command line and in
+        # a survey, so that a run can be repeated (and such a model's init copy is itself); the
+        # caller's random state is left as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            loaded: LoadedModel = load_model(model)
         module, preprocess = loaded.model, loaded.preprocess
         model_name = model_name or loaded.name
         note, pretrained = loaded.note, loaded.pretrained

@@ -275,3 +275,21 @@ def test_depth_plot_draws_the_initialized_copy_dashed() -> None:
     np.testing.assert_allclose(dashed.get_ydata(), eq["eq_init"])
     plain = equifast.measure(model, images, **SETTINGS)
     assert "equivariance at init" not in {ln.get_label() for ln in plot_depth(plain).axes[0].lines}
+
+
+def test_a_model_given_by_name_is_seeded_like_on_the_command_line() -> None:
+    # eqtest_tiny has no weights: built by name, it is a random init, seeded with `seed` as the
+    # CLI and the survey seed it, so a run repeats and the model is its own init copy.
+    images = _sources(3, equifast.Translation([4]))
+    settings = dict(group="translate:4", layers=["conv1", "conv2"], bootstrap=0, progress=False,
+                    baseline="init", seed=5)
+    state = torch.get_rng_state()
+    first = equifast.measure("eqtest_tiny", images, **settings)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's random state is untouched
+    torch.manual_seed(123)  # another global random state changes nothing
+    second = equifast.measure("eqtest_tiny", images, **settings)
+    pd.testing.assert_frame_equal(first.frame, second.frame)
+    assert first.frame["init"].notna().any()
+    assert (first.frame["learned"].dropna() == 0).all()
+    other = equifast.measure("eqtest_tiny", images, **{**settings, "seed": 6})
+    assert not np.allclose(other.frame["value"], first.frame["value"], equal_nan=True)
