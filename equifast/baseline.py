@@ -157,7 +157,8 @@ def init_copy_by_name(name: str, seed: int, input_size: tuple[int, int] | None =
     return InitCopy(fresh.eval(), f"{name!r} built again with pretrained=False")
 
 
-def init_copy(model: nn.Module, seed: int, name: str | None = None) -> InitCopy:
+def init_copy(model: nn.Module, seed: int, name: str | None = None,
+              input_size: tuple[int, int] | None = None) -> InitCopy:
     """A freshly initialized copy of ``model``'s architecture, seeded with ``seed``.
 
     The global random state is left as it was. See the module docstring for how it is built.
@@ -166,6 +167,7 @@ def init_copy(model: nn.Module, seed: int, name: str | None = None) -> InitCopy:
         model: the model to copy (its weights are not touched).
         seed: the seed of the initialization.
         name: the model's name when it was given by name (``"resnet18"``, ``"tv:resnet50"``).
+        input_size: the input size a model given by name was built for (:func:`init_copy_by_name`).
 
     Returns:
         An :class:`InitCopy` on the model's device and dtype, in eval mode.
@@ -173,7 +175,7 @@ def init_copy(model: nn.Module, seed: int, name: str | None = None) -> InitCopy:
     kept: list[str] = []
     fresh = None
     if name is not None:
-        by_name = init_copy_by_name(name, seed)
+        by_name = init_copy_by_name(name, seed, input_size)
         if same_parameters(by_name.module, model):
             fresh, how = by_name.module, by_name.how
     with torch.random.fork_rng(devices=[]):

@@ -518,7 +518,7 @@ def measure(
         raise ValueError("baseline: expected None, 'init' or an initialized copy of the model "
                          f"(an nn.Module), found {baseline!r}")
 
-    from .models import LoadedModel, check_device, load_model, model_dtype_for, preprocess_for
+    from .models import LoadedModel, check_device, load_model_sized, model_dtype_for, preprocess_for
 
     note = ""
     pretrained = None
@@ -530,7 +530,9 @@ def measure(
         # caller's random state is left as it was.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            loaded: LoadedModel = load_model(model)
+            # built for input_size where the model fixes it (a ViT's img_size), as on the
+            # command line
+            loaded: LoadedModel = load_model_sized(model, input_size)
         module, preprocess = loaded.model, loaded.preprocess
         model_name = model_name or loaded.name
         note, pretrained = loaded.note, loaded.pretrained
@@ -556,7 +558,7 @@ def measure(
     fresh = None
     if baseline is not None:
         if isinstance(baseline, str):
-            fresh = init_copy(module, seed, by_name)
+            fresh = init_copy(module, seed, by_name, input_size)
         else:
             fresh = baseline if isinstance(baseline, InitCopy) else InitCopy(
                 baseline.eval(), f"a module given as baseline= ({type(baseline).__name__})")

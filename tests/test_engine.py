@@ -435,3 +435,15 @@ def test_out_of_memory_shrinks_the_forwards_down_to_one_block(monkeypatch):
     assert sizes[-14:] == [3] * 7 + [2] * 7
     pd.testing.assert_frame_equal(_values(shrunk), _values(fitted), rtol=1e-12, atol=1e-12)
     pd.testing.assert_frame_equal(shrunk.model_frame, fitted.model_frame)
+
+
+def test_a_fixed_size_model_given_by_name_is_built_for_input_size():
+    # a timm ViT fixes its input size when built: by name, it (and its init copy) is built for
+    # input_size, as on the command line
+    images = torch.randint(0, 256, (1, 3, 96, 96), dtype=torch.uint8)
+    result = equifast.measure("vit_tiny_patch16_224", images, group="translate:16",
+                              layers=["blocks.0"], input_size=(64, 64), bootstrap=0,
+                              baseline="init", progress=False)
+    assert result.config["input_size"] == [64, 64]
+    assert "built again with pretrained=False" in result.config["baseline"]["how"]
+    assert result.frame["init"].notna().any()
