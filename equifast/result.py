@@ -35,6 +35,11 @@ FRAME_COLUMNS = [
     "comparison", "metric", "value", "ci_low", "ci_high", "n", "pooled", *BASELINE_COLUMNS,
 ]
 MODEL_COLUMNS = ["model", "metric", "value", "ci_low", "ci_high", "n"]
+# Columns of names: a CSV gives them back as written, as text (the layers "0", "1" of an
+# nn.Sequential are not numbers, and a name such as "NA" is not a missing value).
+TEXT_COLUMNS = ["model", "layer", "kind", "layout", "element", "comparison", "metric"]
+# What reads as missing in the other columns of a CSV (to_csv writes NaN as an empty cell).
+_CSV_MISSING = ["", "nan", "NaN", "NA", "N/A", "<NA>", "null", "None"]
 
 
 def warn_undefined_elements(frame: pd.DataFrame, subpixel: str = "bilinear") -> list[str]:
@@ -269,7 +274,9 @@ class Result:
         if path.suffix.lower() == ".parquet":
             frame = pd.read_parquet(path)
         elif path.suffix.lower() == ".csv":
-            frame = pd.read_csv(path)
+            missing = {c: _CSV_MISSING for c in FRAME_COLUMNS if c not in TEXT_COLUMNS}
+            frame = pd.read_csv(path, dtype={c: str for c in TEXT_COLUMNS},
+                                keep_default_na=False, na_values=missing)
         else:
             raise ValueError(f"load: expected a .parquet or .csv file, found {path}")
         sidecar_path = path.with_suffix(path.suffix + ".json")

@@ -447,3 +447,15 @@ def test_a_fixed_size_model_given_by_name_is_built_for_input_size():
     assert result.config["input_size"] == [64, 64]
     assert "built again with pretrained=False" in result.config["baseline"]["how"]
     assert result.frame["init"].notna().any()
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_saved_results_keep_numeric_layer_names_as_text(tmp_path, suffix):
+    net = _net()  # an nn.Sequential: its layers are named "0", "2", ...
+    result = equifast.measure(net, torch.rand(3, 3, 20, 20), group=Translation([2]),
+                              layers=["0", "2"], bootstrap=10, progress=False)
+    path = result.save(tmp_path / f"r{suffix}")
+    loaded = equifast.Result.load(path)
+    assert loaded.frame["layer"].tolist() == result.frame["layer"].tolist()
+    assert set(loaded.summary()["layer"]) == {"0", "2"}
+    pd.testing.assert_frame_equal(loaded.frame, result.frame)
