@@ -263,6 +263,7 @@ class _DataPlan:
 
     def _iterable_batches(self) -> Iterator[Batch]:
         seen = 0
+        labelled: bool | None = None  # whether the batches carry labels (the first one says)
         for index, item in enumerate(self._iterable):
             labels = None
             if isinstance(item, (tuple, list)):
@@ -285,6 +286,17 @@ class _DataPlan:
                 labels = None if labels is None else labels[: images.shape[0]]
                 if images.shape[0] == 0:
                     break
+            if labelled is None:
+                labelled = labels is not None
+            elif labelled != (labels is not None):
+                # checked here, not after all the forwards: top-1 / top-5 need a label (or -1,
+                # unknown) for every image
+                raise ValueError(
+                    f"data batch {index}: "
+                    + ("no labels, but the batches before it have labels" if labelled
+                       else "has labels, but the batches before it have none")
+                    + "; expected every batch as (images, labels) or every one without labels "
+                    "(a label of -1 marks an image whose class is unknown)")
             seen += images.shape[0]
             cropped = _center_crop(images, self.source_size, f"data batch {index}")
             if self.shard is not None:
@@ -435,9 +447,10 @@ def measure(
         model: A module (put in eval mode here), or a timm name / ``"tv:<torchvision name>"``.
         data: Images: a tensor ``(N, 3, H, W)`` (uint8 0..255 is normalized with the model's mean
             and std; float is taken as already preprocessed), an iterable of ``images`` or
-            ``(images, labels)`` batches, a folder path (ImageNet layout or flat), or ``"samples"``
-            (the embedded photographs). Tensors and batches are the *sources*: for the crop
-            protocol they hold the model input plus the largest shift on each side.
+            ``(images, labels)`` batches (every one with labels or none), a folder path
+            (ImageNet layout or flat), or ``"samples"`` (the embedded photographs). Tensors and
+            batches are the *sources*: for the crop protocol they hold the model input plus the
+            largest shift on each side.
         group: The group elements (default: translations by 8, 16, 32 pixels along each axis).
         layers: Layers to measure (:func:`equifast.layers.select_layers`; default: stage outputs).
         metrics: Scores (:data:`equifast.scores.METRICS`; default ``DEFAULT_METRICS``).

@@ -459,3 +459,24 @@ def test_saved_results_keep_numeric_layer_names_as_text(tmp_path, suffix):
     assert loaded.frame["layer"].tolist() == result.frame["layer"].tolist()
     assert set(loaded.summary()["layer"]) == {"0", "2"}
     pd.testing.assert_frame_equal(loaded.frame, result.frame)
+
+
+@pytest.mark.parametrize("labelled_first", [True, False])
+def test_batches_with_and_without_labels_fail_at_the_first_that_differs(labelled_first):
+    images = torch.rand(2, 3, 20, 20)
+    with_labels, without = (images, torch.tensor([0, 1])), images
+    first, other = (with_labels, without) if labelled_first else (without, with_labels)
+    read = []
+
+    def batches():
+        for index, batch in enumerate([first, first, other, first]):
+            read.append(index)
+            yield batch
+
+    found = "no labels, but the batches before it have labels" if labelled_first else (
+        "has labels, but the batches before it have none")
+    with pytest.raises(ValueError, match=rf"data batch 2: {found}; expected every batch as "
+                                         r"\(images, labels\) or every one without labels"):
+        equifast.measure(_net(num_classes=4), batches(), group=Translation([2]),
+                         progress=False, bootstrap=0)
+    assert read == [0, 1, 2]  # at that batch, not after all of them
