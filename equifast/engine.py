@@ -133,6 +133,20 @@ def _center_crop(sources: torch.Tensor, size: tuple[int, int], where: str) -> to
     return sources[..., top:top + size[0], left:left + size[1]]
 
 
+def _check_labels(labels, count: int, limit: int | None, what: str) -> torch.Tensor | None:
+    """``labels=`` of ``count`` images (the first ``limit`` of them) as a long tensor."""
+    if labels is None:
+        return None
+    labels = torch.as_tensor(labels)
+    if limit:
+        labels = labels[:limit]
+    labels = labels.long()
+    if labels.shape != (count,):
+        raise ValueError(f"labels: expected one per image of {what}, shape ({count},); found "
+                         f"{tuple(labels.shape)}")
+    return labels
+
+
 class _DataPlan:
     """Turns the ``data`` argument into batches of sources of the right size."""
 
@@ -157,8 +171,18 @@ class _DataPlan:
             self.input_size = tuple(input_size or preprocess.input_size)
             self.margin = group.margin(*self.input_size)
             sources, _ = load_samples(preprocess, margin=self.margin)
-            self._tensor_batches(sources[:limit] if limit else sources, None, batch_size)
+            sources = sources[:limit] if limit else sources
+            # labels of the photographs, in their order (equifast.data.samples.sample_names())
+            labels = _check_labels(labels, sources.shape[0], limit, "the sample photographs")
+            self._tensor_batches(sources, labels, batch_size)
             self.loader = "samples"
+        elif labels is not None and not isinstance(data, torch.Tensor):
+            where = ("a folder has the labels of its class subfolders (ImageNet layout) or of "
+                     "its .txt file list ('path label' lines)" if isinstance(data, (str, Path))
+                     else "an iterable gives them with each batch, as (images, labels)")
+            raise ValueError(f"labels: given for data of type {type(data).__name__}, which "
+                             f"takes no separate labels: {where}; expected labels=None here "
+                             "(labels= is for a tensor of images or the sample photographs)")
         elif isinstance(data, (str, Path)):
             from .data.dali import DaliFolderSource, dali_available
             from .data.folder import ImageFolderSource
@@ -194,13 +218,8 @@ class _DataPlan:
             sources = _check_sources(data, "data")
             if limit:
                 sources = sources[:limit]
-                labels = None if labels is None else torch.as_tensor(labels)[:limit]
             self._set_geometry(sources.shape[-2:], input_size, group)
-            if labels is not None:
-                labels = torch.as_tensor(labels).long()
-                if labels.shape != (sources.shape[0],):
-                    raise ValueError(f"labels: expected shape ({sources.shape[0]},), found "
-                                     f"{tuple(labels.shape)}")
+            labels = _check_labels(labels, sources.shape[0], limit, "the images")
             self._tensor_batches(sources, labels, batch_size)
         elif isinstance(data, Iterable):
             self._iterable = data
@@ -456,7 +475,9 @@ def measure(
         metrics: Scores (:data:`equifast.scores.METRICS`; default ``DEFAULT_METRICS``).
         batch_size: Images per batch (before stacking the ``K + 1`` transformed copies).
         device: ``"cpu"``, ``"cuda"``... (default: the model's device).
-        labels: Class labels of a tensor ``data`` (for top-1 / top-5).
+        labels: Class labels of a tensor ``data`` or of the sample photographs, one per image
+            (for top-1 / top-5; -1: unknown). A folder has its labels from its class subfolders,
+            and an iterable gives them with each batch: passing ``labels`` there is an error.
         input_size: ``(H, W)`` of the model input (default: from the data, or the model's config).
         layouts: Override the detected layout per layer (``{"blocks.3": "NLC"}``).
         align: Grid offsets (:mod:`equifast.align`): ``"auto"``, ``"center"``, ``"corner"``, ...

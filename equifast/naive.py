@@ -456,6 +456,18 @@ def _sources_tensor(images, where: str) -> torch.Tensor:
     return images
 
 
+def _tensor_labels(labels, count: int, total: int, limit: int | None) -> torch.Tensor | None:
+    """``labels=`` of the ``count`` measured images of ``total`` (the first ``limit``)."""
+    if labels is None:
+        return None
+    labels = torch.as_tensor(labels).long()
+    if limit and labels.shape == (total,):
+        labels = labels[:limit]  # labels of all the images: keep those measured
+    if labels.shape != (count,):
+        raise ValueError(f"labels: expected shape ({count},), found {tuple(labels.shape)}")
+    return labels
+
+
 class _Data:
     """Batches ``(sources, labels)`` of crop-protocol sources of ``input_size + 2 * margin``."""
 
@@ -492,6 +504,14 @@ class _Data:
             self._fix_input(tuple(input_size or preprocess.input_size))
             sources, _ = load_samples(preprocess, margin=self.margin)
             self.tensor = sources[:limit] if limit else sources
+            self.labels = _tensor_labels(labels, self.tensor.shape[0], sources.shape[0], limit)
+        elif labels is not None and not isinstance(data, torch.Tensor):
+            where = ("a folder has the labels of its class subfolders (ImageNet layout) or of "
+                     "its .txt file list ('path label' lines)" if isinstance(data, (str, Path))
+                     else "an iterable gives them with each batch, as (images, labels)")
+            raise ValueError(f"labels: given for data of type {type(data).__name__}, which "
+                             f"takes no separate labels: {where}; expected labels=None here "
+                             "(labels= is for a tensor of images or the sample photographs)")
         elif isinstance(data, (str, Path)):
             from .data.folder import ImageFolderSource
 
@@ -507,16 +527,7 @@ class _Data:
             sources = _sources_tensor(data, "data")
             self.tensor = sources[:limit] if limit else sources
             self._from_sources(self.tensor.shape[-2:])
-            if labels is not None:
-                labels = torch.as_tensor(labels).long()
-                if limit and labels.shape == (sources.shape[0],):
-                    labels = labels[:limit]  # labels of all the images: keep those measured
-                if labels.shape != (self.tensor.shape[0],):
-                    raise ValueError(
-                        f"labels: expected shape ({self.tensor.shape[0]},), found "
-                        f"{tuple(labels.shape)}"
-                    )
-                self.labels = labels
+            self.labels = _tensor_labels(labels, self.tensor.shape[0], sources.shape[0], limit)
         elif isinstance(data, Iterable):
             self.loader = "iterable"
             self.iterable = data

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import equifast
-from equifast import Translation
+from equifast import Translation, naive
 
 
 def _net(num_classes=5):
@@ -480,3 +480,21 @@ def test_batches_with_and_without_labels_fail_at_the_first_that_differs(labelled
         equifast.measure(_net(num_classes=4), batches(), group=Translation([2]),
                          progress=False, bootstrap=0)
     assert read == [0, 1, 2]  # at that batch, not after all of them
+
+
+@pytest.mark.parametrize("measure", [equifast.measure, naive.measure])
+def test_labels_are_for_tensors_and_samples_and_refused_elsewhere(measure, tmp_path):
+    net = _net(num_classes=4)
+    settings = dict(group=Translation([2]), progress=False, bootstrap=0)
+    # a folder and an iterable carry their own labels: labels= there was silently ignored
+    with pytest.raises(ValueError, match=r"labels: given for data of type list, which takes no "
+                                         r"separate labels: an iterable gives them with each "
+                                         r"batch, as \(images, labels\)"):
+        measure(net, [torch.rand(2, 3, 20, 20)], labels=[0, 1], **settings)
+    with pytest.raises(ValueError, match=r"labels: given for data of type str.*class "
+                                         r"subfolders \(ImageNet layout\)"):
+        measure(net, str(tmp_path), labels=[0], **settings)
+    # the sample photographs: one label per photograph, in their order
+    result = measure(net, "samples", labels=[0, 1, 2, 3, 0, 1, 2, 3], limit=3,
+                     input_size=(24, 24), **settings)
+    assert result.model_frame.set_index("metric").loc["top1", "n"] == 3
