@@ -268,13 +268,14 @@ def sync_module(module: nn.Module) -> None:
             tensor.copy_(synced)
 
 
-def _split(parts: Sequence[tuple[int, Any]]) -> list[list[tuple[int, Any]]]:
-    """``[(lo, values)]`` chunks (a chunk with ``lo == 0`` starts a batch) -> chunks per batch."""
-    batches: list[list[tuple[int, Any]]] = []
-    for lo, values in parts:
-        if lo == 0:
+def _split(parts: Sequence[tuple]) -> list[list[tuple]]:
+    """``[(lo, values, ...)]`` chunks (a chunk with ``lo == 0`` starts a batch) -> chunks per
+    batch."""
+    batches: list[list[tuple]] = []
+    for chunk in parts:
+        if chunk[0] == 0:
             batches.append([])
-        batches[-1].append((lo, values))
+        batches[-1].append(chunk)
     return batches
 
 

@@ -89,7 +89,9 @@ class _Layer:
     exact: np.ndarray  # (K,) bool
     wrap: list[int]  # (K,) circular elements that wrap on this grid (FeatureLayout.tiles)
     scores: dict[str, list[np.ndarray]] = field(default_factory=dict)  # metric -> [(3, K, B)]
-    pooled: list[torch.Tensor] = field(default_factory=list)  # [(3, K, C, 6)] per batch
+    # pooled=True: per chunk of a batch (lo, (3, Kc, C, 6) statistics merged over its images,
+    # (3, Kc, B) whether each image had a valid position: the images behind the pooled n)
+    pooled: list[tuple] = field(default_factory=list)
 
 
 def resolve_group(group: Group | str | None) -> Group:
@@ -726,7 +728,8 @@ def measure(
         if batch == 1:
             stats[2] = 0  # no other image to compare with: chance is undefined
         if pooled:
-            layer.pooled.append((lo, merge_stats(stats, dim=2)))
+            # (stats (3, Kc, B, C, 6); field 0 counts an image's valid positions)
+            layer.pooled.append((lo, merge_stats(stats, dim=2), (stats[..., 0] > 0).any(-1)))
         if not together:
             score([name], lo, stats, None)
             return
@@ -859,7 +862,7 @@ def measure(
 
     frame_started = time.perf_counter()
     frame_arguments = (model_name, elements, comparisons, metric_names, pooled, bootstrap, seed,
-                       count, len(names), images_done)
+                       count, len(names))
     if fresh is None:
         frame = _build_frame(state, *frame_arguments)
     else:
@@ -1038,7 +1041,8 @@ def _fetch_batch(state: dict[str, _Layer], marks: dict[str, int], end_marks: dic
     tables.clear()
     for name, layer in state.items():
         start, end = marks[name], end_marks[name]
-        layer.pooled[start:end] = [(lo, stats.cpu()) for lo, stats in layer.pooled[start:end]]
+        layer.pooled[start:end] = [(lo, stats.cpu(), used.cpu())
+                                   for lo, stats, used in layer.pooled[start:end]]
 
 
 def _rollback(state: dict[str, _Layer], marks: dict[str, int]) -> None:
@@ -1194,7 +1198,7 @@ def _nanmean(values: np.ndarray, axis: int) -> np.ndarray:
 
 
 def _build_frame(state, model_name, elements, comparisons, metric_names, pooled, bootstrap, seed,
-                 count, layer_count, images, distributions: dict | None = None) -> pd.DataFrame:
+                 count, layer_count, distributions: dict | None = None) -> pd.DataFrame:
     """The tidy frame of the layers in ``state``; ``distributions``, when given, receives each
     row's bootstrap means (``(layer, element, comparison, metric) -> (R,)`` or None)."""
     element_names = [e.name for e in elements] + ["mean"]
@@ -1203,7 +1207,8 @@ def _build_frame(state, model_name, elements, comparisons, metric_names, pooled,
     for layer in state.values():
         if pooled:
             # (not `distributions`: that argument collects the rows' resamples for the baseline)
-            points, resamples = _pooled_values(layer, metric_names, bootstrap, seed, count)
+            points, resamples, counts = _pooled_values(layer, metric_names, bootstrap, seed,
+                                                       count)
         else:
             values = {m: _collect(layer.scores[m], count) for m in metric_names}  # (3, K, N)
         layout = layer.layout
@@ -1224,7 +1229,7 @@ def _build_frame(state, model_name, elements, comparisons, metric_names, pooled,
             point = np.array([points[m][COMPARISONS.index(c), k] for m, c, k in keys])
             dist = None if resamples is None else np.stack(
                 [resamples[m][COMPARISONS.index(c), k] for m, c, k in keys])
-            ns = np.full(len(keys), images)
+            ns = np.array([counts[COMPARISONS.index(c), k] for m, c, k in keys])
         else:
             matrix = []
             for metric, comparison, k in keys:
@@ -1298,15 +1303,23 @@ def _pooled_values(layer: _Layer, metric_names, bootstrap, seed, count):
     """Scores of the statistics merged over all images; CIs from resampling whole batches.
 
     Returns:
-        ``(points, distributions)``: ``{metric: (3, K + 1)}`` (the last column averages the
-        elements) and ``{metric: (3, K + 1, R)}`` or ``None`` with fewer than two batches.
+        ``(points, distributions, counts)``: ``{metric: (3, K + 1)}`` (the last column averages
+        the elements), ``{metric: (3, K + 1, R)}`` or ``None`` with fewer than two batches, and
+        ``(3, K + 1)`` the images that had a valid position (for the last column: under some
+        element), the ``n`` of the rows: an image without one adds nothing to the statistics.
     """
     batches: list[torch.Tensor] = []
-    for lo, stats in layer.pooled:  # stats (3, Kc, C, 6), chunks of one batch in order
+    used: list[torch.Tensor] = []
+    for lo, stats, images in layer.pooled:  # stats (3, Kc, C, 6), chunks of a batch in order
         if lo == 0:
             batches.append(torch.zeros(3, count, stats.shape[-2], 6, dtype=torch.float64))
+            used.append(torch.zeros(3, count, images.shape[-1], dtype=torch.bool))
         batches[-1][:, lo:lo + stats.shape[1]] = stats
+        used[-1][:, lo:lo + images.shape[1]] = images
     stacked = torch.stack(batches)  # (nb, 3, K, C, 6)
+    contributed = torch.cat(used, -1)  # (3, K, N)
+    counts = torch.cat([contributed.sum(-1), contributed.any(1).sum(-1, keepdim=True)], 1)
+    counts = counts.numpy()
 
     def scored(stats: torch.Tensor) -> dict[str, np.ndarray]:
         out = {}
@@ -1317,7 +1330,7 @@ def _pooled_values(layer: _Layer, metric_names, bootstrap, seed, count):
 
     points = scored(merge_stats(stacked, dim=0))
     if bootstrap <= 0 or stacked.shape[0] < 2:
-        return points, None
+        return points, None, counts
     rng = np.random.default_rng(seed)
     nb = stacked.shape[0]
     weights = rng.multinomial(nb, np.full(nb, 1.0 / nb), size=bootstrap).astype(np.float64)
@@ -1329,7 +1342,7 @@ def _pooled_values(layer: _Layer, metric_names, bootstrap, seed, count):
             scaled[..., field_index] *= w.view(-1, 1, 1, 1)
         resampled.append(scored(merge_stats(scaled, dim=0)))
     distributions = {m: np.stack([r[m] for r in resampled], -1) for m in metric_names}
-    return points, distributions
+    return points, distributions, counts
 
 
 def _model_frame(model_name, consistency_rows, top_rows, bootstrap, seed) -> pd.DataFrame:

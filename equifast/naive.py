@@ -797,9 +797,11 @@ def measure(
             feature_maps[name] = feature_source_affines(forward_maps, layout.stride, offsets[name])
     exact = {n: np.array([_is_integer_map(a) for a in feature_maps[n]]) for n in names}
 
-    # Per layer: per batch, per-image scores {metric: (3, K, B)} and pooled sums (3, K, C, 6).
+    # Per layer: per batch, per-image scores {metric: (3, K, B)}, pooled sums (3, K, C, 6) and
+    # the images in those sums (3, K + 1): with a valid position, under some element for the last.
     per_image: dict[str, list[dict[str, np.ndarray]]] = {n: [] for n in names}
     pooled_sums: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    pooled_images: dict[str, list[np.ndarray]] = {n: [] for n in names}
     consistency_rows: list[np.ndarray] = []
     top_rows: list[np.ndarray] = []
     warned_output: list[bool] = []  # one warning per call for output that is not logits
@@ -842,6 +844,7 @@ def measure(
         sums = {
             n: torch.zeros(3, count, identity[n].shape[1], 6, dtype=torch.float64) for n in names
         }
+        summed = {n: np.zeros((3, count), dtype=bool) for n in names}  # the images' (c, k)
         same_class = []
         for k, element in enumerate(elements):
             images = transform(values, image_maps[k], element.protocol, margin, (height, width))
@@ -867,9 +870,13 @@ def measure(
                         scores[name][metric][c, k] = value.cpu().numpy()
                     if pooled:
                         sums[name][c, k] = pair_sums(a, b, valid).cpu()
+                        summed[name][c, k] = bool(valid.any())  # the same for every image
         for name in names:
             per_image[name].append(scores[name])
             pooled_sums[name].append(sums[name])
+            pooled_images[name].append(
+                batch * np.concatenate([summed[name], summed[name].any(1, keepdims=True)], 1)
+            )
         if identity_logits is not None and len(same_class) == count:
             consistency_rows.append(np.stack(same_class).astype(np.float64))  # (K, B)
             if batch_labels is not None:
@@ -904,6 +911,7 @@ def measure(
         exact,
         per_image,
         pooled_sums,
+        pooled_images,
         elements,
         comparisons,
         metric_names,
@@ -990,6 +998,7 @@ def _frame(
     exact,
     per_image,
     pooled_sums,
+    pooled_images,
     elements,
     comparisons,
     metric_names,
@@ -1038,7 +1047,8 @@ def _frame(
                 if distributions is None
                 else np.stack([distributions[m][COMPARISONS.index(c), k] for m, c, k in keys])
             )
-            counts = np.full(len(keys), images)
+            images_in = np.sum(pooled_images[name], 0)  # (3, K + 1)
+            counts = np.array([images_in[COMPARISONS.index(c), k] for _, c, k in keys])
         else:
             rows = []
             for metric, comparison, k in keys:

@@ -498,3 +498,24 @@ def test_labels_are_for_tensors_and_samples_and_refused_elsewhere(measure, tmp_p
     result = measure(net, "samples", labels=[0, 1, 2, 3, 0, 1, 2, 3], limit=3,
                      input_size=(24, 24), **settings)
     assert result.model_frame.set_index("metric").loc["top1", "n"] == 3
+
+
+@pytest.mark.parametrize("measure", [equifast.measure, naive.measure])
+def test_pooled_n_counts_only_the_images_in_the_statistics(measure):
+    # 5 images in batches of 2: the last one is alone, so it has no chance partner; at stride 2
+    # the shift by 1 is not re-aligned (subpixel="skip"): no image is in its statistics
+    group = Translation([(0, 1), (0, 2)])
+    kwargs = dict(group=group, layers=["1", "3"], subpixel="skip", batch_size=2, bootstrap=0,
+                  progress=False)
+    images = torch.rand(5, 3, 20, 20)
+    per_image = measure(_net(), images, **kwargs).frame
+    pooled = measure(_net(), images, pooled=True, **kwargs).frame
+    corr = pooled[pooled.metric == "corr"].set_index(["layer", "element", "comparison"]).n
+    assert corr.loc[("1", "translate(0,1)", "eq")] == 5
+    assert corr.loc[("1", "translate(0,1)", "chance")] == 4
+    assert corr.loc[("3", "translate(0,1)", "eq")] == 0
+    assert corr.loc[("3", "translate(0,2)", "eq")] == 5
+    assert corr.loc[("3", "mean", "eq")] == 5 and corr.loc[("3", "mean", "chance")] == 4
+    # the images behind each row, as without pooling (whose rows hold no flat features here)
+    key = ["layer", "element", "comparison", "metric"]
+    np.testing.assert_array_equal(pooled.sort_values(key).n, per_image.sort_values(key).n)
