@@ -94,6 +94,19 @@ def _warn_undefined_layers(elements: pd.DataFrame) -> list[str]:
     return names
 
 
+# The widest layer column of format_summary: a longer name keeps its start and its end (where
+# names differ: stages.2.blocks.11.attn.proj against ...attn.qkv) around "...".
+LAYER_WIDTH = 48
+
+
+def _fit(name: str, width: int) -> str:
+    """``name`` in at most ``width`` characters: cut in the middle, keeping more of its end."""
+    if len(name) <= width:
+        return name
+    head = (width - 3) // 3
+    return f"{name[:head]}...{name[len(name) - (width - 3 - head):]}"
+
+
 def _shown(names: list[str], most: int = 8) -> str:
     return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most
                                       else "")
@@ -206,7 +219,10 @@ class Result:
         table = self.summary(metric)
         baseline = self.has_baseline
         lines = []
-        header = f"{'layer':<24} {'stride':>6} " + " ".join(
+        # As wide as the longest layer name (timm's run past 24 characters), up to a cap
+        names = [str(name) for name in table["layer"]]
+        width = min(max([len("layer"), *map(len, names)]), LAYER_WIDTH)
+        header = f"{'layer':<{width}} {'stride':>6} " + " ".join(
             f"{c + ' ' + metric:>22}" for c in ("eq", "inv", "chance")
         ) + f" {'vs_chance':>9} {'flat_frac':>9} {'n':>5}"
         if baseline:
@@ -222,7 +238,7 @@ class Result:
                     cells.append("-")
             stride = "-" if pd.isna(row["stride"]) else f"{row['stride']:g}"
             line = (
-                f"{str(row['layer'])[:24]:<24} {stride:>6} "
+                f"{_fit(str(row['layer']), width):<{width}} {stride:>6} "
                 + " ".join(f"{c:>22}" for c in cells)
                 + f" {row.get('vs_chance', float('nan')):9.4f} "
                 f"{row.get('flat_frac', float('nan')):9.3f} "

@@ -519,3 +519,26 @@ def test_pooled_n_counts_only_the_images_in_the_statistics(measure):
     # the images behind each row, as without pooling (whose rows hold no flat features here)
     key = ["layer", "element", "comparison", "metric"]
     np.testing.assert_array_equal(pooled.sort_values(key).n, per_image.sort_values(key).n)
+
+
+def test_summary_text_shows_long_layer_names_whole_or_with_their_ends():
+    result = equifast.measure(_net(), torch.rand(2, 3, 20, 20), group=Translation([2]),
+                              layers=["0", "1", "2"], bootstrap=0, progress=False)
+    # timm-like names that the first 24 characters do not tell apart, and one past the cap
+    long = "stages.3.blocks.2.token_mixer.attention.relative_position_bias.proj_out"
+    names = {"0": "stages.2.blocks.11.attn.proj", "1": "stages.2.blocks.11.attn.qkv", "2": long}
+    result.frame["layer"] = result.frame["layer"].map(names)
+    lines = result.format_summary().splitlines()
+    width = lines[0].index("stride") - 1  # the layer column, then a space
+    assert len("stages.2.blocks.11.attn.proj") < width < len(long)  # up to a cap
+    assert lines[1].startswith("stages.2.blocks.11.attn.proj ")
+    assert lines[2].startswith("stages.2.blocks.11.attn.qkv ")
+    shown = lines[3][:width]
+    assert "..." in shown and lines[3][width] == " "
+    assert shown.startswith("stages.3.blocks") and shown.endswith("bias.proj_out")
+    # the columns stay aligned: every row's stride ends under the header's
+    stride_end = lines[0].index("stride") + len("stride")
+    assert all(line[stride_end - 1] in "12" and line[stride_end] == " " for line in lines[1:4])
+    # short names keep a column just wide enough for them
+    result.frame["layer"] = result.frame["layer"].map({v: k for k, v in names.items()})
+    assert result.format_summary().splitlines()[1].startswith("0     ")
