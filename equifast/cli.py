@@ -15,6 +15,7 @@ import argparse
 import json
 import platform
 import sys
+import warnings
 from pathlib import Path
 
 
@@ -253,10 +254,12 @@ def _run_measure(args: argparse.Namespace) -> int:
             return _measure(args, main=False)
 
 
+
 def _measure(args: argparse.Namespace, main: bool) -> int:
     import torch
 
     import equifast
+    from equifast.data.folder import SkippedFilesWarning
     from equifast.models import load_model_sized
 
     # Checked before the measurement, so that a bad --out cannot lose a finished run.
@@ -273,16 +276,19 @@ def _measure(args: argparse.Namespace, main: bool) -> int:
         from equifast.baseline import init_copy_by_name
 
         baseline = init_copy_by_name(args.model, args.seed, args.input_size)
-    result = equifast.measure(
-        loaded.model, data, group=args.group, layers=args.layers, metrics=args.metrics,
-        batch_size=args.batch_size, input_size=args.input_size,
-        # the model is built on the CPU: without --device, measure on the GPU when there is one
-        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
-        align=args.align, subpixel=args.subpixel, pooled=args.pooled, bootstrap=args.bootstrap,
-        seed=args.seed, limit=args.limit, num_workers=args.workers, loader=args.loader,
-        progress=not args.quiet and main,
-        model_name=loaded.name, force_reference=args.reference, baseline=baseline,
-    )
+    with warnings.catch_warnings():
+        # the skipped files are listed below, with the table
+        warnings.simplefilter("ignore", SkippedFilesWarning)
+        result = equifast.measure(
+            loaded.model, data, group=args.group, layers=args.layers, metrics=args.metrics,
+            batch_size=args.batch_size, input_size=args.input_size,
+            # the model is built on the CPU: without --device, measure on the GPU when there is one
+            device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+            align=args.align, subpixel=args.subpixel, pooled=args.pooled, bootstrap=args.bootstrap,
+            seed=args.seed, limit=args.limit, num_workers=args.workers, loader=args.loader,
+            progress=not args.quiet and main,
+            model_name=loaded.name, force_reference=args.reference, baseline=baseline,
+        )
     result.config.update(pretrained=loaded.pretrained, note=loaded.note)
     processes = result.config.get("world_size", 1)
     print(f"{result.config['images']} images, group {result.config['group']} "

@@ -34,7 +34,7 @@ from . import distributed as _dist
 from .align import AlignSpec, find_offsets, probe_inputs
 from .arguments import check_count, check_finite_pixels, check_run_arguments
 from .baseline import INIT, TRAINED, InitCopy, WithBaseline, init_copy, member_name, same_parameters
-from .data.folder import no_images_message
+from .data.folder import is_path_list, no_images_message, warn_skipped
 from .groups import (
     IDENTITY,
     PROTOCOL_CODES,
@@ -180,12 +180,13 @@ class _DataPlan:
             self.loader = "samples"
         elif labels is not None and not isinstance(data, torch.Tensor):
             where = ("a folder has the labels of its class subfolders (ImageNet layout) or of "
-                     "its .txt file list ('path label' lines)" if isinstance(data, (str, Path))
+                     "its .txt file list ('path label' lines), and a list of files those of its "
+                     "(path, label) pairs" if isinstance(data, (str, Path)) or is_path_list(data)
                      else "an iterable gives them with each batch, as (images, labels)")
             raise ValueError(f"labels: given for data of type {type(data).__name__}, which "
                              f"takes no separate labels: {where}; expected labels=None here "
                              "(labels= is for a tensor of images or the sample photographs)")
-        elif isinstance(data, (str, Path)):
+        elif isinstance(data, (str, Path)) or is_path_list(data):
             from .data.dali import DaliFolderSource, dali_available
             from .data.folder import ImageFolderSource
 
@@ -234,7 +235,8 @@ class _DataPlan:
         else:
             raise TypeError(
                 "data: expected a tensor of images (B, 3, H, W), an iterable of (images, labels) "
-                f"batches, a folder path or 'samples'; found {type(data).__name__}"
+                f"batches, a folder path, a list of image paths or 'samples'; found "
+                f"{type(data).__name__}"
             )
 
     def _set_geometry(self, source_hw, input_size, group: Group) -> None:
@@ -469,9 +471,11 @@ def measure(
         data: Images: a tensor ``(N, 3, H, W)`` (uint8 0..255 is normalized with the model's mean
             and std; float is taken as already preprocessed), an iterable of ``images`` or
             ``(images, labels)`` batches (every one with labels or none), a folder path
-            (ImageNet layout or flat), or ``"samples"`` (the embedded photographs). Tensors and
-            batches are the *sources*: for the crop protocol they hold the model input plus the
-            largest shift on each side.
+            (ImageNet layout or flat), an image file, a ``.txt`` file list, a list of image paths
+            (or of ``(path, label)`` pairs), or ``"samples"`` (the embedded photographs).
+            Tensors and batches are the *sources*: for the crop protocol they hold the model
+            input plus the largest shift on each side. Files that cannot be read are left out,
+            listed in ``Result.skipped`` and named in a :class:`SkippedFilesWarning`.
         group: The group elements (default: translations by 8, 16, 32 pixels along each axis).
         layers: Layers to measure (:func:`equifast.layers.select_layers`; default: stage outputs).
         metrics: Scores (:data:`equifast.scores.METRICS`; default ``DEFAULT_METRICS``).
@@ -922,6 +926,8 @@ def measure(
     if shard is not None:
         config = _dist.broadcast_object({**config, "world_size": shard.world})
     warn_undefined_elements(frame, subpixel)
+    if shard is None or shard.rank == 0:
+        warn_skipped(plan.skipped, images_done)
     return Result(frame=frame, model_frame=model_frame, config=config, skipped=plan.skipped)
 
 

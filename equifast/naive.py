@@ -55,7 +55,7 @@ from torch import nn
 
 from .align import AlignSpec, find_offsets
 from .arguments import check_finite_pixels, check_run_arguments
-from .data.folder import no_images_message
+from .data.folder import is_path_list, no_images_message, warn_skipped
 from .groups import INTEGER_TOLERANCE, Group, default_group, feature_source_affines, parse_group
 from .layers import (
     LayerHooks,
@@ -507,12 +507,13 @@ class _Data:
             self.labels = _tensor_labels(labels, self.tensor.shape[0], sources.shape[0], limit)
         elif labels is not None and not isinstance(data, torch.Tensor):
             where = ("a folder has the labels of its class subfolders (ImageNet layout) or of "
-                     "its .txt file list ('path label' lines)" if isinstance(data, (str, Path))
+                     "its .txt file list ('path label' lines), and a list of files those of its "
+                     "(path, label) pairs" if isinstance(data, (str, Path)) or is_path_list(data)
                      else "an iterable gives them with each batch, as (images, labels)")
             raise ValueError(f"labels: given for data of type {type(data).__name__}, which "
                              f"takes no separate labels: {where}; expected labels=None here "
                              "(labels= is for a tensor of images or the sample photographs)")
-        elif isinstance(data, (str, Path)):
+        elif isinstance(data, (str, Path)) or is_path_list(data):
             from .data.folder import ImageFolderSource
 
             self.loader = "folder"
@@ -533,8 +534,8 @@ class _Data:
             self.iterable = data
         else:
             raise TypeError(
-                "data: expected a tensor, an iterable of batches, a folder or "
-                f"'samples'; found {type(data).__name__}"
+                "data: expected a tensor, an iterable of batches, a folder, a list of image "
+                f"paths or 'samples'; found {type(data).__name__}"
             )
         if self.tensor is not None:
             self.total = self.tensor.shape[0]
@@ -690,7 +691,8 @@ def measure(
         model: A module, or a timm name / ``"tv:<torchvision name>"``.
         data: A tensor ``(N, 3, H, W)`` of sources (uint8 is normalized with the model's mean and
             std, float taken as is), an iterable of ``images`` or ``(images, labels)``, a folder
-            path, or ``"samples"``.
+            path, an image file, a ``.txt`` file list, a list of image paths (or of
+            ``(path, label)`` pairs), or ``"samples"``.
         group: Group elements (default: translations by 8, 16, 32 pixels).
         layers: Layers to measure (:func:`equifast.layers.select_layers`).
         metrics: Scores (``METRICS``; default ``DEFAULT_METRICS``; ``corr`` always).
@@ -956,6 +958,7 @@ def measure(
         "versions": {"torch": torch.__version__},
     }
     warn_undefined_elements(frame, subpixel)
+    warn_skipped(source.skipped, images_done)
     return Result(frame=frame, model_frame=model_frame, config=config, skipped=source.skipped)
 
 

@@ -10,6 +10,7 @@ from torch import nn
 
 import equifast
 from equifast import Translation, naive
+from equifast.data.folder import SkippedFilesWarning
 
 
 def _net(num_classes=5):
@@ -139,11 +140,43 @@ def test_folder_data_and_skipped_files(tmp_path):
         folder.mkdir(exist_ok=True)
         load_sample_image(name).resize((80, 60)).save(folder / f"{name}.jpg")
     (tmp_path / "class0" / "broken.jpg").write_text("not an image")
-    result = equifast.measure(_net(2), tmp_path, group=Translation([4]), input_size=(32, 32),
-                              batch_size=2, num_workers=0, progress=False, bootstrap=0)
+    with pytest.warns(SkippedFilesWarning, match=r"^1 file\(s\) .* left out \(3 image\(s\) "
+                                                 r"measured.*broken.jpg: not an image file"):
+        result = equifast.measure(_net(2), tmp_path, group=Translation([4]),
+                                  input_size=(32, 32), batch_size=2, num_workers=0,
+                                  progress=False, bootstrap=0)
     assert result.config["images"] == 3 and result.config["loader"] == "folder"
     assert [p.endswith("broken.jpg") for p, _ in result.skipped] == [True]
     assert set(result.model_frame.metric) == {"consistency", "top1", "top5"}
+
+
+@pytest.mark.parametrize("implementation", ["engine", "naive"])
+def test_a_list_of_image_paths_is_a_data_source(tmp_path, implementation):
+    """A list of paths (or of (path, label) pairs) reads those files, in that order, as a .txt
+    file list would; it is not taken for an iterable of image batches."""
+    from equifast import naive
+    from equifast.data.samples import load_sample_image
+
+    measure = equifast.measure if implementation == "engine" else naive.measure
+    paths = []
+    for name in ["astronaut", "coffee", "chelsea"]:
+        paths.append(tmp_path / f"{name}.png")
+        load_sample_image(name).resize((80, 60)).save(paths[-1])
+    kwargs = dict(group=Translation([4]), input_size=(32, 32), batch_size=2, num_workers=0,
+                  progress=False, bootstrap=0, layers=["1"])
+    net = _net(2)
+    listed = tmp_path / "files.txt"
+    listed.write_text("".join(f"{p.name} {label}\n" for label, p in enumerate(paths)))
+    want = measure(net, listed, **kwargs)
+    for data in ([str(p) for p in paths], tuple(paths)):
+        got = measure(net, data, **kwargs)
+        assert got.config["images"] == 3
+        pd.testing.assert_frame_equal(got.frame, want.frame)
+    pairs = measure(net, [(str(p), label) for label, p in enumerate(paths)], **kwargs)
+    pd.testing.assert_frame_equal(pairs.model_frame, want.model_frame)
+    assert "top1" in set(pairs.model_frame.metric)
+    with pytest.raises(ValueError, match=r"labels: .*a list of files those of its \(path, label\)"):
+        measure(net, [str(p) for p in paths], labels=[0, 1, 2], **kwargs)
 
 
 def test_vector_and_nhwc_layers():

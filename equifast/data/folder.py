@@ -45,7 +45,14 @@ from equifast.data.geometry import (
     to_rgb,
 )
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageFolderSource", "default_num_workers", "find_images"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ImageFolderSource",
+    "SkippedFilesWarning",
+    "default_num_workers",
+    "find_images",
+    "is_path_list",
+]
 
 # torchvision's IMG_EXTENSIONS (compared lower-case)
 IMAGE_EXTENSIONS: tuple[str, ...] = (
@@ -132,6 +139,23 @@ def find_images(
     if not items:
         raise ValueError("the list of image files is empty")
     return items, None
+
+
+def is_path_list(data) -> bool:
+    """Whether ``data`` is a list or tuple of image paths (or of ``(path, label)`` pairs), the
+    in-memory form of a ``.txt`` file list, rather than an iterable of image batches."""
+    if not isinstance(data, (list, tuple)) or not data:
+        return False
+
+    def is_path(entry) -> bool:
+        return isinstance(entry, (str, os.PathLike))
+
+    return all(
+        is_path(entry)
+        or (isinstance(entry, (tuple, list)) and len(entry) == 2 and is_path(entry[0])
+            and isinstance(entry[1], int) and not isinstance(entry[1], bool))
+        for entry in data
+    )
 
 
 def _read_file_list(list_file: Path) -> list[tuple[str, int]]:
@@ -399,6 +423,25 @@ class ImageFolderSource:
             f"{len(self.classes) if self.classes else None}, source_size={self.source_size}, "
             f"batch_size={self.batch_size}, num_workers={self.num_workers})"
         )
+
+
+class SkippedFilesWarning(UserWarning):
+    """Files of a data source that could not be read were left out of a measurement (they are
+    listed in ``Result.skipped``)."""
+
+
+def warn_skipped(skipped: list[tuple[str, str]], measured: int) -> None:
+    """One warning for the files a measurement left out, naming the first few and why."""
+    if not skipped:
+        return
+    shown = "; ".join(f"{path}: {why}" for path, why in skipped[:3])
+    more = f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+    warnings.warn(
+        f"{len(skipped)} file(s) of the data source could not be read and were left out "
+        f"({measured} image(s) measured; Result.skipped lists them all): {shown}{more}",
+        SkippedFilesWarning,
+        stacklevel=3,
+    )
 
 
 def no_images_message(skipped: list[tuple[str, str]]) -> str:
