@@ -20,6 +20,7 @@ import equifast
 from equifast.cli import main
 from equifast.result import FRAME_COLUMNS
 from equifast.survey import (
+    SCHEMA_VERSION,
     SurveyStore,
     export_store,
     family_of,
@@ -216,6 +217,42 @@ def test_open_store_errors(tmp_path):
     text.write_text("hello, not a database " * 100)
     with pytest.raises(ValueError, match="not an equifast survey store"):
         open_store(text)
+
+
+def _schema_and_bytes(path) -> tuple[list, bytes]:
+    connection = sqlite3.connect(path)
+    try:
+        schema = connection.execute("SELECT type, name, sql FROM sqlite_master ORDER BY name")
+        schema = schema.fetchall()
+    finally:
+        connection.close()
+    return schema, Path(path).read_bytes()
+
+
+@pytest.mark.parametrize("tables", [["parts"], ["meta", "parts"]])
+def test_a_foreign_database_is_refused_and_left_unchanged(tmp_path, tables):
+    foreign = tmp_path / "inventory.sqlite"
+    connection = sqlite3.connect(foreign)
+    with connection:
+        connection.execute("CREATE TABLE parts (id INTEGER PRIMARY KEY, name TEXT)")
+        connection.execute("INSERT INTO parts (name) VALUES ('bolt')")
+        if "meta" in tables:
+            connection.execute("CREATE TABLE meta (owner TEXT)")  # a meta, but not equifast's
+    connection.close()
+    before = _schema_and_bytes(foreign)
+    found = ", ".join(tables)
+    for open_it in (lambda: SurveyStore(foreign, create=True), lambda: open_store(foreign),
+                    lambda: _survey(["eqtest_tiny"], foreign)):
+        with pytest.raises(ValueError, match=r"inventory.sqlite is not an equifast survey store: "
+                           rf"expected the tables meta, .*found {found}; it was left unchanged"):
+            open_it()
+        assert _schema_and_bytes(foreign) == before  # no equifast table, not even WAL mode
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inventory.sqlite"]
+    # An empty database file is no one's: it becomes a store.
+    empty = tmp_path / "empty.sqlite"
+    sqlite3.connect(empty).close()
+    with SurveyStore(empty, create=True) as store:
+        assert store.meta.set_index("key").value["schema_version"] == str(SCHEMA_VERSION)
 
 
 def test_survey_argument_errors(tmp_path, monkeypatch):

@@ -127,6 +127,9 @@ CREATE TABLE IF NOT EXISTS errors (
 """
 
 
+_TABLES = ("meta", "environments", "runs", "layers", "scores", "model_scores", "skipped", "errors")
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -209,6 +212,8 @@ class SurveyStore:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._connection = sqlite3.connect(self.path, timeout=60)
+            # Before anything is written: a file with other tables is someone else's database.
+            self._check_tables()
             self._connection.execute("PRAGMA foreign_keys = ON")
             if create:
                 # WAL: readers (a report, a notebook) never block the writer. synchronous=FULL:
@@ -223,13 +228,51 @@ class SurveyStore:
             version = self._connection.execute(
                 "SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         except sqlite3.DatabaseError as error:
+            self._close_quietly()
             raise ValueError(f"{self.path} is not an equifast survey store ({error})") from None
+        except ValueError:
+            self._close_quietly()
+            raise
         if version is None:
+            self._connection.close()
             raise ValueError(f"{self.path} is not an equifast survey store (no schema_version)")
         if int(version[0]) > SCHEMA_VERSION:
+            self._connection.close()
             raise ValueError(f"{self.path} has schema version {version[0]}; this equifast reads "
                              f"up to {SCHEMA_VERSION}: upgrade equifast")
         self._upgrade()
+
+    def _check_tables(self) -> None:
+        """Refuse a database that holds tables but no equifast ``meta`` with a schema version
+        (only reads: the file is left as it is).
+
+        Raises:
+            ValueError: naming the file, the tables expected and the tables found.
+        """
+        tables = [row[0] for row in self._connection.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' "
+            "ORDER BY name")]
+        if not tables:
+            return  # an empty database (or a new file): the schema is created here
+        version = None
+        if "meta" in tables:
+            try:
+                version = self._connection.execute(
+                    "SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            except sqlite3.OperationalError:  # a table named meta, but not ours
+                pass
+        if version is None:
+            found = ", ".join(tables[:12]) + (f" and {len(tables) - 12} more"
+                                              if len(tables) > 12 else "")
+            raise ValueError(
+                f"{self.path} is not an equifast survey store: expected the tables "
+                f"{', '.join(_TABLES)} (with a schema_version in meta), found {found}; it was left "
+                "unchanged: choose another store file (--store)")
+
+    def _close_quietly(self) -> None:
+        connection = getattr(self, "_connection", None)
+        if connection is not None:
+            connection.close()
 
     def _upgrade(self) -> None:
         """Bring a version-1 store to version 2 (the baseline columns of ``scores``).
