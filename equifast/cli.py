@@ -427,7 +427,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run_export(args)
         if args.command == "report":
             return _run_report(args)
-    except (ValueError, FileNotFoundError, KeyError, TypeError, ImportError) as error:
+    except (ValueError, FileNotFoundError, PermissionError, KeyError, TypeError,
+            ImportError) as error:
         print(f"equifast: error: {error}", file=sys.stderr)
         return 2
     except OSError as error:  # a path that cannot be read or written (--data, --store ...)

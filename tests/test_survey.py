@@ -219,6 +219,78 @@ def test_open_store_errors(tmp_path):
         open_store(text)
 
 
+def _read_only_folder(folder: Path, monkeypatch, readable: tuple[str, ...]) -> None:
+    """Make ``folder`` read-only. Where that does not stop this process (root ignores the mode),
+    make SQLite fail as it fails there, for any connection to a file in ``folder`` whose URI has
+    none of ``readable``: a WAL database's reader cannot create the ``-shm`` file beside it."""
+    folder.chmod(0o555)
+    if not os.access(folder, os.W_OK):
+        return
+    connect = sqlite3.connect
+
+    def read_only_connect(database, *args, **kwargs):
+        target = str(database)
+        if str(folder) in target and not any(part in target for part in readable):
+            error = sqlite3.OperationalError("attempt to write a readonly database")
+            error.sqlite_errorcode = 1544  # SQLITE_READONLY_DIRECTORY
+            raise error
+        return connect(database, *args, **kwargs)
+
+    monkeypatch.setattr(sqlite3, "connect", read_only_connect)
+
+
+def test_a_store_in_a_read_only_folder_is_read_and_not_written(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "finished"
+    store_path = folder / "s.sqlite"
+    _survey(["eqtest_tiny"], store_path)
+    expected = _rows(store_path)
+    try:
+        # With WAL and no -shm beside the file (the survey closed it), only immutable=1 reads.
+        _read_only_folder(folder, monkeypatch, readable=("immutable=1",))
+        with open_store(store_path) as store:
+            assert store.read_only == "mode=ro&immutable=1"
+            assert store.runs.status.tolist() == ["done"]
+            with pytest.raises(PermissionError, match="opened read-only"):
+                store.add_error(model="x", config_hash="h", attempt=1, batch_size=1, kind="k",
+                                message="m", traceback="t")
+        pd.testing.assert_frame_equal(_rows(store_path), expected)
+        assert main(["report", str(store_path), "-o", str(tmp_path / "report")]) == 0
+        assert (tmp_path / "report" / "index.html").is_file()
+        # Writing is a clear error, before any model is measured.
+        writable = r"cannot write the survey store .*s.sqlite: its folder or file is read-only"
+        with pytest.raises(PermissionError, match=writable):
+            SurveyStore(store_path, create=True)
+        with pytest.raises(PermissionError, match=writable):
+            _survey(["eqtest_tiny", "eqtest_raises"], store_path)
+        capsys.readouterr()
+        assert main(["survey", "--models", "eqtest_tiny", "--samples", "--store",
+                     str(store_path), "--quiet"]) == 2
+        assert "copy it to a writable place" in capsys.readouterr().err
+        assert sorted(p.name for p in folder.iterdir()) == ["s.sqlite"]
+    finally:
+        folder.chmod(0o755)
+
+
+def test_a_read_only_store_is_read_with_mode_ro_where_that_suffices(tmp_path, monkeypatch):
+    store_path = tmp_path / "s.sqlite"
+    _survey(["eqtest_tiny"], store_path)
+    expected = _rows(store_path)
+    # (simulated: mode=ro reads a WAL database whose -shm is there, e.g. beside a live writer)
+    real = sqlite3.connect
+
+    def connect(database, *args, **kwargs):
+        if "mode=ro" not in str(database):
+            error = sqlite3.OperationalError("attempt to write a readonly database")
+            error.sqlite_errorcode = 1544
+            raise error
+        return real(database, *args, **kwargs)
+
+    monkeypatch.setattr(sqlite3, "connect", connect)
+    with open_store(store_path) as store:
+        assert store.read_only == "mode=ro"
+    pd.testing.assert_frame_equal(_rows(store_path), expected)
+
+
 def _schema_and_bytes(path) -> tuple[list, bytes]:
     connection = sqlite3.connect(path)
     try:

@@ -53,6 +53,7 @@ import platform
 import socket
 import sqlite3
 import subprocess
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -145,6 +146,27 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _cannot_write(error: sqlite3.OperationalError) -> bool:
+    """Whether SQLite failed because it could not create or change a file (read-only folder,
+    file or file system), not because the database is bad or busy."""
+    code = getattr(error, "sqlite_errorcode", None)  # Python 3.11+
+    if code is not None:
+        return code & 0xFF in (8, 14)  # SQLITE_READONLY (and its extended codes), SQLITE_CANTOPEN
+    text = str(error).lower()
+    return "readonly database" in text or "unable to open database file" in text
+
+
+def _probed(connection: sqlite3.Connection) -> sqlite3.Connection:
+    """``connection`` once it has read the schema (SQLite opens files lazily: a connection that
+    cannot read fails here, not in ``connect``); closed when it cannot."""
+    try:
+        connection.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+    except BaseException:
+        connection.close()
+        raise
+    return connection
+
+
 def config_hash(config: dict[str, Any]) -> str:
     """A short stable hash of a JSON-able configuration (key order does not matter)."""
     text = json.dumps(config, sort_keys=True, default=str, separators=(",", ":"))
@@ -194,43 +216,66 @@ def environment_info(device: str | None = None) -> dict[str, str | None]:
 class SurveyStore:
     """A survey's SQLite store: written by the survey driver, read as pandas frames.
 
+    A store where nothing can be written (a read-only folder, file or file system) is still read:
+    WAL needs to create its ``-shm`` file beside the database, so reading falls back to SQLite's
+    ``mode=ro``, then to ``immutable=1`` (``read_only`` says which); writing to it is a
+    ``PermissionError``.
+
     Args:
         path: The SQLite file.
-        create: Create it (and its folder) when missing; otherwise a missing file is an error.
+        create: Create it (and its folder) when missing, for writing; otherwise a missing file is
+            an error.
+
+    Attributes:
+        read_only: None when opened read-write (as usual); else how it is read, where nothing
+            can be written: ``"mode=ro"`` or ``"mode=ro&immutable=1"``.
 
     Raises:
         FileNotFoundError: ``create`` is False and there is no file at ``path``.
         ValueError: the file is not an equifast store, or one of a newer schema.
+        PermissionError: ``create`` is True and the store or its folder cannot be written, or
+            the file cannot even be read.
     """
 
     def __init__(self, path: str | os.PathLike, create: bool = False):
         self.path = Path(path)
+        self.read_only: str | None = None
+        self._connection: sqlite3.Connection | None = None
         if not self.path.exists():
             if not create:
                 raise FileNotFoundError(f"no survey store at {self.path} (run `equifast survey "
                                         f"--store {self.path} ...` first)")
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise PermissionError(self._cannot_write(error)) from None
         try:
-            self._connection = sqlite3.connect(self.path, timeout=60)
+            self._connection = self._connect(create)
             # Before anything is written: a file with other tables is someone else's database.
             self._check_tables()
             self._connection.execute("PRAGMA foreign_keys = ON")
             if create:
-                # WAL: readers (a report, a notebook) never block the writer. synchronous=FULL:
-                # a committed model survives even a power cut, not only a killed process.
-                self._connection.execute("PRAGMA journal_mode = WAL")
-                self._connection.execute("PRAGMA synchronous = FULL")
-                with self._connection:
-                    self._connection.executescript(_SCHEMA)
-                    self._connection.execute(
-                        "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
-                        (str(SCHEMA_VERSION),))
+                try:
+                    # WAL: readers (a report, a notebook) never block the writer.
+                    # synchronous=FULL: a committed model survives even a power cut, not only a
+                    # killed process.
+                    self._connection.execute("PRAGMA journal_mode = WAL")
+                    self._connection.execute("PRAGMA synchronous = FULL")
+                    with self._connection:
+                        self._connection.executescript(_SCHEMA)
+                        self._connection.execute(
+                            "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
+                            (str(SCHEMA_VERSION),))
+                except sqlite3.OperationalError as error:
+                    if _cannot_write(error):
+                        raise PermissionError(self._cannot_write(error)) from None
+                    raise
             version = self._connection.execute(
                 "SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         except sqlite3.DatabaseError as error:
             self._close_quietly()
             raise ValueError(f"{self.path} is not an equifast survey store ({error})") from None
-        except ValueError:
+        except (ValueError, PermissionError):
             self._close_quietly()
             raise
         if version is None:
@@ -269,6 +314,45 @@ class SurveyStore:
                 f"{', '.join(_TABLES)} (with a schema_version in meta), found {found}; it was left "
                 "unchanged: choose another store file (--store)")
 
+    def _connect(self, create: bool) -> sqlite3.Connection:
+        """A connection that has read the schema: read-write, else (``create`` False, and only
+        because nothing can be written there) read-only."""
+        try:
+            return _probed(sqlite3.connect(self.path, timeout=60))
+        except sqlite3.OperationalError as error:
+            if not _cannot_write(error):
+                raise
+            if create:
+                raise PermissionError(self._cannot_write(error)) from None
+            first = error
+        # A WAL database needs its -shm file beside it, which a reader creates when it is not
+        # there. mode=ro reads without creating it when it is there; immutable=1 promises SQLite
+        # that nothing changes the file (nothing can, where nothing can be written), so no -shm
+        # is needed at all.
+        uri = self.path.resolve().as_uri()
+        for how in ("mode=ro", "mode=ro&immutable=1"):
+            try:
+                connection = _probed(sqlite3.connect(f"{uri}?{how}", uri=True, timeout=60))
+            except sqlite3.OperationalError as error:
+                last = error
+                continue
+            self.read_only = how
+            wal = self.path.with_name(self.path.name + "-wal")
+            if "immutable" in how and wal.is_file() and wal.stat().st_size > 0:
+                warnings.warn(f"{self.path} is read as immutable (nothing can be written there): "
+                              f"its write-ahead log {wal.name} ({wal.stat().st_size} bytes) is "
+                              "not read, so runs committed since its last checkpoint are "
+                              "missing; open it once where it can be written to include them",
+                              stacklevel=3)
+            return connection
+        raise PermissionError(f"cannot read the survey store {self.path}: {first}; read-only "
+                              f"({how}): {last}") from None
+
+    def _cannot_write(self, error: BaseException) -> str:
+        return (f"cannot write the survey store {self.path}: its folder or file is read-only "
+                f"({error}); reading it works (open_store, `equifast report`), to add models "
+                "copy it to a writable place and survey into the copy (--store)")
+
     def _close_quietly(self) -> None:
         connection = getattr(self, "_connection", None)
         if connection is not None:
@@ -281,7 +365,7 @@ class SurveyStore:
         read as NULL (:meth:`_score_column`).
         """
         missing = [c for c in BASELINE_COLUMNS if c not in self._columns("scores")]
-        if not missing:
+        if not missing or self.read_only:
             return
         try:
             with self._connection:
@@ -320,6 +404,11 @@ class SurveyStore:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
+        if self.read_only:
+            raise PermissionError(
+                f"cannot write the survey store {self.path}: it was opened read-only "
+                f"({self.read_only}), as nothing can be written there; to add models copy it to "
+                "a writable place and survey into the copy (--store)")
         # BEGIN IMMEDIATE takes the write lock at once: two writers wait rather than deadlock.
         self._connection.execute("BEGIN IMMEDIATE")
         try:
