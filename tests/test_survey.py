@@ -18,7 +18,7 @@ import torch
 
 import equifast
 from equifast.cli import main
-from equifast.result import FRAME_COLUMNS
+from equifast.result import BASELINE_COLUMNS, FRAME_COLUMNS
 from equifast.survey import (
     SCHEMA_VERSION,
     SurveyStore,
@@ -110,6 +110,25 @@ def test_store_refuses_a_duplicate_inside_one_transaction(tmp_path):
                              group_spec="translate:4,8")
         scores = len(store.scores)
     assert scores == len(result.frame)
+
+
+def test_columns_of_nulls_read_as_float_nan(tmp_path):
+    store_path = tmp_path / "s.sqlite"
+    _survey(["eqtest_tiny"], store_path, bootstrap=0)  # no intervals, no baseline: NULL columns
+    with open_store(store_path) as store:
+        scores, model_scores = store.scores, store.model_scores
+        frame = store.result("eqtest_tiny").frame
+    empty = ["ci_low", "ci_high", *BASELINE_COLUMNS]
+    assert scores[empty].isna().all().all() and model_scores.ci_low.isna().all()
+    for table, columns in ((scores, ["value", *empty]), (frame, empty),
+                           (model_scores, ["ci_low", "ci_high"])):
+        assert (table[columns].dtypes == np.float64).all(), table[columns].dtypes
+    assert (scores.ci_high - scores.ci_low).isna().all()  # arithmetic, not None - None
+    failed_path = tmp_path / "failed.sqlite"
+    _survey(["eqtest_raises"], failed_path)
+    with open_store(failed_path) as store:
+        runs = store.runs
+    assert runs.images.isna().all() and runs.images.dtype == np.float64
 
 
 def test_failures_are_recorded_and_the_survey_goes_on(tmp_path):

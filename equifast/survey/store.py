@@ -54,7 +54,7 @@ import socket
 import sqlite3
 import subprocess
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -81,6 +81,11 @@ RUN_COLUMNS = [
     "images", "seconds", "images_per_second", "batch_size", "attempts", "device", "loader",
     "backend", "started", "finished", "env_id", "config", "error",
 ]
+# Numeric columns of the frames read back (a column of NULLs is float64 NaN, not objects).
+_LAYER_NUMBERS = ("depth", "rel_depth", "grid_h", "grid_w", "channels", "prefix", "stride_y",
+                  "stride_x", "stride", "offset_y", "offset_x")
+_SCORE_NUMBERS = ("value", "ci_low", "ci_high", "n", *BASELINE_COLUMNS, *_LAYER_NUMBERS)
+_RUN_NUMBERS = ("images", "seconds", "images_per_second", "batch_size", "attempts")
 ENVIRONMENT_COLUMNS = [
     "hostname", "platform", "python", "torch", "torchvision", "timm", "equifast", "device",
     "device_name", "git_commit",
@@ -520,13 +525,20 @@ class SurveyStore:
     # ---------------------------------------------------------------------------------------
     # reading (analysis code)
 
-    def _frame(self, sql: str, params: tuple = ()) -> pd.DataFrame:
-        return pd.read_sql_query(sql, self._connection, params=params)
+    def _frame(self, sql: str, params: tuple = (), numeric: Iterable[str] = ()) -> pd.DataFrame:
+        """A query's rows; the ``numeric`` columns as numbers even when every value is NULL
+        (pandas reads a column of NULLs as objects, None: NaN here, float64)."""
+        frame = pd.read_sql_query(sql, self._connection, params=params)
+        for column in numeric:
+            if column in frame.columns and frame[column].dtype == object:
+                frame[column] = frame[column].astype("float64")
+        return frame
 
     @property
     def runs(self) -> pd.DataFrame:
         """One row per ``(model, config)``: status, timing, family, configuration (JSON)."""
-        frame = self._frame(f"SELECT {', '.join(RUN_COLUMNS)} FROM runs ORDER BY run_id")
+        frame = self._frame(f"SELECT {', '.join(RUN_COLUMNS)} FROM runs ORDER BY run_id",
+                            numeric=_RUN_NUMBERS)
         frame["pretrained"] = frame["pretrained"].map(lambda v: None if pd.isna(v) else bool(v))
         return frame
 
@@ -539,7 +551,8 @@ class SurveyStore:
         frame = self._frame(
             f"SELECT scores.run_id, runs.group_spec, {columns} FROM scores "
             "JOIN runs USING (run_id) JOIN layers USING (run_id, layer) "
-            "WHERE runs.status = 'done' ORDER BY scores.run_id, layers.depth, scores.rowid"
+            "WHERE runs.status = 'done' ORDER BY scores.run_id, layers.depth, scores.rowid",
+            numeric=_SCORE_NUMBERS,
         )
         for column in ("exact", "pooled"):
             frame[column] = frame[column].astype(bool)
@@ -550,7 +563,8 @@ class SurveyStore:
         """Layer geometry per finished run (``run_id``, ``model`` and the layer columns)."""
         return self._frame(
             "SELECT layers.run_id, runs.model, runs.group_spec, layers.* FROM layers "
-            "JOIN runs USING (run_id) WHERE runs.status = 'done' ORDER BY run_id, depth"
+            "JOIN runs USING (run_id) WHERE runs.status = 'done' ORDER BY run_id, depth",
+            numeric=_LAYER_NUMBERS,
         ).loc[:, lambda f: ~f.columns.duplicated()]
 
     @property
@@ -559,7 +573,8 @@ class SurveyStore:
         return self._frame(
             "SELECT model_scores.run_id, runs.group_spec, runs.model, metric, value, ci_low, "
             "ci_high, n FROM model_scores JOIN runs USING (run_id) WHERE runs.status = 'done' "
-            "ORDER BY model_scores.run_id, model_scores.rowid"
+            "ORDER BY model_scores.run_id, model_scores.rowid",
+            numeric=("value", "ci_low", "ci_high", "n"),
         )
 
     @property
