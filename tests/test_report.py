@@ -435,6 +435,26 @@ def test_synthetic_edge_cases(tmp_path):
     assert (tmp_path / "out-c" / "figures" / "depth-solo1.svg").is_file()
 
 
+def test_a_model_whose_eq_scores_are_all_nan_keeps_its_row(tmp_path):
+    # What resnet18 restricted to layer4 at 64 px gives under rotate:90 (no valid position on
+    # its 2 x 2 map), surveyed beside a model with scores: the report raised a KeyError on the
+    # model's name (pivot_table left its all-NaN row out).
+    results = [_result("net1", [0.9, 0.8], top1=0.6, group="rotate:90"),
+               _result("nan2", [math.nan], top1=0.4, group="rotate:90")]
+    store = _store(tmp_path / "s.sqlite", results)
+    index = build_report(store, tmp_path / "out", n_boot=50)
+    page = index.read_text()
+    table = page.split('id="models-table"')[1].split("</table>")[0]
+    assert table.count("<tr>") == 1 + 2
+    row = re.search(r"<tr><td[^>]*><a[^>]*>nan2</a>.*?</tr>", table).group(0)
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", row)
+    header = re.findall(r"<th[^>]*>(.*?)</th>", table)
+    assert cells[header.index("mean eq rotate:90")] == "–"
+    assert cells[header.index("top-1")] == "0.400"
+    models = pd.read_csv(tmp_path / "out" / "models.csv").set_index("model")
+    assert math.isnan(models.mean_eq["nan2"]) and models.mean_eq["net1"] == pytest.approx(0.85)
+
+
 def test_plot_model_depth_needs_one_model(tmp_path):
     store = _store(tmp_path / "s.sqlite", [_result("net1", [0.9]), _result("net2", [0.8])])
     with open_store(store) as opened:
