@@ -225,6 +225,23 @@ def test_resolve_models_names_wildcards_and_lists(tmp_path):
     assert family_of("tv:resnet50") == "resnet"
 
 
+def test_a_model_has_one_key_whatever_its_prefix(tmp_path):
+    names = resolve_models(["timm:eqtest_tiny", "eqtest_tiny", " tv:resnet18 ",
+                            "torchvision:resnet18", "resnet18", "timm:resnet1?t"])
+    # torchvision's resnet18 is another model than timm's: it keeps its prefix.
+    assert names == ["eqtest_tiny", "tv:resnet18", "resnet18", "resnet10t", "resnet14t"]
+    assert resolve_models(["timm:resnet10t"], pretrained_only=True) == ["resnet10t"]
+    assert resolve_models(["torchvision:resnet1*"]) == resolve_models(["tv:resnet1*"])
+    store_path = tmp_path / "s.sqlite"
+    assert _survey(["timm:eqtest_tiny"], store_path).done == ["eqtest_tiny"]
+    again = _survey(["eqtest_tiny", "timm:eqtest_tiny"], store_path)
+    assert again.skipped == ["eqtest_tiny"] and not again.done
+    with SurveyStore(store_path) as store:
+        assert store.runs.model.tolist() == ["eqtest_tiny"]
+        assert store.status("timm:eqtest_tiny", store.runs.config_hash[0]) == "done"
+        assert store.result("timm:eqtest_tiny").config["images"] == 4
+
+
 def test_open_store_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no survey store at .*absent.sqlite"):
         open_store(tmp_path / "absent.sqlite")

@@ -15,7 +15,13 @@ from equifast.survey.runner import (
     resolve_models,
     run_survey,
 )
-from equifast.survey.store import SCHEMA_VERSION, SurveyStore, export_store, open_store
+from equifast.survey.store import (
+    SCHEMA_VERSION,
+    SurveyStore,
+    export_store,
+    model_key,
+    open_store,
+)
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -25,6 +31,7 @@ __all__ = [
     "export_store",
     "family_of",
     "measure_model",
+    "model_key",
     "open_store",
     "resolve_models",
     "run_survey",

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from equifast.survey.store import SurveyStore, config_hash, environment_info
+from equifast.survey.store import SurveyStore, config_hash, environment_info, model_key
 
 __all__ = ["ModelOutcome", "SurveySummary", "family_of", "resolve_models", "run_survey"]
 
@@ -102,7 +102,9 @@ def resolve_models(patterns: Iterable[str] = (), model_list: str | os.PathLike |
     Wildcards go through ``timm.list_models``; with ``pretrained_only`` they list the names that
     have pretrained weights (with their tag, e.g. ``resnet18.a1_in1k``), and plain names without
     any pretrained weights in timm are dropped. Torchvision wildcards (``"tv:resnet*"``) use
-    ``torchvision.models.list_models``. Order is kept; duplicates are dropped.
+    ``torchvision.models.list_models``. Names are the store's keys (:func:`model_key`:
+    ``timm:resnet18`` is ``resnet18``, ``torchvision:vgg11`` is ``tv:vgg11``). Order is kept;
+    duplicates are dropped.
 
     Raises:
         ValueError: a wildcard matches nothing, or nothing is left to measure.
@@ -113,9 +115,9 @@ def resolve_models(patterns: Iterable[str] = (), model_list: str | os.PathLike |
     if model_list is not None:
         requested += read_model_list(model_list)
     names: list[str] = []
-    for pattern in requested:
+    for pattern in map(model_key, requested):
         if _WILDCARDS & set(pattern):
-            if pattern.startswith(("tv:", "torchvision:")):
+            if pattern.startswith("tv:"):
                 import torchvision
 
                 prefix, inner = pattern.split(":", 1)
@@ -128,7 +130,7 @@ def resolve_models(patterns: Iterable[str] = (), model_list: str | os.PathLike |
                                  f"{'pretrained ' if pretrained_only else ''}model")
             names += found
         else:
-            if pretrained_only and not pattern.startswith(("tv:", "torchvision:")):
+            if pretrained_only and not pattern.startswith("tv:"):
                 if not timm.list_models(pattern.split(".")[0], pretrained=True):
                     continue
             names.append(pattern)

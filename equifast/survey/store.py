@@ -64,7 +64,8 @@ import pandas as pd
 
 from equifast.result import BASELINE_COLUMNS, FRAME_COLUMNS, MODEL_COLUMNS, Result
 
-__all__ = ["SCHEMA_VERSION", "SurveyStore", "environment_info", "export_store", "open_store"]
+__all__ = ["SCHEMA_VERSION", "SurveyStore", "environment_info", "export_store", "model_key",
+           "open_store"]
 
 SCHEMA_VERSION = 2
 
@@ -149,6 +150,29 @@ def _plain(value: Any) -> Any:
     if isinstance(value, float) and math.isnan(value):
         return None
     return value
+
+
+def model_key(name: str) -> str:
+    """The one name under which a model is kept in a store (``runs.model``).
+
+    ``timm:resnet18`` and ``resnet18`` are the same timm model, kept as ``resnet18`` (the name
+    timm lists); ``torchvision:resnet18`` and ``tv:resnet18`` the same torchvision model, kept as
+    ``tv:resnet18``, another model than timm's ``resnet18``. A pretrained tag
+    (``resnet18.a1_in1k``) names other weights and stays. Spaces around the parts are dropped.
+
+    Example:
+        >>> model_key("timm:resnet18"), model_key("torchvision:resnet18")
+        ('resnet18', 'tv:resnet18')
+    """
+    name = name.strip()
+    prefix, colon, rest = name.partition(":")
+    if not colon:
+        return name
+    if prefix.strip() == "timm":
+        return rest.strip()
+    if prefix.strip() in ("tv", "torchvision"):
+        return f"tv:{rest.strip()}"
+    return name
 
 
 def _cannot_write(error: sqlite3.OperationalError) -> bool:
@@ -442,6 +466,7 @@ class SurveyStore:
 
     def status(self, model: str, config_hash: str) -> str | None:
         """``'done'``, ``'failed'`` or None (not run) for a ``(model, config)`` pair."""
+        model = model_key(model)
         row = self._connection.execute(
             "SELECT status FROM runs WHERE model = ? AND config_hash = ?", (model, config_hash)
         ).fetchone()
@@ -456,6 +481,7 @@ class SurveyStore:
         Raises:
             ValueError: the pair is already done (the store never holds a duplicate).
         """
+        model = model_key(model)
         config = result.config
         frame = result.frame
         with self._transaction() as db:
@@ -503,6 +529,7 @@ class SurveyStore:
                   config: dict[str, Any] | None = None) -> None:
         """Record a failure; a fatal one also marks the pair ``failed`` in ``runs`` (one
         transaction), unless it is already done."""
+        model = model_key(model)
         with self._transaction() as db:
             db.execute(
                 "INSERT INTO errors (model, config_hash, attempt, batch_size, kind, message, "
@@ -613,7 +640,7 @@ class SurveyStore:
             KeyError: no finished run of that model (the message lists the models there are).
         """
         sql = "SELECT run_id, config FROM runs WHERE status = 'done' AND model = ?"
-        params: tuple = (model,)
+        params: tuple = (model_key(model),)
         if group_spec is not None:
             sql += " AND group_spec = ?"
             params += (group_spec,)
