@@ -491,6 +491,56 @@ def test_ray_survey_gives_the_sequential_rows(tmp_path, monkeypatch):
         assert "broken on purpose" in store.errors.traceback.iloc[0]
 
 
+def test_the_same_settings_have_one_config_however_written(tmp_path, monkeypatch):
+    from equifast.scores import DEFAULT_METRICS
+    from equifast.survey.runner import survey_config
+    from equifast.survey.store import config_hash
+
+    def key(group="translate:4,8", data="samples", **kwargs):
+        return config_hash(survey_config(group, data, {"seed": 0, "model_kwargs": {}, **kwargs}))
+
+    base = key()
+    # The command line passes every default; the Python API leaves them out.
+    assert base == key(layers=None, metrics=None, limit=None, align="auto", pooled=False,
+                       bootstrap=1000, subpixel="bilinear", baseline=None, loader="auto",
+                       num_workers=None, device="cpu")
+    for spec in ("translate: 4, 8", " translate:4,8 ", "translate:4.0,8", "shift:4,8",
+                 "translate[crop]:4,8", "translate:0/4,4/0,0/8,8/0"):
+        assert key(spec) == base, spec
+    assert key(metrics=list(DEFAULT_METRICS)) == base
+    assert key(metrics=["cosine"]) == key(metrics=["corr", "cosine"])
+    assert key(input_size=32) == key(input_size=(32, 32)) == key(input_size=[32, 32])
+    assert key(align=0) == key(align=0.0)
+    # Metric and layer names are names, also where a file of that name happens to exist.
+    named = key(metrics=["corr", "cosine"], layers=["conv1"])
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cosine").write_text("")
+    (tmp_path / "conv1").write_text("")
+    assert key(metrics=["corr", "cosine"], layers=["conv1"]) == named
+    # ... while data and checkpoints are paths: relative or absolute, the same file.
+    (tmp_path / "w.pth").write_text("")
+    assert key(model_kwargs={"checkpoint_path": "w.pth"}) == key(
+        model_kwargs={"checkpoint_path": str(tmp_path / "w.pth")})
+    # What changes the numbers still changes the configuration.
+    others = [key("translate:4"), key("translate[circular]:4,8"), key("translate:8,4"),
+              key(metrics=["nde"]), key(bootstrap=20), key(align="center"), key(pooled=True),
+              key(layers=["conv1"]), key(limit=4), key(input_size=32), key(seed=1),
+              key(baseline="init"), key(model_kwargs={"checkpoint_path": "w.pth"}),
+              key(data=tmp_path)]
+    assert len({base, *others}) == 1 + len(others)
+
+
+def test_a_command_line_survey_resumes_a_python_one(tmp_path, capsys):
+    store_path = tmp_path / "s.sqlite"
+    assert main(["survey", "--models", "eqtest_tiny", "--samples", "--group", "translate:4,8",
+                 "--limit", "4", "--input-size", "32", "--bootstrap", "20", "--store",
+                 str(store_path), "--quiet"]) == 0
+    summary = _survey(["eqtest_tiny"], store_path, group="translate: 4, 8")
+    assert summary.skipped == ["eqtest_tiny"] and not summary.done
+    with open_store(store_path) as store:
+        assert store.runs.group_spec.tolist() == ["translate:4,8"]
+
+
 def test_config_hash_follows_what_changes_the_numbers(tmp_path):
     from equifast.survey.runner import survey_config
     from equifast.survey.store import config_hash

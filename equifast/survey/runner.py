@@ -166,9 +166,11 @@ def family_of(model: str) -> str:
     return re.match(r"[A-Za-z_]*", model.split(":")[-1]).group(0).rstrip("_") or model
 
 
-def _fingerprint(value: Any) -> Any:
+def _fingerprint(value: Any, paths: bool = False) -> Any:
     """A JSON-able stand-in for a configuration value: arrays and tensors by content hash (their
-    ``str`` elides the middle), folders by absolute path."""
+    ``str`` elides the middle), ``os.PathLike`` values by absolute path. Strings are names (a
+    metric ``corr`` stays ``corr`` where a file of that name happens to exist), except with
+    ``paths``, where an existing file or folder is its absolute path (``data``)."""
     import hashlib
 
     import numpy as np
@@ -179,25 +181,77 @@ def _fingerprint(value: Any) -> Any:
             value, torch.Tensor) else np.ascontiguousarray(value)
         digest = hashlib.sha256(array.tobytes()).hexdigest()[:16]
         return f"{type(value).__name__}{list(array.shape)}:{array.dtype}:{digest}"
-    if isinstance(value, os.PathLike) or (isinstance(value, str) and value != "samples"
-                                          and Path(value).exists()):
+    if isinstance(value, os.PathLike) or (paths and isinstance(value, str)
+                                          and value != "samples" and Path(value).exists()):
         return str(Path(value).resolve())
     if isinstance(value, (list, tuple)):
-        return [_fingerprint(v) for v in value]
+        return [_fingerprint(v, paths) for v in value]
     if isinstance(value, dict):
-        return {str(k): _fingerprint(v) for k, v in value.items()}
+        return {str(k): _fingerprint(v, paths or str(k) in _PATH_ARGUMENTS)
+                for k, v in value.items()}
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
     return f"{type(value).__module__}.{type(value).__qualname__}"  # an iterable, a module...
 
 
+# equifast.measure's arguments that do not change the numbers: not part of a survey's identity
+# (``model_name`` and ``batch_size`` are the survey's own).
+_NOT_IDENTITY = {"model", "data", "group", "model_name", "batch_size", "device", "num_workers",
+                 "progress", "loader", "dtype", "channels_last", "elements_per_chunk",
+                 "distributed"}
+# Arguments whose strings are file paths (model_kwargs of timm.create_model).
+_PATH_ARGUMENTS = {"checkpoint_path"}
+
+
+def _measure_defaults() -> dict[str, Any]:
+    """equifast.measure's defaults of the arguments that identify a measurement."""
+    import inspect
+
+    import equifast
+
+    return {name: parameter.default
+            for name, parameter in inspect.signature(equifast.measure).parameters.items()
+            if parameter.default is not inspect.Parameter.empty and name not in _NOT_IDENTITY}
+
+
+def _canonical_align(align: Any) -> Any:
+    """An ``align`` spec with its numbers as floats (``0`` and ``0.0`` are the same offset)."""
+    if isinstance(align, dict):
+        return {str(k): _canonical_align(v) for k, v in sorted(align.items())}
+    if isinstance(align, (list, tuple)):
+        return [_canonical_align(v) for v in align]
+    if isinstance(align, (int, float)) and not isinstance(align, bool):
+        return float(align)
+    return align
+
+
 def survey_config(group: str, data: Any, measure_kwargs: dict[str, Any]) -> dict[str, Any]:
     """The configuration that identifies a measurement (its hash keys the store): everything
-    that changes the numbers, not the batch size, device or loader workers."""
-    ignored = {"batch_size", "device", "num_workers", "progress", "loader", "dtype",
-               "channels_last", "elements_per_chunk"}
-    config = {"group": group, "data": _fingerprint(data)}
-    config.update({k: _fingerprint(v) for k, v in measure_kwargs.items() if k not in ignored})
+    that changes the numbers, not the batch size, device or loader workers.
+
+    Normalized, so that the same settings resume each other however they were written: the
+    arguments left out are filled with :func:`equifast.measure`'s defaults (the command line
+    passes them all), the group is its list of elements and their protocols (``translate: 8``
+    and ``translate:8`` are one group), metrics are the names measured (``["cosine"]`` is
+    ``["corr", "cosine"]``), ``input_size`` is ``[H, W]``, and strings are names except for
+    ``data`` and ``checkpoint_path``, which are paths.
+
+    Raises:
+        ValueError: a group spec, metric, ``input_size`` or ``align`` that is not valid.
+    """
+    from equifast.align import check_align
+    from equifast.data.geometry import check_input_size
+    from equifast.groups import parse_group
+    from equifast.scores import check_metrics
+
+    settings = {**_measure_defaults(),
+                **{k: v for k, v in measure_kwargs.items() if k not in _NOT_IDENTITY}}
+    settings["metrics"] = sorted(check_metrics(settings.get("metrics")))
+    settings["input_size"] = check_input_size(settings.get("input_size"))
+    settings["align"] = _canonical_align(check_align(settings.get("align", "auto")))
+    config = {"group": [[element.name, element.protocol] for element in parse_group(group)],
+              "data": _fingerprint(data, paths=True)}
+    config.update({k: _fingerprint(v) for k, v in settings.items()})
     return config
 
 
@@ -434,6 +488,7 @@ def run_survey(
     from equifast.groups import parse_group
 
     parse_group(group)  # a bad spec fails now, not once per model
+    group = "".join(group.split())  # as stored (group_spec): 'translate: 8' is 'translate:8'
     imports = list(imports)
     import_plugins(imports)
     if isinstance(data, (str, os.PathLike)) and str(data) != "samples":
