@@ -44,6 +44,12 @@ def eqtest_tiny(pretrained: bool = False, **kwargs) -> nn.Module:
 
 
 @register_model
+def eqtest_tiny_b(pretrained: bool = False, **kwargs) -> nn.Module:
+    """Another healthy model (a second name for surveys of two models)."""
+    return TinyNet(**kwargs)
+
+
+@register_model
 def eqtest_raises(pretrained: bool = False, **kwargs) -> nn.Module:
     return TinyNet(fail="raise", **kwargs)
 

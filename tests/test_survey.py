@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -129,6 +130,91 @@ def test_columns_of_nulls_read_as_float_nan(tmp_path):
     with open_store(failed_path) as store:
         runs = store.runs
     assert runs.images.isna().all() and runs.images.dtype == np.float64
+
+
+def test_a_second_survey_on_the_same_store_skips_what_the_first_claimed(tmp_path,
+                                                                        monkeypatch):
+    from equifast.survey import runner
+
+    store_path = tmp_path / "s.sqlite"
+    models = ["eqtest_tiny", "eqtest_tiny_b"]
+    measure = runner.measure_model
+    started = []
+
+    def measure_while_another_survey_runs(model, *args, **kwargs):
+        # The first survey holds its claim on eqtest_tiny: the second one starts now (and
+        # measures with the plain measure_model).
+        if not started:
+            started.append(model)
+            started.append(_survey(models, store_path))
+        return measure(model, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "measure_model", measure_while_another_survey_runs)
+    first = _survey(models, store_path)
+    second = started[1]
+    assert first.done == ["eqtest_tiny"] and second.done == ["eqtest_tiny_b"]
+    assert first.skipped == ["eqtest_tiny_b"] and second.skipped == ["eqtest_tiny"]
+    assert first.elsewhere["eqtest_tiny_b"] == "done: another survey finished it"
+    assert f"process {os.getpid()} on " in second.elsewhere["eqtest_tiny"]
+    assert "another survey is measuring it" in str(second)
+    with SurveyStore(store_path) as store:
+        assert sorted(store.runs.model) == models and (store.runs.status == "done").all()
+        assert not store._connection.execute("SELECT * FROM claims").fetchall()
+
+
+def test_a_model_finished_by_another_survey_meanwhile_is_skipped(tmp_path, monkeypatch):
+    # Another survey that did not see the claim (a claim it took for a dead survey's, or an
+    # equifast before claims) writes the model between this survey's claim and its write.
+    from equifast.survey import runner
+    from equifast.survey.runner import survey_config
+    from equifast.survey.store import config_hash
+
+    store_path = tmp_path / "s.sqlite"
+    measure = runner.measure_model
+
+    def measure_and_let_another_survey_write_first(model, *args, **kwargs):
+        outcome = measure(model, *args, **kwargs)
+        if model == "eqtest_tiny":
+            settings = {k: v for k, v in SETTINGS.items() if k not in ("group", "progress", "log")}
+            key = config_hash(survey_config("translate:4,8", "samples",
+                                            {"seed": 0, "model_kwargs": {}, **settings}))
+            with SurveyStore(store_path) as other:
+                other.add_result(outcome.result, model=model, config_hash=key, family="other",
+                                 group_spec="translate:4,8", attempts=7)
+        return outcome
+
+    monkeypatch.setattr(runner, "measure_model", measure_and_let_another_survey_write_first)
+    summary = _survey(["eqtest_tiny", "eqtest_tiny_b"], store_path)
+    assert summary.done == ["eqtest_tiny_b"] and summary.skipped == ["eqtest_tiny"]
+    assert "another survey finished it while this one measured it" in summary.elsewhere[
+        "eqtest_tiny"]
+    with open_store(store_path) as store:
+        runs = store.runs.set_index("model")
+    assert len(runs) == 2 and runs.attempts["eqtest_tiny"] == 7  # the other survey's rows
+
+
+def test_claims_of_surveys_that_died_are_taken_over(tmp_path):
+    from equifast.survey.store import CLAIM_HOURS
+
+    store_path = tmp_path / "s.sqlite"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    old = pd.Timestamp.now(tz="UTC") - pd.Timedelta(hours=CLAIM_HOURS + 1)
+    with SurveyStore(store_path, create=True) as store:
+        with store._connection:
+            store._connection.executemany("INSERT INTO claims VALUES (?, 'h', ?, ?, ?, ?)", [
+                ("m_dead", "killed", socket.gethostname(), dead.pid, "2026-01-01T00:00:00+00:00"),
+                ("m_alive", "running", socket.gethostname(), os.getpid(), "2026-01-01"),
+                ("m_away", "elsewhere", "another-host", 1, pd.Timestamp.now(tz="UTC").isoformat()),
+                ("m_old", "long gone", "another-host", 1, old.isoformat())])
+        assert store.claim("m_dead", "h", "me") is None
+        assert "process 1 on another-host" in store.claim("m_away", "h", "me")
+        assert "another survey is measuring it" in store.claim("m_alive", "h", "me")
+        assert store.claim("m_old", "h", "me") is None
+        assert store.claim("m_alive", "h", "running") is None  # its own claim
+        store.release("me")
+        owners = store._connection.execute("SELECT owner FROM claims ORDER BY owner").fetchall()
+    assert [o for (o,) in owners] == ["elsewhere", "running"]
 
 
 def test_failures_are_recorded_and_the_survey_goes_on(tmp_path):

@@ -7,7 +7,10 @@ that runs out of memory is retried with half the batch down to ``min_batch_size`
 or whose features are not finite, is recorded with its traceback and the survey goes on.
 
 Models run one after another in this process, or as one Ray task each (``ray=``), in which case
-this process (the driver) is still the only writer of the store.
+this process (the driver) is still the only writer of the store. Another survey may run on the
+same store at the same time: each model is claimed in the store before it is measured, and a
+survey skips (and names, in :attr:`SurveySummary.elsewhere`) the models that the other one
+claimed or finished meanwhile.
 
 Example:
     >>> from equifast.survey import run_survey
@@ -22,14 +25,22 @@ from __future__ import annotations
 import fnmatch
 import math
 import os
+import socket
 import time
 import traceback as traceback_module
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from equifast.survey.store import SurveyStore, config_hash, environment_info, model_key
+from equifast.survey.store import (
+    DuplicateRunError,
+    SurveyStore,
+    config_hash,
+    environment_info,
+    model_key,
+)
 
 __all__ = ["ModelOutcome", "SurveySummary", "family_of", "resolve_models", "run_survey"]
 
@@ -69,16 +80,22 @@ class SurveySummary:
     seconds: float = 0.0
     store: str = ""
     failed_before: list[str] = field(default_factory=list)  # skipped: they failed in a past run
+    # skipped too: another survey on the same store claimed or finished them while this one ran
+    elsewhere: dict[str, str] = field(default_factory=dict)  # model -> why
 
     def __str__(self) -> str:
         before = f", {len(self.failed_before)} of them failed" if self.failed_before else ""
+        other = f", {len(self.elsewhere)} left to another survey" if self.elsewhere else ""
         text = (f"survey: {len(self.done)} done, {len(self.skipped)} skipped (already in the "
-                f"store{before}), {len(self.failed)} failed, {self.seconds:.1f} s -> {self.store}")
+                f"store{before}{other}), {len(self.failed)} failed, {self.seconds:.1f} s -> "
+                f"{self.store}")
         if self.failed:
             text += "\n  failed: " + ", ".join(self.failed)
         if self.failed_before:
             text += ("\n  failed before (kept as they are; --retry-failed measures them again): "
                      + ", ".join(self.failed_before))
+        for model, why in self.elsewhere.items():
+            text += f"\n  left to another survey: {model}: {why}"
         return text
 
 
@@ -408,6 +425,11 @@ def measure_model(model: str, data: Any, group: str, batch_size: int, min_batch_
 
 def _record(store: SurveyStore, outcome: ModelOutcome, key: str, group: str, env_id: int,
             config: dict[str, Any]) -> bool:
+    """Write an outcome; True when the model is done.
+
+    Raises:
+        DuplicateRunError: another survey finished the model first (its rows stay).
+    """
     family = family_of(outcome.model)
     last = len(outcome.errors) - (0 if outcome.ok else 1)
     for attempt, batch, kind, message, trace in outcome.errors[:last]:
@@ -523,14 +545,7 @@ def run_survey(
 
             bar = tqdm(total=len(pending), unit="model", desc="survey", position=0)
 
-        def finish(outcome: ModelOutcome) -> None:
-            ok = _record(db, outcome, key, group, env_id, config)
-            (summary.done if ok else summary.failed).append(outcome.model)
-            if ok:
-                rate = outcome.result.config.get("images_per_second") or math.nan
-                line = f"done   {outcome.model}: {rate:.1f} img/s"
-            else:
-                line = f"failed {outcome.model}: {outcome.errors[-1][3].splitlines()[0][:200]}"
+        def show(line: str) -> None:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(done=len(summary.done), failed=len(summary.failed))
@@ -538,15 +553,49 @@ def run_survey(
             else:
                 log(line)
 
+        def leave(name: str, why: str) -> None:
+            """Skip a model that another survey on this store claimed or finished meanwhile."""
+            summary.skipped.append(name)
+            summary.elsewhere[name] = why
+            show(f"skip   {name}: {why}")
+
+        def claimed(name: str) -> bool:
+            why = db.claim(name, key, owner, retry_failed)
+            if why is not None:
+                leave(name, why)
+            return why is None
+
+        def finish(outcome: ModelOutcome) -> None:
+            try:
+                ok = _record(db, outcome, key, group, env_id, config)
+            except DuplicateRunError:
+                leave(outcome.model, "done: another survey finished it while this one measured "
+                                     "it (its rows are kept)")
+                return
+            (summary.done if ok else summary.failed).append(outcome.model)
+            if ok:
+                rate = outcome.result.config.get("images_per_second") or math.nan
+                show(f"done   {outcome.model}: {rate:.1f} img/s")
+            else:
+                show(f"failed {outcome.model}: {outcome.errors[-1][3].splitlines()[0][:200]}")
+
+        # Another survey may run on the same store: each model is claimed before it is
+        # measured (all at once for Ray, which runs them together), and one that the other
+        # claimed or finished meanwhile is skipped.
+        owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
         try:
             if ray is not None and ray is not False and pending:
                 from equifast.survey.ray_tasks import run_with_ray
 
-                run_with_ray(pending, data, group, batch_size, min_batch_size, measure_kwargs,
-                             seed, model_kwargs, imports,
-                             address=None if ray is True else str(ray), on_outcome=finish)
+                mine = [name for name in pending if claimed(name)]
+                if mine:
+                    run_with_ray(mine, data, group, batch_size, min_batch_size, measure_kwargs,
+                                 seed, model_kwargs, imports,
+                                 address=None if ray is True else str(ray), on_outcome=finish)
             else:
                 for name in pending:
+                    if not claimed(name):
+                        continue
                     if bar is not None:
                         bar.set_description(f"survey ({name})")
                     finish(measure_model(name, data, group, batch_size, min_batch_size,
@@ -554,6 +603,7 @@ def run_survey(
         finally:
             if bar is not None:
                 bar.close()
+            db.release(owner)
     summary.seconds = time.perf_counter() - started
     log(str(summary))
     return summary

@@ -35,6 +35,11 @@ Schema (``SCHEMA_VERSION`` 2; every table keyed by ``run_id`` where it belongs t
     equifast, device, device_name, git_commit``: where runs ran (one row per distinct setup).
 ``meta``
     ``key, value``: ``schema_version``.
+``claims``
+    ``model, config_hash, owner, hostname, pid, claimed``: the models that a running survey is
+    measuring now (:meth:`SurveyStore.claim`), so that a second survey on the same store leaves
+    them alone; a claim goes with the model's rows (or its failure), and a claim whose survey
+    died is taken over. Not exported: it only matters while surveys run.
 
 Example:
     >>> store = open_store("survey.sqlite")                            # doctest: +SKIP
@@ -64,8 +69,8 @@ import pandas as pd
 
 from equifast.result import BASELINE_COLUMNS, FRAME_COLUMNS, MODEL_COLUMNS, Result
 
-__all__ = ["SCHEMA_VERSION", "SurveyStore", "environment_info", "export_store", "model_key",
-           "open_store"]
+__all__ = ["SCHEMA_VERSION", "DuplicateRunError", "SurveyStore", "environment_info",
+           "export_store", "model_key", "open_store"]
 
 SCHEMA_VERSION = 2
 
@@ -92,6 +97,10 @@ ENVIRONMENT_COLUMNS = [
     "device_name", "git_commit",
 ]
 
+_CLAIMS_TABLE = """CREATE TABLE IF NOT EXISTS claims (
+    model TEXT NOT NULL, config_hash TEXT NOT NULL, owner TEXT NOT NULL, hostname TEXT,
+    pid INTEGER, claimed TEXT, PRIMARY KEY (model, config_hash)
+)"""
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS environments (
@@ -126,6 +135,7 @@ CREATE TABLE IF NOT EXISTS model_scores (
 CREATE TABLE IF NOT EXISTS skipped (
     run_id INTEGER NOT NULL REFERENCES runs (run_id) ON DELETE CASCADE, path TEXT, reason TEXT
 );
+{_CLAIMS_TABLE};
 CREATE TABLE IF NOT EXISTS errors (
     error_id INTEGER PRIMARY KEY, model TEXT, config_hash TEXT, attempt INTEGER,
     batch_size INTEGER, kind TEXT, message TEXT, traceback TEXT, time TEXT,
@@ -134,7 +144,16 @@ CREATE TABLE IF NOT EXISTS errors (
 """
 
 
+# A claim of another machine (or container: its processes cannot be seen from here) is taken as
+# left behind by a survey that died once it is this old; a survey that still runs then loses
+# nothing but the time of measuring that model twice (the first to write it keeps it).
+CLAIM_HOURS = 24.0
+
 _TABLES = ("meta", "environments", "runs", "layers", "scores", "model_scores", "skipped", "errors")
+
+
+class DuplicateRunError(ValueError):
+    """A ``(model, config)`` pair that is already done in the store (another survey finished it)."""
 
 
 def _now() -> str:
@@ -194,6 +213,23 @@ def _probed(connection: sqlite3.Connection) -> sqlite3.Connection:
         connection.close()
         raise
     return connection
+
+
+def _claim_alive(hostname: str | None, pid: int | None, claimed: str | None) -> bool:
+    """Whether the survey that made a claim may still be running."""
+    if hostname == socket.gethostname() and pid is not None and os.name == "posix":
+        try:
+            os.kill(pid, 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # it exists, run by another user
+            return True
+        return True
+    try:
+        age = datetime.now(timezone.utc) - datetime.fromisoformat(claimed or "")
+    except ValueError:
+        return False
+    return age.total_seconds() < CLAIM_HOURS * 3600
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -472,6 +508,45 @@ class SurveyStore:
         ).fetchone()
         return None if row is None else row[0]
 
+    def claim(self, model: str, config_hash: str, owner: str,
+              retry_failed: bool = False) -> str | None:
+        """Claim a ``(model, config)`` pair for the survey ``owner`` before measuring it.
+
+        Returns:
+            None when the pair is ``owner``'s now; else why it is not: done, failed (unless
+            ``retry_failed``), or claimed by another survey that is still alive (a claim of a
+            process of this machine that no longer runs, or one of another machine older than
+            :data:`CLAIM_HOURS`, is taken over).
+        """
+        model = model_key(model)
+        with self._transaction() as db:
+            status = self.status(model, config_hash)
+            if status == "done":
+                return "done: another survey finished it"
+            if status == "failed" and not retry_failed:
+                return "failed in another survey (--retry-failed measures it again)"
+            db.execute(_CLAIMS_TABLE)  # a store of an equifast without claims
+            row = db.execute("SELECT owner, hostname, pid, claimed FROM claims WHERE model = ? "
+                             "AND config_hash = ?", (model, config_hash)).fetchone()
+            if row is not None and row[0] != owner and _claim_alive(*row[1:]):
+                return (f"another survey is measuring it (process {row[2]} on {row[1]}, since "
+                        f"{row[3]})")
+            db.execute("INSERT OR REPLACE INTO claims VALUES (?, ?, ?, ?, ?, ?)",
+                       (model, config_hash, owner, socket.gethostname(), os.getpid(), _now()))
+        return None
+
+    def release(self, owner: str) -> None:
+        """Drop the claims ``owner`` still holds (the models it did not get to record)."""
+        if "owner" not in self._columns("claims"):
+            return
+        with self._transaction() as db:
+            db.execute("DELETE FROM claims WHERE owner = ?", (owner,))
+
+    def _drop_claim(self, db: sqlite3.Connection, model: str, config_hash: str) -> None:
+        if "owner" in self._columns("claims"):
+            db.execute("DELETE FROM claims WHERE model = ? AND config_hash = ?",
+                       (model, config_hash))
+
     def add_result(self, result: Result, *, model: str, config_hash: str, family: str | None,
                    group_spec: str, attempts: int = 1, started: str | None = None,
                    env_id: int | None = None) -> int:
@@ -479,16 +554,19 @@ class SurveyStore:
         transaction; a failed row of the same pair is replaced. Returns the ``run_id``.
 
         Raises:
-            ValueError: the pair is already done (the store never holds a duplicate).
+            DuplicateRunError: (a ValueError) the pair is already done (another survey finished
+                it; the store never holds a duplicate).
         """
         model = model_key(model)
         config = result.config
         frame = result.frame
         with self._transaction() as db:
             if self.status(model, config_hash) == "done":
-                raise ValueError(f"{model} with config {config_hash} is already in {self.path}")
+                raise DuplicateRunError(f"{model} with config {config_hash} is already in "
+                                        f"{self.path}")
             db.execute("DELETE FROM runs WHERE model = ? AND config_hash = ?",
                        (model, config_hash))
+            self._drop_claim(db, model, config_hash)
             cursor = db.execute(
                 "INSERT INTO runs (model, config_hash, family, group_spec, status, pretrained, "
                 "note, images, seconds, images_per_second, batch_size, attempts, device, loader, "
@@ -538,6 +616,7 @@ class SurveyStore:
                  env_id, int(fatal)),
             )
             if fatal and self.status(model, config_hash) != "done":
+                self._drop_claim(db, model, config_hash)
                 db.execute("DELETE FROM runs WHERE model = ? AND config_hash = ?",
                            (model, config_hash))
                 db.execute(
