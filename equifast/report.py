@@ -7,7 +7,8 @@ copied off a cluster) with its figures beside it in ``DIR/figures`` as PNG and S
   Pearson and Spearman correlations and their bootstrap CIs (one panel per group);
 - a table of models (family, top-1, consistency, mean equivariance per group, images/s) that sorts
   when a column header is clicked;
-- the failed models with their error, and how many input files each run skipped;
+- the failed models with their error, the warnings of finished ones (layers whose scores leave
+  out images with NaN features), and how many input files each run skipped;
 - per model, scores against relative depth for equivariance, invariance and chance with 95% CI
   bands (one panel per group);
 - the environments the runs ran in.
@@ -244,6 +245,8 @@ def build_report(store_path: str | os.PathLike, out_dir: str | os.PathLike, *,
         environments = store.environments
     done = runs[runs.status == "done"]
     failed = runs[runs.status == "failed"]
+    # Finished models with a warning about their numbers (runs.warning).
+    warned = done[done.warning.notna() & (done.warning != "")]
     if done.empty:
         raise ValueError(f"{store_path} holds no finished run ({len(failed)} failed): nothing "
                          "to report; run the survey first (`equifast survey --store "
@@ -318,8 +321,11 @@ def build_report(store_path: str | os.PathLike, out_dir: str | os.PathLike, *,
     body = []
     for model in models:
         row = latest.loc[model]
+        warning = "; ".join(warned.warning[warned.model == model])
+        mark = (f' <a href="#warnings" title="{html.escape(warning)}">(warning)</a>'
+                if warning else "")
         cells = [_cell(f'<a href="#depth-{html.escape(anchors[model])}">{html.escape(model)}'
-                       "</a>", model),
+                       f"</a>{mark}", model),
                  _cell(html.escape(str(row.family)), str(row.family)),
                  _cell({True: "yes", False: "no"}.get(row.pretrained, "–"))]
         for name in ("top1", "consistency"):
@@ -338,6 +344,17 @@ def build_report(store_path: str | os.PathLike, out_dir: str | os.PathLike, *,
         cells.append(_cell(*_number(row.images_per_second, 1), numeric=True))
         cells.append(_cell(*_number(row.images, 0), numeric=True))
         body.append("<tr>" + "".join(cells) + "</tr>")
+
+    if warned.empty:
+        warned_html = "<p>No finished model has a warning.</p>"
+    else:
+        warned_html = (
+            "<table><thead><tr><th>model</th><th>group</th><th>warning</th></tr></thead><tbody>"
+            + "".join(f"<tr><td>{html.escape(str(run.model))}</td>"
+                      f"<td>{html.escape(str(run.group_spec))}</td>"
+                      f'<td class="error">{html.escape(str(run.warning))}</td></tr>'
+                      for _, run in warned.iterrows())
+            + "</tbody></table>")
 
     # Failed models and skipped files.
     if failed.empty:
@@ -396,10 +413,12 @@ def build_report(store_path: str | os.PathLike, out_dir: str | os.PathLike, *,
 <div id="js-errors" hidden></div>
 <h1>equifast survey report</h1>
 <p class="meta">Store <code>{html.escape(str(store_path))}</code> · {len(done)} finished run(s)
-of {len(models)} model(s), {len(failed)} failed · group(s): {html.escape(", ".join(groups))}
+of {len(models)} model(s), {len(failed)} failed, {len(warned)} with a warning · group(s):
+{html.escape(", ".join(groups))}
 · score <code>{html.escape(metric)}</code> · generated {generated}</p>
 <nav><a href="#accuracy">accuracy vs equivariance</a><a href="#models">models</a>
-<a href="#failed">failed ({len(failed)})</a><a href="#skipped">skipped files</a>
+<a href="#failed">failed ({len(failed)})</a><a href="#warnings">warnings ({len(warned)})</a>
+<a href="#skipped">skipped files</a>
 <a href="#depth">depth profiles</a><a href="#environments">environments</a></nav>
 
 <h2 id="accuracy">Accuracy against equivariance</h2>
@@ -423,6 +442,11 @@ equivariance, per group.</p>
 
 <h2 id="failed">Failed models</h2>
 {failed_html}
+
+<h2 id="warnings">Warnings</h2>
+<p class="meta">Finished models whose numbers need a second look: layers whose scores leave out
+images (features NaN, infinite or zero there) are means over the images left.</p>
+{warned_html}
 
 <h2 id="skipped">Skipped files</h2>
 {skipped_html}

@@ -31,9 +31,12 @@ class TinyNet(nn.Module):
             )
         if self.fail == "raise":
             raise RuntimeError("test model: this architecture is broken on purpose")
+        dark = x.mean((1, 2, 3)) < -0.5  # of the first four samples, the fourth (all crops)
         x = torch.relu(self.conv1(x))
         if self.fail == "nan":
             x = x * float("nan")
+        if self.fail == "nan_dark":
+            x = torch.where(dark[:, None, None, None], float("nan"), x)
         x = self.conv2(x)
         return self.head(x.mean((2, 3)))
 
@@ -57,6 +60,12 @@ def eqtest_raises(pretrained: bool = False, **kwargs) -> nn.Module:
 @register_model
 def eqtest_nan(pretrained: bool = False, **kwargs) -> nn.Module:
     return TinyNet(fail="nan", **kwargs)
+
+
+@register_model
+def eqtest_nan_dark(pretrained: bool = False, **kwargs) -> nn.Module:
+    """NaN features for dark images only: the fourth sample photo, of the first four."""
+    return TinyNet(fail="nan_dark", **kwargs)
 
 
 @register_model

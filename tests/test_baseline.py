@@ -252,7 +252,7 @@ def test_a_version_1_store_is_upgraded(tmp_path: Path) -> None:
     with sqlite3.connect(store_path) as db:
         version = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         columns = {row[1] for row in db.execute("PRAGMA table_info(scores)")}
-    assert version == ("2",) and set(BASELINE_COLUMNS) <= columns
+    assert version == ("3",) and set(BASELINE_COLUMNS) <= columns
     run_survey(["eqtest_tiny"], "samples", store_path, group="translate:4", limit=2,
                input_size=(32, 32), bootstrap=0, progress=False, log=None, baseline="init")
     with open_store(store_path) as store:

@@ -455,6 +455,22 @@ def test_a_model_whose_eq_scores_are_all_nan_keeps_its_row(tmp_path):
     assert math.isnan(models.mean_eq["nan2"]) and models.mean_eq["net1"] == pytest.approx(0.85)
 
 
+def test_a_warning_of_a_finished_model_is_shown(tmp_path):
+    warned = _result("net2", [0.8, 0.7])
+    warned.config["warning"] = ("1 layer(s) leave out images, first 'layer1': scores from 3 of "
+                                "4 images (the other 1 have NaN or infinite features there)")
+    store = _store(tmp_path / "s.sqlite", [_result("net1", [0.9, 0.8]), warned])
+    page = build_report(store, tmp_path / "out", n_boot=50).read_text()
+    section = page.split('<h2 id="warnings">')[1].split("<h2")[0]
+    assert "net2" in section and "net1" not in section
+    assert "first &#x27;layer1&#x27;: scores from 3 of 4 images" in section
+    assert 'href="#warnings">warnings (1)</a>' in page and "1 with a warning" in page
+    row = re.search(r"<tr><td[^>]*><a[^>]*>net2</a>.*?</tr>", page).group(0)
+    assert 'href="#warnings"' in row and "(warning)" in row
+    row = re.search(r"<tr><td[^>]*><a[^>]*>net1</a>.*?</tr>", page).group(0)
+    assert "(warning)" not in row
+
+
 def test_plot_model_depth_needs_one_model(tmp_path):
     store = _store(tmp_path / "s.sqlite", [_result("net1", [0.9]), _result("net2", [0.8])])
     with open_store(store) as opened:

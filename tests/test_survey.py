@@ -248,6 +248,52 @@ def test_failures_are_recorded_and_the_survey_goes_on(tmp_path):
         assert (store.errors.model == "eqtest_raises").sum() == 2
 
 
+def test_nan_features_in_some_images_are_recorded_with_the_run(tmp_path):
+    # eqtest_nan_dark: NaN features after conv1 for one of the four photos; the scores of conv2
+    # and head are means over the other three, and the store says so.
+    store_path = tmp_path / "s.sqlite"
+    summary = _survey(["eqtest_nan_dark", "eqtest_tiny"], store_path)
+    assert summary.done == ["eqtest_nan_dark", "eqtest_tiny"] and not summary.failed
+    with open_store(store_path) as store:
+        runs = store.runs.set_index("model")
+        scores = store.scores
+    warning = runs.warning["eqtest_nan_dark"]
+    assert warning == summary.warned["eqtest_nan_dark"]
+    assert warning.startswith("2 layer(s) leave out images, first 'conv2': scores from 3 of 4 "
+                              "images (the other 1 have NaN or infinite features there)")
+    assert "conv2, head" in warning and list(summary.warned) == ["eqtest_nan_dark"]
+    assert pd.isna(runs.warning["eqtest_tiny"])
+    eq = scores.query("model == 'eqtest_nan_dark' and comparison == 'eq' and element == 'mean' "
+                      "and metric == 'cosine'").set_index("layer")["n"]
+    assert eq.to_dict() == {"conv1": 4, "conv2": 3, "head": 3}
+
+
+def test_a_version_2_store_gets_the_warning_column(tmp_path, monkeypatch):
+    store_path = tmp_path / "old.sqlite"
+    _survey(["eqtest_tiny"], store_path)
+    db = sqlite3.connect(store_path)
+    with db:  # back to the version-2 schema
+        db.execute("ALTER TABLE runs DROP COLUMN warning")
+        db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    db.close()
+    real = sqlite3.connect
+
+    def read_only(database, *args, **kwargs):  # (as in a read-only folder)
+        if "immutable=1" not in str(database):
+            raise sqlite3.OperationalError("attempt to write a readonly database")
+        return real(database, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sqlite3, "connect", read_only)
+        with open_store(store_path) as store:  # read as it is
+            assert store.read_only and "warning" not in store._columns("runs")
+            assert store.runs.warning.isna().all()
+    with open_store(store_path) as store:  # upgraded
+        assert store.runs.warning.isna().all()
+        assert store.meta.set_index("key").value["schema_version"] == str(SCHEMA_VERSION) == "3"
+    assert _survey(["eqtest_nan_dark"], store_path).warned
+
+
 def test_layers_without_valid_positions_are_not_a_failure(tmp_path):
     # 45 degrees on 24x24: the 6x6 map of resnet10t's last stage keeps no valid position (its
     # scores are NaN), which is not a broken model.

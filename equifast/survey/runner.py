@@ -4,7 +4,9 @@ A survey is resumable by construction: each model's rows are written in one tran
 :class:`~equifast.survey.store.SurveyStore`, keyed by ``(model, config_hash)``; started again, a
 survey skips the pairs that are done (and those that failed, unless ``retry_failed``). A model
 that runs out of memory is retried with half the batch down to ``min_batch_size``; one that raises,
-or whose features are not finite, is recorded with its traceback and the survey goes on.
+or whose features are not finite, is recorded with its traceback and the survey goes on. A model
+whose features are not finite for some images only is kept, with a warning naming the layers
+and how many images their scores leave out (``runs.warning``, shown by the report).
 
 Models run one after another in this process, or as one Ray task each (``ray=``), in which case
 this process (the driver) is still the only writer of the store. Another survey may run on the
@@ -82,6 +84,8 @@ class SurveySummary:
     failed_before: list[str] = field(default_factory=list)  # skipped: they failed in a past run
     # skipped too: another survey on the same store claimed or finished them while this one ran
     elsewhere: dict[str, str] = field(default_factory=dict)  # model -> why
+    # done, with a warning about their numbers (stored as runs.warning)
+    warned: dict[str, str] = field(default_factory=dict)  # model -> warning
 
     def __str__(self) -> str:
         before = f", {len(self.failed_before)} of them failed" if self.failed_before else ""
@@ -96,6 +100,8 @@ class SurveySummary:
                      + ", ".join(self.failed_before))
         for model, why in self.elsewhere.items():
             text += f"\n  left to another survey: {model}: {why}"
+        for model, warning in self.warned.items():
+            text += f"\n  warning: {model}: {warning}"
         return text
 
 
@@ -326,6 +332,42 @@ def _check_finite(result, model) -> None:
         )
 
 
+# Scores that stay defined on spatially constant features (a correlation and psnr do not): an
+# image whose features leave one of them undefined has features that are NaN, infinite or zero.
+_NORM_SCORES = ("cosine", "nde", "rel_err")
+
+
+def _partial_warning(result) -> str | None:
+    """What to record of layers whose scores leave out some of the images (``n`` below the
+    images measured; their means are over the other images); None where there are none.
+
+    An image is left out where its features are NaN or infinite (a half-precision overflow on
+    some inputs), or all zero (or, for correlations, constant); where no image there has a
+    constant channel (``flat_frac`` 0), they can only be NaN or infinite.
+    """
+    frame = result.frame
+    images = int(result.config.get("images") or 0)
+    eq = frame[(frame.comparison == "eq") & (frame.element == "mean")]
+    rows = eq[~eq.metric.isin(("flat_frac", "corr_vs_chance"))]
+    if rows.empty or images < 1:
+        return None
+    norm = rows[rows.metric.isin(_NORM_SCORES)]
+    counts = (norm if not norm.empty else rows).groupby("layer", sort=False)["n"].min()
+    partial = counts[(counts > 0) & (counts < images)]
+    if partial.empty:
+        return None
+    first, n = partial.index[0], int(partial.iloc[0])
+    flat = eq[eq.metric == "flat_frac"].set_index("layer")["value"]
+    if first in flat.index and flat[first] == 0:
+        cause = "NaN or infinite"
+    else:
+        cause = "NaN, infinite or zero" if not norm.empty else "NaN, infinite or constant"
+    names = ", ".join(partial.index[:8]) + (" ..." if len(partial) > 8 else "")
+    return (f"{len(partial)} layer(s) leave out images, first {first!r}: scores from {n} of "
+            f"{images} images (the other {images - n} have {cause} features there); the scores "
+            f"of {names} are means over the images left")
+
+
 def _clear_device_memory() -> None:
     import gc
 
@@ -404,6 +446,9 @@ def measure_model(model: str, data: Any, group: str, batch_size: int, min_batch_
             result.config.update(pretrained=loaded.pretrained, note=loaded.note,
                                  weights=loaded.weights, source=loaded.source)
             _check_finite(result, loaded.model)
+            warning = _partial_warning(result)
+            if warning is not None:
+                result.config["warning"] = warning  # stored as runs.warning
             outcome.result = result
             return outcome
         except (KeyboardInterrupt, SystemExit):
@@ -575,7 +620,11 @@ def run_survey(
             (summary.done if ok else summary.failed).append(outcome.model)
             if ok:
                 rate = outcome.result.config.get("images_per_second") or math.nan
-                show(f"done   {outcome.model}: {rate:.1f} img/s")
+                warning = outcome.result.config.get("warning")
+                if warning:
+                    summary.warned[outcome.model] = warning
+                show(f"done   {outcome.model}: {rate:.1f} img/s"
+                     + (f"; warning: {warning}" if warning else ""))
             else:
                 show(f"failed {outcome.model}: {outcome.errors[-1][3].splitlines()[0][:200]}")
 

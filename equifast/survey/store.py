@@ -4,15 +4,17 @@ SQLite because a survey is a single writer (the driver) with a few readers (anal
 report), and a transaction per finished model is exactly what makes a killed survey safe to start
 again: a model's rows are either all committed or not there at all.
 
-Schema (``SCHEMA_VERSION`` 2; every table keyed by ``run_id`` where it belongs to one run):
+Schema (``SCHEMA_VERSION`` 3; every table keyed by ``run_id`` where it belongs to one run):
 
 ``runs``
     one row per ``(model, config_hash)`` that finished (``status='done'``) or gave up
     (``status='failed'``): ``run_id, model, config_hash, family, group_spec, status, pretrained,
     note, images, seconds, images_per_second, batch_size, attempts, device, loader, backend,
     started, finished, env_id, config`` (the run's configuration as JSON), ``error`` (the last
-    error's one-line message for a failed run). A unique index on ``(model, config_hash)`` makes a
-    duplicate impossible: a rerun skips finished pairs, and a retried failure replaces its row.
+    error's one-line message for a failed run), ``warning`` (what is wrong with a finished run's
+    numbers, e.g. layers whose scores leave out images with NaN features; version 3, added when
+    an older store is opened). A unique index on ``(model, config_hash)`` makes a duplicate
+    impossible: a rerun skips finished pairs, and a retried failure replaces its row.
 ``layers``
     ``run_id, layer, depth, rel_depth, kind, layout, grid_h, grid_w, channels, prefix, stride_y,
     stride_x, stride, offset_y, offset_x``: the measured layers of a run.
@@ -72,7 +74,7 @@ from equifast.result import BASELINE_COLUMNS, FRAME_COLUMNS, MODEL_COLUMNS, Resu
 __all__ = ["SCHEMA_VERSION", "DuplicateRunError", "SurveyStore", "environment_info",
            "export_store", "model_key", "open_store"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 LAYER_COLUMNS = [
     "layer", "depth", "rel_depth", "kind", "layout", "grid_h", "grid_w", "channels", "prefix",
@@ -85,7 +87,7 @@ SCORE_COLUMNS = [
 RUN_COLUMNS = [
     "run_id", "model", "config_hash", "family", "group_spec", "status", "pretrained", "note",
     "images", "seconds", "images_per_second", "batch_size", "attempts", "device", "loader",
-    "backend", "started", "finished", "env_id", "config", "error",
+    "backend", "started", "finished", "env_id", "config", "error", "warning",
 ]
 # Numeric columns of the frames read back (a column of NULLs is float64 NaN, not objects).
 _LAYER_NUMBERS = ("depth", "rel_depth", "grid_h", "grid_w", "channels", "prefix", "stride_y",
@@ -113,7 +115,7 @@ CREATE TABLE IF NOT EXISTS runs (
     pretrained INTEGER, note TEXT, images INTEGER, seconds REAL, images_per_second REAL,
     batch_size INTEGER, attempts INTEGER, device TEXT, loader TEXT, backend TEXT,
     started TEXT, finished TEXT, env_id INTEGER REFERENCES environments (env_id),
-    config TEXT, error TEXT
+    config TEXT, error TEXT, warning TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS runs_model_config ON runs (model, config_hash);
 CREATE TABLE IF NOT EXISTS layers (
@@ -350,7 +352,7 @@ class SurveyStore:
             self._connection.close()
             raise ValueError(f"{self.path} has schema version {version[0]}; this equifast reads "
                              f"up to {SCHEMA_VERSION}: upgrade equifast")
-        self._upgrade()
+        self._upgrade(strict=create)
 
     def _check_tables(self) -> None:
         """Refuse a database that holds tables but no equifast ``meta`` with a schema version
@@ -423,23 +425,28 @@ class SurveyStore:
         if connection is not None:
             connection.close()
 
-    def _upgrade(self) -> None:
-        """Bring a version-1 store to version 2 (the baseline columns of ``scores``).
+    def _upgrade(self, strict: bool = False) -> None:
+        """Bring an older store to this version: version 2 added the baseline columns of
+        ``scores``, version 3 ``runs.warning``.
 
         A store that cannot be written (a read-only file) is read as it is: the missing columns
-        read as NULL (:meth:`_score_column`).
+        read as NULL (:meth:`_select`); with ``strict`` (a writer), that is an error.
         """
-        missing = [c for c in BASELINE_COLUMNS if c not in self._columns("scores")]
+        missing = [("scores", c, "REAL") for c in BASELINE_COLUMNS
+                   if c not in self._columns("scores")]
+        if "warning" not in self._columns("runs"):
+            missing.append(("runs", "warning", "TEXT"))
         if not missing or self.read_only:
             return
         try:
             with self._connection:
-                for column in missing:
-                    self._connection.execute(f"ALTER TABLE scores ADD COLUMN {column} REAL")
+                for table, column, kind in missing:
+                    self._connection.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
                 self._connection.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'",
                                          (str(SCHEMA_VERSION),))
         except sqlite3.OperationalError:
-            pass
+            if strict:
+                raise
 
     def _columns(self, table: str) -> set[str]:
         return {row[1] for row in self._connection.execute(f"PRAGMA table_info({table})")}
@@ -451,6 +458,11 @@ class SurveyStore:
         if column in LAYER_COLUMNS:
             return f"layers.{column}"
         return f"scores.{column}" if column in present else f"NULL AS {column}"
+
+    def _select(self, table: str, columns: Iterable[str]) -> str:
+        """``columns`` of ``table`` for a SELECT; NULL for those an older store lacks."""
+        present = self._columns(table)
+        return ", ".join(c if c in present else f"NULL AS {c}" for c in columns)
 
     def close(self) -> None:
         self._connection.close()
@@ -551,7 +563,8 @@ class SurveyStore:
                    group_spec: str, attempts: int = 1, started: str | None = None,
                    env_id: int | None = None) -> int:
         """Write a finished model (runs, layers, scores, model scores, skipped files) in one
-        transaction; a failed row of the same pair is replaced. Returns the ``run_id``.
+        transaction; a failed row of the same pair is replaced. ``result.config["warning"]``,
+        when there is one, goes to ``runs.warning``. Returns the ``run_id``.
 
         Raises:
             DuplicateRunError: (a ValueError) the pair is already done (another survey finished
@@ -570,13 +583,14 @@ class SurveyStore:
             cursor = db.execute(
                 "INSERT INTO runs (model, config_hash, family, group_spec, status, pretrained, "
                 "note, images, seconds, images_per_second, batch_size, attempts, device, loader, "
-                "backend, started, finished, env_id, config) "
-                "VALUES (?, ?, ?, ?, 'done', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "backend, started, finished, env_id, config, warning) "
+                "VALUES (?, ?, ?, ?, 'done', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (model, config_hash, family, group_spec, _plain(config.get("pretrained")),
                  config.get("note"), _plain(config.get("images")), _plain(config.get("seconds")),
                  _plain(config.get("images_per_second")), _plain(config.get("batch_size")),
                  attempts, config.get("device"), config.get("loader"), config.get("backend"),
-                 started or _now(), _now(), env_id, json.dumps(config, default=str)),
+                 started or _now(), _now(), env_id, json.dumps(config, default=str),
+                 config.get("warning")),
             )
             run_id = int(cursor.lastrowid)
             layers = frame.drop_duplicates("layer")[LAYER_COLUMNS]
@@ -642,9 +656,10 @@ class SurveyStore:
 
     @property
     def runs(self) -> pd.DataFrame:
-        """One row per ``(model, config)``: status, timing, family, configuration (JSON)."""
-        frame = self._frame(f"SELECT {', '.join(RUN_COLUMNS)} FROM runs ORDER BY run_id",
-                            numeric=_RUN_NUMBERS)
+        """One row per ``(model, config)``: status, timing, family, configuration (JSON), the
+        error of a failed run and the warning of a finished one."""
+        frame = self._frame(f"SELECT {self._select('runs', RUN_COLUMNS)} FROM runs "
+                            "ORDER BY run_id", numeric=_RUN_NUMBERS)
         frame["pretrained"] = frame["pretrained"].map(lambda v: None if pd.isna(v) else bool(v))
         return frame
 
