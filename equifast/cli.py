@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import warnings
@@ -428,7 +429,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             return _run_report(args)
     except (ValueError, FileNotFoundError, PermissionError, KeyError, TypeError,
-            ImportError) as error:
+            ImportError, RuntimeError) as error:
+        # RuntimeError: a model that fails on its input, out of memory... (the message says
+        # which); EQUIFAST_TRACEBACK=1 shows where, for a bug report
+        if os.environ.get("EQUIFAST_TRACEBACK"):
+            raise
         print(f"equifast: error: {error}", file=sys.stderr)
         return 2
     except OSError as error:  # a path that cannot be read or written (--data, --store ...)

@@ -549,8 +549,9 @@ def load_model_sized(name: str, input_size: tuple[int, int] | None = None,
                      **kwargs: Any) -> LoadedModel:
     """:func:`load_model`, built for ``input_size`` where the model fixes its input size.
 
-    timm models that fix their input size when built (ViT, Swin, ...) take ``img_size``: at a
-    given ``input_size`` they are built for it, so that they run on inputs of that size (and
+    timm models that fix their input size when built (ViT, Swin, ...) take ``img_size``, and
+    torchvision's ViT ``image_size`` (square inputs): at a given ``input_size`` they are built
+    for it, so that they run on inputs of that size (and
     their position embeddings have the matching shape). Models without ``img_size`` (CNNs)
     take any input size as they are. The command line, the survey and
     ``equifast.measure(name, ...)`` build models by name through this function.
@@ -563,11 +564,18 @@ def load_model_sized(name: str, input_size: tuple[int, int] | None = None,
     Returns:
         The :class:`LoadedModel`.
     """
-    if input_size is None or "img_size" in kwargs or name.strip().startswith(_TV_PREFIXES):
+    if input_size is None or "img_size" in kwargs or "image_size" in kwargs:
         return load_model(name, **kwargs)
     size = (int(input_size[0]), int(input_size[1]))
+    if name.strip().startswith(_TV_PREFIXES):
+        # torchvision's ViT takes one side, `image_size` (square inputs only)
+        if size[0] != size[1]:
+            return load_model(name, **kwargs)
+        sized = {"image_size": size[0]}
+    else:
+        sized = {"img_size": size}
     try:
-        return load_model(name, img_size=size, **kwargs)
+        return load_model(name, **sized, **kwargs)
     except TypeError:  # a model without img_size (a CNN) takes any input size as it is
         return load_model(name, **kwargs)
 

@@ -193,3 +193,17 @@ def test_unusable_output_paths_are_one_line_errors(tmp_path, capsys, monkeypatch
     err = capsys.readouterr().err
     assert err.startswith("equifast: error: ") and len(err.strip().splitlines()) == 1, err
     assert "characters): File name too long" in err
+
+
+def test_a_model_that_fails_on_its_input_is_a_one_line_error(capsys, monkeypatch, tmp_path):
+    """A RuntimeError of the model (torchvision's ViT, built for 224 px, on a 64 x 96 input:
+    its side must be square) is printed as one line; EQUIFAST_TRACEBACK=1 raises it."""
+    argv = ["measure", "--model", "tv:vit_b_16", "--input-size", "64,96", "--limit", "2",
+            "--layers", "encoder.layers.encoder_layer_0", "--quiet", "--out", str(tmp_path / "out")]
+    monkeypatch.delenv("EQUIFAST_TRACEBACK", raising=False)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("equifast: error: the model failed on its probe")
+    monkeypatch.setenv("EQUIFAST_TRACEBACK", "1")
+    with pytest.raises(RuntimeError, match="failed on its probe input"):
+        main(argv)

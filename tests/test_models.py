@@ -186,3 +186,17 @@ def test_misspelt_names_suggest_close_matches(name: str, expected: str) -> None:
 def test_unknown_pretrained_tag_lists_tags() -> None:
     with pytest.raises(UnknownModelError, match=r"resnet18\.a1_in1k"):
         load_model("resnet18.not_a_tag")
+
+
+def test_load_model_sized_builds_torchvision_vits_for_the_input(
+    empty_caches: tuple[Path, Path],
+) -> None:
+    from equifast.models import load_model_sized
+
+    vit = load_model_sized("tv:vit_b_16", (64, 64))
+    assert vit.model.image_size == 64
+    with torch.inference_mode():
+        assert vit.model(torch.zeros(1, 3, 64, 64)).shape == (1, 1000)
+    # a CNN takes any size as it is; a side torchvision's ViT cannot take keeps its default
+    assert load_model_sized("tv:resnet18", (64, 64)).name == "tv:resnet18"
+    assert load_model_sized("tv:vit_b_16", (64, 96)).model.image_size == 224
