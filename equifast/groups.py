@@ -333,8 +333,14 @@ def Rotation(angles: Sequence[float] = (90, 180, 270), protocol: str = "crop") -
     return Group(elements, name="rotation")
 
 
+# Abbreviations of the flip axes: numpy's fliplr / flipud, and the first letters.
+_FLIP_AXES = {"horizontal": "horizontal", "h": "horizontal", "lr": "horizontal",
+              "vertical": "vertical", "v": "vertical", "ud": "vertical"}
+
+
 def Flip(axis: str | Sequence[str] = "horizontal") -> Group:  # noqa: N802
-    """Mirror images about the vertical centre line (``"horizontal"``) or the horizontal one.
+    """Mirror images about the vertical centre line (``"horizontal"``, ``"h"``, ``"lr"``) or the
+    horizontal one (``"vertical"``, ``"v"``, ``"ud"``); elements are named by the full word.
 
     Example:
         >>> Flip(["horizontal", "vertical"]).names
@@ -342,9 +348,13 @@ def Flip(axis: str | Sequence[str] = "horizontal") -> Group:  # noqa: N802
     """
     axes = [axis] if isinstance(axis, str) else list(axis)
     elements = []
-    for name in axes:
-        if name not in ("horizontal", "vertical"):
-            raise ValueError(f"flip axis: expected 'horizontal' or 'vertical', found {name!r}")
+    for given in axes:
+        name = _FLIP_AXES.get(given.strip().lower()) if isinstance(given, str) else None
+        if name is None:
+            raise ValueError(
+                f"flip axis: expected 'horizontal' or 'vertical' (or 'h', 'v', 'lr', 'ud'), "
+                f"found {given!r}"
+            )
         elements.append(
             Element(f"flip({name})", _flip_matrix(name), kind="flip", params=(("axis", name),))
         )

@@ -161,3 +161,12 @@ def test_single_numbers_and_non_finite_values():
     for spec in ("rotate:nan", "translate:inf", "translate:1e400"):
         with pytest.raises(ValueError, match=f"group spec '{spec}'.*expected a finite number"):
             parse_group(spec)
+
+
+def test_flip_axes_take_their_abbreviations():
+    assert parse_group("flip:h,v").names == ["flip(horizontal)", "flip(vertical)"]
+    assert Flip(["LR", "ud"]).names == ["flip(horizontal)", "flip(vertical)"]
+    assert parse_group("rotate:90*flip:h").names == parse_group("rotate:90*flip:horizontal").names
+    with pytest.raises(ValueError, match=r"flip axis: expected 'horizontal' or 'vertical' .*"
+                                         r"found 'diagonal'"):
+        parse_group("flip:diagonal")
