@@ -558,31 +558,20 @@ def measure(
         raise ValueError("baseline: expected None, 'init' or an initialized copy of the model "
                          f"(an nn.Module), found {baseline!r}")
 
-    from .models import LoadedModel, check_device, load_model_sized, model_dtype_for, preprocess_for
+    from .models import (
+        check_device,
+        compiled_original,
+        model_dtype_for,
+        resolve_model,
+        strip_compiled_prefix,
+    )
 
-    note = ""
-    pretrained = None
-    by_name = None  # the name a model was given by: its initialized copy is built by name too
-    if isinstance(model, str):
-        by_name = model
-        # A random init (no cached weights) is seeded with `seed`, as on the command line and in
-        # a survey, so that a run can be repeated (and such a model's init copy is itself); the
-        # caller's random state is left as it was.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            # built for input_size where the model fixes it (a ViT's img_size), as on the
-            # command line
-            loaded: LoadedModel = load_model_sized(model, input_size)
-        module, preprocess = loaded.model, loaded.preprocess
-        model_name = model_name or loaded.name
-        note, pretrained = loaded.note, loaded.pretrained
-    elif isinstance(model, nn.Module):
-        module, preprocess = model, preprocess_for(model)
-        model_name = model_name or getattr(model, "default_cfg", {}).get("architecture") or type(
-            model).__name__
-    else:
-        raise TypeError("model: expected an nn.Module or a model name, found "
-                        f"{type(model).__name__}")
+    resolved = resolve_model(model, seed, input_size, model_name)
+    module, preprocess, model_name = resolved.module, resolved.preprocess, resolved.name
+    note, pretrained = resolved.note, resolved.pretrained
+    by_name = resolved.by_name  # the name a model was given by: its copy is built by name too
+    if compiled_original(model) is not None:
+        layers = strip_compiled_prefix(layers)
     module.eval()
     shard, device = _dist.setup(distributed, device)
     if device is None:

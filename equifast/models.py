@@ -580,6 +580,75 @@ def load_model_sized(name: str, input_size: tuple[int, int] | None = None,
         return load_model(name, **kwargs)
 
 
+@dataclass
+class MeasuredModel:
+    """The module a measurement runs, resolved from its ``model`` argument."""
+
+    module: nn.Module
+    preprocess: Preprocess
+    name: str
+    note: str = ""
+    pretrained: bool | None = None
+    by_name: str | None = None  # the name it was built by (its initialized copy is built so too)
+
+
+def compiled_original(model: nn.Module) -> nn.Module | None:
+    """The module ``torch.compile`` wrapped (``model._orig_mod``), or None for another module."""
+    original = getattr(model, "_orig_mod", None)
+    return original if isinstance(original, nn.Module) else None
+
+
+def resolve_model(model: nn.Module | str, seed: int, input_size: tuple[int, int] | None,
+                  model_name: str | None = None) -> MeasuredModel:
+    """The module ``equifast.measure`` and ``equifast.naive.measure`` run, in eval mode.
+
+    A name is built by :func:`load_model_sized` (for ``input_size`` where the model fixes its
+    size), with a random init seeded with ``seed``, as on the command line and in a survey, so
+    that a run can be repeated; the caller's random state is left as it was. A module that
+    ``torch.compile`` wrapped is measured through the module it wraps: forward hooks cannot run
+    inside a compiled graph (dynamo would trace the statistics code into it), and the numbers
+    are the eager module's anyway.
+
+    Raises:
+        TypeError: ``model`` is neither a module nor a name.
+    """
+    if isinstance(model, str):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            loaded = load_model_sized(model, input_size)
+        return MeasuredModel(loaded.model.eval(), loaded.preprocess, model_name or loaded.name,
+                             loaded.note, loaded.pretrained, by_name=model)
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"model: expected an nn.Module or a model name, found {type(model).__name__}"
+        )
+    original = compiled_original(model)
+    if original is not None:
+        warnings.warn(
+            "model: a torch.compile'd module is measured through the module it wraps "
+            f"({type(original).__name__}, model._orig_mod) in eager mode: forward hooks cannot "
+            "run inside a compiled graph. Layer names are those of model._orig_mod",
+            stacklevel=3,
+        )
+        model = original
+    name = model_name or getattr(model, "default_cfg", {}).get("architecture") or type(
+        model).__name__
+    return MeasuredModel(model.eval(), preprocess_for(model), name)
+
+
+def strip_compiled_prefix(layers):
+    """Layer names given as the compiled module names them (``_orig_mod.layer1``), as the module
+    it wraps does (``layer1``); other selections unchanged."""
+    prefix = "_orig_mod."
+
+    def strip(spec):
+        return spec[len(prefix):] if isinstance(spec, str) and spec.startswith(prefix) else spec
+
+    if isinstance(layers, (list, tuple)):
+        return [strip(spec) for spec in layers]
+    return strip(layers)
+
+
 def from_module(
     model: nn.Module,
     name: str | None = None,

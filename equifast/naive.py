@@ -736,25 +736,20 @@ def measure(
         raise ValueError(f"batch_size: expected a positive integer, found {batch_size}")
     input_size = check_run_arguments(input_size, align, limit, bootstrap)
 
-    from .models import check_device, load_model, model_dtype_for, preprocess_for
+    from .models import (
+        check_device,
+        compiled_original,
+        model_dtype_for,
+        resolve_model,
+        strip_compiled_prefix,
+    )
 
-    note, pretrained = "", None
-    if isinstance(model, str):
-        loaded = load_model(model)
-        module, preprocess = loaded.model, loaded.preprocess
-        model_name = model_name or loaded.name
-        note, pretrained = loaded.note, loaded.pretrained
-    elif isinstance(model, nn.Module):
-        module, preprocess = model, preprocess_for(model)
-        model_name = (
-            model_name
-            or getattr(model, "default_cfg", {}).get("architecture")
-            or type(model).__name__
-        )
-    else:
-        raise TypeError(
-            f"model: expected an nn.Module or a model name, found {type(model).__name__}"
-        )
+    # built, seeded and sized as equifast.measure builds it
+    resolved = resolve_model(model, seed, input_size, model_name)
+    module, preprocess, model_name = resolved.module, resolved.preprocess, resolved.name
+    note, pretrained = resolved.note, resolved.pretrained
+    if compiled_original(model) is not None:
+        layers = strip_compiled_prefix(layers)
     module.eval()
     if device is None:
         parameter = next(module.parameters(), None)

@@ -293,3 +293,18 @@ def test_a_model_given_by_name_is_seeded_like_on_the_command_line() -> None:
     assert (first.frame["learned"].dropna() == 0).all()
     other = equifast.measure("eqtest_tiny", images, **{**settings, "seed": 6})
     assert not np.allclose(other.frame["value"], first.frame["value"], equal_nan=True)
+
+
+def test_naive_builds_a_model_by_name_as_the_engine_does() -> None:
+    """The naive loop seeds (and sizes) a model given by name as equifast.measure does, so the two
+    measure the same weights."""
+    from equifast import naive
+
+    images = _sources(3, equifast.Translation([4]))
+    settings = dict(group="translate:4", layers=["conv1", "conv2"], bootstrap=0, progress=False,
+                    seed=5)
+    engine = equifast.measure("eqtest_tiny", images, **settings).frame
+    reference = naive.measure("eqtest_tiny", images, **settings).frame
+    merged = engine.merge(reference, on=["layer", "element", "comparison", "metric"])
+    assert len(merged) == len(engine) > 0
+    np.testing.assert_allclose(merged.value_x, merged.value_y, atol=1e-6)

@@ -575,3 +575,20 @@ def test_summary_text_shows_long_layer_names_whole_or_with_their_ends():
     # short names keep a column just wide enough for them
     result.frame["layer"] = result.frame["layer"].map({v: k for k, v in names.items()})
     assert result.format_summary().splitlines()[1].startswith("0     ")
+
+
+@pytest.mark.parametrize("implementation", ["engine", "naive"])
+def test_a_compiled_model_is_measured_through_the_module_it_wraps(implementation):
+    """Forward hooks cannot run inside a torch.compile graph (dynamo traced the statistics into
+    it and failed on a guard): the wrapped module is measured, in eager mode, with a warning; the
+    compiled module's layer names (`_orig_mod.` + name) are understood."""
+    measure = equifast.measure if implementation == "engine" else naive.measure
+    net = _net(2)
+    images = torch.rand(3, 3, 24, 24)
+    kwargs = dict(group=Translation([2], protocol="circular"), bootstrap=0, progress=False)
+    want = measure(net, images, layers=["1", "3"], **kwargs)
+    compiled = torch.compile(net)
+    with pytest.warns(UserWarning, match=r"torch.compile'd module is measured through the "
+                                         r"module it wraps \(Sequential"):
+        got = measure(compiled, images, layers=["_orig_mod.1", "3"], **kwargs)
+    pd.testing.assert_frame_equal(got.frame, want.frame)
