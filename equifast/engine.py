@@ -63,6 +63,9 @@ from .result import (
     FRAME_COLUMNS,
     MODEL_COLUMNS,
     Result,
+    deserves_logits_warning,
+    is_headless,
+    logits_of,
     warn_not_logits,
     warn_undefined_elements,
 )
@@ -665,6 +668,7 @@ def measure(
     else:
         chunk, blocks = _default_plan(min(batch_size, first_size), count, height * width, device)
     context: dict[str, Any] = {}
+    headless = is_headless(module)  # num_classes=0: the output is pooled features, not logits
 
     # When the elements take several forwards, the first one holds the identity block and the
     # others only their elements: the identity features of each layer are kept from the first
@@ -797,14 +801,14 @@ def measure(
                 bounds = _forward_bounds(count, chunk, blocks)
                 forward = 0
                 continue
-            if isinstance(output, torch.Tensor) and output.dim() == 2:
-                per_block = output.float().view(len(chosen), size, -1)
+            logits = logits_of(output, headless)
+            if logits is not None:
+                per_block = logits.view(len(chosen), size, -1)
                 for j, element in enumerate(chosen):
                     logits_blocks[element] = per_block[j]
-            elif not isinstance(output, torch.Tensor) and not context.get("warned_output"):
-                # (a tensor of another shape is a backbone's features: nothing to say)
+            elif deserves_logits_warning(output, headless) and not context.get("warned_output"):
                 context["warned_output"] = True
-                warn_not_logits(output, stacklevel=3)  # the caller of measure
+                warn_not_logits(output, stacklevel=3, headless=headless)  # the caller of measure
             forward += 1
         identity.clear()
         batch_tables = list(tables)

@@ -85,12 +85,18 @@ def _feature_info_reductions(model: nn.Module) -> dict[str, float | None]:
     would never run: its last module, whose output is the stage's, stands for it.
     """
     feature_info = getattr(model, "feature_info", None)
+    if callable(getattr(feature_info, "get_dicts", None)):
+        # a timm features_only model (FeatureListNet, FeatureGetterNet...): a FeatureInfo of the
+        # out_indices it returns
+        feature_info = feature_info.get_dicts()
     if not isinstance(feature_info, (list, tuple)):
         return {}
     names = dict(model.named_modules())
     found: dict[str, float | None] = {}
     for info in feature_info:
         module = info.get("module") if isinstance(info, dict) else None
+        if module and module not in names:
+            module = _features_only_name(module, names)
         while module in names and isinstance(names[module], nn.ModuleList) and len(
                 names[module]):
             module = f"{module}.{len(names[module]) - 1}"
@@ -99,6 +105,17 @@ def _feature_info_reductions(model: nn.Module) -> dict[str, float | None]:
             found[module] = (float(reduction) if isinstance(reduction, (int, float))
                              and not isinstance(reduction, bool) and reduction > 0 else None)
     return found
+
+
+def _features_only_name(module: str, names: Mapping[str, nn.Module]) -> str | None:
+    """A ``feature_info`` module name as a timm features_only wrapper names it: its own
+    children flatten dotted names (FeatureListNet's ``stages_0`` for ``stages.0``), or keep
+    the whole model as a child (FeatureGetterNet's ``model.blocks.9``)."""
+    flat = module.replace(".", "_")
+    if flat in names:
+        return flat
+    nested = [name for name in names if name.endswith(f".{module}")]
+    return nested[0] if len(nested) == 1 else None
 
 
 def _feature_info_modules(model: nn.Module) -> list[str]:

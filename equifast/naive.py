@@ -68,7 +68,16 @@ from .layers import (
     token_order_of,
 )
 from .layouts import FeatureLayout, grid_view
-from .result import FRAME_COLUMNS, MODEL_COLUMNS, Result, warn_not_logits, warn_undefined_elements
+from .result import (
+    FRAME_COLUMNS,
+    MODEL_COLUMNS,
+    Result,
+    deserves_logits_warning,
+    is_headless,
+    logits_of,
+    warn_not_logits,
+    warn_undefined_elements,
+)
 
 __all__ = ["COMPARISONS", "METRICS", "measure", "realign", "transform"]
 
@@ -802,6 +811,7 @@ def measure(
     consistency_rows: list[np.ndarray] = []
     top_rows: list[np.ndarray] = []
     warned_output: list[bool] = []  # one warning per call for output that is not logits
+    headless = is_headless(module)  # num_classes=0: the output is pooled features
 
     def forward(images: torch.Tensor):
         """One forward; returns the output and a float64 ``(B, C, h, w)`` view of every layer."""
@@ -826,10 +836,10 @@ def measure(
                 grids[name] = kept[name].reshape(kept[name].shape[0], 1, 1, -1)
             else:
                 grids[name] = grid_view(kept[name], layout)
-        logits = output.float() if isinstance(output, torch.Tensor) and output.dim() == 2 else None
-        if not isinstance(output, torch.Tensor) and not warned_output:
+        logits = logits_of(output, headless)
+        if logits is None and deserves_logits_warning(output, headless) and not warned_output:
             warned_output.append(True)
-            warn_not_logits(output, stacklevel=4)  # the caller of measure
+            warn_not_logits(output, stacklevel=4, headless=headless)  # the caller of measure
         return logits, grids
 
     def run_batch(sources: torch.Tensor, batch_labels: torch.Tensor | None) -> None:

@@ -112,14 +112,46 @@ def _shown(names: list[str], most: int = 8) -> str:
                                       else "")
 
 
-def warn_not_logits(output, stacklevel: int) -> None:
-    """Warn that a model's output (not a tensor) gives no model-level scores."""
+def is_headless(module) -> bool:
+    """Whether a model says it has no classifier (timm's ``num_classes=0``, or
+    ``reset_classifier(0)``): its (batch, C) output is pooled features, not logits."""
+    return getattr(module, "num_classes", None) == 0
+
+
+def logits_of(output, headless: bool):
+    """The (batch, classes) logits of a model's output as float, or None where it has none."""
+    import torch
+
+    if isinstance(output, torch.Tensor) and output.dim() == 2 and not headless:
+        return output.float()
+    return None
+
+
+def warn_not_logits(output, stacklevel: int, headless: bool = False) -> None:
+    """Warn that a model's output (not a tensor, or a headless model's features) gives no
+    model-level scores."""
+    import torch
+
+    what = (f"a headless model's (num_classes=0) pooled features {tuple(output.shape)}"
+            if headless and isinstance(output, torch.Tensor)
+            else f"a {type(output).__name__}")
     warnings.warn(
-        f"the model's output is a {type(output).__name__}, not (batch, classes) logits: the "
+        f"the model's output is {what}, not (batch, classes) logits: the "
         "result has no consistency or top-1 / top-5 (model_frame is empty); the layers' scores "
         "are unaffected",
         stacklevel=stacklevel + 1,
     )
+
+
+def deserves_logits_warning(output, headless: bool) -> bool:
+    """Whether an output without logits deserves the warning: not a tensor, or a headless
+    model's vector output (a tensor of another shape is a backbone's feature map: nothing to
+    say)."""
+    import torch
+
+    if not isinstance(output, torch.Tensor):
+        return True
+    return headless and output.dim() == 2
 
 
 @dataclass

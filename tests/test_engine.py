@@ -592,3 +592,20 @@ def test_a_compiled_model_is_measured_through_the_module_it_wraps(implementation
                                          r"module it wraps \(Sequential"):
         got = measure(compiled, images, layers=["_orig_mod.1", "3"], **kwargs)
     pd.testing.assert_frame_equal(got.frame, want.frame)
+
+
+@pytest.mark.parametrize("implementation", ["engine", "naive"])
+def test_a_headless_model_has_no_consistency(implementation):
+    """timm's num_classes=0 returns pooled features (batch, C): not logits, so no consistency or
+    top-1 (their argmax is meaningless); a warning says so, once."""
+    import timm
+
+    measure = equifast.measure if implementation == "engine" else naive.measure
+    model = timm.create_model("resnet18", num_classes=0).eval()
+    with pytest.warns(UserWarning, match=r"headless model's \(num_classes=0\) pooled features "
+                                         r"\(\d+, 512\), not \(batch, classes\) logits") as record:
+        result = measure(model, torch.rand(2, 3, 40, 40), group=Translation([4]),
+                         layers=["layer1"], bootstrap=0, progress=False)
+    assert sum("logits" in str(w.message) for w in record) == 1
+    assert result.model_frame.empty
+    assert result.frame.value.notna().any()

@@ -630,3 +630,24 @@ def test_a_multi_resolution_stage_is_measured_at_its_declared_stride(implementat
         result = measure(_TwoResolutions(None).eval(), images, group=group, layers=["stage"],
                          bootstrap=0, progress=False)
     assert result.frame.stride.unique().tolist() == [2]
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "expected"),
+    [
+        ("resnet18", {}, ["act1", "layer1", "layer2", "layer3", "layer4"]),
+        ("resnet18", {"out_indices": (1, 3)}, ["layer1", "layer3"]),
+        # FeatureListNet flattens dotted names into its own children
+        ("convnext_atto", {}, ["stages_0", "stages_1", "stages_2", "stages_3"]),
+        # FeatureGetterNet keeps the model whole, as its child `model`
+        ("vit_tiny_patch16_224", {"out_indices": (2, 5)}, ["model.blocks.2", "model.blocks.5"]),
+    ],
+)
+def test_default_layers_of_a_features_only_model_are_its_features(name, kwargs, expected):
+    """timm's features_only wrappers keep a FeatureInfo (not a list) of the out_indices they
+    return, under their own module names; the default layers were their children, opened."""
+    from equifast.layers import declared_reductions
+
+    model = timm.create_model(name, features_only=True, **kwargs)
+    assert default_layers(model) == expected
+    assert set(declared_reductions(model)) >= set(expected)
