@@ -19,6 +19,9 @@ import sys
 import warnings
 from pathlib import Path
 
+# (the channel maps of equifast.ops, spelled out so that --help needs no torch)
+CHANNEL_MAPS = ("identity", "match")
+
 
 def _parse_size(text: str) -> tuple[int, int]:
     parts = text.lower().replace("x", ",").split(",")
@@ -103,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     measure.add_argument("--align", type=_parse_align, default="auto",
                          help="grid offsets: auto | center | corner | a number")
     measure.add_argument("--subpixel", choices=("bilinear", "skip"), default="bilinear")
+    measure.add_argument("--channel-map", choices=CHANNEL_MAPS, default="identity",
+                         help="match: each channel against its best-correlated channel of the "
+                              "other map (equivariance up to a permutation of channels)")
     measure.add_argument("--pooled", action="store_true", help="score pooled statistics")
     measure.add_argument("--baseline", choices=("init",), default=None,
                          help="also measure a freshly initialized copy (seeded with --seed) on "
@@ -180,6 +186,9 @@ def _add_survey_commands(commands) -> None:
                         help="cpu, cuda ... (default: cuda when available; a Ray task's GPU)")
     survey.add_argument("--input-size", type=_parse_size, default=None)
     survey.add_argument("--align", type=_parse_align, default="auto")
+    survey.add_argument("--subpixel", choices=("bilinear", "skip"), default=None)
+    survey.add_argument("--channel-map", choices=CHANNEL_MAPS, default=None,
+                        help="identity (default) or match")
     survey.add_argument("--pooled", action="store_true")
     survey.add_argument("--baseline", choices=("init",), default=None,
                         help="also measure each model's freshly initialized copy (stored as the "
@@ -216,7 +225,8 @@ def _run_survey(args: argparse.Namespace) -> int:
         "layers": args.layers, "metrics": args.metrics, "limit": args.limit,
         "device": args.device, "input_size": args.input_size, "align": args.align,
         "pooled": args.pooled, "bootstrap": args.bootstrap, "num_workers": args.workers,
-        "loader": args.loader, "baseline": args.baseline,
+        "loader": args.loader, "baseline": args.baseline, "subpixel": args.subpixel,
+        "channel_map": args.channel_map,
     }
     summary = run_survey(
         args.models, args.data or "samples", args.store, args.group,
@@ -285,7 +295,8 @@ def _measure(args: argparse.Namespace, main: bool) -> int:
             batch_size=args.batch_size, input_size=args.input_size,
             # the model is built on the CPU: without --device, measure on the GPU when there is one
             device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
-            align=args.align, subpixel=args.subpixel, pooled=args.pooled, bootstrap=args.bootstrap,
+            align=args.align, subpixel=args.subpixel, channel_map=args.channel_map,
+            pooled=args.pooled, bootstrap=args.bootstrap,
             seed=args.seed, limit=args.limit, num_workers=args.workers, loader=args.loader,
             progress=not args.quiet and main,
             model_name=loaded.name, force_reference=args.reference, baseline=baseline,

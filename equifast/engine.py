@@ -57,7 +57,7 @@ from .layers import (
     token_order_of,
 )
 from .layouts import FeatureLayout
-from .ops import COMPARISONS, merge_stats
+from .ops import COMPARISONS, check_channel_map, merge_stats
 from .result import (
     BASELINE_COLUMNS,
     FRAME_COLUMNS,
@@ -451,6 +451,7 @@ def measure(
     layouts: Mapping[str, str] | None = None,
     align: AlignSpec = "auto",
     subpixel: str = "bilinear",
+    channel_map: str = "identity",
     comparisons: Sequence[str] = COMPARISONS,
     pooled: bool = False,
     bootstrap: int = 1000,
@@ -491,6 +492,12 @@ def measure(
         layouts: Override the detected layout per layer (``{"blocks.3": "NLC"}``).
         align: Grid offsets (:mod:`equifast.align`): ``"auto"``, ``"center"``, ``"corner"``, ...
         subpixel: Re-alignment by a fraction of a feature pixel: ``"bilinear"`` or ``"skip"`` (NaN).
+        channel_map: ``"identity"`` (each channel against itself) or ``"match"``: each channel
+            against the channel of the other map it correlates with best, per image and element
+            (DESIGN.md 1.6): equivariance up to a permutation of channels, as a learned rotated
+            copy of a filter shows it. The chance comparison is matched too, so that
+            ``corr_vs_chance`` discounts what matching alone gains. Slower: it runs the
+            pure-PyTorch statistics (a ``C x C`` matrix per image and element).
         comparisons: Which of ``("eq", "inv", "chance")`` to report.
         pooled: Score the statistics merged over all images (CIs over batches) instead of the mean
             of per-image scores.
@@ -554,6 +561,7 @@ def measure(
     if batch_size < 1:
         raise ValueError(f"batch_size: expected a positive integer, found {batch_size}")
     input_size = check_run_arguments(input_size, align, limit, bootstrap)
+    check_channel_map(channel_map)
     if elements_per_chunk is not None:
         check_count("elements_per_chunk", elements_per_chunk, 1, "a positive integer or None")
     if not (baseline is None or isinstance(baseline, (nn.Module, InitCopy))
@@ -720,8 +728,8 @@ def measure(
             # measured layer's output per forward cost more than its statistics (resnet18 at
             # 224 px, one block per forward: torch.cat 2.4x the time of equivariance_stats).
             reference = identity[name]
-        stats = _layer_stats(tensor, layer, lo, hi, batch, layer.wrap, subpixel, force_reference,
-                             reference)
+        stats = _layer_stats(tensor, layer, lo, hi, batch, layer.wrap, subpixel, channel_map,
+                             force_reference, reference)
         if batch == 1:
             stats[2] = 0  # no other image to compare with: chance is undefined
         if pooled:
@@ -898,6 +906,7 @@ def measure(
         "blocks_per_forward": blocks,
         "align": align if isinstance(align, (str, int, float)) else str(align),
         "subpixel": subpixel,
+        "channel_map": channel_map,
         "metrics": list(metric_names),
         "pooled": pooled,
         "bootstrap": bootstrap,
@@ -1098,8 +1107,8 @@ def _probe(module, names, input_size, overrides, align, device, dtype, seed,
     return names, layouts, offsets
 
 
-def _layer_stats(tensor, layer: _Layer, lo, hi, batch, wrap, subpixel, force_reference,
-                 reference: torch.Tensor | None = None):
+def _layer_stats(tensor, layer: _Layer, lo, hi, batch, wrap, subpixel, channel_map,
+                 force_reference, reference: torch.Tensor | None = None):
     """Statistics of elements ``[lo, hi)`` from a layer's output: ``tensor`` holds the identity
     block first, or, with ``reference`` (the identity block), the elements' blocks only."""
     layout = layer.layout
@@ -1113,10 +1122,12 @@ def _layer_stats(tensor, layer: _Layer, lo, hi, batch, wrap, subpixel, force_ref
     if layout.kind == "vector":
         return ops.equivariance_stats(tensor, affines, wrap[lo:hi], batch, "NCHW", 1,
                                       tensor.shape[-1], 0, subpixel, True, True,
-                                      force_reference=force_reference, reference=reference)
+                                      force_reference=force_reference, reference=reference,
+                                      channel_map=channel_map)
     return ops.equivariance_stats(tensor, affines, wrap[lo:hi], batch, layout.layout,
                                   layout.grid_h, layout.grid_w, layout.prefix, subpixel, True,
-                                  True, force_reference=force_reference, reference=reference)
+                                  True, force_reference=force_reference, reference=reference,
+                                  channel_map=channel_map)
 
 
 def _lays_out_like(reference: torch.Tensor, tensor: torch.Tensor) -> bool:

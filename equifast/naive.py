@@ -311,6 +311,35 @@ def pair_scores(
     return out
 
 
+CHANNEL_MAPS = ("identity", "match")
+
+
+def match_channels(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``b`` with each channel taken from the channel of ``b`` that correlates best with that
+    channel of ``a`` over the valid positions, image by image (``torch.corrcoef``; written apart
+    from the engine's reference op on purpose). A constant channel of ``b`` is never taken; a
+    constant channel of ``a`` keeps its own; correlations within 1e-9 of each other are ties,
+    taken by the first channel."""
+    channels = a.shape[1]
+    if channels == 1 or int(valid.sum()) < 2:  # one position: every channel is constant
+        return b
+    matched = b.clone()
+    for n in range(a.shape[0]):
+        rows = torch.cat([a[n][:, valid], b[n][:, valid]])  # (2C, m)
+        correlation = torch.corrcoef(rows)[:channels, channels:]  # NaN for a constant row
+        b_constant = b[n][:, valid].std(-1, correction=0) == 0
+        if bool(b_constant.all()):
+            continue
+        correlation[:, b_constant] = -math.inf
+        # correlations within 1e-9 are ties, taken by the first channel (on few positions
+        # many pairs correlate perfectly, and rounding must not choose among them)
+        best = (correlation.nan_to_num(nan=-math.inf) * 1e9).round().argmax(-1)
+        a_constant = a[n][:, valid].std(-1, correction=0) == 0
+        best[a_constant] = torch.arange(channels, device=a.device)[a_constant]
+        matched[n] = b[n][best]
+    return matched
+
+
 def pair_sums(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Raw power sums per channel over the images and valid positions (for pooled scores).
 
@@ -676,6 +705,7 @@ def measure(
     layouts: Mapping[str, str] | None = None,
     align: AlignSpec = "auto",
     subpixel: str = "bilinear",
+    channel_map: str = "identity",
     comparisons: Sequence[str] = COMPARISONS,
     pooled: bool = False,
     bootstrap: int = 1000,
@@ -712,6 +742,7 @@ def measure(
         layouts: Layout overrides per layer.
         align: Grid offsets (:func:`equifast.align.find_offsets`).
         subpixel: ``"bilinear"`` or ``"skip"`` (NaN for fractional re-alignments).
+        channel_map: ``"identity"`` or ``"match"`` (as in :func:`equifast.measure`).
         comparisons: Which of ``("eq", "inv", "chance")`` to report.
         pooled: Score the values pooled over all images (CIs from resampling batches).
         bootstrap: Resamples of the 95% intervals (0: none).
@@ -744,6 +775,8 @@ def measure(
     if batch_size < 1:
         raise ValueError(f"batch_size: expected a positive integer, found {batch_size}")
     input_size = check_run_arguments(input_size, align, limit, bootstrap)
+    if channel_map not in CHANNEL_MAPS:
+        raise ValueError(f"channel_map: expected one of {CHANNEL_MAPS}, found {channel_map!r}")
 
     from .models import (
         check_device,
@@ -873,6 +906,8 @@ def measure(
                 if batch > 1:  # chance: image n against image (n + 1) mod B
                     pairs.append((2, torch.roll(b_moved, -1, 0)))
                 for c, b in pairs:
+                    if channel_map == "match":  # the same matching as the engine's
+                        b = match_channels(a, b, valid)
                     for metric, value in pair_scores(a, b, valid, metric_names).items():
                         scores[name][metric][c, k] = value.cpu().numpy()
                     if pooled:
@@ -945,6 +980,7 @@ def measure(
         "elements_per_chunk": 1,
         "align": align if isinstance(align, (str, int, float)) else str(align),
         "subpixel": subpixel,
+        "channel_map": channel_map,
         "metrics": list(metric_names),
         "pooled": pooled,
         "bootstrap": bootstrap,

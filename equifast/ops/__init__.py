@@ -15,7 +15,13 @@ import torch
 
 from .. import _ext
 from . import _reference
-from ._reference import COMPARISONS, STATS_FIELDS, merge_stats
+from ._reference import (
+    CHANNEL_MAPS,
+    COMPARISONS,
+    STATS_FIELDS,
+    check_channel_map,
+    merge_stats,
+)
 
 LAYOUT_NAMES = ("NCHW", "NHWC", "NLC")
 
@@ -88,6 +94,7 @@ def equivariance_stats(
     with_chance: bool = True,
     force_reference: bool = False,
     reference: torch.Tensor | None = None,
+    channel_map: str = "identity",
 ) -> torch.Tensor:
     """Equivariance / invariance / chance statistics of one layer for the stacked batch.
 
@@ -107,6 +114,10 @@ def equivariance_stats(
             and strides after the batch axis), when it is not the first block of ``feats``: the
             statistics are those of the two stacked, without copying them together (the engine
             keeps the identity features of a batch's first forward for its later ones).
+        channel_map: ``"identity"``, or ``"match"``: each channel against the best-correlated
+            channel of the other map, per image (:func:`_reference.match_channels`). ``match``
+            needs a ``(C, C)`` matrix per image and element, which no kernel computes yet: it
+            runs the reference.
 
     Returns:
         ``(3, K, B, C, 6)`` float64 statistics (see ``STATS_FIELDS``, ``COMPARISONS``).
@@ -118,10 +129,13 @@ def equivariance_stats(
     affines = source_affines.detach().to("cpu", torch.float64).contiguous()
     args = (affines, [int(w) for w in wrap], int(batch), layout, int(grid_h), int(grid_w),
             int(prefix), subpixel, bool(with_inv), bool(with_chance))
-    if _use_kernel("equivariance_stats", feats.device, force_reference):
+    check_channel_map(channel_map)
+    if channel_map == "identity" and _use_kernel("equivariance_stats", feats.device,
+                                                 force_reference):
         return torch.ops.equifast.equivariance_stats(feats, *args, reference)
     return _reference.equivariance_stats(
-        feats.detach(), *args, None if reference is None else reference.detach()
+        feats.detach(), *args, None if reference is None else reference.detach(),
+        channel_map=channel_map,
     ).to(feats.device)
 
 
@@ -152,8 +166,10 @@ def _register_fakes() -> None:
 _register_fakes()
 
 __all__ = [
+    "CHANNEL_MAPS",
     "COMPARISONS",
     "STATS_FIELDS",
+    "check_channel_map",
     "equivariance_stats",
     "merge_stats",
     "transform_images",

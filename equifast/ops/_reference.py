@@ -16,6 +16,7 @@ Convention:
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -185,6 +186,55 @@ def realign(
     return moved, insides[0]
 
 
+CHANNEL_MAPS = ("identity", "match")
+
+
+def check_channel_map(channel_map: str) -> str:
+    """``channel_map`` if it is one of :data:`CHANNEL_MAPS`, else a ValueError naming them."""
+    if channel_map not in CHANNEL_MAPS:
+        raise ValueError(f"channel_map: expected one of {CHANNEL_MAPS}, found {channel_map!r}")
+    return channel_map
+
+
+def match_channels(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``b`` with each channel ``c`` replaced by the channel of ``b`` best correlated with
+    channel ``c`` of ``a`` over the valid positions, image by image (DESIGN.md 1.6, ``match``).
+
+    A network that learned a rotated copy of a filter shows rotation equivariance as a
+    permutation of channels (as a group convolution would): matched, the rotated copy stands
+    beside its filter. The match is a map, not a permutation: several channels of ``a`` may
+    take the same channel of ``b``. A spatially constant channel of ``b`` (no correlation
+    defined) is never chosen; a constant channel of ``a`` keeps its own. Correlations within
+    1e-9 of each other are ties, taken by the first channel.
+
+    Args:
+        a, b: ``(B, C, h, w)`` float64.
+        valid: ``(h, w)`` bool.
+
+    Returns:
+        ``(B, C, h, w)``: ``b``'s channels in the matched order.
+    """
+    if not bool(valid.any()) or a.shape[1] == 1:
+        return b
+    chosen = torch.empty(a.shape[:2], dtype=torch.long, device=a.device)
+    for image in range(a.shape[0]):  # one (C, C) matrix at a time: C = 2048 is 32 MB
+        da = a[image][:, valid]
+        db = b[image][:, valid]
+        da = da - da.mean(-1, keepdim=True)
+        db = db - db.mean(-1, keepdim=True)
+        scale_a = da.norm(dim=-1)
+        scale_b = db.norm(dim=-1)
+        correlation = (da @ db.T) / (scale_a[:, None] * scale_b[None, :])
+        # constant channels of b are never chosen; constant channels of a keep their own
+        correlation = correlation.masked_fill((scale_b == 0)[None, :], -math.inf)
+        # correlations within 1e-9 are ties, taken by the first channel: on few positions many
+        # pairs correlate perfectly, and rounding must not choose among them
+        best = (correlation.nan_to_num(nan=-math.inf) * 1e9).round().argmax(-1)
+        own = torch.arange(a.shape[1], device=a.device)
+        chosen[image] = torch.where((scale_a == 0) | (scale_b == 0).all(), own, best)
+    return torch.gather(b, 1, chosen[:, :, None, None].expand_as(b))
+
+
 def pair_stats(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """The six statistics of ``a`` against ``b`` per image and channel over ``valid`` positions.
 
@@ -210,6 +260,13 @@ def pair_stats(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> torch.T
     return torch.stack([count_column, mean_a, mean_b, m2_a, m2_b, c_ab], -1)
 
 
+def _mapped_pair_stats(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor,
+                       channel_map: str) -> torch.Tensor:
+    if channel_map == "match":
+        b = match_channels(a, b, valid)
+    return pair_stats(a, b, valid)
+
+
 def equivariance_stats(
     feats: torch.Tensor,
     source_affines: torch.Tensor,
@@ -223,6 +280,7 @@ def equivariance_stats(
     with_inv: bool,
     with_chance: bool,
     reference: torch.Tensor | None = None,
+    channel_map: str = "identity",
 ) -> torch.Tensor:
     """Statistics of the equivariance, invariance and chance comparisons (reference).
 
@@ -240,6 +298,8 @@ def equivariance_stats(
         with_inv, with_chance: Whether to compute those comparisons (zeros otherwise).
         reference: The identity block (``batch`` images laid out like ``feats``) when it is not
             the first block of ``feats``: the same statistics as with the two stacked.
+        channel_map: ``"identity"`` (channel ``c`` against channel ``c``) or ``"match"`` (against
+            the best-correlated channel of the other map, per image: :func:`match_channels`).
 
     Returns:
         ``(3, K, B, C, 6)`` float64 statistics for eq, inv, chance: count, mean_a, mean_b, m2_a,
@@ -268,11 +328,13 @@ def equivariance_stats(
             continue
         moved, valid = realign(identity, affine, bool(wrap[k]))
         transformed = grid[(k + 1) * batch:(k + 2) * batch]
-        out[0, k] = pair_stats(transformed, moved, valid)
+
+        out[0, k] = _mapped_pair_stats(transformed, moved, valid, channel_map)
         if with_inv:
-            out[1, k] = pair_stats(transformed, identity, valid)
+            out[1, k] = _mapped_pair_stats(transformed, identity, valid, channel_map)
         if with_chance:
-            out[2, k] = pair_stats(transformed, torch.roll(moved, -1, 0), valid)
+            out[2, k] = _mapped_pair_stats(transformed, torch.roll(moved, -1, 0), valid,
+                                           channel_map)
     return out
 
 

@@ -252,12 +252,12 @@ def survey_config(group: str, data: Any, measure_kwargs: dict[str, Any]) -> dict
     """The configuration that identifies a measurement (its hash keys the store): everything
     that changes the numbers, not the batch size, device or loader workers.
 
-    Normalized, so that the same settings resume each other however they were written: the
-    arguments left out are filled with :func:`equifast.measure`'s defaults (the command line
-    passes them all), the group is its list of elements and their protocols (``translate: 8``
-    and ``translate:8`` are one group), metrics are the names measured (``["cosine"]`` is
-    ``["corr", "cosine"]``), ``input_size`` is ``[H, W]``, and strings are names except for
-    ``data`` and ``checkpoint_path``, which are paths.
+    Normalized, so that the same settings resume each other however they were written: an
+    argument equal to :func:`equifast.measure`'s default is left out (the command line passes
+    them all, Python code only some), the group is its list of elements and their protocols
+    (``translate: 8`` and ``translate:8`` are one group), metrics are the names measured
+    (``["cosine"]`` is ``["corr", "cosine"]``), ``input_size`` is ``[H, W]``, and strings are
+    names except for ``data`` and ``checkpoint_path``, which are paths.
 
     Raises:
         ValueError: a group spec, metric, ``input_size`` or ``align`` that is not valid.
@@ -267,14 +267,22 @@ def survey_config(group: str, data: Any, measure_kwargs: dict[str, Any]) -> dict
     from equifast.groups import parse_group
     from equifast.scores import check_metrics
 
-    settings = {**_measure_defaults(),
-                **{k: v for k, v in measure_kwargs.items() if k not in _NOT_IDENTITY}}
-    settings["metrics"] = sorted(check_metrics(settings.get("metrics")))
-    settings["input_size"] = check_input_size(settings.get("input_size"))
-    settings["align"] = _canonical_align(check_align(settings.get("align", "auto")))
+    def normalized(settings: dict[str, Any]) -> dict[str, Any]:
+        settings = dict(settings)
+        settings["metrics"] = sorted(check_metrics(settings.get("metrics")))
+        settings["input_size"] = check_input_size(settings.get("input_size"))
+        settings["align"] = _canonical_align(check_align(settings.get("align", "auto")))
+        return {k: _fingerprint(v) for k, v in settings.items()}
+
+    defaults = normalized(_measure_defaults())
+    given = normalized({**_measure_defaults(), **{
+        k: v for k, v in measure_kwargs.items() if k not in _NOT_IDENTITY}})
     config = {"group": [[element.name, element.protocol] for element in parse_group(group)],
               "data": _fingerprint(data, paths=True)}
-    config.update({k: _fingerprint(v) for k, v in settings.items()})
+    # Only what differs from measure's defaults: given or left out, a default is the same
+    # setting, and an argument measure gains later (with a default that keeps the numbers)
+    # leaves the stores written before it resumable.
+    config.update({k: v for k, v in given.items() if k not in defaults or defaults[k] != v})
     return config
 
 
