@@ -130,3 +130,17 @@ def test_the_two_matchings_agree_on_small_and_flat_regions(positions):
     valid.view(-1)[:positions] = True
     torch.testing.assert_close(naive.match_channels(a, b, valid),
                                _reference.match_channels(a, b, valid), rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+def test_match_on_gpu_features_equals_the_cpu():
+    torch.manual_seed(4)
+    feats = torch.randn(3 * 2, 5, 6, 6)
+    affines = torch.tensor([[[0.0, -1.0, 5.0], [1.0, 0.0, 0.0]], [[1.0, 0.0, 0.5],
+                                                                  [0.0, 1.0, 0.0]]],
+                           dtype=torch.float64)
+    args = (affines, [0, 0], 2, "NCHW", 6, 6, 0, "bilinear", True, True)
+    want = ops.equivariance_stats(feats, *args, channel_map="match")
+    got = ops.equivariance_stats(feats.cuda(), *args, channel_map="match")
+    assert got.device.type == "cuda"
+    torch.testing.assert_close(got.cpu(), want, rtol=0, atol=0)

@@ -133,8 +133,9 @@ def equivariance_stats(
     if channel_map == "identity" and _use_kernel("equivariance_stats", feats.device,
                                                  force_reference):
         return torch.ops.equifast.equivariance_stats(feats, *args, reference)
+    # (the reference builds its sampling plans on the CPU: a GPU layer's features go there)
     return _reference.equivariance_stats(
-        feats.detach(), *args, None if reference is None else reference.detach(),
+        feats.detach().cpu(), *args, None if reference is None else reference.detach().cpu(),
         channel_map=channel_map,
     ).to(feats.device)
 
