@@ -689,3 +689,15 @@ def test_config_hash_follows_what_changes_the_numbers(tmp_path):
     assert base != config_hash(survey_config("translate:8", images, {"labels": torch.arange(2)}))
     assert config_hash(survey_config("flip", tmp_path, {})) == config_hash(
         survey_config("flip", str(tmp_path), {}))
+
+
+def test_one_configuration_keeps_one_group_spelling_in_the_store(tmp_path):
+    """A later survey of the same configuration, its group spelt otherwise, stores the first
+    spelling with its models: the report shows one group, not two columns."""
+    store_path = tmp_path / "s.sqlite"
+    _survey(["eqtest_tiny"], store_path, group="translate:4,8")
+    summary = _survey(["eqtest_tiny", "eqtest_tiny_b"], store_path,
+                      group="translate:0/4,4/0,0/8,8/0")
+    assert summary.skipped == ["eqtest_tiny"] and summary.done == ["eqtest_tiny_b"]
+    with open_store(store_path) as store:
+        assert store.runs.group_spec.tolist() == ["translate:4,8", "translate:4,8"]

@@ -579,6 +579,8 @@ def run_survey(
     measure_kwargs = {"progress": progress, **measure_kwargs}
 
     with SurveyStore(store, create=True) as db:
+        # one configuration, one spelling in the store (and one group in the report)
+        group = db.group_spec_of(key) or group
         pending = []
         for name in names:
             status = db.status(name, key)

@@ -520,6 +520,16 @@ class SurveyStore:
         ).fetchone()
         return None if row is None else row[0]
 
+    def group_spec_of(self, config_hash: str) -> str | None:
+        """The group spec stored with a configuration's earliest run, or None: a later survey
+        of the same configuration whose spec is spelt otherwise (``flip:h``, ``flip:horizontal``)
+        keeps that one, so that the report shows the configuration as one group."""
+        row = self._connection.execute(
+            "SELECT group_spec FROM runs WHERE config_hash = ? AND group_spec IS NOT NULL "
+            "ORDER BY run_id LIMIT 1", (config_hash,)
+        ).fetchone()
+        return None if row is None else row[0]
+
     def claim(self, model: str, config_hash: str, owner: str,
               retry_failed: bool = False) -> str | None:
         """Claim a ``(model, config)`` pair for the survey ``owner`` before measuring it.
