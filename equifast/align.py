@@ -23,7 +23,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from .layers import LayerHooks
+from .layers import LayerHooks, input_channels
 from .layouts import FeatureLayout, grid_view
 
 AlignSpec = str | float | tuple[float, float] | Mapping[str, object]
@@ -138,16 +138,16 @@ def _central_block(size: int) -> slice:
 
 
 def probe_inputs(input_size: tuple[int, int], device, dtype, samples: int = 2,
-                 seed: int = 0) -> torch.Tensor:
+                 seed: int = 0, channels: int = 3) -> torch.Tensor:
     """The seeded random inputs of the ``auto`` probe, ``requires_grad`` set."""
     height, width = input_size
     generator = torch.Generator().manual_seed(seed)
-    inputs = torch.randn(samples, 3, height, width, generator=generator).to(device, dtype)
+    inputs = torch.randn(samples, channels, height, width, generator=generator).to(device, dtype)
     return inputs.requires_grad_(True)
 
 
 def _receptive_field_offsets(model, layers, input_size, device, dtype, samples, seed):
-    inputs = probe_inputs(input_size, device, dtype, samples, seed)
+    inputs = probe_inputs(input_size, device, dtype, samples, seed, input_channels(model))
     captured: dict[str, torch.Tensor] = {}
 
     def keep(name: str, tensor: torch.Tensor) -> None:

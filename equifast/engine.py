@@ -35,6 +35,7 @@ from .align import AlignSpec, find_offsets, probe_inputs
 from .arguments import check_count, check_finite_pixels, check_run_arguments
 from .baseline import INIT, TRAINED, InitCopy, WithBaseline, init_copy, member_name, same_parameters
 from .data.folder import is_path_list, no_images_message, warn_skipped
+from .data.geometry import LUMA_WEIGHTS, channel_normalization
 from .groups import (
     IDENTITY,
     PROTOCOL_CODES,
@@ -49,6 +50,7 @@ from .layers import (
     LayerHooks,
     LayerOutputError,
     LayerSpec,
+    input_channels,
     is_broad_selection,
     measurable_layers,
     prefix_tokens_of,
@@ -113,17 +115,27 @@ def _check_sources(images: torch.Tensor, where: str) -> torch.Tensor:
         raise TypeError(f"{where}: expected a tensor of images, found {type(images).__name__}")
     if images.dim() == 3:
         images = images.unsqueeze(0)
-    if images.dim() != 4 or images.shape[1] != 3:
+    if images.dim() != 4 or images.shape[1] not in (1, 3):
         raise ValueError(
-            f"{where}: expected images of shape (B, 3, H, W) (or (3, H, W)), found "
-            f"{tuple(images.shape)}; convert greyscale with images.expand(-1, 3, -1, -1)"
+            f"{where}: expected images of shape (B, 3, H, W) (RGB) or (B, 1, H, W) (greyscale), "
+            f"found {tuple(images.shape)}"
         )
     if images.shape[0] == 0:
         raise ValueError(f"{where}: the batch holds no images (shape {tuple(images.shape)})")
     if not (images.dtype == torch.uint8 or images.is_floating_point()):
         raise TypeError(f"{where}: expected uint8 or floating images, found {images.dtype}")
     check_finite_pixels(images, where)
+    if images.shape[1] == 1:  # grey, as RGB: its luma is itself, and an RGB model sees grey
+        images = images.expand(-1, 3, -1, -1).contiguous()
     return images
+
+
+def _to_grey(images: torch.Tensor) -> torch.Tensor:
+    """``(N, 3, H, W)`` -> ``(N, 1, H, W)``: the luma of transformed images, for a model that
+    takes one channel. Transformed with the grey mean and std in every channel, their luma is
+    the normalized grey image, the fill (0) included: both are linear."""
+    weights = torch.tensor(LUMA_WEIGHTS, dtype=images.dtype, device=images.device)
+    return (images * weights.view(1, 3, 1, 1)).sum(1, keepdim=True)
 
 
 def _center_crop(sources: torch.Tensor, size: tuple[int, int], where: str) -> torch.Tensor:
@@ -571,6 +583,7 @@ def measure(
 
     from .models import (
         check_device,
+        check_input_channels,
         compiled_original,
         model_dtype_for,
         resolve_model,
@@ -583,6 +596,7 @@ def measure(
     by_name = resolved.by_name  # the name a model was given by: its copy is built by name too
     if compiled_original(model) is not None:
         layers = strip_compiled_prefix(layers)
+    channels = check_input_channels(module)  # 1: a greyscale model, fed the luma of the images
     module.eval()
     shard, device = _dist.setup(distributed, device)
     if device is None:
@@ -765,8 +779,9 @@ def measure(
         # Each batch by its own dtype (an iterable may mix them): uint8 0..255 is normalized with
         # the model's mean and std, float is taken as already preprocessed.
         normalize = sources.dtype == torch.uint8
-        mean = preprocess.mean if normalize else None
-        std = preprocess.std if normalize else None
+        mean, std = channel_normalization(preprocess, channels) if normalize else (None, None)
+        if normalize and channels == 1:  # the grey mean and std in every channel (_to_grey)
+            mean, std = mean * 3, std * 3
         if device.type == "cuda" and sources.device.type == "cpu" and not sources.is_pinned():
             # A copy from pageable memory makes the host wait until the GPU has drained its
             # queue (the driver stages it): pinned, it runs beside the previous batch's work.
@@ -787,6 +802,8 @@ def measure(
                     model_dtype, channels_last,
                     force_reference=force_reference,
                 )
+                if channels == 1:
+                    images = _to_grey(images)
                 context.update(lo=lo, hi=hi, first=forward == 0, batch=size, seen=set())
                 with torch.inference_mode(), LayerHooks(runner, hooked, on_output), \
                         torch.autocast(device.type, torch.bfloat16, enabled=autocast):
@@ -1079,10 +1096,11 @@ def _probe(module, names, input_size, overrides, align, device, dtype, seed,
         captured.setdefault(name, tensor)
 
     if with_grad:
-        probe = probe_inputs(input_size, device, dtype, seed=seed)
+        probe = probe_inputs(input_size, device, dtype, seed=seed,
+                             channels=input_channels(module))
         context = torch.enable_grad()
     else:
-        probe = torch.zeros(1, 3, *input_size, device=device, dtype=dtype)
+        probe = torch.zeros(1, input_channels(module), *input_size, device=device, dtype=dtype)
         context = torch.inference_mode()
     hooks = LayerHooks(module, names, keep, lenient=lenient)
     try:

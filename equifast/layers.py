@@ -363,6 +363,18 @@ class LayerHooks:
         self.handles.clear()
 
 
+def input_channels(model: nn.Module) -> int:
+    """The channels a model's input has: its ``in_chans`` (timm), else the ``in_channels`` of
+    its first 2-D convolution (a patch embedding is one too), else 3."""
+    declared = getattr(model, "in_chans", None)
+    if isinstance(declared, int) and not isinstance(declared, bool) and declared > 0:
+        return declared
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            return int(module.in_channels)
+    return 3
+
+
 def prefix_tokens_of(model: nn.Module) -> int | None:
     """The prefix tokens (class, distillation, register) the model says it has: timm's
     ``num_prefix_tokens`` of the model, or of the outermost submodule that has it (a wrapped
@@ -489,7 +501,7 @@ def refine_layouts(
 
     try:
         with torch.inference_mode(), LayerHooks(model, spatial, keep, lenient=True):
-            model(torch.zeros(1, 3, *grown_size, device=device, dtype=dtype))
+            model(torch.zeros(1, input_channels(model), *grown_size, device=device, dtype=dtype))
     except Exception as error:  # noqa: BLE001 - a model that fails there keeps one size's reading
         message = " ".join(str(error).split())
         report["stride_probe"] = (
@@ -551,7 +563,7 @@ def _resampling_layers(model: nn.Module, names: Sequence[str],
             handles.append(modules[name].register_forward_pre_hook(remember))
     try:
         with torch.inference_mode():
-            model(torch.zeros(1, 3, *input_size, device=device, dtype=dtype))
+            model(torch.zeros(1, input_channels(model), *input_size, device=device, dtype=dtype))
     except Exception:  # noqa: BLE001 - then every one of them is reported
         return list(names)
     finally:

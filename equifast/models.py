@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from equifast.data.geometry import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, Preprocess
+from equifast.layers import input_channels
 
 __all__ = ["LoadedModel", "UnknownModelError", "from_module", "load_model", "load_model_sized",
            "preprocess_for"]
@@ -590,6 +591,17 @@ class MeasuredModel:
     note: str = ""
     pretrained: bool | None = None
     by_name: str | None = None  # the name it was built by (its initialized copy is built so too)
+
+
+def check_input_channels(model: nn.Module) -> int:
+    """:func:`input_channels`, which must be 3 (RGB) or 1 (grey: equifast feeds luma)."""
+    channels = input_channels(model)
+    if channels not in (1, 3):
+        raise ValueError(
+            f"model: its input has {channels} channels (its first convolution's in_channels); "
+            "equifast measures models of RGB (3) or greyscale (1) images"
+        )
+    return channels
 
 
 def compiled_original(model: nn.Module) -> nn.Module | None:

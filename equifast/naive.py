@@ -56,10 +56,12 @@ from torch import nn
 from .align import AlignSpec, find_offsets
 from .arguments import check_finite_pixels, check_run_arguments
 from .data.folder import is_path_list, no_images_message, warn_skipped
+from .data.geometry import LUMA_WEIGHTS, channel_normalization
 from .groups import INTEGER_TOLERANCE, Group, default_group, feature_source_affines, parse_group
 from .layers import (
     LayerHooks,
     LayerSpec,
+    input_channels,
     is_broad_selection,
     measurable_layers,
     prefix_tokens_of,
@@ -484,14 +486,15 @@ def _sources_tensor(images, where: str) -> torch.Tensor:
         raise TypeError(f"{where}: expected a tensor of images, found {type(images).__name__}")
     if images.dim() == 3:
         images = images[None]
-    if images.dim() != 4 or images.shape[1] != 3 or images.shape[0] == 0:
+    if images.dim() != 4 or images.shape[1] not in (1, 3) or images.shape[0] == 0:
         raise ValueError(
-            f"{where}: expected images of shape (B, 3, H, W), found {tuple(images.shape)}"
+            f"{where}: expected images of shape (B, 3, H, W) or (B, 1, H, W), found "
+            f"{tuple(images.shape)}"
         )
     if not (images.dtype == torch.uint8 or images.is_floating_point()):
         raise TypeError(f"{where}: expected uint8 or floating images, found {images.dtype}")
     check_finite_pixels(images, where)
-    return images
+    return images.repeat(1, 3, 1, 1) if images.shape[1] == 1 else images
 
 
 def _tensor_labels(labels, count: int, total: int, limit: int | None) -> torch.Tensor | None:
@@ -650,14 +653,19 @@ class _Data:
                 yield self._crop(images, f"data batch {index}"), labels
 
 
-def _normalized(sources: torch.Tensor, preprocess) -> torch.Tensor:
-    """float64 sources: uint8 -> ``(v / 255 - mean) / std``; float sources as they are."""
+def _normalized(sources: torch.Tensor, preprocess, channels: int = 3) -> torch.Tensor:
+    """float64 sources: uint8 -> ``(v / 255 - mean) / std``; float sources as they are. For a
+    model of one channel, the luma of the RGB values first (ITU-R BT.601)."""
     values = sources.to(torch.float64)
+    if channels == 1:
+        luma = torch.tensor(LUMA_WEIGHTS, dtype=torch.float64, device=values.device)
+        values = torch.einsum("bchw,c->bhw", values, luma)[:, None]
     if sources.dtype != torch.uint8:
         return values
-    mean = torch.tensor(preprocess.mean, dtype=torch.float64, device=values.device)
-    std = torch.tensor(preprocess.std, dtype=torch.float64, device=values.device)
-    return (values / 255.0 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    mean, std = channel_normalization(preprocess, channels)
+    mean = torch.tensor(mean, dtype=torch.float64, device=values.device)
+    std = torch.tensor(std, dtype=torch.float64, device=values.device)
+    return (values / 255.0 - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -685,7 +693,7 @@ def _probe_layouts(
 
     hooks = LayerHooks(module, names, keep, lenient=lenient)
     with torch.inference_mode(), hooks:
-        module(torch.zeros(1, 3, *input_size, device=device, dtype=dtype))
+        module(torch.zeros(1, input_channels(module), *input_size, device=device, dtype=dtype))
     _, layouts = measurable_layers(names, shapes, hooks.unmeasurable, input_size, overrides,
                                    lenient, prefix_tokens_of(module), token_order_of(module))
     return refine_layouts(module, layouts, input_size, device, dtype, overrides)
@@ -780,6 +788,7 @@ def measure(
 
     from .models import (
         check_device,
+        check_input_channels,
         compiled_original,
         model_dtype_for,
         resolve_model,
@@ -792,6 +801,7 @@ def measure(
     note, pretrained = resolved.note, resolved.pretrained
     if compiled_original(model) is not None:
         layers = strip_compiled_prefix(layers)
+    channels = check_input_channels(module)  # 1: a greyscale model, fed the luma of the images
     module.eval()
     if device is None:
         parameter = next(module.parameters(), None)
@@ -876,7 +886,7 @@ def measure(
         return logits, grids
 
     def run_batch(sources: torch.Tensor, batch_labels: torch.Tensor | None) -> None:
-        values = _normalized(sources.to(device), preprocess)
+        values = _normalized(sources.to(device), preprocess, channels)
         batch = values.shape[0]
         window = values[:, :, margin[0] : margin[0] + height, margin[1] : margin[1] + width]
         identity_logits, identity = forward(window)

@@ -609,3 +609,51 @@ def test_a_headless_model_has_no_consistency(implementation):
     assert sum("logits" in str(w.message) for w in record) == 1
     assert result.model_frame.empty
     assert result.frame.value.notna().any()
+
+
+def _grey_net() -> nn.Module:
+    torch.manual_seed(11)
+    return nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(6, 6, 3, stride=2, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3)).eval()
+
+
+@pytest.mark.parametrize("group", ["translate:2,4", "rotate:90,30", "translate[zero]:3"])
+def test_a_greyscale_model_sees_the_luma_of_the_images(group):
+    """A model whose first convolution takes one channel is fed the normalized luma (ITU-R
+    BT.601) of RGB sources: the same scores as its float grey images given directly, and as the
+    naive loop's (which converts before transforming, the engine after)."""
+    from equifast.data.geometry import LUMA_WEIGHTS, Preprocess, channel_normalization
+
+    torch.manual_seed(0)
+    sources = torch.randint(0, 256, (4, 3, 28, 28), dtype=torch.uint8)
+    settings = dict(group=group, layers=["1", "3"], bootstrap=0, progress=False,
+                    input_size=(20, 20))
+    engine = equifast.measure(_grey_net(), sources, **settings).frame
+    reference = naive.measure(_grey_net(), sources, **settings).frame
+    np.testing.assert_allclose(engine.value, reference.value, atol=1e-6, rtol=0)
+    (mean,), (std,) = channel_normalization(Preprocess((20, 20)), 1)
+    luma = torch.einsum("bchw,c->bhw", sources.double(), torch.tensor(LUMA_WEIGHTS).double())
+    grey = ((luma / 255 - mean) / std)[:, None].float()
+    given = equifast.measure(_grey_net(), grey, **settings).frame
+    np.testing.assert_allclose(engine.value, given.value, atol=1e-5, rtol=0)
+
+
+def test_grey_images_and_models_of_other_channel_counts():
+    torch.manual_seed(0)
+    grey = torch.randint(0, 256, (3, 1, 20, 20), dtype=torch.uint8)
+    settings = dict(group="translate:2", layers=["1"], bootstrap=0, progress=False)
+    for measure in (equifast.measure, naive.measure):
+        # grey images for an RGB model: each channel the grey image
+        rgb = _net(2)
+        pd.testing.assert_frame_equal(measure(rgb, grey, **settings).frame,
+                                      measure(rgb, grey.expand(-1, 3, -1, -1), **settings).frame)
+        four = nn.Sequential(nn.Conv2d(4, 2, 3), nn.ReLU()).eval()
+        with pytest.raises(ValueError, match=r"its input has 4 channels .*RGB \(3\) or "
+                                             r"greyscale \(1\)"):
+            measure(four, grey, **settings)
+    from equifast.data.geometry import Preprocess
+
+    assert Preprocess((8, 8), mean=(0.5,), std=(0.25,)).mean == (0.5,)
+    with pytest.raises(ValueError, match="3 values .RGB. or 1 .greyscale."):
+        Preprocess((8, 8), mean=(0.5, 0.5), std=(0.25, 0.25))

@@ -21,7 +21,8 @@ def test_unknown_layer_lists_close_names():
                          group="translate:4", progress=False)
 
 
-@pytest.mark.parametrize("shape", [(2, 1, 32, 32), (2, 32, 32), (32,), (2, 4, 3, 32, 32)])
+# (2, 1, H, W) is greyscale, measured since the session of 2026-11-27 (test_engine)
+@pytest.mark.parametrize("shape", [(2, 2, 32, 32), (2, 32, 32), (32,), (2, 4, 3, 32, 32)])
 def test_wrong_image_shape(shape):
     with pytest.raises(ValueError, match=r"expected images of shape \(B, 3, H, W\).*found"):
         equifast.measure(_net(), torch.rand(*shape), progress=False)
@@ -169,17 +170,17 @@ def test_dtype_must_be_a_floating_torch_dtype(bad):
 
 
 def test_a_model_that_fails_on_the_probe_input_names_the_input():
-    class NeedsFourChannels(nn.Module):
+    class Needs24Pixels(nn.Module):
         def __init__(self):
             super().__init__()
-            self.conv = nn.Conv2d(4, 4, 3)
+            self.conv = nn.Conv2d(3, 4, 3)
 
         def forward(self, x):
-            return self.conv(x)
+            return self.conv(x).view(len(x), 4 * 22 * 22)  # built for 24 x 24 inputs
 
     with pytest.raises(RuntimeError, match=r"probe input \(2 x 3 x 20 x 20, float32 on cpu\): "
                                            r"RuntimeError: .*input_size=\(H, W\).*dtype="):
-        equifast.measure(NeedsFourChannels(), torch.rand(2, 3, 24, 24), layers=["conv"],
+        equifast.measure(Needs24Pixels(), torch.rand(2, 3, 24, 24), layers=["conv"],
                          group=equifast.Translation([2]), input_size=(20, 20), progress=False)
 
 

@@ -48,6 +48,28 @@ __all__ = [
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+# ITU-R BT.601 luma, as Pillow's convert("L"): the grey value of an RGB pixel, for models that
+# take one channel.
+LUMA_WEIGHTS: tuple[float, float, float] = (0.299, 0.587, 0.114)
+
+
+def channel_normalization(preprocess: Preprocess, channels: int
+                          ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The ``(mean, std)`` of a model input of ``channels`` channels: 3 (RGB) or 1 (grey).
+
+    A one-value mean and std serve every channel. For a grey model whose config gives RGB values
+    (timm keeps ImageNet's three for ``in_chans=1``), they are weighted with the luma weights
+    (:data:`LUMA_WEIGHTS`), as the grey values themselves are.
+    """
+    mean, std = preprocess.mean, preprocess.std
+    if channels == 3:
+        return (mean * 3, std * 3) if len(mean) == 1 else (mean, std)
+    if channels == 1:
+        if len(mean) == 1:
+            return mean, std
+        return ((sum(w * m for w, m in zip(LUMA_WEIGHTS, mean)),),
+                (sum(w * s for w, s in zip(LUMA_WEIGHTS, std)),))
+    raise ValueError(f"a model input of {channels} channels: expected 3 (RGB) or 1 (grey)")
 
 # The interpolation names timm and torchvision use, mapped to Pillow's filters (what
 # torchvision's PIL path calls for each InterpolationMode).
@@ -122,9 +144,10 @@ class Preprocess:
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
         object.__setattr__(self, "crop_pct", float(self.crop_pct))
-        if len(self.mean) != 3 or len(self.std) != 3:
+        if len(self.mean) not in (1, 3) or len(self.std) != len(self.mean):
             raise ValueError(
-                f"mean and std need 3 values (RGB), got {self.mean!r} and {self.std!r}"
+                f"mean and std need 3 values (RGB) or 1 (greyscale) each, got {self.mean!r} "
+                f"and {self.std!r}"
             )
         if not self.crop_pct > 0:
             raise ValueError(f"crop_pct must be > 0, got {self.crop_pct!r}")

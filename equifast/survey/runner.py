@@ -301,7 +301,7 @@ def _nonfinite_layers(model, names: list[str], input_size, device) -> list[str]:
     """The layers among ``names`` whose output on a random image holds NaN or infinity."""
     import torch
 
-    from equifast.layers import LayerHooks
+    from equifast.layers import LayerHooks, input_channels
 
     bad: list[str] = []
 
@@ -310,7 +310,7 @@ def _nonfinite_layers(model, names: list[str], input_size, device) -> list[str]:
             bad.append(name)
 
     generator = torch.Generator().manual_seed(0)
-    image = torch.randn(2, 3, *input_size, generator=generator)
+    image = torch.randn(2, input_channels(model), *input_size, generator=generator)
     parameter = next(model.parameters(), None)
     dtype = parameter.dtype if parameter is not None else torch.float32
     with torch.inference_mode(), LayerHooks(model, names, check):
