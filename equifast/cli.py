@@ -266,6 +266,11 @@ def _run_measure(args: argparse.Namespace) -> int:
 
 
 
+def _backend_words(backend: str) -> str:
+    """``compiled`` -> ``compiled ops``; a mixed backend as it is written."""
+    return f"{backend} ops" if backend in ("compiled", "reference") else backend
+
+
 def _measure(args: argparse.Namespace, main: bool) -> int:
     import torch
 
@@ -305,7 +310,7 @@ def _measure(args: argparse.Namespace, main: bool) -> int:
     processes = result.config.get("world_size", 1)
     print(f"{result.config['images']} images, group {result.config['group']} "
           f"({len(result.config['elements'])} elements), input {result.config['input_size']}, "
-          f"{result.config['seconds']:.1f} s ({result.config['backend']} ops"
+          f"{result.config['seconds']:.1f} s ({_backend_words(result.config['backend'])}"
           f"{f', {processes} processes' if processes > 1 else ''})")
     # The table shows the first score asked for (--metrics), else corr.
     shown = next((m for m in args.metrics or [] if m not in ("corr_vs_chance", "flat_frac")),

@@ -767,6 +767,8 @@ def measure(
                             leave=False)
     backend = "reference" if force_reference or not _ext.has_kernel(
         "equivariance_stats", device.type) else "compiled"
+    if channel_map == "match" and backend == "compiled":
+        backend = "compiled transform, reference statistics"  # no kernel matches channels
 
     def run_batch(batch: Batch) -> Callable[[], None]:
         """Launches the batch's forwards; returns what brings its results to the host.

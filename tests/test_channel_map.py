@@ -35,6 +35,9 @@ def test_a_permutation_of_channels_is_equivariance_once_matched(implementation):
     assert (plain["eq"] < 0.5).all()  # each channel against itself: another filter's map
     np.testing.assert_allclose(matched.summary()["eq"], 1.0, atol=1e-9)
     assert matched.config["channel_map"] == "match"
+    if implementation == "engine":
+        assert "reference statistics" in matched.config["backend"] or matched.config[
+            "backend"] == "reference"
     rows = matched.frame.query("comparison == 'eq' and metric == 'corr'")
     assert rows.value.notna().all()
 
