@@ -280,6 +280,15 @@ def _measure(args: argparse.Namespace, main: bool) -> int:
 
     # Checked before the measurement, so that a bad --out cannot lose a finished run.
     table_path, plot_path = _output_paths(args.out)
+    # A bad group or metric fails before the model is built (a large one takes a while).
+    if args.group is not None:
+        from equifast.groups import parse_group
+
+        parse_group(args.group)
+    if args.metrics is not None:
+        from equifast.scores import check_metrics
+
+        check_metrics(args.metrics)
     # Random init (no cached weights) is seeded too, so that a run can be repeated; a model
     # that fixes its input size when built (a ViT) is built for --input-size.
     torch.manual_seed(args.seed)

@@ -207,3 +207,17 @@ def test_a_model_that_fails_on_its_input_is_a_one_line_error(capsys, monkeypatch
     monkeypatch.setenv("EQUIFAST_TRACEBACK", "1")
     with pytest.raises(RuntimeError, match="failed on its probe input"):
         main(argv)
+
+
+def test_a_bad_group_or_metric_fails_before_the_model_is_built(capsys, monkeypatch, tmp_path):
+    import equifast.models
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was built before the arguments were checked")
+
+    monkeypatch.setattr(equifast.models, "load_model_sized", never)
+    out = str(tmp_path / "out")
+    assert main(["measure", "--model", "resnet18", "--group", "rotate:abc", "--out", out]) == 2
+    assert "group spec 'rotate:abc': expected a number" in capsys.readouterr().err
+    assert main(["measure", "--model", "resnet18", "--metrics", "bogus", "--out", out]) == 2
+    assert "unknown metrics ['bogus']" in capsys.readouterr().err
