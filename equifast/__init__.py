@@ -6,6 +6,7 @@ Example:
     >>> print(result.format_summary())                                            # doctest: +SKIP
 """
 
+from .data.folder import SkippedFilesWarning
 from .engine import measure
 from .groups import Element, Flip, Group, Rotation, Translation, parse_group
 from .result import Result
@@ -19,6 +20,7 @@ __all__ = [
     "METRICS",
     "Result",
     "Rotation",
+    "SkippedFilesWarning",
     "Translation",
     "measure",
     "open_store",

@@ -103,13 +103,35 @@ def _timm_rebuild(model: nn.Module) -> nn.Module | None:
     try:
         import timm
 
-        kwargs = {}
-        if isinstance(getattr(model, "num_classes", None), int):
-            kwargs["num_classes"] = model.num_classes
-        fresh = timm.create_model(architecture, pretrained=False, **kwargs)
+        fresh = timm.create_model(architecture, pretrained=False, **_timm_build_arguments(model))
     except Exception:  # noqa: BLE001 - any failure means: use the generic re-initialization
         return None
     return fresh if same_parameters(fresh, model) else None
+
+
+def _timm_build_arguments(model: nn.Module) -> dict:
+    """The ``timm.create_model`` arguments a model was built with, as far as it shows them:
+    ``num_classes``, ``in_chans`` (a greyscale model), ``img_size`` (a ViT built for another
+    size) and ``features_only`` with its ``out_indices`` (a features wrapper, whose
+    ``FeatureInfo`` says which)."""
+    from .layers import input_channels
+
+    kwargs: dict = {}
+    feature_info = getattr(model, "feature_info", None)
+    if callable(getattr(feature_info, "get_dicts", None)):
+        kwargs["features_only"] = True
+        out_indices = getattr(feature_info, "out_indices", None)
+        if out_indices is not None:
+            kwargs["out_indices"] = tuple(out_indices)
+    elif isinstance(getattr(model, "num_classes", None), int):
+        kwargs["num_classes"] = model.num_classes
+    if input_channels(model) != 3:
+        kwargs["in_chans"] = input_channels(model)
+    inner = getattr(model, "model", model) if kwargs.get("features_only") else model
+    img_size = getattr(getattr(inner, "patch_embed", None), "img_size", None)
+    if img_size is not None:
+        kwargs["img_size"] = tuple(int(v) for v in img_size)
+    return kwargs
 
 
 def _reinitialize(model: nn.Module) -> tuple[nn.Module, str, list[str]]:

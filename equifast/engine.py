@@ -595,7 +595,8 @@ def measure(
     note, pretrained = resolved.note, resolved.pretrained
     by_name = resolved.by_name  # the name a model was given by: its copy is built by name too
     if compiled_original(model) is not None:
-        layers = strip_compiled_prefix(layers)
+        layers, layouts = strip_compiled_prefix(layers), strip_compiled_prefix(layouts)
+        align = strip_compiled_prefix(align) if isinstance(align, Mapping) else align
     channels = check_input_channels(module)  # 1: a greyscale model, fed the luma of the images
     module.eval()
     shard, device = _dist.setup(distributed, device)

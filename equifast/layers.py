@@ -118,6 +118,27 @@ def _features_only_name(module: str, names: Mapping[str, nn.Module]) -> str | No
     return nested[0] if len(nested) == 1 else None
 
 
+def _warn_missing_features(model: nn.Module) -> None:
+    """Warn about ``feature_info`` entries that name no module of the model (timm's HRNet names
+    ``stem`` and ``stage1``, which its classification model does not have): they are not
+    measured."""
+    feature_info = getattr(model, "feature_info", None)
+    if callable(getattr(feature_info, "get_dicts", None)):
+        feature_info = feature_info.get_dicts()
+    names = dict(model.named_modules())
+    missing = [info.get("module") for info in feature_info
+               if isinstance(info, dict) and info.get("module")
+               and info["module"] not in names
+               and _features_only_name(info["module"], names) is None]
+    if missing:
+        warnings.warn(
+            f"{type(model).__name__}'s feature_info names modules it does not have "
+            f"({', '.join(map(str, missing))}): those stages are not among the default layers; "
+            "name the modules that make them in layers=[...] to measure them",
+            stacklevel=4,
+        )
+
+
 def _feature_info_modules(model: nn.Module) -> list[str]:
     """The modules a timm ``feature_info`` names (stage outputs) that ``model`` has."""
     return list(_feature_info_reductions(model))
@@ -146,6 +167,7 @@ def default_layers(model: nn.Module) -> list[str]:
     for prefix, module in model.named_modules():
         found = _feature_info_modules(module)
         if found:
+            _warn_missing_features(module)
             return [f"{prefix}.{name}" if prefix else name for name in found]
     children = _open_containers(model)
     if not children:
@@ -370,7 +392,8 @@ def input_channels(model: nn.Module) -> int:
     if isinstance(declared, int) and not isinstance(declared, bool) and declared > 0:
         return declared
     for module in model.modules():
-        if isinstance(module, nn.Conv2d):
+        # (a lazy convolution knows its channels only after its first input)
+        if isinstance(module, nn.Conv2d) and int(module.in_channels) > 0:
             return int(module.in_channels)
     return 3
 

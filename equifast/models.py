@@ -650,12 +650,15 @@ def resolve_model(model: nn.Module | str, seed: int, input_size: tuple[int, int]
 
 def strip_compiled_prefix(layers):
     """Layer names given as the compiled module names them (``_orig_mod.layer1``), as the module
-    it wraps does (``layer1``); other selections unchanged."""
+    it wraps does (``layer1``): in a selection, or as the keys of a per-layer mapping (``layouts``,
+    ``align``); other values unchanged."""
     prefix = "_orig_mod."
 
     def strip(spec):
         return spec[len(prefix):] if isinstance(spec, str) and spec.startswith(prefix) else spec
 
+    if isinstance(layers, Mapping):  # layouts= and align= per layer
+        return {strip(name): value for name, value in layers.items()}
     if isinstance(layers, (list, tuple)):
         return [strip(spec) for spec in layers]
     return strip(layers)

@@ -800,7 +800,8 @@ def measure(
     module, preprocess, model_name = resolved.module, resolved.preprocess, resolved.name
     note, pretrained = resolved.note, resolved.pretrained
     if compiled_original(model) is not None:
-        layers = strip_compiled_prefix(layers)
+        layers, layouts = strip_compiled_prefix(layers), strip_compiled_prefix(layouts)
+        align = strip_compiled_prefix(align) if isinstance(align, Mapping) else align
     channels = check_input_channels(module)  # 1: a greyscale model, fed the luma of the images
     module.eval()
     if device is None:

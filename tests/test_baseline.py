@@ -308,3 +308,15 @@ def test_naive_builds_a_model_by_name_as_the_engine_does() -> None:
     merged = engine.merge(reference, on=["layer", "element", "comparison", "metric"])
     assert len(merged) == len(engine) > 0
     np.testing.assert_allclose(merged.value_x, merged.value_y, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs", [{"in_chans": 1}, {"features_only": True},
+                                    {"features_only": True, "out_indices": (1, 3)}])
+def test_timm_models_built_with_other_arguments_get_timms_initialization(kwargs):
+    """A greyscale model and features_only wrappers are rebuilt by timm with the arguments they
+    show (they fell back to reset_parameters(), which is not timm's initialization: another
+    init score for the same architecture)."""
+    model = timm.create_model("resnet18", **kwargs).eval()
+    fresh = init_copy(model, seed=0)
+    assert fresh.how.startswith("timm.create_model")
+    assert fresh.kept == []

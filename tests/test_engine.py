@@ -9,8 +9,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import equifast
-from equifast import Translation, naive
-from equifast.data.folder import SkippedFilesWarning
+from equifast import SkippedFilesWarning, Translation, naive
 
 
 def _net(num_classes=5):
@@ -168,7 +167,7 @@ def test_a_list_of_image_paths_is_a_data_source(tmp_path, implementation):
     listed = tmp_path / "files.txt"
     listed.write_text("".join(f"{p.name} {label}\n" for label, p in enumerate(paths)))
     want = measure(net, listed, **kwargs)
-    for data in ([str(p) for p in paths], tuple(paths)):
+    for data in ([str(p) for p in paths], tuple(paths), np.array([str(p) for p in paths])):
         got = measure(net, data, **kwargs)
         assert got.config["images"] == 3
         pd.testing.assert_frame_equal(got.frame, want.frame)
@@ -586,12 +585,17 @@ def test_a_compiled_model_is_measured_through_the_module_it_wraps(implementation
     net = _net(2)
     images = torch.rand(3, 3, 24, 24)
     kwargs = dict(group=Translation([2], protocol="circular"), bootstrap=0, progress=False)
-    want = measure(net, images, layers=["1", "3"], **kwargs)
+    want = measure(net, images, layers=["1", "3"], align={"1": 1.0, "3": "center"},
+                   layouts={"3": "NCHW"}, **kwargs)
     compiled = torch.compile(net)
     with pytest.warns(UserWarning, match=r"torch.compile'd module is measured through the "
                                          r"module it wraps \(Sequential"):
-        got = measure(compiled, images, layers=["_orig_mod.1", "3"], **kwargs)
+        got = measure(compiled, images, layers=["_orig_mod.1", "3"],
+                      align={"_orig_mod.1": 1.0, "3": "center"},
+                      layouts={"_orig_mod.3": "NCHW"}, **kwargs)
     pd.testing.assert_frame_equal(got.frame, want.frame)
+    if implementation == "engine":
+        assert got.config["offsets"]["1"] == [1.0, 1.0]
 
 
 @pytest.mark.parametrize("implementation", ["engine", "naive"])
@@ -657,3 +661,13 @@ def test_grey_images_and_models_of_other_channel_counts():
     assert Preprocess((8, 8), mean=(0.5,), std=(0.25,)).mean == (0.5,)
     with pytest.raises(ValueError, match="3 values .RGB. or 1 .greyscale."):
         Preprocess((8, 8), mean=(0.5, 0.5), std=(0.25, 0.25))
+
+
+def test_a_lazy_first_convolution_is_not_a_model_of_no_channels():
+    from equifast.layers import input_channels
+
+    lazy = nn.Sequential(nn.LazyConv2d(4, 3), nn.ReLU())
+    assert input_channels(lazy) == 3
+    result = equifast.measure(lazy, torch.rand(2, 3, 16, 16), group=Translation([2]),
+                              layers=["1"], bootstrap=0, progress=False)
+    assert result.frame.value.notna().any()

@@ -651,3 +651,14 @@ def test_default_layers_of_a_features_only_model_are_its_features(name, kwargs, 
     model = timm.create_model(name, features_only=True, **kwargs)
     assert default_layers(model) == expected
     assert set(declared_reductions(model)) >= set(expected)
+
+
+def test_feature_info_entries_without_a_module_are_named():
+    """timm's HRNet declares `stem` and `stage1`, which its classification model does not have:
+    the default layers leave them out, and a warning says so."""
+    model = _TwoResolutions(4)
+    model.feature_info = [{"module": "stem_block", "reduction": 2},
+                          {"module": "stage", "reduction": 4}]
+    with pytest.warns(UserWarning, match=r"feature_info names modules it does not have "
+                                         r"\(stem_block\)"):
+        assert default_layers(model) == ["stage"]

@@ -643,6 +643,10 @@ def test_the_same_settings_have_one_config_however_written(tmp_path, monkeypatch
     assert key(metrics=["cosine"]) == key(metrics=["corr", "cosine"])
     assert key(input_size=32) == key(input_size=(32, 32)) == key(input_size=[32, 32])
     assert key(align=0) == key(align=0.0)
+    assert key(layers="default") == key(layers=["default"]) == base
+    assert key(comparisons=("chance", "inv", "eq")) == base
+    assert key(comparisons="eq") == key(comparisons=["eq"]) != base
+    assert key(layouts={}) == base
     # Metric and layer names are names, also where a file of that name happens to exist.
     named = key(metrics=["corr", "cosine"], layers=["conv1"])
     monkeypatch.chdir(tmp_path)

@@ -144,6 +144,8 @@ def find_images(
 def is_path_list(data) -> bool:
     """Whether ``data`` is a list or tuple of image paths (or of ``(path, label)`` pairs), the
     in-memory form of a ``.txt`` file list, rather than an iterable of image batches."""
+    if type(data).__module__ == "numpy" and getattr(data, "ndim", None) == 1:
+        data = data.tolist()  # a numpy array of paths (a column of a frame)
     if not isinstance(data, (list, tuple)) or not data:
         return False
 

@@ -270,6 +270,19 @@ def survey_config(group: str, data: Any, measure_kwargs: dict[str, Any]) -> dict
     def normalized(settings: dict[str, Any]) -> dict[str, Any]:
         settings = dict(settings)
         settings["metrics"] = sorted(check_metrics(settings.get("metrics")))
+        # the same selection or option written otherwise: 'default' is the default layers, a
+        # comparison alone is a list of one, in any order; no layout overrides are none
+        if settings.get("layers") in ("default", ["default"], ("default",)):
+            settings["layers"] = None
+        comparisons = settings.get("comparisons")
+        if isinstance(comparisons, str):
+            comparisons = [comparisons]
+        if comparisons is not None:
+            order = ("eq", "inv", "chance")
+            settings["comparisons"] = sorted(
+                set(comparisons), key=lambda c: (order.index(c) if c in order else len(order), c))
+        if not settings.get("layouts"):
+            settings["layouts"] = None
         settings["input_size"] = check_input_size(settings.get("input_size"))
         settings["align"] = _canonical_align(check_align(settings.get("align", "auto")))
         return {k: _fingerprint(v) for k, v in settings.items()}
