@@ -224,12 +224,16 @@ def match_channels(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> tor
         db = db - db.mean(-1, keepdim=True)
         scale_a = da.norm(dim=-1)
         scale_b = db.norm(dim=-1)
-        correlation = (da @ db.T) / (scale_a[:, None] * scale_b[None, :])
+        # rows scaled to unit length first (O(C m)), so that one product is the correlation
+        # matrix and the passes over the C x C matrix are few (a constant row stays 0)
+        da = da / torch.where(scale_a > 0, scale_a, 1.0)[:, None]
+        db = db / torch.where(scale_b > 0, scale_b, 1.0)[:, None]
+        correlation = da @ db.T
         # constant channels of b are never chosen; constant channels of a keep their own
-        correlation = correlation.masked_fill((scale_b == 0)[None, :], -math.inf)
+        correlation.masked_fill_((scale_b == 0)[None, :], -math.inf)
         # correlations within 1e-9 are ties, taken by the first channel: on few positions many
         # pairs correlate perfectly, and rounding must not choose among them
-        best = (correlation.nan_to_num(nan=-math.inf) * 1e9).round().argmax(-1)
+        best = correlation.mul_(1e9).round_().argmax(-1)
         own = torch.arange(a.shape[1], device=a.device)
         chosen[image] = torch.where((scale_a == 0) | (scale_b == 0).all(), own, best)
     return torch.gather(b, 1, chosen[:, :, None, None].expand_as(b))
