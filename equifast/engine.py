@@ -524,7 +524,8 @@ def measure(
             (default: the model's own dtype when it is not float32, so that a float64 or half
             model runs as it is; else float32 on the CPU and bfloat16 autocast on CUDA).
         channels_last: Input memory format (default: True on CUDA).
-        limit: Use at most this many images.
+        limit: Use at most this many images. Of a folder or file list: this many files, spread
+            evenly over the sorted list; unreadable ones among them are skipped, not replaced.
         num_workers: Loader workers for a folder (DALI: CPU threads).
         loader: For a folder: 'dali' (NVIDIA DALI), 'folder' (Pillow) or 'auto' (DALI when it
             imports, unless ``num_workers=0``).

@@ -140,6 +140,8 @@ def _actual_input_size(model: nn.Module) -> tuple[int, int] | None:
     ``image_size``.
     """
     patch_embed = getattr(model, "patch_embed", None)
+    if patch_embed is None and isinstance(getattr(model, "model", None), nn.Module):
+        patch_embed = getattr(model.model, "patch_embed", None)  # timm's FeatureGetterNet
     size = _as_hw(getattr(patch_embed, "img_size", None)) if patch_embed is not None else None
     if size is not None and not getattr(patch_embed, "dynamic_img_size", False):
         return size

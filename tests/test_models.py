@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from torch import nn
 
@@ -200,3 +201,8 @@ def test_load_model_sized_builds_torchvision_vits_for_the_input(
     # a CNN takes any size as it is; a side torchvision's ViT cannot take keeps its default
     assert load_model_sized("tv:resnet18", (64, 64)).name == "tv:resnet18"
     assert load_model_sized("tv:vit_b_16", (64, 96)).model.image_size == 224
+
+
+def test_a_features_only_vit_keeps_the_size_it_was_built_for() -> None:
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=64, features_only=True)
+    assert preprocess_for(vit).input_size == (64, 64)
