@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "and depth.png)")
     measure.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")
     measure.add_argument("--quiet", action="store_true", help="no progress bar")
+    measure.add_argument("--import", dest="imports", nargs="+", default=[], metavar="MODULE",
+                         help="modules to import first that register models with timm")
 
     commands.add_parser("info", help="versions, compiled kernels, devices")
     _add_survey_commands(commands)
@@ -280,6 +282,10 @@ def _measure(args: argparse.Namespace, main: bool) -> int:
 
     # Checked before the measurement, so that a bad --out cannot lose a finished run.
     table_path, plot_path = _output_paths(args.out)
+    if args.imports:
+        from equifast.survey.runner import import_plugins
+
+        import_plugins(args.imports)
     # A bad group or metric fails before the model is built (a large one takes a while).
     if args.group is not None:
         from equifast.groups import parse_group

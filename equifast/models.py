@@ -645,6 +645,14 @@ def resolve_model(model: nn.Module | str, seed: int, input_size: tuple[int, int]
             stacklevel=3,
         )
         model = original
+    compiled_parts = [name for name, module in model.named_modules()
+                      if name and compiled_original(module) is not None]
+    if compiled_parts:
+        raise ValueError(
+            f"model: its submodules {compiled_parts[:3]} are torch.compile'd: forward hooks "
+            "cannot run inside a compiled graph; measure the model before compiling them (or "
+            "compile the whole model: it is then measured through the module it wraps)"
+        )
     name = model_name or getattr(model, "default_cfg", {}).get("architecture") or type(
         model).__name__
     return MeasuredModel(model.eval(), preprocess_for(model), name)

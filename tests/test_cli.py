@@ -221,3 +221,24 @@ def test_a_bad_group_or_metric_fails_before_the_model_is_built(capsys, monkeypat
     assert "group spec 'rotate:abc': expected a number" in capsys.readouterr().err
     assert main(["measure", "--model", "resnet18", "--metrics", "bogus", "--out", out]) == 2
     assert "unknown metrics ['bogus']" in capsys.readouterr().err
+
+
+def test_measure_imports_plugin_models(capsys, tmp_path, monkeypatch):
+    """--import registers models with timm before the model is built, as on survey."""
+    plugin = tmp_path / "equifast_plugin_for_test.py"
+    plugin.write_text(
+        "import timm\n"
+        "from torch import nn\n"
+        "from timm.models import register_model\n\n"
+        "@register_model\n"
+        "def plugin_tiny_for_test(pretrained=False, **kwargs):\n"
+        "    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),\n"
+        "                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code = main(["measure", "--model", "plugin_tiny_for_test", "--import",
+                 "equifast_plugin_for_test", "--limit", "2", "--input-size", "32",
+                 "--group", "translate:4", "--bootstrap", "0", "--quiet", "--no-plot",
+                 "--out", str(tmp_path / "out")])
+    assert code == 0
+    assert "2 images" in capsys.readouterr().out

@@ -671,3 +671,10 @@ def test_a_lazy_first_convolution_is_not_a_model_of_no_channels():
     result = equifast.measure(lazy, torch.rand(2, 3, 16, 16), group=Translation([2]),
                               layers=["1"], bootstrap=0, progress=False)
     assert result.frame.value.notna().any()
+
+
+def test_a_model_with_compiled_submodules_is_a_clear_error():
+    net = _net(2)
+    net[2] = torch.compile(net[2])
+    with pytest.raises(ValueError, match=r"submodules \['2'\] are torch.compile'd"):
+        equifast.measure(net, torch.rand(2, 3, 16, 16), group=Translation([2]), progress=False)
