@@ -402,7 +402,7 @@ def parse_group(spec: str) -> Group:
             group = group * part
         return group
     head, colon, args = spec.partition(":")
-    kind, protocol = head.strip(), None
+    kind, protocol = head.strip().lower(), None  # FLIP:H is flip:h
     if "[" in kind and kind.endswith("]"):
         kind, protocol = kind[:-1].split("[", 1)
         if protocol not in PROTOCOLS:

@@ -84,7 +84,9 @@ def _warn_undefined_layers(elements: pd.DataFrame) -> list[str]:
         other = [n for n in names if n not in constant]
         causes = []
         if constant:
-            causes.append(f"{_shown(constant)}: spatially constant features (flat_frac 1)")
+            causes.append(f"{_shown(constant)}: spatially constant features (flat_frac 1: "
+                          "constant over the positions compared, which on a small grid may be "
+                          "one or two)")
         if other:
             causes.append(f"{_shown(other)}: no position where the moved and the re-aligned "
                           "features both exist, or constant features")

@@ -167,6 +167,8 @@ def test_flip_axes_take_their_abbreviations():
     assert parse_group("flip:h,v").names == ["flip(horizontal)", "flip(vertical)"]
     assert Flip(["LR", "ud"]).names == ["flip(horizontal)", "flip(vertical)"]
     assert parse_group("rotate:90*flip:h").names == parse_group("rotate:90*flip:horizontal").names
+    assert parse_group("FLIP:H").names == ["flip(horizontal)"]
+    assert parse_group("Translate[Circular]:8").names == parse_group("translate[circular]:8").names
     with pytest.raises(ValueError, match=r"flip axis: expected 'horizontal' or 'vertical' .*"
                                          r"found 'diagonal'"):
         parse_group("flip:diagonal")
