@@ -435,6 +435,10 @@ def test_a_store_in_a_read_only_folder_is_read_and_not_written(tmp_path, monkeyp
                      str(store_path), "--quiet"]) == 2
         assert "copy it to a writable place" in capsys.readouterr().err
         assert sorted(p.name for p in folder.iterdir()) == ["s.sqlite"]
+        # A new store in that folder: it cannot be created, and there is nothing to read.
+        with pytest.raises(PermissionError, match=r"cannot create the survey store .*new.sqlite: "
+                                                  r"its folder is read-only"):
+            SurveyStore(folder / "new.sqlite", create=True)
     finally:
         folder.chmod(0o755)
 

@@ -416,6 +416,9 @@ class SurveyStore:
                               f"({how}): {last}") from None
 
     def _cannot_write(self, error: BaseException) -> str:
+        if not self.path.exists():
+            return (f"cannot create the survey store {self.path}: its folder is read-only "
+                    f"({error}); give --store a path in a folder that can be written")
         return (f"cannot write the survey store {self.path}: its folder or file is read-only "
                 f"({error}); reading it works (open_store, `equifast report`), to add models "
                 "copy it to a writable place and survey into the copy (--store)")
