@@ -919,7 +919,10 @@ def measure(
         "layers": names,
         "layouts": {n: state[keys[n]].layout.layout for n in names},
         "stride_probe": probe_report.get("stride_probe"),
-        "offsets": {n: list(state[keys[n]].offset) for n in names},
+        # (vector layers have no grid, hence no offset: left out, so that the dict can be
+        # passed back as align= to repeat the measurement)
+        "offsets": {n: list(state[keys[n]].offset) for n in names
+                    if not np.isnan(state[keys[n]].offset).all()},
         "input_size": [height, width],
         "margin": list(margin),
         "batch_size": batch_size,

@@ -984,7 +984,7 @@ def measure(
         "elements": group.names,
         "layers": names,
         "layouts": {n: layer_layouts[n].layout for n in names},
-        "offsets": {n: list(offsets[n]) for n in names},
+        "offsets": {n: list(offsets[n]) for n in names if not np.isnan(offsets[n]).all()},
         "input_size": [height, width],
         "margin": list(margin),
         "batch_size": batch_size,

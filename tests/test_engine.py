@@ -678,3 +678,18 @@ def test_a_model_with_compiled_submodules_is_a_clear_error():
     net[2] = torch.compile(net[2])
     with pytest.raises(ValueError, match=r"submodules \['2'\] are torch.compile'd"):
         equifast.measure(net, torch.rand(2, 3, 16, 16), group=Translation([2]), progress=False)
+
+
+@pytest.mark.parametrize("implementation", ["engine", "naive"])
+def test_the_offsets_of_a_result_repeat_its_measurement(implementation):
+    """config['offsets'] passed back as align= gives the same frame (vector layers, which have
+    no offset, are left out of it rather than recorded as NaN, which align= refuses)."""
+    measure = equifast.measure if implementation == "engine" else naive.measure
+    net = _net(3)
+    images = torch.rand(3, 3, 24, 24)
+    settings = dict(group=Translation([2, 3]), layers=["1", "3", "6"], bootstrap=0,
+                    progress=False)
+    first = measure(net, images, **settings)
+    assert set(first.config["offsets"]) == {"1", "3"}
+    again = measure(net, images, align=first.config["offsets"], **settings)
+    pd.testing.assert_frame_equal(again.frame, first.frame)
