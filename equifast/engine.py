@@ -57,6 +57,7 @@ from .layers import (
     refine_layouts,
     select_layers,
     token_order_of,
+    warn_undeclared_channels,
 )
 from .layouts import FeatureLayout
 from .ops import COMPARISONS, check_channel_map, merge_stats
@@ -1127,6 +1128,7 @@ def _probe(module, names, input_size, overrides, align, device, dtype, seed,
                                        token_order_of(module))
     layouts = refine_layouts(module, layouts, input_size, device, dtype, overrides,
                              report=report)
+    warn_undeclared_channels(module, layouts)
     offsets = find_offsets(module, layouts, input_size, align, device, dtype, seed=seed,
                            captured=(probe, captured) if with_grad else None)
     return names, layouts, offsets

@@ -144,6 +144,47 @@ def _feature_info_modules(model: nn.Module) -> list[str]:
     return list(_feature_info_reductions(model))
 
 
+def _declared_channels(model: nn.Module) -> dict[str, int]:
+    """Module name -> the channels (``num_chs``) timm's ``feature_info`` declares for it, of the
+    model and of every submodule with a ``feature_info`` (an outer declaration wins)."""
+    declared: dict[str, int] = {}
+    for prefix, module in model.named_modules():
+        feature_info = getattr(module, "feature_info", None)
+        if callable(getattr(feature_info, "get_dicts", None)):
+            feature_info = feature_info.get_dicts()
+        if not isinstance(feature_info, (list, tuple)):
+            continue
+        names = dict(module.named_modules())
+        for info in feature_info:
+            if not isinstance(info, dict) or not isinstance(info.get("num_chs"), int):
+                continue
+            name = info.get("module")
+            if name and name not in names:
+                name = _features_only_name(name, names)
+            if name and not isinstance(names.get(name), nn.ModuleList):
+                declared.setdefault(f"{prefix}.{name}" if prefix else name, info["num_chs"])
+    return declared
+
+
+def warn_undeclared_channels(model: nn.Module, layouts: Mapping[str, FeatureLayout]) -> None:
+    """Warn about layers whose channels are not those timm's ``feature_info`` declares for them:
+    the declaration describes other tensors (HRNet declares its incre_modules' outputs under
+    the names of its stages), so the layer is not the feature timm means by that name."""
+    declared = _declared_channels(model)
+    differ = [f"{name} ({layout.channels}, declared {declared[name]})"
+              for name, layout in layouts.items()
+              if name in declared and layout.kind != "vector"
+              and layout.channels != declared[name]]
+    if differ:
+        warnings.warn(
+            f"{len(differ)} layer(s) have other channels than timm's feature_info declares for "
+            f"them: {', '.join(differ[:3])}{'; ...' if len(differ) > 3 else ''}. The modules' "
+            "own outputs are measured, which are not the features timm returns under those "
+            "names (features_only)",
+            stacklevel=4,
+        )
+
+
 def declared_reductions(model: nn.Module) -> dict[str, float]:
     """Module name -> the reduction (stride) timm's ``feature_info`` declares for its output, of
     the model and of every submodule that has a ``feature_info`` (a wrapped timm model, or the

@@ -68,6 +68,7 @@ from .layers import (
     refine_layouts,
     select_layers,
     token_order_of,
+    warn_undeclared_channels,
 )
 from .layouts import FeatureLayout, grid_view
 from .result import (
@@ -696,7 +697,9 @@ def _probe_layouts(
         module(torch.zeros(1, input_channels(module), *input_size, device=device, dtype=dtype))
     _, layouts = measurable_layers(names, shapes, hooks.unmeasurable, input_size, overrides,
                                    lenient, prefix_tokens_of(module), token_order_of(module))
-    return refine_layouts(module, layouts, input_size, device, dtype, overrides)
+    layouts = refine_layouts(module, layouts, input_size, device, dtype, overrides)
+    warn_undeclared_channels(module, layouts)
+    return layouts
 
 
 def measure(

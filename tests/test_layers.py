@@ -596,7 +596,8 @@ class _TwoResolutions(nn.Module):
         self.down = nn.Conv2d(4, 6, 3, stride=2, padding=1, padding_mode="circular")
         self.stage = _Branches()
         if declared is not None:
-            self.feature_info = [{"module": "stage", "reduction": declared, "num_chs": 6}]
+            self.feature_info = [{"module": "stage", "reduction": declared,
+                                  "num_chs": {2: 4, 4: 6}[declared]}]
 
     def forward(self, x):
         high = self.stem(x)
@@ -662,3 +663,25 @@ def test_feature_info_entries_without_a_module_are_named():
     with pytest.warns(UserWarning, match=r"feature_info names modules it does not have "
                                          r"\(stem_block\)"):
         assert default_layers(model) == ["stage"]
+
+
+@pytest.mark.parametrize("implementation", ["engine", "naive"])
+def test_layers_of_other_channels_than_feature_info_declares_are_named(implementation):
+    """timm's HRNet declares its incre_modules' features under its stages' names: the stages'
+    own outputs, which are measured, have other channels, and a warning says so."""
+    from equifast import naive
+
+    measure = equifast.measure if implementation == "engine" else naive.measure
+    images = torch.rand(2, 3, 32, 32)
+    settings = dict(group=equifast.Translation([4], protocol="circular"), layers=["stage"],
+                    bootstrap=0, progress=False)
+    declared = _TwoResolutions(4)  # declares 6 channels at stride 4: what the stage gives
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*other channels than timm's feature_info")
+        measure(declared.eval(), images, **settings)
+    other = _TwoResolutions(4)
+    other.feature_info = [{"module": "stage", "reduction": 4, "num_chs": 64}]
+    with pytest.warns(UserWarning, match=r"1 layer\(s\) have other channels than timm's "
+                                         r"feature_info declares for them: stage \(6, declared "
+                                         r"64\)"):
+        measure(other.eval(), images, **settings)
