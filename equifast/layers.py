@@ -576,6 +576,7 @@ def refine_layouts(
                               f"{grown_size[0]}x{grown_size[1]}")
     refined = dict(layouts)
     fixed: list[str] = []
+    previous: int | None = None  # the stride of the layer before
     for name in spatial:
         if name not in shapes:
             continue
@@ -584,8 +585,10 @@ def refine_layouts(
             layout = _grown_reading(layout, tuple(shapes[name]), input_size, name)
         grown = grown_grid_of(layout, shapes[name], grown_size)
         stride = None if grown is None else stride_from_growth(
-            (layout.grid_h, layout.grid_w), grown, input_size, growth)
+            (layout.grid_h, layout.grid_w), grown, input_size, growth, multiple_of=previous)
         refined[name] = layout if stride is None else dataclasses.replace(layout, stride=stride)
+        if stride is not None:
+            previous = int(stride[0])  # (layers are in module order: the one before, mostly)
         if grown == (layout.grid_h, layout.grid_w) and name not in overrides:
             fixed.append(name)
     fixed = _resampling_layers(model, fixed, refined, input_size, device, dtype)

@@ -149,13 +149,15 @@ def _growth_strides(size: int, cells: int, grown_cells: int, growth: int) -> set
 
 def stride_from_growth(
     grid: tuple[int, int], grown_grid: tuple[int, int], input_size: tuple[int, int],
-    growth: int = GROWTH,
+    growth: int = GROWTH, multiple_of: int | None = None,
 ) -> tuple[float, float] | None:
     """The stride of a layer from its grid at two input sizes, or None when they do not tell it.
 
     ``grid`` is ``(h, w)`` at ``input_size``, ``grown_grid`` at ``input_size`` plus ``growth`` on
-    both sides. One integer stride explains both axes: a power of two when several do, then the
-    one closest to ``growth / gained cells``.
+    both sides. One integer stride explains both axes: when several do, a multiple of
+    ``multiple_of`` (the stride of the layer before: a network downsamples by integer factors,
+    so Sequencer's 9 x 9 grid after its stride-7 stem is stride 14 at 128 px, not 15), then a
+    power of two, then the one closest to ``growth / gained cells``.
 
     Example:
         >>> stride_from_growth((5, 5), (7, 7), (224, 224))  # Inception v3's last stage
@@ -174,6 +176,8 @@ def stride_from_growth(
         return max(abs(growth / (grown_h - h) - stride),
                    abs(growth / (grown_w - w) - stride)) / stride
 
+    if multiple_of:
+        common = {s for s in common if s % multiple_of == 0} or common
     powers = [s for s in common if _is_power_of_two(s)]
     best = min(powers or common, key=lambda s: (deviation(s), s))
     return float(best), float(best)

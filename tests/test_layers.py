@@ -685,3 +685,16 @@ def test_layers_of_other_channels_than_feature_info_declares_are_named(implement
                                          r"feature_info declares for them: stage \(6, declared "
                                          r"64\)"):
         measure(other.eval(), images, **settings)
+
+
+def test_a_stride_that_growth_leaves_open_is_a_multiple_of_the_one_before():
+    """Sequencer at 128 px: a stride-7 stem (18 x 18), then 9 x 9 grids, which gain 4 cells at
+    192 px: strides 13, 14 and 15 all fit, and 14 = 2 x 7 is the one a network downsampling by
+    integer factors has."""
+    assert stride_from_growth((9, 9), (13, 13), (128, 128)) == (15.0, 15.0)
+    assert stride_from_growth((9, 9), (13, 13), (128, 128), multiple_of=7) == (14.0, 14.0)
+    # no candidate is a multiple: the rule before it applies
+    assert stride_from_growth((16, 16), (20, 20), (224, 224), multiple_of=8) == (14.0, 14.0)
+    model = timm.create_model("sequencer2d_s").eval()
+    found = _layouts_of(model, ["stages.0", "stages.1", "stages.3"], (128, 128))
+    assert [found[n][4] for n in ("stages.0", "stages.1", "stages.3")] == [7.0, 14.0, 14.0]
