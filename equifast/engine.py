@@ -151,14 +151,15 @@ def _center_crop(sources: torch.Tensor, size: tuple[int, int], where: str) -> to
     return sources[..., top:top + size[0], left:left + size[1]]
 
 
-def _check_labels(labels, count: int, limit: int | None, what: str) -> torch.Tensor | None:
-    """``labels=`` of ``count`` images (the first ``limit`` of them) as a long tensor."""
+def _check_labels(labels, count: int, total: int, limit: int | None,
+                  what: str) -> torch.Tensor | None:
+    """``labels=`` of the ``count`` measured images of ``total`` (the first ``limit``) as a long
+    tensor: one per measured image, or one per image, of which those measured are kept."""
     if labels is None:
         return None
-    labels = torch.as_tensor(labels)
-    if limit:
-        labels = labels[:limit]
-    labels = labels.long()
+    labels = torch.as_tensor(labels).long()
+    if limit and labels.shape == (total,):
+        labels = labels[:limit]  # labels of all the images: keep those measured
     if labels.shape != (count,):
         raise ValueError(f"labels: expected one per image of {what}, shape ({count},); found "
                          f"{tuple(labels.shape)}")
@@ -189,9 +190,11 @@ class _DataPlan:
             self.input_size = tuple(input_size or preprocess.input_size)
             self.margin = group.margin(*self.input_size)
             sources, _ = load_samples(preprocess, margin=self.margin)
+            total = sources.shape[0]
             sources = sources[:limit] if limit else sources
             # labels of the photographs, in their order (equifast.data.samples.sample_names())
-            labels = _check_labels(labels, sources.shape[0], limit, "the sample photographs")
+            labels = _check_labels(labels, sources.shape[0], total, limit,
+                                   "the sample photographs")
             self._tensor_batches(sources, labels, batch_size)
             self.loader = "samples"
         elif labels is not None and not isinstance(data, torch.Tensor):
@@ -235,10 +238,11 @@ class _DataPlan:
             self._iter = self._folder_batches
         elif isinstance(data, torch.Tensor):
             sources = _check_sources(data, "data")
+            total = sources.shape[0]
             if limit:
                 sources = sources[:limit]
             self._set_geometry(sources.shape[-2:], input_size, group)
-            labels = _check_labels(labels, sources.shape[0], limit, "the images")
+            labels = _check_labels(labels, sources.shape[0], total, limit, "the images")
             self._tensor_batches(sources, labels, batch_size)
         elif isinstance(data, Iterable):
             self._iterable = data

@@ -693,3 +693,19 @@ def test_the_offsets_of_a_result_repeat_its_measurement(implementation):
     assert set(first.config["offsets"]) == {"1", "3"}
     again = measure(net, images, align=first.config["offsets"], **settings)
     pd.testing.assert_frame_equal(again.frame, first.frame)
+
+
+@pytest.mark.parametrize("implementation", ["engine", "naive"])
+def test_labels_under_limit_are_one_per_image_or_one_per_measured_image(implementation):
+    """With limit=3 of 5 images, labels for all 5 (the first 3 kept) or for the 3 measured are
+    taken, and the engine and the naive loop refuse the same others (7 labels were cut to 3 by
+    the engine, refused by the naive loop)."""
+    measure = equifast.measure if implementation == "engine" else naive.measure
+    net = _net(3)
+    images = torch.rand(5, 3, 20, 20)
+    settings = dict(group=Translation([2]), layers=["1"], bootstrap=0, progress=False, limit=3)
+    every = measure(net, images, labels=[0, 1, 2, 0, 1], **settings).model_frame
+    measured = measure(net, images, labels=[0, 1, 2], **settings).model_frame
+    pd.testing.assert_frame_equal(every, measured)
+    with pytest.raises(ValueError, match=r"labels: expected .*\(3,\).*found \(7,\)"):
+        measure(net, images, labels=list(range(7)), **settings)
