@@ -77,30 +77,46 @@ def _open_containers(model: nn.Module) -> list[str]:
         layers[at:at + 1] = children_of(largest)
 
 
-def _feature_info_reductions(model: nn.Module) -> dict[str, float | None]:
-    """The modules a timm ``feature_info`` names (stage outputs) that ``model`` has, each with the
-    reduction (stride) it declares, in the order of ``feature_info``.
+def _feature_entries(model: nn.Module) -> tuple[list[tuple[str, dict, bool]], list[str]]:
+    """The entries of a timm ``feature_info`` resolved to the modules of ``model``, in order:
+    ``(name, entry, through_list)``, and the module names of the entries the model lacks.
 
-    A ``ModuleList`` there (CoaT's ``serial_blocks1``) has no forward of its own and its hook
-    would never run: its last module, whose output is the stage's, stands for it.
+    A features_only wrapper keeps a ``FeatureInfo`` of the out_indices it returns, under its
+    own module names (:func:`_features_only_name`). A ``ModuleList`` there (CoaT's
+    ``serial_blocks1``) has no forward of its own and its hook would never run: its last module,
+    whose output is the stage's, stands for it (``through_list``).
     """
     feature_info = getattr(model, "feature_info", None)
     if callable(getattr(feature_info, "get_dicts", None)):
-        # a timm features_only model (FeatureListNet, FeatureGetterNet...): a FeatureInfo of the
-        # out_indices it returns
         feature_info = feature_info.get_dicts()
     if not isinstance(feature_info, (list, tuple)):
-        return {}
+        return [], []
     names = dict(model.named_modules())
-    found: dict[str, float | None] = {}
+    entries: list[tuple[str, dict, bool]] = []
+    missing: list[str] = []
     for info in feature_info:
         module = info.get("module") if isinstance(info, dict) else None
-        if module and module not in names:
-            module = _features_only_name(module, names)
-        while module in names and isinstance(names[module], nn.ModuleList) and len(
-                names[module]):
+        if not module:
+            continue
+        if module not in names:
+            resolved = _features_only_name(module, names)
+            if resolved is None:
+                missing.append(module)
+                continue
+            module = resolved
+        through_list = isinstance(names[module], nn.ModuleList)
+        while isinstance(names[module], nn.ModuleList) and len(names[module]):
             module = f"{module}.{len(names[module]) - 1}"
-        if module and module in names and module not in found:
+        entries.append((module, info, through_list))
+    return entries, missing
+
+
+def _feature_info_reductions(model: nn.Module) -> dict[str, float | None]:
+    """The modules a timm ``feature_info`` names (stage outputs) that ``model`` has, each with the
+    reduction (stride) it declares, in the order of ``feature_info``."""
+    found: dict[str, float | None] = {}
+    for module, info, _ in _feature_entries(model)[0]:
+        if module not in found:
             reduction = info.get("reduction")
             found[module] = (float(reduction) if isinstance(reduction, (int, float))
                              and not isinstance(reduction, bool) and reduction > 0 else None)
@@ -122,14 +138,7 @@ def _warn_missing_features(model: nn.Module) -> None:
     """Warn about ``feature_info`` entries that name no module of the model (timm's HRNet names
     ``stem`` and ``stage1``, which its classification model does not have): they are not
     measured."""
-    feature_info = getattr(model, "feature_info", None)
-    if callable(getattr(feature_info, "get_dicts", None)):
-        feature_info = feature_info.get_dicts()
-    names = dict(model.named_modules())
-    missing = [info.get("module") for info in feature_info
-               if isinstance(info, dict) and info.get("module")
-               and info["module"] not in names
-               and _features_only_name(info["module"], names) is None]
+    missing = _feature_entries(model)[1]
     if missing:
         warnings.warn(
             f"{type(model).__name__}'s feature_info names modules it does not have "
@@ -146,22 +155,12 @@ def _feature_info_modules(model: nn.Module) -> list[str]:
 
 def _declared_channels(model: nn.Module) -> dict[str, int]:
     """Module name -> the channels (``num_chs``) timm's ``feature_info`` declares for it, of the
-    model and of every submodule with a ``feature_info`` (an outer declaration wins)."""
+    model and of every submodule with a ``feature_info`` (an outer declaration wins; not for
+    the module standing for a ``ModuleList``, whose channels the list's entry declares)."""
     declared: dict[str, int] = {}
     for prefix, module in model.named_modules():
-        feature_info = getattr(module, "feature_info", None)
-        if callable(getattr(feature_info, "get_dicts", None)):
-            feature_info = feature_info.get_dicts()
-        if not isinstance(feature_info, (list, tuple)):
-            continue
-        names = dict(module.named_modules())
-        for info in feature_info:
-            if not isinstance(info, dict) or not isinstance(info.get("num_chs"), int):
-                continue
-            name = info.get("module")
-            if name and name not in names:
-                name = _features_only_name(name, names)
-            if name and not isinstance(names.get(name), nn.ModuleList):
+        for name, info, through_list in _feature_entries(module)[0]:
+            if not through_list and isinstance(info.get("num_chs"), int):
                 declared.setdefault(f"{prefix}.{name}" if prefix else name, info["num_chs"])
     return declared
 
@@ -347,7 +346,8 @@ class LayerHooks:
         self.batch: int | None = None
         self.input_size: tuple[int, int] | None = None
         # feature_info's declared strides: which of a multi-resolution output is the layer's
-        self.reductions = declared_reductions(model)
+        # (read at the first output that is a tuple or list: hooks are built for every forward)
+        self.reductions: dict[str, float] | None = None
         self.warned_branches: set[str] = set()
         # lenient: an output that cannot be measured is noted here (name -> reason), not raised
         self.lenient = lenient
@@ -384,6 +384,8 @@ class LayerHooks:
                 stacklevel=2)
 
     def _declared_grid(self, name: str) -> tuple[float, float] | None:
+        if self.reductions is None:
+            self.reductions = declared_reductions(self.model)
         reduction = self.reductions.get(name)
         if reduction is None or self.input_size is None:
             return None
@@ -393,9 +395,10 @@ class LayerHooks:
         def hook(module, inputs, output):
             if name in self.unmeasurable:
                 return
-            grid = self._declared_grid(name)
+            several = isinstance(output, (tuple, list))  # (only these need the strides)
+            grid = self._declared_grid(name) if several else None
             tensor = first_tensor(output, self.batch, grid)
-            if grid is None and name not in self.warned_branches:
+            if several and grid is None and name not in self.warned_branches:
                 self._warn_if_several_maps(name, output)
             problem = None
             if tensor is None:
