@@ -587,23 +587,14 @@ def measure(
         raise ValueError("baseline: expected None, 'init' or an initialized copy of the model "
                          f"(an nn.Module), found {baseline!r}")
 
-    from .models import (
-        check_device,
-        check_input_channels,
-        compiled_original,
-        model_dtype_for,
-        resolve_model,
-        strip_compiled_prefix,
-    )
+    from .models import check_device, model_dtype_for, resolve_model
 
     resolved = resolve_model(model, seed, input_size, model_name)
     module, preprocess, model_name = resolved.module, resolved.preprocess, resolved.name
     note, pretrained = resolved.note, resolved.pretrained
     by_name = resolved.by_name  # the name a model was given by: its copy is built by name too
-    if compiled_original(model) is not None:
-        layers, layouts = strip_compiled_prefix(layers), strip_compiled_prefix(layouts)
-        align = strip_compiled_prefix(align) if isinstance(align, Mapping) else align
-    channels = check_input_channels(module)  # 1: a greyscale model, fed the luma of the images
+    layers, layouts, align = resolved.own_names(layers, layouts, align)
+    channels = resolved.channels  # 1: a greyscale model, fed the luma of the images
     module.eval()
     shard, device = _dist.setup(distributed, device)
     if device is None:

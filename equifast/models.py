@@ -593,6 +593,16 @@ class MeasuredModel:
     note: str = ""
     pretrained: bool | None = None
     by_name: str | None = None  # the name it was built by (its initialized copy is built so too)
+    channels: int = 3  # of its input: 1 for a greyscale model, fed the luma of the images
+    compiled: bool = False  # given torch.compile'd: module is the one it wraps
+
+    def own_names(self, layers, layouts, align):
+        """``layers``, ``layouts`` and ``align`` with the layer names of :attr:`module`: a
+        compiled model's names (``_orig_mod.layer1``) lose their prefix."""
+        if not self.compiled:
+            return layers, layouts, align
+        return (_strip_compiled_prefix(layers), _strip_compiled_prefix(layouts),
+                _strip_compiled_prefix(align) if isinstance(align, Mapping) else align)
 
 
 def check_input_channels(model: nn.Module) -> int:
@@ -625,13 +635,15 @@ def resolve_model(model: nn.Module | str, seed: int, input_size: tuple[int, int]
 
     Raises:
         TypeError: ``model`` is neither a module nor a name.
+        ValueError: its input has other channels than 3 or 1, or it has compiled submodules.
     """
     if isinstance(model, str):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             loaded = load_model_sized(model, input_size)
         return MeasuredModel(loaded.model.eval(), loaded.preprocess, model_name or loaded.name,
-                             loaded.note, loaded.pretrained, by_name=model)
+                             loaded.note, loaded.pretrained, by_name=model,
+                             channels=check_input_channels(loaded.model))
     if not isinstance(model, nn.Module):
         raise TypeError(
             f"model: expected an nn.Module or a model name, found {type(model).__name__}"
@@ -655,10 +667,11 @@ def resolve_model(model: nn.Module | str, seed: int, input_size: tuple[int, int]
         )
     name = model_name or getattr(model, "default_cfg", {}).get("architecture") or type(
         model).__name__
-    return MeasuredModel(model.eval(), preprocess_for(model), name)
+    return MeasuredModel(model.eval(), preprocess_for(model), name,
+                         channels=check_input_channels(model), compiled=original is not None)
 
 
-def strip_compiled_prefix(layers):
+def _strip_compiled_prefix(layers):
     """Layer names given as the compiled module names them (``_orig_mod.layer1``), as the module
     it wraps does (``layer1``): in a selection, or as the keys of a per-layer mapping (``layouts``,
     ``align``); other values unchanged."""

@@ -789,23 +789,14 @@ def measure(
     if channel_map not in CHANNEL_MAPS:
         raise ValueError(f"channel_map: expected one of {CHANNEL_MAPS}, found {channel_map!r}")
 
-    from .models import (
-        check_device,
-        check_input_channels,
-        compiled_original,
-        model_dtype_for,
-        resolve_model,
-        strip_compiled_prefix,
-    )
+    from .models import check_device, model_dtype_for, resolve_model
 
     # built, seeded and sized as equifast.measure builds it
     resolved = resolve_model(model, seed, input_size, model_name)
     module, preprocess, model_name = resolved.module, resolved.preprocess, resolved.name
     note, pretrained = resolved.note, resolved.pretrained
-    if compiled_original(model) is not None:
-        layers, layouts = strip_compiled_prefix(layers), strip_compiled_prefix(layouts)
-        align = strip_compiled_prefix(align) if isinstance(align, Mapping) else align
-    channels = check_input_channels(module)  # 1: a greyscale model, fed the luma of the images
+    layers, layouts, align = resolved.own_names(layers, layouts, align)
+    channels = resolved.channels  # 1: a greyscale model, fed the luma of the images
     module.eval()
     if device is None:
         parameter = next(module.parameters(), None)
