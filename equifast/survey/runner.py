@@ -287,8 +287,9 @@ def survey_config(group: str, data: Any, measure_kwargs: dict[str, Any]) -> dict
         settings["align"] = _canonical_align(check_align(settings.get("align", "auto")))
         return {k: _fingerprint(v) for k, v in settings.items()}
 
-    defaults = normalized(_measure_defaults())
-    given = normalized({**_measure_defaults(), **{
+    signature_defaults = _measure_defaults()
+    defaults = normalized(signature_defaults)
+    given = normalized({**signature_defaults, **{
         k: v for k, v in measure_kwargs.items() if k not in _NOT_IDENTITY}})
     config = {"group": [[element.name, element.protocol] for element in parse_group(group)],
               "data": _fingerprint(data, paths=True)}
