@@ -16,6 +16,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_end_to_end as e2e  # noqa: E402
 
+DEVICE = "cuda"  # of the named cases (a CPU dry run sets "cpu")
+
 
 def profile_case(model_name: str, group: str, layers: str | None, images: int, batch: int) -> None:
     import equifast
@@ -69,7 +71,73 @@ def compare_scoring(model_name: str, group: str, layers: str | None, images: int
           f"({median[False] / median[True]:.2f}x)")
 
 
+def profile_floor(model_name: str, group: str, layers: str | None, images: int,
+                  batch: int) -> None:
+    """The bare forwards of the engine's plan for the same case (bench_end_to_end's floor)."""
+    import equifast
+
+    device = torch.device(DEVICE)
+    case = dict(model=model_name, group=group, layers=layers, images=images, size=224, batch=batch)
+    model, sources = e2e.build(case, seed=0)
+    model = model.to(device)
+    kwargs = e2e.measure_kwargs(case, device)
+    result = equifast.measure(model, sources[:batch], **kwargs)
+    count = len(e2e.make_group(group).elements)
+    floors = e2e.floor_plans(model, case, int(result.config["elements_per_chunk"]),
+                             int(result.config["blocks_per_forward"]), count, device)
+    name, fn = next((k, v) for k, v in floors.items() if k.startswith("engine"))
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    plain = time.perf_counter() - start
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        fn()
+        torch.cuda.synchronize()
+    print(f"=== floor {name} of {model_name} {group}: {images} images, batch {batch}: "
+          f"{plain * 1e3:.1f} ms")
+    averages = prof.key_averages()
+    print(averages.table(sort_by="self_cuda_time_total", row_limit=14, max_name_column_width=60))
+
+
+def loop_time(model_name: str, group: str, layers: str | None, images: int, batch: int) -> None:
+    """The engine's loop over the batches (config timings) beside the whole call, three times."""
+    import equifast
+
+    device = torch.device(DEVICE)
+    case = dict(model=model_name, group=group, layers=layers, images=images, size=224, batch=batch)
+    model, sources = e2e.build(case, seed=0)
+    kwargs = e2e.measure_kwargs(case, device)
+    equifast.measure(model, sources[:batch], **kwargs)
+    for _ in range(3):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        result = equifast.measure(model, sources, **kwargs)
+        torch.cuda.synchronize()
+        whole = time.perf_counter() - start
+        timings = {k: round(v * 1e3, 1) for k, v in result.config["timings"].items()
+                   if isinstance(v, float)}
+        print(f"--- {model_name} {group}: whole {whole * 1e3:.1f} ms, timings (ms) {timings}")
+
+
+def parse_case(text: str) -> tuple:
+    """``model:group:layers:images:batch`` (layers ``default`` for the stage outputs)."""
+    model_name, group, layers, images, batch = text.split(":")
+    return model_name, group, None if layers == "default" else layers, int(images), int(batch)
+
+
 def main() -> None:
+    if len(sys.argv) > 1:  # profile the cases named, each with its floor
+        for text in sys.argv[1:]:
+            case = parse_case(text)
+            for fn in (loop_time, profile_case, profile_floor):
+                try:
+                    fn(*case)
+                except Exception as error:  # a diagnostic: report and go on
+                    print(f"{text} {fn.__name__}: {type(error).__name__}: {error}")
+        return
     for case in [("resnet18", "translation", "leaves", 128, 128),
                  ("vit_tiny_patch16_224", "translation", None, 512, 128),
                  ("resnet18", "translation", None, 512, 128)]:

@@ -381,3 +381,153 @@ def test_nan_at_invalid_positions_stays_out(emu, layout, variant):
     assert (got[0, 1, :, :, 0] == h * (w - 2)).all()
     # Element 2 (reads x - 1) compares against identity column 0 at x = 1: NaN must show.
     assert torch.isnan(got[0, 2, :, :, 2]).all()
+
+
+# --------------------------------------------------------------------------------------------
+# Bilinear maps whose taps are one pattern over a rectangle (path 3)
+
+
+def quarter_turn_about(cx: float, cy: float) -> list[list[float]]:
+    """A quarter turn about (cx, cy): on resnet-style grids (feature 0 centred on pixel 0) the
+    image centre is off the grid, so the turn reads between feature positions."""
+    return [[0.0, -1.0, cx + cy], [1.0, 0.0, cy - cx]]
+
+
+def pattern_maps(h: int, w: int):
+    """Fractional translations along one axis and both, quarter and half turns and a flip about
+    points off the grid: non-integer maps with an integer linear part (crop)."""
+    return [
+        shift(0.25, 0),
+        shift(0, -0.75),
+        shift(1.5, 2.25),
+        shift(-2.5, 0.5),
+        quarter_turn_about((w - 1) / 2 - 0.25, (h - 1) / 2 - 0.5),
+        quarter_turn_about((w - 1) / 2 + 0.25, (h - 1) / 2),
+        [[-1.0, 0.0, w - 1.5], [0.0, -1.0, h - 1.75]],
+        [[-1.0, 0.0, w - 1.5], [0.0, 1.0, 0.0]],
+    ]
+
+
+def test_bilinear_rectangles_go_to_their_own_launch(emu):
+    h, w, batch = 7, 6, 2
+    maps = pattern_maps(h, w)
+    count = len(maps)
+    maps += [
+        rotation(30, h, w),  # weights vary over the grid
+        shift(0.5, 0.25),  # wrapped
+        [[1.0, 1.0, 0.5], [0.0, 1.0, 0.0]],  # integer shear, fractional: no rectangle
+        # A source 1e-7 left of column 0 is valid (edge tolerance) and reads column 0 twice
+        # (clamped), with other weights than the positions right of it: not one pattern.
+        shift(-1e-7, 0.5),
+        [[1.0 + 1e-3, 0.0, 0.5], [0.0, 1.0, 0.0]],  # linear part not an integer
+    ]
+    wrap = [0] * count + [0, 1, 0, 0, 0]
+    affines = affines_of(maps)
+    assert not any(R.is_integer_map(a) for a in affines)
+    feats = make_feats("NCHW", (len(maps) + 1) * batch, 3, h, w, torch.float64)
+    paths = emu.emulated_element_paths(feats, affines, wrap, batch, "NCHW", h, w, 0, "bilinear")
+    assert paths == [(k, 3) for k in range(count)] + [(k, 2) for k in range(count, len(maps))]
+    check(emu, feats, affines, wrap, batch, "NCHW", h, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("layout,variant,prefix", LAYOUT_CASES)
+def test_bilinear_rectangles(emu, dtype, layout, variant, prefix):
+    # Against the reference and the CPU kernel, over layouts and dtypes; 9 x 11 positions take
+    # several steps of two positions per thread, 33 channels more than one tile.
+    h, w, channels, batch = 9, 11, 33, 2
+    maps = pattern_maps(h, w)
+    affines = affines_of(maps)
+    feats = make_feats(layout, (len(maps) + 1) * batch, channels, h, w, dtype, variant, prefix)
+    paths = emu.emulated_element_paths(feats, affines, [0] * len(maps), batch, layout, h, w,
+                                       prefix, "bilinear")
+    assert {path for _, path in paths} == {3}
+    got = check(emu, feats, affines, [0] * len(maps), batch, layout, h, w, prefix)
+    # shift(0.25, 0) keeps every row and all but the last column
+    assert (got[0, 0, :, :, 0] == h * (w - 1)).all()
+
+
+@pytest.mark.parametrize("h,w", [(1, 9), (2, 4), (3, 3), (5, 8), (13, 11)])
+@pytest.mark.parametrize("channels,batch", [(1, 1), (3, 3), (33, 1)])
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_bilinear_rectangle_sizes(emu, h, w, channels, batch, layout):
+    maps = pattern_maps(h, w)
+    feats = make_feats(layout, (len(maps) + 1) * batch, channels, h, w, torch.float32)
+    got = check(emu, feats, affines_of(maps), [0] * len(maps), batch, layout, h, w)
+    if batch == 1:
+        assert torch.equal(got[0], got[2])
+
+
+@pytest.mark.parametrize("with_inv,with_chance", [(True, False), (False, True), (False, False)])
+def test_bilinear_rectangle_comparisons_and_offset(emu, with_inv, with_chance):
+    # The comparisons requested, and mean 1e4 with spread 1 (the shifts are blended values).
+    h, w = 6, 7
+    maps = pattern_maps(h, w)
+    for layout in ("NCHW", "NHWC"):
+        feats = 1e4 + make_feats(layout, (len(maps) + 1) * 2, 9, h, w, torch.float64)
+        check(emu, feats, affines_of(maps), [0] * len(maps), 2, layout, h, w,
+              with_inv=with_inv, with_chance=with_chance)
+
+
+def test_bilinear_rectangle_agrees_with_the_bilinear_loop(emu):
+    # The same maps, nudged by 1e-12 in their linear part so that the host finds no pattern,
+    # go through the per-position bilinear loop: the statistics agree to rounding.
+    h, w, channels, batch = 8, 9, 5, 2
+    maps = pattern_maps(h, w)
+    nudged = [[[m[0][0] + 1e-12, *m[0][1:]], m[1]] for m in maps]
+    feats = make_feats("NHWC", (len(maps) + 1) * batch, channels, h, w, torch.float32)
+    args = ([0] * len(maps), batch, "NHWC", h, w, 0, "bilinear")
+    paths = emu.emulated_element_paths(feats, affines_of(nudged), *args)
+    assert {path for _, path in paths} == {2}
+    fast = emu.emulated_equivariance_stats(feats, affines_of(maps), *args, True, True)
+    slow = emu.emulated_equivariance_stats(feats, affines_of(nudged), *args, True, True)
+    assert torch.equal(fast[..., 0], slow[..., 0])  # the same valid positions
+    assert_stats_close(fast, slow, 1e-6, "pattern against the per-position loop")
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_bilinear_rectangle_reads_stay_in_the_grid(emu, layout):
+    # Along an axis without a fraction the far taps weigh 0; they must still read inside the
+    # grid: the features are a view of a larger tensor whose extra row and column are NaN.
+    h, w, channels, batch = 5, 6, 4, 2
+    maps = [shift(0, -0.75), shift(0.25, 0), shift(0.5, 1.0), [[-1.0, 0.0, w - 1.0],
+                                                               [0.0, 1.0, 0.5]]]
+    images = (len(maps) + 1) * batch
+    clean = make_feats("NCHW", images, channels, h, w, torch.float32)
+    padded = torch.full((images, channels, h + 1, w + 1), float("nan"))
+    if layout == "NHWC":
+        clean = clean.permute(0, 2, 3, 1).contiguous()
+        padded = padded.permute(0, 2, 3, 1).contiguous()
+        padded[:, :h, :w] = clean
+        feats = padded[:, :h, :w]
+    else:
+        padded[:, :, :h, :w] = clean
+        feats = padded[:, :, :h, :w]
+    affines = affines_of(maps)
+    args = (affines, [0] * len(maps), batch, layout, h, w, 0, "bilinear", True, True)
+    paths = emu.emulated_element_paths(feats, *args[:-2])
+    assert {path for _, path in paths} == {3}
+    got = emu.emulated_equivariance_stats(feats, *args)
+    assert not torch.isnan(got).any()
+    assert_stats_close(got, R.equivariance_stats(clean, *args), 1e-6, "reads past the grid")
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_group_maps_on_a_grid_off_the_image_centre(emu, layout):
+    # The engine's maps for a resnet-style layer (stride 4, feature 0 centred on pixel 0) of a
+    # 28 x 28 input: quarter turns, flips and half-cell translations take the bilinear
+    # rectangle path, a 30-degree turn the per-position loop.
+    import numpy as np
+
+    from equifast import groups
+
+    h = w = 7
+    elements = (groups.Rotation([90, 180, 270]).elements + groups.Flip(["h", "v"]).elements
+                + groups.Translation([(2, 0), (0, -6)]).elements + groups.Rotation([30]).elements)
+    matrices = np.stack([e.matrix(4 * h, 4 * w) for e in elements])
+    affines = torch.from_numpy(groups.feature_source_affines(matrices, (4, 4), (0.0, 0.0)))
+    wrap = [0] * len(elements)
+    feats = make_feats(layout, (len(elements) + 1) * 2, 9, h, w, torch.float32)
+    paths = emu.emulated_element_paths(feats, affines, wrap, 2, layout, h, w, 0, "bilinear")
+    assert paths == [(k, 3) for k in range(len(elements) - 1)] + [(len(elements) - 1, 2)]
+    check(emu, feats, affines, wrap, 2, layout, h, w)

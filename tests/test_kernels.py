@@ -245,6 +245,30 @@ def test_stats_fractional_realignment(device, stride):
     assert_stats_close(got, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("layout,variant,prefix", [("NCHW", "plain", 0), ("NCHW", "channels_last",
+                                                   0), ("NHWC", "plain", 0), ("NLC", "plain", 1)])
+@pytest.mark.parametrize("height,width", [(7, 7), (6, 9)])
+def test_stats_turns_about_a_centre_off_the_grid(device, dtype, layout, variant, prefix, height,
+                                                 width):
+    # Grids whose feature 0 is centred on input pixel 0 (resnet-style padding) at stride 4: the
+    # image centre lies between feature positions, so quarter turns, flips and half-cell
+    # translations read between them with the same weights everywhere (the CUDA kernel's
+    # bilinear rectangle path); a 30-degree turn beside them does not.
+    elements = (
+        groups.Rotation([90, 180, 270]).elements
+        + groups.Flip(["horizontal", "vertical"]).elements
+        + groups.Translation([(2, 0), (0, -6), (3, 5)]).elements
+        + groups.Rotation([30]).elements
+    )
+    affines = feature_affines(elements, height, width, (4, 4), (0.0, 0.0))
+    assert not any(R.is_integer_map(a) for a in affines)
+    feats = make_feats(layout, (len(elements) + 1) * 3, 35, height, width, dtype, device, variant,
+                       prefix)
+    got, want = stats_op(feats, affines, wrap_flags(elements), 3, layout, height, width, prefix)
+    assert_stats_close(got, want, rtol_for(dtype))
+
+
 def test_stats_subpixel_skip(device):
     size = 8
     elements = (

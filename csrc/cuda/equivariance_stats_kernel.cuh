@@ -5,7 +5,8 @@
 //
 // Design:
 //   - One launch per kind of element (StatsPath: integer maps whose valid positions fill a
-//     rectangle, other integer maps, bilinear maps), each its own instantiation of the kernel:
+//     rectangle, other integer maps, bilinear maps whose taps are a fixed pattern over a
+//     rectangle, other bilinear maps), each its own instantiation of the kernel:
 //     a register budget is per function, and one kernel for all three paths paid the bilinear
 //     taps' registers (112 per thread, two blocks per SM) in the rectangle loop too.
 //   - One block per (element k, channel tile, image b): blockIdx = (k, tile, b), elements
@@ -28,6 +29,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -48,8 +50,13 @@ constexpr int kFields = 2 + 3 * kComparisons;  // sum a, sum a^2, then (sum b, s
 enum StatsPath : int64_t {
   kRectanglePath = 0,  // integer map, valid positions fill a rectangle, 32-bit offsets suffice
   kIntegerPath = 1,    // other integer maps (wrapping, ragged valid sets, large strides)
-  kBilinearPath = 2,   // non-integer maps
-  kNoPath = 3,         // nothing to do (no valid position, or subpixel 'skip'): never launched
+  kBilinearPath = 2,   // other non-integer maps
+  // A non-integer map whose four taps, at every valid position, are one pattern moved along a
+  // rectangle with the same weights (a fractional translation, a quarter turn or flip about a
+  // point off the grid: resnet-style grids put the centre of a quarter turn there), 32-bit
+  // offsets suffice.
+  kBilinearRectanglePath = 3,
+  kNoPath = 4,  // nothing to do (no valid position, or subpixel 'skip'): never launched
 };
 
 // One element as the kernel sees it. count == 0: nothing to do (no valid position, or a
@@ -70,6 +77,13 @@ struct DeviceElement {
   // index maps or validity tests, in 32-bit offsets (the host checks that they fit).
   int64_t rect_x0, rect_y0, rect_w, rect_h;
   int64_t from_dx, from_dy, from_0;
+  // kBilinearRectanglePath: the rectangle walk above gives the offset of tap (y0, x0) (first_from
+  // at the first valid position); the other taps lie tap_dx, tap_dy and both further, all with
+  // the weights `weight` (order of BilinearTaps). A tap step is 0 along an axis whose weights
+  // of the far neighbours are 0 (no fraction along it): the kernel then reads the near
+  // neighbour twice, times 0, where the other path reads a clamped or next row, times 0.
+  int64_t tap_dx, tap_dy;
+  double weight[4];
 };
 
 struct StatsParams {
@@ -176,16 +190,15 @@ __device__ __forceinline__ void add_positions(const StatsParams& p, const scalar
   }
 }
 
-// The rectangle loop (kRectanglePath): one thread's positions first, first + step, ... of the
-// rectangle, row-major. Both offsets advance by additions only, in 32 bits: the integer index
-// maps of accumulate_exact took half the SM's integer pipeline on an H200 (ncu), for what is a
-// translation of the source pointer here. The thread's count of positions is known up front, so
-// the steps of kUnroll positions need no end tests; the last few go one at a time.
-template <typename value_t, typename scalar_t>
-__device__ __forceinline__ void accumulate_rectangle(
-    const DeviceElement& element, const StatsParams& p, const scalar_t* image,
-    const scalar_t* id_b, const scalar_t* id_next, int first, int step, double shift_a,
-    double shift_eq, double shift_inv, double shift_chance, double* sums) {
+// The walk of the rectangle paths: one thread's positions first, first + step, ... of the
+// rectangle, row-major, kCount at a time, then the last few one at a time; visit(at, from, count)
+// gets the offsets of `count` positions (std::integral_constant). Both offsets advance by
+// additions only, in 32 bits: the integer index maps of accumulate_exact took half the SM's
+// integer pipeline on an H200 (ncu), for what is a translation of the source pointer here. The
+// thread's count of positions is known up front, so the full steps need no end tests.
+template <int kCount, typename Visit>
+__device__ __forceinline__ void walk_rectangle(const DeviceElement& element, const StatsParams& p,
+                                               int first, int step, Visit&& visit) {
   const int rect_w = static_cast<int>(element.rect_w);
   const int positions = static_cast<int>(element.rect_w * element.rect_h);
   if (first >= positions) return;
@@ -213,22 +226,82 @@ __device__ __forceinline__ void accumulate_rectangle(
     }
   };
   int done = 0;
-  for (; done + kUnroll <= mine; done += kUnroll) {
-    int at_u[kUnroll], from_u[kUnroll];
+  for (; done + kCount <= mine; done += kCount) {
+    int at_u[kCount], from_u[kCount];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kCount; ++u) {
       at_u[u] = at;
       from_u[u] = from;
       advance();
     }
-    add_positions<value_t, kUnroll>(p, image, id_b, id_next, at_u, from_u, nullptr, shift_a,
-                                    shift_eq, shift_inv, shift_chance, sums);
+    visit(at_u, from_u, std::integral_constant<int, kCount>{});
   }
   for (; done < mine; ++done) {
-    add_positions<value_t, 1>(p, image, id_b, id_next, &at, &from, nullptr, shift_a, shift_eq,
-                              shift_inv, shift_chance, sums);
+    visit(&at, &from, std::integral_constant<int, 1>{});
     advance();
   }
+}
+
+// The rectangle loop (kRectanglePath), kUnroll positions per step.
+template <typename value_t, typename scalar_t>
+__device__ __forceinline__ void accumulate_rectangle(
+    const DeviceElement& element, const StatsParams& p, const scalar_t* image,
+    const scalar_t* id_b, const scalar_t* id_next, int first, int step, double shift_a,
+    double shift_eq, double shift_inv, double shift_chance, double* sums) {
+  walk_rectangle<kUnroll>(element, p, first, step, [&](const int* at, const int* from, auto count) {
+    add_positions<value_t, decltype(count)::value>(p, image, id_b, id_next, at, from, nullptr,
+                                                   shift_a, shift_eq, shift_inv, shift_chance,
+                                                   sums);
+  });
+}
+
+// Positions per step of the bilinear rectangle loop: ten loads each (two fewer positions in
+// flight than the integer loops' four loads times kUnroll would allow for the same registers).
+constexpr int kBilinearUnroll = 2;
+
+// The bilinear rectangle loop (kBilinearRectanglePath): the rectangle walk, each position's
+// four taps at from + (0, tap_dx, tap_dy, tap_dx + tap_dy) with the element's weights, blended
+// as the bilinear loop blends them (the same values, the same order), all loads of a step
+// issued first. No per-position map, floor, weights or validity: the host checked that they
+// come out the same at every valid position (make_device_elements).
+template <typename value_t, typename scalar_t>
+__device__ __forceinline__ void accumulate_bilinear_rectangle(
+    const DeviceElement& element, const StatsParams& p, const scalar_t* image,
+    const scalar_t* id_b, const scalar_t* id_next, int first, int step, double shift_a,
+    double shift_eq, double shift_inv, double shift_chance, double* sums) {
+  const int tx = static_cast<int>(element.tap_dx), ty = static_cast<int>(element.tap_dy);
+  const int taps[4] = {0, tx, ty, tx + ty};
+  walk_rectangle<kBilinearUnroll>(element, p, first, step, [&](const int* at, const int* from,
+                                                               auto count) {
+    constexpr int kCount = decltype(count)::value;
+    scalar_t a_raw[kCount], inv_raw[kCount], eq_raw[kCount][4], chance_raw[kCount][4];
+#pragma unroll
+    for (int u = 0; u < kCount; ++u) {
+      a_raw[u] = image[at[u]];
+      inv_raw[u] = p.with_inv ? id_b[at[u]] : scalar_t(0);
+#pragma unroll
+      for (int t = 0; t < 4; ++t) {
+        eq_raw[u][t] = id_b[from[u] + taps[t]];
+        chance_raw[u][t] = p.with_chance ? id_next[from[u] + taps[t]] : scalar_t(0);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kCount; ++u) {
+      const double a = static_cast<double>(static_cast<value_t>(a_raw[u])) - shift_a;
+      sums[0] += a;
+      sums[1] += a * a;
+      add_pair(sums, 0, a,
+               static_cast<double>(blend<value_t>(eq_raw[u], element.weight)) - shift_eq);
+      if (p.with_inv) {
+        add_pair(sums, 1, a, static_cast<double>(static_cast<value_t>(inv_raw[u])) - shift_inv);
+      }
+      if (p.with_chance) {
+        add_pair(sums, 2, a,
+                 static_cast<double>(blend<value_t>(chance_raw[u], element.weight)) -
+                     shift_chance);
+      }
+    }
+  });
 }
 
 // A thread's walk over the grid, row-major: positions first, first + step, ... as (x, y), advanced
@@ -357,11 +430,20 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     const int64_t at = element.first_at;
     shift_a = static_cast<double>(static_cast<value_t>(image[at]));
     if (p.with_inv) shift_inv = static_cast<double>(static_cast<value_t>(id_b[at]));
-    if constexpr (kPath == kBilinearPath) {
-      const SampleGrid grid = feature_grid(p.grid_h, p.grid_w, element.map.wrap != 0);
+    if constexpr (kPath == kBilinearPath || kPath == kBilinearRectanglePath) {
       Taps taps;
-      source_taps(element.map, grid, element.first_x, element.first_y, p.stride_y, p.stride_x,
-                  taps);
+      if constexpr (kPath == kBilinearPath) {
+        const SampleGrid grid = feature_grid(p.grid_h, p.grid_w, element.map.wrap != 0);
+        source_taps(element.map, grid, element.first_x, element.first_y, p.stride_y, p.stride_x,
+                    taps);
+      } else {  // the element's tap pattern at its first valid position
+        taps.exact = false;
+        taps.offset[0] = element.first_from;
+        taps.offset[1] = element.first_from + element.tap_dx;
+        taps.offset[2] = element.first_from + element.tap_dy;
+        taps.offset[3] = element.first_from + element.tap_dx + element.tap_dy;
+        for (int t = 0; t < 4; ++t) taps.weight[t] = element.weight[t];
+      }
       shift_eq = static_cast<double>(sample<value_t>(id_b, taps));
       if (p.with_chance) shift_chance = static_cast<double>(sample<value_t>(id_next, taps));
     } else {
@@ -383,6 +465,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     } else if constexpr (kPath == kIntegerPath) {
       accumulate_exact<value_t>(element, p, image, id_b, id_next, first, step, shift_a, shift_eq,
                                 shift_inv, shift_chance, sums);
+    } else if constexpr (kPath == kBilinearRectanglePath) {
+      accumulate_bilinear_rectangle<value_t>(element, p, image, id_b, id_next, first, step,
+                                             shift_a, shift_eq, shift_inv, shift_chance, sums);
     } else {
       accumulate_bilinear<value_t>(element, p, image, id_b, id_next, first, step, shift_a,
                                    shift_eq, shift_inv, shift_chance, sums);
@@ -446,10 +531,87 @@ inline bool rectangle_offsets_fit_32_bits(const DeviceElement& element, const Fe
   return at_bound < limit && from_bound < limit && at_bound + from_bound < limit;
 }
 
+// Host: the bilinear rectangle loop's offsets fit in 32 bits: those of the rectangle loop, with
+// the far taps' steps added to the source offsets.
+inline bool bilinear_rectangle_offsets_fit_32_bits(const DeviceElement& element,
+                                                   const FeatureView& view) {
+  const auto magnitude = [](int64_t v) { return v < 0 ? -v : v; };
+  DeviceElement widened = element;
+  widened.from_0 = magnitude(element.from_0) + magnitude(element.tap_dx) +
+                   magnitude(element.tap_dy);
+  return rectangle_offsets_fit_32_bits(widened, view);
+}
+
+// Host: whether a non-integer map's bilinear taps are one pattern moved along its valid
+// positions: the near neighbour (x0, y0) moving with the map's integer linear part, the far ones
+// one column / row further (or, along an axis whose far weights are 0, anywhere), the weights
+// the same to the bit. Fed every valid position in row-major order, with the very taps the
+// bilinear loop would compute there (affine.h), so that where it holds the bilinear rectangle
+// loop reads the same values and blends them with the same weights.
+class BilinearPattern {
+ public:
+  explicit BilinearPattern(const SourceMap& map) {
+    const double linear[4] = {map.m[0], map.m[1], map.m[3], map.m[4]};
+    for (int i = 0; i < 4; ++i) {
+      // Exact, small integers only (quarter turns and flips come cleaned of rounding noise).
+      if (!(std::fabs(linear[i]) <= 4096.0 && linear[i] == std::nearbyint(linear[i]))) {
+        holds_ = false;
+        return;
+      }
+      linear_[i] = static_cast<int64_t>(linear[i]);
+    }
+  }
+
+  void add(int64_t x, int64_t y, const BilinearTaps& taps) {
+    if (!holds_) return;
+    const double weights[4] = {taps.w00, taps.w01, taps.w10, taps.w11};
+    if (!started_) {
+      started_ = true;
+      first_x_ = x;
+      first_y_ = y;
+      x0_ = taps.x0;
+      y0_ = taps.y0;
+      for (int t = 0; t < 4; ++t) weight_[t] = weights[t];
+      far_x_ = weights[1] != 0 || weights[3] != 0;
+      far_y_ = weights[2] != 0 || weights[3] != 0;
+    }
+    const int64_t dx = x - first_x_, dy = y - first_y_;
+    const int64_t x0 = x0_ + linear_[0] * dx + linear_[1] * dy;
+    const int64_t y0 = y0_ + linear_[2] * dx + linear_[3] * dy;
+    bool same = taps.x0 == x0 && taps.y0 == y0;
+    if (far_x_) same = same && taps.x1 == x0 + 1;
+    if (far_y_) same = same && taps.y1 == y0 + 1;
+    for (int t = 0; t < 4; ++t) same = same && weights[t] == weight_[t];
+    holds_ = same;
+  }
+
+  bool holds() const { return holds_ && started_; }
+
+  // Fills the element's source walk and taps (in the strides of the features) from the pattern.
+  void describe(DeviceElement& element, const FeatureView& view) const {
+    const int64_t sx = view.stride_x, sy = view.stride_y;
+    element.from_dx = linear_[0] * sx + linear_[2] * sy;
+    element.from_dy = linear_[1] * sx + linear_[3] * sy;
+    element.from_0 = (x0_ - linear_[0] * first_x_ - linear_[1] * first_y_) * sx +
+                     (y0_ - linear_[2] * first_x_ - linear_[3] * first_y_) * sy;
+    element.first_from = y0_ * sy + x0_ * sx;
+    element.tap_dx = far_x_ ? sx : 0;
+    element.tap_dy = far_y_ ? sy : 0;
+    for (int t = 0; t < 4; ++t) element.weight[t] = weight_[t];
+  }
+
+ private:
+  bool holds_ = true, started_ = false;
+  bool far_x_ = false, far_y_ = false;
+  int64_t linear_[4] = {0, 0, 0, 0};  // m[0], m[1], m[3], m[4]
+  int64_t first_x_ = 0, first_y_ = 0, x0_ = 0, y0_ = 0;
+  double weight_[4] = {0, 0, 0, 0};
+};
+
 // Host: per element, the map, its number of valid positions and the first one, with the very
 // rule the kernel applies (affine.h), and its path. Returned in the order of the launches:
-// rectangle elements first, then other integer maps, then bilinear ones; empty elements are left
-// out (their statistics stay 0).
+// rectangle elements first, then other integer maps, then bilinear rectangles, then other
+// bilinear maps; empty elements are left out (their statistics stay 0).
 inline std::vector<DeviceElement> make_device_elements(const StatsProblem& problem) {
   const FeatureView& view = problem.view;
   std::vector<DeviceElement> elements(problem.elements);
@@ -463,12 +625,23 @@ inline std::vector<DeviceElement> make_device_elements(const StatsProblem& probl
     element.first_at = element.first_from = 0;
     element.rect_x0 = element.rect_y0 = element.rect_w = element.rect_h = 0;
     element.from_dx = element.from_dy = element.from_0 = 0;
+    element.tap_dx = element.tap_dy = 0;
+    for (double& weight : element.weight) weight = 0;
     if (!element.map.exact && problem.skip_subpixel) continue;
     const SampleGrid grid = feature_grid(view.grid_h, view.grid_w, element.map.wrap != 0);
+    BilinearPattern pattern(element.map);
     int64_t min_x = view.grid_w, max_x = -1, min_y = view.grid_h, max_y = -1;
     for (int64_t y = 0; y < view.grid_h; ++y) {
       for (int64_t x = 0; x < view.grid_w; ++x) {
-        if (!position_valid(element.map, x, y, grid)) continue;
+        if (element.map.exact) {
+          if (!position_valid(element.map, x, y, grid)) continue;
+        } else {
+          double sx, sy;
+          apply_map(element.map, static_cast<double>(x), static_cast<double>(y), sx, sy);
+          const BilinearTaps taps = bilinear_taps(sx, sy, grid);
+          if (!taps.inside) continue;
+          pattern.add(x, y, taps);
+        }
         if (element.count == 0) {
           element.first_x = x;
           element.first_y = y;
@@ -482,8 +655,20 @@ inline std::vector<DeviceElement> make_device_elements(const StatsProblem& probl
     }
     if (element.count == 0) continue;
     element.first_at = element.first_y * view.stride_y + element.first_x * view.stride_x;
+    const int64_t width = max_x - min_x + 1, height = max_y - min_y + 1;
+    const bool rectangle = !element.map.wrap && element.count == width * height;
     if (!element.map.exact) {
       element.path = kBilinearPath;
+      if (rectangle && pattern.holds()) {
+        element.rect_x0 = min_x;
+        element.rect_y0 = min_y;
+        element.rect_w = width;
+        element.rect_h = height;
+        pattern.describe(element, view);
+        if (bilinear_rectangle_offsets_fit_32_bits(element, view)) {
+          element.path = kBilinearRectanglePath;
+        }
+      }
       continue;
     }
     int64_t ix, iy;
@@ -493,8 +678,7 @@ inline std::vector<DeviceElement> make_device_elements(const StatsProblem& probl
     element.path = kIntegerPath;
     // Valid positions of a non-wrapping integer map read their source unclamped
     // (exact_tap: clamping only moves invalid ones), so the source offset is linear in (x, y).
-    const int64_t width = max_x - min_x + 1, height = max_y - min_y + 1;
-    if (!element.map.wrap && element.count == width * height) {
+    if (rectangle) {
       const int64_t* m = element.map.im;
       element.rect_x0 = min_x;
       element.rect_y0 = min_y;
@@ -508,7 +692,8 @@ inline std::vector<DeviceElement> make_device_elements(const StatsProblem& probl
   }
   std::vector<DeviceElement> ordered;
   ordered.reserve(elements.size());
-  for (const int64_t path : {kRectanglePath, kIntegerPath, kBilinearPath}) {
+  for (const int64_t path :
+       {kRectanglePath, kIntegerPath, kBilinearRectanglePath, kBilinearPath}) {
     for (const DeviceElement& element : elements) {
       if (element.path == path) ordered.push_back(element);
     }
@@ -553,6 +738,8 @@ void launch_stats_kernels(const std::vector<PathLaunch>& runs, Launcher&& launch
                                   kRectangleMinBlocks<scalar_t>>);
     } else if (run.path == kIntegerPath) {
       launcher(run, &stats_kernel<kIntegerPath, kChannelsInner, scalar_t>);
+    } else if (run.path == kBilinearRectanglePath) {
+      launcher(run, &stats_kernel<kBilinearRectanglePath, kChannelsInner, scalar_t>);
     } else {
       launcher(run, &stats_kernel<kBilinearPath, kChannelsInner, scalar_t>);
     }

@@ -280,7 +280,8 @@ std::tuple<bool, int64_t, int64_t, int64_t> emulated_launch_shape(
 
 
 // The launches the CUDA launcher would make: (element k, path) in launch order (StatsPath:
-// 0 rectangle, 1 other integer maps, 2 bilinear; elements without a valid position left out).
+// 0 rectangle, 1 other integer maps, 2 other bilinear maps, 3 bilinear rectangles; elements
+// without a valid position left out).
 std::vector<std::tuple<int64_t, int64_t>> emulated_element_paths(
     const at::Tensor& feats, const at::Tensor& source_affines, std::vector<int64_t> wrap,
     int64_t batch, const std::string& layout, int64_t grid_h, int64_t grid_w, int64_t prefix,
