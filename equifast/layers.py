@@ -619,7 +619,11 @@ def _resampling_layers(model: nn.Module, names: Sequence[str],
     grid they receive at ``input_size``: the others receive a grid of their own size there (VGG's
     adaptive pooling at 224 px), so their cells are the input's positions one to one. One forward
     of one image, only when some layer has a fixed grid; a layer whose input cannot be read as a
-    grid counts as resampling."""
+    grid counts as resampling. The input is the first tensor of a list (CrossViT's blocks take
+    one token tensor per branch); tokens (``NLC``) are a grid of the layer's size when there are
+    as many as its prefix and grid hold. A layer that receives a grid of its own size keeps it
+    because of what comes before: the model resized its input (CrossViT's scale_image), which
+    is no resampling only where some leaf module receives the input at its own size."""
     if not names:
         return []
     modules = dict(model.named_modules())
@@ -627,10 +631,20 @@ def _resampling_layers(model: nn.Module, names: Sequence[str],
     handles = []
     for name in names:
         def remember(module, args, name=name):
-            if args and isinstance(args[0], torch.Tensor):
-                received.setdefault(name, tuple(args[0].shape))
+            tensor = first_tensor(args[0], batch=1) if args else None
+            if tensor is not None:
+                received.setdefault(name, tuple(tensor.shape))
         if name in modules:
             handles.append(modules[name].register_forward_pre_hook(remember))
+    unresized = False  # whether a leaf module received a map of the input's size
+
+    def input_sized(module, args):
+        nonlocal unresized
+        tensor = args[0] if args else None
+        if isinstance(tensor, torch.Tensor) and tensor.dim() == 4:
+            unresized |= input_size in (tuple(tensor.shape[2:]), tuple(tensor.shape[1:3]))
+    handles += [module.register_forward_pre_hook(input_sized) for name, module in modules.items()
+                if name and not any(True for _ in module.children())]
     try:
         with torch.inference_mode():
             model(torch.zeros(1, input_channels(model), *input_size, device=device, dtype=dtype))
@@ -645,7 +659,10 @@ def _resampling_layers(model: nn.Module, names: Sequence[str],
         grid = None
         if shape is not None and len(shape) == 4:
             grid = shape[2:] if layout.layout == "NCHW" else shape[1:3]
-        if grid != (layout.grid_h, layout.grid_w):
+        elif shape is not None and len(shape) == 3 and layout.layout == "NLC":
+            if shape[1] == layout.prefix + layout.grid_h * layout.grid_w:
+                grid = (layout.grid_h, layout.grid_w)
+        if grid != (layout.grid_h, layout.grid_w) or not unresized:
             resampling.append(name)
     return resampling
 

@@ -514,6 +514,54 @@ def test_adaptive_pooling_that_resamples_is_named(implementation):
         assert "grid did not grow: 1 (4x4" in resampled.config["stride_probe"]
 
 
+class _ResizedTokens(nn.Module):
+    """Tokens of an input first resized to 32 x 32 (CrossViT's scale_image), with a class token;
+    its block takes a list of token tensors (CrossViT's multi-scale blocks) or one tensor."""
+
+    def __init__(self, as_list: bool) -> None:
+        super().__init__()
+        self.as_list = as_list
+        self.patch = nn.Conv2d(3, 8, 8, stride=8)
+        self.cls = nn.Parameter(torch.zeros(1, 1, 8))
+        self.block = _ListLinear() if as_list else nn.Linear(8, 8)
+
+    def forward(self, x):
+        if x.shape[-2:] != (32, 32):
+            x = nn.functional.interpolate(x, size=(32, 32), mode="bilinear")
+        tokens = self.patch(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.cls.expand(len(x), -1, -1), tokens], dim=1)
+        if self.as_list:
+            return self.block([tokens, tokens[:, :1]])[0].mean(1)
+        return self.block(tokens).mean(1)
+
+
+class _ListLinear(nn.Linear):
+    def __init__(self) -> None:
+        super().__init__(8, 8)
+
+    def forward(self, tokens):
+        return [super(_ListLinear, self).forward(t) for t in tokens]
+
+
+@pytest.mark.parametrize("as_list", [False, True])
+def test_token_grid_of_a_resized_input_is_not_called_resampled_at_its_size(as_list):
+    """A token layer whose grid does not grow because the model resizes its input (CrossViT) is
+    one to one with the input at the size it resizes to: no warning there (there was one for
+    every NLC layer, and for every layer whose input is a list), one at another size."""
+    torch.manual_seed(0)
+    net = _ResizedTokens(as_list).eval()
+    group = equifast.Translation([8], protocol="circular")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        native = equifast.measure(net, torch.rand(2, 3, 32, 32), group=group, layers=["block"],
+                                  progress=False, bootstrap=0)
+    assert "did not grow" not in native.config["stride_probe"]
+    resampled = r"resample the grid they receive: block \(4x4, stride 12\)"
+    with pytest.warns(UserWarning, match=resampled):
+        equifast.measure(net, torch.rand(2, 3, 48, 48), group=group, layers=["block"],
+                         progress=False, bootstrap=0)
+
+
 class _TokenMixer(nn.Module):
     """Patchify to tokens with a class token, then self-attention whose probabilities pass an
     attn_drop module: (B, heads, L, L), which fits a grid as well as a feature map does."""
