@@ -1103,7 +1103,10 @@ def _probe(module, names, input_size, overrides, align, device, dtype, seed,
                              channels=input_channels(module))
         context = torch.enable_grad()
     else:
-        probe = torch.zeros(1, input_channels(module), *input_size, device=device, dtype=dtype)
+        # Two images, not one: a layer whose output does not follow the batch (XCiT's
+        # positional encoding, (1, C, h, w) for any batch) shows it, and a broad selection
+        # leaves it out instead of failing on it in the measurement.
+        probe = torch.zeros(2, input_channels(module), *input_size, device=device, dtype=dtype)
         context = torch.inference_mode()
     hooks = LayerHooks(module, names, keep, lenient=lenient)
     try:

@@ -694,7 +694,8 @@ def _probe_layouts(
 
     hooks = LayerHooks(module, names, keep, lenient=lenient)
     with torch.inference_mode(), hooks:
-        module(torch.zeros(1, input_channels(module), *input_size, device=device, dtype=dtype))
+        # two images: a layer whose output does not follow the batch shows it (engine's probe)
+        module(torch.zeros(2, input_channels(module), *input_size, device=device, dtype=dtype))
     _, layouts = measurable_layers(names, shapes, hooks.unmeasurable, input_size, overrides,
                                    lenient, prefix_tokens_of(module), token_order_of(module))
     layouts = refine_layouts(module, layouts, input_size, device, dtype, overrides)

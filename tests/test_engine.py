@@ -50,9 +50,9 @@ def test_identity_block_is_forwarded_once_per_batch():
                                   batch_size=4, elements_per_chunk=3, align="center")
     finally:
         handle.remove()
-    # the layout probe and the stride probe at a larger size (one image each; align="center"
-    # needs no gradients)
-    assert seen[:2] == [1, 1]
+    # the layout probe (two images, so that an output that ignores the batch shows it) and the
+    # stride probe at a larger size (one image; align="center" needs no gradients)
+    assert seen[:2] == [2, 1]
     # 4 elements, at most 3 per forward: two forwards, their 5 blocks of 4 images spread evenly
     # (identity + 2 elements, then 2 elements; not 4 blocks, then 1); the identity block once
     assert count == 4 and seen[2:] == [3 * 4, 2 * 4]

@@ -562,6 +562,37 @@ def test_token_grid_of_a_resized_input_is_not_called_resampled_at_its_size(as_li
                          progress=False, bootstrap=0)
 
 
+class _BatchlessPosition(nn.Module):
+    """A positional encoding computed for one image and broadcast over the batch (XCiT's
+    pos_embed: (1, C, h, w) whatever the batch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(3, 8, 4, stride=4)
+        self.pos = nn.Conv2d(2, 8, 1)
+
+    def forward(self, x):
+        x = self.proj(x)
+        return x + self.pos(torch.zeros(1, 2, *x.shape[-2:]))
+
+
+@pytest.mark.parametrize("implementation,align", [("engine", "center"), ("engine", "auto"),
+                                                  ("naive", "auto")])
+def test_broad_selection_leaves_out_a_layer_that_ignores_the_batch(implementation, align):
+    """The layers were probed with one image, whose output (1, C, h, w) passed for batch first:
+    the measurement then failed on it (naive, and the engine without align="auto", whose probe
+    has two images) instead of leaving it out with a warning."""
+    from equifast import naive
+
+    measure = equifast.measure if implementation == "engine" else naive.measure
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match=r"1 of 2 selected layers cannot be measured .*'pos'"):
+        result = measure(_BatchlessPosition().eval(), torch.rand(2, 3, 32, 32),
+                         group=equifast.Flip(), layers="leaves", align=align, progress=False,
+                         bootstrap=0)
+    assert set(result.frame.layer) == {"proj"}
+
+
 class _TokenMixer(nn.Module):
     """Patchify to tokens with a class token, then self-attention whose probabilities pass an
     attn_drop module: (B, heads, L, L), which fits a grid as well as a feature map does."""
