@@ -21,6 +21,7 @@ import contextlib
 import difflib
 import math
 import os
+import re
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -566,6 +567,11 @@ def load_model_sized(name: str, input_size: tuple[int, int] | None = None,
 
     Returns:
         The :class:`LoadedModel`.
+
+    Raises:
+        TypeError: the model's own, other than its not taking the size (a bad argument in
+            ``kwargs``, a constructor that fails at this size): raised, not retried at another
+            size.
     """
     if input_size is None or "img_size" in kwargs or "image_size" in kwargs:
         return load_model(name, **kwargs)
@@ -579,8 +585,21 @@ def load_model_sized(name: str, input_size: tuple[int, int] | None = None,
         sized = {"img_size": size}
     try:
         return load_model(name, **sized, **kwargs)
-    except TypeError:  # a model without img_size (a CNN) takes any input size as it is
-        return load_model(name, **kwargs)
+    except TypeError as error:
+        # Only a model that does not take the size (a CNN) is built again without it: it takes
+        # any input size as it is. Another TypeError (a bad argument in kwargs, a bug in the
+        # model's constructor) is the model's error, not a reason to build it at another size.
+        if not _rejects_keyword(error, next(iter(sized))):
+            raise
+    return load_model(name, **kwargs)
+
+
+def _rejects_keyword(error: TypeError, keyword: str) -> bool:
+    """Whether ``error`` is Python's refusal of ``keyword`` by a callable that does not take it
+    (``ResNet.__init__() got an unexpected keyword argument 'img_size'``: what timm and
+    torchvision raise for a model class without that argument)."""
+    return re.search(rf"\bunexpected keyword argument '{re.escape(keyword)}'",
+                     str(error)) is not None
 
 
 @dataclass

@@ -206,3 +206,41 @@ def test_load_model_sized_builds_torchvision_vits_for_the_input(
 def test_a_features_only_vit_keeps_the_size_it_was_built_for() -> None:
     vit = timm.create_model("vit_tiny_patch16_224", img_size=64, features_only=True)
     assert preprocess_for(vit).input_size == (64, 64)
+
+
+class _SizedWithABug(nn.Module):
+    """Takes ``img_size``, and its constructor has a bug that raises a TypeError for any size
+    other than its default (as a bad shape computation can)."""
+
+    def __init__(self, img_size=224, **kwargs) -> None:
+        super().__init__()
+        if img_size != 224:
+            raise TypeError("unsupported operand type(s) for //: 'tuple' and 'int' (a bug)")
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+@timm.models.register_model
+def eqtest_sized_with_a_bug(pretrained: bool = False, **kwargs) -> nn.Module:
+    return _SizedWithABug(**kwargs)
+
+
+def test_load_model_sized_retries_only_when_the_size_is_not_taken() -> None:
+    """Without img_size a model (a CNN) is built again as it is; any other TypeError is raised
+    with its message, not swallowed into a model built at another size."""
+    from equifast.models import load_model_sized
+
+    cnn = load_model_sized("resnet10t", (64, 64), pretrained=False)
+    with torch.inference_mode():
+        assert cnn.model(torch.zeros(1, 3, 64, 64)).shape == (1, 1000)
+    # the constructor takes img_size and fails on it: its own error, not a 224 px model
+    with pytest.raises(TypeError, match=r"unsupported operand .* \(a bug\)"):
+        load_model_sized("eqtest_sized_with_a_bug", (64, 64), pretrained=False)
+    # a bad argument of the caller: one error naming it, not a second build's error on top
+    with pytest.raises(TypeError, match="unexpected keyword argument 'not_an_argument'") as error:
+        load_model_sized("vit_tiny_patch16_224", (64, 64), pretrained=False, not_an_argument=1)
+    assert error.value.__context__ is None, "raised while handling a first attempt's error"
+    with pytest.raises(TypeError, match="'not_an_argument'"):
+        load_model_sized("tv:resnet18", (64, 64), pretrained=False, not_an_argument=1)
