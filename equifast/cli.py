@@ -19,6 +19,11 @@ import sys
 import warnings
 from pathlib import Path
 
+from equifast.paths import check_folder as _check_folder
+from equifast.paths import is_dir as _is_dir
+from equifast.paths import os_reason as _os_reason
+from equifast.paths import shown_path as _shown_path
+
 # (the channel maps of equifast.ops, spelled out so that --help needs no torch)
 CHANNEL_MAPS = ("identity", "match")
 
@@ -148,11 +153,11 @@ def _add_report_command(commands) -> None:
 
 
 def _run_report(args: argparse.Namespace) -> int:
+    from equifast.report import _EXPECTED_FOLDER as _EXPECTED_REPORT_FOLDER
     from equifast.report import build_report
 
     # (not created here: a report that fails on its store leaves no empty folder behind)
-    _check_folder(Path(args.out), "-o/--out", args.out,
-                  "expected a folder (for index.html and figures/)", create=False)
+    _check_folder(Path(args.out), "-o/--out", args.out, _EXPECTED_REPORT_FOLDER, create=False)
     index = build_report(args.store, args.out, metric=args.metric)
     print(f"wrote {index}")
     return 0
@@ -366,56 +371,6 @@ def _output_paths(out: str) -> tuple[Path, Path]:
         raise ValueError(f"--out {_shown_path(out)}: {expected}; found a {path.suffix} file name")
     _check_folder(path, "--out", out, expected)
     return path / "result.parquet", path / "depth.png"
-
-
-def _shown_path(path: str | Path, most: int = 80) -> str:
-    """``path`` for a message: a very long one (a name past the file system's limit) is cut in
-    the middle, keeping its end, with its length."""
-    path = str(path)
-    if len(path) <= most:
-        return path
-    return f"{path[:most // 2]}...{path[-most // 4:]} ({len(path)} characters)"
-
-
-def _os_reason(error: OSError) -> str:
-    """What an OSError says, without repeating the (possibly very long) path."""
-    import errno
-
-    reason = error.strerror or str(error)
-    if error.errno == errno.ENAMETOOLONG:
-        reason += " (a name in the path is longer than the file system allows, 255 bytes on most)"
-    return reason
-
-
-def _is_dir(path: Path, option: str, expected: str) -> bool:
-    try:
-        return path.is_dir()
-    except OSError as error:  # a name too long, no permission to look inside a parent ...
-        raise ValueError(f"{option} {_shown_path(path)}: unusable path: {_os_reason(error)}; "
-                         f"{expected}") from None
-
-
-def _check_folder(folder: Path, option: str, given: str, expected: str,
-                  create: bool = True) -> None:
-    """Refuse an output folder that is an existing file or an unusable path, with a message
-    naming ``option`` (as ``given`` on the command line) and what was ``expected``. ``create``
-    makes the folder now, so that one that cannot be made fails before any work."""
-    if not _is_dir(folder, option, expected):
-        # the folder, or the nearest of its parents that exists, is a file
-        existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
-        if existing is not None and not existing.is_dir():
-            found = ("is an existing file" if existing == Path(given)
-                     else f"cannot create the folder {_shown_path(folder)!r}: "
-                     + ("it" if existing == folder else repr(_shown_path(existing)))
-                     + " is an existing file")
-            raise ValueError(f"{option} {_shown_path(given)}: {found}; {expected}")
-    if not create:
-        return
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ValueError(f"{option} {_shown_path(given)}: cannot create the folder "
-                         f"{_shown_path(folder)!r}: {_os_reason(error)}; {expected}") from None
 
 
 def _run_info() -> int:

@@ -38,6 +38,7 @@ __all__ = ["build_report"]
 FORMATS = ("png", "svg")
 # A progress bar over the per-model figures from this many models on (progress=None).
 PROGRESS_FROM = 10
+_EXPECTED_FOLDER = "expected a folder (for index.html and figures/)"
 
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 2em auto;
@@ -227,11 +228,15 @@ def build_report(store_path: str | os.PathLike, out_dir: str | os.PathLike, *,
 
     Raises:
         FileNotFoundError: no store at ``store_path``.
-        ValueError: the store holds no finished run, or no score ``metric``.
+        ValueError: the store holds no finished run, or no score ``metric``; ``out_dir`` (or a
+            parent) is an existing file, or a folder that cannot be created or written.
     """
     from equifast import plots
+    from equifast.paths import check_folder
     from equifast.survey import open_store
 
+    # (created once the store is read: a report that fails on its store leaves no empty folder)
+    check_folder(out_dir, "out_dir", expected=_EXPECTED_FOLDER, create=False)
     store_path = Path(store_path)
     if not store_path.exists():
         raise FileNotFoundError(f"no survey store at {store_path} (run `equifast survey --store "
@@ -256,8 +261,9 @@ def build_report(store_path: str | os.PathLike, out_dir: str | os.PathLike, *,
         raise ValueError(f"no score {metric!r} in {store_path}; scores there: {metrics}")
 
     out_dir = Path(out_dir)
+    check_folder(out_dir, "out_dir", expected=_EXPECTED_FOLDER)
     figures = out_dir / "figures"
-    figures.mkdir(parents=True, exist_ok=True)
+    check_folder(figures, "out_dir", out_dir, _EXPECTED_FOLDER)
     summary = plots.model_summary(frames, metric)
     summary.to_csv(out_dir / "models.csv", index=False)
     groups = list(dict.fromkeys(summary.group_spec))

@@ -514,3 +514,57 @@ def test_cli_report(tmp_path, capsys):
     assert "no score 'corr_vs_chance'" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "missing.sqlite")]) == 2
     assert "missing.sqlite" in capsys.readouterr().err
+
+
+def _unwritable(folder: Path, monkeypatch) -> None:
+    """Make ``folder`` take no new file. Where its mode does not stop this process (root ignores
+    it), make the write check fail there as it fails on a read-only folder."""
+    import errno
+    import os
+    import tempfile
+
+    folder.chmod(0o555)
+    if not os.access(folder, os.W_OK):
+        return
+    mkstemp = tempfile.mkstemp
+
+    def refuse(*args, **kwargs):
+        if Path(kwargs.get("dir", "")) == folder:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return mkstemp(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+
+
+def test_report_output_folder_errors_name_the_path(tmp_path, monkeypatch):
+    """From Python as on the command line: an out_dir that is a file, lies under one, or takes no
+    file is one ValueError naming the path, before anything is written."""
+    store = _store(tmp_path / "s.sqlite", [_result("net1", [0.9, 0.8])])
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    expected = "; expected a folder (for index.html and figures/)"
+    with pytest.raises(ValueError, match=re.escape(f"out_dir {afile}: is an existing file"
+                                                   + expected)):
+        build_report(store, afile, n_boot=10)
+    with pytest.raises(ValueError, match=re.escape(
+            f"out_dir {afile / 'sub'}: cannot create the folder '{afile / 'sub'}': "
+            f"'{afile}' is an existing file" + expected)):
+        build_report(store, afile / "sub", n_boot=10)
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / "figures").write_text("x")
+    with pytest.raises(ValueError, match=re.escape(
+            f"out_dir {blocked}: cannot create the folder '{blocked / 'figures'}': it is an "
+            "existing file" + expected)):
+        build_report(store, blocked, n_boot=10)
+    assert afile.read_text() == "x" and sorted(p.name for p in blocked.iterdir()) == ["figures"]
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    _unwritable(locked, monkeypatch)
+    try:
+        with pytest.raises(ValueError, match=re.escape(
+                f"out_dir {locked}: cannot write in the folder '{locked}': Permission denied")):
+            build_report(store, locked, n_boot=10)
+        assert list(locked.iterdir()) == []
+    finally:
+        locked.chmod(0o755)

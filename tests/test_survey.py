@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import socket
 import sqlite3
@@ -709,3 +710,47 @@ def test_one_configuration_keeps_one_group_spelling_in_the_store(tmp_path):
     assert summary.skipped == ["eqtest_tiny"] and summary.done == ["eqtest_tiny_b"]
     with open_store(store_path) as store:
         assert store.runs.group_spec.tolist() == ["translate:4,8", "translate:4,8"]
+
+
+def test_export_store_output_folder_errors_name_the_path(tmp_path, monkeypatch):
+    """From Python as on the command line: an ``out`` that is a file, lies under one, or takes no
+    file is one ValueError naming the path, before anything is written."""
+    import errno
+    import tempfile
+
+    store_path = tmp_path / "s.sqlite"
+    with SurveyStore(store_path, create=True):
+        pass
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    expected = "; expected a folder (for <table>.csv files)"
+    with pytest.raises(ValueError, match=re.escape(f"out {afile}: is an existing file"
+                                                   + expected)):
+        export_store(store_path, afile, "csv")
+    with pytest.raises(ValueError, match=re.escape(
+            f"out {afile / 'sub'}: cannot create the folder '{afile / 'sub'}': '{afile}' is an "
+            "existing file" + expected)):
+        export_store(store_path, afile / "sub", "csv")
+    assert afile.read_text() == "x"
+    with pytest.raises(FileNotFoundError, match="no survey store"):
+        export_store(tmp_path / "absent.sqlite", tmp_path / "new")
+    assert not (tmp_path / "new").exists()  # a missing store leaves no empty folder behind
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    if os.access(locked, os.W_OK):  # root ignores the mode: fail the write check as it would
+        mkstemp = tempfile.mkstemp
+
+        def refuse(*args, **kwargs):
+            if Path(kwargs.get("dir", "")) == locked:
+                raise PermissionError(errno.EACCES, "Permission denied")
+            return mkstemp(*args, **kwargs)
+
+        monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    try:
+        with pytest.raises(ValueError, match=re.escape(
+                f"out {locked}: cannot write in the folder '{locked}': Permission denied")):
+            export_store(store_path, locked)
+        assert list(locked.iterdir()) == []
+    finally:
+        locked.chmod(0o755)

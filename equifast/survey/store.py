@@ -783,13 +783,23 @@ def export_store(path: str | os.PathLike, out: str | os.PathLike, format: str = 
 
     Returns:
         The files written.
+
+    Raises:
+        FileNotFoundError: there is no store at ``path``.
+        ValueError: an unknown ``format``; ``out`` (or a parent) is an existing file, or a
+            folder that cannot be created or written.
     """
+    from equifast.paths import check_folder
+
     if format not in ("parquet", "csv"):
         raise ValueError(f"format: expected 'parquet' or 'csv', found {format!r}")
+    expected = f"expected a folder (for <table>.{format} files)"
+    # (created once the store is open: a missing store leaves no empty folder behind)
+    check_folder(out, "out", expected=expected, create=False)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     written = []
     with open_store(path) as store:
+        check_folder(out, "out", expected=expected)
         for name, frame in store.tables().items():
             target = out / f"{name}.{format}"
             if format == "parquet":
