@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Mapping
@@ -37,7 +38,9 @@ from matplotlib.lines import Line2D  # noqa: E402
 
 __all__ = [
     "COMPARISON_STYLE",
+    "CONFIGURATION_KEYS",
     "accuracy_column",
+    "configuration_labels",
     "correlations",
     "model_summary",
     "plot_accuracy_vs_equivariance",
@@ -101,12 +104,83 @@ def plot_depth(result, metric: str = "corr", element: str = "mean", ax=None):
     return fig
 
 
+# Settings of equifast.measure that change what is measured under a group, not only how many
+# images or resamples: runs of one group that differ in one of them are other configurations,
+# kept apart in the survey plots and the report (see configuration_labels).
+CONFIGURATION_KEYS = ("subpixel", "channel_map", "align", "pooled")
+
+
+def _configuration_defaults() -> dict[str, Any]:
+    """equifast.measure's defaults of :data:`CONFIGURATION_KEYS`: what a run whose stored
+    configuration lacks a key (a store written before the setting existed) was measured with."""
+    import inspect
+
+    from equifast.engine import measure
+
+    parameters = inspect.signature(measure).parameters
+    return {key: parameters[key].default for key in CONFIGURATION_KEYS}
+
+
+def _setting_text(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # the survey's configuration writes offsets as floats: 0.0 is 0
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return str(value)
+
+
+def configuration_labels(runs: pd.DataFrame) -> pd.Series:
+    """The label of each run's configuration: its ``group_spec``, followed by the settings of
+    :data:`CONFIGURATION_KEYS` in which runs of that group differ, e.g. ``rotate:90
+    (channel_map=match)`` beside ``rotate:90 (channel_map=identity)``; the ``group_spec`` alone
+    where every run of the group was measured alike.
+
+    Args:
+        runs: Rows of :attr:`SurveyStore.runs <equifast.survey.SurveyStore.runs>` (``group_spec``
+            and ``config``, the run's configuration as JSON; a setting missing there, as in a
+            store written before it existed, is :func:`equifast.measure`'s default).
+
+    Returns:
+        The labels, indexed like ``runs``.
+    """
+    groups = runs["group_spec"].astype(object).where(runs["group_spec"].notna(), "?").astype(str)
+    if "config" not in runs.columns or runs.empty:
+        return groups
+    defaults = _configuration_defaults()
+
+    def settings(text: Any) -> dict[str, str]:
+        try:
+            config = json.loads(text) if isinstance(text, str) and text else {}
+        except ValueError:
+            config = {}
+        if not isinstance(config, dict):
+            config = {}
+        return {key: _setting_text(config.get(key, defaults[key])) for key in CONFIGURATION_KEYS}
+
+    table = pd.DataFrame([settings(text) for text in runs["config"]], index=runs.index)
+    labels = groups.copy()
+    for group, rows in table.groupby(groups, sort=False):
+        differing = [key for key in CONFIGURATION_KEYS if rows[key].nunique() > 1]
+        if differing:
+            labels[rows.index] = [
+                f"{group} ({', '.join(f'{key}={row[key]}' for key in differing)})"
+                for _, row in rows.iterrows()]
+    return labels
+
+
+def _panel_column(frame: pd.DataFrame) -> str:
+    """What a frame's runs are grouped by in panels and columns: ``group_label`` where it has
+    one (configurations apart), else ``group_spec``."""
+    return "group_label" if "group_label" in frame.columns else "group_spec"
+
+
 def _latest_runs(frame: pd.DataFrame) -> pd.DataFrame:
-    """Keep, per ``(model, group_spec)``, the rows of the latest ``run_id`` (a store can hold a
-    model twice under one group with different settings, e.g. another ``limit``)."""
+    """Keep, per ``(model, group_label)``, the rows of the latest ``run_id`` (a store can hold a
+    model twice under one configuration with settings that change only how many images or
+    resamples, e.g. another ``limit``); ``group_spec`` where there is no ``group_label``."""
     if "run_id" not in frame.columns or frame.empty:
         return frame
-    keys = [c for c in ("model", "group_spec") if c in frame.columns]
+    keys = [c for c in ("model", "group_spec", "group_label") if c in frame.columns]
     latest = frame.groupby(keys, dropna=False)["run_id"].transform("max")
     return frame[frame["run_id"] == latest]
 
@@ -118,8 +192,10 @@ def plot_model_depth(scores, metric: str = "corr", element: str = "mean", *,
 
     Args:
         scores: The rows of one model: a slice of :attr:`SurveyStore.scores
-            <equifast.survey.SurveyStore.scores>` (panels per ``group_spec``; the latest run per
-            group), a :attr:`Result.frame <equifast.Result.frame>`, or a :class:`equifast.Result`.
+            <equifast.survey.SurveyStore.scores>` (panels per ``group_spec``, or per
+            ``group_label`` where the frame has that column, as the report's does: see
+            :func:`configuration_labels`; the latest run per panel), a :attr:`Result.frame
+            <equifast.Result.frame>`, or a :class:`equifast.Result`.
         metric: Which score (default ``corr``).
         element: A group element name, or ``"mean"`` (the average over elements).
         model: Pick this model when ``scores`` holds several.
@@ -151,18 +227,15 @@ def plot_model_depth(scores, metric: str = "corr", element: str = "mean", *,
         raise ValueError(f"no rows for metric {metric!r} and element {element!r} "
                          f"(metrics there: {found})")
     rows = _latest_runs(rows)
-    if "group_spec" in rows.columns:
-        groups = list(dict.fromkeys(rows.group_spec))
-    else:
-        groups = [groups_default]
+    panel = _panel_column(rows)
+    groups = list(dict.fromkeys(rows[panel])) if panel in rows.columns else [groups_default]
     ncols = max(1, min(ncols, len(groups)))
     nrows = math.ceil(len(groups) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(6.5 * ncols, 4.2 * nrows),
                              constrained_layout=True, squeeze=False)
     name = models[0] if models else ""
     for ax, group in zip(axes.flat, groups):
-        part = rows if group is None or "group_spec" not in rows.columns else rows[
-            rows.group_spec == group]
+        part = rows if group is None or panel not in rows.columns else rows[rows[panel] == group]
         _draw_depth(ax, part, metric)
         ax.set_title(f"{name}: {metric} under {group or '?'} ({element})", fontsize=10)
     for ax in list(axes.flat)[len(groups):]:
@@ -196,7 +269,10 @@ def _survey_frames(source) -> dict[str, pd.DataFrame]:
 
 
 def model_summary(source, metric: str = "corr") -> pd.DataFrame:
-    """One row per finished ``(model, group_spec)`` (its latest run): what the survey plots show.
+    """One row per finished ``(model, configuration)`` (its latest run): what the survey plots
+    show. A configuration is a group and the settings that change what is measured under it
+    (``group_label``, :func:`configuration_labels`): the same group measured with another
+    ``channel_map`` or ``subpixel`` is another row, not replaced by the latest run.
 
     Args:
         source: A :class:`~equifast.survey.SurveyStore`, its path, or a mapping with the frames
@@ -204,28 +280,29 @@ def model_summary(source, metric: str = "corr") -> pd.DataFrame:
         metric: The score whose equivariance is averaged (default ``corr``).
 
     Returns:
-        Columns ``run_id, model, family, group_spec, pretrained, images, images_per_second,
-        top1, top1_low, top1_high, top5, consistency, consistency_low, consistency_high,
-        mean_eq, mean_learned, layers``: ``mean_eq`` is the mean over layers of the ``eq``
-        ``metric`` at element ``"mean"`` (NaN layers left out), ``mean_learned`` the same of its
-        ``learned`` part (``baseline="init"``; NaN without); a missing top-1 (data without labels)
-        is NaN.
+        Columns ``run_id, model, family, group_spec, group_label, pretrained, images,
+        images_per_second, top1, top1_low, top1_high, top5, consistency, consistency_low,
+        consistency_high, mean_eq, mean_learned, layers``: ``mean_eq`` is the mean over layers
+        of the ``eq`` ``metric`` at element ``"mean"`` (NaN layers left out), ``mean_learned``
+        the same of its ``learned`` part (``baseline="init"``; NaN without); a missing top-1
+        (data without labels) is NaN.
     """
     frames = _survey_frames(source)
     runs = frames["runs"]
     done = runs[runs.status == "done"].copy()
-    columns = ["run_id", "model", "family", "group_spec", "pretrained", "images",
+    columns = ["run_id", "model", "family", "group_spec", "group_label", "pretrained", "images",
                "images_per_second", "top1", "top1_low", "top1_high", "top5", "consistency",
                "consistency_low", "consistency_high", "mean_eq", "mean_learned", "layers"]
     if done.empty:
         return pd.DataFrame(columns=columns)
+    done["group_label"] = configuration_labels(done)
     done = _latest_runs(done)
     scores = frames["scores"]
     eq = scores[(scores.metric == metric) & (scores.comparison == "eq")
                 & (scores.element == "mean")]
     per_run = eq.groupby("run_id")["value"].agg(["mean", "count"])
-    summary = done[["run_id", "model", "family", "group_spec", "pretrained", "images",
-                    "images_per_second"]].set_index("run_id")
+    summary = done[["run_id", "model", "family", "group_spec", "group_label", "pretrained",
+                    "images", "images_per_second"]].set_index("run_id")
     summary["mean_eq"] = per_run["mean"]
     learned = (pd.to_numeric(eq["learned"], errors="coerce") if "learned" in eq
                else pd.Series(np.nan, index=eq.index))
@@ -354,7 +431,9 @@ def plot_accuracy_vs_equivariance(source, metric: str = "corr", *, groups=None,
         source: A :class:`~equifast.survey.SurveyStore`, its path, a mapping with the frames
             ``runs``, ``scores``, ``model_scores``, or a :func:`model_summary` frame.
         metric: The score averaged over layers (default ``corr``).
-        groups: Which ``group_spec`` values, in order (default: all, in order of appearance).
+        groups: Which configurations, in order (default: all, in order of appearance): the
+            ``group_label`` values of :func:`model_summary` (the ``group_spec`` unless the store
+            holds the group measured with other settings too).
         n_boot: Bootstrap resamples of the models for the CIs (seeded by ``seed``).
         ncols: Panels per row.
         annotate: Write model names next to points (default: when at most 30 models).
@@ -369,8 +448,9 @@ def plot_accuracy_vs_equivariance(source, metric: str = "corr", *, groups=None,
         summary = model_summary(source, metric)
     if summary.empty:
         raise ValueError("no finished model to plot")
+    panel = _panel_column(summary)
     if groups is None:
-        groups = list(dict.fromkeys(summary.group_spec))
+        groups = list(dict.fromkeys(summary[panel]))
     families = sorted(summary.family.fillna("unknown").unique())
     cmap = plt.get_cmap("tab10" if len(families) <= 10 else "tab20")
     colour = {f: cmap(i % cmap.N) for i, f in enumerate(families)}
@@ -379,7 +459,7 @@ def plot_accuracy_vs_equivariance(source, metric: str = "corr", *, groups=None,
     fig, axes = plt.subplots(nrows, ncols, figsize=(6.5 * ncols, 5.0 * nrows),
                              constrained_layout=True, squeeze=False)
     for ax, group in zip(axes.flat, groups):
-        part = summary[summary.group_spec == group]
+        part = summary[summary[panel] == group]
         column = accuracy_column(part)
         points = part[part[column].notna() & np.isfinite(part.mean_eq.astype(float))]
         left_out = len(part) - len(points)

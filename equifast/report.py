@@ -13,7 +13,12 @@ copied off a cluster) with its figures beside it in ``DIR/figures`` as PNG and S
   bands (one panel per group);
 - the environments the runs ran in.
 
-``DIR/models.csv`` holds the numbers of the models table (one row per model and group).
+A group measured with other settings too (``channel_map``, ``subpixel``, ``align``, ``pooled``:
+:data:`equifast.plots.CONFIGURATION_KEYS`) is one column and panel per configuration, labelled
+by what differs, e.g. ``rotate:90 (channel_map=match)``; the latest run of a model counts per
+configuration (:func:`equifast.plots.configuration_labels`).
+
+``DIR/models.csv`` holds the numbers of the models table (one row per model and configuration).
 
 Example:
     >>> from equifast.report import build_report
@@ -249,6 +254,9 @@ def build_report(store_path: str | os.PathLike, out_dir: str | os.PathLike, *,
         errors = store.errors
         environments = store.environments
     done = runs[runs.status == "done"]
+    # one column / panel per configuration: a group measured with other settings (another
+    # channel_map, subpixel...) is kept apart from it, labelled by what differs
+    done = done.assign(group_label=plots.configuration_labels(done))
     failed = runs[runs.status == "failed"]
     # Finished models with a warning about their numbers (runs.warning).
     warned = done[done.warning.notna() & (done.warning != "")]
@@ -266,7 +274,9 @@ def build_report(store_path: str | os.PathLike, out_dir: str | os.PathLike, *,
     check_folder(figures, "out_dir", out_dir, _EXPECTED_FOLDER)
     summary = plots.model_summary(frames, metric)
     summary.to_csv(out_dir / "models.csv", index=False)
-    groups = list(dict.fromkeys(summary.group_spec))
+    groups = list(dict.fromkeys(summary.group_label))
+    scores = scores.assign(group_label=scores.run_id.map(dict(zip(done.run_id,
+                                                                  done.group_label))))
 
     # All models: accuracy against mean equivariance.
     fig = plots.plot_accuracy_vs_equivariance(summary, metric, groups=groups, n_boot=n_boot,
@@ -274,7 +284,7 @@ def build_report(store_path: str | os.PathLike, out_dir: str | os.PathLike, *,
     _save(fig, figures / "accuracy_vs_equivariance")
     correlation_rows = []
     for group in groups:
-        part = summary[summary.group_spec == group]
+        part = summary[summary.group_label == group]
         column = plots.accuracy_column(part)
         points = part[part[column].notna()]
         stats = plots.correlations(points.mean_eq, points[column], n_boot=n_boot, seed=seed)
@@ -311,10 +321,10 @@ def build_report(store_path: str | os.PathLike, out_dir: str | os.PathLike, *,
     # The models table: one row per model, mean equivariance per group.
     latest = summary.sort_values("run_id").groupby("model", sort=False).last()
     # dropna=False: a finished model whose eq scores are all NaN keeps its row (a '–' cell)
-    mean_eq = summary.pivot_table(index="model", columns="group_spec", values="mean_eq",
+    mean_eq = summary.pivot_table(index="model", columns="group_label", values="mean_eq",
                                   aggfunc="last", dropna=False)
     # baseline="init" runs: the learned part of the mean equivariance, per group
-    mean_learned = summary.pivot_table(index="model", columns="group_spec",
+    mean_learned = summary.pivot_table(index="model", columns="group_label",
                                        values="mean_learned", aggfunc="last", dropna=False)
     learned_groups = [g for g in groups
                       if g in mean_learned.columns and mean_learned[g].notna().any()]
@@ -357,7 +367,7 @@ def build_report(store_path: str | os.PathLike, out_dir: str | os.PathLike, *,
         warned_html = (
             "<table><thead><tr><th>model</th><th>group</th><th>warning</th></tr></thead><tbody>"
             + "".join(f"<tr><td>{html.escape(str(run.model))}</td>"
-                      f"<td>{html.escape(str(run.group_spec))}</td>"
+                      f"<td>{html.escape(str(run.group_label))}</td>"
                       f'<td class="error">{html.escape(str(run.warning))}</td></tr>'
                       for _, run in warned.iterrows())
             + "</tbody></table>")

@@ -26,6 +26,7 @@ from torch import nn
 
 from equifast.cli import main
 from equifast.plots import (
+    configuration_labels,
     correlations,
     model_summary,
     plot_accuracy_vs_equivariance,
@@ -568,3 +569,63 @@ def test_report_output_folder_errors_name_the_path(tmp_path, monkeypatch):
         assert list(locked.iterdir()) == []
     finally:
         locked.chmod(0o755)
+
+
+class _TwoConvs(nn.Module):
+    def __init__(self, num_classes: int = 10, **_):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.conv2 = nn.Conv2d(6, 8, 3, padding=1)
+        self.head = nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.head(x.mean((2, 3)))
+
+
+@register_model
+def eqtest_report_two_convs(pretrained: bool = False, **kwargs) -> nn.Module:
+    return _TwoConvs(**kwargs)
+
+
+def test_configurations_of_one_group_are_kept_apart(tmp_path):
+    """One model under one group with channel_map identity and match, and with subpixel skip:
+    three configurations, three columns and panels, each labelled by what differs (the report
+    kept one column per group_spec, where the latest run won)."""
+    store = tmp_path / "s.sqlite"
+    common = dict(group="rotate:90", limit=2, input_size=(32, 32), bootstrap=0, progress=False,
+                  log=None)
+    for settings in ({}, {"channel_map": "match"}, {"subpixel": "skip"}):
+        summary = run_survey(["eqtest_report_two_convs"], "samples", store, **common, **settings)
+        assert summary.done == ["eqtest_report_two_convs"]
+    labels = ["rotate:90 (subpixel=bilinear, channel_map=identity)",
+              "rotate:90 (subpixel=bilinear, channel_map=match)",
+              "rotate:90 (subpixel=skip, channel_map=identity)"]
+    summary = model_summary(store)
+    assert summary.group_label.tolist() == labels
+    assert summary.group_spec.tolist() == ["rotate:90"] * 3
+    assert summary.run_id.nunique() == 3  # each its own run, not the latest run three times
+    assert summary.mean_eq[0] != summary.mean_eq[1]  # the channel map changes the numbers
+    index = build_report(store, tmp_path / "out", n_boot=10)
+    page = index.read_text()
+    table = page.split('id="models-table"')[1].split("</table>")[0]
+    header = re.findall(r"<th[^>]*>(.*?)</th>", table)
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", table.split("<tbody>")[1])
+    for label, value in zip(labels, summary.mean_eq):
+        assert cells[header.index(f"mean eq {label}")] == f"{value:.3f}"
+    models = pd.read_csv(tmp_path / "out" / "models.csv")
+    assert models.group_label.tolist() == labels
+    fig = plot_accuracy_vs_equivariance(store, n_boot=10)
+    assert [ax.get_title().split(" (1 model")[0] for ax in fig.axes] == labels
+    plt.close(fig)
+    with open_store(store) as opened:
+        scores, runs = opened.scores, opened.runs
+    label_of = dict(zip(runs.run_id, configuration_labels(runs)))
+    fig = plot_model_depth(scores.assign(group_label=scores.run_id.map(label_of)))
+    assert [ax.get_title().split(": corr under ")[1].rsplit(" (mean)", 1)[0]
+            for ax in fig.axes] == labels
+    plt.close(fig)
+    # Only the group_spec where every run of the group was measured alike (a store of one
+    # configuration, or one written before a setting existed: its runs lack the key).
+    alike = runs.assign(config=['{"channel_map": "identity"}', "{}", None])
+    assert configuration_labels(alike).tolist() == ["rotate:90"] * 3
