@@ -48,13 +48,13 @@ from .groups import (
 )
 from .layers import (
     LayerHooks,
-    LayerOutputError,
     LayerSpec,
     input_channels,
     is_broad_selection,
     measurable_layers,
     prefix_tokens_of,
     refine_layouts,
+    run_probe,
     select_layers,
     token_order_of,
     warn_undeclared_channels,
@@ -1109,18 +1109,7 @@ def _probe(module, names, input_size, overrides, align, device, dtype, seed,
         probe = torch.zeros(2, input_channels(module), *input_size, device=device, dtype=dtype)
         context = torch.inference_mode()
     hooks = LayerHooks(module, names, keep, lenient=lenient)
-    try:
-        with context, hooks:
-            module(probe)
-    except LayerOutputError:
-        raise  # says which layer and why: not a matter of the input size
-    except Exception as error:
-        shape = " x ".join(map(str, probe.shape))
-        raise RuntimeError(
-            f"the model failed on its probe input ({shape}, {str(dtype).replace('torch.', '')} "
-            f"on {device}): {type(error).__name__}: {error}. A model built for another input "
-            "size needs input_size=(H, W); one that runs in another dtype needs dtype=..."
-        ) from error
+    run_probe(module, probe, hooks, context)
     names, layouts = measurable_layers(names, captured, hooks.unmeasurable, input_size,
                                        overrides, lenient, prefix_tokens_of(module),
                                        token_order_of(module))

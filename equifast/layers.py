@@ -331,6 +331,25 @@ class LayerOutputError(ValueError):
     """A hooked layer's output cannot be measured (not a tensor, or not batch first)."""
 
 
+def run_probe(module: nn.Module, probe: torch.Tensor, hooks: "LayerHooks", context) -> None:
+    """One forward of ``probe`` under ``context`` with ``hooks``; a failure of the model itself
+    (not of a layer's output) becomes one RuntimeError that names the probe's shape, dtype and
+    device and the usual causes, as the engine and the naive loop both report it."""
+    try:
+        with context, hooks:
+            module(probe)
+    except LayerOutputError:
+        raise  # says which layer and why: not a matter of the input size
+    except Exception as error:
+        shape = " x ".join(map(str, probe.shape))
+        dtype = str(probe.dtype).replace("torch.", "")
+        raise RuntimeError(
+            f"the model failed on its probe input ({shape}, {dtype} on {probe.device}): "
+            f"{type(error).__name__}: {error}. A model built for another input size needs "
+            "input_size=(H, W); one that runs in another dtype needs dtype=..."
+        ) from error
+
+
 class LayerHooks:
     """Forward hooks on named modules that pass each output to ``callback(name, tensor)``.
 
@@ -368,17 +387,25 @@ class LayerHooks:
                            if images is not None and images.dim() == 4 else None)
 
     def _warn_if_several_maps(self, name: str, output) -> None:
-        """A layer that outputs feature maps of several sizes (a multi-resolution stage) and has no
-        declared stride to choose by: the first is measured, and the user is told which."""
+        """A layer that outputs feature maps of several sizes (a multi-resolution stage, or the
+        token branches of a multi-scale ViT such as CrossViT) and has no declared stride to choose
+        by: the first is measured, and the user is told which."""
         if not isinstance(output, (tuple, list)) or self.batch is None:
             return
-        shapes = [tuple(t.shape) for t in output if isinstance(t, torch.Tensor) and t.dim() == 4
-                  and t.shape[0] == self.batch]
-        if len({shape[-2:] for shape in shapes}) > 1:
+        # (size, channels) of each batch-first map: (h, w) of a 4-D map, the token count of 3-D
+        # tokens (channels last); maps of one kind only (tokens beside attention weights are no
+        # branches).
+        maps = [t for t in output if isinstance(t, torch.Tensor) and t.dim() in (3, 4)
+                and t.shape[0] == self.batch]
+        if len({t.dim() for t in maps}) != 1:
+            return
+        sizes = [(tuple(t.shape[-2:]), t.shape[1]) if t.dim() == 4 else ((t.shape[1],), t.shape[2])
+                 for t in maps]
+        if len({size for size, _ in sizes}) > 1:
             self.warned_branches.add(name)
             warnings.warn(
-                f"layer {name!r} outputs {len(shapes)} feature maps of different sizes "
-                f"({', '.join(f'{s[1]} channels' for s in shapes)}; its model declares no "
+                f"layer {name!r} outputs {len(sizes)} feature maps of different sizes "
+                f"({', '.join(f'{c} channels' for _, c in sizes)}; its model declares no "
                 "stride for it in feature_info); the first is measured. To measure another, "
                 "hook the module that makes it",
                 stacklevel=2)

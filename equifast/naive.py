@@ -66,6 +66,7 @@ from .layers import (
     measurable_layers,
     prefix_tokens_of,
     refine_layouts,
+    run_probe,
     select_layers,
     token_order_of,
     warn_undeclared_channels,
@@ -693,9 +694,9 @@ def _probe_layouts(
         shapes.setdefault(name, tensor)
 
     hooks = LayerHooks(module, names, keep, lenient=lenient)
-    with torch.inference_mode(), hooks:
-        # two images: a layer whose output does not follow the batch shows it (engine's probe)
-        module(torch.zeros(2, input_channels(module), *input_size, device=device, dtype=dtype))
+    # two images: a layer whose output does not follow the batch shows it (engine's probe)
+    probe = torch.zeros(2, input_channels(module), *input_size, device=device, dtype=dtype)
+    run_probe(module, probe, hooks, torch.inference_mode())
     _, layouts = measurable_layers(names, shapes, hooks.unmeasurable, input_size, overrides,
                                    lenient, prefix_tokens_of(module), token_order_of(module))
     layouts = refine_layouts(module, layouts, input_size, device, dtype, overrides)

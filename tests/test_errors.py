@@ -254,3 +254,27 @@ def test_cuda_without_a_gpu_is_named():
     with pytest.raises(ValueError, match=r"device 'cuda': no CUDA GPU is available here"):
         equifast.measure(_net(), torch.rand(2, 3, 24, 24), group=equifast.Translation([2]),
                          device="cuda", progress=False)
+
+
+class _FixedSize(torch.nn.Module):
+    """A model that accepts one input size only (as a ViT with a fixed position table does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 4, stride=4)
+
+    def forward(self, x):
+        assert x.shape[-1] == 32, f"input width {x.shape[-1]} does not match the model (32)"
+        return self.conv(x).mean((2, 3))
+
+
+@pytest.mark.parametrize("implementation", ["engine", "naive"])
+def test_a_model_failing_on_the_probe_is_one_clear_error(implementation):
+    from equifast import naive
+
+    measure = equifast.measure if implementation == "engine" else naive.measure
+    message = (r"(?s)the model failed on its probe input \(2 x 3 x 48 x 48, float32 on cpu\): "
+               r"AssertionError: input width 48 .*input_size=\(H, W\)")
+    with pytest.raises(RuntimeError, match=message):
+        measure(_FixedSize().eval(), torch.rand(2, 3, 48, 48), group="rotation",
+                bootstrap=0, progress=False, align="center")

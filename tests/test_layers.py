@@ -553,6 +553,9 @@ def test_token_grid_of_a_resized_input_is_not_called_resampled_at_its_size(as_li
     group = equifast.Translation([8], protocol="circular")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        # (the list's second branch, the class token alone, is a map of another size: that it is
+        # not the one measured is said, truly)
+        warnings.filterwarnings("ignore", message=".*feature maps of different sizes")
         native = equifast.measure(net, torch.rand(2, 3, 32, 32), group=group, layers=["block"],
                                   progress=False, bootstrap=0)
     assert "did not grow" not in native.config["stride_probe"]
@@ -710,6 +713,33 @@ def test_a_multi_resolution_stage_is_measured_at_its_declared_stride(implementat
         result = measure(_TwoResolutions(None).eval(), images, group=group, layers=["stage"],
                          bootstrap=0, progress=False)
     assert result.frame.stride.unique().tolist() == [2]
+
+
+class _TwoTokenBranches(nn.Module):
+    """Two token branches (stride 4 and 8 patches, 8 x 8 and 4 x 4 tokens) through one block that
+    returns both, as CrossViT's multi-scale blocks do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.small = nn.Conv2d(3, 5, 4, stride=4)
+        self.large = nn.Conv2d(3, 7, 8, stride=8)
+        self.block = _Branches()
+
+    def forward(self, x):
+        small = self.small(x).flatten(2).transpose(1, 2)
+        return self.block([small, self.large(x).flatten(2).transpose(1, 2)])[0].mean(1)
+
+
+@pytest.mark.parametrize("implementation", ["engine", "naive"])
+def test_token_branches_of_several_sizes_warn_that_the_first_is_measured(implementation):
+    from equifast import naive
+
+    measure = equifast.measure if implementation == "engine" else naive.measure
+    with pytest.warns(UserWarning, match=r"'block' outputs 2 feature maps of different sizes "
+                                         r"\(5 channels, 7 channels;.*\); the first is measured"):
+        result = measure(_TwoTokenBranches().eval(), torch.rand(2, 3, 32, 32), group="rotation",
+                         layers=["block"], bootstrap=0, progress=False)
+    assert result.frame.channels.unique().tolist() == [5]
 
 
 @pytest.mark.parametrize(
