@@ -134,7 +134,8 @@ def warn_not_logits(output, stacklevel: int, headless: bool = False) -> None:
     model-level scores."""
     import torch
 
-    what = (f"a headless model's (num_classes=0) pooled features {tuple(output.shape)}"
+    # (per image: a forward stacks the images of several elements, whose count means nothing here)
+    what = (f"a headless model's (num_classes=0) pooled features ({output.shape[-1]} per image)"
             if headless and isinstance(output, torch.Tensor)
             else f"a {type(output).__name__}")
     warnings.warn(

@@ -606,8 +606,9 @@ def test_a_headless_model_has_no_consistency(implementation):
 
     measure = equifast.measure if implementation == "engine" else naive.measure
     model = timm.create_model("resnet18", num_classes=0).eval()
-    with pytest.warns(UserWarning, match=r"headless model's \(num_classes=0\) pooled features "
-                                         r"\(\d+, 512\), not \(batch, classes\) logits") as record:
+    message = (r"headless model's \(num_classes=0\) pooled features \(512 per image\), not "
+               r"\(batch, classes\) logits")
+    with pytest.warns(UserWarning, match=message) as record:
         result = measure(model, torch.rand(2, 3, 40, 40), group=Translation([4]),
                          layers=["layer1"], bootstrap=0, progress=False)
     assert sum("logits" in str(w.message) for w in record) == 1
