@@ -1,6 +1,9 @@
 """Shared fixtures: deterministic seeds and small CPU threads."""
 
+import errno
 import os
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +20,28 @@ def _seed():
     torch.manual_seed(0)
     np.random.seed(0)
     yield
+
+
+@pytest.fixture
+def make_unwritable(monkeypatch):
+    """``make_unwritable(folder)``: ``folder`` takes no new file. Where its mode does not stop
+    this process (root ignores it), the write check (``tempfile.mkstemp`` there) fails as it
+    fails on a read-only folder. The caller restores the mode."""
+
+    def unwritable(folder: Path) -> None:
+        folder.chmod(0o555)
+        if not os.access(folder, os.W_OK):
+            return
+        mkstemp = tempfile.mkstemp
+
+        def refuse(*args, **kwargs):
+            if Path(kwargs.get("dir", "")) == folder:
+                raise PermissionError(errno.EACCES, "Permission denied")
+            return mkstemp(*args, **kwargs)
+
+        monkeypatch.setattr(tempfile, "mkstemp", refuse)
+
+    return unwritable
 
 
 def pytest_collection_modifyitems(config, items):

@@ -517,27 +517,7 @@ def test_cli_report(tmp_path, capsys):
     assert "missing.sqlite" in capsys.readouterr().err
 
 
-def _unwritable(folder: Path, monkeypatch) -> None:
-    """Make ``folder`` take no new file. Where its mode does not stop this process (root ignores
-    it), make the write check fail there as it fails on a read-only folder."""
-    import errno
-    import os
-    import tempfile
-
-    folder.chmod(0o555)
-    if not os.access(folder, os.W_OK):
-        return
-    mkstemp = tempfile.mkstemp
-
-    def refuse(*args, **kwargs):
-        if Path(kwargs.get("dir", "")) == folder:
-            raise PermissionError(errno.EACCES, "Permission denied")
-        return mkstemp(*args, **kwargs)
-
-    monkeypatch.setattr(tempfile, "mkstemp", refuse)
-
-
-def test_report_output_folder_errors_name_the_path(tmp_path, monkeypatch):
+def test_report_output_folder_errors_name_the_path(tmp_path, make_unwritable):
     """From Python as on the command line: an out_dir that is a file, lies under one, or takes no
     file is one ValueError naming the path, before anything is written."""
     store = _store(tmp_path / "s.sqlite", [_result("net1", [0.9, 0.8])])
@@ -561,7 +541,7 @@ def test_report_output_folder_errors_name_the_path(tmp_path, monkeypatch):
     assert afile.read_text() == "x" and sorted(p.name for p in blocked.iterdir()) == ["figures"]
     locked = tmp_path / "locked"
     locked.mkdir()
-    _unwritable(locked, monkeypatch)
+    make_unwritable(locked)
     try:
         with pytest.raises(ValueError, match=re.escape(
                 f"out_dir {locked}: cannot write in the folder '{locked}': Permission denied")):

@@ -712,12 +712,9 @@ def test_one_configuration_keeps_one_group_spelling_in_the_store(tmp_path):
         assert store.runs.group_spec.tolist() == ["translate:4,8", "translate:4,8"]
 
 
-def test_export_store_output_folder_errors_name_the_path(tmp_path, monkeypatch):
+def test_export_store_output_folder_errors_name_the_path(tmp_path, make_unwritable):
     """From Python as on the command line: an ``out`` that is a file, lies under one, or takes no
     file is one ValueError naming the path, before anything is written."""
-    import errno
-    import tempfile
-
     store_path = tmp_path / "s.sqlite"
     with SurveyStore(store_path, create=True):
         pass
@@ -737,16 +734,7 @@ def test_export_store_output_folder_errors_name_the_path(tmp_path, monkeypatch):
     assert not (tmp_path / "new").exists()  # a missing store leaves no empty folder behind
     locked = tmp_path / "locked"
     locked.mkdir()
-    locked.chmod(0o555)
-    if os.access(locked, os.W_OK):  # root ignores the mode: fail the write check as it would
-        mkstemp = tempfile.mkstemp
-
-        def refuse(*args, **kwargs):
-            if Path(kwargs.get("dir", "")) == locked:
-                raise PermissionError(errno.EACCES, "Permission denied")
-            return mkstemp(*args, **kwargs)
-
-        monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    make_unwritable(locked)
     try:
         with pytest.raises(ValueError, match=re.escape(
                 f"out {locked}: cannot write in the folder '{locked}': Permission denied")):
