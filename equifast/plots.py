@@ -113,12 +113,10 @@ CONFIGURATION_KEYS = ("subpixel", "channel_map", "align", "pooled")
 def _configuration_defaults() -> dict[str, Any]:
     """equifast.measure's defaults of :data:`CONFIGURATION_KEYS`: what a run whose stored
     configuration lacks a key (a store written before the setting existed) was measured with."""
-    import inspect
+    from equifast.survey.runner import _measure_defaults
 
-    from equifast.engine import measure
-
-    parameters = inspect.signature(measure).parameters
-    return {key: parameters[key].default for key in CONFIGURATION_KEYS}
+    defaults = _measure_defaults()  # (the survey's own reading of measure's signature)
+    return {key: defaults[key] for key in CONFIGURATION_KEYS}
 
 
 def _setting_text(value: Any) -> str:
