@@ -552,6 +552,10 @@ inline bool bilinear_rectangle_offsets_fit_32_bits(const DeviceElement& element,
 class BilinearPattern {
  public:
   explicit BilinearPattern(const SourceMap& map) {
+    if (map.wrap) {  // taps that wrap around the window move with no single pattern
+      holds_ = false;
+      return;
+    }
     const double linear[4] = {map.m[0], map.m[1], map.m[3], map.m[4]};
     for (int i = 0; i < 4; ++i) {
       // Exact, small integers only (quarter turns and flips come cleaned of rounding noise).
