@@ -35,7 +35,7 @@ from .align import AlignSpec, find_offsets, probe_inputs
 from .arguments import check_count, check_finite_pixels, check_run_arguments
 from .baseline import INIT, TRAINED, InitCopy, WithBaseline, init_copy, member_name, same_parameters
 from .data.folder import is_path_list, no_images_message, warn_skipped
-from .data.geometry import LUMA_WEIGHTS, channel_normalization
+from .data.geometry import LUMA_WEIGHTS, channel_normalization, warn_unmargined_sources
 from .groups import (
     IDENTITY,
     PROTOCOL_CODES,
@@ -276,6 +276,10 @@ class _DataPlan:
                     "images or a group with smaller shifts (e.g. group='translate:2,4')"
                 )
             self.margin = group.margin(*self.input_size)
+            model_size = self.preprocess.input_size
+            # measure -> _DataPlan -> here for a tensor (an iterable's first batch: deeper)
+            warn_unmargined_sources((source_h, source_w), margin, model_size,
+                                    group.margin(*model_size), stacklevel=4)
         self.source_size = (self.input_size[0] + 2 * self.margin[0],
                             self.input_size[1] + 2 * self.margin[1])
 
@@ -495,7 +499,13 @@ def measure(
             (ImageNet layout or flat), an image file, a ``.txt`` file list, a list of image paths
             (or of ``(path, label)`` pairs), or ``"samples"`` (the embedded photographs).
             Tensors and batches are the *sources*: for the crop protocol they hold the model
-            input plus the largest shift on each side. Files that cannot be read are left out,
+            input plus the group's margin on each side (``group.margin(H, W)`` at the input size:
+            the largest shift in whole pixels), so ``(N, 3, 288, 288)``
+            sources give 224 x 224 inputs under the default 32-pixel shifts; a warning says so
+            when sources of the model's own input size would be measured smaller. With
+            ``input_size`` given, the central window of that size plus the margin is used.
+            Pixels that come from outside a source (zero protocol, the corners of a rotation)
+            are 0 after normalization (the mean colour). Files that cannot be read are left out,
             listed in ``Result.skipped`` and named in a :class:`SkippedFilesWarning`.
         group: The group elements (default: translations by 8, 16, 32 pixels along each axis).
         layers: Layers to measure (:func:`equifast.layers.select_layers`; default: stage outputs).
@@ -507,7 +517,9 @@ def measure(
             and an iterable gives them with each batch: passing ``labels`` there is an error.
         input_size: ``(H, W)`` of the model input (default: from the data, or the model's config).
         layouts: Override the detected layout per layer (``{"blocks.3": "NLC"}``).
-        align: Grid offsets (:mod:`equifast.align`): ``"auto"``, ``"center"``, ``"corner"``, ...
+        align: Grid offsets (:mod:`equifast.align`): ``"auto"``, ``"center"``, ``"corner"``, a
+            number or an ``(offset_y, offset_x)`` pair for every layer (stride-1 layers too), or
+            a dict of those per layer.
         subpixel: Re-alignment by a fraction of a feature pixel: ``"bilinear"`` or ``"skip"`` (NaN).
         channel_map: ``"identity"`` (each channel against itself) or ``"match"``: each channel
             against the channel of the other map it correlates with best, per image and element

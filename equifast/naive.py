@@ -56,7 +56,7 @@ from torch import nn
 from .align import AlignSpec, find_offsets
 from .arguments import check_finite_pixels, check_run_arguments
 from .data.folder import is_path_list, no_images_message, warn_skipped
-from .data.geometry import LUMA_WEIGHTS, channel_normalization
+from .data.geometry import LUMA_WEIGHTS, channel_normalization, warn_unmargined_sources
 from .groups import INTEGER_TOLERANCE, Group, default_group, feature_source_affines, parse_group
 from .layers import (
     LayerHooks,
@@ -526,6 +526,7 @@ class _Data:
         limit,
     ):
         self.group, self.batch_size, self.limit = group, batch_size, limit
+        self.model_size = preprocess.input_size  # the model's configured input size
         self.input_size_arg = (
             None if input_size is None else (int(input_size[0]), int(input_size[1]))
         )
@@ -600,6 +601,8 @@ class _Data:
                 f"data: sources of {height}x{width} leave no image after a margin of {margin}"
             )
         self._fix_input(input_size)
+        warn_unmargined_sources((height, width), margin, self.model_size,
+                                self.group.margin(*self.model_size), stacklevel=4)
 
     def _crop(self, sources: torch.Tensor, where: str) -> torch.Tensor:
         want_h = self.input_size[0] + 2 * self.margin[0]

@@ -62,15 +62,16 @@ def warn_undefined_elements(frame: pd.DataFrame, subpixel: str = "bilinear") -> 
             "or they are constant",
             stacklevel=3,
         )
-    _warn_undefined_layers(elements[~elements.element.isin(names)])
+    _warn_undefined_layers(elements[~elements.element.isin(names)], subpixel)
     return names
 
 
-def _warn_undefined_layers(elements: pd.DataFrame) -> list[str]:
+def _warn_undefined_layers(elements: pd.DataFrame, subpixel: str = "bilinear") -> list[str]:
     """Warn about layers whose correlations are NaN for every element (those of elements
     undefined everywhere left out): spatially constant features (a random-init LeViT stage, the
-    zero-initialized branch of a MobileViT block; cosine and nde stay defined there) or no valid
-    position. Returns them."""
+    zero-initialized branch of a MobileViT block; cosine and nde stay defined there), every
+    element skipped there (``subpixel="skip"`` and no exact re-alignment) or no valid position.
+    Returns them."""
     correlations = elements[elements.metric.isin(("corr", "one_minus_corr", "corr_channelwise"))]
     scores = correlations if not correlations.empty else elements[
         elements.metric != "flat_frac"]
@@ -81,12 +82,21 @@ def _warn_undefined_layers(elements: pd.DataFrame) -> list[str]:
     if names:
         flat = elements[(elements.metric == "flat_frac") & elements.layer.isin(names)]
         constant = [n for n in names if n in set(flat.loc[flat.value == 1.0, "layer"])]
-        other = [n for n in names if n not in constant]
+        skipped = []
+        if subpixel == "skip" and "exact" in elements.columns:
+            exact = elements[elements.layer.isin(names)].groupby("layer", sort=False)["exact"]
+            skipped = [n for n, any_exact in exact.any().items() if not any_exact
+                       and n not in constant]
+        other = [n for n in names if n not in constant and n not in skipped]
         causes = []
         if constant:
             causes.append(f"{_shown(constant)}: spatially constant features (flat_frac 1: "
                           "constant over the positions compared, which on a small grid may be "
                           "one or two)")
+        if skipped:
+            causes.append(f"{_shown(skipped)}: every element moves them by a fraction of a "
+                          "feature pixel, which subpixel='skip' leaves out (subpixel='bilinear' "
+                          "re-aligns them)")
         if other:
             causes.append(f"{_shown(other)}: no position where the moved and the re-aligned "
                           "features both exist, or constant features")

@@ -104,6 +104,25 @@ def test_subpixel_skip_gives_nan_for_fractional_realignment():
     assert at_stride2.loc["translate(0,2)", "n"] == 4
 
 
+@pytest.mark.parametrize("implementation", ["engine", "naive"])
+def test_a_layer_left_out_by_subpixel_skip_is_named_as_such(implementation):
+    """A stride-2 layer under odd shifts only: every element is skipped there. The warning says
+    so (it used to blame 'no position where both exist, or constant features')."""
+    from equifast import naive
+
+    measure = equifast.measure if implementation == "engine" else naive.measure
+    group = Translation([(0, 1), (0, 3)])
+    with pytest.warns(UserWarning, match=r"layer\(s\) have no defined correlations.*3: every "
+                                         r"element moves them by a fraction of a feature pixel, "
+                                         r"which subpixel='skip' leaves out") as caught:
+        result = measure(_net(), torch.rand(4, 3, 20, 20), group=group, layers=["1", "3"],
+                         subpixel="skip", progress=False, bootstrap=0)
+    assert not any("constant features" in str(w.message) for w in caught)
+    corr = result.frame.query("metric == 'corr' and element != 'mean'")
+    assert corr[corr.layer == "3"].value.isna().all()
+    assert corr[corr.layer == "1"].value.notna().all()
+
+
 def test_pooled_scores_for_identical_images_match_per_image():
     net = _net()
     image = torch.rand(1, 3, 20, 20)

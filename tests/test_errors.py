@@ -1,5 +1,7 @@
 """Bad input gets a clear error naming what was expected and what was found."""
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -135,6 +137,37 @@ def test_a_layer_without_defined_correlations_is_named(implementation):
     corr = result.frame.query("metric == 'corr'")
     assert corr[corr.layer == "1"].value.isna().all()
     assert corr[corr.layer == "0"].value.notna().all()
+
+
+@pytest.mark.parametrize("implementation", ["engine", "naive"])
+def test_model_sized_sources_warn_that_the_margin_shrinks_the_input(implementation):
+    """Tensors are crop-protocol sources: images already cut to the model's size (its config says
+    48 x 48 here) leave a smaller input after the group's margin. That used to pass silently."""
+    from equifast import naive
+    from equifast.models import preprocess_for
+
+    measure = equifast.measure if implementation == "engine" else naive.measure
+    net = _net()
+    net.pretrained_cfg = {"input_size": (3, 48, 48)}  # timm's config, as a timm model has it
+    assert preprocess_for(net).input_size == (48, 48)
+    group = equifast.Translation([8])
+    with pytest.warns(UserWarning, match=r"sources are 48x48, the model's input size.*the model "
+                                         r"sees 32x32 inputs.*sources of 64x64.*margin=\(8, 8\)"
+                                         r".*input_size=\(32, 32\)") as caught:
+        result = measure(net, torch.rand(2, 3, 48, 48), group=group, layers=["0"],
+                         progress=False, bootstrap=0)
+    assert result.config["input_size"] == [32, 32]
+    assert all(w.filename == __file__ for w in caught if "sources are" in str(w.message))
+    # Sources with the margin, an explicit input size, or a group without margin: no warning.
+    for data, extra in ((torch.rand(2, 3, 64, 64), {}),
+                        (torch.rand(2, 3, 48, 48), {"input_size": (32, 32)}),
+                        (torch.rand(2, 3, 48, 48),
+                         {"group": equifast.Translation([8], protocol="circular")})):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            measure(net, data, **{"group": group, **extra}, layers=["0"], progress=False,
+                    bootstrap=0)
+        assert not [w for w in caught if "sources are" in str(w.message)], extra
 
 
 def test_sources_leave_no_image():

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -211,6 +212,47 @@ def source_size(preprocess: Preprocess, margin: int | tuple[int, int] = (0, 0)) 
     my, mx = as_margin(margin)
     h, w = preprocess.input_size
     return h + 2 * my, w + 2 * mx
+
+
+def warn_unmargined_sources(
+    source_hw: tuple[int, int],
+    margin: tuple[int, int],
+    model_hw: tuple[int, int],
+    model_margin: tuple[int, int],
+    where: str = "data",
+    stacklevel: int = 2,
+) -> None:
+    """Warn when tensor sources have exactly the model's input size but the group needs a margin.
+
+    Tensors are crop-protocol sources (the input plus the group's margin on each side), so images
+    already cut to the model's size are measured on a smaller central window: a 224 x 224 tensor
+    under 32-pixel shifts feeds 160 x 160 inputs to a model configured for 224 x 224. That is
+    legitimate when asked for (``input_size=``, which skips this check), and a silent change of
+    resolution when not.
+
+    Args:
+        source_hw: ``(H, W)`` of the sources given.
+        margin: the group's margin ``(my, mx)`` at the input size the sources leave.
+        model_hw: the model's configured input size.
+        model_margin: the group's margin at ``model_hw`` (what sources for that size need).
+        where: what to name in the message.
+        stacklevel: passed to :func:`warnings.warn` (the caller's depth below the user's call).
+    """
+    if tuple(margin) == (0, 0) or tuple(source_hw) != tuple(model_hw):
+        return
+    height, width = source_hw
+    inner = (height - 2 * margin[0], width - 2 * margin[1])
+    wanted = (height + 2 * model_margin[0], width + 2 * model_margin[1])
+    warnings.warn(
+        f"{where}: the sources are {height}x{width}, the model's input size, but sources hold "
+        f"the model input plus the group's margin ({margin[0]}, {margin[1]} px on each side for "
+        f"its shifts, crop protocol): the model sees {inner[0]}x{inner[1]} inputs. To measure at "
+        f"{height}x{width} pass sources of {wanted[0]}x{wanted[1]} (e.g. "
+        "equifast.data.resize_and_crop(image, equifast.models.preprocess_for(model), "
+        f"margin={tuple(model_margin)}), or a folder or list of files, which equifast crops "
+        f"itself); to measure at {inner[0]}x{inner[1]} pass input_size={inner}",
+        stacklevel=stacklevel + 1,
+    )
 
 
 def resized_size(image_hw: tuple[int, int], preprocess: Preprocess) -> tuple[int, int]:
