@@ -279,8 +279,16 @@ def pair_scores(
     batch, channels, positions = a.shape
     if positions == 0:
         return {m: torch.full((batch,), math.nan, dtype=torch.float64) for m in metrics}
-    mean_a, mean_b = a.mean(-1), b.mean(-1)  # (B, C)
-    centred_a, centred_b = a - mean_a[..., None], b - mean_b[..., None]
+    # Centred about each channel's first value, then about the mean of the differences: a - a_0
+    # is exact where a channel's spread is small against its level, whereas a - mean carries the
+    # rounding error of the mean (up to an ulp of the level) into every centred value; for a
+    # channel whose spatial spread is itself a few ulps (deep layers of a random-init LeViT), that
+    # error was a large part of it and corr moved by ~0.01.
+    shifted_a, shifted_b = a - a[..., :1], b - b[..., :1]
+    shift_mean_a, shift_mean_b = shifted_a.mean(-1), shifted_b.mean(-1)  # (B, C)
+    centred_a = shifted_a - shift_mean_a[..., None]
+    centred_b = shifted_b - shift_mean_b[..., None]
+    mean_a, mean_b = a[..., 0] + shift_mean_a, b[..., 0] + shift_mean_b
     ss_a = (centred_a * centred_a).sum(-1)  # (B, C): per-channel centred sums of squares
     ss_b = (centred_b * centred_b).sum(-1)
     cross = (centred_a * centred_b).sum(-1)

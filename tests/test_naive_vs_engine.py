@@ -567,3 +567,55 @@ def test_psnr_of_maps_equal_to_float32_precision(convnext):
         batch_size=4,
         bootstrap=0,
     )
+
+
+class _NearlyFlat(torch.nn.Module):
+    """``1 + 1e-15 * x``: every channel a constant with a spatial spread of a few units in the last
+    place (float64), as deep layers of a random-init LeViT are (spread / mean ~ 6e-16 after its
+    second subsampling attention): the measure's centring is then as ill-conditioned as it gets."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 1.0 + 1e-15 * x
+
+
+def _exact_corr(a: torch.Tensor, b: torch.Tensor) -> list[float]:
+    """Per image, the channel-centred correlation of these float64 values in rational arithmetic."""
+    from fractions import Fraction
+
+    out = []
+    for image_a, image_b in zip(a, b):
+        cross = ss_a = ss_b = Fraction(0)
+        for channel_a, channel_b in zip(image_a, image_b):
+            values_a = [Fraction(v) for v in channel_a.flatten().tolist()]
+            values_b = [Fraction(v) for v in channel_b.flatten().tolist()]
+            mean_a, mean_b = sum(values_a) / len(values_a), sum(values_b) / len(values_b)
+            centred_a = [v - mean_a for v in values_a]
+            centred_b = [v - mean_b for v in values_b]
+            cross += sum(p * q for p, q in zip(centred_a, centred_b))
+            ss_a += sum(p * p for p in centred_a)
+            ss_b += sum(q * q for q in centred_b)
+        out.append(float(cross) / math.sqrt(float(ss_a) * float(ss_b)))
+    return out
+
+
+def test_centring_of_maps_flat_to_the_last_place():
+    """A layer whose spatial spread is a few units in the last place of its mean (the ulp-level
+    round-off left in deep random-init LeViT layers): the engine's kernel centres on a shift that
+    is one of the values (exact differences); the naive loop and the reference op subtracted a
+    rounded mean, whose error of a fraction of an ulp is a large part of every centred value, and
+    their corr on the very same features was off by ~0.004 (0.01 on LeViT). Both now centre on
+    one of the values too: the three agree with the exact correlation of the features. (Rotations
+    by 90 degrees: an interpolated re-alignment would round the maps at the ulp level again.)"""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential()
+    net.add_module("flat", _NearlyFlat())
+    images = torch.rand(4, 3, 12, 12, dtype=torch.float64) * 2 - 1
+    group = Rotation([90, 180])  # exact on a square grid, every position valid
+    result = _check(net, images, group=group, layers=["flat"], batch_size=4, dtype=torch.float64)
+    # invariance: f(g x) against f(x), both as the model computes them (elementwise: the same bits
+    # in any forward)
+    inv = result.frame.query("comparison == 'inv' and metric == 'corr'").set_index("element")
+    for angle in (90, 180):
+        moved = torch.rot90(images, angle // 90, dims=(-2, -1))
+        expected = np.mean(_exact_corr(net(moved), net(images)))
+        assert math.isclose(inv.loc[f"rotate({angle})", "value"], expected, abs_tol=1e-9), angle

@@ -249,17 +249,22 @@ def pair_stats(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> torch.T
     Returns:
         ``(B, C, 6)`` float64: count, mean_a, mean_b, m2_a, m2_b, c_ab (zeros where count is 0).
     """
-    mask = valid.to(torch.float64)
-    count = mask.sum()
+    a, b = a[..., valid], b[..., valid]  # (B, C, m)
+    count = a.shape[-1]
     if count == 0:
         return torch.zeros(*a.shape[:2], 6, dtype=torch.float64)
-    mean_a = (a * mask).sum((-2, -1)) / count
-    mean_b = (b * mask).sum((-2, -1)) / count
-    da = (a - mean_a[..., None, None]) * mask
-    db = (b - mean_b[..., None, None]) * mask
-    m2_a = (da * da).sum((-2, -1))
-    m2_b = (db * db).sum((-2, -1))
-    c_ab = (da * db).sum((-2, -1))
+    # Centred about each channel's first valid value, then about the mean of the differences:
+    # a - a_0 is exact where the spread is small against the level, a - mean would carry the
+    # mean's rounding error (up to an ulp of the level) into every centred value, a large part of
+    # a spread of a few ulps (deep layers of a random-init LeViT).
+    shifted_a, shifted_b = a - a[..., :1], b - b[..., :1]
+    shift_mean_a, shift_mean_b = shifted_a.mean(-1), shifted_b.mean(-1)
+    da = shifted_a - shift_mean_a[..., None]
+    db = shifted_b - shift_mean_b[..., None]
+    mean_a, mean_b = a[..., 0] + shift_mean_a, b[..., 0] + shift_mean_b
+    m2_a = (da * da).sum(-1)
+    m2_b = (db * db).sum(-1)
+    c_ab = (da * db).sum(-1)
     count_column = torch.full_like(mean_a, float(count))
     return torch.stack([count_column, mean_a, mean_b, m2_a, m2_b, c_ab], -1)
 
