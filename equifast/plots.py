@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 import os
@@ -119,10 +120,29 @@ def _configuration_defaults() -> dict[str, Any]:
     return {key: defaults[key] for key in CONFIGURATION_KEYS}
 
 
-def _setting_text(value: Any) -> str:
+def _canonical_setting(value: Any) -> Any:
+    """A setting as one value however it was written: the engine writes a pair or mapping of
+    offsets as its Python text (``"(0.5, 0.5)"``), the survey's configuration as JSON with floats
+    (``[0.5, 0.5]``); both are the list ``[0.5, 0.5]``, and ``0.0`` is ``0``."""
+    if isinstance(value, str) and value[:1] in "([{":
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            return value
+    if isinstance(value, Mapping):
+        return {str(k): _canonical_setting(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_canonical_setting(v) for v in value]
     if isinstance(value, float) and value.is_integer():
-        value = int(value)  # the survey's configuration writes offsets as floats: 0.0 is 0
-    if isinstance(value, (dict, list, tuple)):
+        return int(value)  # the survey's configuration writes offsets as floats: 0.0 is 0
+    return value
+
+
+def _setting_text(value: Any) -> str:
+    """The text of a setting in a label (and what :meth:`SurveyStore.result
+    <equifast.survey.SurveyStore.result>` compares)."""
+    value = _canonical_setting(value)
+    if isinstance(value, (dict, list)):
         return json.dumps(value, sort_keys=True, separators=(",", ":"))
     return str(value)
 

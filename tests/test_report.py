@@ -609,3 +609,13 @@ def test_configurations_of_one_group_are_kept_apart(tmp_path):
     # configuration, or one written before a setting existed: its runs lack the key).
     alike = runs.assign(config=['{"channel_map": "identity"}', "{}", None])
     assert configuration_labels(alike).tolist() == ["rotate:90"] * 3
+    # A pair of offsets as the engine writes it (its Python text: a finished run) and as the
+    # survey's configuration does (JSON, floats: a failed run), or with ints: one setting.
+    offsets = runs.assign(config=['{"align": "(0.5, 1.0)"}', '{"align": [0.5, 1]}',
+                                  '{"align": "center"}'])
+    assert configuration_labels(offsets).tolist() == ["rotate:90 (align=[0.5,1])"] * 2 + [
+        "rotate:90 (align=center)"]
+    mapping = runs.assign(config=['{"align": "{\'conv2\': 0, \'conv1\': (1, 1)}"}',
+                                  '{"align": {"conv1": [1.0, 1.0], "conv2": 0.0}}', "{}"])
+    assert configuration_labels(mapping).tolist() == [
+        'rotate:90 (align={"conv1":[1,1],"conv2":0})'] * 2 + ["rotate:90 (align=auto)"]
