@@ -147,11 +147,55 @@ def _setting_text(value: Any) -> str:
     return str(value)
 
 
+def _configuration_settings(runs: pd.DataFrame) -> pd.DataFrame:
+    """The settings of :data:`CONFIGURATION_KEYS` of each run, as the text the labels write
+    (:func:`configuration_labels`), indexed like ``runs``: what tells configurations of one group
+    apart.
+
+    Args:
+        runs: Rows of :attr:`SurveyStore.runs <equifast.survey.SurveyStore.runs>` (``config``,
+            the run's configuration as JSON; a setting missing there, or no ``config`` column,
+            is :func:`equifast.measure`'s default).
+    """
+    defaults = _configuration_defaults()
+
+    def settings(text: Any) -> dict[str, str]:
+        try:
+            config = json.loads(text) if isinstance(text, str) and text else {}
+        except ValueError:
+            config = {}
+        if not isinstance(config, dict):
+            config = {}
+        return {key: _setting_text(config.get(key, defaults[key])) for key in CONFIGURATION_KEYS}
+
+    texts = runs["config"] if "config" in runs.columns else [None] * len(runs)
+    return pd.DataFrame([settings(text) for text in texts], index=runs.index,
+                        columns=list(CONFIGURATION_KEYS))
+
+
+def _labels_among(groups: pd.Series, table: pd.DataFrame) -> pd.Series:
+    """Each run's group, followed by the settings in which the runs of its group differ."""
+    labels = groups.copy()
+    for group, rows in table.groupby(groups, sort=False):
+        differing = [key for key in CONFIGURATION_KEYS if rows[key].nunique() > 1]
+        if differing:
+            labels[rows.index] = [
+                f"{group} ({', '.join(f'{key}={row[key]}' for key in differing)})"
+                for _, row in rows.iterrows()]
+    return labels
+
+
 def configuration_labels(runs: pd.DataFrame) -> pd.Series:
     """The label of each run's configuration: its ``group_spec``, followed by the settings of
     :data:`CONFIGURATION_KEYS` in which runs of that group differ, e.g. ``rotate:90
     (channel_map=match)`` beside ``rotate:90 (channel_map=identity)``; the ``group_spec`` alone
     where every run of the group was measured alike.
+
+    The finished runs (``status`` ``'done'``, where ``runs`` has a ``status`` column) are
+    labelled among themselves: a failed run does not change their labels (the report's columns).
+    A failed run gets the label of the finished runs measured as it was; one measured otherwise
+    is labelled among every run of its group, finished or failed, so that two failed
+    configurations of one group are told apart.
 
     Args:
         runs: Rows of :attr:`SurveyStore.runs <equifast.survey.SurveyStore.runs>` (``group_spec``
@@ -164,25 +208,19 @@ def configuration_labels(runs: pd.DataFrame) -> pd.Series:
     groups = runs["group_spec"].astype(object).where(runs["group_spec"].notna(), "?").astype(str)
     if "config" not in runs.columns or runs.empty:
         return groups
-    defaults = _configuration_defaults()
-
-    def settings(text: Any) -> dict[str, str]:
-        try:
-            config = json.loads(text) if isinstance(text, str) and text else {}
-        except ValueError:
-            config = {}
-        if not isinstance(config, dict):
-            config = {}
-        return {key: _setting_text(config.get(key, defaults[key])) for key in CONFIGURATION_KEYS}
-
-    table = pd.DataFrame([settings(text) for text in runs["config"]], index=runs.index)
-    labels = groups.copy()
-    for group, rows in table.groupby(groups, sort=False):
-        differing = [key for key in CONFIGURATION_KEYS if rows[key].nunique() > 1]
-        if differing:
-            labels[rows.index] = [
-                f"{group} ({', '.join(f'{key}={row[key]}' for key in differing)})"
-                for _, row in rows.iterrows()]
+    table = _configuration_settings(runs)
+    if "status" not in runs.columns:
+        return _labels_among(groups, table)
+    done = (runs["status"] == "done").to_numpy()
+    labels = _labels_among(groups[done], table[done]).reindex(runs.index)
+    if done.all():
+        return labels
+    among_all = _labels_among(groups, table)
+    finished = {(group, *settings): label for group, settings, label
+                in zip(groups[done], table[done].itertuples(index=False), labels[done])}
+    for index, group, settings in zip(runs.index[~done], groups[~done],
+                                      table[~done].itertuples(index=False)):
+        labels[index] = finished.get((group, *settings), among_all[index])
     return labels
 
 

@@ -16,7 +16,8 @@ copied off a cluster) with its figures beside it in ``DIR/figures`` as PNG and S
 A group measured with other settings too (``channel_map``, ``subpixel``, ``align``, ``pooled``:
 :data:`equifast.plots.CONFIGURATION_KEYS`) is one column and panel per configuration, labelled
 by what differs, e.g. ``rotate:90 (channel_map=match)``; the latest run of a model counts per
-configuration (:func:`equifast.plots.configuration_labels`).
+configuration (:func:`equifast.plots.configuration_labels`). The failed models and the warnings
+name the configuration by the same label.
 
 ``DIR/models.csv`` holds the numbers of the models table (one row per model and configuration).
 
@@ -253,10 +254,11 @@ def build_report(store_path: str | os.PathLike, out_dir: str | os.PathLike, *,
         skipped = store.skipped
         errors = store.errors
         environments = store.environments
-    done = runs[runs.status == "done"]
     # one column / panel per configuration: a group measured with other settings (another
-    # channel_map, subpixel...) is kept apart from it, labelled by what differs
-    done = done.assign(group_label=plots.configuration_labels(done))
+    # channel_map, subpixel...) is kept apart from it, labelled by what differs; a failed run
+    # is labelled as the finished runs of its configuration (without changing their labels)
+    runs = runs.assign(group_label=plots.configuration_labels(runs))
+    done = runs[runs.status == "done"]
     failed = runs[runs.status == "failed"]
     # Finished models with a warning about their numbers (runs.warning).
     warned = done[done.warning.notna() & (done.warning != "")]
@@ -382,7 +384,7 @@ def build_report(store_path: str | os.PathLike, out_dir: str | os.PathLike, *,
             count = 0 if attempts is None else int(attempts.get((run.model, run.config_hash), 0))
             items.append(
                 f"<tr><td>{html.escape(str(run.model))}</td>"
-                f"<td>{html.escape(str(run.group_spec))}</td>"
+                f"<td>{html.escape(str(run.group_label))}</td>"
                 f'<td class="num">{count}</td>'
                 f'<td class="error">{html.escape(str(run.error or "?"))}</td></tr>')
         failed_html = ("<table><thead><tr><th>model</th><th>group</th><th>errors recorded</th>"

@@ -8,9 +8,11 @@ stores written through :class:`equifast.survey.SurveyStore`.
 
 from __future__ import annotations
 
+import html
 import math
 import re
 import shutil
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -619,3 +621,54 @@ def test_configurations_of_one_group_are_kept_apart(tmp_path):
                                   '{"align": {"conv1": [1.0, 1.0], "conv2": 0.0}}', "{}"])
     assert configuration_labels(mapping).tolist() == [
         'rotate:90 (align={"conv1":[1,1],"conv2":0})'] * 2 + ["rotate:90 (align=auto)"]
+
+
+def _failed_section(page: str) -> list[tuple[str, str]]:
+    """(model, group) of each row of the report's failed-models table."""
+    section = page.split('<h2 id="failed">')[1].split("<h2")[0]
+    return [tuple(re.findall(r"<td[^>]*>(.*?)</td>", row)[:2])
+            for row in re.findall(r"<tr><td.*?</tr>", section)]
+
+
+def test_failed_configurations_of_one_group_are_told_apart(tmp_path):
+    """Failed runs are labelled like finished ones (the table showed the bare group_spec, so
+    that two failed configurations of one group looked alike): a failed run measured as a
+    finished one gets its label; one measured otherwise is labelled among all runs of its group;
+    the finished runs' labels (the report's columns) do not change."""
+    offsets = _result("net1", [0.9, 0.8], group="rotate:90")
+    offsets.config["align"] = "(0.5, 0.5)"  # as the engine writes a pair of offsets
+    match = _result("net2", [0.7, 0.6], group="rotate:90")
+    match.config["channel_map"] = "match"
+    store = _store(tmp_path / "s.sqlite", [offsets, match])
+    failures = [("broken3", "fa", {}), ("broken3", "fb", {"channel_map": "match"}),
+                ("broken3", "fc", {"subpixel": "skip"}),
+                ("broken4", "fd", {"align": [0.5, 0.5]}), ("broken4", "fe", {"align": "auto"})]
+    with SurveyStore(store) as opened:
+        for model, key, config in failures:
+            opened.add_error(model=model, config_hash=key, attempt=1, batch_size=8,
+                             kind="RuntimeError", message="RuntimeError: boom",
+                             traceback="Traceback ...", group_spec="rotate:90", family="x",
+                             config=config)
+        runs = opened.runs
+    done_labels = ["rotate:90 (channel_map=identity, align=[0.5,0.5])",
+                   "rotate:90 (channel_map=match, align=auto)"]
+    expected = [("broken3", "rotate:90 (subpixel=bilinear, channel_map=identity, align=auto)"),
+                ("broken3", "rotate:90 (channel_map=match, align=auto)"),
+                ("broken3", "rotate:90 (subpixel=skip, channel_map=identity, align=auto)"),
+                ("broken4", "rotate:90 (channel_map=identity, align=[0.5,0.5])"),
+                ("broken4", "rotate:90 (subpixel=bilinear, channel_map=identity, align=auto)")]
+    assert configuration_labels(runs).tolist() == done_labels + [g for _, g in expected]
+    done = runs[runs.status == "done"]
+    assert configuration_labels(done).tolist() == done_labels  # the failed runs change nothing
+    page = build_report(store, tmp_path / "out", n_boot=10).read_text()
+    assert _failed_section(page) == [(m, html.escape(g)) for m, g in expected]
+    header = re.findall(r"<th[^>]*>(.*?)</th>",
+                        page.split('id="models-table"')[1].split("</thead>")[0])
+    assert [h for h in header if h.startswith("mean eq")] == [f"mean eq {g}"
+                                                             for g in done_labels]
+
+    # A store written before runs kept their configuration: the group_spec, as before.
+    with sqlite3.connect(store) as db:
+        db.execute("ALTER TABLE runs DROP COLUMN config")
+    page = build_report(store, tmp_path / "old", n_boot=10).read_text()
+    assert _failed_section(page) == [(m, "rotate:90") for m, _, _ in failures]
