@@ -101,6 +101,66 @@ def test_rerun_skips_finished_and_writes_no_duplicate(tmp_path):
         assert rotated.config["elements"] == equifast.parse_group("rotate:90").names
 
 
+def test_result_picks_one_configuration_of_a_group(tmp_path):
+    """One model under rotate:90 with channel_map identity and match, align auto, center and a
+    pair of offsets, and under translate:4,8 twice (another limit: one configuration). result()
+    returned the latest run of the group whichever configuration was meant; now several
+    configurations are an error that lists them, and config_hash= or a setting picks one."""
+    store_path = tmp_path / "s.sqlite"
+    rotate = dict(group="rotate:90", bootstrap=0)
+    for settings in ({}, {"channel_map": "match"}, {"align": "center"}, {"align": (0.5, 0.5)}):
+        assert _survey(["eqtest_tiny"], store_path, **rotate, **settings).done
+    assert _survey(["eqtest_tiny"], store_path, bootstrap=0).done
+    assert _survey(["eqtest_tiny"], store_path, bootstrap=0, limit=2).done
+    labels = ["rotate:90 (channel_map=identity, align=auto)",
+              "rotate:90 (channel_map=match, align=auto)",
+              "rotate:90 (channel_map=identity, align=center)",
+              "rotate:90 (channel_map=identity, align=[0.5,0.5])"]
+    with open_store(store_path) as store:
+        hashes = store.runs.config_hash.tolist()
+        # Several configurations match: the error lists each label with its config hash.
+        with pytest.raises(ValueError, match="4 configurations") as error:
+            store.result("eqtest_tiny", "rotate:90")
+        for label, key in zip(labels, hashes):
+            assert f"{label!r}: config_hash={key!r}" in str(error.value)
+        assert "channel_map=" in str(error.value) and "config_hash=" in str(error.value)
+        with pytest.raises(ValueError, match="5 configurations") as error:
+            store.result("eqtest_tiny")  # two groups: ambiguous too
+        assert "'translate:4,8'" in str(error.value)
+        with pytest.raises(ValueError, match="2 configurations"):
+            store.result("eqtest_tiny", "rotate:90", align="auto")
+        # A setting, several settings, or the config hash picks one.
+        assert store.result("eqtest_tiny", "rotate:90", channel_map="match").config[
+            "channel_map"] == "match"
+        picked = store.result("eqtest_tiny", "rotate:90", channel_map="identity", align="auto")
+        assert (picked.config["channel_map"], picked.config["align"]) == ("identity", "auto")
+        assert store.result("eqtest_tiny", align="center").config["align"] == "center"
+        for label, key in zip(labels, hashes):  # a label, as the error and the report write it
+            assert store.result("eqtest_tiny", label).config == store.result(
+                "eqtest_tiny", config_hash=key).config
+        assert store.result("eqtest_tiny", align=[0.5, 0.5]).config["align"] == "(0.5, 0.5)"
+        assert store.result("eqtest_tiny", align=(0.5, 0.5)).config["align"] == "(0.5, 0.5)"
+        for key in hashes:
+            run_id = int(store.runs.set_index("config_hash").run_id[key])
+            frame = store.result("timm:eqtest_tiny", config_hash=key).frame
+            expected = store.scores[store.scores.run_id == run_id]
+            assert len(frame) == len(expected) > 0
+            np.testing.assert_array_equal(frame.value, expected.value)
+        # One configuration measured twice (another limit): its latest run, as in the report.
+        assert store.result("eqtest_tiny", "translate:4,8").config["images"] == 2
+        assert store.result("eqtest_tiny", config_hash=hashes[4]).config["images"] == 4
+        # Nothing matches: the model's configurations are listed.
+        with pytest.raises(KeyError, match="channel_map='match'.*config_hash=") as error:
+            store.result("eqtest_tiny", "translate:4,8", channel_map="match")
+        assert labels[1] in str(error.value)
+        with pytest.raises(KeyError, match="config_hash='0123'"):
+            store.result("eqtest_tiny", config_hash="0123")
+        with pytest.raises(KeyError, match=r"finished models: \['eqtest_tiny'\]"):
+            store.result("resnet10t")
+        with pytest.raises(TypeError, match="limit.*subpixel, channel_map, align, pooled"):
+            store.result("eqtest_tiny", "rotate:90", limit=4)
+
+
 def test_store_refuses_a_duplicate_inside_one_transaction(tmp_path):
     store_path = tmp_path / "s.sqlite"
     _survey(["eqtest_tiny"], store_path)

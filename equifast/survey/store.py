@@ -739,26 +739,107 @@ class SurveyStore:
                 "model_scores": self.model_scores, "skipped": self.skipped,
                 "errors": self.errors, "environments": self.environments, "meta": self.meta}
 
-    def result(self, model: str, group_spec: str | None = None) -> Result:
-        """The finished run of ``model`` as a :class:`equifast.Result` (the latest one when the
-        store holds several configurations; ``group_spec`` picks among them).
+    def result(self, model: str, group_spec: str | None = None, *,
+               config_hash: str | None = None, **settings: Any) -> Result:
+        """The finished run of ``model`` as a :class:`equifast.Result`.
+
+        A store can hold a model under several configurations: other groups, or one group
+        measured with other settings of :data:`equifast.plots.CONFIGURATION_KEYS` (``subpixel``,
+        ``channel_map``, ``align``, ``pooled``), each labelled in the report as
+        :func:`equifast.plots.configuration_labels` writes it, e.g. ``rotate:90
+        (channel_map=match)``. ``group_spec``, ``config_hash`` and those settings pick one; when
+        the runs left are of several configurations, that is an error which lists each label
+        with its config hash. Runs of one configuration that differ only in settings that do not
+        change what is measured (another ``limit``, ``bootstrap``...) are one configuration, as
+        in the report: the latest run counts (``config_hash`` picks an earlier one).
+
+        Args:
+            model: The model (``timm:resnet18`` is ``resnet18``: :func:`model_key`).
+            group_spec: Only runs of this group (as stored in ``runs.group_spec``), or of this
+                configuration (its label, as the report and the error below write it).
+            config_hash: Only the run with this configuration hash (``runs.config_hash``).
+            **settings: Only runs measured with these settings of ``CONFIGURATION_KEYS``
+                (a setting a run's configuration lacks is :func:`equifast.measure`'s default).
+
+        Example:
+            >>> store.result("resnet18")              # one configuration   # doctest: +SKIP
+            >>> store.result("resnet18", "rotate:90")                        # doctest: +SKIP
+            ValueError: resnet18 has 2 configurations in survey.sqlite that match
+            group_spec='rotate:90'; pick one with config_hash=..., a setting (subpixel=...,
+            channel_map=..., align=..., pooled=...) or group_spec:
+              'rotate:90 (channel_map=identity)': config_hash='3aa3b5bfe13f3869'
+              'rotate:90 (channel_map=match)': config_hash='c1bbd15e34ee0dfb'
+            >>> store.result("resnet18", "rotate:90", channel_map="match")  # doctest: +SKIP
+            >>> store.result("resnet18", "rotate:90 (channel_map=match)")   # the same run
+            ...                                                              # doctest: +SKIP
+            >>> store.result("resnet18", config_hash="c1bbd15e34ee0dfb")    # doctest: +SKIP
 
         Raises:
-            KeyError: no finished run of that model (the message lists the models there are).
+            KeyError: no finished run of that model (the message lists the models there are),
+                or none that matches (the message lists the model's configurations).
+            ValueError: the matching runs are of several configurations (listed).
+            TypeError: a keyword that is not one of ``CONFIGURATION_KEYS``.
         """
-        sql = "SELECT run_id, config FROM runs WHERE status = 'done' AND model = ?"
-        params: tuple = (model_key(model),)
-        if group_spec is not None:
-            sql += " AND group_spec = ?"
-            params += (group_spec,)
-        row = self._connection.execute(sql + " ORDER BY run_id DESC", params).fetchone()
-        if row is None:
-            known = [r[0] for r in self._connection.execute(
-                "SELECT DISTINCT model FROM runs WHERE status = 'done' ORDER BY model")]
-            raise KeyError(f"no finished run of {model!r}"
-                           f"{'' if group_spec is None else f' for group {group_spec!r}'} in "
-                           f"{self.path}; finished models: {known}")
-        run_id, config = int(row[0]), json.loads(row[1] or "{}")
+        from equifast.plots import (
+            CONFIGURATION_KEYS,
+            _configuration_settings,
+            _setting_text,
+            configuration_labels,
+        )
+
+        unknown = sorted(set(settings) - set(CONFIGURATION_KEYS))
+        if unknown:
+            raise TypeError(f"result() got unexpected keyword(s) {', '.join(unknown)}: it picks a "
+                            f"configuration by group_spec, config_hash or the settings "
+                            f"{', '.join(CONFIGURATION_KEYS)}")
+        key = model_key(model)
+        runs = self.runs
+        done = runs[runs.status == "done"]
+        mine = done[done.model == key]
+        if mine.empty:
+            known = sorted(done.model.unique())
+            raise KeyError(f"no finished run of {model!r} in {self.path}; finished models: "
+                           f"{known}")
+        # labelled among every finished run, as in the report
+        labels = configuration_labels(done)[mine.index]
+        chosen = mine
+        if group_spec is not None:  # a group, or a configuration's label
+            chosen = chosen[(chosen.group_spec == group_spec)
+                            | (labels[chosen.index] == group_spec)]
+        if config_hash is not None:
+            chosen = chosen[chosen.config_hash == config_hash]
+        if settings and not chosen.empty:
+            table = _configuration_settings(chosen)
+            for name, value in settings.items():
+                chosen = chosen[table.loc[chosen.index, name] == _setting_text(value)]
+
+        def listing(rows: pd.DataFrame) -> list[str]:
+            """One line per configuration (in the order of its first run): its label and config
+            hash, the latest run's first where it has several."""
+            lines = []
+            for label, part in rows.groupby(labels[rows.index], sort=False):
+                hashes = [repr(h) for h in part.sort_values("run_id").config_hash[::-1]]
+                more = f" (latest; earlier: {', '.join(hashes[1:])})" if len(hashes) > 1 else ""
+                lines.append(f"{label!r}: config_hash={hashes[0]}{more}")
+            return lines
+
+        asked = ", ".join([f"group_spec={group_spec!r}"] * (group_spec is not None)
+                          + [f"config_hash={config_hash!r}"] * (config_hash is not None)
+                          + [f"{name}={value!r}" for name, value in settings.items()])
+        if chosen.empty:
+            raise KeyError(f"no finished run of {key!r} with {asked} in {self.path}; its "
+                           f"configurations: {'; '.join(listing(mine))}")
+        found = labels[chosen.index].nunique()
+        if found > 1:
+            raise ValueError(
+                f"{key} has {found} configurations in {self.path}"
+                f"{f' that match {asked}' if asked else ''}; pick one with config_hash=..., a "
+                f"setting ({', '.join(f'{name}=...' for name in CONFIGURATION_KEYS)}) or "
+                "group_spec:\n  "
+                + "\n  ".join(listing(chosen)))
+        latest = chosen.loc[chosen.run_id.idxmax()]
+        run_id = int(latest.run_id)
+        config = json.loads(latest.config) if isinstance(latest.config, str) else {}
         scores, model_scores, skipped = self.scores, self.model_scores, self.skipped
         frame = scores[scores.run_id == run_id][FRAME_COLUMNS].reset_index(drop=True)
         model_frame = model_scores[model_scores.run_id == run_id][MODEL_COLUMNS]
