@@ -104,8 +104,9 @@ def test_rerun_skips_finished_and_writes_no_duplicate(tmp_path):
 def test_result_picks_one_configuration_of_a_group(tmp_path):
     """One model under rotate:90 with channel_map identity and match, align auto, center and a
     pair of offsets, and under translate:4,8 twice (another limit: one configuration). result()
-    returned the latest run of the group whichever configuration was meant; now several
-    configurations are an error that lists them, and config_hash= or a setting picks one."""
+    returned the latest run of the group whichever configuration was meant, silently; it still
+    does (analysis code calls result(model)), with a warning that names it and lists the others,
+    and config_hash=, a setting or a label picks one."""
     store_path = tmp_path / "s.sqlite"
     rotate = dict(group="rotate:90", bootstrap=0)
     for settings in ({}, {"channel_map": "match"}, {"align": "center"}, {"align": (0.5, 0.5)}):
@@ -118,16 +119,21 @@ def test_result_picks_one_configuration_of_a_group(tmp_path):
               "rotate:90 (channel_map=identity, align=[0.5,0.5])"]
     with open_store(store_path) as store:
         hashes = store.runs.config_hash.tolist()
-        # Several configurations match: the error lists each label with its config hash.
-        with pytest.raises(ValueError, match="4 configurations") as error:
-            store.result("eqtest_tiny", "rotate:90")
+        # Several configurations match: the latest run, and a warning that names it and lists
+        # each label with its config hash.
+        with pytest.warns(UserWarning, match="4 configurations") as caught:
+            latest = store.result("eqtest_tiny", "rotate:90")
+        message = str(caught[0].message)
+        assert f"returning the latest run, {labels[3]!r} (config_hash={hashes[3]!r})" in message
+        assert latest.config["align"] == "(0.5, 0.5)"
         for label, key in zip(labels, hashes):
-            assert f"{label!r}: config_hash={key!r}" in str(error.value)
-        assert "channel_map=" in str(error.value) and "config_hash=" in str(error.value)
-        with pytest.raises(ValueError, match="5 configurations") as error:
-            store.result("eqtest_tiny")  # two groups: ambiguous too
-        assert "'translate:4,8'" in str(error.value)
-        with pytest.raises(ValueError, match="2 configurations"):
+            assert f"{label!r}: config_hash={key!r}" in message
+        assert "channel_map=" in message
+        with pytest.warns(UserWarning, match="5 configurations") as caught:
+            latest = store.result("eqtest_tiny")  # two groups: ambiguous too
+        assert "'translate:4,8'" in str(caught[0].message)
+        assert latest.config["images"] == 2 and latest.config["group"] == "translation"
+        with pytest.warns(UserWarning, match="2 configurations"):
             store.result("eqtest_tiny", "rotate:90", align="auto")
         # A setting, several settings, or the config hash picks one.
         assert store.result("eqtest_tiny", "rotate:90", channel_map="match").config[

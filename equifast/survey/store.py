@@ -748,10 +748,11 @@ class SurveyStore:
         ``channel_map``, ``align``, ``pooled``), each labelled in the report as
         :func:`equifast.plots.configuration_labels` writes it, e.g. ``rotate:90
         (channel_map=match)``. ``group_spec``, ``config_hash`` and those settings pick one; when
-        the runs left are of several configurations, that is an error which lists each label
-        with its config hash. Runs of one configuration that differ only in settings that do not
-        change what is measured (another ``limit``, ``bootstrap``...) are one configuration, as
-        in the report: the latest run counts (``config_hash`` picks an earlier one).
+        the runs left are of several configurations, the latest run is returned with a warning
+        that names it and lists each configuration's label with its config hash. Runs of one
+        configuration that differ only in settings that do not change what is measured (another
+        ``limit``, ``bootstrap``...) are one configuration, as in the report: the latest run
+        counts (``config_hash`` picks an earlier one).
 
         Args:
             model: The model (``timm:resnet18`` is ``resnet18``: :func:`model_key`).
@@ -764,9 +765,10 @@ class SurveyStore:
         Example:
             >>> store.result("resnet18")              # one configuration   # doctest: +SKIP
             >>> store.result("resnet18", "rotate:90")                        # doctest: +SKIP
-            ValueError: resnet18 has 2 configurations in survey.sqlite that match
-            group_spec='rotate:90'; pick one with config_hash=..., a setting (subpixel=...,
-            channel_map=..., align=..., pooled=...) or group_spec:
+            UserWarning: resnet18 has 2 configurations in survey.sqlite that match
+            group_spec='rotate:90'; returning the latest run, 'rotate:90 (channel_map=match)'
+            (config_hash='c1bbd15e34ee0dfb'); pick one with config_hash=..., a setting
+            (subpixel=..., channel_map=..., align=..., pooled=...) or group_spec:
               'rotate:90 (channel_map=identity)': config_hash='3aa3b5bfe13f3869'
               'rotate:90 (channel_map=match)': config_hash='c1bbd15e34ee0dfb'
             >>> store.result("resnet18", "rotate:90", channel_map="match")  # doctest: +SKIP
@@ -777,7 +779,6 @@ class SurveyStore:
         Raises:
             KeyError: no finished run of that model (the message lists the models there are),
                 or none that matches (the message lists the model's configurations).
-            ValueError: the matching runs are of several configurations (listed).
             TypeError: a keyword that is not one of ``CONFIGURATION_KEYS``.
         """
         from equifast.plots import (
@@ -829,15 +830,18 @@ class SurveyStore:
         if chosen.empty:
             raise KeyError(f"no finished run of {key!r} with {asked} in {self.path}; its "
                            f"configurations: {'; '.join(listing(mine))}")
+        latest = chosen.loc[chosen.run_id.idxmax()]
         found = labels[chosen.index].nunique()
         if found > 1:
-            raise ValueError(
+            # The latest run, as before configurations could be picked (analysis code relies on
+            # store.result(model)), but never silently: which one it is and what else there is.
+            warnings.warn(
                 f"{key} has {found} configurations in {self.path}"
-                f"{f' that match {asked}' if asked else ''}; pick one with config_hash=..., a "
-                f"setting ({', '.join(f'{name}=...' for name in CONFIGURATION_KEYS)}) or "
-                "group_spec:\n  "
-                + "\n  ".join(listing(chosen)))
-        latest = chosen.loc[chosen.run_id.idxmax()]
+                f"{f' that match {asked}' if asked else ''}; returning the latest run, "
+                f"{labels[latest.name]!r} (config_hash={latest.config_hash!r}); pick one with "
+                f"config_hash=..., a setting "
+                f"({', '.join(f'{name}=...' for name in CONFIGURATION_KEYS)}) or group_spec:\n  "
+                + "\n  ".join(listing(chosen)), stacklevel=2)
         run_id = int(latest.run_id)
         config = json.loads(latest.config) if isinstance(latest.config, str) else {}
         scores, model_scores, skipped = self.scores, self.model_scores, self.skipped
