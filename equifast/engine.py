@@ -405,6 +405,11 @@ class _DataPlan:
 # 122-138 against 276-370 MiB (convnext_atto) and 220-228 against 459-514 MiB (resnet18); at
 # 112 px, forwards of 16 images instead of 32 put convnext_atto's peak below the naive loop's
 # (71-78 against 81-83 MiB) but made its loop 1.11-1.24x slower with translations.
+# Tried and left (2026-11-27): also bounding the largest module output of a forward to 16 MiB
+# (bare resnet18 forwards at 112 px: 0.209 s for 56 images in forwards of 8, 0.229 s of 32, as
+# conv1's 0.8 MB an image leaves the cache). The engine then ran resnet18 in forwards of 16:
+# translations 1.71 s against 1.89 s, but rotations 1.04 against 0.94 s and all leaves 1.49
+# against 1.29 s, as more forwards mean more statistics calls per layer and identity blocks kept.
 CPU_PIXELS_PER_FORWARD = 32 * 112 * 112
 
 
