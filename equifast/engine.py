@@ -35,7 +35,13 @@ from .align import AlignSpec, find_offsets, probe_inputs
 from .arguments import check_count, check_finite_pixels, check_run_arguments
 from .baseline import INIT, TRAINED, InitCopy, WithBaseline, init_copy, member_name, same_parameters
 from .data.folder import is_path_list, no_images_message, warn_skipped
-from .data.geometry import LUMA_WEIGHTS, channel_normalization, warn_unmargined_sources
+from .data.geometry import (
+    LUMA_WEIGHTS,
+    channel_normalization,
+    image_sources,
+    is_image_list,
+    warn_unmargined_sources,
+)
 from .groups import (
     IDENTITY,
     PROTOCOL_CODES,
@@ -74,7 +80,8 @@ from .result import (
 )
 from .scores import check_metrics, corr_vs_chance, score_stats
 
-DataSpec = Any  # tensor, iterable of (images, labels), folder path, or "samples"/None
+DataSpec = Any  # tensor, iterable of (images, labels), folder path, file list, Pillow
+#                 images, or "samples"/None
 
 
 @dataclass
@@ -178,6 +185,8 @@ class _DataPlan:
         self.batch_keys: list[int] = []
         self.skipped_keys: list[int] = []
         self.loader = "tensor"
+        if type(data).__module__ == "numpy" and getattr(data, "ndim", 0) >= 3:
+            data = torch.as_tensor(data)  # an array of images is a tensor of them
         if input_size is not None:
             import dataclasses
 
@@ -197,6 +206,17 @@ class _DataPlan:
                                    "the sample photographs")
             self._tensor_batches(sources, labels, batch_size)
             self.loader = "samples"
+        elif is_image_list(data):
+            # decoded images: resized and cropped with the model's preprocessing, as files are
+            self.input_size = tuple(input_size or preprocess.input_size)
+            self.margin = group.margin(*self.input_size)
+            images = [data] if not isinstance(data, (list, tuple)) else list(data)
+            total = len(images)
+            images = images[:limit] if limit else images
+            labels = _check_labels(labels, len(images), total, limit, "the images")
+            self._tensor_batches(image_sources(images, preprocess, self.margin), labels,
+                                 batch_size)
+            self.loader = "images"
         elif labels is not None and not isinstance(data, torch.Tensor):
             where = ("a folder has the labels of its class subfolders (ImageNet layout) or of "
                      "its .txt file list ('path label' lines), and a list of files those of its "
@@ -204,7 +224,8 @@ class _DataPlan:
                      else "an iterable gives them with each batch, as (images, labels)")
             raise ValueError(f"labels: given for data of type {type(data).__name__}, which "
                              f"takes no separate labels: {where}; expected labels=None here "
-                             "(labels= is for a tensor of images or the sample photographs)")
+                             "(labels= is for a tensor of images, Pillow images or the sample "
+                             "photographs)")
         elif isinstance(data, (str, Path)) or is_path_list(data):
             from .data.dali import DaliFolderSource, dali_available
             from .data.folder import ImageFolderSource
@@ -255,7 +276,7 @@ class _DataPlan:
         else:
             raise TypeError(
                 "data: expected a tensor of images (B, 3, H, W), an iterable of (images, labels) "
-                f"batches, a folder path, a list of image paths or 'samples'; found "
+                "batches, a folder path, a list of image paths, Pillow images or 'samples'; found "
                 f"{type(data).__name__}"
             )
 
@@ -502,7 +523,9 @@ def measure(
             and std; float is taken as already preprocessed), an iterable of ``images`` or
             ``(images, labels)`` batches (every one with labels or none), a folder path
             (ImageNet layout or flat), an image file, a ``.txt`` file list, a list of image paths
-            (or of ``(path, label)`` pairs), or ``"samples"`` (the embedded photographs).
+            (or of ``(path, label)`` pairs), a Pillow image or a list of them (resized and
+            cropped with the model's preprocessing, as files are), a numpy array (as a tensor),
+            or ``"samples"`` (the embedded photographs).
             Tensors and batches are the *sources*: for the crop protocol they hold the model
             input plus the group's margin on each side (``group.margin(H, W)`` at the input size:
             the largest shift in whole pixels), so ``(N, 3, 288, 288)``

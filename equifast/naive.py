@@ -56,7 +56,13 @@ from torch import nn
 from .align import AlignSpec, find_offsets
 from .arguments import check_finite_pixels, check_run_arguments
 from .data.folder import is_path_list, no_images_message, warn_skipped
-from .data.geometry import LUMA_WEIGHTS, channel_normalization, warn_unmargined_sources
+from .data.geometry import (
+    LUMA_WEIGHTS,
+    channel_normalization,
+    image_sources,
+    is_image_list,
+    warn_unmargined_sources,
+)
 from .groups import INTEGER_TOLERANCE, Group, default_group, feature_source_affines, parse_group
 from .layers import (
     LayerHooks,
@@ -546,6 +552,8 @@ class _Data:
         self.tensor: torch.Tensor | None = None
         self.labels = None
         self.iterable = None
+        if type(data).__module__ == "numpy" and getattr(data, "ndim", 0) >= 3:
+            data = torch.as_tensor(data)  # an array of images is a tensor of them
         if input_size is not None:
             # Decoded images (samples, folders) are resized and cropped for the given input size.
             preprocess = dataclasses.replace(preprocess, input_size=self.input_size_arg)
@@ -557,6 +565,13 @@ class _Data:
             sources, _ = load_samples(preprocess, margin=self.margin)
             self.tensor = sources[:limit] if limit else sources
             self.labels = _tensor_labels(labels, self.tensor.shape[0], sources.shape[0], limit)
+        elif is_image_list(data):
+            self.loader = "images"
+            self._fix_input(tuple(input_size or preprocess.input_size))
+            images = [data] if not isinstance(data, (list, tuple)) else list(data)
+            kept = images[:limit] if limit else images
+            self.tensor = image_sources(kept, preprocess, self.margin)
+            self.labels = _tensor_labels(labels, len(kept), len(images), limit)
         elif labels is not None and not isinstance(data, torch.Tensor):
             where = ("a folder has the labels of its class subfolders (ImageNet layout) or of "
                      "its .txt file list ('path label' lines), and a list of files those of its "
@@ -564,7 +579,8 @@ class _Data:
                      else "an iterable gives them with each batch, as (images, labels)")
             raise ValueError(f"labels: given for data of type {type(data).__name__}, which "
                              f"takes no separate labels: {where}; expected labels=None here "
-                             "(labels= is for a tensor of images or the sample photographs)")
+                             "(labels= is for a tensor of images, Pillow images or the sample "
+                             "photographs)")
         elif isinstance(data, (str, Path)) or is_path_list(data):
             from .data.folder import ImageFolderSource
 
@@ -755,7 +771,8 @@ def measure(
         data: A tensor ``(N, 3, H, W)`` of sources (uint8 is normalized with the model's mean and
             std, float taken as is), an iterable of ``images`` or ``(images, labels)``, a folder
             path, an image file, a ``.txt`` file list, a list of image paths (or of
-            ``(path, label)`` pairs), or ``"samples"``.
+            ``(path, label)`` pairs), a Pillow image or a list of them, a numpy array as a
+            tensor, or ``"samples"``.
         group: Group elements (default: translations by 8, 16, 32 pixels).
         layers: Layers to measure (:func:`equifast.layers.select_layers`).
         metrics: Scores (``METRICS``; default ``DEFAULT_METRICS``; ``corr`` always).

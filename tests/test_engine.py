@@ -197,6 +197,41 @@ def test_a_list_of_image_paths_is_a_data_source(tmp_path, implementation):
         measure(net, [str(p) for p in paths], labels=[0, 1, 2], **kwargs)
 
 
+@pytest.mark.parametrize("implementation", ["engine", "naive"])
+def test_pillow_images_and_numpy_arrays_are_data_sources(tmp_path, implementation):
+    """Decoded Pillow images (any mode and size) are resized and cropped as the same images
+    read from files; a numpy array of images is a tensor of them."""
+    from equifast import naive
+    from equifast.data.samples import load_sample_image
+
+    measure = equifast.measure if implementation == "engine" else naive.measure
+    images = [load_sample_image("astronaut").resize((80, 60)),
+              load_sample_image("coffee").resize((50, 70)).convert("L"),
+              load_sample_image("chelsea").resize((64, 64)).convert("RGBA")]
+    paths = []
+    for index, image in enumerate(images):
+        paths.append(tmp_path / f"{index}.png")
+        image.save(paths[-1])
+    kwargs = dict(group=Translation([4]), input_size=(32, 32), batch_size=2, num_workers=0,
+                  progress=False, bootstrap=0, layers=["1"])
+    net = _net(2)
+    from_files = measure(net, [(str(p), label) for label, p in enumerate(paths)], **kwargs)
+    from_images = measure(net, images, labels=[0, 1, 2], **kwargs)
+    assert from_images.config["images"] == 3
+    pd.testing.assert_frame_equal(from_images.frame, from_files.frame)
+    pd.testing.assert_frame_equal(from_images.model_frame, from_files.model_frame)
+    first = measure(net, images, limit=1, **kwargs)
+    one = measure(net, images[0], **kwargs)
+    assert one.config["images"] == first.config["images"] == 1
+    pd.testing.assert_frame_equal(one.frame, first.frame)
+    with pytest.raises(ValueError, match=r"labels: expected .*\(3,\).* found \(2,\)"):
+        measure(net, images, labels=[0, 1], **kwargs)
+    tensor = torch.rand(3, 3, 40, 40, dtype=torch.float64)
+    del kwargs["input_size"]
+    pd.testing.assert_frame_equal(measure(net, tensor.numpy(), **kwargs).frame,
+                                  measure(net, tensor, **kwargs).frame)
+
+
 def test_vector_and_nhwc_layers():
     class ChannelsLast(nn.Module):
         def __init__(self):

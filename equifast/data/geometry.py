@@ -430,3 +430,36 @@ def resize_and_crop(
     img = to_rgb(img)
     plan = crop_plan((img.height, img.width), preprocess, margin)
     return apply_crop_plan(img, preprocess, plan)
+
+
+def is_image_list(data) -> bool:
+    """Whether ``data`` is a decoded Pillow image or a non-empty list or tuple of them."""
+    if isinstance(data, Image.Image):
+        return True
+    return (isinstance(data, (list, tuple)) and len(data) > 0
+            and all(isinstance(entry, Image.Image) for entry in data))
+
+
+def image_sources(
+    images: Image.Image | list[Image.Image] | tuple[Image.Image, ...],
+    preprocess: Preprocess,
+    margin: int | tuple[int, int] = (0, 0),
+) -> torch.Tensor:
+    """Decoded Pillow images as crop-protocol sources, each as an image file would give it.
+
+    Args:
+        images: one image or a sequence of them, of any mode (:func:`to_rgb`) and size.
+        preprocess: the model's preprocessing config.
+        margin: ``(my, mx)`` (or one int): pixels added on each side, the group's largest shift.
+
+    Returns:
+        uint8 tensor ``(N, 3, H + 2 * my, W + 2 * mx)``.
+
+    Example:
+        >>> pre = Preprocess(input_size=(224, 224))
+        >>> image_sources([Image.open("cat.jpg"), Image.open("dog.png")], pre, 16).shape
+        torch.Size([2, 3, 256, 256])
+    """
+    images = [images] if isinstance(images, Image.Image) else list(images)
+    return torch.stack([resize_and_crop(img, preprocess, margin) for img in images])
+
