@@ -33,6 +33,10 @@ Conventions it settles where section 1 leaves a choice (each agreed with equifas
   when all elements are.
 - A channel is flat when its spatial spread is zero up to rounding: its centred sum of squares is
   at most ``FLAT`` times its plain sum of squares.
+- Undefined scores (added after the blind part, as equifast settles them in its README): a
+  comparison without a valid position has every score NaN, ``flat_frac`` included; the ``mean``
+  element averages each image's defined scores over the elements, and the mean over images takes
+  the images whose score is defined (an element undefined everywhere leaves the ``mean`` rows).
 """
 
 from __future__ import annotations
@@ -266,7 +270,8 @@ def pair_scores(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> dict[s
         "corr": corr,
         "one_minus_corr": 1 - corr,
         "corr_channelwise": channelwise,
-        "flat_frac": flat.double().mean(-1),
+        # no valid position: no channel to call flat or not
+        "flat_frac": flat.double().mean(-1) if a.shape[-1] else torch.full_like(corr, math.nan),
         "cosine": sum_ab / torch.sqrt(sum_aa * sum_bb),
         "nde": ((a - b) ** 2).sum((1, 2)) / (sum_aa + sum_bb),
     }
@@ -351,13 +356,13 @@ def measure(
             per_image[layer, "mean", comparison] = {
                 metric: torch.stack(
                     [per_image[layer, name, comparison][metric] for name in names]
-                ).mean(0)
+                ).nanmean(0)
                 for metric in METRICS
             }
         for name in names + ["mean"]:
             means = {
                 comparison: {
-                    metric: per_image[layer, name, comparison][metric].mean().item()
+                    metric: per_image[layer, name, comparison][metric].nanmean().item()
                     for metric in METRICS
                 }
                 for comparison in COMPARISONS

@@ -16,7 +16,9 @@ row dropped on either side), with the same value to 1e-9 (NaN in the same places
 from __future__ import annotations
 
 import ast
+import contextlib
 import inspect
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -89,6 +91,8 @@ WIDE = (40, 48)  # 5 x 6 cells at stride 8
 CROP_SHIFTS = [(0, 2), (3, 5), (-6, 8), (8, -8)]
 SHIFTS = [(0, 2), (3, 5)]
 PRODUCT_SHIFTS = [(0, 3), (5, 0)]
+OUT_OF_VIEW_SHIFTS = [(0, 2), (0, 40)]
+OUT_OF_VIEW_NAMES = {"translate(0,40)"}  # equifast names such an element in a warning
 
 CASES = {
     "translate-crop": Case(
@@ -101,6 +105,12 @@ CASES = {
     ),
     "translate-zero": Case(
         lambda: equifast.Translation(SHIFTS, protocol="zero"), translations(SHIFTS, "zero"), SQUARE
+    ),
+    # A shift by the whole width leaves no valid position anywhere: NaN on both sides.
+    "translate-zero-out-of-view": Case(
+        lambda: equifast.Translation(OUT_OF_VIEW_SHIFTS, protocol="zero"),
+        translations(OUT_OF_VIEW_SHIFTS, "zero"),
+        SQUARE,
     ),
     "rotate-30-90": Case(lambda: equifast.Rotation([30, 90]), rotations([30, 90], SQUARE), SQUARE),
     "flips": Case(
@@ -188,18 +198,22 @@ def test_measure_matches_independent_reference(case_name: str, align_name: str):
     # their mean off 0, so that the fill differs from the content it replaces.
     shape = (IMAGES, 3, height + 2 * margin_y, width + 2 * margin_x)
     sources = 0.5 + torch.randn(shape, dtype=torch.float64, generator=generator)
-    result = equifast.measure(
-        model,
-        sources,
-        group=case.group(),
-        layers=LAYERS,
-        metrics=list(reference.METRICS),
-        batch_size=IMAGES,
-        align=align,
-        bootstrap=0,
-        progress=False,
-        dtype=torch.float64,
-    )
+    undefined = [name for name, _, _ in case.elements if name in OUT_OF_VIEW_NAMES]
+    named = (pytest.warns(UserWarning, match=rf"group elements \['{re.escape(undefined[0])}'\]")
+             if undefined else contextlib.nullcontext())
+    with named:
+        result = equifast.measure(
+            model,
+            sources,
+            group=case.group(),
+            layers=LAYERS,
+            metrics=list(reference.METRICS),
+            batch_size=IMAGES,
+            align=align,
+            bootstrap=0,
+            progress=False,
+            dtype=torch.float64,
+        )
     expected = reference.measure(
         model, sources, case.elements, LAYERS, case.input_size, case.margin, align
     )
