@@ -101,7 +101,7 @@ def test_rerun_skips_finished_and_writes_no_duplicate(tmp_path):
         assert rotated.config["elements"] == equifast.parse_group("rotate:90").names
 
 
-def test_result_picks_one_configuration_of_a_group(tmp_path):
+def test_result_picks_one_configuration_of_a_group(tmp_path, monkeypatch):
     """One model under rotate:90 with channel_map identity and match, align auto, center and a
     pair of offsets, and under translate:4,8 twice (another limit: one configuration). result()
     returned the latest run of the group whichever configuration was meant, silently; it still
@@ -165,6 +165,14 @@ def test_result_picks_one_configuration_of_a_group(tmp_path):
             store.result("resnet10t")
         with pytest.raises(TypeError, match="limit.*subpixel, channel_map, align, pooled"):
             store.result("eqtest_tiny", "rotate:90", limit=4)
+        # One run's rows are read by its id: the tables of every run are not (a loop over the
+        # models of a 400-model store read them all once per model).
+        whole = store.result("eqtest_tiny", config_hash=hashes[1])
+        for table in ("scores", "model_scores", "skipped"):
+            monkeypatch.setattr(SurveyStore, table, property(lambda self: pytest.fail("read")))
+        alone = store.result("eqtest_tiny", config_hash=hashes[1])
+        pd.testing.assert_frame_equal(alone.frame, whole.frame)
+        pd.testing.assert_frame_equal(alone.model_frame, whole.model_frame)
 
 
 def test_store_refuses_a_duplicate_inside_one_transaction(tmp_path):

@@ -680,12 +680,19 @@ class SurveyStore:
     def scores(self) -> pd.DataFrame:
         """The per-layer scores of every finished run: :data:`equifast.result.FRAME_COLUMNS` plus
         ``run_id`` and ``group_spec`` (the columns of :attr:`equifast.Result.frame`)."""
+        return self._scores()
+
+    def _scores(self, run_id: int | None = None) -> pd.DataFrame:
+        """:attr:`scores`, of one run only when ``run_id`` is given (read by that id in SQLite:
+        :meth:`result` in a loop over the models of a large store must not read every run)."""
         present = self._columns("scores")
         columns = ", ".join(self._score_column(c, present) for c in FRAME_COLUMNS)
         frame = self._frame(
             f"SELECT scores.run_id, runs.group_spec, {columns} FROM scores "
             "JOIN runs USING (run_id) JOIN layers USING (run_id, layer) "
-            "WHERE runs.status = 'done' ORDER BY scores.run_id, layers.depth, scores.rowid",
+            "WHERE runs.status = 'done'" + ("" if run_id is None else " AND scores.run_id = ?")
+            + " ORDER BY scores.run_id, layers.depth, scores.rowid",
+            params=() if run_id is None else (run_id,),
             numeric=_SCORE_NUMBERS,
         )
         for column in ("exact", "pooled"):
@@ -704,18 +711,29 @@ class SurveyStore:
     @property
     def model_scores(self) -> pd.DataFrame:
         """top1, top5 and consistency of every finished run, with ``run_id, group_spec``."""
+        return self._model_scores()
+
+    def _model_scores(self, run_id: int | None = None) -> pd.DataFrame:
         return self._frame(
             "SELECT model_scores.run_id, runs.group_spec, runs.model, metric, value, ci_low, "
-            "ci_high, n FROM model_scores JOIN runs USING (run_id) WHERE runs.status = 'done' "
-            "ORDER BY model_scores.run_id, model_scores.rowid",
+            "ci_high, n FROM model_scores JOIN runs USING (run_id) WHERE runs.status = 'done'"
+            + ("" if run_id is None else " AND model_scores.run_id = ?")
+            + " ORDER BY model_scores.run_id, model_scores.rowid",
+            params=() if run_id is None else (run_id,),
             numeric=("value", "ci_low", "ci_high", "n"),
         )
 
     @property
     def skipped(self) -> pd.DataFrame:
         """Unreadable input files, per run."""
+        return self._skipped()
+
+    def _skipped(self, run_id: int | None = None) -> pd.DataFrame:
         return self._frame("SELECT skipped.run_id, runs.model, path, reason FROM skipped "
-                           "JOIN runs USING (run_id) ORDER BY skipped.rowid")
+                           "JOIN runs USING (run_id)"
+                           + ("" if run_id is None else " WHERE skipped.run_id = ?")
+                           + " ORDER BY skipped.rowid",
+                           params=() if run_id is None else (run_id,))
 
     @property
     def errors(self) -> pd.DataFrame:
@@ -844,10 +862,9 @@ class SurveyStore:
                 + "\n  ".join(listing(chosen)), stacklevel=2)
         run_id = int(latest.run_id)
         config = json.loads(latest.config) if isinstance(latest.config, str) else {}
-        scores, model_scores, skipped = self.scores, self.model_scores, self.skipped
-        frame = scores[scores.run_id == run_id][FRAME_COLUMNS].reset_index(drop=True)
-        model_frame = model_scores[model_scores.run_id == run_id][MODEL_COLUMNS]
-        skipped = skipped[skipped.run_id == run_id]
+        frame = self._scores(run_id)[FRAME_COLUMNS].reset_index(drop=True)
+        model_frame = self._model_scores(run_id)[MODEL_COLUMNS]
+        skipped = self._skipped(run_id)
         return Result(frame=frame, model_frame=model_frame.reset_index(drop=True), config=config,
                       skipped=list(zip(skipped.path, skipped.reason)))
 
