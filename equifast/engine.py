@@ -530,7 +530,7 @@ def measure(
             input plus the group's margin on each side (``group.margin(H, W)`` at the input size:
             the largest shift in whole pixels), so ``(N, 3, 288, 288)``
             sources give 224 x 224 inputs under the default 32-pixel shifts; a warning says so
-            when sources of the model's own input size would be measured smaller. With
+            when sources of at least the model's input size would be measured smaller. With
             ``input_size`` given, the central window of that size plus the margin is used.
             Pixels that come from outside a source (zero protocol, the corners of a rotation)
             are 0 after normalization (the mean colour). Files that cannot be read are left out,

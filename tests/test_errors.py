@@ -141,8 +141,9 @@ def test_a_layer_without_defined_correlations_is_named(implementation):
 
 @pytest.mark.parametrize("implementation", ["engine", "naive"])
 def test_model_sized_sources_warn_that_the_margin_shrinks_the_input(implementation):
-    """Tensors are crop-protocol sources: images already cut to the model's size (its config says
-    48 x 48 here) leave a smaller input after the group's margin. That used to pass silently."""
+    """Tensors are crop-protocol sources: images cut to the model's size (its config says 48 x 48
+    here), or larger but short of its margin, leave a smaller input after the group's margin.
+    That used to pass silently."""
     from equifast import naive
     from equifast.models import preprocess_for
 
@@ -158,8 +159,15 @@ def test_model_sized_sources_warn_that_the_margin_shrinks_the_input(implementati
                          progress=False, bootstrap=0)
     assert result.config["input_size"] == [32, 32]
     assert all(w.filename == __file__ for w in caught if "sources are" in str(w.message))
-    # Sources with the margin, an explicit input size, or a group without margin: no warning.
+    # Larger than the model's size, still short of its margin (a 256 resize for a 224 model).
+    with pytest.warns(UserWarning, match=r"sources are 56x52, at least the model's input size "
+                                         r"\(48x48\).*sees 40x36 inputs.*sources of 64x64"):
+        measure(net, torch.rand(2, 3, 56, 52), group=group, layers=["0"], progress=False,
+                bootstrap=0)
+    # Sources with the margin, an explicit input size, a group without margin, or sources
+    # smaller than the model's size (chosen small): no warning.
     for data, extra in ((torch.rand(2, 3, 64, 64), {}),
+                        (torch.rand(2, 3, 40, 40), {}),
                         (torch.rand(2, 3, 48, 48), {"input_size": (32, 32)}),
                         (torch.rand(2, 3, 48, 48),
                          {"group": equifast.Translation([8], protocol="circular")})):

@@ -222,13 +222,14 @@ def warn_unmargined_sources(
     where: str = "data",
     stacklevel: int = 2,
 ) -> None:
-    """Warn when tensor sources have exactly the model's input size but the group needs a margin.
+    """Warn when tensor sources of at least the model's input size leave a smaller input.
 
     Tensors are crop-protocol sources (the input plus the group's margin on each side), so images
-    already cut to the model's size are measured on a smaller central window: a 224 x 224 tensor
-    under 32-pixel shifts feeds 160 x 160 inputs to a model configured for 224 x 224. That is
-    legitimate when asked for (``input_size=``, which skips this check), and a silent change of
-    resolution when not.
+    cut to the model's size (or resized to 256 for a 224 model) are measured on a smaller central
+    window: a 224 x 224 tensor under 32-pixel shifts feeds 160 x 160 inputs to a model configured
+    for 224 x 224. That is legitimate when asked for (``input_size=``, which skips this check),
+    and a silent change of resolution when not. Sources smaller than the model's size were chosen
+    small on purpose (a quick test): no warning.
 
     Args:
         source_hw: ``(H, W)`` of the sources given.
@@ -238,16 +239,19 @@ def warn_unmargined_sources(
         where: what to name in the message.
         stacklevel: passed to :func:`warnings.warn` (the caller's depth below the user's call).
     """
-    if tuple(margin) == (0, 0) or tuple(source_hw) != tuple(model_hw):
-        return
     height, width = source_hw
     inner = (height - 2 * margin[0], width - 2 * margin[1])
-    wanted = (height + 2 * model_margin[0], width + 2 * model_margin[1])
+    model_h, model_w = model_hw
+    if height < model_h or width < model_w or (inner[0] >= model_h and inner[1] >= model_w):
+        return
+    wanted = (model_h + 2 * model_margin[0], model_w + 2 * model_margin[1])
+    size = "the model's input size" if (height, width) == (model_h, model_w) else (
+        f"at least the model's input size ({model_h}x{model_w})")
     warnings.warn(
-        f"{where}: the sources are {height}x{width}, the model's input size, but sources hold "
-        f"the model input plus the group's margin ({margin[0]}, {margin[1]} px on each side for "
-        f"its shifts, crop protocol): the model sees {inner[0]}x{inner[1]} inputs. To measure at "
-        f"{height}x{width} pass sources of {wanted[0]}x{wanted[1]} (e.g. "
+        f"{where}: the sources are {height}x{width}, {size}, but sources hold the model input "
+        f"plus the group's margin ({margin[0]}, {margin[1]} px on each side for its shifts, crop "
+        f"protocol): the model sees {inner[0]}x{inner[1]} inputs. To measure at "
+        f"{model_h}x{model_w} pass sources of {wanted[0]}x{wanted[1]} (e.g. "
         "equifast.data.resize_and_crop(image, equifast.models.preprocess_for(model), "
         f"margin={tuple(model_margin)}), or a folder or list of files, which equifast crops "
         f"itself); to measure at {inner[0]}x{inner[1]} pass input_size={inner}",
