@@ -38,6 +38,9 @@ PROTOCOL_CODES = {name: code for code, name in enumerate(PROTOCOLS)}
 # Entries of a matrix closer than this to an integer are treated as integers: the element is then
 # applied by index arithmetic, exactly, and feature maps re-align without interpolation.
 INTEGER_TOLERANCE = 1e-6
+# A linear part whose determinant is smaller than this has no usable inverse (the source of an
+# output pixel): such an element is refused.
+SINGULAR_TOLERANCE = 1e-12
 
 MatrixFn = Callable[[int, int], np.ndarray]
 
@@ -144,6 +147,20 @@ class Element:
             raise ValueError(
                 f"element {self.name!r}: matrix must have shape (2, 3), found {matrix.shape}"
             )
+        if not np.all(np.isfinite(matrix)):
+            raise ValueError(
+                f"element {self.name!r}: expected a matrix of finite numbers, found "
+                f"{matrix.tolist()} at {height}x{width} pixels"
+            )
+        # An element moves every pixel somewhere and back: its inverse gives the source of each
+        # output pixel. A singular map (a projection, all zeros) has none.
+        determinant = float(np.linalg.det(matrix[:, :2]))
+        if abs(determinant) < SINGULAR_TOLERANCE:
+            raise ValueError(
+                f"element {self.name!r}: expected an invertible affine map (a shift, rotation, "
+                f"flip, zoom or shear), found {matrix.tolist()} at {height}x{width} pixels, whose "
+                f"linear part has determinant {determinant:g}"
+            )
         return matrix
 
     def is_exact(self, height: int, width: int) -> bool:
@@ -218,7 +235,12 @@ class Group(Sequence[Element]):
         names = [e.name for e in self.elements]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
-            raise ValueError(f"group element names must be unique, found repeated {duplicates}")
+            raise ValueError(
+                f"group element names must be unique, found repeated {duplicates}: each element "
+                "is measured once, so list it once (a union or product of a group with itself, "
+                "such as Flip() * Flip(), repeats its elements; a custom Element needs a name of "
+                "its own)"
+            )
         self.name = name or "+".join(dict.fromkeys(e.kind for e in self.elements))
 
     def __len__(self) -> int:
@@ -280,15 +302,18 @@ def Translation(  # noqa: N802 - reads as a class, like torchvision's transforms
     """
     if shifts is None:
         shifts = [8, 16, 32]
-    elif isinstance(shifts, (int, float, np.integer, np.floating)):
+    elif _is_scalar(shifts):
         shifts = [shifts]  # Translation(8): one distance, along both axes
+    _check_sequence(shifts, "shifts", "a number, a list of numbers or of (dy, dx) pairs",
+                    "translate:8,16")
     pairs: list[tuple[float, float]] = []
     for shift in shifts:
-        if isinstance(shift, (int, float, np.integer, np.floating)):
+        if _is_scalar(shift):
             # d = 0 is one element (a control: the identity moved by nothing), not the same twice
+            shift = _clean_number(shift, "translation shift")
             pairs += [(0, shift), (shift, 0)] if shift != 0 else [(0, 0)]
         else:
-            if len(shift) != 2:
+            if isinstance(shift, str) or not hasattr(shift, "__len__") or len(shift) != 2:
                 raise ValueError(f"a shift is a number or a pair (dy, dx), found {shift!r}")
             pairs.append((shift[0], shift[1]))
     elements = []
@@ -316,8 +341,9 @@ def Rotation(angles: Sequence[float] = (90, 180, 270), protocol: str = "crop") -
         >>> Rotation().names
         ['rotate(90)', 'rotate(180)', 'rotate(270)']
     """
-    if isinstance(angles, (int, float, np.integer, np.floating)):
+    if _is_scalar(angles):
         angles = [angles]  # Rotation(90)
+    _check_sequence(angles, "angles", "a number or a list of numbers", "rotate:90,180")
     elements = []
     for angle in angles:
         angle = _clean_number(angle, "rotation angle")
@@ -346,6 +372,8 @@ def Flip(axis: str | Sequence[str] = "horizontal") -> Group:  # noqa: N802
         >>> Flip(["horizontal", "vertical"]).names
         ['flip(horizontal)', 'flip(vertical)']
     """
+    if not isinstance(axis, str):
+        _check_sequence(axis, "axis", "'horizontal', 'vertical' or a list of them", "flip:h,v")
     axes = [axis] if isinstance(axis, str) else list(axis)
     elements = []
     for given in axes:
@@ -359,6 +387,24 @@ def Flip(axis: str | Sequence[str] = "horizontal") -> Group:  # noqa: N802
             Element(f"flip({name})", _flip_matrix(name), kind="flip", params=(("axis", name),))
         )
     return Group(elements, name="flip")
+
+
+def _is_scalar(value) -> bool:
+    """A plain number, a numpy scalar or a 0-d array or tensor (``torch.tensor(8)``)."""
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return True
+    return getattr(value, "ndim", None) == 0 and not isinstance(value, (str, bytes))
+
+
+def _check_sequence(values, what: str, expected: str, spec: str) -> None:
+    """``values`` must be a list-like of parameters: a string (iterated, ``'90'`` would be 9
+    and 0 degrees) or a non-iterable is a TypeError that names the spec string it might be."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise TypeError(
+            f"{what}: expected {expected}, found {values!r}"
+            + (f" (a spec string goes to equifast.parse_group, e.g. {spec!r})"
+               if isinstance(values, str) else "")
+        )
 
 
 def _clean_number(value: float, what: str = "value") -> float | int:
@@ -389,22 +435,30 @@ def parse_group(spec: str) -> Group:
     spec = spec.strip()
     if not spec:
         raise ValueError("empty group spec: expected e.g. 'translate:8,16,32' or 'rotate:90'")
-    if "+" in spec:
-        parts = [parse_group(part) for part in spec.split("+")]
-        group = parts[0]
-        for part in parts[1:]:
-            group = group + part
-        return group
-    if "*" in spec:
-        parts = [parse_group(part) for part in spec.split("*")]
-        group = parts[0]
-        for part in parts[1:]:
-            group = group * part
-        return group
+    for operator in ("+", "*"):
+        if operator in spec:
+            terms = spec.split(operator)
+            if not all(term.strip() for term in terms):
+                raise ValueError(
+                    f"group spec {spec!r}: an empty term before or after {operator!r}; expected "
+                    "terms joined by '+' (union) or '*' (product), e.g. 'translate:8*flip'"
+                )
+            try:
+                parts = [parse_group(term) for term in terms]
+                group = parts[0]
+                for part in parts[1:]:
+                    group = group + part if operator == "+" else group * part
+            except ValueError as error:
+                message = str(error)
+                if message.startswith("group spec "):
+                    raise  # names its own term
+                raise ValueError(f"group spec {spec!r}: {message}") from None
+            return group
     head, colon, args = spec.partition(":")
     kind, protocol = head.strip().lower(), None  # FLIP:H is flip:h
     if "[" in kind and kind.endswith("]"):
         kind, protocol = kind[:-1].split("[", 1)
+        kind, protocol = kind.strip(), protocol.strip()  # 'translate [ circular ]:8'
         if protocol not in PROTOCOLS:
             raise ValueError(f"group spec {spec!r}: protocol {protocol!r} is not one of "
                              f"{PROTOCOLS} (e.g. 'translate[circular]:8')")

@@ -172,3 +172,55 @@ def test_flip_axes_take_their_abbreviations():
     with pytest.raises(ValueError, match=r"flip axis: expected 'horizontal' or 'vertical' .*"
                                          r"found 'diagonal'"):
         parse_group("flip:diagonal")
+
+
+@pytest.mark.parametrize("matrix,message", [
+    ([[1, 1, 0], [1, 1, 0]], r"expected an invertible affine map .* determinant 0"),
+    (np.zeros((2, 3)), r"expected an invertible affine map .* determinant 0"),
+    ([[1, 0, np.nan], [0, 1, 0]], r"expected a matrix of finite numbers, found \[\[1.0, 0.0, nan"),
+    ([[1, 0, 0], [0, np.inf, 0]], r"expected a matrix of finite numbers"),
+])
+def test_a_custom_element_without_an_inverse_is_named(matrix, message):
+    """A singular or non-finite matrix used to fail deep inside as numpy's 'Singular matrix' or
+    'cannot convert float NaN to integer' (from the margin), naming neither the element nor
+    what was wrong. A zoom or a shear is invertible and stays accepted."""
+    from equifast.groups import Element, Group
+
+    group = Group([Element("mine", lambda h, w: np.asarray(matrix, dtype=float))])
+    with pytest.raises(ValueError, match=rf"element 'mine': {message}"):
+        group.margin(32, 32)
+    zoom = Element("zoom", lambda h, w: np.array([[1.1, 0, -1.55], [0, 1.1, -1.55]]))
+    shear = Element("shear", lambda h, w: np.array([[1, 0.2, 0], [0, 1, 0]]))
+    assert Group([zoom, shear]).margin(32, 32) == (0, 4)
+
+
+def test_parameters_are_lists_not_strings():
+    """Rotation('90') iterated the string: it measured rotations by 9 and 0 degrees, silently.
+    A tensor of shifts (Rotation took it) failed as 'len() of a 0-d tensor'."""
+    with pytest.raises(TypeError, match=r"angles: expected a number or a list of numbers, found "
+                                        r"'90' \(a spec string goes to equifast.parse_group"):
+        Rotation("90")
+    with pytest.raises(TypeError, match=r"shifts: expected .* found '8'"):
+        Translation("8")
+    with pytest.raises(TypeError, match=r"axis: expected .* found None"):
+        Flip(None)
+    with pytest.raises(ValueError, match=r"a shift is a number or a pair \(dy, dx\), found None"):
+        Translation([None])
+    assert Translation(torch.tensor([8, 16])).names == Translation([8, 16]).names
+    assert Translation(torch.tensor(8)).names == Translation(8).names
+    assert Translation([(torch.tensor(1), 2)]).names == ["translate(1,2)"]
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("translate:8*", r"an empty term before or after '\*'"),
+    ("translate:8++rotate", r"an empty term before or after '\+'"),
+    ("flip*flip", r"group element names must be unique, found repeated \['flip\(horizontal\)'\]: "
+                  r"each element is measured once"),
+])
+def test_parse_group_names_the_spec_of_a_bad_term(spec, message):
+    """These said 'empty group spec' or only 'names must be unique', without the spec."""
+    with pytest.raises(ValueError, match=rf"group spec {re.escape(repr(spec))}: {message}"):
+        parse_group(spec)
+    # spaces are allowed around a protocol as around the other parts of a spec
+    assert parse_group("translate [ circular ]:8").names == parse_group("translate:8").names
+    assert parse_group("translate [ circular ]:8")[0].protocol == "circular"
