@@ -427,6 +427,8 @@ def sums_scores(sums: torch.Tensor, metrics: Sequence[str]) -> dict[str, torch.T
 def _check_metrics(metrics: Sequence[str] | None) -> tuple[str, ...]:
     if metrics is None:
         return DEFAULT_METRICS
+    if isinstance(metrics, str):
+        metrics = (metrics,)  # metrics="psnr", as comparisons="eq" (not 'p', 's', 'n', 'r')
     unknown = [m for m in metrics if m not in METRICS + DERIVED_METRICS]
     if unknown:
         raise ValueError(f"unknown metrics {unknown}; expected some of {METRICS + DERIVED_METRICS}")

@@ -49,6 +49,8 @@ def check_metrics(metrics: Sequence[str] | None) -> tuple[str, ...]:
     """Validate a list of metric names (``None``: the defaults); ``corr`` is always included."""
     if metrics is None:
         return DEFAULT_METRICS
+    if isinstance(metrics, str):
+        metrics = (metrics,)  # metrics="psnr", as comparisons="eq" (not 'p', 's', 'n', 'r')
     metrics = tuple(metrics)
     unknown = [m for m in metrics if m not in METRICS + DERIVED_METRICS]
     if unknown:

@@ -93,6 +93,18 @@ def test_comparisons_must_name_at_least_one(implementation):
         measure(_net(), images, group=group, comparisons=["eq", "equi"], progress=False)
 
 
+
+@pytest.mark.parametrize("implementation", ["engine", "naive"])
+def test_a_metric_given_as_a_string_is_one_metric(implementation):
+    """metrics="psnr" was read as the metrics 'p', 's', 'n', 'r' (an unknown-metrics error),
+    while comparisons="eq" is one comparison."""
+    from equifast import naive
+
+    measure = equifast.measure if implementation == "engine" else naive.measure
+    result = measure(_net(), torch.rand(2, 3, 16, 16), metrics="psnr", progress=False,
+                     group=equifast.Translation([1], protocol="circular"), bootstrap=0)
+    assert set(result.frame.metric) == {"corr", "psnr", "corr_vs_chance"}
+
 def test_summary_without_eq():
     """Only inv (or chance) measured: the summary's n comes from it, and the printed table has
     '-' where eq would be (it raised on a NaN n before)."""
