@@ -55,6 +55,7 @@ from .groups import (
 from .layers import (
     LayerHooks,
     LayerSpec,
+    check_layer_keys,
     input_channels,
     is_broad_selection,
     measurable_layers,
@@ -634,6 +635,8 @@ def measure(
     note, pretrained = resolved.note, resolved.pretrained
     by_name = resolved.by_name  # the name a model was given by: its copy is built by name too
     layers, layouts, align = resolved.own_names(layers, layouts, align)
+    check_layer_keys(module, layouts, "layouts")
+    check_layer_keys(module, align, "align")
     channels = resolved.channels  # 1: a greyscale model, fed the luma of the images
     module.eval()
     shard, device = _dist.setup(distributed, device)

@@ -299,6 +299,30 @@ def select_layers(model: nn.Module, layers: LayerSpec = None) -> list[str]:
     return sorted(chosen, key=order.__getitem__)
 
 
+def check_layer_keys(model: nn.Module, per_layer, what: str) -> None:
+    """The keys of a per-layer dict (``layouts=``, ``align=``) must be module names of ``model``.
+
+    A key that names no module was ignored: a typo (``"layer3"`` for ``"layer3.1"``) left the
+    layer at its detected layout or its estimated offset, and the result did not say so.
+
+    Raises:
+        ValueError: A key names no module (the message lists close names).
+    """
+    if not isinstance(per_layer, Mapping):
+        return
+    modules = [n for n, _ in model.named_modules() if n]
+    unknown = [key for key in per_layer if key not in modules]
+    if unknown:
+        close = sorted({c for key in unknown if isinstance(key, str)
+                        for c in difflib.get_close_matches(key, modules, n=5, cutoff=0.5)})
+        hint = (f"; close names: {close}" if close
+                else f"; its modules: {modules}" if len(modules) <= 12 else "")
+        raise ValueError(
+            f"{what}: {unknown} name no module of {type(model).__name__}{hint}; expected the "
+            "keys to be layer names as in model.named_modules()"
+        )
+
+
 def first_tensor(output, batch: int | None = None,
                  grid: tuple[float, float] | None = None) -> torch.Tensor | None:
     """The tensor a layer outputs: itself, or of a tuple or list the first one whose first axis is

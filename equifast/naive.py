@@ -67,6 +67,7 @@ from .groups import INTEGER_TOLERANCE, Group, default_group, feature_source_affi
 from .layers import (
     LayerHooks,
     LayerSpec,
+    check_layer_keys,
     input_channels,
     is_broad_selection,
     measurable_layers,
@@ -828,6 +829,8 @@ def measure(
     module, preprocess, model_name = resolved.module, resolved.preprocess, resolved.name
     note, pretrained = resolved.note, resolved.pretrained
     layers, layouts, align = resolved.own_names(layers, layouts, align)
+    check_layer_keys(module, layouts, "layouts")
+    check_layer_keys(module, align, "align")
     channels = resolved.channels  # 1: a greyscale model, fed the luma of the images
     module.eval()
     if device is None:

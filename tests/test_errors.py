@@ -105,6 +105,7 @@ def test_a_metric_given_as_a_string_is_one_metric(implementation):
                      group=equifast.Translation([1], protocol="circular"), bootstrap=0)
     assert set(result.frame.metric) == {"corr", "psnr", "corr_vs_chance"}
 
+
 def test_summary_without_eq():
     """Only inv (or chance) measured: the summary's n comes from it, and the printed table has
     '-' where eq would be (it raised on a NaN n before)."""
@@ -292,6 +293,11 @@ def test_silent_failures_are_named(measure):
     ("align", float("nan"), r"align: expected 'auto', 'center', 'corner', a finite number"),
     ("align", {"0": "middle"}, r"align: expected .* found \{'0': 'middle'\}"),
     ("device", "bogus", r"device: expected 'cpu', 'cuda' or 'cuda:N', found 'bogus'"),
+    # a per-layer key that names no module was ignored without a word (the layer kept its
+    # estimated offset / detected layout)
+    ("align", {"2": 0.0, "3": 0.5}, r"align: \['3'\] name no module of Sequential; its "
+                                    r"modules: \['0', '1', '2'\]"),
+    ("layouts", {"conv": "NCHW"}, r"layouts: \['conv'\] name no module of Sequential"),
 ])
 def test_arguments_are_checked_before_the_model_runs(measure, argument, bad, message):
     from equifast import naive
