@@ -77,6 +77,7 @@ from .result import (
     is_headless,
     logits_of,
     warn_not_logits,
+    warn_undefined_chance,
     warn_undefined_elements,
 )
 from .scores import check_metrics, corr_vs_chance, score_stats
@@ -991,6 +992,7 @@ def measure(
     if shard is not None:
         config = _dist.broadcast_object({**config, "world_size": shard.world})
     warn_undefined_elements(frame, subpixel)
+    warn_undefined_chance(frame)
     if shard is None or shard.rank == 0:
         warn_skipped(plan.skipped, images_done)
     return Result(frame=frame, model_frame=model_frame, config=config, skipped=plan.skipped)

@@ -87,6 +87,7 @@ from .result import (
     is_headless,
     logits_of,
     warn_not_logits,
+    warn_undefined_chance,
     warn_undefined_elements,
 )
 
@@ -1039,6 +1040,7 @@ def measure(
         "versions": {"torch": torch.__version__},
     }
     warn_undefined_elements(frame, subpixel)
+    warn_undefined_chance(frame)
     warn_skipped(source.skipped, images_done)
     return Result(frame=frame, model_frame=model_frame, config=config, skipped=source.skipped)
 

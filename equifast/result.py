@@ -66,6 +66,28 @@ def warn_undefined_elements(frame: pd.DataFrame, subpixel: str = "bilinear") -> 
     return names
 
 
+def warn_undefined_chance(frame: pd.DataFrame) -> bool:
+    """Warn when the chance comparison is undefined for every image; returns whether it was.
+
+    Chance pairs each image with another one of its batch: a batch of one image has none (NaN,
+    not counted in ``n``). Where every batch held one image (``batch_size=1``, or one image in
+    all) the chance rows and ``corr_vs_chance``, the headline of summaries and surveys, are NaN
+    while ``eq`` and ``inv`` carry numbers, which used to pass without a word.
+    """
+    rows = frame[frame.element != "mean"]
+    chance = rows[rows.comparison == "chance"]
+    others = rows[rows.comparison != "chance"]
+    if chance.empty or others.empty or (chance.n > 0).any() or not (others.n > 0).any():
+        return False
+    warnings.warn(
+        "the chance comparison is undefined for every image (NaN, n = 0), and so is "
+        "corr_vs_chance: chance pairs each image with another image of its batch, and every "
+        "batch held one image; measure at least two images with batch_size >= 2",
+        stacklevel=3,
+    )
+    return True
+
+
 def _warn_undefined_layers(elements: pd.DataFrame, subpixel: str = "bilinear") -> list[str]:
     """Warn about layers whose correlations are NaN for every element (those of elements
     undefined everywhere left out): spatially constant features (a random-init LeViT stage, the

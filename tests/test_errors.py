@@ -106,6 +106,30 @@ def test_a_metric_given_as_a_string_is_one_metric(implementation):
     assert set(result.frame.metric) == {"corr", "psnr", "corr_vs_chance"}
 
 
+@pytest.mark.parametrize("implementation", ["engine", "naive"])
+def test_chance_undefined_for_every_image_is_named(implementation):
+    """With batch_size=1 (or one image) no image has a chance partner: chance and
+    corr_vs_chance are NaN everywhere while eq has numbers. That passed without a warning."""
+    from equifast import naive
+
+    measure = equifast.measure if implementation == "engine" else naive.measure
+    kwargs = dict(group=equifast.Translation([1], protocol="circular"), bootstrap=0,
+                  progress=False)
+    images = torch.rand(3, 3, 16, 16)
+    for data, batch_size in ((images, 1), (images[:1], 16)):
+        with pytest.warns(UserWarning, match=r"the chance comparison is undefined for every "
+                                             r"image .* batch_size >= 2"):
+            result = measure(_net(), data, batch_size=batch_size, **kwargs)
+        summary = result.summary()
+        assert summary.chance.isna().all() and summary.vs_chance.isna().all()
+        assert (summary.n == data.shape[0]).all()
+    # a last batch of one image leaves out only that image's chance: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = measure(_net(), images, batch_size=2, **kwargs)
+    assert result.summary().chance.notna().all()
+
+
 def test_summary_without_eq():
     """Only inv (or chance) measured: the summary's n comes from it, and the printed table has
     '-' where eq would be (it raised on a NaN n before)."""
