@@ -40,6 +40,7 @@ from .data.geometry import (
     channel_normalization,
     image_sources,
     is_image_list,
+    warn_cropped_batch,
     warn_unmargined_sources,
 )
 from .groups import (
@@ -123,12 +124,13 @@ def resolve_group(group: Group | str | None) -> Group:
 def _check_sources(images: torch.Tensor, where: str) -> torch.Tensor:
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"{where}: expected a tensor of images, found {type(images).__name__}")
+    given = tuple(images.shape)
     if images.dim() == 3:
-        images = images.unsqueeze(0)
+        images = images.unsqueeze(0)  # one image (3, H, W)
     if images.dim() != 4 or images.shape[1] not in (1, 3):
         raise ValueError(
             f"{where}: expected images of shape (B, 3, H, W) (RGB) or (B, 1, H, W) (greyscale), "
-            f"found {tuple(images.shape)}"
+            f"or one image (3, H, W); found {given}"
         )
     if images.shape[0] == 0:
         raise ValueError(f"{where}: the batch holds no images (shape {tuple(images.shape)})")
@@ -334,6 +336,7 @@ class _DataPlan:
     def _iterable_batches(self) -> Iterator[Batch]:
         seen = 0
         labelled: bool | None = None  # whether the batches carry labels (the first one says)
+        warned_crop = False
         for index, item in enumerate(self._iterable):
             labels = None
             if isinstance(item, (tuple, list)):
@@ -368,6 +371,12 @@ class _DataPlan:
                     + "; expected every batch as (images, labels) or every one without labels "
                     "(a label of -1 marks an image whose class is unknown)")
             seen += images.shape[0]
+            if (self._input_size_arg is None and not warned_crop
+                    and tuple(images.shape[-2:]) != tuple(self.source_size)
+                    and min(a - b for a, b in zip(images.shape[-2:], self.source_size)) >= 0):
+                warned_crop = True
+                warn_cropped_batch(f"data batch {index}", tuple(images.shape[-2:]),
+                                   self.source_size, stacklevel=3)
             cropped = _center_crop(images, self.source_size, f"data batch {index}")
             if self.shard is not None:
                 if not self.shard.owns(index):  # read (and checked) by every rank, kept by one

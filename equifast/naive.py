@@ -61,6 +61,7 @@ from .data.geometry import (
     channel_normalization,
     image_sources,
     is_image_list,
+    warn_cropped_batch,
     warn_unmargined_sources,
 )
 from .groups import INTEGER_TOLERANCE, Group, default_group, feature_source_affines, parse_group
@@ -504,12 +505,13 @@ def _vs_chance(eq: np.ndarray, chance: np.ndarray) -> np.ndarray:
 def _sources_tensor(images, where: str) -> torch.Tensor:
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"{where}: expected a tensor of images, found {type(images).__name__}")
+    given = tuple(images.shape)
     if images.dim() == 3:
-        images = images[None]
+        images = images[None]  # one image (3, H, W)
     if images.dim() != 4 or images.shape[1] not in (1, 3) or images.shape[0] == 0:
         raise ValueError(
-            f"{where}: expected images of shape (B, 3, H, W) or (B, 1, H, W), found "
-            f"{tuple(images.shape)}"
+            f"{where}: expected images of shape (B, 3, H, W) or (B, 1, H, W) (or one image "
+            f"(3, H, W)), found {given}"
         )
     if not (images.dtype == torch.uint8 or images.is_floating_point()):
         raise TypeError(f"{where}: expected uint8 or floating images, found {images.dtype}")
@@ -659,6 +661,7 @@ class _Data:
             self.skipped = list(self.folder.skipped)
         else:
             seen = 0
+            warned_crop = False
             for index, item in enumerate(self.iterable):
                 labels = None
                 if isinstance(item, (tuple, list)):
@@ -683,6 +686,14 @@ class _Data:
                     if images.shape[0] == 0:
                         break
                 seen += images.shape[0]
+                first = (self.input_size[0] + 2 * self.margin[0],
+                         self.input_size[1] + 2 * self.margin[1])
+                if (self.input_size_arg is None and not warned_crop
+                        and tuple(images.shape[-2:]) != first
+                        and min(a - b for a, b in zip(images.shape[-2:], first)) >= 0):
+                    warned_crop = True
+                    warn_cropped_batch(f"data batch {index}", tuple(images.shape[-2:]), first,
+                                       stacklevel=3)
                 yield self._crop(images, f"data batch {index}"), labels
 
 

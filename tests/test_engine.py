@@ -62,6 +62,26 @@ def test_identity_block_is_forwarded_once_per_batch():
     assert timings["setup"] + timings["batches"] + timings["frame"] <= result.config["seconds"]
 
 
+@pytest.mark.parametrize("implementation", ["engine", "naive"])
+def test_a_later_larger_batch_is_cut_to_the_first_with_a_warning(implementation):
+    """The first batch of an iterable sets the input size; a later, larger one is measured on
+    its central window, as the same images cut beforehand, and a warning says so (once)."""
+    from equifast import naive
+
+    measure = equifast.measure if implementation == "engine" else naive.measure
+    torch.manual_seed(0)
+    first, larger, third = (torch.rand(2, 3, 40, 40), torch.rand(2, 3, 48, 44),
+                            torch.rand(2, 3, 46, 46))
+    kwargs = dict(group=Translation([4]), layers=["1"], progress=False, bootstrap=0)
+    net = _net()
+    with pytest.warns(UserWarning, match=r"data batch 1: sources of 48x44, larger than the "
+                                         r"40x40 of the first batch.*central 40x40 window") as got:
+        cut_here = measure(net, [first, larger, third], **kwargs)
+    assert sum("larger than the" in str(w.message) for w in got) == 1
+    cut_before = measure(net, [first, larger[..., 4:44, 2:42], third[..., 3:43, 3:43]], **kwargs)
+    pd.testing.assert_frame_equal(cut_here.frame, cut_before.frame)
+
+
 def test_batches_vs_iterable_and_uint8():
     net = _net()
     images = (torch.rand(6, 3, 20, 20) * 255).to(torch.uint8)

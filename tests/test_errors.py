@@ -1,5 +1,6 @@
 """Bad input gets a clear error naming what was expected and what was found."""
 
+import re
 import warnings
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 from torch import nn
 
 import equifast
+from equifast import naive
 from equifast.layouts import detect_layout
 
 
@@ -26,8 +28,12 @@ def test_unknown_layer_lists_close_names():
 # (2, 1, H, W) is greyscale, measured since the session of 2026-11-27 (test_engine)
 @pytest.mark.parametrize("shape", [(2, 2, 32, 32), (2, 32, 32), (32,), (2, 4, 3, 32, 32)])
 def test_wrong_image_shape(shape):
-    with pytest.raises(ValueError, match=r"expected images of shape \(B, 3, H, W\).*found"):
+    # the shape as given (not as a single (C, H, W) image becomes after adding the batch axis)
+    found = re.escape(f"found {shape}")
+    with pytest.raises(ValueError, match=r"expected images of shape \(B, 3, H, W\).*" + found):
         equifast.measure(_net(), torch.rand(*shape), progress=False)
+    with pytest.raises(ValueError, match=r"expected images of shape \(B, 3, H, W\).*" + found):
+        naive.measure(_net(), torch.rand(*shape), progress=False)
 
 
 def test_empty_data():

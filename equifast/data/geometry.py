@@ -259,6 +259,22 @@ def warn_unmargined_sources(
     )
 
 
+def warn_cropped_batch(where: str, source_hw, first_hw, stacklevel: int = 2) -> None:
+    """Warn that a later batch of an iterable, larger than the first, is cut to the first's size.
+
+    Without ``input_size=`` the first batch sets the input size; a later batch with larger
+    sources is measured on its central window of the first batch's size (a smaller one is an
+    error), so its images are seen with another field of view than their own.
+    """
+    warnings.warn(
+        f"{where}: sources of {source_hw[0]}x{source_hw[1]}, larger than the {first_hw[0]}x"
+        f"{first_hw[1]} of the first batch, which set the input size: their central "
+        f"{first_hw[0]}x{first_hw[1]} window is measured (and so for every later batch of "
+        "another size); pass input_size=(H, W) to choose the size, or batches of one size",
+        stacklevel=stacklevel + 1,
+    )
+
+
 def resized_size(image_hw: tuple[int, int], preprocess: Preprocess) -> tuple[int, int]:
     """``(h, w)`` of an ``image_hw`` image after timm's eval resize (before any crop).
 
