@@ -401,6 +401,20 @@ class LayerHooks:
         self.handles.append(self.model.register_forward_pre_hook(self._read_batch,
                                                                  with_kwargs=True))
         for name in self.names:
+            if isinstance(modules[name], torch.jit.ScriptModule):
+                # torch.jit.script / trace: a graph runs in its place, and forward hooks can
+                # neither be registered on it nor run in it (nor in its submodules)
+                problem = (
+                    f"layer {name!r} is a TorchScript module ({type(modules[name]).__name__}, "
+                    "from torch.jit.script or torch.jit.trace): forward hooks do not run in "
+                    "TorchScript; measure the model before scripting that part, or leave it "
+                    "out of layers=[...]"
+                )
+                if not self.lenient:
+                    self.__exit__()
+                    raise LayerOutputError(problem)
+                self.unmeasurable[name] = problem
+                continue
             self.handles.append(modules[name].register_forward_hook(self._hook(name)))
         return self
 

@@ -654,7 +654,8 @@ def resolve_model(model: nn.Module | str, seed: int, input_size: tuple[int, int]
 
     Raises:
         TypeError: ``model`` is neither a module nor a name.
-        ValueError: its input has other channels than 3 or 1, or it has compiled submodules.
+        ValueError: its input has other channels than 3 or 1, it has compiled submodules, or
+            it is a TorchScript module.
     """
     if isinstance(model, str):
         with torch.random.fork_rng(devices=[]):
@@ -666,6 +667,13 @@ def resolve_model(model: nn.Module | str, seed: int, input_size: tuple[int, int]
     if not isinstance(model, nn.Module):
         raise TypeError(
             f"model: expected an nn.Module or a model name, found {type(model).__name__}"
+        )
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ValueError(
+            f"model: a TorchScript module ({type(model).__name__}, from torch.jit.script or "
+            "torch.jit.trace) runs its forward as a graph, where forward hooks do not run, so "
+            "its layers cannot be measured; pass the eager nn.Module it was made from (or a "
+            "torch.compile'd one)"
         )
     original = compiled_original(model)
     if original is not None:

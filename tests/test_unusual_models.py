@@ -1,0 +1,59 @@
+"""Unusual models (TorchScript, shared modules, odd layer outputs, forwards without gradients):
+the engine and the naive loop measure each alike or say the same clear thing about it."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import equifast
+from equifast import naive
+
+IMPLEMENTATIONS = {"engine": equifast.measure, "naive": naive.measure}
+GROUP = "translate:4,8"
+
+
+def _images():
+    return torch.randint(0, 256, (2, 3, 48, 48), dtype=torch.uint8,
+                         generator=torch.Generator().manual_seed(0))
+
+
+def _cnn():
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                         nn.Sequential(nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU()),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+
+
+def _run(measure, model, **kwargs):
+    return measure(model, _images(), group=GROUP, bootstrap=0, progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("make", ["script", "trace"])
+def test_a_torchscript_model_is_refused_by_what_it_is(implementation, make):
+    model = _cnn().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated
+        scripted = (torch.jit.script(model) if make == "script"
+                    else torch.jit.trace(model, torch.rand(1, 3, 32, 32)))
+    # before: a traced model gave "none of the 6 selected layers can be measured: did not run
+    # in the model's forward pass", a scripted one "the model failed on its probe input (...):
+    # register_forward_pre_hook is not supported ... needs input_size=(H, W)"
+    with pytest.raises(ValueError, match=r"TorchScript module .*forward hooks do not run.*eager"):
+        _run(IMPLEMENTATIONS[implementation], scripted)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_a_scripted_submodule_is_an_error_when_named_and_left_out_of_a_broad_selection(
+        implementation):
+    measure = IMPLEMENTATIONS[implementation]
+    model = _cnn().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model[2] = torch.jit.script(model[2])
+    with pytest.raises(ValueError, match=r"layer '2' is a TorchScript module"):
+        _run(measure, model, layers=["2"])
+    with pytest.warns(UserWarning, match=r"left out .*'2\.0' is a TorchScript module"):
+        result = _run(measure, model, layers="leaves")
+    assert set(result.frame.layer) == {"0", "1", "3", "4", "5"}
