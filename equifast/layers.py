@@ -479,6 +479,14 @@ class LayerHooks:
                     "measure a module whose output is batch first, or leave it out of "
                     "layers=[...]"
                 )
+            elif not tensor.is_floating_point():
+                # integer, boolean (a quantized or thresholded map) and complex outputs (an FFT)
+                problem = (
+                    f"layer {name!r} outputs a {str(tensor.dtype).replace('torch.', '')} tensor "
+                    f"of shape {tuple(tensor.shape)}, expected floating-point features "
+                    "(float16, bfloat16, float32 or float64); measure a module whose output is "
+                    "floating point, or leave it out of layers=[...]"
+                )
             if problem is not None:
                 if not self.lenient:
                     raise LayerOutputError(problem)

@@ -57,3 +57,42 @@ def test_a_scripted_submodule_is_an_error_when_named_and_left_out_of_a_broad_sel
     with pytest.warns(UserWarning, match=r"left out .*'2\.0' is a TorchScript module"):
         result = _run(measure, model, layers="leaves")
     assert set(result.frame.layer) == {"0", "1", "3", "4", "5"}
+
+
+class _Quantize(nn.Module):
+    def __init__(self, dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def forward(self, x):
+        if self.dtype.is_complex:
+            return torch.fft.fft2(x)
+        return (torch.sigmoid(x) * 255).to(self.dtype)
+
+
+class _WithQuantized(nn.Module):
+    def __init__(self, dtype):
+        super().__init__()
+        self.q = _Quantize(dtype)
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        self.q(x)
+        return self.conv(x).mean((2, 3))
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.bool, torch.int64, torch.complex64])
+@pytest.mark.parametrize("align", ["auto", "center"])
+def test_a_layer_that_outputs_no_floating_point_features_is_named(implementation, dtype, align):
+    # before: the engine failed in the alignment probe ("element 0 of tensors does not require
+    # grad") or in its kernel ("feats must have one of the dtypes ... Convert it with .to(...)")
+    # while the naive loop measured the layer (the real part of a complex map)
+    measure = IMPLEMENTATIONS[implementation]
+    model = _WithQuantized(dtype).eval()
+    name = str(dtype).replace("torch.", "")
+    with pytest.raises(ValueError, match=rf"layer 'q' outputs a {name} tensor .*floating-point"):
+        _run(measure, model, layers=["q", "conv"], align=align)
+    with pytest.warns(UserWarning, match=rf"1 of 2 selected layers .*'q' outputs a {name}"):
+        result = _run(measure, model, layers="leaves", align=align)
+    assert set(result.frame.layer) == {"conv"}
