@@ -1166,7 +1166,7 @@ def _probe(module, names, input_size, overrides, align, device, dtype, seed,
     run_probe(module, probe, hooks, context)
     names, layouts = measurable_layers(names, captured, hooks.unmeasurable, input_size,
                                        overrides, lenient, prefix_tokens_of(module),
-                                       token_order_of(module))
+                                       token_order_of(module), calls=hooks.calls)
     layouts = refine_layouts(module, layouts, input_size, device, dtype, overrides,
                              report=report)
     warn_undeclared_channels(module, layouts)

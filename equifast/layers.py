@@ -395,6 +395,9 @@ class LayerHooks:
         # lenient: an output that cannot be measured is noted here (name -> reason), not raised
         self.lenient = lenient
         self.unmeasurable: dict[str, str] = {}
+        # calls of each hooked module in the forwards so far (a shared module runs several
+        # times per forward; its first call is the one measured)
+        self.calls: dict[str, int] = {}
 
     def __enter__(self) -> LayerHooks:
         modules = dict(self.model.named_modules())
@@ -458,6 +461,7 @@ class LayerHooks:
 
     def _hook(self, name: str):
         def hook(module, inputs, output):
+            self.calls[name] = self.calls.get(name, 0) + 1
             if name in self.unmeasurable:
                 return
             several = isinstance(output, (tuple, list))  # (only these need the strides)
@@ -550,10 +554,12 @@ def measurable_layers(
     names: list[str], captured: Mapping[str, torch.Tensor], unmeasurable: Mapping[str, str],
     input_size: tuple[int, int], overrides: Mapping[str, str], lenient: bool,
     prefix_hint: int | None = None, token_order: Mapping[str, str] | None = None,
+    calls: Mapping[str, int] | None = None,
 ) -> tuple[list[str], dict]:
     """The probed layers that can be measured, with their layouts (``prefix_hint``: see
     :func:`prefix_tokens_of` and :func:`equifast.layouts.detect_layout`; ``token_order``: see
-    :func:`token_order_of`: token layers of such a model are left out, or an error when named).
+    :func:`token_order_of`: token layers of such a model are left out, or an error when named;
+    ``calls``: how often each layer ran in the probe's one forward, :attr:`LayerHooks.calls`).
 
     A broad selection (``lenient``: default layers, ``"leaves"``, types, globs) leaves out, with
     one warning, the layers that did not run (auxiliary heads in eval mode, dropout that fused
@@ -608,6 +614,18 @@ def measurable_layers(
     kept = [n for n in names if n in layouts]
     if not kept:
         raise ValueError(f"none of the {len(names)} selected layers can be measured: {shown}")
+    repeated = {n: calls[n] for n in kept if calls and calls.get(n, 0) > 1}
+    if repeated:
+        # A module used at several places of the forward (a shared ReLU, a block applied twice):
+        # one hook sees every call, and only the first is measured (so that every image counts
+        # once); the later calls are not measured at all.
+        listed = ", ".join(f"{n} ({k} calls)" for n, k in list(repeated.items())[:8])
+        more = f" and {len(repeated) - 8} more" if len(repeated) > 8 else ""
+        warnings.warn(
+            f"{len(repeated)} selected layer(s) run more than once per forward: {listed}{more}. "
+            "Each is measured at its first call only; to measure another call, hook a module "
+            "that runs once there (a wrapper around the shared module, or the module after it)",
+            stacklevel=4)
     return kept, layouts
 
 

@@ -740,7 +740,8 @@ def _probe_layouts(
     probe = torch.zeros(2, input_channels(module), *input_size, device=device, dtype=dtype)
     run_probe(module, probe, hooks, torch.inference_mode())
     _, layouts = measurable_layers(names, shapes, hooks.unmeasurable, input_size, overrides,
-                                   lenient, prefix_tokens_of(module), token_order_of(module))
+                                   lenient, prefix_tokens_of(module), token_order_of(module),
+                                   calls=hooks.calls)
     layouts = refine_layouts(module, layouts, input_size, device, dtype, overrides)
     warn_undeclared_channels(module, layouts)
     return layouts

@@ -96,3 +96,30 @@ def test_a_layer_that_outputs_no_floating_point_features_is_named(implementation
     with pytest.warns(UserWarning, match=rf"1 of 2 selected layers .*'q' outputs a {name}"):
         result = _run(measure, model, layers="leaves", align=align)
     assert set(result.frame.layer) == {"conv"}
+
+
+class _Shared(nn.Module):
+    """``block`` runs twice per forward, at stride 1 and at stride 2."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.block = nn.Conv2d(8, 8, 3, padding=1)
+        self.down = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        x = torch.relu(self.block(torch.relu(self.stem(x))))
+        return torch.relu(self.block(self.down(x))).mean((2, 3))
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_a_module_that_runs_twice_per_forward_is_named_in_a_warning(implementation):
+    # before: measured at its first call without a word, the second call silently unmeasured
+    measure = IMPLEMENTATIONS[implementation]
+    with pytest.warns(UserWarning, match=r"1 selected layer\(s\) run more than once per forward: "
+                      r"block \(2 calls\)\. Each is measured at its first call only"):
+        result = _run(measure, _Shared().eval(), layers=["stem", "block"])
+    assert (result.frame.query("layer == 'block'").stride == 1).all()  # the first call
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _run(measure, _Shared().eval(), layers=["stem", "down"])  # each runs once: no warning
