@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Mapping
 
 import torch
@@ -139,11 +140,13 @@ def _central_block(size: int) -> slice:
 
 def probe_inputs(input_size: tuple[int, int], device, dtype, samples: int = 2,
                  seed: int = 0, channels: int = 3) -> torch.Tensor:
-    """The seeded random inputs of the ``auto`` probe, ``requires_grad`` set."""
+    """The seeded random inputs of the ``auto`` probe, in the graph of a leaf that requires
+    gradients: not that leaf itself, so that a model may change its input in place
+    (``x.sub_(mean)``), which autograd refuses on a leaf."""
     height, width = input_size
     generator = torch.Generator().manual_seed(seed)
     inputs = torch.randn(samples, channels, height, width, generator=generator).to(device, dtype)
-    return inputs.requires_grad_(True)
+    return inputs.requires_grad_(True).clone()
 
 
 def _receptive_field_offsets(model, layers, input_size, device, dtype, samples, seed):
@@ -172,9 +175,25 @@ def offsets_from_graph(
     the layouts and the offsets from one probe forward.
     """
     height, width = input_size
+    # Layers the model computes without a graph (a frozen backbone under torch.no_grad in its
+    # forward, as in linear probing): the gradient probe cannot see their receptive fields.
+    graphless = [name for name in layers
+                 if name in captured and not captured[name].requires_grad]
+    if graphless:
+        listed = ", ".join(graphless[:8]) + (f" and {len(graphless) - 8} more"
+                                             if len(graphless) > 8 else "")
+        warnings.warn(
+            f"align='auto' found no gradient through {len(graphless)} layer(s): {listed} (the "
+            "model computes them without autograd, e.g. under torch.no_grad in its forward); "
+            "their grid offsets are taken as centred (align='center'). Translations do not "
+            "depend on the offset, rotations and flips do: to choose it, pass align='corner', "
+            "a number, or a dict per layer",
+            UserWarning, stacklevel=5)  # the caller of measure
     with torch.enable_grad():
         offsets = {}
-        names = list(layers)
+        names = [name for name in layers if name not in graphless]
+        for name in graphless:
+            offsets[name] = fixed_offset(layers[name], "center")
         for i, name in enumerate(names):
             layout = layers[name]
             if name not in captured:

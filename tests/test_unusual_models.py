@@ -123,3 +123,60 @@ def test_a_module_that_runs_twice_per_forward_is_named_in_a_warning(implementati
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _run(measure, _Shared().eval(), layers=["stem", "down"])  # each runs once: no warning
+
+
+class _FrozenBackbone(nn.Module):
+    """A linear probe: the backbone runs under ``torch.no_grad`` inside the forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                                      nn.Conv2d(8, 8, 3, stride=2, padding=1))
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        with torch.no_grad():
+            features = self.backbone(x)
+        return self.head(features.mean((2, 3)))
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_layers_run_under_no_grad_take_centred_offsets_with_a_warning(implementation):
+    # before: "RuntimeError: element 0 of tensors does not require grad and does not have a
+    # grad_fn" from the align='auto' probe
+    measure = IMPLEMENTATIONS[implementation]
+    model = _FrozenBackbone().eval()
+    with pytest.warns(UserWarning, match=r"align='auto' found no gradient through 3 layer\(s\): "
+                      r"backbone\.0, backbone\.1, backbone\.2 .*torch\.no_grad.*centred"):
+        result = _run(measure, model, layers=["backbone.*", "head"])
+    centred = _run(measure, model, layers=["backbone.*", "head"], align="center")
+    assert result.config["offsets"] == centred.config["offsets"]
+    assert result.frame.value.equals(centred.frame.value)
+
+
+class _SubtractsInPlace(nn.Module):
+    def __init__(self, in_place):
+        super().__init__()
+        self.in_place = in_place
+        self.net = _cnn()
+
+    def forward(self, x):
+        return self.net(x.sub_(0.1) if self.in_place else x - 0.1)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_a_model_that_changes_its_input_in_place_is_measured(implementation):
+    # before: "a leaf Variable that requires grad is being used in an in-place operation" from
+    # the align='auto' probe (the engine added "A model built for another input size needs
+    # input_size=(H, W)")
+    measure = IMPLEMENTATIONS[implementation]
+    torch.manual_seed(0)
+    in_place = _SubtractsInPlace(True).eval()
+    out_of_place = _SubtractsInPlace(False).eval()
+    out_of_place.load_state_dict(in_place.state_dict())
+    group = "rotate:90 + flip:h"
+    kwargs = dict(group=group, bootstrap=0, progress=False)
+    result = measure(in_place, _images(), **kwargs)
+    expected = measure(out_of_place, _images(), **kwargs)
+    assert result.config["offsets"] == expected.config["offsets"]
+    assert result.frame.value.equals(expected.frame.value)
