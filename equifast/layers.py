@@ -283,7 +283,11 @@ def select_layers(model: nn.Module, layers: LayerSpec = None) -> list[str]:
             else:
                 matched = _modules_of_class(model, spec)
             if not matched:
-                close = difflib.get_close_matches(spec, [n for n in modules if n], n=5, cutoff=0.5)
+                # the name under a wrapper first (DataParallel's 'module.', a model wrapped in
+                # nn.Sequential(normalize, model): '1.layer1'), then names that look alike
+                close = [n for n in modules if n.endswith("." + spec)][:5]
+                close += [n for n in difflib.get_close_matches(
+                    spec, [n for n in modules if n], n=5, cutoff=0.5) if n not in close]
                 classes = sorted({type(m).__name__ for n, m in modules.items() if n})
                 close += difflib.get_close_matches(spec.rsplit(".", 1)[-1], classes, n=3,
                                                    cutoff=0.6)
@@ -294,6 +298,12 @@ def select_layers(model: nn.Module, layers: LayerSpec = None) -> list[str]:
                     "like 'Conv2d' work too)"
                 )
             chosen.update(matched)
+        elif isinstance(spec, nn.Module):
+            named = [n for n, m in modules.items() if m is spec and n]
+            where = (f"; it is named {named[0]!r} in the model: pass that name" if named
+                     else "; it is not a submodule of the model")
+            raise TypeError("a layer is a name, glob or module type, found a module "
+                            f"({type(spec).__name__}){where}")
         else:
             raise TypeError(f"a layer is a name, glob or module type, found {type(spec).__name__}")
     return sorted(chosen, key=order.__getitem__)

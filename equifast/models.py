@@ -630,7 +630,9 @@ def check_input_channels(model: nn.Module) -> int:
     if channels not in (1, 3):
         raise ValueError(
             f"model: its input has {channels} channels (its first convolution's in_channels); "
-            "equifast measures models of RGB (3) or greyscale (1) images"
+            "equifast measures models of RGB (3) or greyscale (1) images: wrap it in a module "
+            f"that takes RGB images and makes its {channels} input channels (or build it with "
+            "in_chans=3 or 1)"
         )
     return channels
 

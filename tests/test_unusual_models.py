@@ -180,3 +180,25 @@ def test_a_model_that_changes_its_input_in_place_is_measured(implementation):
     expected = measure(out_of_place, _images(), **kwargs)
     assert result.config["offsets"] == expected.config["offsets"]
     assert result.frame.value.equals(expected.frame.value)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_errors_about_wrapped_names_module_objects_and_input_channels_say_what_to_do(
+        implementation):
+    measure = IMPLEMENTATIONS[implementation]
+    # the inner name of a wrapped model: its full name is among the close names (before: none)
+    with pytest.raises(ValueError, match=r"layer '2' matches no module of DataParallel; close "
+                       r"names: \['module\.2'"):
+        _run(measure, nn.DataParallel(_cnn().eval()), layers=["2"])
+    # a module given instead of its name (before: "found Sequential", no name)
+    model = _cnn().eval()
+    with pytest.raises(TypeError, match=r"found a module \(Sequential\); it is named '2' in the "
+                       r"model: pass that name"):
+        _run(measure, model, layers=[model[2]])
+    with pytest.raises(TypeError, match=r"found a module \(Conv2d\); it is not a submodule"):
+        _run(measure, model, layers=[nn.Conv2d(3, 3, 1)])
+    # four input channels (timm's in_chans=4): what to do
+    four = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU())
+    with pytest.raises(ValueError, match=r"its input has 4 channels .* wrap it in a module that "
+                       r"takes RGB images and makes its 4 input channels"):
+        _run(measure, four)
