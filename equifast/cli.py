@@ -99,8 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="group spec: translate:8,16,32 | translate[circular]:4 | "
                               "rotate:90,180,270 | flip; join with + (union) or * (product)")
     measure.add_argument("--layers", nargs="+", default=None,
-                         help="module names, globs or class names such as Conv2d (default: stage "
-                         "outputs); 'leaves' for all")
+                         help="module names, globs ('layer*': * within one dotted part, ** "
+                         "across) or class names such as Conv2d (default: stage outputs); "
+                         "'leaves' for all")
     measure.add_argument("--metrics", nargs="+", default=None, help="scores to report")
     measure.add_argument("--batch-size", type=_count(1), default=16)
     measure.add_argument("--limit", type=_count(1), default=None,
@@ -182,7 +183,8 @@ def _add_survey_commands(commands) -> None:
     survey.add_argument("--store", default="survey.sqlite", help="the SQLite store")
     survey.add_argument("--retry-failed", action="store_true",
                         help="measure again models that failed with this configuration")
-    survey.add_argument("--layers", nargs="+", default=None)
+    survey.add_argument("--layers", nargs="+", default=None,
+                        help="as for measure: names, globs or class names (default: stages)")
     survey.add_argument("--metrics", nargs="+", default=None)
     survey.add_argument("--batch-size", type=_count(1), default=32)
     survey.add_argument("--min-batch-size", type=_count(1), default=1,

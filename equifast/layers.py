@@ -5,7 +5,10 @@ Layers are named by their module path (``model.named_modules()``). A selection i
 - ``None`` / ``"default"``: the output of every stage or block: timm's ``feature_info`` where the
   model has it, otherwise the top-level children, the largest container opened until there are
   eight or more (torchvision's ``features.0``, ``features.1``...; heads are never opened).
-- exact names (``"layer3"``, ``"blocks.5"``) and glob patterns (``"layer*.1"``, ``"blocks.*"``);
+- exact names (``"layer3"``, ``"blocks.5"``) and glob patterns, whose ``*`` and ``?`` stay
+  within one dotted part of a name and ``**`` crosses the dots: ``"layer*"`` is a ResNet's four
+  stages, ``"blocks.*"`` each block of a ViT, ``"layer*.1"`` the second block of each stage,
+  ``"blocks.**"`` every module under the blocks, ``"**conv1"`` every ``conv1`` at any depth;
 - module types (``torch.nn.Conv2d``): every module of that type; or their class names, the form
   the command line takes (``"Conv2d"``, ``"nn.Conv2d"``, ``"BasicBlock"``), where no module has
   that name;
@@ -22,8 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import fnmatch
 import math
+import re
 import warnings
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -277,7 +280,8 @@ def select_layers(model: nn.Module, layers: LayerSpec = None) -> list[str]:
             chosen.update(matched)
         elif isinstance(spec, str):
             if any(ch in spec for ch in "*?["):
-                matched = {n for n in modules if n and fnmatch.fnmatchcase(n, spec)}
+                pattern = _glob_pattern(spec)
+                matched = {n for n in modules if n and pattern.match(n)}
             elif spec in modules and spec:
                 matched = {spec}
             else:
@@ -307,6 +311,44 @@ def select_layers(model: nn.Module, layers: LayerSpec = None) -> list[str]:
         else:
             raise TypeError(f"a layer is a name, glob or module type, found {type(spec).__name__}")
     return sorted(chosen, key=order.__getitem__)
+
+
+def _glob_pattern(glob: str) -> re.Pattern:
+    """A glob over module names as a regular expression: ``*`` and ``?`` within one dotted part,
+    ``**`` across parts, ``[...]`` (``[!...]``) a character class, as in :mod:`fnmatch`.
+
+    Within one part, like a shell's ``*`` within one folder: with :mod:`fnmatch`, whose ``*``
+    crosses dots, ``"layer*"`` matched every one of the 60-odd modules under a ResNet's stages,
+    not the four stages.
+    """
+    parts, i = [], 0
+    while i < len(glob):
+        if glob.startswith("**", i):
+            parts.append(".*")
+            i += 2
+        elif glob[i] == "*":
+            parts.append("[^.]*")
+            i += 1
+        elif glob[i] == "?":
+            parts.append("[^.]")
+            i += 1
+        elif glob[i] == "[":
+            # as fnmatch: a ']' first in the class (after an optional '!') is a member
+            end = i + 1 + (glob[i + 1:i + 2] == "!")
+            end = glob.find("]", end + 1 if glob[end:end + 1] == "]" else end)
+            if end < 0:
+                parts.append(re.escape("["))
+                i += 1
+                continue
+            members = glob[i + 1:end].replace("\\", "\\\\")
+            if members.startswith("!"):
+                members = "^" + members[1:]
+            parts.append(f"[{members}]")
+            i = end + 1
+        else:
+            parts.append(re.escape(glob[i]))
+            i += 1
+    return re.compile("".join(parts) + r"\Z")
 
 
 def check_layer_keys(model: nn.Module, per_layer, what: str) -> None:

@@ -43,6 +43,26 @@ def test_default_layers_open_the_trunk(name, expected_start, stage):
     assert not any(a != b and b.startswith(a + ".") for a in layers for b in layers)
 
 
+def test_globs_stay_within_one_part_of_a_name_unless_doubled():
+    """'layer*' is a ResNet's four stages (with fnmatch, whose * crosses dots, it was every one
+    of the 60-odd modules under them); '**' crosses the dots."""
+    model = torchvision.models.resnet18()
+    assert select_layers(model, "layer*") == ["layer1", "layer2", "layer3", "layer4"]
+    assert select_layers(model, ["layer*.1"]) == ["layer1.1", "layer2.1", "layer3.1", "layer4.1"]
+    assert select_layers(model, "layer?.0.conv?") == [
+        f"layer{i}.0.conv{j}" for i in range(1, 5) for j in (1, 2)]
+    assert select_layers(model, "*") == [name for name, _ in model.named_children()]
+    under_layer1 = [name for name, _ in model.layer1.named_modules() if name]
+    assert select_layers(model, "layer1.**") == [f"layer1.{name}" for name in under_layer1]
+    conv1 = [name for name, _ in model.named_modules() if name.endswith("conv1")]
+    assert select_layers(model, "**conv1") == conv1 and len(conv1) == 9
+    assert select_layers(model, "layer[12]") == ["layer1", "layer2"]
+    assert select_layers(model, "layer[!12]") == ["layer3", "layer4"]
+    with pytest.raises(ValueError, match=r"'layer\*\.conv1' matches no module"):
+        select_layers(model, "layer*.conv1")  # conv1 sits one part deeper: layer*.*.conv1
+    assert select_layers(model, "layer*.*.conv1") == [n for n in conv1 if n != "conv1"]
+
+
 def test_default_layers_open_module_lists_and_keep_feature_info():
     class Blocks(nn.Module):
         def __init__(self):
