@@ -14,7 +14,8 @@ Convention:
 Protocols decide what enters the image where content leaves it:
     ``"crop"``: the image is a window of a larger source; content comes from the source (real
     pixels).
-    ``"circular"``: the image wraps around.
+    ``"circular"``: the image wraps around (for translations, flips and quarter turns of a square
+    image, the maps of the wrapped image onto itself; other maps are refused by name).
     ``"zero"``: the per-channel mean (zero after normalization) comes in.
 
 Example:
@@ -161,6 +162,8 @@ class Element:
                 f"flip, zoom or shear), found {matrix.tolist()} at {height}x{width} pixels, whose "
                 f"linear part has determinant {determinant:g}"
             )
+        if self.protocol == "circular":
+            _check_circular(self.name, matrix, height, width)
         return matrix
 
     def is_exact(self, height: int, width: int) -> bool:
@@ -191,6 +194,30 @@ class Element:
     def __mul__(self, other: Element) -> Element:
         """``self * other``: apply ``other`` first, then ``self``."""
         return _product(self, other)
+
+
+def _check_circular(name: str, matrix: np.ndarray, height: int, width: int) -> None:
+    """The circular protocol wraps the image around its borders (a torus). Only maps of the
+    torus onto itself give a transformed image without seams: translations, flips, and quarter
+    turns and transposes of a square image (a linear part that permutes the axes, with signs). A
+    45-degree turn, a zoom or a shear would wrap content across the borders at an angle, and the
+    comparison would count those seams as valid content (DESIGN 1.2 masks the corners of other
+    angles instead)."""
+    linear = matrix[:, :2]
+    rounded = np.round(linear)
+    signed_permutation = (np.all(np.abs(linear - rounded) <= INTEGER_TOLERANCE)
+                          and np.all(np.abs(rounded).sum(0) == 1)
+                          and np.all(np.abs(rounded).sum(1) == 1))
+    if signed_permutation and (rounded[0, 0] != 0 or height == width):
+        return
+    what = ("a quarter turn of a non-square image" if signed_permutation
+            else f"the linear part {np.round(linear, 6).tolist()}")
+    raise ValueError(
+        f"element {name!r}: the circular protocol wraps the image around its borders, which only "
+        "translations, flips and quarter turns of a square image map onto themselves; found "
+        f"{what} at {height}x{width} pixels. Use protocol='crop' (or 'zero'): content that "
+        "leaves the image is then masked in the comparison"
+    )
 
 
 def _product(outer: Element, inner: Element) -> Element:

@@ -224,3 +224,24 @@ def test_parse_group_names_the_spec_of_a_bad_term(spec, message):
     # spaces are allowed around a protocol as around the other parts of a spec
     assert parse_group("translate [ circular ]:8").names == parse_group("translate:8").names
     assert parse_group("translate [ circular ]:8")[0].protocol == "circular"
+
+
+def test_circular_protocol_only_for_maps_of_the_torus_onto_itself():
+    """Wrapping a 45-degree turn (or a quarter turn of a non-square image) would count seams as
+    content; such an element is refused by name, with what to use instead."""
+    square, wide = (32, 32), (32, 40)
+    for element in [*Rotation([90, 180, 270], protocol="circular"),
+                    *(Translation([4], protocol="circular") * Flip(["horizontal", "vertical"]))]:
+        assert element.matrix(*square).shape == (2, 3)
+    assert Rotation([180], protocol="circular")[0].matrix(*wide).shape == (2, 3)
+    for element, size, found in [
+        (Rotation([45], protocol="circular")[0], square, r"the linear part \[\["),
+        (Rotation([90], protocol="circular")[0], wide, "a quarter turn of a non-square image"),
+        (parse_group("translate[circular]:4*rotate:30")[-1], square, r"the linear part"),
+    ]:
+        with pytest.raises(ValueError, match=rf"element '{re.escape(element.name)}': the "
+                                             rf"circular protocol.*found {found}.*"
+                                             r"protocol='crop'"):
+            element.matrix(*size)
+    # The crop protocol masks instead.
+    assert Rotation([45])[0].matrix(*square).shape == (2, 3)
