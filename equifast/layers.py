@@ -421,8 +421,9 @@ def run_probe(module: nn.Module, probe: torch.Tensor, hooks: "LayerHooks", conte
         dtype = str(probe.dtype).replace("torch.", "")
         raise RuntimeError(
             f"the model failed on its probe input ({shape}, {dtype} on {probe.device}): "
-            f"{type(error).__name__}: {error}. A model built for another input size needs "
-            "input_size=(H, W); one that runs in another dtype needs dtype=..."
+            f"{type(error).__name__}: {error}. If the model is built for another input size, "
+            "pass input_size=(H, W) (and sources of that size plus the group's margin); if it "
+            "runs in another dtype, pass dtype=..."
         ) from error
 
 
