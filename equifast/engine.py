@@ -47,6 +47,7 @@ from .groups import (
     IDENTITY,
     PROTOCOL_CODES,
     Group,
+    check_circular,
     default_group,
     feature_source_affines,
     invert_affine,
@@ -689,6 +690,7 @@ def measure(
         raise ValueError(no_images_message(plan.skipped))
     height, width = plan.input_size
     margin = plan.margin
+    check_circular(list(group), height, width)  # before the probe: a group error is cheap
 
     names = select_layers(module, layers)
     setup_started = time.perf_counter()

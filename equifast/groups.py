@@ -162,8 +162,6 @@ class Element:
                 f"flip, zoom or shear), found {matrix.tolist()} at {height}x{width} pixels, whose "
                 f"linear part has determinant {determinant:g}"
             )
-        if self.protocol == "circular":
-            _check_circular(self.name, matrix, height, width)
         return matrix
 
     def is_exact(self, height: int, width: int) -> bool:
@@ -196,13 +194,25 @@ class Element:
         return _product(self, other)
 
 
-def _check_circular(name: str, matrix: np.ndarray, height: int, width: int) -> None:
-    """The circular protocol wraps the image around its borders (a torus). Only maps of the
-    torus onto itself give a transformed image without seams: translations, flips, and quarter
-    turns and transposes of a square image (a linear part that permutes the axes, with signs). A
+def check_circular(elements: Sequence[Element], height: int, width: int) -> None:
+    """Refuse, by name, elements that the circular protocol cannot measure at this image size.
+
+    The circular protocol wraps the image around its borders (a torus). Only maps of the torus
+    onto itself give a transformed image without seams: translations, flips, and quarter turns
+    and transposes of a square image (a linear part that permutes the axes, with signs). A
     45-degree turn, a zoom or a shear would wrap content across the borders at an angle, and the
     comparison would count those seams as valid content (DESIGN 1.2 masks the corners of other
-    angles instead)."""
+    angles instead). The measurement checks its group with this; the ops themselves wrap any map.
+
+    Raises:
+        ValueError: a circular element is not such a map (the message says what to use).
+    """
+    for element in elements:
+        if element.protocol == "circular":
+            _check_circular_map(element.name, element.matrix(height, width), height, width)
+
+
+def _check_circular_map(name: str, matrix: np.ndarray, height: int, width: int) -> None:
     linear = matrix[:, :2]
     rounded = np.round(linear)
     signed_permutation = (np.all(np.abs(linear - rounded) <= INTEGER_TOLERANCE)

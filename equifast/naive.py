@@ -64,7 +64,14 @@ from .data.geometry import (
     warn_cropped_batch,
     warn_unmargined_sources,
 )
-from .groups import INTEGER_TOLERANCE, Group, default_group, feature_source_affines, parse_group
+from .groups import (
+    INTEGER_TOLERANCE,
+    Group,
+    check_circular,
+    default_group,
+    feature_source_affines,
+    parse_group,
+)
 from .layers import (
     LayerHooks,
     LayerSpec,
@@ -864,6 +871,7 @@ def measure(
         raise ValueError(no_images_message(source.skipped))
     height, width = source.input_size
     margin = source.margin
+    check_circular(list(group), height, width)
 
     names = select_layers(module, layers)
     layer_layouts = _probe_layouts(

@@ -10,6 +10,7 @@ from equifast.groups import (
     Flip,
     Rotation,
     Translation,
+    check_circular,
     feature_source_affines,
     invert_affine,
     is_integer_affine,
@@ -228,12 +229,17 @@ def test_parse_group_names_the_spec_of_a_bad_term(spec, message):
 
 def test_circular_protocol_only_for_maps_of_the_torus_onto_itself():
     """Wrapping a 45-degree turn (or a quarter turn of a non-square image) would count seams as
-    content; such an element is refused by name, with what to use instead."""
+    content; the measurement refuses such an element by name, with what to use instead (the ops
+    themselves wrap any map: test_kernels)."""
+    import equifast
+    from equifast import naive
+
     square, wide = (32, 32), (32, 40)
-    for element in [*Rotation([90, 180, 270], protocol="circular"),
-                    *(Translation([4], protocol="circular") * Flip(["horizontal", "vertical"]))]:
-        assert element.matrix(*square).shape == (2, 3)
-    assert Rotation([180], protocol="circular")[0].matrix(*wide).shape == (2, 3)
+    allowed = (list(Rotation([90, 180, 270], protocol="circular"))
+               + list(Translation([4], protocol="circular") * Flip(["horizontal", "vertical"])))
+    check_circular(allowed, *square)
+    check_circular(list(Rotation([180], protocol="circular")), *wide)
+    check_circular(list(Rotation([45])), *square)  # the crop protocol masks instead
     for element, size, found in [
         (Rotation([45], protocol="circular")[0], square, r"the linear part \[\["),
         (Rotation([90], protocol="circular")[0], wide, "a quarter turn of a non-square image"),
@@ -242,6 +248,9 @@ def test_circular_protocol_only_for_maps_of_the_torus_onto_itself():
         with pytest.raises(ValueError, match=rf"element '{re.escape(element.name)}': the "
                                              rf"circular protocol.*found {found}.*"
                                              r"protocol='crop'"):
-            element.matrix(*size)
-    # The crop protocol masks instead.
-    assert Rotation([45])[0].matrix(*square).shape == (2, 3)
+            check_circular([element], *size)
+    net = torch.nn.Conv2d(3, 4, 3, padding=1)
+    for measure in (equifast.measure, naive.measure):
+        with pytest.raises(ValueError, match=r"element 'rotate\(45\)': the circular protocol"):
+            measure(net, torch.rand(2, 3, 16, 16), group=Rotation([45], protocol="circular"),
+                    progress=False)
