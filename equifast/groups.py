@@ -15,7 +15,8 @@ Protocols decide what enters the image where content leaves it:
     ``"crop"``: the image is a window of a larger source; content comes from the source (real
     pixels).
     ``"circular"``: the image wraps around (for translations, flips and quarter turns of a square
-    image, the maps of the wrapped image onto itself; other maps are refused by name).
+    image, the maps of the wrapped image onto itself; a measurement refuses other maps by
+    name: :func:`check_circular`).
     ``"zero"``: the per-channel mean (zero after normalization) comes in.
 
 Example:
