@@ -80,12 +80,29 @@ def _parse_align(text: str):
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Help that shows each option's default (``--batch-size`` is 16 for measure, 32 for survey):
+    appended as ``(default: X)`` unless the help already names it; none for a flag, nor for an
+    option whose default is None (its help says what happens without it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (default is None or default is False or default == [] or not action.option_strings
+                or default is argparse.SUPPRESS or "default" in text):
+            return text
+        return f"{text} (default: {default})" if text else f"default: {default}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="equifast",
         description="Measure the learned equivariance of image models, layer by layer.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
+    # every subcommand's --help shows the defaults
+    add_parser = commands.add_parser
+    commands.add_parser = lambda *a, **k: add_parser(*a, formatter_class=_DefaultsFormatter, **k)
 
     measure = commands.add_parser("measure", help="measure one model",
                                   description="Measure one model on images for a group.")
@@ -103,15 +120,18 @@ def build_parser() -> argparse.ArgumentParser:
                          "across) or class names such as Conv2d (default: stage outputs); "
                          "'leaves' for all")
     measure.add_argument("--metrics", nargs="+", default=None, help="scores to report")
-    measure.add_argument("--batch-size", type=_count(1), default=16)
+    measure.add_argument("--batch-size", type=_count(1), default=16, help="images per batch")
     measure.add_argument("--limit", type=_count(1), default=None,
                          help="use at most this many images")
     measure.add_argument("--device", default=None,
                          help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    measure.add_argument("--input-size", type=_parse_size, default=None, help="H,W of the input")
+    measure.add_argument("--input-size", type=_parse_size, default=None,
+                         help="H,W of the input (default: the model's own)")
     measure.add_argument("--align", type=_parse_align, default="auto",
                          help="grid offsets: auto | center | corner | a number")
-    measure.add_argument("--subpixel", choices=("bilinear", "skip"), default="bilinear")
+    measure.add_argument("--subpixel", choices=("bilinear", "skip"), default="bilinear",
+                         help="a shift that is not a multiple of a layer's stride: bilinear "
+                              "interpolation of the features, or skip (NaN)")
     measure.add_argument("--channel-map", choices=CHANNEL_MAPS, default="identity",
                          help="match: each channel against its best-correlated channel of the "
                               "other map (equivariance up to a permutation of channels)")
@@ -119,8 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     measure.add_argument("--baseline", choices=("init",), default=None,
                          help="also measure a freshly initialized copy (seeded with --seed) on "
                               "the same images: 'init' and 'learned' columns")
-    measure.add_argument("--bootstrap", type=_resamples, default=1000)
-    measure.add_argument("--seed", type=int, default=0)
+    measure.add_argument("--bootstrap", type=_resamples, default=1000,
+                         help="bootstrap resamples for the 95%% CIs (0: no intervals)")
+    measure.add_argument("--seed", type=int, default=0,
+                         help="seeds the bootstrap, random init and --baseline")
     measure.add_argument("--workers", type=_count(0), default=None, help="loader workers")
     measure.add_argument("--loader", choices=("auto", "dali", "folder"), default="auto",
                          help="image folder loader: NVIDIA DALI, Pillow, or DALI when installed")
@@ -185,27 +207,31 @@ def _add_survey_commands(commands) -> None:
                         help="measure again models that failed with this configuration")
     survey.add_argument("--layers", nargs="+", default=None,
                         help="as for measure: names, globs or class names (default: stages)")
-    survey.add_argument("--metrics", nargs="+", default=None)
-    survey.add_argument("--batch-size", type=_count(1), default=32)
+    survey.add_argument("--metrics", nargs="+", default=None, help="as for measure")
+    survey.add_argument("--batch-size", type=_count(1), default=32, help="images per batch")
     survey.add_argument("--min-batch-size", type=_count(1), default=1,
                         help="out of memory halves the batch down to this size, then gives up")
     survey.add_argument("--limit", type=_count(1), default=None,
                         help="use at most this many images")
     survey.add_argument("--device", default=None,
                         help="cpu, cuda ... (default: cuda when available; a Ray task's GPU)")
-    survey.add_argument("--input-size", type=_parse_size, default=None)
-    survey.add_argument("--align", type=_parse_align, default="auto")
-    survey.add_argument("--subpixel", choices=("bilinear", "skip"), default=None)
+    survey.add_argument("--input-size", type=_parse_size, default=None,
+                        help="H,W of the input (default: each model's own)")
+    survey.add_argument("--align", type=_parse_align, default="auto", help="as for measure")
+    survey.add_argument("--subpixel", choices=("bilinear", "skip"), default=None,
+                        help="as for measure: bilinear (default) or skip")
     survey.add_argument("--channel-map", choices=CHANNEL_MAPS, default=None,
                         help="identity (default) or match")
-    survey.add_argument("--pooled", action="store_true")
+    survey.add_argument("--pooled", action="store_true", help="score pooled statistics")
     survey.add_argument("--baseline", choices=("init",), default=None,
                         help="also measure each model's freshly initialized copy (stored as the "
                              "init / learned columns of the scores)")
-    survey.add_argument("--bootstrap", type=_resamples, default=1000)
-    survey.add_argument("--seed", type=int, default=0)
+    survey.add_argument("--bootstrap", type=_resamples, default=1000,
+                        help="bootstrap resamples for the 95%% CIs (0: no intervals)")
+    survey.add_argument("--seed", type=int, default=0, help="as for measure")
     survey.add_argument("--workers", type=_count(0), default=None, help="loader workers")
-    survey.add_argument("--loader", choices=("auto", "dali", "folder"), default="auto")
+    survey.add_argument("--loader", choices=("auto", "dali", "folder"), default="auto",
+                        help="as for measure")
     survey.add_argument("--ray", nargs="?", const=True, default=None, metavar="ADDRESS",
                         help="one Ray task per model; no ADDRESS: a local Ray, or 'auto', "
                              "'ray://head:10001'")
@@ -217,7 +243,8 @@ def _add_survey_commands(commands) -> None:
     export = commands.add_parser("export", help="write a survey store's tables to files",
                                  description="Write every table of a store to DIR/<table>.<fmt>.")
     export.add_argument("store", help="the SQLite store")
-    export.add_argument("--format", choices=("parquet", "csv"), default="parquet")
+    export.add_argument("--format", choices=("parquet", "csv"), default="parquet",
+                        help="file format of the tables")
     export.add_argument("-o", "--out", default=None, help="folder (default: STORE without suffix)")
 
 
