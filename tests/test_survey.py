@@ -462,6 +462,21 @@ def test_open_store_errors(tmp_path):
         open_store(text)
 
 
+def test_a_store_path_that_is_a_folder_or_under_a_file_says_so(tmp_path, capsys):
+    # not "read-only": a folder given as the store, or a store path under an existing file
+    folder = tmp_path / "results"
+    folder.mkdir()
+    for action in (lambda: open_store(folder), lambda: _survey(["eqtest_tiny"], folder)):
+        with pytest.raises(ValueError, match="is a folder, not a survey store") as error:
+            action()
+        assert "read-only" not in str(error.value)
+    assert main(["report", str(folder), "-o", str(tmp_path / "report")]) == 2
+    assert "is a folder, not a survey store" in capsys.readouterr().err
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(PermissionError, match="notes.txt is an existing file, not a folder"):
+        _survey(["eqtest_tiny"], tmp_path / "notes.txt" / "s.sqlite")
+
+
 def _read_only_folder(folder: Path, monkeypatch, readable: tuple[str, ...]) -> None:
     """Make ``folder`` read-only. Where that does not stop this process (root ignores the mode),
     make SQLite fail as it fails there, for any connection to a file in ``folder`` whose URI has

@@ -308,6 +308,9 @@ class SurveyStore:
         self.path = Path(path)
         self.read_only: str | None = None
         self._connection: sqlite3.Connection | None = None
+        if self.path.is_dir():  # (SQLite says "unable to open", which reads as a permission)
+            raise ValueError(f"{self.path} is a folder, not a survey store: expected the store's "
+                             f"SQLite file, e.g. {self.path / 'survey.sqlite'}")
         if not self.path.exists():
             if not create:
                 raise FileNotFoundError(f"no survey store at {self.path} (run `equifast survey "
@@ -417,6 +420,11 @@ class SurveyStore:
 
     def _cannot_write(self, error: BaseException) -> str:
         if not self.path.exists():
+            # a parent that is an existing file (mkdir says "File exists"), not a folder
+            existing = next((p for p in self.path.parents if p.exists()), None)
+            if existing is not None and not existing.is_dir():
+                return (f"cannot create the survey store {self.path}: {existing} is an existing "
+                        "file, not a folder; give --store a path in a folder")
             return (f"cannot create the survey store {self.path}: its folder is read-only "
                     f"({error}); give --store a path in a folder that can be written")
         return (f"cannot write the survey store {self.path}: its folder or file is read-only "
