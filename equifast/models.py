@@ -353,6 +353,16 @@ def _check_timm_name(name: str) -> None:
     import timm
     from timm.models import get_pretrained_cfg
 
+    if name.lower().startswith(("hf-hub:", "hf_hub:")):
+        # timm's hub scheme fetches the config from the network; it is not a timm name here
+        repo = name.split(":", 1)[1]
+        own = repo.rsplit("/", 1)[-1]
+        hint = (f" name the timm model instead, {own!r}, with its weights in the Hugging Face cache"
+                if timm.is_model(own.partition(".")[0]) else
+                " name a timm architecture (with an optional pretrained tag) instead")
+        raise UnknownModelError(
+            f"unknown model {name!r}: the hf-hub: scheme is not supported (models are built "
+            f"from timm's registry and weights come from the local caches only);{hint}")
     arch, _, tag = name.partition(".")
     if not timm.is_model(arch):
         tv_names = [f"tv:{n}" for n in _tv_classification_models()]

@@ -52,6 +52,11 @@ def test_bad_group_and_model_are_clear_errors(capsys):
     assert "unknown kind 'spin'" in capsys.readouterr().err
     assert main(["measure", "--model", "resnet1888", "--limit", "1"]) == 2
     assert "resnet18" in capsys.readouterr().err
+    # timm's hub scheme is not a registry name: say so and name the timm model, not "no such
+    # architecture"
+    assert main(["measure", "--model", "hf-hub:timm/resnet18.a1_in1k", "--limit", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "hf-hub: scheme is not supported" in err and "'resnet18.a1_in1k'" in err
 
 
 def test_help_lists_commands(capsys):
