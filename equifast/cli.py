@@ -365,6 +365,17 @@ def _measure(args: argparse.Namespace, main: bool) -> int:
     shown = next((m for m in args.metrics or [] if m not in ("corr_vs_chance", "flat_frac")),
                  "corr")
     print(result.format_summary(shown))
+    # What a survey records of NaN / infinite features (a failure there, a run's warning), said
+    # here too: a layer's "-" or a low n alone does not tell that the features are not finite.
+    from equifast.survey.runner import NonFiniteFeatures, _check_finite, _partial_warning
+
+    try:
+        _check_finite(result, loaded.model)
+    except NonFiniteFeatures as error:
+        print(f"warning: {error}", file=sys.stderr)
+    partial = _partial_warning(result)
+    if partial:
+        print(f"warning: {partial}", file=sys.stderr)
     if result.skipped:
         print(f"skipped {len(result.skipped)} unreadable files:")
         for path, reason in result.skipped[:20]:

@@ -59,6 +59,22 @@ def test_bad_group_and_model_are_clear_errors(capsys):
     assert "hf-hub: scheme is not supported" in err and "'resnet18.a1_in1k'" in err
 
 
+@pytest.mark.parametrize("model,message", [
+    ("eqtest_nan", "features are NaN or infinite at 2 layer(s), first 'conv2'"),
+    ("eqtest_nan_dark", "scores from 3 of 4 images (the other 1 have NaN or infinite features"),
+])
+def test_measure_says_when_features_are_not_finite(model, message, tmp_path, monkeypatch,
+                                                   capsys):
+    # a survey fails the first model and records a warning for the second; measure wrote only
+    # '-' or n=3 in the table (and, for the first, blamed positions or constant features)
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    code = main(["measure", "--import", "survey_models", "--model", model, "--samples",
+                 "--limit", "4", "--input-size", "32", "--group", "translate:4", "--bootstrap",
+                 "0", "--quiet", "--no-plot", "--out", str(tmp_path / "r.csv")])
+    assert code == 0
+    assert message in capsys.readouterr().err
+
+
 def test_help_lists_commands(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
