@@ -267,6 +267,11 @@ def build_report(store_path: str | os.PathLike, out_dir: str | os.PathLike, *,
                          "to report; run the survey first (`equifast survey --store "
                          f"{store_path} ...`)")
     metrics = sorted(scores.metric.dropna().unique())
+    if metric == "flat_frac":  # (the share of constant channels, a diagnostic of each layer)
+        raise ValueError("flat_frac is not an equivariance score: it is the fraction of "
+                         "spatially constant channels, which the report's mean equivariance and "
+                         "its correlations with accuracy would read as equivariance; scores "
+                         f"there: {[m for m in metrics if m != 'flat_frac']}")
     if metric not in metrics:
         raise ValueError(f"no score {metric!r} in {store_path}; scores there: {metrics}")
 

@@ -497,6 +497,9 @@ def test_report_errors_are_clear(tmp_path):
     store = _store(tmp_path / "ok.sqlite", [_result("net1", [0.9, 0.8])])
     with pytest.raises(ValueError, match="no score 'psnr'.*corr"):
         build_report(store, tmp_path / "out", metric="psnr")
+    # flat_frac (the share of constant channels) would be read as mean equivariance
+    with pytest.raises(ValueError, match="flat_frac is not an equivariance score"):
+        build_report(store, tmp_path / "out", metric="flat_frac")
 
 
 def test_report_progress_bar(tmp_path, capsys):
