@@ -94,15 +94,22 @@ class _DefaultsFormatter(argparse.HelpFormatter):
         return f"{text} (default: {default})" if text else f"default: {default}"
 
 
+class _SubcommandParser(argparse.ArgumentParser):
+    """A subcommand's parser: its ``--help`` shows the defaults (:class:`_DefaultsFormatter`)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="equifast",
         description="Measure the learned equivariance of image models, layer by layer.",
     )
-    commands = parser.add_subparsers(dest="command", required=True)
     # every subcommand's --help shows the defaults
-    add_parser = commands.add_parser
-    commands.add_parser = lambda *a, **k: add_parser(*a, formatter_class=_DefaultsFormatter, **k)
+    commands = parser.add_subparsers(dest="command", required=True,
+                                     parser_class=_SubcommandParser)
 
     measure = commands.add_parser("measure", help="measure one model",
                                   description="Measure one model on images for a group.")
