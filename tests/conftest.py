@@ -26,10 +26,13 @@ def _seed():
 def make_unwritable(monkeypatch):
     """``make_unwritable(folder)``: ``folder`` takes no new file. Where its mode does not stop
     this process (root ignores it), the write check (``tempfile.mkstemp`` there) fails as it
-    fails on a read-only folder. The caller restores the mode."""
+    fails on a read-only folder. The modes are restored after the test (so that pytest can
+    remove its temporary folders)."""
+    locked: list[Path] = []
 
     def unwritable(folder: Path) -> None:
         folder.chmod(0o555)
+        locked.append(folder)
         if not os.access(folder, os.W_OK):
             return
         mkstemp = tempfile.mkstemp
@@ -41,7 +44,9 @@ def make_unwritable(monkeypatch):
 
         monkeypatch.setattr(tempfile, "mkstemp", refuse)
 
-    return unwritable
+    yield unwritable
+    for folder in locked:
+        folder.chmod(0o755)
 
 
 def pytest_collection_modifyitems(config, items):
