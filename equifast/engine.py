@@ -372,12 +372,9 @@ class _DataPlan:
                     + "; expected every batch as (images, labels) or every one without labels "
                     "(a label of -1 marks an image whose class is unknown)")
             seen += images.shape[0]
-            if (self._input_size_arg is None and not warned_crop
-                    and tuple(images.shape[-2:]) != tuple(self.source_size)
-                    and min(a - b for a, b in zip(images.shape[-2:], self.source_size)) >= 0):
-                warned_crop = True
-                warn_cropped_batch(f"data batch {index}", tuple(images.shape[-2:]),
-                                   self.source_size, stacklevel=3)
+            if self._input_size_arg is None and not warned_crop:
+                warned_crop = warn_cropped_batch(f"data batch {index}", images.shape[-2:],
+                                                 self.source_size, stacklevel=3)
             cropped = _center_crop(images, self.source_size, f"data batch {index}")
             if self.shard is not None:
                 if not self.shard.owns(index):  # read (and checked) by every rank, kept by one

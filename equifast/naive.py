@@ -693,14 +693,11 @@ class _Data:
                     if images.shape[0] == 0:
                         break
                 seen += images.shape[0]
-                first = (self.input_size[0] + 2 * self.margin[0],
-                         self.input_size[1] + 2 * self.margin[1])
-                if (self.input_size_arg is None and not warned_crop
-                        and tuple(images.shape[-2:]) != first
-                        and min(a - b for a, b in zip(images.shape[-2:], first)) >= 0):
-                    warned_crop = True
-                    warn_cropped_batch(f"data batch {index}", tuple(images.shape[-2:]), first,
-                                       stacklevel=3)
+                if self.input_size_arg is None and not warned_crop:
+                    first = (self.input_size[0] + 2 * self.margin[0],
+                             self.input_size[1] + 2 * self.margin[1])
+                    warned_crop = warn_cropped_batch(f"data batch {index}", images.shape[-2:],
+                                                     first, stacklevel=3)
                 yield self._crop(images, f"data batch {index}"), labels
 
 

@@ -259,13 +259,18 @@ def warn_unmargined_sources(
     )
 
 
-def warn_cropped_batch(where: str, source_hw, first_hw, stacklevel: int = 2) -> None:
-    """Warn that a later batch of an iterable, larger than the first, is cut to the first's size.
+def warn_cropped_batch(where: str, source_hw, first_hw, stacklevel: int = 2) -> bool:
+    """Warn that a later batch of an iterable, larger than the first, is cut to the first's size;
+    returns whether it warned (a batch of the first's size, or smaller, which is an error of its
+    own, gets no warning).
 
     Without ``input_size=`` the first batch sets the input size; a later batch with larger
-    sources is measured on its central window of the first batch's size (a smaller one is an
-    error), so its images are seen with another field of view than their own.
+    sources is measured on its central window of the first batch's size, so its images are seen
+    with another field of view than their own.
     """
+    source_hw, first_hw = tuple(source_hw), tuple(first_hw)
+    if source_hw == first_hw or min(a - b for a, b in zip(source_hw, first_hw)) < 0:
+        return False
     warnings.warn(
         f"{where}: sources of {source_hw[0]}x{source_hw[1]}, larger than the {first_hw[0]}x"
         f"{first_hw[1]} of the first batch, which set the input size: their central "
@@ -273,6 +278,7 @@ def warn_cropped_batch(where: str, source_hw, first_hw, stacklevel: int = 2) -> 
         "another size); pass input_size=(H, W) to choose the size, or batches of one size",
         stacklevel=stacklevel + 1,
     )
+    return True
 
 
 def resized_size(image_hw: tuple[int, int], preprocess: Preprocess) -> tuple[int, int]:
