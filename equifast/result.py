@@ -141,6 +141,14 @@ def _fit(name: str, width: int) -> str:
     return f"{name[:head]}...{name[len(name) - (width - 3 - head):]}"
 
 
+def _with_interval(value: float, low: float, high: float, sign: str = "") -> str:
+    """``value [low, high]``; the value alone where there is no interval (``bootstrap=0``, or
+    too few images), so that a table does not fill with ``[nan, nan]``."""
+    if pd.isna(low) and pd.isna(high):
+        return f"{value:{sign}7.4f}"
+    return f"{value:{sign}7.4f} [{low:{sign}6.3f},{high:{sign}6.3f}]"
+
+
 def _shown(names: list[str], most: int = 8) -> str:
     return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most
                                       else "")
@@ -299,8 +307,8 @@ class Result:
             cells = []
             for comparison in ("eq", "inv", "chance"):
                 if comparison in row and pd.notna(row.get(comparison)):
-                    cells.append(f"{row[comparison]:7.4f} [{row[comparison + '_lo']:6.3f},"
-                                 f"{row[comparison + '_hi']:6.3f}]")
+                    cells.append(_with_interval(row[comparison], row[comparison + "_lo"],
+                                                row[comparison + "_hi"]))
                 else:
                     cells.append("-")
             stride = "-" if pd.isna(row["stride"]) else f"{row['stride']:g}"
@@ -312,8 +320,8 @@ class Result:
                 f"{'-' if pd.isna(row['n']) else int(row['n']):>5}"
             )
             if baseline and "eq_init" in row:
-                learned = (f"{row['eq_learned']:+7.4f} [{row['eq_learned_lo']:+6.3f},"
-                           f"{row['eq_learned_hi']:+6.3f}]")
+                learned = _with_interval(row["eq_learned"], row["eq_learned_lo"],
+                                         row["eq_learned_hi"], sign="+")
                 line += f" {row['eq_init']:8.4f} {learned:>22}"
             lines.append(line)
         if not self.model_frame.empty:

@@ -650,6 +650,21 @@ def test_summary_text_shows_long_layer_names_whole_or_with_their_ends():
     assert result.format_summary().splitlines()[1].startswith("0     ")
 
 
+def test_summary_text_shows_intervals_only_where_there_are_some():
+    net, images = _net(), torch.rand(4, 3, 20, 20)
+    kwargs = dict(group=Translation([2]), layers=["0", "2"], progress=False)
+    bare = equifast.measure(net, images, bootstrap=0, **kwargs).format_summary()
+    assert "nan" not in bare and "[" not in bare
+    result = equifast.measure(net, images, bootstrap=50, **kwargs)
+    summary, with_intervals = result.summary(), result.format_summary()
+    row = with_intervals.splitlines()[1]
+    assert row.count("[") == 3 and "nan" not in row
+    assert f"{summary['eq'][0]:7.4f} [{summary['eq_lo'][0]:6.3f},{summary['eq_hi'][0]:6.3f}]" in row
+    # the same values either way, in the same columns
+    assert [line.split()[:3] for line in bare.splitlines()[1:]] == [
+        line.split()[:3] for line in with_intervals.splitlines()[1:]]
+
+
 @pytest.mark.parametrize("implementation", ["engine", "naive"])
 def test_a_compiled_model_is_measured_through_the_module_it_wraps(implementation):
     """Forward hooks cannot run inside a torch.compile graph (dynamo traced the statistics into
