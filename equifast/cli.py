@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -29,18 +30,16 @@ CHANNEL_MAPS = ("identity", "match")
 
 
 def _parse_size(text: str) -> tuple[int, int]:
-    parts = text.lower().replace("x", ",").split(",")
-    try:
-        values = [int(p) for p in parts if p]
-    except ValueError:
+    """An argparse type: ``N`` (a square input) or ``HxW`` (``H,W`` too, as the help said
+    before), positive integers; anything else (``3x``, ``x3``, ``3x4x5``, ``0``) is refused by
+    name instead of read as something else (``3x`` was 3x3)."""
+    match = re.fullmatch(r"\s*([0-9]+)\s*(?:[xX,]\s*([0-9]+)\s*)?", text)
+    if match is None or int(match[1]) < 1 or (match[2] is not None and int(match[2]) < 1):
         raise argparse.ArgumentTypeError(
-            f"expected H,W or HxW or one number, found {text!r}"
-        ) from None
-    if len(values) == 1:
-        values = values * 2
-    if len(values) != 2:
-        raise argparse.ArgumentTypeError(f"expected H,W or HxW or one number, found {text!r}")
-    return values[0], values[1]
+            f"expected N (a square input) or HxW, positive integers such as 224 or 192x256; "
+            f"found {text!r}")
+    height = int(match[1])
+    return height, int(match[2]) if match[2] is not None else height
 
 
 def _count(minimum: int):
@@ -133,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     measure.add_argument("--device", default=None,
                          help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     measure.add_argument("--input-size", type=_parse_size, default=None,
-                         help="H,W of the input (default: the model's own)")
+                         help="N or HxW: the input size (default: the model's own)")
     measure.add_argument("--align", type=_parse_align, default="auto",
                          help="grid offsets: auto | center | corner | a number")
     measure.add_argument("--subpixel", choices=("bilinear", "skip"), default="bilinear",
@@ -223,7 +222,7 @@ def _add_survey_commands(commands) -> None:
     survey.add_argument("--device", default=None,
                         help="cpu, cuda ... (default: cuda when available; a Ray task's GPU)")
     survey.add_argument("--input-size", type=_parse_size, default=None,
-                        help="H,W of the input (default: each model's own)")
+                        help="N or HxW: the input size (default: each model's own)")
     survey.add_argument("--align", type=_parse_align, default="auto", help="as for measure")
     survey.add_argument("--subpixel", choices=("bilinear", "skip"), default=None,
                         help="as for measure: bilinear (default) or skip")

@@ -107,12 +107,27 @@ def test_every_option_is_explained_with_its_default(command, capsys):
     (["--bootstrap", "1"], "argument --bootstrap: expected 0 (no intervals) or at least 2"),
     (["--batch-size", "two"], "argument --batch-size: expected an integer, found 'two'"),
     (["--align", "nan"], "argument --align: align: expected 'auto', 'center', 'corner', a finite"),
+    # --input-size is N or HxW: '3x' was read as 3x3, '3x4x5' and '3,' as something else
+    *[(["--input-size", text], "argument --input-size: expected N (a square input) or HxW, "
+       f"positive integers such as 224 or 192x256; found {text!r}")
+      for text in ("3x", "x3", "3x4x5", "3,", "0", "3x0", "-3", "3.5", "axb", "")],
 ])
 def test_bad_numbers_are_refused_before_any_work(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["measure", "--model", "resnet18", *argv])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_input_size_is_n_or_h_x_w():
+    from equifast.cli import build_parser
+
+    for command in ("measure", "survey"):
+        for text, size in (("64", (64, 64)), ("64x96", (64, 96)), ("64X96", (64, 96)),
+                           ("64,96", (64, 96))):
+            args = build_parser().parse_args([command, "--model" if command == "measure"
+                                              else "--models", "resnet18", "--input-size", text])
+            assert args.input_size == size, (command, text)
 
 
 def test_bad_out_and_device_are_refused_before_the_measurement(tmp_path, capsys, monkeypatch):
