@@ -151,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="seeds the bootstrap, random init and --baseline")
     measure.add_argument("--workers", type=_count(0), default=None, help="loader workers")
     measure.add_argument("--loader", choices=("auto", "dali", "folder"), default="auto",
-                         help="image folder loader: NVIDIA DALI, Pillow, or DALI when installed")
+                         help="image folder loader (--data): NVIDIA DALI, Pillow, or DALI when "
+                              "installed")
     measure.add_argument("--reference", action="store_true",
                          help="use the pure-PyTorch reference ops (slow; for checking)")
     measure.add_argument("--out", default="results/run",
@@ -254,11 +255,29 @@ def _add_survey_commands(commands) -> None:
     export.add_argument("-o", "--out", default=None, help="folder (default: STORE without suffix)")
 
 
+def _check_loader(args: argparse.Namespace) -> None:
+    """``--loader dali`` or ``folder`` picks how an image folder (``--data``) is read; the
+    embedded photographs (``--samples``, the default) are no folder and were measured without
+    it, silently. Refused before any work.
+
+    Raises:
+        ValueError: ``--loader`` other than ``auto`` without ``--data``.
+    """
+    if args.loader == "auto" or args.data:
+        return
+    given = ("--samples" if args.samples
+             else "no --data (the embedded photographs, --samples, are the default)")
+    raise ValueError(f"--loader {args.loader}: expected --data DIR, an image folder for the "
+                     f"loader to read; found {given}: the embedded photographs are decoded in "
+                     "memory and read by no loader (give --data DIR, or leave --loader out)")
+
+
 def _run_survey(args: argparse.Namespace) -> int:
     from equifast.survey import run_survey
 
     if not args.models and not args.model_list:
         raise ValueError("survey: give --models NAME|GLOB ... or --model-list FILE")
+    _check_loader(args)
     if args.metrics is not None:  # checked before any model runs (each would fail on it)
         from equifast.scores import check_metrics
 
@@ -322,6 +341,7 @@ def _measure(args: argparse.Namespace, main: bool) -> int:
 
     # Checked before the measurement, so that a bad --out cannot lose a finished run.
     table_path, plot_path = _output_paths(args.out)
+    _check_loader(args)
     if args.imports:
         from equifast.survey.runner import import_plugins
 

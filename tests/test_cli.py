@@ -130,6 +130,37 @@ def test_input_size_is_n_or_h_x_w():
             assert args.input_size == size, (command, text)
 
 
+def test_a_loader_without_data_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """--loader dali (or folder) reads a --data folder; with the embedded photographs (--samples,
+    or no --data) it was ignored silently."""
+    import equifast.models
+    import equifast.survey
+    from equifast import cli
+
+    def never(*args, **kwargs):
+        raise AssertionError("worked although --loader could not apply")
+
+    monkeypatch.setattr(equifast.models, "load_model_sized", never)
+    monkeypatch.setattr(equifast.survey, "run_survey", never)
+    for command, model in (("measure", "--model"), ("survey", "--models")):
+        for loader, source, found in (
+                ("dali", ["--samples"], "found --samples:"),
+                ("folder", [], "found no --data (the embedded photographs, --samples, are the "
+                               "default):")):
+            argv = [command, model, "resnet10t", "--loader", loader, *source,
+                    "--out" if command == "measure" else "--store",
+                    str(tmp_path / ("o" if command == "measure" else "s.sqlite"))]
+            assert main(argv) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"equifast: error: --loader {loader}: expected --data DIR, an "
+                                  f"image folder for the loader to read; {found}"), err
+            assert "leave --loader out" in err
+    assert not (tmp_path / "s.sqlite").exists()
+    args = cli.build_parser().parse_args(["measure", "--model", "m", "--loader", "dali",
+                                          "--data", str(tmp_path)])
+    cli._check_loader(args)  # a folder: the loader applies
+
+
 def test_bad_out_and_device_are_refused_before_the_measurement(tmp_path, capsys, monkeypatch):
     import equifast
 
