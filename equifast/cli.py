@@ -297,7 +297,9 @@ def _run_survey(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         **{k: v for k, v in measure_kwargs.items() if v is not None},
     )
-    return 1 if summary.failed else 0
+    # 1 while a model of the survey is recorded as failed for this configuration: failed now,
+    # or before and skipped by this run (not retried), as the printed summary says
+    return 1 if summary.failed or summary.failures_left else 0
 
 
 def _run_export(args: argparse.Namespace) -> int:

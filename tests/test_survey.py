@@ -700,6 +700,31 @@ def test_cli_survey_and_export(tmp_path, capsys):
         export_store(store_path, tmp_path / "x", "xlsx")
 
 
+def test_a_rerun_exits_1_while_failures_are_left_in_the_store(tmp_path, capsys):
+    """The first run exits 1 (a model failed); a rerun that skips the failed model without
+    --retry-failed exited 0 although the store still held the failure: it exits 1 too, and says
+    how many failures are left and how to retry them. Once nothing failed is left: 0."""
+    store_path = tmp_path / "s.sqlite"
+    argv = ["survey", "--models", "eqtest_tiny", "eqtest_raises", "--samples", "--group",
+            "translate:4,8", "--limit", "4", "--input-size", "32", "--bootstrap", "0",
+            "--store", str(store_path), "--quiet"]
+    retry = ("1 model of this survey is recorded as failed in the store for this configuration "
+             "(exit status 1); the same command with --retry-failed measures it again: "
+             "eqtest_raises")
+    assert main(argv) == 1
+    assert retry in capsys.readouterr().out
+    assert main(argv) == 1  # nothing measured, the failure left as it is
+    out = capsys.readouterr().out
+    assert "0 done, 2 skipped" in out and retry in out
+    assert main([*argv, "--retry-failed"]) == 1  # retried, failed again
+    assert retry in capsys.readouterr().out
+    # the survey's own models count: another model's failure under this configuration does not
+    assert main([a for a in argv if a != "eqtest_raises"]) == 0
+    assert "recorded as failed" not in capsys.readouterr().out
+    summary = _survey(["eqtest_raises", "eqtest_tiny"], store_path, bootstrap=0)
+    assert summary.failures_left == ["eqtest_raises"] and not summary.failed
+
+
 def test_ray_survey_gives_the_sequential_rows(tmp_path, monkeypatch):
     sequential, distributed = tmp_path / "seq.sqlite", tmp_path / "ray.sqlite"
     _survey(REAL_MODELS, sequential)

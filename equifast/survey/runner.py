@@ -86,6 +86,10 @@ class SurveySummary:
     elsewhere: dict[str, str] = field(default_factory=dict)  # model -> why
     # done, with a warning about their numbers (stored as runs.warning)
     warned: dict[str, str] = field(default_factory=dict)  # model -> warning
+    # the models of this survey recorded as failed under its configuration when it ended: failed
+    # in this run, before (and not retried) or in another survey; --retry-failed measures them
+    # again (the command line exits with status 1 while there are any)
+    failures_left: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         before = f", {len(self.failed_before)} of them failed" if self.failed_before else ""
@@ -102,6 +106,13 @@ class SurveySummary:
             text += f"\n  left to another survey: {model}: {why}"
         for model, warning in self.warned.items():
             text += f"\n  warning: {model}: {warning}"
+        if self.failures_left:
+            count = len(self.failures_left)
+            text += (f"\n  {count} model{'s' if count != 1 else ''} of this survey "
+                     f"{'are' if count != 1 else 'is'} recorded as failed in the store for this "
+                     "configuration (exit status 1); the same command with --retry-failed "
+                     f"measures {'them' if count != 1 else 'it'} again: "
+                     + ", ".join(self.failures_left))
         return text
 
 
@@ -677,6 +688,9 @@ def run_survey(
             if bar is not None:
                 bar.close()
             db.release(owner)
+        # What the store holds when the survey ends: a rerun that skips the failed models
+        # leaves them failed, and says so (the first run's exit status 1, not 0).
+        summary.failures_left = [name for name in names if db.status(name, key) == "failed"]
     summary.seconds = time.perf_counter() - started
     log(str(summary))
     return summary
