@@ -339,8 +339,19 @@ def _tv_classification_models() -> list[str]:
     return torchvision.models.list_models(module=torchvision.models)
 
 
-def _unknown(name: str, candidates: list[str], what: str) -> UnknownModelError:
-    close = difflib.get_close_matches(name, candidates, n=8, cutoff=0.6)
+def _unknown(name: str, candidates: list[str], what: str, probe: str | None = None,
+             tag: str = "") -> UnknownModelError:
+    """The error of a name that is no model: the close names among ``candidates`` (of
+    ``probe``, the name without its pretrained tag or with the short ``tv:`` prefix), each with
+    ``tag`` where timm has those weights."""
+    close = difflib.get_close_matches(probe or name, candidates, n=8, cutoff=0.6)
+    if tag:
+        import timm
+
+        # 'resnet1B.a1_in1k': the close architectures, with the tag where timm has it ('resnet18
+        # .a1_in1k'); matching the whole name found other tags' lookalikes (resnet101_clip)
+        tagged = set(timm.list_pretrained(f"*.{tag}"))
+        close = [f"{c}.{tag}" if f"{c}.{tag}" in tagged else c for c in close]
     hint = f" Close names: {', '.join(close)}." if close else ""
     return UnknownModelError(
         f"unknown model {name!r}: {what}.{hint} timm names are listed by "
@@ -366,7 +377,8 @@ def _check_timm_name(name: str) -> None:
     arch, _, tag = name.partition(".")
     if not timm.is_model(arch):
         tv_names = [f"tv:{n}" for n in _tv_classification_models()]
-        raise _unknown(name, [*timm.list_models(), *tv_names], "timm has no such architecture")
+        raise _unknown(name, [*timm.list_models(), *tv_names], "timm has no such architecture",
+                       probe=arch, tag=tag)
     if tag:
         try:
             get_pretrained_cfg(name)
@@ -468,7 +480,8 @@ def _load_torchvision(
     available = _tv_classification_models()
     if arch not in available:
         raise _unknown(
-            name, [f"tv:{n}" for n in available], "torchvision has no such classification model"
+            name, [f"tv:{n}" for n in available], "torchvision has no such classification model",
+            probe=f"tv:{arch}",
         )
 
     default_weights = None

@@ -432,6 +432,32 @@ def test_resolve_models_names_wildcards_and_lists(tmp_path):
     assert family_of("tv:resnet50") == "resnet"
 
 
+def test_a_misspelled_model_fails_naming_the_close_names(tmp_path, capsys):
+    """A misspelled name is a failed run whose recorded error and printed line name the close
+    names (as `equifast measure` does: the same UnknownModelError): with --pretrained-only it
+    was left out silently (timm lists no weights for a name it does not know), the printed line
+    cut the close names at 200 characters, and a misspelled tagged name was matched whole
+    (resnet101_clip for resnet1B.a1_in1k)."""
+    store_path = tmp_path / "s.sqlite"
+    summary = run_survey(["resnet1B", "tv:resnt18", "resnet1B.a1_in1k"], "samples", store_path,
+                         **{**SETTINGS, "log": print}, pretrained_only=True)
+    assert sorted(summary.failed) == ["resnet1B", "resnet1B.a1_in1k", "tv:resnt18"]
+    printed = capsys.readouterr().out
+    with open_store(store_path) as store:
+        errors = store.runs.set_index("model").error
+    for model, first in (("resnet1B", "resnet18"), ("tv:resnt18", "tv:resnet18"),
+                         ("resnet1B.a1_in1k", "resnet18.a1_in1k")):
+        close = re.search(r"Close names: [^ ].*?\.(?= )", errors[model]).group(0)
+        assert close.startswith(f"Close names: {first}, "), errors[model]
+        line = next(ln for ln in printed.splitlines() if ln.startswith(f"failed {model}: "))
+        assert f"UnknownModelError: unknown model {model!r}" in line and close in line
+    # a timm architecture without pretrained weights is what --pretrained-only leaves out
+    with pytest.raises(ValueError, match="--pretrained-only left out eqtest_tiny, eqtest_tiny_b "
+                                         r"\(timm has no pretrained weights for them\)"):
+        resolve_models(["eqtest_tiny", "eqtest_tiny_b"], pretrained_only=True)
+    assert resolve_models(["eqtest_tiny", "resnet1B"], pretrained_only=True) == ["resnet1B"]
+
+
 def test_a_model_has_one_key_whatever_its_prefix(tmp_path):
     names = resolve_models(["timm:eqtest_tiny", "eqtest_tiny", " tv:resnet18 ",
                             "torchvision:resnet18", "resnet18", "timm:resnet1?t"])

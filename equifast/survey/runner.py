@@ -134,8 +134,9 @@ def resolve_models(patterns: Iterable[str] = (), model_list: str | os.PathLike |
     """Expand names, timm wildcards (``"resnet*"``) and a model-list file into model names.
 
     Wildcards go through ``timm.list_models``; with ``pretrained_only`` they list the names that
-    have pretrained weights (with their tag, e.g. ``resnet18.a1_in1k``), and plain names without
-    any pretrained weights in timm are dropped. Torchvision wildcards (``"tv:resnet*"``) use
+    have pretrained weights (with their tag, e.g. ``resnet18.a1_in1k``), and plain names of timm
+    architectures without any pretrained weights are dropped (a name timm does not know is kept:
+    its run fails naming the close names). Torchvision wildcards (``"tv:resnet*"``) use
     ``torchvision.models.list_models``. Names are the store's keys (:func:`model_key`:
     ``timm:resnet18`` is ``resnet18``, ``torchvision:vgg11`` is ``tv:vgg11``). Order is kept;
     duplicates are dropped.
@@ -149,6 +150,7 @@ def resolve_models(patterns: Iterable[str] = (), model_list: str | os.PathLike |
     if model_list is not None:
         requested += read_model_list(model_list)
     names: list[str] = []
+    no_weights: list[str] = []  # left out by pretrained_only
     for pattern in map(model_key, requested):
         if _WILDCARDS & set(pattern):
             if pattern.startswith("tv:"):
@@ -164,11 +166,18 @@ def resolve_models(patterns: Iterable[str] = (), model_list: str | os.PathLike |
                                  f"{'pretrained ' if pretrained_only else ''}model")
             names += found
         else:
-            if pretrained_only and not pattern.startswith("tv:"):
-                if not timm.list_models(pattern.split(".")[0], pretrained=True):
-                    continue
+            arch = pattern.split(".")[0]
+            # (a name timm does not know stays: it fails as a run that names the close ones,
+            # where it was left out silently as a model without weights)
+            if (pretrained_only and not pattern.startswith("tv:") and timm.is_model(arch)
+                    and not timm.list_models(arch, pretrained=True)):
+                no_weights.append(pattern)
+                continue
             names.append(pattern)
     unique = list(dict.fromkeys(names))
+    if not unique and no_weights:
+        raise ValueError(f"no models to survey: --pretrained-only left out {', '.join(no_weights)}"
+                         " (timm has no pretrained weights for them)")
     if not unique:
         raise ValueError("no models to survey: give --models names/wildcards or --model-list")
     return unique
@@ -501,6 +510,18 @@ def measure_model(model: str, data: Any, group: str, batch_size: int, min_batch_
             return outcome
 
 
+def _log_line(message: str, limit: int = 200) -> str:
+    """An error's first line for the survey's log, cut at ``limit`` characters, but never inside
+    the close names of an unknown model (:class:`equifast.models.UnknownModelError`): they say
+    what to do."""
+    line = (message.splitlines() or [""])[0]
+    if len(line) <= limit:
+        return line
+    close = line.find(" Close names: ")
+    end = line.find(". ", close) if close >= 0 else -1
+    return line[:max(limit, end + 1)] if end >= 0 else line[:limit]
+
+
 def _record(store: SurveyStore, outcome: ModelOutcome, key: str, group: str, env_id: int,
             config: dict[str, Any]) -> bool:
     """Write an outcome; True when the model is done.
@@ -661,7 +682,7 @@ def run_survey(
                 show(f"done   {outcome.model}: {rate:.1f} img/s"
                      + (f"; warning: {warning}" if warning else ""))
             else:
-                show(f"failed {outcome.model}: {outcome.errors[-1][3].splitlines()[0][:200]}")
+                show(f"failed {outcome.model}: {_log_line(outcome.errors[-1][3])}")
 
         # Another survey may run on the same store: each model is claimed before it is
         # measured (all at once for Ray, which runs them together), and one that the other
