@@ -20,6 +20,9 @@ configuration (:func:`equifast.plots.configuration_labels`). The failed models a
 name the configuration by the same label.
 
 ``DIR/models.csv`` holds the numbers of the models table (one row per model and configuration).
+``DIR/figures/.equifast-report.json`` lists the figures the report wrote: written again into
+the same folder, it removes those of the earlier report that it no longer writes (a model gone
+from the store), and no other file.
 
 Example:
     >>> from equifast.report import build_report
@@ -30,12 +33,13 @@ Example:
 from __future__ import annotations
 
 import html
+import json
 import math
 import os
 import re
 from datetime import datetime, timezone
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import pandas as pd
 
@@ -194,6 +198,50 @@ def _save(fig, stem: Path) -> list[Path]:
     return paths
 
 
+# The figures a report wrote, listed beside them: a rewritten report removes those it no longer
+# writes (a model gone from the store, another metric's failed figure) and no other file.
+_MANIFEST = ".equifast-report.json"
+_TITLE = "<h1>equifast survey report</h1>"
+
+
+def _own_figures(out_dir: Path) -> set[str]:
+    """The names of the files in ``out_dir/figures`` that an earlier report wrote: those its
+    manifest lists, or, for a report written before there was one, those its ``index.html``
+    (an equifast report's) links to. Plain names only: nothing outside ``figures`` is named."""
+    figures = out_dir / "figures"
+    names: list = []
+    try:
+        names = json.loads((figures / _MANIFEST).read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        try:
+            page = (out_dir / "index.html").read_text(encoding="utf-8")
+        except (OSError, ValueError):
+            page = ""
+        if _TITLE in page:
+            names = [unquote(name) for name in re.findall(r'(?:src|href)="figures/([^"/]+)"',
+                                                          page)]
+    if not isinstance(names, list):
+        return set()
+    return {name for name in names if isinstance(name, str) and name == Path(name).name
+            and name not in ("", ".", "..", _MANIFEST)}
+
+
+def _remove_stale_figures(figures: Path, before: set[str], written: list[Path]) -> list[Path]:
+    """Remove the files of ``before`` (:func:`_own_figures`) that this report did not write
+    again, then list what it wrote in the manifest. Returns the removed paths."""
+    kept = {path.name for path in written}
+    removed = []
+    for name in sorted(before - kept):
+        path = figures / name
+        if path.is_file() and not path.is_symlink():
+            path.unlink()
+            removed.append(path)
+    (figures / _MANIFEST).write_text(
+        json.dumps({"written_by": "equifast report", "files": sorted(kept)}, indent=1) + "\n",
+        encoding="utf-8")
+    return removed
+
+
 def _figure_html(stem: str, alt: str, caption: str, lazy: bool = False) -> str:
     png, svg = quote(f"figures/{stem}.png"), quote(f"figures/{stem}.svg")
     loading = ' loading="lazy"' if lazy else ""
@@ -223,7 +271,10 @@ def build_report(store_path: str | os.PathLike, out_dir: str | os.PathLike, *,
 
     Args:
         store_path: The survey's SQLite store.
-        out_dir: The report folder (created; files of an earlier report are overwritten).
+        out_dir: The report folder (created; files of an earlier report are overwritten, and
+            the figures it wrote that this one does not write again are removed: those listed
+            in ``figures/.equifast-report.json``, or linked from an earlier report's
+            ``index.html``; no other file is touched).
         metric: The score shown (default ``corr``; e.g. ``corr_vs_chance``, ``cosine``).
         progress: A progress bar over the per-model figures (default: from 10 models on).
         n_boot: Bootstrap resamples of the models for the correlation CIs.
@@ -279,6 +330,8 @@ def build_report(store_path: str | os.PathLike, out_dir: str | os.PathLike, *,
     check_folder(out_dir, "out_dir", expected=_EXPECTED_FOLDER)
     figures = out_dir / "figures"
     check_folder(figures, "out_dir", out_dir, _EXPECTED_FOLDER)
+    earlier = _own_figures(out_dir)  # (read before index.html is written again)
+    written: list[Path] = []
     summary = plots.model_summary(frames, metric)
     summary.to_csv(out_dir / "models.csv", index=False)
     groups = list(dict.fromkeys(summary.group_label))
@@ -288,7 +341,7 @@ def build_report(store_path: str | os.PathLike, out_dir: str | os.PathLike, *,
     # All models: accuracy against mean equivariance.
     fig = plots.plot_accuracy_vs_equivariance(summary, metric, groups=groups, n_boot=n_boot,
                                               seed=seed)
-    _save(fig, figures / "accuracy_vs_equivariance")
+    written += _save(fig, figures / "accuracy_vs_equivariance")
     correlation_rows = []
     for group in groups:
         part = summary[summary.group_label == group]
@@ -319,7 +372,7 @@ def build_report(store_path: str | os.PathLike, out_dir: str | os.PathLike, *,
         except ValueError as error:
             depth_sections.append(f"{title}<p>No depth figure: {html.escape(str(error))}</p>")
             continue
-        _save(fig, figures / f"depth-{slug}")
+        written += _save(fig, figures / f"depth-{slug}")
         depth_sections.append(title + _figure_html(
             f"depth-{slug}", f"{model}: {metric} against relative depth",
             f"{html.escape(model)}: {html.escape(metric)} against relative depth; shaded: 95% "
@@ -434,7 +487,7 @@ def build_report(store_path: str | os.PathLike, out_dir: str | os.PathLike, *,
 </head>
 <body>
 <div id="js-errors" hidden></div>
-<h1>equifast survey report</h1>
+{_TITLE}
 <p class="meta">Store <code>{html.escape(str(store_path))}</code> · {len(done)} finished run(s)
 of {len(models)} model(s), {len(failed)} failed, {len(warned)} with a warning · group(s):
 {html.escape(", ".join(groups))}
@@ -487,4 +540,5 @@ images (features NaN, infinite or zero there) are means over the images left.</p
 """
     index = out_dir / "index.html"
     index.write_text(page, encoding="utf-8")
+    _remove_stale_figures(figures, earlier, written)
     return index

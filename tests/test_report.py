@@ -487,6 +487,39 @@ def test_plot_model_depth_needs_one_model(tmp_path):
         plot_model_depth(scores, metric="cosine", model="net1")
 
 
+def test_a_rewritten_report_removes_the_figures_it_no_longer_writes(tmp_path):
+    """A report written again into its folder removes its own figures that it does not write
+    again (those of a model no longer in the store), listed in its manifest or, for a report
+    written before the manifest existed, linked from its index.html; files of the user stay."""
+    out = tmp_path / "out"
+    three = _store(tmp_path / "three.sqlite", [_result(f"net{i}", [0.9, 0.5]) for i in (1, 2, 3)])
+    build_report(three, out, n_boot=10)
+    figures = out / "figures"
+    depth = {f"depth-net{i}.{fmt}" for i in (1, 2, 3) for fmt in ("png", "svg")}
+    assert depth <= {p.name for p in figures.iterdir()}
+    mine = ["depth-mine.png", "notes.txt", "accuracy_vs_equivariance.pdf"]
+    for name in mine:
+        (figures / name).write_text("the user's")
+    (out / "elsewhere.png").write_text("the user's")
+    one = _store(tmp_path / "one.sqlite", [_result("net2", [0.9, 0.5])])
+    build_report(one, out, n_boot=10)
+    left = {p.name for p in figures.iterdir()}
+    assert left == {"depth-net2.png", "depth-net2.svg", "accuracy_vs_equivariance.png",
+                    "accuracy_vs_equivariance.svg", ".equifast-report.json", *mine}
+    assert all((figures / name).read_text() == "the user's" for name in mine)
+    assert (out / "elsewhere.png").is_file()
+    # a report written before the manifest: the figures its index.html links to are its own
+    build_report(three, out, n_boot=10)
+    (figures / ".equifast-report.json").unlink()
+    build_report(one, out, n_boot=10)
+    assert {p.name for p in figures.iterdir()} == left
+    # a manifest that names anything but a plain file name in figures/ removes nothing there
+    (figures / ".equifast-report.json").write_text(
+        '{"files": ["../elsewhere.png", "/etc/passwd", "", "..", 3]}')
+    build_report(one, out, n_boot=10)
+    assert (out / "elsewhere.png").is_file() and {p.name for p in figures.iterdir()} == left
+
+
 def test_report_errors_are_clear(tmp_path):
     missing = tmp_path / "nowhere.sqlite"
     with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
