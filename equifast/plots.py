@@ -40,14 +40,36 @@ from matplotlib.lines import Line2D  # noqa: E402
 __all__ = [
     "COMPARISON_STYLE",
     "CONFIGURATION_KEYS",
+    "LOWER_IS_MORE_EQUIVARIANT",
     "accuracy_column",
     "configuration_labels",
     "correlations",
+    "mean_score_name",
     "model_summary",
+    "more_equivariant",
     "plot_accuracy_vs_equivariance",
     "plot_depth",
     "plot_model_depth",
 ]
+
+# Scores that are 0 for equal maps and grow as the maps differ: their lower values are the more
+# equivariant ones. Every other score (corr, corr_vs_chance, corr_channelwise, cosine, psnr) is
+# higher for the more equivariant maps.
+LOWER_IS_MORE_EQUIVARIANT = frozenset({"one_minus_corr", "nde", "rel_err"})
+
+
+def more_equivariant(metric: str) -> str:
+    """``"higher"`` or ``"lower"``: which values of ``metric`` are the more equivariant."""
+    return "lower" if metric in LOWER_IS_MORE_EQUIVARIANT else "higher"
+
+
+def mean_score_name(metric: str) -> str:
+    """What the survey figures and the report call the mean over layers of a model's ``eq``
+    ``metric``: ``"mean equivariance"`` for a score that is higher for the more equivariant
+    maps, else the score's own name (``"mean one_minus_corr"``), which rises as equivariance
+    falls."""
+    return "mean equivariance" if more_equivariant(metric) == "higher" else f"mean {metric}"
+
 
 COMPARISON_STYLE = {
     "eq": ("equivariance", "tab:blue"),
@@ -430,7 +452,7 @@ def correlations(x, y, n_boot: int = 1000, seed: int = 0, level: float = 0.95
     return out
 
 
-def _format_correlation(stats: dict[str, Any]) -> str:
+def _format_correlation(stats: dict[str, Any], metric: str = "corr") -> str:
     def one(name: str, symbol: str) -> str:
         value = stats[name]
         if not math.isfinite(value):
@@ -444,6 +466,10 @@ def _format_correlation(stats: dict[str, Any]) -> str:
     text = f"{one('pearson', 'Pearson r')}\n{one('spearman', 'Spearman ρ')}"
     if not math.isfinite(stats["pearson"]):
         text += "\n(one side is constant)"
+    if more_equivariant(metric) == "lower":
+        # the sign reads the other way round than for corr
+        text += (f"\nlower {metric}: more equivariant\n"
+                 "(r < 0: the more equivariant, the more accurate)")
     return text + f"\n95% bootstrap CI, {stats['n_boot']} resamples, n = {stats['n']}"
 
 
@@ -478,6 +504,11 @@ def plot_accuracy_vs_equivariance(source, metric: str = "corr", *, groups=None,
                                   annotate: bool | None = None):
     """Accuracy against mean equivariance, one point per model, coloured by architecture family;
     one panel per group, with Pearson and Spearman correlations and their bootstrap CIs.
+
+    The x axis is the mean over layers of the ``eq`` ``metric``: "mean equivariance" for a score
+    that is higher for the more equivariant maps, else named by the score (``one_minus_corr``,
+    ``nde``, ``rel_err``: lower is more equivariant, and the correlation box says that the sign
+    reads the other way round); the axis label says which.
 
     Accuracy is top-1 (``model_scores``); in a group where no model has one (data without
     labels) it falls back to ``consistency``, and the axis label says so. Models without either
@@ -529,10 +560,12 @@ def plot_accuracy_vs_equivariance(source, metric: str = "corr", *, groups=None,
         stats = correlations(points.mean_eq, points[column], n_boot=n_boot, seed=seed)
         x, y, ha, va = _emptiest_corner(ax, points.mean_eq.astype(float),
                                         points[column].astype(float))
-        ax.text(x, y, _format_correlation(stats), transform=ax.transAxes, va=va, ha=ha,
+        ax.text(x, y, _format_correlation(stats, metric), transform=ax.transAxes, va=va, ha=ha,
                 fontsize=8, gid="correlation",
                 bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.85})
-        ax.set_xlabel(f"mean equivariance ({metric}, eq, mean over layers)")
+        named = f"{metric}, " if mean_score_name(metric) == "mean equivariance" else ""
+        ax.set_xlabel(f"{mean_score_name(metric)} ({named}eq, mean over layers; "
+                      f"{more_equivariant(metric)}: more equivariant)")
         ax.set_ylabel("top-1 accuracy" if column == "top1" else
                       "consistency (no top-1: data without labels)")
         title = f"{group} ({len(points)} model{'s' if len(points) != 1 else ''})"

@@ -333,6 +333,15 @@ def build_report(store_path: str | os.PathLike, out_dir: str | os.PathLike, *,
     earlier = _own_figures(out_dir)  # (read before index.html is written again)
     written: list[Path] = []
     summary = plots.model_summary(frames, metric)
+    # one_minus_corr, nde, rel_err: lower is more equivariant, and correlations change sign
+    direction = plots.more_equivariant(metric)
+    mean_name = plots.mean_score_name(metric)
+    code = f"<code>{html.escape(metric)}</code>"
+    sign_note = ("" if direction == "higher" else
+                 " A negative correlation therefore says that the more equivariant models are "
+                 "the more accurate.")
+    accuracy_title = ("Accuracy against equivariance" if direction == "higher" else
+                      f"Accuracy against mean {code} (lower: more equivariant)")
     summary.to_csv(out_dir / "models.csv", index=False)
     groups = list(dict.fromkeys(summary.group_label))
     scores = scores.assign(group_label=scores.run_id.map(dict(zip(done.run_id,
@@ -390,9 +399,12 @@ def build_report(store_path: str | os.PathLike, out_dir: str | os.PathLike, *,
                       if g in mean_learned.columns and mean_learned[g].notna().any()]
     header = ['<th>model</th>', '<th>family</th>', '<th>pretrained</th>',
               '<th data-type="number">top-1</th>', '<th data-type="number">consistency</th>']
-    header += [f'<th data-type="number">mean eq {html.escape(str(g))}</th>' for g in groups]
-    header += [f'<th data-type="number" title="mean eq minus that of the initialized copy">'
-               f'learned eq {html.escape(str(g))}</th>' for g in learned_groups]
+    header += [f'<th data-type="number" title="mean over layers of the eq {html.escape(metric)}; '
+               f'{direction}: more equivariant">mean eq {html.escape(str(g))}</th>'
+               for g in groups]
+    header += [f'<th data-type="number" title="mean eq minus that of the initialized copy '
+               f'({"positive" if direction == "higher" else "negative"}: more equivariant than '
+               f'at init)">learned eq {html.escape(str(g))}</th>' for g in learned_groups]
     header += ['<th data-type="number">images/s</th>', '<th data-type="number">images</th>']
     body = []
     for model in models:
@@ -492,25 +504,27 @@ def build_report(store_path: str | os.PathLike, out_dir: str | os.PathLike, *,
 of {len(models)} model(s), {len(failed)} failed, {len(warned)} with a warning · group(s):
 {html.escape(", ".join(groups))}
 · score <code>{html.escape(metric)}</code> · generated {generated}</p>
-<nav><a href="#accuracy">accuracy vs equivariance</a><a href="#models">models</a>
+<nav><a href="#accuracy">accuracy vs {html.escape(mean_name.removeprefix("mean "))}</a>
+<a href="#models">models</a>
 <a href="#failed">failed ({len(failed)})</a><a href="#warnings">warnings ({len(warned)})</a>
 <a href="#skipped">skipped files</a>
 <a href="#depth">depth profiles</a><a href="#environments">environments</a></nav>
 
-<h2 id="accuracy">Accuracy against equivariance</h2>
-{_figure_html("accuracy_vs_equivariance", "accuracy against mean equivariance",
-              "One point per model; mean equivariance is the mean over layers of the "
-              f"<code>{html.escape(metric)}</code> equivariance score (element mean). "
-              + accuracy_note)}
+<h2 id="accuracy">{accuracy_title}</h2>
+{_figure_html("accuracy_vs_equivariance", f"accuracy against {mean_name}",
+              f"One point per model; {html.escape(mean_name)} is the mean over layers of the "
+              f"{code} score of the eq comparison (element mean): {direction} is more "
+              f"equivariant.{sign_note} " + accuracy_note)}
 <table><thead><tr><th>group</th><th>accuracy</th><th>models</th>
 <th>Pearson r [95% CI]</th><th>Spearman ρ [95% CI]</th></tr></thead>
 <tbody>{"".join(correlation_rows)}</tbody></table>
-<p class="meta">CIs: percentile bootstrap over models, {n_boot} resamples (seed {seed}).</p>
+<p class="meta">CIs: percentile bootstrap over models, {n_boot} resamples (seed {seed}).
+{sign_note}</p>
 
 <h2 id="models">Models</h2>
 <p class="meta">Click a column header to sort. top-1, consistency and images/s are of each model's
-latest run; mean eq is the mean over layers of the <code>{html.escape(metric)}</code>
-equivariance, per group.</p>
+latest run; mean eq is the mean over layers of the {code} score of the eq comparison, per
+group ({direction}: more equivariant).</p>
 <table id="models-table" class="sortable"><thead><tr>{"".join(header)}</tr></thead>
 <tbody>
 {chr(10).join(body)}
@@ -529,7 +543,8 @@ images (features NaN, infinite or zero there) are means over the images left.</p
 
 <h2 id="depth">Scores against depth</h2>
 <p class="meta">Per model: equivariance, invariance and chance (an unrelated image) of
-<code>{html.escape(metric)}</code> against relative depth, one panel per group.</p>
+{code} against relative depth, one panel per group{"" if direction == "higher" else
+ f" (lower {code}: the compared maps agree more; for eq, more equivariant)"}.</p>
 {chr(10).join(depth_sections)}
 
 <h2 id="environments">Environments</h2>

@@ -520,6 +520,53 @@ def test_a_rewritten_report_removes_the_figures_it_no_longer_writes(tmp_path):
     assert (out / "elsewhere.png").is_file() and {p.name for p in figures.iterdir()} == left
 
 
+def test_a_score_that_is_lower_for_equivariant_maps_is_named_so(tmp_path):
+    """--metric one_minus_corr: the page and the figure called its mean "mean equivariance",
+    whose correlations with accuracy then had the opposite sign of what they read as; they name
+    the score and say that lower is more equivariant (and what a negative correlation means)."""
+    results = []
+    for i, (eq, top1) in enumerate([([0.9, 0.8], 0.7), ([0.6, 0.5], 0.5), ([0.4, 0.2], 0.2)]):
+        result = _result(f"net{i + 1}", eq, top1=top1)
+        flipped = result.frame.assign(metric="one_minus_corr", value=1 - result.frame.value,
+                                      ci_low=1 - result.frame.ci_high,
+                                      ci_high=1 - result.frame.ci_low)
+        result.frame = pd.concat([result.frame, flipped], ignore_index=True)
+        results.append(result)
+    store = _store(tmp_path / "s.sqlite", results)
+    pages = {metric: build_report(store, tmp_path / metric, metric=metric, n_boot=20).read_text()
+             for metric in ("corr", "one_minus_corr")}
+    lower = pages["one_minus_corr"]
+    assert "mean equivariance" not in lower and "Accuracy against equivariance" not in lower
+    assert ('<h2 id="accuracy">Accuracy against mean <code>one_minus_corr</code> (lower: more '
+            "equivariant)</h2>") in lower
+    assert ("mean one_minus_corr is the mean over layers of the <code>one_minus_corr</code> "
+            "score of the eq comparison (element mean): lower is more equivariant. A negative "
+            "correlation therefore says that the more equivariant models are the more "
+            "accurate.") in lower
+    assert "group (lower: more equivariant)" in lower
+    assert 'title="mean over layers of the eq one_minus_corr; lower: more equivariant"' in lower
+    higher = pages["corr"]
+    assert "<h2 id=\"accuracy\">Accuracy against equivariance</h2>" in higher
+    assert "score of the eq comparison (element mean): higher is more equivariant." in higher
+    assert "lower:" not in higher and "negative correlation" not in higher
+
+    def pearson(page: str) -> float:
+        row = re.search(r"<tr><td>translate:8,16</td>.*?</tr>", page).group(0)
+        return float(re.findall(r'<td class="num">([-0-9.]+)', row)[1])
+
+    assert pearson(higher) > 0.9 and pearson(lower) == pytest.approx(-pearson(higher), abs=1e-3)
+    for metric, words in (("corr", "mean equivariance (corr, eq, mean over layers; higher: more "
+                                   "equivariant)"),
+                          ("one_minus_corr", "mean one_minus_corr (eq, mean over layers; "
+                                             "lower: more equivariant)")):
+        fig = plot_accuracy_vs_equivariance(store, metric, n_boot=20)
+        assert fig.axes[0].get_xlabel() == words
+        box = _correlation_text(fig.axes[0])
+        assert ("lower one_minus_corr: more equivariant\n(r < 0: the more equivariant, the "
+                "more accurate)" in box) == (metric != "corr")
+        plt.close(fig)
+
+
 def test_report_errors_are_clear(tmp_path):
     missing = tmp_path / "nowhere.sqlite"
     with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
