@@ -41,6 +41,8 @@ __all__ = [
     "COMPARISON_STYLE",
     "CONFIGURATION_KEYS",
     "LOWER_IS_MORE_EQUIVARIANT",
+    "SURVEY_KEYS",
+    "UNKNOWN_SETTING",
     "accuracy_column",
     "configuration_labels",
     "correlations",
@@ -127,18 +129,31 @@ def plot_depth(result, metric: str = "corr", element: str = "mean", ax=None):
     return fig
 
 
-# Settings of equifast.measure that change what is measured under a group, not only how many
-# images or resamples: runs of one group that differ in one of them are other configurations,
-# kept apart in the survey plots and the report (see configuration_labels).
-CONFIGURATION_KEYS = ("subpixel", "channel_map", "align", "pooled")
+# Settings that change what is measured under a group, not only how many images or resamples
+# (limit, bootstrap, and the seed of a pretrained model's bootstrap) nor what else is reported
+# (metrics, comparisons, baseline): runs of one group that differ in one of them are other
+# configurations, kept apart in the survey plots and the report (see configuration_labels).
+# The first four are equifast.measure's, as the run's engine configuration records them; the
+# others are the survey's (SURVEY_KEYS), read from the survey configuration that config_hash
+# hashes, as given: the engine records what they came to for each model (its own input size,
+# its layer names), which differ between models measured alike.
+CONFIGURATION_KEYS = ("subpixel", "channel_map", "align", "pooled", "data", "input_size",
+                      "layers", "layouts", "model_kwargs")
+SURVEY_KEYS = ("data", "input_size", "layers", "layouts", "model_kwargs")
+# The text of a setting a run does not record: the data of a run stored before runs kept their
+# survey's configuration (and no run of the same config_hash has it).
+UNKNOWN_SETTING = "?"
+_UNKNOWN = object()
 
 
 def _configuration_defaults() -> dict[str, Any]:
-    """equifast.measure's defaults of :data:`CONFIGURATION_KEYS`: what a run whose stored
-    configuration lacks a key (a store written before the setting existed) was measured with."""
+    """What a run whose stored configuration lacks a key of :data:`CONFIGURATION_KEYS` was
+    measured with: equifast.measure's default (a store written before the setting existed, and
+    the survey's configuration, which leaves defaults out); the data has none (unknown)."""
     from equifast.survey.runner import _measure_defaults
 
-    defaults = _measure_defaults()  # (the survey's own reading of measure's signature)
+    defaults = {**_measure_defaults(),  # (the survey's own reading of measure's signature)
+                "data": _UNKNOWN, "model_kwargs": None}
     return {key: defaults[key] for key in CONFIGURATION_KEYS}
 
 
@@ -160,13 +175,72 @@ def _canonical_setting(value: Any) -> Any:
     return value
 
 
-def _setting_text(value: Any) -> str:
+def _survey_setting_text(key: str, value: Any) -> str:
+    """The text of a setting of :data:`SURVEY_KEYS`, as given to a survey (stored in its
+    configuration) or to :meth:`SurveyStore.result <equifast.survey.SurveyStore.result>`:
+    ``default`` for the default, an input size as ``HxW``, layers as the command line writes
+    them (``layer1 layer2``), a folder by its absolute path."""
+    from equifast.survey.runner import _fingerprint
+
+    if value is _UNKNOWN:
+        return UNKNOWN_SETTING
+    if key == "input_size":
+        from equifast.data.geometry import check_input_size
+
+        try:
+            size = check_input_size(value)
+        except ValueError:
+            return str(value)
+        return "default" if size is None else f"{size[0]}x{size[1]}"
+    if key == "data":
+        return str(_fingerprint(value, paths=True))
+    if key == "layers" and value in (None, "default", ["default"], ("default",)):
+        return "default"
+    if value is None or (isinstance(value, Mapping) and not value):
+        return "default"  # no layout overrides, no model_kwargs
+    value = _fingerprint(value)
+    if key == "layers" and isinstance(value, list):
+        return " ".join(map(str, value))
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True,
+                                                           separators=(",", ":"))
+
+
+def _setting_text(value: Any, key: str | None = None) -> str:
     """The text of a setting in a label (and what :meth:`SurveyStore.result
-    <equifast.survey.SurveyStore.result>` compares)."""
+    <equifast.survey.SurveyStore.result>` compares); ``key`` one of :data:`SURVEY_KEYS` reads it
+    as that setting (:func:`_survey_setting_text`)."""
+    if key in SURVEY_KEYS:
+        return _survey_setting_text(key, value)
     value = _canonical_setting(value)
     if isinstance(value, (dict, list)):
         return json.dumps(value, sort_keys=True, separators=(",", ":"))
     return str(value)
+
+
+def _survey_configuration(config: dict[str, Any], status: Any) -> dict[str, Any] | None:
+    """The survey's configuration of a run (what its ``config_hash`` hashes), or None where the
+    run does not keep it: a finished run keeps it under ``"survey"`` in its configuration (since
+    2026-11-27), a failed run's configuration is that one (its ``group`` a list of elements)."""
+    survey = config.get("survey")
+    if isinstance(survey, dict):
+        return survey
+    if status == "failed" or (status is None and isinstance(config.get("group"), list)):
+        return config
+    return None
+
+
+def _inferred_setting(config: dict[str, Any], key: str, default: Any) -> Any:
+    """A setting of :data:`SURVEY_KEYS` of a finished run stored without its survey's
+    configuration: an input size other than the model's own (its preprocessing) was asked for;
+    the data is unknown; the rest is taken as the default."""
+    if key == "input_size":
+        used = config.get("input_size")
+        preprocess = config.get("preprocess")
+        own = preprocess.get("input_size") if isinstance(preprocess, dict) else None
+        if isinstance(used, list) and isinstance(own, list) and used != own:
+            return used
+        return None
+    return default
 
 
 def _configuration_settings(runs: pd.DataFrame) -> pd.DataFrame:
@@ -177,22 +251,62 @@ def _configuration_settings(runs: pd.DataFrame) -> pd.DataFrame:
     Args:
         runs: Rows of :attr:`SurveyStore.runs <equifast.survey.SurveyStore.runs>` (``config``,
             the run's configuration as JSON; a setting missing there, or no ``config`` column,
-            is :func:`equifast.measure`'s default).
+            is :func:`equifast.measure`'s default). The settings of :data:`SURVEY_KEYS` come from
+            the survey's configuration that the run keeps, else from another run of the same
+            ``config_hash`` in ``runs``, else :func:`_inferred_setting` (the data
+            :data:`UNKNOWN_SETTING`).
     """
     defaults = _configuration_defaults()
 
-    def settings(text: Any) -> dict[str, str]:
+    def parsed(text: Any) -> dict[str, Any]:
         try:
             config = json.loads(text) if isinstance(text, str) and text else {}
         except ValueError:
             config = {}
-        if not isinstance(config, dict):
-            config = {}
-        return {key: _setting_text(config.get(key, defaults[key])) for key in CONFIGURATION_KEYS}
+        return config if isinstance(config, dict) else {}
 
-    texts = runs["config"] if "config" in runs.columns else [None] * len(runs)
-    return pd.DataFrame([settings(text) for text in texts], index=runs.index,
-                        columns=list(CONFIGURATION_KEYS))
+    configs = [parsed(text) for text in
+               (runs["config"] if "config" in runs.columns else [None] * len(runs))]
+    statuses = runs["status"] if "status" in runs.columns else [None] * len(runs)
+    surveys = [_survey_configuration(config, status)
+               for config, status in zip(configs, statuses)]
+    hashes = runs["config_hash"] if "config_hash" in runs.columns else [None] * len(runs)
+    # a run stored before finished runs kept their survey's configuration: that of a run of
+    # the same configuration (a failed run keeps it), where there is one
+    by_hash = {key: survey for key, survey in zip(hashes, surveys)
+               if survey is not None and key is not None}
+    rows = []
+    for config, survey, key in zip(configs, surveys, hashes):
+        survey = survey if survey is not None else by_hash.get(key)
+        row = {}
+        for name in CONFIGURATION_KEYS:
+            if name not in SURVEY_KEYS:
+                value = config.get(name, defaults[name])
+            elif survey is not None:
+                value = survey.get(name, defaults[name])
+            else:
+                value = _inferred_setting(config, name, defaults[name])
+            row[name] = _setting_text(value, name)
+        rows.append(row)
+    return pd.DataFrame(rows, index=runs.index, columns=list(CONFIGURATION_KEYS))
+
+
+def _shown_settings(key: str, texts: list[str]) -> dict[str, str]:
+    """How a label shows each of the different ``texts`` of a setting: folders by the last
+    parts of their paths that tell them apart (``val`` beside ``train`` for
+    ``/data/imagenet/val`` and ``/data/imagenet/train``), anything else as it is."""
+    unique = list(dict.fromkeys(texts))
+    if key != "data":
+        return {text: text for text in unique}
+    parts = {text: text.rstrip("/").split("/") if text.startswith("/") else [text]
+             for text in unique}
+    deepest = max(len(p) for p in parts.values())
+    for depth in range(1, deepest + 1):
+        shown = {text: "/".join(p[-depth:]) if depth < len(p) else text
+                 for text, p in parts.items()}
+        if len(set(shown.values())) == len(unique):
+            return shown
+    return {text: text for text in unique}
 
 
 def _labels_among(groups: pd.Series, table: pd.DataFrame) -> pd.Series:
@@ -201,8 +315,9 @@ def _labels_among(groups: pd.Series, table: pd.DataFrame) -> pd.Series:
     for group, rows in table.groupby(groups, sort=False):
         differing = [key for key in CONFIGURATION_KEYS if rows[key].nunique() > 1]
         if differing:
+            shown = {key: _shown_settings(key, rows[key].tolist()) for key in differing}
             labels[rows.index] = [
-                f"{group} ({', '.join(f'{key}={row[key]}' for key in differing)})"
+                f"{group} ({', '.join(f'{key}={shown[key][row[key]]}' for key in differing)})"
                 for _, row in rows.iterrows()]
     return labels
 
@@ -210,8 +325,14 @@ def _labels_among(groups: pd.Series, table: pd.DataFrame) -> pd.Series:
 def configuration_labels(runs: pd.DataFrame) -> pd.Series:
     """The label of each run's configuration: its ``group_spec``, followed by the settings of
     :data:`CONFIGURATION_KEYS` in which runs of that group differ, e.g. ``rotate:90
-    (channel_map=match)`` beside ``rotate:90 (channel_map=identity)``; the ``group_spec`` alone
-    where every run of the group was measured alike.
+    (channel_map=match)`` beside ``rotate:90 (channel_map=identity)``, or ``translate:8
+    (data=val, input_size=default)`` beside ``translate:8 (data=train, input_size=160x160)``;
+    the ``group_spec`` alone where every run of the group was measured alike. The default of a
+    setting reads ``default`` (``input_size``, ``layers``, ``layouts``, ``model_kwargs``) or
+    the default's name (``align=auto``); a folder is shown by the last parts of its path that
+    tell it apart from the others; the data of a run stored before runs kept their survey's
+    configuration is ``?`` (:data:`UNKNOWN_SETTING`) unless a run of the same ``config_hash``
+    has it.
 
     The finished runs (``status`` ``'done'``, where ``runs`` has a ``status`` column) are
     labelled among themselves: a failed run does not change their labels (the report's columns).
@@ -373,7 +494,9 @@ def model_summary(source, metric: str = "corr") -> pd.DataFrame:
                "consistency_low", "consistency_high", "mean_eq", "mean_learned", "layers"]
     if done.empty:
         return pd.DataFrame(columns=columns)
-    done["group_label"] = configuration_labels(done)
+    # labelled among every run (a finished run stored before runs kept their survey's
+    # configuration reads it from a run of the same config_hash), as the report labels them
+    done["group_label"] = configuration_labels(runs)[done.index]
     done = _latest_runs(done)
     scores = frames["scores"]
     eq = scores[(scores.metric == metric) & (scores.comparison == "eq")

@@ -13,9 +13,11 @@ copied off a cluster) with its figures beside it in ``DIR/figures`` as PNG and S
   bands (one panel per group);
 - the environments the runs ran in.
 
-A group measured with other settings too (``channel_map``, ``subpixel``, ``align``, ``pooled``:
+A group measured with other settings too (``channel_map``, ``subpixel``, ``align``, ``pooled``,
+the data, input size, layers, layouts or model_kwargs of the survey:
 :data:`equifast.plots.CONFIGURATION_KEYS`) is one column and panel per configuration, labelled
-by what differs, e.g. ``rotate:90 (channel_map=match)``; the latest run of a model counts per
+by what differs, e.g. ``rotate:90 (channel_map=match)`` or ``translate:8 (data=val,
+input_size=160x160)``; the latest run of a model counts per
 configuration (:func:`equifast.plots.configuration_labels`). The failed models and the warnings
 name the configuration by the same label.
 

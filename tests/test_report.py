@@ -9,6 +9,7 @@ stores written through :class:`equifast.survey.SurveyStore`.
 from __future__ import annotations
 
 import html
+import json
 import math
 import re
 import shutil
@@ -701,6 +702,96 @@ def test_configurations_of_one_group_are_kept_apart(tmp_path):
                                   '{"align": {"conv1": [1.0, 1.0], "conv2": 0.0}}', "{}"])
     assert configuration_labels(mapping).tolist() == [
         'rotate:90 (align={"conv1":[1,1],"conv2":0})'] * 2 + ["rotate:90 (align=auto)"]
+
+
+def test_runs_with_another_input_size_data_or_layers_are_other_configurations(tmp_path):
+    """One model under one group at two input sizes, on the sample photographs and on a folder,
+    and with other layers: four configurations, where the report kept one column (the label
+    covered subpixel, channel_map, align and pooled only, so that the latest run won and the
+    correlations mixed the others). Each is labelled by what differs, the failed run of the
+    folder's survey by its configuration's label; store.result picks each by label or setting;
+    a store whose finished runs do not keep their survey's configuration still reads, from a
+    run of the same config_hash, from the model's own input size, or as unknown data."""
+    store = tmp_path / "s.sqlite"
+    photos = _labelled_folder(tmp_path / "photos")
+    model = "eqtest_report_two_convs"
+    common = dict(group="translate:4", limit=2, bootstrap=0, progress=False, log=None,
+                  loader="folder")
+    small = (32, 32)
+    for data, settings, models in (("samples", {"input_size": small}, [model]),
+                                   ("samples", {"input_size": (48, 48)}, [model]),
+                                   (photos, {"input_size": small}, [model, FAILING]),
+                                   ("samples", {"input_size": small, "layers": "conv1"}, [model])):
+        summary = run_survey(models, data, store, **common, **settings)
+        assert summary.done == [model]
+    labels = ["translate:4 (data=samples, input_size=32x32, layers=default)",
+              "translate:4 (data=samples, input_size=48x48, layers=default)",
+              "translate:4 (data=photos, input_size=32x32, layers=default)",
+              "translate:4 (data=samples, input_size=32x32, layers=conv1)"]
+    summary = model_summary(store)
+    assert summary.group_label.tolist() == labels
+    assert summary.run_id.nunique() == 4 and summary.mean_eq.nunique() == 4
+    page = build_report(store, tmp_path / "out", n_boot=10).read_text()
+    table = page.split('id="models-table"')[1].split("</table>")[0]
+    header = re.findall(r"<th[^>]*>(.*?)</th>", table)
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", table.split("<tbody>")[1])
+    for label, value in zip(labels, summary.mean_eq):
+        assert cells[header.index(f"mean eq {label}")] == f"{value:.3f}"
+    assert _failed_section(page) == [(FAILING, labels[2])]
+    with open_store(store) as opened:
+        runs = opened.runs
+        hashes = runs[runs.model == model].config_hash.tolist()
+        for label, key in zip(labels, hashes):
+            assert opened.result(model, label).config == opened.result(
+                model, config_hash=key).config
+        with pytest.warns(UserWarning, match="4 configurations"):
+            opened.result(model)
+        for settings, index in (({"input_size": 48}, 1), ({"input_size": (48, 48)}, 1),
+                                ({"data": str(photos)}, 2), ({"data": photos}, 2),
+                                ({"layers": "conv1"}, 3), ({"layers": ["conv1"]}, 3),
+                                ({"data": "samples", "input_size": 32, "layers": None}, 0)):
+            assert opened.result(model, **settings).config["survey"]["group"] == [
+                ["translate(0,4)", "crop"], ["translate(4,0)", "crop"]]
+            assert opened.result(model, **settings).config == opened.result(
+                model, config_hash=hashes[index]).config, settings
+        with pytest.raises(KeyError, match="input_size=64.*'translate:4 \\(data=samples"):
+            opened.result(model, input_size=64)
+
+    # Finished runs stored without their survey's configuration (before runs kept it): the
+    # folder's run reads it from its failed run (the same config_hash), the input size is told
+    # from the model's own (32 and 48 are not its 224), the data of the others is unknown, and
+    # the layers are taken as the default (so that the conv1 run counts as the first one's).
+    with sqlite3.connect(store) as db:
+        for run_id, text in db.execute("SELECT run_id, config FROM runs WHERE status = 'done'"
+                                       ).fetchall():
+            config = json.loads(text)
+            del config["survey"]
+            db.execute("UPDATE runs SET config = ? WHERE run_id = ?", (json.dumps(config),
+                                                                       run_id))
+    assert model_summary(store).group_label.tolist() == [
+        "translate:4 (data=?, input_size=48x48)", "translate:4 (data=photos, input_size=32x32)",
+        "translate:4 (data=?, input_size=32x32)"]
+
+
+def test_labels_show_folders_by_the_parts_that_tell_them_apart():
+    """Data folders are shown by the last parts of their paths that tell the runs' folders
+    apart (never two configurations under one label); layouts and model_kwargs as JSON, their
+    absence as 'default'."""
+    surveys = [{"data": "/data/a/val"}, {"data": "/data/b/val"}, {"data": "samples"},
+               {"data": "/data/samples/", "layouts": {"conv2": "NHWC"}},
+               {"data": "/data/a/val", "model_kwargs": {"drop_rate": 0.5}}]
+    runs = pd.DataFrame({"group_spec": "flip", "status": "done",
+                         "config": [json.dumps({"survey": {"group": [], **survey}})
+                                    for survey in surveys]})
+    assert configuration_labels(runs).tolist() == [
+        "flip (data=a/val, layouts=default, model_kwargs=default)",
+        "flip (data=b/val, layouts=default, model_kwargs=default)",
+        "flip (data=samples, layouts=default, model_kwargs=default)",
+        'flip (data=data/samples, layouts={"conv2":"NHWC"}, model_kwargs=default)',
+        'flip (data=a/val, layouts=default, model_kwargs={"drop_rate":0.5})']
+    # one folder: not shown
+    same = runs.assign(config=[json.dumps({"survey": {"data": "/data/a/val"}})] * 5)
+    assert configuration_labels(same).tolist() == ["flip"] * 5
 
 
 def _failed_section(page: str) -> list[tuple[str, str]]:

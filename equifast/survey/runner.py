@@ -537,7 +537,7 @@ def _record(store: SurveyStore, outcome: ModelOutcome, key: str, group: str, env
     if outcome.ok:
         store.add_result(outcome.result, model=outcome.model, config_hash=key, family=family,
                          group_spec=group, attempts=outcome.attempts, started=outcome.started,
-                         env_id=env_id)
+                         env_id=env_id, survey_config=config)
         return True
     attempt, batch, kind, message, trace = outcome.errors[-1]
     if kind == "out_of_memory":

@@ -10,7 +10,9 @@ Schema (``SCHEMA_VERSION`` 3; every table keyed by ``run_id`` where it belongs t
     one row per ``(model, config_hash)`` that finished (``status='done'``) or gave up
     (``status='failed'``): ``run_id, model, config_hash, family, group_spec, status, pretrained,
     note, images, seconds, images_per_second, batch_size, attempts, device, loader, backend,
-    started, finished, env_id, config`` (the run's configuration as JSON), ``error`` (the last
+    started, finished, env_id, config`` (the run's configuration as JSON: what the engine
+    recorded, and under ``survey`` the survey's configuration that ``config_hash`` hashes, for a
+    finished run; the survey's configuration for a failed one), ``error`` (the last
     error's one-line message for a failed run), ``warning`` (what is wrong with a finished run's
     numbers, e.g. layers whose scores leave out images with NaN features; version 3, added when
     an older store is opened). A unique index on ``(model, config_hash)`` makes a duplicate
@@ -582,10 +584,13 @@ class SurveyStore:
 
     def add_result(self, result: Result, *, model: str, config_hash: str, family: str | None,
                    group_spec: str, attempts: int = 1, started: str | None = None,
-                   env_id: int | None = None) -> int:
+                   env_id: int | None = None, survey_config: dict[str, Any] | None = None
+                   ) -> int:
         """Write a finished model (runs, layers, scores, model scores, skipped files) in one
         transaction; a failed row of the same pair is replaced. ``result.config["warning"]``,
-        when there is one, goes to ``runs.warning``. Returns the ``run_id``.
+        when there is one, goes to ``runs.warning``; ``survey_config`` (the survey's
+        configuration, which ``config_hash`` hashes) is kept in ``runs.config`` under
+        ``"survey"``, beside what the engine recorded. Returns the ``run_id``.
 
         Raises:
             DuplicateRunError: (a ValueError) the pair is already done (another survey finished
@@ -610,7 +615,10 @@ class SurveyStore:
                  config.get("note"), _plain(config.get("images")), _plain(config.get("seconds")),
                  _plain(config.get("images_per_second")), _plain(config.get("batch_size")),
                  attempts, config.get("device"), config.get("loader"), config.get("backend"),
-                 started or _now(), _now(), env_id, json.dumps(config, default=str),
+                 started or _now(), _now(), env_id,
+                 json.dumps(config if survey_config is None else {**config,
+                                                                  "survey": survey_config},
+                            default=str),
                  config.get("warning")),
             )
             run_id = int(cursor.lastrowid)
@@ -771,7 +779,8 @@ class SurveyStore:
 
         A store can hold a model under several configurations: other groups, or one group
         measured with other settings of :data:`equifast.plots.CONFIGURATION_KEYS` (``subpixel``,
-        ``channel_map``, ``align``, ``pooled``), each labelled in the report as
+        ``channel_map``, ``align``, ``pooled``, and the survey's ``data``, ``input_size``,
+        ``layers``, ``layouts``, ``model_kwargs``), each labelled in the report as
         :func:`equifast.plots.configuration_labels` writes it, e.g. ``rotate:90
         (channel_map=match)``. ``group_spec``, ``config_hash`` and those settings pick one; when
         the runs left are of several configurations, the latest run is returned with a warning
@@ -786,7 +795,9 @@ class SurveyStore:
                 configuration (its label, as the report and the error below write it).
             config_hash: Only the run with this configuration hash (``runs.config_hash``).
             **settings: Only runs measured with these settings of ``CONFIGURATION_KEYS``
-                (a setting a run's configuration lacks is :func:`equifast.measure`'s default).
+                (a setting a run's configuration lacks is :func:`equifast.measure`'s default),
+                written as for :func:`~equifast.survey.run_survey`: ``input_size=160`` or
+                ``(160, 160)``, ``data`` a folder's path, ``layers="layer1"`` or a list.
 
         Example:
             >>> store.result("resnet18")              # one configuration   # doctest: +SKIP
@@ -827,8 +838,9 @@ class SurveyStore:
             known = sorted(done.model.unique())
             raise KeyError(f"no finished run of {model!r} in {self.path}; finished models: "
                            f"{known}")
-        # labelled among every finished run, as in the report
-        labels = configuration_labels(done)[mine.index]
+        # labelled among every run (a finished run stored before runs kept their survey's
+        # configuration reads it from a run of the same config_hash), as in the report
+        labels = configuration_labels(runs)[mine.index]
         chosen = mine
         if group_spec is not None:  # a group, or a configuration's label
             chosen = chosen[(chosen.group_spec == group_spec)
@@ -836,9 +848,9 @@ class SurveyStore:
         if config_hash is not None:
             chosen = chosen[chosen.config_hash == config_hash]
         if settings and not chosen.empty:
-            table = _configuration_settings(chosen)
+            table = _configuration_settings(runs)
             for name, value in settings.items():
-                chosen = chosen[table.loc[chosen.index, name] == _setting_text(value)]
+                chosen = chosen[table.loc[chosen.index, name] == _setting_text(value, name)]
 
         def listing(rows: pd.DataFrame) -> list[str]:
             """One line per configuration (in the order of its first run): its label and config
