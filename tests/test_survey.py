@@ -768,6 +768,18 @@ def test_ray_survey_gives_the_sequential_rows(tmp_path, monkeypatch):
         assert "broken on purpose" in store.errors.traceback.iloc[0]
 
 
+def test_one_number_is_a_square_input_size_for_a_survey(tmp_path):
+    # input_size=32 hashed as (32, 32), but every model failed on it: "TypeError: 'int' object
+    # is not subscriptable" (building the model for the size)
+    store_path = tmp_path / "s.sqlite"
+    summary = _survey(["eqtest_tiny", "vit_tiny_patch16_224"], store_path, input_size=32,
+                      layers=None, bootstrap=0)
+    assert summary.done == ["eqtest_tiny", "vit_tiny_patch16_224"] and not summary.failed
+    with open_store(store_path) as store:
+        assert store.result("vit_tiny_patch16_224").config["input_size"] == [32, 32]
+    assert _survey(["eqtest_tiny"], store_path, bootstrap=0).skipped == ["eqtest_tiny"]
+
+
 def test_the_same_settings_have_one_config_however_written(tmp_path, monkeypatch):
     from equifast.scores import DEFAULT_METRICS
     from equifast.survey.runner import survey_config

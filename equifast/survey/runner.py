@@ -623,6 +623,12 @@ def run_survey(
     key = config_hash(config)
     summary = SurveySummary(store=str(store))
     measure_kwargs = {"progress": progress, **measure_kwargs}
+    if measure_kwargs.get("input_size") is not None:
+        from equifast.data.geometry import check_input_size
+
+        # one number is a square, as for measure (and the configuration): building a model
+        # for the size read input_size[0] of it, and every model failed on 'int'
+        measure_kwargs["input_size"] = check_input_size(measure_kwargs["input_size"])
 
     with SurveyStore(store, create=True) as db:
         # one configuration, one spelling in the store (and one group in the report)
