@@ -27,15 +27,19 @@ REPLACEMENTS = [
     (2, 'limit=2000', 'limit=2'),
     (3, '"/imagenet/val"', '"samples"'),
     (3, 'limit=5000', 'limit=2'),
-    # The block shows three ways to ask for one run among several configurations: the store of
-    # block 4 has no quarter-turn runs, so two are surveyed first (one matched by channels: its
-    # label names the setting where it differs), and the hash is the matched run's (the latest).
+    # The block shows ways to ask for one run among several configurations: the store of block 4
+    # has none of the runs it asks for, so they are surveyed first (two quarter-turn runs, one
+    # matched by channels: its label names the setting where they differ; a translation at
+    # another input size), and the hash is the latest run's.
     (4, 'store.result("resnet18", "rotate:90", channel_map="match")',
      'for channel_map in ("identity", "match"):\n'
      '    run_survey(["resnet18"], "samples", "survey.sqlite", group="rotate:90", '
      'channel_map=channel_map, limit=2)\n'
+     'run_survey(["resnet18"], "samples", "survey.sqlite", group="translate:8", '
+     'input_size=160, limit=2)\n'
      'store = open_store("survey.sqlite")\n'
      'store.result("resnet18", "rotate:90", channel_map="match")'),
+    (4, 'data="/imagenet/val"', 'data="samples"'),
     (4, '"c1bbd15e34ee0dfb"', 'store.runs.sort_values("run_id").config_hash.iloc[-1]'),
 ]
 
