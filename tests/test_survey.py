@@ -801,6 +801,7 @@ def test_the_same_settings_have_one_config_however_written(tmp_path, monkeypatch
     assert key(input_size=32) == key(input_size=(32, 32)) == key(input_size=[32, 32])
     assert key(align=0) == key(align=0.0)
     assert key(layers="default") == key(layers=["default"]) == base
+    assert key(layers="leaves") == key(layers=["leaves"]) != base  # Python, command line
     assert key(comparisons=("chance", "inv", "eq")) == base
     assert key(comparisons="eq") == key(comparisons=["eq"]) != base
     assert key(layouts={}) == base

@@ -294,6 +294,8 @@ def survey_config(group: str, data: Any, measure_kwargs: dict[str, Any]) -> dict
         # comparison alone is a list of one, in any order; no layout overrides are none
         if settings.get("layers") in ("default", ["default"], ("default",)):
             settings["layers"] = None
+        elif isinstance(settings.get("layers"), str):  # a list of one, as the command line
+            settings["layers"] = [settings["layers"]]  # gives it: `--layers leaves`
         comparisons = settings.get("comparisons")
         if isinstance(comparisons, str):
             comparisons = [comparisons]
