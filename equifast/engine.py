@@ -198,6 +198,17 @@ class _DataPlan:
             preprocess = dataclasses.replace(preprocess, input_size=tuple(input_size))
         self.preprocess = preprocess
         self.total: int | None = None
+        if loader not in ("auto", "dali", "folder"):
+            raise ValueError(f"loader must be 'auto', 'dali' or 'folder', got {loader!r}")
+        reads_files = (isinstance(data, (str, Path)) and str(data) != "samples"
+                       or is_path_list(data))
+        if loader != "auto" and not reads_files:
+            # (the command line refuses --loader without --data in the same way)
+            what = "the sample photographs" if data is None or (
+                isinstance(data, str) and data == "samples") else f"a {type(data).__name__}"
+            raise ValueError(f"loader={loader!r}: a loader reads an image folder, a list of "
+                             f"image files or a .txt file list, but the data is {what}; "
+                             "expected loader='auto' here")
         if data is None or (isinstance(data, str) and data == "samples"):
             from .data.samples import load_samples
 
@@ -235,8 +246,6 @@ class _DataPlan:
             from .data.dali import DaliFolderSource, dali_available
             from .data.folder import ImageFolderSource
 
-            if loader not in ("auto", "dali", "folder"):
-                raise ValueError(f"loader must be 'auto', 'dali' or 'folder', got {loader!r}")
             if loader == "dali" and not dali_available():
                 raise ImportError("loader='dali': NVIDIA DALI is not installed (pip install "
                                   "nvidia-dali-cuda130); use loader='folder' or 'auto'")

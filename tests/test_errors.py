@@ -86,6 +86,20 @@ def test_bad_arguments():
         detect_layout((2, 4, 4, 4), (16, 16), layout="CHW", name="x")
 
 
+@pytest.mark.parametrize("data", ["samples", "tensor", "iterable"])
+@pytest.mark.parametrize("loader", ["dali", "folder"])
+def test_a_loader_is_refused_for_data_it_does_not_read(data, loader):
+    """A loader reads files; given for other data it was ignored without a word."""
+    images = torch.randint(0, 256, (2, 3, 40, 40), dtype=torch.uint8)
+    given = {"samples": "samples", "tensor": images, "iterable": [(images, None)]}[data]
+    found = {"samples": "the sample photographs", "tensor": "a Tensor", "iterable": "a list"}
+    with pytest.raises(ValueError, match=rf"loader='{loader}': a loader reads an image folder"
+                                         rf".*the data is {found[data]}; expected loader='auto'"):
+        equifast.measure(_net(), given, loader=loader, input_size=32, progress=False)
+    with pytest.raises(ValueError, match=r"loader must be 'auto', 'dali' or 'folder', got 'pil'"):
+        equifast.measure(_net(), given, loader="pil", input_size=32, progress=False)
+
+
 @pytest.mark.parametrize("implementation", ["engine", "naive"])
 def test_comparisons_must_name_at_least_one(implementation):
     from equifast import naive
