@@ -423,8 +423,14 @@ def test_resolve_models_names_wildcards_and_lists(tmp_path):
     assert len(names) == len(set(names))
     pretrained = resolve_models(["resnet10t*"], pretrained_only=True)
     assert pretrained and all(n.startswith("resnet10t.") for n in pretrained)
-    with pytest.raises(ValueError, match="matches no"):
+    with pytest.raises(ValueError, match="matches no model$"):  # and nothing close
         resolve_models(["nothing_like_this_*"])
+    # a misspelled wildcard names what it may have meant, timm's and torchvision's alike
+    with pytest.raises(ValueError, match=r"'resnt\*' matches no model; close names: .*resnet18"):
+        resolve_models(["resnt*"])
+    with pytest.raises(ValueError, match=r"'tv:resnt1\*' matches no model; close names: "
+                                         r".*tv:resnet18"):
+        resolve_models(["tv:resnt1*"])
     with pytest.raises(FileNotFoundError, match="missing.txt"):
         resolve_models([], model_list=tmp_path / "missing.txt")
     assert family_of("resnet50.a1_in1k") == "resnet"

@@ -27,6 +27,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import os
+import re
 import socket
 import time
 import traceback as traceback_module
@@ -163,7 +164,8 @@ def resolve_models(patterns: Iterable[str] = (), model_list: str | os.PathLike |
                 found = timm.list_models(pattern, pretrained=pretrained_only)
             if not found:
                 raise ValueError(f"model pattern {pattern!r} matches no "
-                                 f"{'pretrained ' if pretrained_only else ''}model")
+                                 f"{'pretrained ' if pretrained_only else ''}model"
+                                 f"{_close_to_pattern(pattern, pretrained_only)}")
             names += found
         else:
             arch = pattern.split(".")[0]
@@ -181,6 +183,33 @@ def resolve_models(patterns: Iterable[str] = (), model_list: str | os.PathLike |
     if not unique:
         raise ValueError("no models to survey: give --models names/wildcards or --model-list")
     return unique
+
+
+def _close_to_pattern(pattern: str, pretrained_only: bool) -> str:
+    """``; close names: ...`` for a wildcard that matches nothing: the names closest to its
+    text with the wildcards left out (``resnt*``: resnet18, ...), or nothing where none is."""
+    import difflib
+
+    import timm
+
+    torchvision_names = pattern.startswith("tv:")
+    stem = re.sub(r"[*?\[\]]", "", pattern.split(":", 1)[1] if torchvision_names else pattern)
+    if torchvision_names:
+        import torchvision
+
+        candidates = sorted(torchvision.models.list_models(module=torchvision.models))
+    else:
+        candidates = timm.list_models(pretrained=pretrained_only)
+    # (a name longer than the stem is compared by as many characters, so that 'resnt' finds
+    # the resnets rather than the shortest names)
+    prefixes: dict[str, list[str]] = {}
+    for name in candidates:
+        prefixes.setdefault(name[:len(stem) + 1], []).append(name)
+    close = [name for prefix in difflib.get_close_matches(stem, list(prefixes), n=4, cutoff=0.6)
+             for name in prefixes[prefix][:3]]
+    if torchvision_names:
+        close = [f"tv:{name}" for name in close]
+    return f"; close names: {', '.join(close[:8])}" if close else ""
 
 
 def family_of(model: str) -> str:
