@@ -693,8 +693,10 @@ def refine_layouts(
     strides on a small grid, nor always a channel axis from a grid axis (``(N, 32, 17, 9)`` at
     33 x 17 pixels; see :mod:`equifast.layouts`). How the output grows with the input can: grid
     axes gain ``growth / stride`` cells, a channel axis none. A model that does not run at the
-    larger size (a ViT built for one size), or a layer whose grid does not grow (adaptive
-    pooling), keeps what one size gave; a layout given in ``overrides`` keeps its reading.
+    larger size (a ViT built for one size) keeps what one size gave, with the strides timm's
+    ``feature_info`` declares where they give the grids (:func:`_declared_strides`); a layer
+    whose grid does not grow (adaptive pooling) keeps what one size gave; a layout given in
+    ``overrides`` keeps its reading.
     ``report["stride_probe"]``, when a dict is given, says which it was and why.
     """
     overrides = overrides or {}
@@ -718,7 +720,13 @@ def refine_layouts(
         report["stride_probe"] = (
             f"one input size: the model did not run at {grown_size[0]}x{grown_size[1]} "
             f"({type(error).__name__}: {message[:160]})")
-        return dict(layouts)
+        refined, declared = _declared_strides(model, layouts, input_size)
+        if declared:
+            report["stride_probe"] += (
+                "; strides as timm's feature_info declares them: " + ", ".join(
+                    f"{name} ({_format_stride(refined[name].stride)})" for name in declared[:8])
+                + (f" and {len(declared) - 8} more" if len(declared) > 8 else ""))
+        return refined
     report["stride_probe"] = (f"two input sizes: {height}x{width} and "
                               f"{grown_size[0]}x{grown_size[1]}")
     refined = dict(layouts)
@@ -754,6 +762,48 @@ def refine_layouts(
             "measure the layer before, or run at the model's native input size.",
             UserWarning, stacklevel=3)
     return refined
+
+
+def _declared_fit(layout: FeatureLayout, reduction: float, input_size: tuple[int, int]) -> bool:
+    """Whether a stride of ``reduction`` pixels gives the layer's grid at ``input_size``: by
+    rounding up or down, or after an unpadded convolution lost a border of less than one more
+    stride (PiT's 16-pixel patches at stride 8: 7 cells of 64 pixels)."""
+    if reduction != int(reduction) or reduction < 1:
+        return False
+    return all(-reduction < size - reduction * cells < 2 * reduction
+               for size, cells in zip(input_size, (layout.grid_h, layout.grid_w)))
+
+
+def _declared_strides(model: nn.Module, layouts: Mapping[str, FeatureLayout],
+                      input_size: tuple[int, int]) -> tuple[dict[str, FeatureLayout], list[str]]:
+    """``layouts`` with the strides timm's ``feature_info`` declares, for a model that runs at
+    one input size only (a ViT whose position embedding is built for it), and the names whose
+    stride changed.
+
+    One size leaves a small grid's stride open: a patch-14 ViT's 4 x 4 tokens at 56 px read as
+    stride 16 (the power of two among 12..18), PiT's 7 x 7 cells at 64 px (16-pixel patches at
+    stride 8, without padding) as 9. A declared reduction that gives the layer's grid is taken,
+    also for the other layers of that grid (a block's attention or MLP beside the block), where
+    the layers of one grid declare one reduction.
+    """
+    declared = declared_reductions(model)
+    by_grid: dict[tuple[int, int], set[float]] = {}
+    for name, layout in layouts.items():
+        reduction = declared.get(name)
+        if (layout.kind == "spatial" and reduction is not None
+                and _declared_fit(layout, reduction, input_size)):
+            by_grid.setdefault((layout.grid_h, layout.grid_w), set()).add(reduction)
+    refined = dict(layouts)
+    changed: list[str] = []
+    for name, layout in layouts.items():
+        reductions = by_grid.get((layout.grid_h, layout.grid_w))
+        if layout.kind != "spatial" or not reductions or len(reductions) != 1:
+            continue
+        stride = (float(next(iter(reductions))),) * 2
+        if layout.stride != stride:
+            refined[name] = dataclasses.replace(layout, stride=stride)
+            changed.append(name)
+    return refined, changed
 
 
 def _resampling_layers(model: nn.Module, names: Sequence[str],

@@ -202,3 +202,29 @@ def test_errors_about_wrapped_names_module_objects_and_input_channels_say_what_t
     with pytest.raises(ValueError, match=r"its input has 4 channels .* wrap it in a module that "
                        r"takes RGB images and makes its 4 input channels"):
         _run(measure, four)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize(("name", "kwargs", "size", "layer", "stride", "offset"), [
+    # patch-14 tokens, 4 x 4 at 56 px: one size read them as stride 16 (the power of two
+    # among 12..18), and a 14-pixel shift as 0.875 cells
+    ("vit_small_patch14_dinov2", dict(img_size=56, depth=1), 56, "blocks.0", 14.0, 6.5),
+    # 16-pixel patches at stride 8 without padding: 7 x 7 cells of 64 px read as stride 9
+    ("pit_ti_224", dict(img_size=64), 64, "transformers.0", 8.0, 7.5),
+])
+def test_a_model_built_for_one_size_takes_the_strides_timm_declares(
+        implementation, name, kwargs, size, layer, stride, offset):
+    import timm
+
+    measure = IMPLEMENTATIONS[implementation]
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    images = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    group = equifast.Translation([int(stride)], protocol="circular")
+    result = measure(model, images, group=group, layers=[layer], bootstrap=0, progress=False)
+    rows = result.frame.query("layer == @layer and element != 'mean'")
+    assert (rows.stride == stride).all() and (rows.offset_y == offset).all()
+    assert rows.exact.all()  # a shift of one patch moves the tokens by one cell
+    if implementation == "engine":  # (the naive loop does not report its probes)
+        assert "strides as timm's feature_info declares them" in result.config["stride_probe"]
