@@ -1165,10 +1165,12 @@ def _probe(module, names, input_size, overrides, align, device, dtype, seed,
                              channels=input_channels(module))
         context = torch.enable_grad()
     else:
-        # Two images, not one: a layer whose output does not follow the batch (XCiT's
-        # positional encoding, (1, C, h, w) for any batch) shows it, and a broad selection
-        # leaves it out instead of failing on it in the measurement.
-        probe = torch.zeros(2, input_channels(module), *input_size, device=device, dtype=dtype)
+        # Two different images, not one: a layer whose output does not follow the batch
+        # (XCiT's positional encoding, (1, C, h, w) for any batch) or does not depend on the
+        # input (EdgeNeXt's, (B, C, h, w)) shows it, and a broad selection leaves it out
+        # instead of failing on it in the measurement.
+        probe = probe_inputs(input_size, device, dtype, seed=seed,
+                             channels=input_channels(module)).detach()
         context = torch.inference_mode()
     hooks = LayerHooks(module, names, keep, lenient=lenient)
     run_probe(module, probe, hooks, context)

@@ -643,6 +643,16 @@ def measurable_layers(
             dropped[name] = (f"output {shape} is an attention map (tokens x tokens of the "
                              f"model's {max(shape[1], shape[2])}-token layers), not a grid")
             continue
+        if _same_for_every_image(captured[name]):
+            problem = (f"layer {name!r} gives the same features (shape {shape}) for the two "
+                       "different probe images: it does not depend on the input (a positional "
+                       "encoding computed from the grid size), so its equivariance, invariance "
+                       "and chance would all compare one fixed map with itself; leave it out of "
+                       "layers=[...]")
+            if not lenient:
+                raise ValueError(problem)
+            dropped[name] = problem
+            continue
         try:
             layouts[name] = detect_layout(captured[name].shape, input_size,
                                           layout=overrides.get(name), name=name,
@@ -680,6 +690,18 @@ def measurable_layers(
             "that runs once there (a wrapper around the shared module, or the module after it)",
             stacklevel=4)
     return kept, layouts
+
+
+def _same_for_every_image(tensor: torch.Tensor) -> bool:
+    """Whether a probe output (two different random images) is the same for both images while
+    varying within each: a layer that does not depend on the input (EdgeNeXt's Fourier
+    positional encoding, (B, C, h, w) from the grid size alone). A constant output (a dead
+    layer) is not one: it is measured and reported as constant."""
+    if tensor.dim() < 2 or tensor.shape[0] < 2:
+        return False
+    first = tensor[0].detach()
+    return bool(torch.equal(first, tensor[1].detach())
+                and not torch.equal(first, first.flatten()[0].expand_as(first)))
 
 
 def refine_layouts(

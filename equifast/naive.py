@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .align import AlignSpec, find_offsets
+from .align import AlignSpec, find_offsets, probe_inputs
 from .arguments import check_finite_pixels, check_run_arguments
 from .data.folder import is_path_list, no_images_message, warn_skipped
 from .data.geometry import (
@@ -740,8 +740,9 @@ def _probe_layouts(
         shapes.setdefault(name, tensor)
 
     hooks = LayerHooks(module, names, keep, lenient=lenient)
-    # two images: a layer whose output does not follow the batch shows it (engine's probe)
-    probe = torch.zeros(2, input_channels(module), *input_size, device=device, dtype=dtype)
+    # two different images: a layer whose output does not follow the batch, or does not
+    # depend on the input, shows it (engine's probe)
+    probe = probe_inputs(input_size, device, dtype, channels=input_channels(module)).detach()
     run_probe(module, probe, hooks, torch.inference_mode())
     _, layouts = measurable_layers(names, shapes, hooks.unmeasurable, input_size, overrides,
                                    lenient, prefix_tokens_of(module), token_order_of(module),

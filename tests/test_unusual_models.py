@@ -228,3 +228,46 @@ def test_a_model_built_for_one_size_takes_the_strides_timm_declares(
     assert rows.exact.all()  # a shift of one patch moves the tokens by one cell
     if implementation == "engine":  # (the naive loop does not report its probes)
         assert "strides as timm's feature_info declares them" in result.config["stride_probe"]
+
+
+class _GridEncoding(nn.Module):
+    """A positional encoding made from the grid size alone, one copy per image, as EdgeNeXt's
+    ``pos_embd`` (``(B, C, h, w)``: batch first, yet the same for every image)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.proj = nn.Conv2d(2, channels, 1)
+
+    def forward(self, batch, height, width):
+        ys = torch.linspace(0, 1, height).view(height, 1).expand(height, width)
+        xs = torch.linspace(0, 1, width).view(1, width).expand(height, width)
+        grid = torch.stack([ys, xs]).expand(batch, 2, height, width)
+        return self.proj(grid.to(self.proj.weight.dtype))
+
+
+class _WithGridEncoding(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.pos = _GridEncoding(8)
+
+    def forward(self, x):
+        x = self.conv(x)
+        return (x + self.pos(x.shape[0], *x.shape[2:])).mean((2, 3))
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("align", ["auto", "center"])
+def test_a_layer_that_does_not_depend_on_the_input_is_named(implementation, align):
+    # before: align='auto' failed the whole measurement ("RuntimeError: layer 'pos' does not
+    # depend on the input"), also for a broad selection; align='center' scored the fixed map
+    # against itself as if it were a feature map (EdgeNeXt's leaves: eq 0.90, inv 1)
+    measure = IMPLEMENTATIONS[implementation]
+    torch.manual_seed(0)
+    model = _WithGridEncoding().eval()
+    with pytest.raises(ValueError, match=r"layer 'pos' gives the same features .* does not "
+                                         r"depend on the input"):
+        _run(measure, model, layers=["conv", "pos"], align=align)
+    with pytest.warns(UserWarning, match=r"2 of 3 selected layers .*'pos' gives the same"):
+        result = _run(measure, model, layers="**", align=align)
+    assert set(result.frame.layer) == {"conv"}
