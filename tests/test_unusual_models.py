@@ -208,7 +208,8 @@ def test_errors_about_wrapped_names_module_objects_and_input_channels_say_what_t
 @pytest.mark.parametrize(("name", "kwargs", "size", "layer", "stride", "offset"), [
     # patch-14 tokens, 4 x 4 at 56 px: one size read them as stride 16 (the power of two
     # among 12..18), and a 14-pixel shift as 0.875 cells
-    ("vit_small_patch14_dinov2", dict(img_size=56, depth=1), 56, "blocks.0", 14.0, 6.5),
+    ("vit_small_patch14_dinov2", dict(img_size=56, depth=1, num_classes=10), 56, "blocks.0",
+     14.0, 6.5),
     # 16-pixel patches at stride 8 without padding: 7 x 7 cells of 64 px read as stride 9
     ("pit_ti_224", dict(img_size=64), 64, "transformers.0", 8.0, 7.5),
 ])
