@@ -1178,7 +1178,8 @@ def _probe(module, names, input_size, overrides, align, device, dtype, seed,
                                        overrides, lenient, prefix_tokens_of(module),
                                        token_order_of(module), calls=hooks.calls)
     layouts = refine_layouts(module, layouts, input_size, device, dtype, overrides,
-                             report=report)
+                             report=report, lenient=lenient)
+    names = [name for name in names if name in layouts]
     warn_undeclared_channels(module, layouts)
     offsets = find_offsets(module, layouts, input_size, align, device, dtype, seed=seed,
                            captured=(probe, captured) if with_grad else None)

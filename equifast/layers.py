@@ -692,6 +692,12 @@ def measurable_layers(
     return kept, layouts
 
 
+def _shape_in(problem: str) -> str:
+    """``shape (9, 8, 7, 7)`` of a :class:`LayerHooks` problem that names the output shape."""
+    found = re.search(r"shape \([0-9, ]*\)", problem)
+    return found.group(0) if found else "another shape"
+
+
 def _same_for_every_image(tensor: torch.Tensor) -> bool:
     """Whether a probe output (two different random images) is the same for both images while
     varying within each: a layer that does not depend on the input (EdgeNeXt's Fourier
@@ -707,7 +713,7 @@ def _same_for_every_image(tensor: torch.Tensor) -> bool:
 def refine_layouts(
     model: nn.Module, layouts: Mapping[str, FeatureLayout], input_size: tuple[int, int],
     device, dtype, overrides: Mapping[str, str] | None = None, growth: int = GROWTH,
-    report: dict | None = None,
+    report: dict | None = None, lenient: bool = True,
 ) -> dict[str, FeatureLayout]:
     """``layouts`` as a second shape probe, ``growth`` pixels larger on both sides, tells them.
 
@@ -720,6 +726,12 @@ def refine_layouts(
     whose grid does not grow (adaptive pooling) keeps what one size gave; a layout given in
     ``overrides`` keeps its reading.
     ``report["stride_probe"]``, when a dict is given, says which it was and why.
+
+    A layer whose output is not batch first at the larger size splits the grid into windows
+    there (DaViT's and EfficientViT-M's window attention pad the grid to whole windows): at the
+    measured size one window of one image was batch first, but its cells include the padding,
+    and it is no grid of the image. Such a layer is left out with a warning (``lenient``: a
+    broad selection) or is an error; a layout given in ``overrides`` keeps it.
     """
     overrides = overrides or {}
     report = {} if report is None else report
@@ -734,8 +746,9 @@ def refine_layouts(
     def keep(name: str, tensor: torch.Tensor) -> None:
         shapes.setdefault(name, tensor.shape)
 
+    hooks = LayerHooks(model, spatial, keep, lenient=True)
     try:
-        with torch.inference_mode(), LayerHooks(model, spatial, keep, lenient=True):
+        with torch.inference_mode(), hooks:
             model(torch.zeros(1, input_channels(model), *grown_size, device=device, dtype=dtype))
     except Exception as error:  # noqa: BLE001 - a model that fails there keeps one size's reading
         message = " ".join(str(error).split())
@@ -752,6 +765,24 @@ def refine_layouts(
     report["stride_probe"] = (f"two input sizes: {height}x{width} and "
                               f"{grown_size[0]}x{grown_size[1]}")
     refined = dict(layouts)
+    windowed = {name: why for name, why in hooks.unmeasurable.items()
+                if name in refined and name not in overrides}
+    if windowed:
+        problems = [
+            f"layer {name!r} is batch first at {height}x{width} pixels but not at "
+            f"{grown_size[0]}x{grown_size[1]} (it outputs {_shape_in(why)} for one image): it "
+            "splits the grid into windows, and at the measured size one padded window stood "
+            "for the image's grid; measure the block that holds it, or pass "
+            f"layouts={{{name!r}: ...}} to measure it at this size anyway"
+            for name, why in windowed.items()]
+        if not lenient:
+            raise ValueError(problems[0])
+        warnings.warn(f"{len(windowed)} of {len(layouts)} selected layers cannot be measured "
+                      f"and are left out ({'; '.join(problems[:2])}"
+                      f"{'; ...' if len(problems) > 2 else ''})", stacklevel=3)
+        for name in windowed:
+            del refined[name]
+        spatial = [name for name in spatial if name not in windowed]
     fixed: list[str] = []
     previous: int | None = None  # the stride of the layer before
     for name in spatial:

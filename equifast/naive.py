@@ -747,7 +747,8 @@ def _probe_layouts(
     _, layouts = measurable_layers(names, shapes, hooks.unmeasurable, input_size, overrides,
                                    lenient, prefix_tokens_of(module), token_order_of(module),
                                    calls=hooks.calls)
-    layouts = refine_layouts(module, layouts, input_size, device, dtype, overrides)
+    layouts = refine_layouts(module, layouts, input_size, device, dtype, overrides,
+                             lenient=lenient)
     warn_undeclared_channels(module, layouts)
     return layouts
 

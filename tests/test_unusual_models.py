@@ -272,3 +272,50 @@ def test_a_layer_that_does_not_depend_on_the_input_is_named(implementation, alig
     with pytest.warns(UserWarning, match=r"2 of 3 selected layers .*'pos' gives the same"):
         result = _run(measure, model, layers="**", align=align)
     assert set(result.frame.layer) == {"conv"}
+
+
+class _PaddedWindows(nn.Module):
+    """Window attention that pads the grid to whole 7 x 7 windows and stacks the windows on the
+    batch axis, as DaViT's and EfficientViT-M's: on a 4 x 4 grid one padded window per image is
+    batch first, (B, C, 7, 7)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 4, stride=4)
+        self.window = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        batch, channels, height, width = x.shape
+        pad_h, pad_w = -height % 7, -width % 7
+        x = nn.functional.pad(x, (0, pad_w, 0, pad_h))
+        rows, cols = (height + pad_h) // 7, (width + pad_w) // 7
+        windows = x.view(batch, channels, rows, 7, cols, 7).permute(0, 2, 4, 1, 3, 5)
+        windows = self.window(windows.reshape(-1, channels, 7, 7))
+        x = windows.view(batch, rows, cols, channels, 7, 7).permute(0, 3, 1, 4, 2, 5)
+        x = x.reshape(batch, channels, rows * 7, cols * 7)[:, :, :height, :width]
+        return x.mean((2, 3))
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_a_layer_of_padded_windows_is_named(implementation):
+    # before: the window of one image, padded from 4 x 4 to 7 x 7 cells, was measured as a 7 x 7
+    # grid of stride 2 (16 px), padding and all (DaViT's and EfficientViT-M's attention
+    # internals at 64 px: 7 x 7 at stride 9)
+    measure = IMPLEMENTATIONS[implementation]
+    torch.manual_seed(0)
+    model = _PaddedWindows().eval()
+    images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    settings = dict(group="translate[circular]:4", bootstrap=0, progress=False)
+    with pytest.raises(ValueError, match=r"layer 'window' is batch first at 16x16 pixels but "
+                                         r"not at 80x80 \(it outputs shape \(9, 8, 7, 7\) for "
+                                         r"one image\): it splits the grid into windows"):
+        measure(model, images, layers=["stem", "window"], **settings)
+    with pytest.warns(UserWarning, match=r"1 of 2 selected layers .*'window' is batch first"):
+        result = measure(model, images, layers="leaves", **settings)
+    assert set(result.frame.layer) == {"stem"}
+    # a layout given for it keeps it, at the user's word
+    kept = measure(model, images, layers=["stem", "window"], layouts={"window": "NCHW"},
+                   **settings)
+    assert set(kept.frame.layer) == {"stem", "window"}
