@@ -837,7 +837,9 @@ def _declared_strides(model: nn.Module, layouts: Mapping[str, FeatureLayout],
     stride 16 (the power of two among 12..18), PiT's 7 x 7 cells at 64 px (16-pixel patches at
     stride 8, without padding) as 9. A declared reduction that gives the layer's grid is taken,
     also for the other layers of that grid (a block's attention or MLP beside the block), where
-    the layers of one grid declare one reduction.
+    the layers of one grid declare one reduction; a layer of another grid, whose module declares
+    nothing (the leaves inside a stage), takes the one reduction of the model that gives its
+    grid, where only one does (PiT's 8, 16 and 32: 8 for 7 x 7 cells at 64 px).
     """
     declared = declared_reductions(model)
     by_grid: dict[tuple[int, int], set[float]] = {}
@@ -849,8 +851,11 @@ def _declared_strides(model: nn.Module, layouts: Mapping[str, FeatureLayout],
     refined = dict(layouts)
     changed: list[str] = []
     for name, layout in layouts.items():
-        reductions = by_grid.get((layout.grid_h, layout.grid_w))
-        if layout.kind != "spatial" or not reductions or len(reductions) != 1:
+        if layout.kind != "spatial":
+            continue
+        reductions = by_grid.get((layout.grid_h, layout.grid_w)) or {
+            r for r in set(declared.values()) if _declared_fit(layout, r, input_size)}
+        if len(reductions) != 1:
             continue
         stride = (float(next(iter(reductions))),) * 2
         if layout.stride != stride:

@@ -319,3 +319,23 @@ def test_a_layer_of_padded_windows_is_named(implementation):
     kept = measure(model, images, layers=["stem", "window"], layouts={"window": "NCHW"},
                    **settings)
     assert set(kept.frame.layer) == {"stem", "window"}
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_undeclared_layers_of_a_one_size_model_take_the_reduction_that_gives_their_grid(
+        implementation):
+    # PiT at 64 px declares 8, 16 and 32 for its three stages: the patch embedding and the
+    # leaves inside the first stage (7 x 7 cells, declared by no module) read as stride 9
+    import timm
+
+    measure = IMPLEMENTATIONS[implementation]
+    torch.manual_seed(0)
+    model = timm.create_model("pit_ti_224", pretrained=False, img_size=64, num_classes=10).eval()
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    layers = ["patch_embed", "transformers.0.blocks.0.mlp.fc1", "transformers.1.pool"]
+    result = measure(model, images, group=equifast.Translation([8], protocol="circular"),
+                     layers=layers, bootstrap=0, progress=False)
+    rows = result.frame.drop_duplicates("layer").set_index("layer")
+    assert rows.loc[layers, "stride"].tolist() == [8.0, 8.0, 16.0]
+    assert rows.loc[layers[:2], "offset_y"].tolist() == [7.5, 7.5]
