@@ -57,6 +57,7 @@ from .groups import (
 from .layers import (
     LayerHooks,
     LayerSpec,
+    channels_first_of,
     check_layer_keys,
     input_channels,
     is_broad_selection,
@@ -1172,11 +1173,13 @@ def _probe(module, names, input_size, overrides, align, device, dtype, seed,
         probe = probe_inputs(input_size, device, dtype, seed=seed,
                              channels=input_channels(module)).detach()
         context = torch.inference_mode()
-    hooks = LayerHooks(module, names, keep, lenient=lenient)
+    hooks = LayerHooks(module, names, keep, lenient=lenient, record_shapes=True)
     run_probe(module, probe, hooks, context)
     names, layouts = measurable_layers(names, captured, hooks.unmeasurable, input_size,
                                        overrides, lenient, prefix_tokens_of(module),
-                                       token_order_of(module), calls=hooks.calls)
+                                       token_order_of(module), calls=hooks.calls,
+                                       channels_first=channels_first_of(
+                                           module, hooks.shapes, input_size))
     layouts = refine_layouts(module, layouts, input_size, device, dtype, overrides,
                              report=report, lenient=lenient)
     names = [name for name in names if name in layouts]

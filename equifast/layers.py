@@ -33,7 +33,15 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .layouts import GROWTH, FeatureLayout, detect_layout, grown_grid_of, stride_from_growth
+from .layouts import (
+    GROWTH,
+    FeatureLayout,
+    detect_layout,
+    grown_grid_of,
+    stride_from_growth,
+)
+from .layouts import _token_fit as _token_fit_of
+from .layouts import _token_grid as _token_grid_of
 
 LayerSpec = str | type | Sequence[str | type] | None
 
@@ -436,8 +444,13 @@ class LayerHooks:
     """
 
     def __init__(self, model: nn.Module, names: Iterable[str],
-                 callback: Callable[[str, torch.Tensor], None], lenient: bool = False) -> None:
+                 callback: Callable[[str, torch.Tensor], None], lenient: bool = False,
+                 record_shapes: bool = False) -> None:
         self.model, self.names, self.callback = model, list(names), callback
+        # record_shapes: the output shape of every module of the model (hooked or not), first
+        # call only, so that a layer's shape can be read against the rest of the forward
+        self.record_shapes = record_shapes
+        self.shapes: dict[str, tuple[int, ...]] = {}
         self.handles: list = []
         self.batch: int | None = None
         self.input_size: tuple[int, int] | None = None
@@ -456,6 +469,10 @@ class LayerHooks:
         modules = dict(self.model.named_modules())
         self.handles.append(self.model.register_forward_pre_hook(self._read_batch,
                                                                  with_kwargs=True))
+        if self.record_shapes:
+            for name, module in modules.items():
+                if name and not isinstance(module, torch.jit.ScriptModule):
+                    self.handles.append(module.register_forward_hook(self._shape_hook(name)))
         for name in self.names:
             if isinstance(modules[name], torch.jit.ScriptModule):
                 # torch.jit.script / trace: a graph runs in its place, and forward hooks can
@@ -473,6 +490,14 @@ class LayerHooks:
                 continue
             self.handles.append(modules[name].register_forward_hook(self._hook(name)))
         return self
+
+    def _shape_hook(self, name: str):
+        def hook(module, inputs, output):
+            tensor = first_tensor(output, self.batch)
+            if tensor is not None and name not in self.shapes:
+                self.shapes[name] = tuple(int(s) for s in tensor.shape)
+
+        return hook
 
     def _read_batch(self, module, args, kwargs) -> None:
         images = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
@@ -608,11 +633,14 @@ def measurable_layers(
     input_size: tuple[int, int], overrides: Mapping[str, str], lenient: bool,
     prefix_hint: int | None = None, token_order: Mapping[str, str] | None = None,
     calls: Mapping[str, int] | None = None,
+    channels_first: Mapping[str, str] | None = None,
 ) -> tuple[list[str], dict]:
     """The probed layers that can be measured, with their layouts (``prefix_hint``: see
     :func:`prefix_tokens_of` and :func:`equifast.layouts.detect_layout`; ``token_order``: see
     :func:`token_order_of`: token layers of such a model are left out, or an error when named;
-    ``calls``: how often each layer ran in the probe's one forward, :attr:`LayerHooks.calls`).
+    ``calls``: how often each layer ran in the probe's one forward, :attr:`LayerHooks.calls`;
+    ``channels_first``: the modules whose 3-D output is ``(B, C, L)``, each with why,
+    :func:`channels_first_of`: token layers among them are left out, or an error when named).
 
     A broad selection (``lenient``: default layers, ``"leaves"``, types, globs) leaves out, with
     one warning, the layers that did not run (auxiliary heads in eval mode, dropout that fused
@@ -633,6 +661,7 @@ def measurable_layers(
     # as well as a feature map does, but their axes are tokens, not positions: L x L where L is
     # the token count of a layer of the same forward.
     token_counts = {int(t.shape[1]) for t in captured.values() if t.dim() == 3}
+    channels_first = channels_first or {}
     layouts = {}
     for name in names:
         if name in dropped:
@@ -642,6 +671,14 @@ def measurable_layers(
                 shape[2] == shape[3] in token_counts or shape[1] == shape[2] in token_counts):
             dropped[name] = (f"output {shape} is an attention map (tokens x tokens of the "
                              f"model's {max(shape[1], shape[2])}-token layers), not a grid")
+            continue
+        if name in channels_first and name not in overrides and len(shape) == 3:
+            problem = (f"layer {name!r} outputs shape {shape} with its channels first and its "
+                       f"positions last: {channels_first[name]}; it is no (B, L, C) token grid. "
+                       "Measure the block that holds it, or leave it out of layers=[...]")
+            if not lenient:
+                raise ValueError(problem)
+            dropped[name] = problem
             continue
         if _same_for_every_image(captured[name]):
             problem = (f"layer {name!r} gives the same features (shape {shape}) for the two "
@@ -690,6 +727,55 @@ def measurable_layers(
             "that runs once there (a wrapper around the shared module, or the module after it)",
             stacklevel=4)
     return kept, layouts
+
+
+def channels_first_of(model: nn.Module, shapes: Mapping[str, tuple[int, ...]],
+                      input_size: tuple[int, int]) -> dict[str, str]:
+    """The modules whose 3-D output is ``(B, C, L)``, channels first and positions last, each
+    with why: ``nn.Unfold`` (VOLO's outlook attention: ``(B, C * k * k, L)``), and the
+    token-mixing MLPs of MLP-Mixer, ResMLP and gMLP, which work on transposed tokens.
+
+    Read as ``(B, L, C)`` such an output passes for a token grid far too often: Mixer's
+    ``(B, 512, 196)`` as 6 prefix tokens and 22 x 23 cells of stride 10, VOLO's unfolded
+    ``(B, 1728, 16)`` at 64 px as 6 + 41 x 42. ``shapes`` are the output shapes of the modules
+    in one forward (:attr:`LayerHooks.shapes`). A ``(B, A, X)`` output is transposed tokens
+    when another module outputs ``(B, X, A)`` and ``X`` tokens fit the input's grid more
+    closely than ``A`` do; so are the modules of the same MLP (its children and siblings) whose
+    second axis holds those ``A`` channels (its hidden ``(B, C, hidden)`` layers).
+    """
+    three = {name: shape for name, shape in shapes.items() if len(shape) == 3}
+    modules = dict(model.named_modules())
+    found: dict[str, str] = {
+        name: "nn.Unfold puts each k x k patch's channels first, (B, C * k * k, L)"
+        for name in three if isinstance(modules.get(name), nn.Unfold)}
+    by_tokens: dict[tuple[int, int], str] = {}
+    for name, (_, tokens, channels) in three.items():
+        by_tokens.setdefault((tokens, channels), name)
+
+    def fit(tokens: int) -> float:
+        grid = _token_grid_of(tokens, input_size)
+        return math.inf if grid is None else _token_fit_of(grid, input_size)
+
+    for name, (_, first, last) in three.items():
+        partner = by_tokens.get((last, first))
+        if (name not in found and partner is not None and first != last
+                and fit(last) < fit(first)):
+            found[name] = (f"the transpose of {partner!r}'s {three[partner]} (a token-mixing "
+                           "MLP works on (B, C, L))")
+    grew = True
+    while grew:
+        grew = False
+        for name, (_, first, _) in three.items():
+            parent = name.rpartition(".")[0]
+            if name in found or not parent:
+                continue
+            kin = next((other for other in found if three[other][1] == first
+                        and parent in (other, other.rpartition(".")[0])), None)
+            if kin is not None:
+                found[name] = (f"its channel axis is that of {kin!r} {three[kin]} beside it, "
+                               "in the same token-mixing MLP")
+                grew = True
+    return found
 
 
 def _shape_in(problem: str) -> str:

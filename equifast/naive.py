@@ -75,6 +75,7 @@ from .groups import (
 from .layers import (
     LayerHooks,
     LayerSpec,
+    channels_first_of,
     check_layer_keys,
     input_channels,
     is_broad_selection,
@@ -739,14 +740,16 @@ def _probe_layouts(
     def keep(name: str, tensor: torch.Tensor) -> None:
         shapes.setdefault(name, tensor)
 
-    hooks = LayerHooks(module, names, keep, lenient=lenient)
+    hooks = LayerHooks(module, names, keep, lenient=lenient, record_shapes=True)
     # two different images: a layer whose output does not follow the batch, or does not
     # depend on the input, shows it (engine's probe)
     probe = probe_inputs(input_size, device, dtype, channels=input_channels(module)).detach()
     run_probe(module, probe, hooks, torch.inference_mode())
     _, layouts = measurable_layers(names, shapes, hooks.unmeasurable, input_size, overrides,
                                    lenient, prefix_tokens_of(module), token_order_of(module),
-                                   calls=hooks.calls)
+                                   calls=hooks.calls,
+                                   channels_first=channels_first_of(module, hooks.shapes,
+                                                                    input_size))
     layouts = refine_layouts(module, layouts, input_size, device, dtype, overrides,
                              lenient=lenient)
     warn_undeclared_channels(module, layouts)

@@ -339,3 +339,64 @@ def test_undeclared_layers_of_a_one_size_model_take_the_reduction_that_gives_the
     rows = result.frame.drop_duplicates("layer").set_index("layer")
     assert rows.loc[layers, "stride"].tolist() == [8.0, 8.0, 16.0]
     assert rows.loc[layers[:2], "offset_y"].tolist() == [7.5, 7.5]
+
+
+class _TokenMixer(nn.Module):
+    """An MLP-Mixer block: the token-mixing MLP works on transposed tokens, (B, C, L)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 20, 4, stride=4)
+        self.norm = nn.LayerNorm(20)
+        self.mix = nn.Sequential(nn.Linear(64, 32), nn.GELU(), nn.Linear(32, 64))
+        self.head = nn.Linear(20, 10)
+
+    def forward(self, x):
+        x = self.norm(self.embed(x).flatten(2).transpose(1, 2))  # (B, 64, 20): 8 x 8 tokens
+        x = x + self.mix(x.transpose(1, 2)).transpose(1, 2)
+        return self.head(x.mean(1))
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_transposed_tokens_of_a_token_mixing_mlp_are_named(implementation):
+    # before: (B, 20, 64) was read as 4 prefix tokens and a 4 x 4 grid of stride 8 (channels
+    # as positions); timm's Mixer at 224 px: (B, 512, 196) as 6 + 22 x 23 cells of stride 10
+    measure = IMPLEMENTATIONS[implementation]
+    torch.manual_seed(0)
+    model = _TokenMixer().eval()
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    settings = dict(group="translate[circular]:4", bootstrap=0, progress=False)
+    with pytest.raises(ValueError, match=r"layer 'mix' outputs shape \(2, 20, 64\) with its "
+                                         r"channels first .* the transpose of 'norm'"):
+        measure(model, images, layers=["norm", "mix"], **settings)
+    with pytest.warns(UserWarning, match=r"3 of 6 selected layers .*'mix\.0' outputs shape "
+                                         r"\(2, 20, 32\) with its channels first"):
+        result = measure(model, images, layers="leaves", **settings)
+    assert set(result.frame.layer) == {"embed", "norm", "head"}
+
+
+class _Unfolds(nn.Module):
+    """VOLO's outlook attention unfolds 3 x 3 neighbourhoods: (B, C * 9, L)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 4, 4, stride=4)
+        self.unfold = nn.Unfold(3, padding=1)
+
+    def forward(self, x):
+        x = self.embed(x)
+        return self.unfold(x).mean(2)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_unfolded_patches_are_named(implementation):
+    # before: (B, 36, 64) was read as 36 tokens of 64 channels, a 6 x 6 grid of stride 5
+    measure = IMPLEMENTATIONS[implementation]
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"layer 'unfold' outputs shape \(2, 36, 64\) with its "
+                                         r"channels first .*nn\.Unfold"):
+        measure(_Unfolds().eval(), images, layers=["embed", "unfold"],
+                group="translate[circular]:4", bootstrap=0, progress=False)
