@@ -226,7 +226,29 @@ def default_layers(model: nn.Module) -> list[str]:
             f"{type(model).__name__} has no submodules to measure; pass layers=[...] with module "
             "names of a model that has them"
         )
+    _warn_unresolved_features(model, children)
     return children
+
+
+def _warn_unresolved_features(model: nn.Module, children: Sequence[str]) -> None:
+    """Warn when a timm ``feature_info`` names none of the modules its model has (MViTv2's and
+    Twins' name ``block.0``...: the modules are ``stages.0`` and ``blocks.0``): the default
+    layers are then the top-level children, not the stages it means."""
+    for _, module in model.named_modules():
+        entries, missing = _feature_entries(module)
+        if entries:
+            return
+        if missing:
+            listed = ", ".join(map(str, missing[:4])) + (", ..." if len(missing) > 4 else "")
+            shown = ", ".join(children[:6]) + (", ..." if len(children) > 6 else "")
+            warnings.warn(
+                f"{type(module).__name__}'s feature_info names modules it does not have "
+                f"({listed}), so its stage outputs are not known: the default layers are the "
+                f"model's top-level children, opened ({len(children)}: {shown}); name the "
+                "stages in layers=[...] to measure them",
+                stacklevel=4,
+            )
+            return
 
 
 def is_broad_selection(layers: LayerSpec, model: nn.Module | None = None) -> bool:

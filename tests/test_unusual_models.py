@@ -400,3 +400,19 @@ def test_unfolded_patches_are_named(implementation):
                                          r"channels first .*nn\.Unfold"):
         measure(_Unfolds().eval(), images, layers=["embed", "unfold"],
                 group="translate[circular]:4", bootstrap=0, progress=False)
+
+
+def test_a_feature_info_that_names_no_module_of_the_model_is_named():
+    # timm's MViTv2 and Twins declare stages 'block.0'...; their modules are 'stages.0' and
+    # 'blocks.0': before, the default layers fell back to the top-level children without a word
+    from equifast.layers import default_layers
+
+    model = _cnn()
+    model.feature_info = [{"module": "block.0", "reduction": 1, "num_chs": 8},
+                          {"module": "block.1", "reduction": 2, "num_chs": 8}]
+    with pytest.warns(UserWarning, match=r"Sequential's feature_info names modules it does not "
+                                         r"have \(block\.0, block\.1\), so its stage outputs are "
+                                         r"not known: the default layers are the model's "
+                                         r"top-level children, opened \(7: 0, 1, 2\.0, 2\.1, "
+                                         r"3, 4, \.\.\.\)"):
+        assert default_layers(model) == ["0", "1", "2.0", "2.1", "3", "4", "5"]
