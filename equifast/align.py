@@ -174,26 +174,37 @@ def offsets_from_graph(
     The forward ran with gradients enabled (see :func:`probe_inputs`); the engine uses this to find
     the layouts and the offsets from one probe forward.
     """
-    height, width = input_size
     # Layers the model computes without a graph (a frozen backbone under torch.no_grad in its
-    # forward, as in linear probing): the gradient probe cannot see their receptive fields.
+    # forward, as in linear probing), or from a detached tensor (a neck on a backbone's
+    # detached features: a graph through its own parameters, none back to the input): the
+    # gradient probe cannot see their receptive fields.
     graphless = [name for name in layers
                  if name in captured and not captured[name].requires_grad]
-    if graphless:
-        listed = ", ".join(graphless[:8]) + (f" and {len(graphless) - 8} more"
-                                             if len(graphless) > 8 else "")
+    offsets = _offsets_through_graph(inputs, captured, layers, input_size, graphless)
+    unreached = graphless + [name for name in layers
+                             if name in offsets and offsets[name] is None]
+    for name in unreached:
+        offsets[name] = fixed_offset(layers[name], "center")
+    if unreached:
+        listed = ", ".join(unreached[:8]) + (f" and {len(unreached) - 8} more"
+                                             if len(unreached) > 8 else "")
         warnings.warn(
-            f"align='auto' found no gradient through {len(graphless)} layer(s): {listed} (the "
-            "model computes them without autograd, e.g. under torch.no_grad in its forward); "
-            "their grid offsets are taken as centred (align='center'). Translations do not "
-            "depend on the offset, rotations and flips do: to choose it, pass align='corner', "
-            "a number, or a dict per layer",
+            f"align='auto' found no gradient through {len(unreached)} layer(s): {listed} (the "
+            "model computes them without autograd, e.g. under torch.no_grad in its forward, or "
+            "from a detached tensor); their grid offsets are taken as centred "
+            "(align='center'). Translations do not depend on the offset, rotations and flips "
+            "do: to choose it, pass align='corner', a number, or a dict per layer",
             UserWarning, stacklevel=5)  # the caller of measure
+    return {name: offsets[name] for name in layers if name in offsets}
+
+
+def _offsets_through_graph(inputs, captured, layers, input_size, graphless):
+    """Offsets of the layers not in ``graphless`` from their input-gradients; None for a layer
+    the gradient does not reach (:func:`offsets_from_graph`)."""
+    height, width = input_size
     with torch.enable_grad():
-        offsets = {}
+        offsets: dict[str, tuple[float, float] | None] = {}
         names = [name for name in layers if name not in graphless]
-        for name in graphless:
-            offsets[name] = fixed_offset(layers[name], "center")
         for i, name in enumerate(names):
             layout = layers[name]
             if name not in captured:
@@ -211,7 +222,8 @@ def offsets_from_graph(
                 target, inputs, retain_graph=i < len(names) - 1, allow_unused=True
             )
             if gradient is None:
-                raise RuntimeError(f"layer {name!r} does not depend on the input")
+                offsets[name] = None
+                continue
             magnitude = gradient.detach().float().abs().sum((0, 1))
             footprint = _footprint_centre(magnitude) if gradient.dtype in (
                 torch.float32, torch.float64) else None

@@ -416,3 +416,34 @@ def test_a_feature_info_that_names_no_module_of_the_model_is_named():
                                          r"top-level children, opened \(7: 0, 1, 2\.0, 2\.1, "
                                          r"3, 4, \.\.\.\)"):
         assert default_layers(model) == ["0", "1", "2.0", "2.1", "3", "4", "5"]
+
+
+class _DetachedNeck(nn.Module):
+    """A trainable neck on a backbone's detached features: its outputs have a graph through its
+    own parameters, none back to the input."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.neck = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.head(self.neck(self.backbone(x).detach()).mean((2, 3)))
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_a_layer_after_a_detached_tensor_takes_the_centred_offset_with_a_warning(
+        implementation):
+    # before: "RuntimeError: layer 'neck' does not depend on the input" from align='auto'
+    measure = IMPLEMENTATIONS[implementation]
+    torch.manual_seed(0)
+    model = _DetachedNeck().eval()
+    with pytest.warns(UserWarning, match=r"align='auto' found no gradient through 1 layer\(s\): "
+                                         r"neck .*detached tensor.*centred"):
+        result = measure(model, _images(), group="rotate:90", layers=["backbone", "neck"],
+                         bootstrap=0, progress=False)
+    centred = measure(model, _images(), group="rotate:90", layers=["backbone", "neck"],
+                      align={"backbone": "auto", "neck": "center"}, bootstrap=0, progress=False)
+    assert result.config["offsets"] == centred.config["offsets"]
+    assert result.frame.value.equals(centred.frame.value)
