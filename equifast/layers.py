@@ -527,10 +527,11 @@ class LayerHooks:
         self.input_size = (tuple(int(s) for s in images.shape[-2:])
                            if images is not None and images.dim() == 4 else None)
 
-    def _warn_if_several_maps(self, name: str, output) -> None:
+    def _warn_if_several_maps(self, name: str, output, grid) -> None:
         """A layer that outputs feature maps of several sizes (a multi-resolution stage, or the
-        token branches of a multi-scale ViT such as CrossViT) and has no declared stride to choose
-        by: the first is measured, and the user is told which."""
+        token branches of a multi-scale ViT such as CrossViT) where no declared stride chooses
+        among them (``grid``, see :func:`first_tensor`: it chooses among 4-D maps only): the
+        first is measured, and the user is told which."""
         if not isinstance(output, (tuple, list)) or self.batch is None:
             return
         # (size, channels) of each batch-first map: (h, w) of a 4-D map, the token count of 3-D
@@ -538,7 +539,7 @@ class LayerHooks:
         # branches).
         maps = [t for t in output if isinstance(t, torch.Tensor) and t.dim() in (3, 4)
                 and t.shape[0] == self.batch]
-        if len({t.dim() for t in maps}) != 1:
+        if len({t.dim() for t in maps}) != 1 or (grid is not None and maps[0].dim() == 4):
             return
         sizes = [(tuple(t.shape[-2:]), t.shape[1]) if t.dim() == 4 else ((t.shape[1],), t.shape[2])
                  for t in maps]
@@ -546,9 +547,9 @@ class LayerHooks:
             self.warned_branches.add(name)
             warnings.warn(
                 f"layer {name!r} outputs {len(sizes)} feature maps of different sizes "
-                f"({', '.join(f'{c} channels' for _, c in sizes)}; its model declares no "
-                "stride for it in feature_info); the first is measured. To measure another, "
-                "hook the module that makes it",
+                f"({', '.join(f'{c} channels' for _, c in sizes)}; no stride its model "
+                "declares in feature_info chooses among them); the first is measured. To "
+                "measure another, hook the module that makes it",
                 stacklevel=2)
 
     def _declared_grid(self, name: str) -> tuple[float, float] | None:
@@ -567,8 +568,8 @@ class LayerHooks:
             several = isinstance(output, (tuple, list))  # (only these need the strides)
             grid = self._declared_grid(name) if several else None
             tensor = first_tensor(output, self.batch, grid)
-            if several and grid is None and name not in self.warned_branches:
-                self._warn_if_several_maps(name, output)
+            if several and name not in self.warned_branches:
+                self._warn_if_several_maps(name, output, grid)
             problem = None
             if tensor is None:
                 problem = (

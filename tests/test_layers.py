@@ -739,26 +739,32 @@ class _TwoTokenBranches(nn.Module):
     """Two token branches (stride 4 and 8 patches, 8 x 8 and 4 x 4 tokens) through one block that
     returns both, as CrossViT's multi-scale blocks do."""
 
-    def __init__(self) -> None:
+    def __init__(self, declared: int | None = None) -> None:
         super().__init__()
         self.small = nn.Conv2d(3, 5, 4, stride=4)
         self.large = nn.Conv2d(3, 7, 8, stride=8)
         self.block = _Branches()
+        if declared is not None:  # CrossViT declares its blocks' strides, one per branch
+            self.feature_info = [{"module": "block", "reduction": declared, "num_chs": 5}]
 
     def forward(self, x):
         small = self.small(x).flatten(2).transpose(1, 2)
         return self.block([small, self.large(x).flatten(2).transpose(1, 2)])[0].mean(1)
 
 
+@pytest.mark.parametrize("declared", [None, 8])
 @pytest.mark.parametrize("implementation", ["engine", "naive"])
-def test_token_branches_of_several_sizes_warn_that_the_first_is_measured(implementation):
+def test_token_branches_of_several_sizes_warn_that_the_first_is_measured(implementation,
+                                                                         declared):
+    """Also where the model declares a stride for the block: it chooses among 4-D maps only,
+    and CrossViT's second branch was left out without a word."""
     from equifast import naive
 
     measure = equifast.measure if implementation == "engine" else naive.measure
     with pytest.warns(UserWarning, match=r"'block' outputs 2 feature maps of different sizes "
                                          r"\(5 channels, 7 channels;.*\); the first is measured"):
-        result = measure(_TwoTokenBranches().eval(), torch.rand(2, 3, 32, 32), group="rotation",
-                         layers=["block"], bootstrap=0, progress=False)
+        result = measure(_TwoTokenBranches(declared).eval(), torch.rand(2, 3, 32, 32),
+                         group="rotation", layers=["block"], bootstrap=0, progress=False)
     assert result.frame.channels.unique().tolist() == [5]
 
 
