@@ -9,17 +9,21 @@ patch ``o = 7.5``.
 central feature pixels (mean absolute input-gradient over a few random inputs, with its flat
 background removed so that global mixing such as attention does not pull it to the image centre),
 snapped to half a pixel; where the pixels with a non-zero gradient lie inside the image, from the
-centre of that footprint, which convolutions and pooling make exact whatever the weights.
+centre of that footprint, which convolutions and pooling make exact whatever the weights. The
+gradient does not pass the gates of squeeze-and-excitation blocks (:func:`global_gates_cut`),
+whose global mean would otherwise spread every later footprint over the whole image.
 ``"center"`` assumes ``o = (s - 1) / 2``, ``"corner"`` ``o = 0``; a number (or a ``(oy, ox)``
 pair) sets it; a dict sets it per layer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
+import re
 import warnings
-from typing import Mapping
+from typing import Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -149,6 +153,43 @@ def probe_inputs(input_size: tuple[int, int], device, dtype, samples: int = 2,
     return inputs.requires_grad_(True).clone()
 
 
+# Modules that scale a feature map by a gate computed from its global mean (squeeze-and-excitation
+# and its kin in timm and torchvision): every child of theirs works on the pooled vector.
+_GLOBAL_GATE = re.compile(r"SqueezeExcit|^SEModule$|^EffectiveSEModule$|^C?EcaModule$"
+                          r"|^SelectiveKernelAttn$")
+
+
+@contextlib.contextmanager
+def global_gates_cut(model: nn.Module, keep: Iterable[str] = ()) -> Iterator[None]:
+    """While active, the gates of squeeze-and-excitation blocks pass no gradient (their children's
+    outputs are detached; the values are unchanged), so that ``align="auto"`` sees each layer's
+    local footprint.
+
+    A gate computed from the global mean reaches every input pixel: the footprint of every layer
+    after the first such block covered the whole image, and the offset fell back on the centroid
+    of random weights (EfficientNet-B0's first blocks at 224 pixels: ``(0.5, -0.5)`` instead of 0;
+    MobileNetV3's: up to a pixel off at stride 4). ``keep``: layers that are measured stay as they
+    are (a gate named in ``layers=`` keeps its gradient).
+    """
+    keep = set(keep)
+
+    def detach(module, inputs, output):
+        return output.detach() if isinstance(output, torch.Tensor) else output
+
+    handles = []
+    try:
+        for name, module in model.named_modules():
+            if not _GLOBAL_GATE.search(type(module).__name__):
+                continue
+            for child_name, child in module.named_children():
+                if f"{name}.{child_name}" not in keep:
+                    handles.append(child.register_forward_hook(detach))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _receptive_field_offsets(model, layers, input_size, device, dtype, samples, seed):
     inputs = probe_inputs(input_size, device, dtype, samples, seed, input_channels(model))
     captured: dict[str, torch.Tensor] = {}
@@ -158,7 +199,7 @@ def _receptive_field_offsets(model, layers, input_size, device, dtype, samples, 
 
     # Gradients of the input only: parameters keep requires_grad, but autograd.grad(inputs=...) does
     # not accumulate into them.
-    with torch.enable_grad(), LayerHooks(model, layers, keep):
+    with torch.enable_grad(), global_gates_cut(model, layers), LayerHooks(model, layers, keep):
         model(inputs)
         return offsets_from_graph(inputs, captured, layers, input_size)
 

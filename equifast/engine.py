@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 import os
@@ -31,7 +32,7 @@ from torch import nn
 
 from . import _ext, ops
 from . import distributed as _dist
-from .align import AlignSpec, find_offsets, probe_inputs
+from .align import AlignSpec, find_offsets, global_gates_cut, probe_inputs
 from .arguments import check_count, check_finite_pixels, check_run_arguments
 from .baseline import INIT, TRAINED, InitCopy, WithBaseline, init_copy, member_name, same_parameters
 from .data.folder import is_path_list, no_images_message, warn_skipped
@@ -1174,7 +1175,8 @@ def _probe(module, names, input_size, overrides, align, device, dtype, seed,
                              channels=input_channels(module)).detach()
         context = torch.inference_mode()
     hooks = LayerHooks(module, names, keep, lenient=lenient, record_shapes=True)
-    run_probe(module, probe, hooks, context)
+    with global_gates_cut(module, names) if with_grad else contextlib.nullcontext():
+        run_probe(module, probe, hooks, context)
     names, layouts = measurable_layers(names, captured, hooks.unmeasurable, input_size,
                                        overrides, lenient, prefix_tokens_of(module),
                                        token_order_of(module), calls=hooks.calls,
