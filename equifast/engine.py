@@ -200,17 +200,7 @@ class _DataPlan:
             preprocess = dataclasses.replace(preprocess, input_size=tuple(input_size))
         self.preprocess = preprocess
         self.total: int | None = None
-        if loader not in ("auto", "dali", "folder"):
-            raise ValueError(f"loader must be 'auto', 'dali' or 'folder', got {loader!r}")
-        reads_files = (isinstance(data, (str, Path)) and str(data) != "samples"
-                       or is_path_list(data))
-        if loader != "auto" and not reads_files:
-            # (the command line refuses --loader without --data in the same way)
-            what = "the sample photographs" if data is None or (
-                isinstance(data, str) and data == "samples") else f"a {type(data).__name__}"
-            raise ValueError(f"loader={loader!r}: a loader reads an image folder, a list of "
-                             f"image files or a .txt file list, but the data is {what}; "
-                             "expected loader='auto' here")
+        check_loader(loader, data)
         if data is None or (isinstance(data, str) and data == "samples"):
             from .data.samples import load_samples
 
@@ -452,6 +442,21 @@ class _DataPlan:
 # translations 1.71 s against 1.89 s, but rotations 1.04 against 0.94 s and all leaves 1.49
 # against 1.29 s, as more forwards mean more statistics calls per layer and identity blocks kept.
 CPU_PIXELS_PER_FORWARD = 32 * 112 * 112
+
+
+def check_loader(loader: str, data: DataSpec) -> None:
+    """A ValueError for an unknown ``loader``, or one given for data that is not files (the
+    sample photographs, a tensor, an iterable), which no loader reads: the command line refuses
+    ``--loader`` without ``--data`` in the same way."""
+    if loader not in ("auto", "dali", "folder"):
+        raise ValueError(f"loader must be 'auto', 'dali' or 'folder', got {loader!r}")
+    reads_files = isinstance(data, (str, Path)) and str(data) != "samples" or is_path_list(data)
+    if loader != "auto" and not reads_files:
+        what = "the sample photographs" if data is None or (
+            isinstance(data, str) and data == "samples") else f"a {type(data).__name__}"
+        raise ValueError(f"loader={loader!r}: a loader reads an image folder, a list of image "
+                         f"files or a .txt file list, but the data is {what}; expected "
+                         "loader='auto' here")
 
 
 def _default_plan(batch: int, elements: int, pixels: int, device: torch.device) -> tuple[int, int]:

@@ -414,6 +414,15 @@ def test_out_of_memory_gives_up_at_the_floor(tmp_path):
     assert run["status"] == "failed" and run["batch_size"] == 2
 
 
+def test_a_loader_for_data_that_is_not_files_fails_before_any_model(tmp_path):
+    """Once, naming the data, as measure would for every model (each a failed run)."""
+    store_path = tmp_path / "s.sqlite"
+    with pytest.raises(ValueError, match="loader='folder': a loader reads an image folder.*the "
+                                         "data is the sample photographs"):
+        _survey(["eqtest_tiny"], store_path, loader="folder")
+    assert not store_path.exists()
+
+
 def test_resolve_models_names_wildcards_and_lists(tmp_path):
     listing = tmp_path / "models.txt"
     listing.write_text("# my survey\nresnet10t\n\nconvnext_atto  # a comment\nresnet10t\n")

@@ -640,6 +640,9 @@ def run_survey(
     from equifast.groups import parse_group
 
     parse_group(group)  # a bad spec fails now, not once per model
+    from equifast.engine import check_loader
+
+    check_loader(measure_kwargs.get("loader", "auto"), data)  # as well
     group = "".join(group.split())  # as stored (group_spec): 'translate: 8' is 'translate:8'
     imports = list(imports)
     import_plugins(imports)
