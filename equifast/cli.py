@@ -256,20 +256,25 @@ def _add_survey_commands(commands) -> None:
 
 
 def _check_loader(args: argparse.Namespace) -> None:
-    """``--loader dali`` or ``folder`` picks how an image folder (``--data``) is read; the
-    embedded photographs (``--samples``, the default) are no folder and were measured without
-    it, silently. Refused before any work.
+    """``--loader dali`` or ``folder`` picks how an image folder (``--data``) is read, and
+    ``--workers`` how many processes read it; the embedded photographs (``--samples``, the
+    default) are no folder and were measured without either, silently. Refused before any work.
 
     Raises:
-        ValueError: ``--loader`` other than ``auto`` without ``--data``.
+        ValueError: ``--loader`` other than ``auto``, or ``--workers``, without ``--data``.
     """
-    if args.loader == "auto" or args.data:
+    if args.data:
         return
     given = ("--samples" if args.samples
              else "no --data (the embedded photographs, --samples, are the default)")
-    raise ValueError(f"--loader {args.loader}: expected --data DIR, an image folder for the "
-                     f"loader to read; found {given}: the embedded photographs are decoded in "
-                     "memory and read by no loader (give --data DIR, or leave --loader out)")
+    for option, value, leave in (("--loader", args.loader if args.loader != "auto" else None,
+                                  "--loader"),
+                                 ("--workers", getattr(args, "workers", None), "--workers")):
+        if value is not None:
+            raise ValueError(f"{option} {value}: expected --data DIR, an image folder for the "
+                             f"loader to read; found {given}: the embedded photographs are "
+                             "decoded in memory and read by no loader (give --data DIR, or "
+                             f"leave {leave} out)")
 
 
 def _run_survey(args: argparse.Namespace) -> int:

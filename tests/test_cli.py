@@ -155,6 +155,15 @@ def test_a_loader_without_data_is_refused_before_any_work(tmp_path, capsys, monk
             assert err.startswith(f"equifast: error: --loader {loader}: expected --data DIR, an "
                                   f"image folder for the loader to read; {found}"), err
             assert "leave --loader out" in err
+        # --workers, the number of the loader's processes, likewise
+        argv = [command, model, "resnet10t", "--workers", "4", "--samples",
+                "--out" if command == "measure" else "--store",
+                str(tmp_path / ("o" if command == "measure" else "s.sqlite"))]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("equifast: error: --workers 4: expected --data DIR, an image "
+                              "folder for the loader to read; found --samples:"), err
+        assert "leave --workers out" in err
     assert not (tmp_path / "s.sqlite").exists()
     args = cli.build_parser().parse_args(["measure", "--model", "m", "--loader", "dali",
                                           "--data", str(tmp_path)])
