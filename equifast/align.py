@@ -23,7 +23,7 @@ import math
 import numbers
 import re
 import warnings
-from typing import Iterable, Iterator, Mapping
+from typing import Iterator, Mapping
 
 import torch
 from torch import nn
@@ -160,7 +160,7 @@ _GLOBAL_GATE = re.compile(r"SqueezeExcit|^SEModule$|^EffectiveSEModule$|^C?EcaMo
 
 
 @contextlib.contextmanager
-def global_gates_cut(model: nn.Module, keep: Iterable[str] = ()) -> Iterator[None]:
+def global_gates_cut(model: nn.Module) -> Iterator[None]:
     """While active, the gates of squeeze-and-excitation blocks pass no gradient (their children's
     outputs are detached; the values are unchanged), so that ``align="auto"`` sees each layer's
     local footprint.
@@ -168,22 +168,19 @@ def global_gates_cut(model: nn.Module, keep: Iterable[str] = ()) -> Iterator[Non
     A gate computed from the global mean reaches every input pixel: the footprint of every layer
     after the first such block covered the whole image, and the offset fell back on the centroid
     of random weights (EfficientNet-B0's first blocks at 224 pixels: ``(0.5, -0.5)`` instead of 0;
-    MobileNetV3's: up to a pixel off at stride 4). ``keep``: layers that are measured stay as they
-    are (a gate named in ``layers=`` keeps its gradient).
+    MobileNetV3's: up to a pixel off at stride 4). The gate's own modules work on the pooled
+    vector, ``(N, C)`` layers without an offset, so measuring them (``layers="leaves"``) needs no
+    gradient through them.
     """
-    keep = set(keep)
 
     def detach(module, inputs, output):
         return output.detach() if isinstance(output, torch.Tensor) else output
 
     handles = []
     try:
-        for name, module in model.named_modules():
-            if not _GLOBAL_GATE.search(type(module).__name__):
-                continue
-            for child_name, child in module.named_children():
-                if f"{name}.{child_name}" not in keep:
-                    handles.append(child.register_forward_hook(detach))
+        for module in model.modules():
+            if _GLOBAL_GATE.search(type(module).__name__):
+                handles += [child.register_forward_hook(detach) for child in module.children()]
         yield
     finally:
         for handle in handles:
@@ -199,7 +196,7 @@ def _receptive_field_offsets(model, layers, input_size, device, dtype, samples, 
 
     # Gradients of the input only: parameters keep requires_grad, but autograd.grad(inputs=...) does
     # not accumulate into them.
-    with torch.enable_grad(), global_gates_cut(model, layers), LayerHooks(model, layers, keep):
+    with torch.enable_grad(), global_gates_cut(model), LayerHooks(model, layers, keep):
         model(inputs)
         return offsets_from_graph(inputs, captured, layers, input_size)
 

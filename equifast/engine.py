@@ -1180,7 +1180,7 @@ def _probe(module, names, input_size, overrides, align, device, dtype, seed,
                              channels=input_channels(module)).detach()
         context = torch.inference_mode()
     hooks = LayerHooks(module, names, keep, lenient=lenient, record_shapes=True)
-    with global_gates_cut(module, names) if with_grad else contextlib.nullcontext():
+    with global_gates_cut(module) if with_grad else contextlib.nullcontext():
         run_probe(module, probe, hooks, context)
     names, layouts = measurable_layers(names, captured, hooks.unmeasurable, input_size,
                                        overrides, lenient, prefix_tokens_of(module),
