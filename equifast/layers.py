@@ -469,8 +469,9 @@ class LayerHooks:
                  callback: Callable[[str, torch.Tensor], None], lenient: bool = False,
                  record_shapes: bool = False) -> None:
         self.model, self.names, self.callback = model, list(names), callback
-        # record_shapes: the output shape of every module of the model (hooked or not), first
-        # call only, so that a layer's shape can be read against the rest of the forward
+        # The output shape of each hooked layer at its first call (and with record_shapes of
+        # every module of the model, hooked or not), so that a layer's shape can be read
+        # against the rest of the forward, and named where the layer cannot be measured.
         self.record_shapes = record_shapes
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.handles: list = []
@@ -568,6 +569,8 @@ class LayerHooks:
             several = isinstance(output, (tuple, list))  # (only these need the strides)
             grid = self._declared_grid(name) if several else None
             tensor = first_tensor(output, self.batch, grid)
+            if tensor is not None:
+                self.shapes.setdefault(name, tuple(int(size) for size in tensor.shape))
             if several and name not in self.warned_branches:
                 self._warn_if_several_maps(name, output, grid)
             problem = None
@@ -686,6 +689,13 @@ def measurable_layers(
     token_counts = {int(t.shape[1]) for t in captured.values() if t.dim() == 3}
     channels_first = channels_first or {}
     layouts = {}
+
+    def leave_out(name: str, problem: str) -> None:
+        """A layer that cannot be measured: an error when named, else left out with a reason."""
+        if not lenient:
+            raise ValueError(problem)
+        dropped[name] = problem
+
     for name in names:
         if name in dropped:
             continue
@@ -696,22 +706,17 @@ def measurable_layers(
                              f"model's {max(shape[1], shape[2])}-token layers), not a grid")
             continue
         if name in channels_first and name not in overrides and len(shape) == 3:
-            problem = (f"layer {name!r} outputs shape {shape} with its channels first and its "
-                       f"positions last: {channels_first[name]}; it is no (B, L, C) token grid. "
-                       "Measure the block that holds it, or leave it out of layers=[...]")
-            if not lenient:
-                raise ValueError(problem)
-            dropped[name] = problem
+            leave_out(name, f"layer {name!r} outputs shape {shape} with its channels first and "
+                            f"its positions last: {channels_first[name]}; it is no (B, L, C) "
+                            "token grid. Measure the block that holds it, or leave it out of "
+                            "layers=[...]")
             continue
         if _same_for_every_image(captured[name]):
-            problem = (f"layer {name!r} gives the same features (shape {shape}) for the two "
-                       "different probe images: it does not depend on the input (a positional "
-                       "encoding computed from the grid size), so its equivariance, invariance "
-                       "and chance would all compare one fixed map with itself; leave it out of "
-                       "layers=[...]")
-            if not lenient:
-                raise ValueError(problem)
-            dropped[name] = problem
+            leave_out(name, f"layer {name!r} gives the same features (shape {shape}) for the two "
+                            "different probe images: it does not depend on the input (a "
+                            "positional encoding computed from the grid size), so its "
+                            "equivariance, invariance and chance would all compare one fixed "
+                            "map with itself; leave it out of layers=[...]")
             continue
         try:
             layouts[name] = detect_layout(captured[name].shape, input_size,
@@ -724,12 +729,9 @@ def measurable_layers(
             continue
         if token_order and name in token_order and layouts[name].layout == "NLC":
             del layouts[name]
-            problem = (f"layer {name!r} outputs tokens (shape {shape}) but "
-                       f"{token_order[name]}: its positions cannot be re-aligned; measure layers "
-                       "before the reordering (the patch embedding)")
-            if not lenient:
-                raise ValueError(problem)
-            dropped[name] = problem
+            leave_out(name, f"layer {name!r} outputs tokens (shape {shape}) but "
+                            f"{token_order[name]}: its positions cannot be re-aligned; measure "
+                            "layers before the reordering (the patch embedding)")
     shown = "; ".join(f"{n}: {why}" for n, why in list(dropped.items())[:3])
     if dropped:
         warnings.warn(f"{len(dropped)} of {len(names)} selected layers cannot be measured and are "
@@ -801,12 +803,6 @@ def channels_first_of(model: nn.Module, shapes: Mapping[str, tuple[int, ...]],
     return found
 
 
-def _shape_in(problem: str) -> str:
-    """``shape (9, 8, 7, 7)`` of a :class:`LayerHooks` problem that names the output shape."""
-    found = re.search(r"shape \([0-9, ]*\)", problem)
-    return found.group(0) if found else "another shape"
-
-
 def _same_for_every_image(tensor: torch.Tensor) -> bool:
     """Whether a probe output (two different random images) is the same for both images while
     varying within each: a layer that does not depend on the input (EdgeNeXt's Fourier
@@ -874,16 +870,15 @@ def refine_layouts(
     report["stride_probe"] = (f"two input sizes: {height}x{width} and "
                               f"{grown_size[0]}x{grown_size[1]}")
     refined = dict(layouts)
-    windowed = {name: why for name, why in hooks.unmeasurable.items()
-                if name in refined and name not in overrides}
+    windowed = [name for name in hooks.unmeasurable if name in refined and name not in overrides]
     if windowed:
         problems = [
             f"layer {name!r} is batch first at {height}x{width} pixels but not at "
-            f"{grown_size[0]}x{grown_size[1]} (it outputs {_shape_in(why)} for one image): it "
-            "splits the grid into windows, and at the measured size one padded window stood "
-            "for the image's grid; measure the block that holds it, or pass "
+            f"{grown_size[0]}x{grown_size[1]} (it outputs shape {hooks.shapes[name]} for one "
+            "image): it splits the grid into windows, and at the measured size one padded "
+            "window stood for the image's grid; measure the block that holds it, or pass "
             f"layouts={{{name!r}: ...}} to measure it at this size anyway"
-            for name, why in windowed.items()]
+            for name in windowed]
         if not lenient:
             raise ValueError(problems[0])
         warnings.warn(f"{len(windowed)} of {len(layouts)} selected layers cannot be measured "
