@@ -267,14 +267,13 @@ def _check_loader(args: argparse.Namespace) -> None:
         return
     given = ("--samples" if args.samples
              else "no --data (the embedded photographs, --samples, are the default)")
-    for option, value, leave in (("--loader", args.loader if args.loader != "auto" else None,
-                                  "--loader"),
-                                 ("--workers", getattr(args, "workers", None), "--workers")):
+    for option, value in (("--loader", args.loader if args.loader != "auto" else None),
+                          ("--workers", args.workers)):
         if value is not None:
             raise ValueError(f"{option} {value}: expected --data DIR, an image folder for the "
                              f"loader to read; found {given}: the embedded photographs are "
                              "decoded in memory and read by no loader (give --data DIR, or "
-                             f"leave {leave} out)")
+                             f"leave {option} out)")
 
 
 def _run_survey(args: argparse.Namespace) -> int:
