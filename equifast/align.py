@@ -9,8 +9,10 @@ patch ``o = 7.5``.
 central feature pixels (mean absolute input-gradient over a few random inputs, with its flat
 background removed so that global mixing such as attention does not pull it to the image centre),
 snapped to half a pixel; where the pixels with a non-zero gradient lie inside the image, from the
-centre of that footprint, which convolutions and pooling make exact whatever the weights. The
-gradient does not pass the gates of squeeze-and-excitation blocks (:func:`global_gates_cut`),
+centre of that footprint, which convolutions and pooling make exact whatever the weights; where
+that footprint reaches the borders (a deep layer's receptive field about as wide as the image),
+from the inner edges of the fields of the border rows and columns (:func:`_offset_from_borders`).
+The gradient does not pass the gates of squeeze-and-excitation blocks (:func:`global_gates_cut`),
 whose global mean would otherwise spread every later footprint over the whole image.
 ``"center"`` assumes ``o = (s - 1) / 2``, ``"corner"`` ``o = 0``; a number (or a ``(oy, ox)``
 pair) sets it; a dict sets it per layer.
@@ -256,15 +258,18 @@ def _offsets_through_graph(inputs, captured, layers, input_size, graphless):
             block = grid[:, :, rows][:, :, :, cols].float()
             mix = torch.randn(block.shape[1], generator=torch.Generator().manual_seed(i))
             target = (block * mix.to(block.device).view(1, -1, 1, 1)).sum()
-            (gradient,) = torch.autograd.grad(
-                target, inputs, retain_graph=i < len(names) - 1, allow_unused=True
-            )
+            # The graph is kept for the border probes below (freed with the captured outputs).
+            (gradient,) = torch.autograd.grad(target, inputs, retain_graph=True,
+                                              allow_unused=True)
             if gradient is None:
                 offsets[name] = None
                 continue
-            magnitude = gradient.detach().float().abs().sum((0, 1))
-            footprint = _footprint_centre(magnitude) if gradient.dtype in (
-                torch.float32, torch.float64) else None
+            magnitude = _magnitude(gradient).sum((0, 1))
+            # Supports (where a gradient is exactly 0) are read only from float32 and float64
+            # gradients: in half precision small contributions round to 0.
+            exact_zeros = (gradient.dtype in (torch.float32, torch.float64)
+                           and not _underflows(gradient))
+            footprint = _footprint_centre(magnitude) if exact_zeros else None
             # Remove the flat floor (global mixing reaches every pixel) before taking the centroid.
             magnitude = (magnitude - magnitude.median()).clamp_min(0)
             total = magnitude.sum()
@@ -279,6 +284,12 @@ def _offsets_through_graph(inputs, captured, layers, input_size, graphless):
             # The block's receptive fields centre on o + s * (mean position of the block).
             mean_row, mean_col = (rows.start + rows.stop - 1) / 2, (cols.start + cols.stop - 1) / 2
             offset = (centroid_y - stride_y * mean_row, centroid_x - stride_x * mean_col)
+            if footprint is None and exact_zeros:
+                # The central footprint reaches a border (a deep layer whose receptive field is
+                # wider than the image): the border rows and columns still tell the offset.
+                centred = _offset_from_borders(grid, inputs, layout, mix.to(block.device), offset)
+                if centred is not None:
+                    offset = centred
             if footprint is not None:
                 # The footprint's centre is exact for convolutions and pooling whatever the
                 # weights; the centroid of random weights leans by a pixel or more (ConvNeXt's
@@ -291,6 +302,90 @@ def _offsets_through_graph(inputs, captured, layers, input_size, graphless):
                     offset = centred
             offsets[name] = (_snap(offset[0]), _snap(offset[1]))
     return offsets
+
+
+def _offset_from_borders(grid: torch.Tensor, inputs: torch.Tensor, layout: FeatureLayout,
+                         mix: torch.Tensor, guess: tuple[float, float]
+                         ) -> tuple[float, float] | None:
+    """The offset from the inner edges of the receptive fields of the grid's border rows and
+    columns, where they lie inside the image; else None.
+
+    Cell ``i``'s field spans ``o + i * s - r .. o + i * s + r`` along an axis where the network
+    is translation equivariant (convolutions and pooling, whatever their weights and padding).
+    When ``r`` is about as wide as the image, the field of a central cell reaches both borders
+    and the centroid of random weights leans (MobileNetV2's stride-16 stages at 224 pixels: up
+    to 2.5 pixels; Inception v3's Mixed_6b: 5). The first cell's field still ends inside the
+    image, at ``o + r``, and the last one's (``n - 1``) starts at ``o + (n - 1) * s - r``: their
+    sum gives ``o`` exactly. The fields of the second and the second-to-last cells must end and
+    start one stride further in: otherwise the fields are no translates of one another (windows
+    padded at one end) and nothing is read. Where that cannot be seen (a grid one cell wide, or
+    second cells whose fields reach the far border), the result is taken only within half a
+    stride of the centroid's ``guess``, as the central footprint's is.
+    The first probe image carries one border cell and the second the other, in one backward
+    pass (the images are independent).
+    """
+    offsets = []
+    for axis, (cells, stride) in enumerate(zip((layout.grid_h, layout.grid_w), layout.stride)):
+        outer = _field_edges(grid, inputs, axis, 0, cells - 1, mix)
+        if outer is None:
+            return None
+        far_end, near_start = outer
+        inner = [edges for edges in [_field_edges(grid, inputs, axis, 1, cells - 2, mix)]
+                 if edges is not None] if cells >= 2 else []
+        if inner and (abs(inner[0][0] - far_end - stride) > 1e-6
+                      or abs(near_start - inner[0][1] - stride) > 1e-6):
+            return None
+        offset = _snap((far_end + near_start - (cells - 1) * stride) / 2)
+        if not inner and abs(offset - guess[axis]) > max(stride / 2, 2.0):
+            return None
+        offsets.append(offset)
+    return offsets[0], offsets[1]
+
+
+def _field_edges(grid: torch.Tensor, inputs: torch.Tensor, axis: int, first: int, last: int,
+                 mix: torch.Tensor) -> tuple[int, int] | None:
+    """Along ``axis`` (0: rows), the far end of the field of grid line ``first`` and the near
+    start of the field of line ``last``, in input pixels; None where either reaches the far
+    border or a gradient came near underflow."""
+    weights = mix.view(1, -1, 1, 1)
+    lines = [grid.narrow(2 + axis, first, 1), grid.narrow(2 + axis, last, 1)]
+    if inputs.shape[0] >= 2:
+        targets = [(lines[0][:1] * weights).sum() + (lines[1][1:2] * weights).sum()]
+        picks = [(0, 0), (0, 1)]  # (backward pass, image) of the first and the last line
+    else:
+        targets = [(line * weights).sum() for line in lines]
+        picks = [(0, 0), (1, 0)]
+    gradients = [torch.autograd.grad(target, inputs, retain_graph=True)[0] for target in targets]
+    if any(_underflows(gradient) for gradient in gradients):
+        return None
+    size = inputs.shape[2 + axis]
+    reached = []
+    for step, image in picks:
+        magnitude = _magnitude(gradients[step][image]).sum(0)  # (H, W)
+        reached.append(torch.nonzero(magnitude.sum(1 - axis) > 0).flatten())
+    if any(pixels.numel() == 0 for pixels in reached):
+        return None
+    far_end, near_start = int(reached[0][-1]), int(reached[1][0])
+    if far_end >= size - 1 or near_start <= 0:
+        return None  # the border lines' fields reach the far border too
+    return far_end, near_start
+
+
+def _magnitude(gradient: torch.Tensor) -> torch.Tensor:
+    """``|gradient|`` in float32 or float64 (a float64 gradient's smallest paths would round to 0
+    in float32, and its support shrink)."""
+    magnitude = gradient.detach().abs()
+    return magnitude if magnitude.dtype == torch.float64 else magnitude.float()
+
+
+def _underflows(gradient: torch.Tensor) -> bool:
+    """Whether some of the gradient's paths come within 2^24 of the dtype's smallest normal
+    number: then others may have rounded to 0, and its support can end short of the receptive
+    field's (timm's ConvNeXt at random init scales each residual branch by 1e-6: six blocks on,
+    the outermost pixels of a field get 1e-44 in float32, and some get 0)."""
+    magnitude = gradient.detach().abs()
+    smallest = magnitude[magnitude > 0].min() if bool((magnitude > 0).any()) else None
+    return smallest is not None and float(smallest) < torch.finfo(gradient.dtype).tiny * 2.0**24
 
 
 def _footprint_centre(magnitude: torch.Tensor) -> tuple[float, float] | None:

@@ -89,6 +89,7 @@ def test_auto_offsets_are_exact_for_convolutions_whatever_the_weights(build, siz
 def test_the_centroid_alone_leans_with_random_weights(monkeypatch):
     """Why the footprint is used: without it, some seeds miss ConvNeXt's 1.5."""
     monkeypatch.setattr(align, "_footprint_centre", lambda magnitude: None)
+    monkeypatch.setattr(align, "_offset_from_borders", lambda *args: None)
     missed = 0
     for seed in SEEDS:
         torch.manual_seed(seed)
@@ -216,3 +217,133 @@ def test_a_layer_norm_at_init_does_not_blind_the_probe():
         found = _offsets(Net().eval(), ["stem_norm", "down_norm"], 96)
         assert found["stem_norm"] == (1.5, 1.5), seed
         assert max(abs(o - 3.5) for o in found["down_norm"]) <= 1.0, (seed, found)
+
+
+def _wide_fields(depth: int = 4, channels: int = 16) -> nn.Sequential:
+    # 2x2 average pooling (o = 0.5, s = 2), then 5x5 convolutions: at 40 px the field of the
+    # central block (radius about 17.5 px) reaches every border, the border cells' fields do not.
+    layers: list[nn.Module] = [nn.Conv2d(3, channels, 3, padding=1), nn.AvgPool2d(2)]
+    for _ in range(depth):
+        layers += [nn.Conv2d(channels, channels, 5, padding=2), nn.ReLU()]
+    return nn.Sequential(*layers).eval()
+
+
+def test_border_fields_give_the_offset_when_the_central_field_reaches_the_borders(monkeypatch):
+    """Deep layers whose central receptive field is wider than the image (MobileNetV2's or
+    EfficientNet's stride-16 stages at 224 px) took the centroid of random weights, which leans;
+    the inner edges of the border cells' fields give the geometric offset on every seed."""
+    last = "9"
+    for seed in SEEDS:
+        torch.manual_seed(seed)
+        assert _offsets(_wide_fields(), [last], 40) == {last: (0.5, 0.5)}, f"seed {seed}"
+    # the engine and the naive loop take it too
+    torch.manual_seed(0)
+    net = _wide_fields()
+    images = torch.rand(2, 3, 40, 40, generator=torch.Generator().manual_seed(0))
+    for measure in (equifast.measure, naive.measure):
+        result = measure(net, images, group="flip", layers=[last], bootstrap=0, progress=False)
+        assert tuple(result.config["offsets"][last]) == (0.5, 0.5)
+    # without the border fields, the centroid misses on most of these seeds
+    monkeypatch.setattr(align, "_offset_from_borders", lambda *args: None)
+    missed = 0
+    for seed in SEEDS:
+        torch.manual_seed(seed)
+        missed += _offsets(_wide_fields(), [last], 40) != {last: (0.5, 0.5)}
+    assert missed >= 4
+
+
+class _PaddedWindows(nn.Module):
+    """A 3x3 convolution, then each 6 x 6 window of the grid (padded at its bottom and right end
+    to whole windows) adds its mean to its cells, as window attention mixes a window: the
+    fields of neighbouring cells end at one window edge, not one cell apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.out = nn.Identity()
+
+    def forward(self, x):
+        x = self.conv(x)
+        height, width = x.shape[-2:]
+        padded = nn.functional.pad(x, (0, -width % 6, 0, -height % 6))
+        means = nn.functional.avg_pool2d(padded, 6)
+        means = means.repeat_interleave(6, -2).repeat_interleave(6, -1)
+        return self.out(x + means[..., :height, :width])
+
+
+def test_border_fields_that_are_no_translates_are_not_read(monkeypatch):
+    """Windows padded at one end (a 10-cell grid in 6-cell windows, the central block's field
+    reaching the borders): the border cells' fields end at the windows' edges, not one cell
+    apart as translates would: nothing is read from them."""
+    read = []
+    found_by_borders = align._offset_from_borders
+
+    def spy(*args):
+        read.append(found_by_borders(*args))
+        return read[-1]
+
+    monkeypatch.setattr(align, "_offset_from_borders", spy)
+    for seed in SEEDS:
+        torch.manual_seed(seed)
+        _offsets(_PaddedWindows().eval(), ["out"], 10)
+    assert read and all(found is None for found in read)
+    # windows tiling the grid exactly (two of 6 cells in 12) are symmetric, but a first and a
+    # second cell still share a window: not read either
+    read.clear()
+    torch.manual_seed(0)
+    _offsets(_PaddedWindows().eval(), ["out"], 12)
+    assert read == [None]
+
+
+def test_a_gradient_near_underflow_is_not_read_for_its_support():
+    """Paths that come near the smallest normal number may have rounded to 0 elsewhere: a
+    support read from them can end short (timm's ConvNeXt at init, 1e-6 per residual branch)."""
+    normal = torch.tensor([0.0, 1e-20, 3.0])
+    assert not align._underflows(normal)
+    assert align._underflows(torch.tensor([0.0, 1e-44, 3.0]))  # a float32 subnormal
+    assert not align._underflows(torch.tensor([0.0, 1e-44, 3.0], dtype=torch.float64))
+    assert not align._underflows(torch.zeros(3))
+
+
+class _ScaledBranches(nn.Module):
+    """Residual 5x5 convolutions, each scaled by ``scale``, after a 2x2 average pooling
+    (o = 0.5), as timm's ConvNeXt scales its branches by 1e-6 at init."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.AvgPool2d(2))
+        self.branches = nn.ModuleList(nn.Conv2d(16, 16, 5, padding=2) for _ in range(4))
+        self.out = nn.Identity()
+
+    def forward(self, x):
+        x = self.stem(x)
+        for branch in self.branches:
+            x = x + self.scale * branch(x)
+        return self.out(x)
+
+
+def test_supports_are_read_in_float64_and_not_near_underflow(monkeypatch):
+    """At 40 px the field of the central block reaches every border; in float64 the border
+    fields give the exact offset even where paths through four branches are 1e-60. In float32
+    at 3e-11 per branch the outermost paths fall among the subnormal numbers, some round to 0
+    and the supports end short, unevenly: read anyway, they missed by a pixel and more; not
+    read, the centroid stays within half a pixel."""
+    layout = detect_layout((1, 16, 20, 20), (40, 40))
+    for seed in SEEDS:
+        torch.manual_seed(seed)
+        net = _ScaledBranches(1e-15).eval().double()
+        found = find_offsets(net, {"out": layout}, (40, 40), dtype=torch.float64)
+        assert found == {"out": (0.5, 0.5)}, f"seed {seed}"
+
+    def largest_miss() -> float:
+        misses = []
+        for seed in SEEDS:
+            torch.manual_seed(seed)
+            found = find_offsets(_ScaledBranches(3e-11).eval(), {"out": layout}, (40, 40))
+            misses += [abs(offset - 0.5) for offset in found["out"]]
+        return max(misses)
+
+    assert largest_miss() <= 0.5
+    monkeypatch.setattr(align, "_underflows", lambda gradient: False)
+    assert largest_miss() >= 1.0
