@@ -903,7 +903,23 @@ def refine_layouts(
             previous = int(stride[0])  # (layers are in module order: the one before, mostly)
         if grown == (layout.grid_h, layout.grid_w) and name not in overrides:
             fixed.append(name)
-    fixed = _resampling_layers(model, fixed, refined, input_size, device, dtype)
+    fixed, padded = _resampling_layers(model, fixed, refined, input_size, device, dtype)
+    if padded:
+        problems = [
+            f"layer {name!r} keeps a {refined[name].grid_h}x{refined[name].grid_w} grid at "
+            f"{height}x{width} and {grown_size[0]}x{grown_size[1]} pixels, while {block!r}, "
+            f"which holds it, outputs {cells[0]}x{cells[1]} cells: it works on windows padded "
+            "beyond the image's grid (window attention on a grid smaller than one window), "
+            "and its cells are no grid of the image; measure the block that holds it, or pass "
+            f"layouts={{{name!r}: ...}} to measure it anyway"
+            for name, (block, cells) in padded.items()]
+        if not lenient:
+            raise ValueError(problems[0])
+        warnings.warn(f"{len(padded)} of {len(layouts)} selected layers cannot be measured "
+                      f"and are left out ({'; '.join(problems[:2])}"
+                      f"{'; ...' if len(problems) > 2 else ''})", stacklevel=3)
+        for name in padded:
+            del refined[name]
     if fixed:
         fixed = [f"{name} ({refined[name].grid_h}x{refined[name].grid_w}, stride "
                  f"{_format_stride(refined[name].stride)})" for name in fixed]
@@ -970,20 +986,30 @@ def _declared_strides(model: nn.Module, layouts: Mapping[str, FeatureLayout],
 
 def _resampling_layers(model: nn.Module, names: Sequence[str],
                        layouts: Mapping[str, FeatureLayout], input_size: tuple[int, int], device,
-                       dtype) -> list[str]:
+                       dtype) -> tuple[list[str], dict[str, tuple[str, tuple[int, int]]]]:
     """Of ``names`` (layers whose grid is the same at two input sizes), those that resample the
-    grid they receive at ``input_size``: the others receive a grid of their own size there (VGG's
-    adaptive pooling at 224 px), so their cells are the input's positions one to one. One forward
-    of one image, only when some layer has a fixed grid; a layer whose input cannot be read as a
-    grid counts as resampling. The input is the first tensor of a list (CrossViT's blocks take
-    one token tensor per branch); tokens (``NLC``) are a grid of the layer's size when there are
-    as many as its prefix and grid hold. A layer that receives a grid of its own size keeps it
-    because of what comes before: the model resized its input (CrossViT's scale_image), which
-    is no resampling only where some leaf module receives the input at its own size."""
+    grid they receive at ``input_size``, and those that work on windows padded beyond the
+    image's grid: ``(resampling, {name: (enclosing block, its grid)})``.
+
+    The others receive a grid of their own size (VGG's adaptive pooling at 224 px), so their
+    cells are the input's positions one to one. One forward of one image, only when some layer
+    has a fixed grid; a layer whose input cannot be read as a grid counts as resampling. The
+    input is the first tensor of a list (CrossViT's blocks take one token tensor per branch);
+    tokens (``NLC``) are a grid of the layer's size when there are as many as its prefix and
+    grid hold. A layer that receives a grid of its own size keeps it because of what comes
+    before: the model resized its input (CrossViT's scale_image), which is no resampling only
+    where some leaf module receives the input at its own size.
+
+    A fixed grid finer than that of the nearest enclosing module with another grid is one
+    window padded beyond the image's grid: DaViT's and EfficientViT-M's window attention at
+    64 px pads a last stage of 2 x 2 cells into one 7 x 7 window at both probe sizes, which
+    had read as a grid of stride 9 (a grid that outgrows one window at the larger size is
+    caught by :func:`refine_layouts` before: it is no longer batch first there)."""
     if not names:
-        return []
+        return [], {}
     modules = dict(model.named_modules())
     received: dict[str, tuple[int, ...]] = {}
+    enclosing: dict[str, tuple[int, ...]] = {}
     handles = []
     for name in names:
         def remember(module, args, name=name):
@@ -992,6 +1018,13 @@ def _resampling_layers(model: nn.Module, names: Sequence[str],
                 received.setdefault(name, tuple(tensor.shape))
         if name in modules:
             handles.append(modules[name].register_forward_pre_hook(remember))
+    for block in {".".join(name.split(".")[:end]) for name in names if name in modules
+                  for end in range(1, name.count(".") + 1)}:
+        def remember_output(module, args, output, block=block):
+            tensor = first_tensor(output, batch=1)
+            if tensor is not None:
+                enclosing.setdefault(block, tuple(tensor.shape))
+        handles.append(modules[block].register_forward_hook(remember_output))
     unresized = False  # whether a leaf module received a map of the input's size
 
     def input_sized(module, args):
@@ -1005,12 +1038,24 @@ def _resampling_layers(model: nn.Module, names: Sequence[str],
         with torch.inference_mode():
             model(torch.zeros(1, input_channels(model), *input_size, device=device, dtype=dtype))
     except Exception:  # noqa: BLE001 - then every one of them is reported
-        return list(names)
+        return list(names), {}
     finally:
         for handle in handles:
             handle.remove()
+    padded = {}
+    for name in names:
+        layout = layouts[name]
+        for end in range(name.count("."), 0, -1):  # the nearest enclosing module first
+            block = ".".join(name.split(".")[:end])
+            cells = _grid_cells(enclosing.get(block), input_size)
+            if cells is not None and cells != (layout.grid_h, layout.grid_w):
+                if cells[0] * cells[1] < layout.grid_h * layout.grid_w:
+                    padded[name] = (block, cells)
+                break
     resampling = []
     for name in names:
+        if name in padded:
+            continue
         layout, shape = layouts[name], received.get(name)
         grid = None
         if shape is not None and len(shape) == 4:
@@ -1020,7 +1065,19 @@ def _resampling_layers(model: nn.Module, names: Sequence[str],
                 grid = (layout.grid_h, layout.grid_w)
         if grid != (layout.grid_h, layout.grid_w) or not unresized:
             resampling.append(name)
-    return resampling
+    return resampling, padded
+
+
+def _grid_cells(shape: tuple[int, ...] | None,
+                input_size: tuple[int, int]) -> tuple[int, int] | None:
+    """The ``(rows, columns)`` of an output of ``shape`` read as a spatial grid, else None."""
+    if shape is None or len(shape) not in (3, 4):
+        return None
+    try:
+        layout = detect_layout(shape, input_size)
+    except ValueError:
+        return None
+    return (layout.grid_h, layout.grid_w) if layout.kind == "spatial" else None
 
 
 def _format_stride(stride: tuple[float, float]) -> str:

@@ -285,16 +285,20 @@ class _PaddedWindows(nn.Module):
         self.window = nn.Conv2d(8, 8, 3, padding=1)
 
     def forward(self, x):
-        x = self.stem(x)
-        batch, channels, height, width = x.shape
-        pad_h, pad_w = -height % 7, -width % 7
-        x = nn.functional.pad(x, (0, pad_w, 0, pad_h))
-        rows, cols = (height + pad_h) // 7, (width + pad_w) // 7
-        windows = x.view(batch, channels, rows, 7, cols, 7).permute(0, 2, 4, 1, 3, 5)
-        windows = self.window(windows.reshape(-1, channels, 7, 7))
-        x = windows.view(batch, rows, cols, channels, 7, 7).permute(0, 3, 1, 4, 2, 5)
-        x = x.reshape(batch, channels, rows * 7, cols * 7)[:, :, :height, :width]
-        return x.mean((2, 3))
+        return _in_windows(self.window, self.stem(x)).mean((2, 3))
+
+
+def _in_windows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module`` applied to each 7 x 7 window of the grid, padded at its bottom and right end to
+    whole windows (the windows of all images along the batch axis); the padding cut off again."""
+    batch, channels, height, width = x.shape
+    pad_h, pad_w = -height % 7, -width % 7
+    x = nn.functional.pad(x, (0, pad_w, 0, pad_h))
+    rows, cols = (height + pad_h) // 7, (width + pad_w) // 7
+    windows = x.view(batch, channels, rows, 7, cols, 7).permute(0, 2, 4, 1, 3, 5)
+    windows = module(windows.reshape(-1, channels, 7, 7))
+    x = windows.view(batch, rows, cols, channels, 7, 7).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(batch, channels, rows * 7, cols * 7)[:, :, :height, :width]
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
@@ -319,6 +323,53 @@ def test_a_layer_of_padded_windows_is_named(implementation):
     kept = measure(model, images, layers=["stem", "window"], layouts={"window": "NCHW"},
                    **settings)
     assert set(kept.frame.layer) == {"stem", "window"}
+
+
+class _WindowBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.window = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return x + _in_windows(self.window, x)
+
+
+class _OneWindowAtBothSizes(nn.Module):
+    """A stride-16 stem and a block of 7 x 7 windows: at 32 and at 96 px (2 x 2 and 6 x 6 cells)
+    each image is one padded window, batch first at both probe sizes, as the last stage of DaViT
+    and EfficientViT-M at 64 px."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 16, stride=16)
+        self.block = _WindowBlock()
+
+    def forward(self, x):
+        return self.block(self.stem(x)).mean((2, 3))
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_a_layer_of_one_padded_window_at_both_probe_sizes_is_named(implementation):
+    # before: the window, 7 x 7 cells at 32 and at 96 px, was measured as a grid of the image
+    # (DaViT's and EfficientViT-M's last-stage attention internals at 64 px: stride 9)
+    measure = IMPLEMENTATIONS[implementation]
+    torch.manual_seed(0)
+    model = _OneWindowAtBothSizes().eval()
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    settings = dict(group="translate[circular]:16", bootstrap=0, progress=False)
+    with pytest.raises(ValueError, match=r"layer 'block.window' keeps a 7x7 grid at 32x32 and "
+                                         r"96x96 pixels, while 'block', which holds it, outputs "
+                                         r"2x2 cells: it works on windows padded"):
+        measure(model, images, layers=["block", "block.window"], **settings)
+    with pytest.warns(UserWarning, match=r"1 of 2 selected layers .*'block.window' keeps a 7x7"):
+        result = measure(model, images, layers="leaves", **settings)
+    assert set(result.frame.layer) == {"stem"}
+    # the block itself is the image's grid, and a layout given for the window keeps it
+    kept = measure(model, images, layers=["block", "block.window"],
+                   layouts={"block.window": "NCHW"}, **settings)
+    assert set(kept.frame.layer) == {"block", "block.window"}
+    assert kept.frame.set_index("layer").loc["block", "stride"].iloc[0] == 16.0
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
