@@ -511,7 +511,12 @@ def parse_group(spec: str) -> Group:
         try:
             return float(text)
         except ValueError:
-            raise ValueError(f"expected a number, found {text!r}") from None
+            # 'translate:8;rotate:90' or 'translate:8 flip': a second term joined the wrong way
+            joined = ":" in text or any(word in text.lower()
+                                        for word in ("translat", "shift", "rotat", "flip"))
+            hint = ("; terms of a group are joined by '+' (union) or '*' (product), e.g. "
+                    "'translate:8+rotate:90+flip'") if joined else ""
+            raise ValueError(f"expected a number, found {text!r}{hint}") from None
 
     try:
         if kind in ("translate", "translation", "shift"):

@@ -113,7 +113,11 @@ def test_parse_group():
     ("translate:1/2/3", r"a shift 'dy/dx' of two numbers, found '1/2/3'"),
     ("translate:8,,16", r"found an empty one"),
     ("rotate:", r"found an empty one"),
-    ("rotate:ninety", r"expected a number, found 'ninety'"),
+    ("rotate:ninety", r"expected a number, found 'ninety'$"),
+    ("translate:8;rotate:90", r"found '8;rotate:90'; terms of a group are joined by '\+' "
+                              r"\(union\) or '\*' \(product\), e.g. "
+                              r"'translate:8\+rotate:90\+flip'"),
+    ("translate:8 flip", r"found '8 flip'; terms of a group are joined by '\+'"),
     ("flip[mirror]", r"protocol 'mirror' is not one of \('crop', 'circular', 'zero'\)"),
     ("rotate[]:90", r"protocol '' is not one of"),
 ])
