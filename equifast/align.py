@@ -11,9 +11,11 @@ background removed so that global mixing such as attention does not pull it to t
 snapped to half a pixel; where the pixels with a non-zero gradient lie inside the image, from the
 centre of that footprint, which convolutions and pooling make exact whatever the weights; where
 that footprint reaches the borders (a deep layer's receptive field about as wide as the image),
-from the inner edges of the fields of the border rows and columns (:func:`_offset_from_borders`).
-The gradient does not pass the gates of squeeze-and-excitation blocks (:func:`global_gates_cut`),
-whose global mean would otherwise spread every later footprint over the whole image.
+from the inner edges of the fields of the border rows and columns (:func:`_offset_from_borders`);
+where the input shows neither (attention), on the grid of the module that began the layer's grid
+(:class:`GridAnchors`, :func:`_relayed_offset`). The gradient does not pass the gates of
+squeeze-and-excitation blocks (:func:`global_gates_cut`), whose global mean would otherwise
+spread every later footprint over the whole image.
 ``"center"`` assumes ``o = (s - 1) / 2``, ``"corner"`` ``o = 0``; a number (or a ``(oy, ox)``
 pair) sets it; a dict sets it per layer.
 """
@@ -21,6 +23,8 @@ pair) sets it; a dict sets it per layer.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import math
 import numbers
 import re
@@ -30,8 +34,8 @@ from typing import Iterator, Mapping
 import torch
 from torch import nn
 
-from .layers import LayerHooks, input_channels
-from .layouts import FeatureLayout, grid_view
+from .layers import LayerHooks, first_tensor, input_channels
+from .layouts import FeatureLayout, detect_layout, grid_view
 
 AlignSpec = str | float | tuple[float, float] | Mapping[str, object]
 
@@ -93,6 +97,7 @@ def find_offsets(
     samples: int = 2,
     seed: int = 0,
     captured: tuple[torch.Tensor, Mapping[str, torch.Tensor]] | None = None,
+    anchors: GridAnchors | None = None,
 ) -> dict[str, tuple[float, float]]:
     """Grid offset ``(offset_y, offset_x)`` of every layer.
 
@@ -107,6 +112,7 @@ def find_offsets(
         captured: ``(inputs, {name: output})`` of a forward of :func:`probe_inputs` (``samples``,
             ``seed``) that already ran with gradients enabled and hooks on the layers: the ``auto``
             probe then reuses it instead of running the model again.
+        anchors: The :class:`GridAnchors` recorded in that forward, if any.
 
     Returns:
         ``{name: (offset_y, offset_x)}`` (NaN for vector layers).
@@ -124,7 +130,7 @@ def find_offsets(
             offsets[name] = fixed_offset(layout, spec)
     if auto and captured is not None:
         offsets.update(offsets_from_graph(captured[0], captured[1], {n: layers[n] for n in auto},
-                                          input_size))
+                                          input_size, anchors))
     elif auto:
         offsets.update(_receptive_field_offsets(model, {n: layers[n] for n in auto}, input_size,
                                                 device, dtype, samples, seed))
@@ -189,6 +195,69 @@ def global_gates_cut(model: nn.Module) -> Iterator[None]:
             handle.remove()
 
 
+@dataclasses.dataclass
+class _Anchor:
+    name: str
+    tensor: torch.Tensor
+    layout: FeatureLayout
+    step: int  # when it ran, in the order of GridAnchors.finished
+
+
+class GridAnchors:
+    """Records, during the probe forward, the first output of each grid size (the modules that
+    begin a grid: a patch embedding, a downsampling convolution or pooling, a patch merging's
+    norm) and the order in which modules finish.
+
+    Where a layer's input-gradient does not show its offset (attention reaches every pixel; a
+    deep layer's field is clipped by the image), it is read on the grid of the anchor before
+    it, whose own offset the input-gradient gives (:func:`_relayed_offset`). Use as a context
+    manager around the probe forward; its hooks only record.
+    """
+
+    MAX_ANCHORS = 32
+
+    def __init__(self, model: nn.Module, input_size: tuple[int, int], batch: int) -> None:
+        self.model, self.input_size, self.batch = model, input_size, batch
+        self.anchors: list[_Anchor] = []
+        self.finished: dict[str, int] = {}
+        self._grids: set[tuple[int, int]] = set()
+        self._steps = 0
+        self._handles: list = []
+
+    def __enter__(self) -> "GridAnchors":
+        for name, module in self.model.named_modules():
+            # (a scripted submodule takes no hooks: what it outputs is not recorded)
+            if name and not isinstance(module, torch.jit.ScriptModule):
+                leaf = next(module.children(), None) is None
+                self._handles.append(module.register_forward_hook(
+                    functools.partial(self._record, name, leaf)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _record(self, name: str, leaf: bool, module, args, output) -> None:
+        self._steps += 1
+        self.finished.setdefault(name, self._steps)
+        if not leaf or len(self.anchors) >= self.MAX_ANCHORS:
+            return
+        tensor = first_tensor(output, batch=self.batch)
+        # batch first: not the windows of all images along the batch axis, nor attention maps
+        if (tensor is None or tensor.dim() != 4 or tensor.shape[0] != self.batch
+                or not tensor.is_floating_point() or not tensor.requires_grad):
+            return
+        try:
+            layout = detect_layout(tensor.shape, self.input_size)
+        except ValueError:
+            return
+        grid = (layout.grid_h, layout.grid_w)
+        if layout.kind == "spatial" and grid not in self._grids:
+            self._grids.add(grid)
+            self.anchors.append(_Anchor(name, tensor, layout, self._steps))
+
+
 def _receptive_field_offsets(model, layers, input_size, device, dtype, samples, seed):
     inputs = probe_inputs(input_size, device, dtype, samples, seed, input_channels(model))
     captured: dict[str, torch.Tensor] = {}
@@ -198,9 +267,10 @@ def _receptive_field_offsets(model, layers, input_size, device, dtype, samples, 
 
     # Gradients of the input only: parameters keep requires_grad, but autograd.grad(inputs=...) does
     # not accumulate into them.
-    with torch.enable_grad(), global_gates_cut(model), LayerHooks(model, layers, keep):
+    anchors = GridAnchors(model, input_size, samples)
+    with torch.enable_grad(), global_gates_cut(model), LayerHooks(model, layers, keep), anchors:
         model(inputs)
-        return offsets_from_graph(inputs, captured, layers, input_size)
+        return offsets_from_graph(inputs, captured, layers, input_size, anchors)
 
 
 def offsets_from_graph(
@@ -208,6 +278,7 @@ def offsets_from_graph(
     captured: Mapping[str, torch.Tensor],
     layers: Mapping[str, FeatureLayout],
     input_size: tuple[int, int],
+    anchors: GridAnchors | None = None,
 ) -> dict[str, tuple[float, float]]:
     """Offsets of ``layers`` from their outputs ``captured`` in a forward of the probe ``inputs``.
 
@@ -220,7 +291,7 @@ def offsets_from_graph(
     # gradient probe cannot see their receptive fields.
     graphless = [name for name in layers
                  if name in captured and not captured[name].requires_grad]
-    offsets = _offsets_through_graph(inputs, captured, layers, input_size, graphless)
+    offsets = _offsets_through_graph(inputs, captured, layers, input_size, graphless, anchors)
     unreached = graphless + [name for name in layers
                              if name in offsets and offsets[name] is None]
     for name in unreached:
@@ -238,10 +309,16 @@ def offsets_from_graph(
     return {name: offsets[name] for name in layers if name in offsets}
 
 
-def _offsets_through_graph(inputs, captured, layers, input_size, graphless):
+def _offsets_through_graph(inputs, captured, layers, input_size, graphless, anchors=None):
     """Offsets of the layers not in ``graphless`` from their input-gradients; None for a layer
-    the gradient does not reach (:func:`offsets_from_graph`)."""
-    height, width = input_size
+    the gradient does not reach (:func:`offsets_from_graph`). Where a layer's gradient on the
+    input does not show its offset, it is read relative to the latest of the ``anchors``
+    (:class:`GridAnchors`) before it whose offset the input-gradient gave."""
+    strides = {(layout.grid_h, layout.grid_w): layout.stride for layout in layers.values()
+               if layout.kind == "spatial"}
+    pending = list(anchors.anchors) if anchors is not None else []
+    finished = anchors.finished if anchors is not None else {}
+    sources: list[tuple[torch.Tensor, FeatureLayout, tuple[float, float]]] = []
     with torch.enable_grad():
         offsets: dict[str, tuple[float, float] | None] = {}
         names = [name for name in layers if name not in graphless]
@@ -249,59 +326,170 @@ def _offsets_through_graph(inputs, captured, layers, input_size, graphless):
             layout = layers[name]
             if name not in captured:
                 raise RuntimeError(f"layer {name!r} did not run in the forward pass")
-            grid = grid_view(captured[name], layout)
-            rows, cols = _central_block(layout.grid_h), _central_block(layout.grid_w)
-            # A seeded random mix of the channels, not their plain sum: after a LayerNorm whose
-            # weight is 1 and bias 0 (an untrained model, a baseline's copy) the channels of
-            # every position sum to exactly 0, and the gradient of that sum is round-off noise
-            # (twins' patch embedding gave offsets from -1 to 4 over four seeds, truth 1.5).
-            block = grid[:, :, rows][:, :, :, cols].float()
-            mix = torch.randn(block.shape[1], generator=torch.Generator().manual_seed(i))
-            target = (block * mix.to(block.device).view(1, -1, 1, 1)).sum()
-            # The graph is kept for the border probes below (freed with the captured outputs).
-            (gradient,) = torch.autograd.grad(target, inputs, retain_graph=True,
-                                              allow_unused=True)
-            if gradient is None:
-                offsets[name] = None
-                continue
-            magnitude = _magnitude(gradient).sum((0, 1))
-            # Supports (where a gradient is exactly 0) are read only from float32 and float64
-            # gradients: in half precision small contributions round to 0.
-            exact_zeros = (gradient.dtype in (torch.float32, torch.float64)
-                           and not _underflows(gradient))
-            footprint = _footprint_centre(magnitude) if exact_zeros else None
-            # Remove the flat floor (global mixing reaches every pixel) before taking the centroid.
-            magnitude = (magnitude - magnitude.median()).clamp_min(0)
-            total = magnitude.sum()
-            if not torch.isfinite(total) or total <= 0:
-                offsets[name] = fixed_offset(layout, "center")
-                continue
-            ys = torch.arange(height, dtype=torch.float32, device=magnitude.device)
-            xs = torch.arange(width, dtype=torch.float32, device=magnitude.device)
-            centroid_y = float((magnitude.sum(1) * ys).sum() / total)
-            centroid_x = float((magnitude.sum(0) * xs).sum() / total)
-            stride_y, stride_x = layout.stride
-            # The block's receptive fields centre on o + s * (mean position of the block).
-            mean_row, mean_col = (rows.start + rows.stop - 1) / 2, (cols.start + cols.stop - 1) / 2
-            offset = (centroid_y - stride_y * mean_row, centroid_x - stride_x * mean_col)
-            if footprint is None and exact_zeros:
-                # The central footprint reaches a border (a deep layer whose receptive field is
-                # wider than the image): the border rows and columns still tell the offset.
-                centred = _offset_from_borders(grid, inputs, layout, mix.to(block.device), offset)
-                if centred is not None:
-                    offset = centred
-            if footprint is not None:
-                # The footprint's centre is exact for convolutions and pooling whatever the
-                # weights; the centroid of random weights leans by a pixel or more (ConvNeXt's
-                # first stage: 0.0 / 1.0 instead of 1.5). Taken when the two are within half a
-                # stride (at least 2 pixels: a stride-1 layer's centroid leans as far) of each
-                # other, so that an odd footprint does not override the centroid.
-                centred = (footprint[0] - stride_y * mean_row, footprint[1] - stride_x * mean_col)
-                if (abs(centred[0] - offset[0]) <= max(stride_y / 2, 2.0)
-                        and abs(centred[1] - offset[1]) <= max(stride_x / 2, 2.0)):
-                    offset = centred
-            offsets[name] = (_snap(offset[0]), _snap(offset[1]))
+            # The anchors that ran before this layer finished, in their order: each read from
+            # the input, else from the anchor before it.
+            while pending and pending[0].step < finished.get(name, math.inf):
+                anchor = pending.pop(0)
+                grid = (anchor.layout.grid_h, anchor.layout.grid_w)
+                anchor_layout = dataclasses.replace(
+                    anchor.layout, stride=strides.get(grid, anchor.layout.stride))
+                read = _read_offset(anchor.tensor, anchor_layout, inputs, input_size,
+                                    seed=10_000 + anchor.step, sources=sources)
+                if read is not None and read[1]:
+                    sources.append((anchor.tensor, anchor_layout, read[0]))
+            read = _read_offset(captured[name], layout, inputs, input_size, seed=i,
+                                sources=sources)
+            offsets[name] = None if read is None else read[0]
     return offsets
+
+
+def _read_offset(tensor: torch.Tensor, layout: FeatureLayout, inputs: torch.Tensor,
+                 input_size: tuple[int, int], seed: int,
+                 sources: list[tuple[torch.Tensor, FeatureLayout, tuple[float, float]]]
+                 ) -> tuple[tuple[float, float], bool] | None:
+    """``(offset, exact)`` of one layer output from the gradient of a random channel mix of its
+    central block: exact where a footprint gave it (on the input, its borders, or an anchor in
+    ``sources``), else the centroid's; None where the gradient does not reach the input."""
+    height, width = input_size
+    grid = grid_view(tensor, layout)
+    rows, cols = _central_block(layout.grid_h), _central_block(layout.grid_w)
+    # A seeded random mix of the channels, not their plain sum: after a LayerNorm whose
+    # weight is 1 and bias 0 (an untrained model, a baseline's copy) the channels of
+    # every position sum to exactly 0, and the gradient of that sum is round-off noise
+    # (twins' patch embedding gave offsets from -1 to 4 over four seeds, truth 1.5).
+    block = grid[:, :, rows][:, :, :, cols].float()
+    mix = torch.randn(block.shape[1], generator=torch.Generator().manual_seed(seed))
+    mix = mix.to(block.device)
+    target = (block * mix.view(1, -1, 1, 1)).sum()
+    # The graph is kept for the border probes and the anchors (freed with the captured outputs).
+    (gradient,) = torch.autograd.grad(target, inputs, retain_graph=True, allow_unused=True)
+    if gradient is None:
+        return None
+    magnitude = _magnitude(gradient).sum((0, 1))
+    # Supports (where a gradient is exactly 0) are read only from float32 and float64
+    # gradients: in half precision small contributions round to 0.
+    exact_zeros = (gradient.dtype in (torch.float32, torch.float64)
+                   and not _underflows(gradient))
+    footprint = _footprint_centre(magnitude) if exact_zeros else None
+    # Remove the flat floor (global mixing reaches every pixel) before taking the centroid.
+    magnitude = (magnitude - magnitude.median()).clamp_min(0)
+    total = magnitude.sum()
+    stride_y, stride_x = layout.stride
+    # The block's receptive fields centre on o + s * (mean position of the block).
+    mean_row, mean_col = (rows.start + rows.stop - 1) / 2, (cols.start + cols.stop - 1) / 2
+    if not torch.isfinite(total) or total <= 0:
+        offset = fixed_offset(layout, "center")
+    else:
+        ys = torch.arange(height, dtype=torch.float32, device=magnitude.device)
+        xs = torch.arange(width, dtype=torch.float32, device=magnitude.device)
+        centroid_y = float((magnitude.sum(1) * ys).sum() / total)
+        centroid_x = float((magnitude.sum(0) * xs).sum() / total)
+        offset = (centroid_y - stride_y * mean_row, centroid_x - stride_x * mean_col)
+    if footprint is not None:
+        # The footprint's centre is exact for convolutions and pooling whatever the
+        # weights; the centroid of random weights leans by a pixel or more (ConvNeXt's
+        # first stage: 0.0 / 1.0 instead of 1.5). Taken when the two are within half a
+        # stride (at least 2 pixels: a stride-1 layer's centroid leans as far) of each
+        # other, so that an odd footprint does not override the centroid.
+        centred = (footprint[0] - stride_y * mean_row, footprint[1] - stride_x * mean_col)
+        if (abs(centred[0] - offset[0]) <= max(stride_y / 2, 2.0)
+                and abs(centred[1] - offset[1]) <= max(stride_x / 2, 2.0)):
+            return (_snap(centred[0]), _snap(centred[1])), True
+    elif exact_zeros:
+        # The central footprint reaches a border (a deep layer whose receptive field is
+        # wider than the image): the border rows and columns still tell the offset.
+        centred = _offset_from_borders(grid, inputs, layout, mix, offset)
+        if centred is not None:
+            return centred, True
+    if sources:
+        relayed = _relayed_offset(grid, mix, layout, (rows, cols), sources, offset)
+        if relayed is not None:
+            return relayed, True
+    return (_snap(offset[0]), _snap(offset[1])), False
+
+
+def _relayed_offset(grid: torch.Tensor, mix: torch.Tensor, layout: FeatureLayout,
+                    block: tuple[slice, slice],
+                    sources: list[tuple[torch.Tensor, FeatureLayout, tuple[float, float]]],
+                    guess: tuple[float, float]) -> tuple[float, float] | None:
+    """The offset of a layer (``grid``, its central ``block`` mixed by ``mix``) read on the grid
+    of the latest anchor in ``sources`` that it depends on, whose offset is known; None where
+    that grid does not show it.
+
+    Where the block's footprint on the anchor's grid lies inside it (convolutions and pooling
+    after a downsampling), its centre maps to the input through the anchor's offset and stride,
+    as the input's own footprint would. It is taken where the footprint of the block one cell
+    further on moves by one cell of the layer exactly (translates: windowed attention between
+    the two keeps its windows' edges instead) and within one stride of the centroid's
+    ``guess``. Where it does not lie inside (attention mixes every cell), a layer on the anchor's
+    own grid whose strongest cells (at least half the largest gradient) are exactly its block's
+    carries the anchor's cells along its residual path: it takes the anchor's offset (the
+    centroid of random weights leans there by a pixel or more: a ViT's blocks read 7 and 8
+    instead of 7.5).
+    """
+    rows, cols = block
+
+    def target(rows: slice, cols: slice) -> torch.Tensor:
+        return (grid[:, :, rows][:, :, :, cols].float() * mix.view(1, -1, 1, 1)).sum()
+
+    def footprint_on(source: torch.Tensor, source_layout: FeatureLayout, rows: slice,
+                     cols: slice) -> tuple[torch.Tensor | None, tuple[int, ...] | None, bool]:
+        """(magnitude, (top, bottom, left, right) of its support, whether that lies inside)"""
+        (gradient,) = torch.autograd.grad(target(rows, cols), source, retain_graph=True,
+                                          allow_unused=True)
+        if gradient is None:
+            return None, None, False
+        magnitude = _magnitude(grid_view(gradient, source_layout)).sum((0, 1))
+        reached_rows = torch.nonzero(magnitude.sum(1) > 0).flatten()
+        reached_cols = torch.nonzero(magnitude.sum(0) > 0).flatten()
+        if (gradient.dtype not in (torch.float32, torch.float64) or _underflows(gradient)
+                or reached_rows.numel() == 0):
+            return magnitude, None, False
+        bounds = (int(reached_rows[0]), int(reached_rows[-1]), int(reached_cols[0]),
+                  int(reached_cols[-1]))
+        return magnitude, bounds, _footprint_centre(magnitude) is not None
+
+    mean = ((rows.start + rows.stop - 1) / 2, (cols.start + cols.stop - 1) / 2)
+    for source, source_layout, source_offset in reversed(sources):
+        magnitude, bounds, inside = footprint_on(source, source_layout, rows, cols)
+        if magnitude is None:
+            continue  # not before this layer: an anchor of another branch
+        if inside:
+            ratios = [layout.stride[axis] / source_layout.stride[axis] for axis in (0, 1)]
+            step = [1 if block.stop < cells else -1
+                    for block, cells in zip(block, (layout.grid_h, layout.grid_w))]
+            if any(ratio != int(ratio) for ratio in ratios) or any(
+                    block.stop - block.start >= cells
+                    for block, cells in zip(block, (layout.grid_h, layout.grid_w))):
+                return None  # no whole cells of the anchor per cell, or no room to move
+            moved = (slice(rows.start + step[0], rows.stop + step[0]),
+                     slice(cols.start + step[1], cols.stop + step[1]))
+            _, moved_bounds, _ = footprint_on(source, source_layout, *moved)
+            last = (source_layout.grid_h - 1, source_layout.grid_w - 1)
+            expected = [min(max(bound + step[axis // 2] * int(ratios[axis // 2]), 0),
+                            last[axis // 2])  # cut at the grid's border where it moves past
+                        for axis, bound in enumerate(bounds)]
+            if moved_bounds is None or list(moved_bounds) != expected:
+                return None
+            centre = ((bounds[0] + bounds[1]) / 2, (bounds[2] + bounds[3]) / 2)
+            offset = tuple(source_offset[axis] + source_layout.stride[axis] * centre[axis]
+                           - layout.stride[axis] * mean[axis] for axis in (0, 1))
+            if all(abs(offset[axis] - guess[axis]) <= max(layout.stride[axis], 2.0)
+                   for axis in (0, 1)):
+                return _snap(offset[0]), _snap(offset[1])
+            return None
+        same_grid = ((source_layout.grid_h, source_layout.grid_w)
+                     == (layout.grid_h, layout.grid_w)
+                     and source_layout.stride == layout.stride)
+        if same_grid and float(magnitude.max()) > 0:
+            strongest = magnitude >= 0.5 * magnitude.max()
+            peak_rows = torch.nonzero(strongest.any(1)).flatten().tolist()
+            peak_cols = torch.nonzero(strongest.any(0)).flatten().tolist()
+            if (peak_rows == list(range(rows.start, rows.stop))
+                    and peak_cols == list(range(cols.start, cols.stop))):
+                return source_offset
+        return None
+    return None
 
 
 def _offset_from_borders(grid: torch.Tensor, inputs: torch.Tensor, layout: FeatureLayout,
@@ -319,8 +507,9 @@ def _offset_from_borders(grid: torch.Tensor, inputs: torch.Tensor, layout: Featu
     sum gives ``o`` exactly. The fields of the second and the second-to-last cells must end and
     start one stride further in: otherwise the fields are no translates of one another (windows
     padded at one end) and nothing is read. Where that cannot be seen (a grid one cell wide, or
-    second cells whose fields reach the far border), the result is taken only within half a
-    stride of the centroid's ``guess``, as the central footprint's is.
+    second cells whose fields reach the far border), the result is taken only within a quarter
+    of a stride (at least 2 pixels) of the centroid's ``guess``: Swin's windows at 128 px put
+    the first row's field of its stride-16 patch merging 8 pixels off its geometry.
     The first probe image carries one border cell and the second the other, in one backward
     pass (the images are independent).
     """
@@ -336,7 +525,7 @@ def _offset_from_borders(grid: torch.Tensor, inputs: torch.Tensor, layout: Featu
                       or abs(near_start - inner[0][1] - stride) > 1e-6):
             return None
         offset = _snap((far_end + near_start - (cells - 1) * stride) / 2)
-        if not inner and abs(offset - guess[axis]) > max(stride / 2, 2.0):
+        if not inner and abs(offset - guess[axis]) > max(stride / 4, 2.0):
             return None
         offsets.append(offset)
     return offsets[0], offsets[1]

@@ -32,7 +32,7 @@ from torch import nn
 
 from . import _ext, ops
 from . import distributed as _dist
-from .align import AlignSpec, find_offsets, global_gates_cut, probe_inputs
+from .align import AlignSpec, GridAnchors, find_offsets, global_gates_cut, probe_inputs
 from .arguments import check_count, check_finite_pixels, check_run_arguments
 from .baseline import INIT, TRAINED, InitCopy, WithBaseline, init_copy, member_name, same_parameters
 from .data.folder import is_path_list, no_images_message, warn_skipped
@@ -1180,7 +1180,9 @@ def _probe(module, names, input_size, overrides, align, device, dtype, seed,
                              channels=input_channels(module)).detach()
         context = torch.inference_mode()
     hooks = LayerHooks(module, names, keep, lenient=lenient, record_shapes=True)
-    with global_gates_cut(module) if with_grad else contextlib.nullcontext():
+    anchors = GridAnchors(module, input_size, probe.shape[0]) if with_grad else None
+    with (global_gates_cut(module) if with_grad else contextlib.nullcontext()), \
+            (anchors or contextlib.nullcontext()):
         run_probe(module, probe, hooks, context)
     names, layouts = measurable_layers(names, captured, hooks.unmeasurable, input_size,
                                        overrides, lenient, prefix_tokens_of(module),
@@ -1192,7 +1194,8 @@ def _probe(module, names, input_size, overrides, align, device, dtype, seed,
     names = [name for name in names if name in layouts]
     warn_undeclared_channels(module, layouts)
     offsets = find_offsets(module, layouts, input_size, align, device, dtype, seed=seed,
-                           captured=(probe, captured) if with_grad else None)
+                           captured=(probe, captured) if with_grad else None,
+                           anchors=anchors)
     return names, layouts, offsets
 
 

@@ -11,7 +11,7 @@ from torch import nn
 import equifast
 from equifast import align, naive
 from equifast.align import find_offsets
-from equifast.layouts import detect_layout
+from equifast.layouts import detect_layout, grid_view
 
 SEEDS = range(8)
 
@@ -347,3 +347,104 @@ def test_supports_are_read_in_float64_and_not_near_underflow(monkeypatch):
     assert largest_miss() <= 0.5
     monkeypatch.setattr(align, "_underflows", lambda gradient: False)
     assert largest_miss() >= 1.0
+
+
+class _GlobalMix(nn.Module):
+    """A residual update from the mean over every position, as attention reaches every token."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.mix = nn.Linear(channels, channels)
+
+    def forward(self, x):
+        return x + self.mix(x.mean((2, 3)))[:, :, None, None]
+
+
+def _tiny_vit() -> nn.Sequential:
+    # 8-pixel patches (o = 3.5), then global mixing: the footprint of every block is the image
+    return nn.Sequential(nn.Conv2d(3, 16, 8, stride=8), _GlobalMix(16), nn.GELU(),
+                         _GlobalMix(16)).eval()
+
+
+def test_layers_after_global_mixing_take_the_offset_of_the_patches_they_carry(monkeypatch):
+    """Attention reaches every pixel: the centroid of random weights read a ViT's blocks as 7 and
+    8 instead of 7.5. The blocks' strongest cells on the patch grid are their own: they carry
+    the patches along the residual path, and take the patch embedding's exact offset."""
+    for seed in SEEDS:
+        torch.manual_seed(seed)
+        assert _offsets(_tiny_vit(), ["3"], 64) == {"3": (3.5, 3.5)}, f"seed {seed}"
+    monkeypatch.setattr(align, "_relayed_offset", lambda *args: None)
+    missed = 0
+    for seed in SEEDS:
+        torch.manual_seed(seed)
+        missed += _offsets(_tiny_vit(), ["3"], 64) != {"3": (3.5, 3.5)}
+    assert missed > 0
+
+
+class _LayerScaled(nn.Module):
+    """ConvNeXt's shape at init: a 4x4 patch stem (o = 1.5), residual 5x5 convolutions scaled by
+    1e-6, a 2x2 downsampling (o = 3.5), more of them, a 3x3 stride-2 head (o = 3.5). In float32
+    the input-gradient's paths through six branches underflow, so no footprint is read from it;
+    on the downsampling's grid the head's footprint lies inside."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 4, stride=4)
+        self.stage0 = nn.ModuleList(nn.Conv2d(16, 16, 5, padding=2) for _ in range(3))
+        self.down = nn.Conv2d(16, 16, 2, stride=2)
+        self.stage1 = nn.ModuleList(nn.Conv2d(16, 16, 5, padding=2) for _ in range(3))
+        self.head = nn.Conv2d(16, 16, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for branch in self.stage0:
+            x = x + 1e-6 * branch(x)
+        x = self.down(x)
+        for branch in self.stage1:
+            x = x + 1e-6 * branch(x)
+        return self.head(x)
+
+
+def test_a_footprint_on_the_grid_of_the_downsampling_before_gives_the_offset(monkeypatch):
+    relayed = []
+    relay = align._relayed_offset
+
+    def spy(*args):
+        relayed.append(relay(*args))
+        return relayed[-1]
+
+    monkeypatch.setattr(align, "_relayed_offset", spy)
+    for seed in SEEDS:
+        torch.manual_seed(seed)
+        assert _offsets(_LayerScaled().eval(), ["head"], 192) == {"head": (3.5, 3.5)}, seed
+    assert relayed and all(found == (3.5, 3.5) for found in relayed)
+
+
+def _window_means(x: torch.Tensor, window: int = 6) -> torch.Tensor:
+    """Each ``window`` x ``window`` window of the grid (padded at its bottom and right end) adds
+    its mean to its cells, as window attention mixes a window."""
+    height, width = x.shape[-2:]
+    padded = nn.functional.pad(x, (0, -width % window, 0, -height % window))
+    means = nn.functional.avg_pool2d(padded, window).repeat_interleave(window, -2)
+    return x + means.repeat_interleave(window, -1)[..., :height, :width]
+
+
+def test_footprints_of_windows_on_an_anchor_grid_are_not_read():
+    """A 2x2 patch merging (o = 1.5 on a stride-2 anchor of o = 0.5) reads its offset off its
+    footprint on the anchor's grid; behind windows padded at one end (Swin at 128 px) that
+    footprint ends at window edges, not one cell further for the next block, and is not read:
+    taken, it had put timm's Swin-T's second stage at 9.5 pixels instead of 3.5."""
+    torch.manual_seed(0)
+    anchor = torch.randn(2, 8, 20, 20, requires_grad=True)
+    anchor_layout = detect_layout(anchor.shape, (40, 40))
+    merge = nn.Conv2d(8, 8, 2, stride=2)
+    sources = [(anchor, anchor_layout, (0.5, 0.5))]
+    mix = torch.randn(8)
+    block = (align._central_block(10), align._central_block(10))
+    for windows, expected in ((False, (1.5, 1.5)), (True, None)):
+        merged = merge(_window_means(anchor) if windows else anchor)
+        layout = detect_layout(merged.shape, (40, 40))
+        assert layout.stride == (4.0, 4.0)
+        found = align._relayed_offset(grid_view(merged, layout), mix, layout, block, sources,
+                                      (1.5, 1.5))
+        assert found == expected, windows
