@@ -371,6 +371,9 @@ def _read_offset(tensor: torch.Tensor, layout: FeatureLayout, inputs: torch.Tens
     exact_zeros = (gradient.dtype in (torch.float32, torch.float64)
                    and not _underflows(gradient))
     footprint = _footprint_centre(magnitude) if exact_zeros else None
+    if footprint is not None and not _footprint_translates(grid, mix, inputs, layout,
+                                                           (rows, cols), magnitude):
+        footprint = None  # windows: the footprint is a window's, not the block's field
     # Remove the flat floor (global mixing reaches every pixel) before taking the centroid.
     magnitude = (magnitude - magnitude.median()).clamp_min(0)
     total = magnitude.sum()
@@ -395,7 +398,7 @@ def _read_offset(tensor: torch.Tensor, layout: FeatureLayout, inputs: torch.Tens
         if (abs(centred[0] - offset[0]) <= max(stride_y / 2, 2.0)
                 and abs(centred[1] - offset[1]) <= max(stride_x / 2, 2.0)):
             return (_snap(centred[0]), _snap(centred[1])), True
-    elif exact_zeros:
+    elif exact_zeros and _footprint_centre(_magnitude(gradient).sum((0, 1))) is None:
         # The central footprint reaches a border (a deep layer whose receptive field is
         # wider than the image): the border rows and columns still tell the offset.
         centred = _offset_from_borders(grid, inputs, layout, mix, offset)
@@ -406,6 +409,46 @@ def _read_offset(tensor: torch.Tensor, layout: FeatureLayout, inputs: torch.Tens
         if relayed is not None:
             return relayed, True
     return (_snap(offset[0]), _snap(offset[1])), False
+
+
+def _support(magnitude: torch.Tensor) -> tuple[int, int, int, int] | None:
+    """``(top, bottom, left, right)`` of the cells where a 2-D ``magnitude`` is not 0."""
+    rows = torch.nonzero(magnitude.sum(1) > 0).flatten()
+    cols = torch.nonzero(magnitude.sum(0) > 0).flatten()
+    if rows.numel() == 0:
+        return None
+    return int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
+
+
+def _footprint_translates(grid: torch.Tensor, mix: torch.Tensor, inputs: torch.Tensor,
+                          layout: FeatureLayout, block: tuple[slice, slice],
+                          magnitude: torch.Tensor) -> bool:
+    """Whether the input footprint of the central ``block`` moves by one stride when the block
+    moves by one cell, as receptive fields of convolutions and pooling do. Window attention's
+    do not: a footprint inside the image is the windows that hold the block (NesT's local
+    blocks at 224 px put its stride-8 stage at 3.5 pixels instead of 1.5), and the next block
+    of cells mostly lies in the same windows. True where the block cannot move (it spans the
+    grid) or the gradient is not float32 or float64."""
+    steps = []
+    for part, cells in zip(block, (layout.grid_h, layout.grid_w)):
+        if part.stop - part.start >= cells:
+            return True
+        steps.append(1 if part.stop < cells else -1)
+    rows, cols = (slice(part.start + step, part.stop + step) for part, step in zip(block, steps))
+    target = (grid[:, :, rows][:, :, :, cols].float() * mix.view(1, -1, 1, 1)).sum()
+    (gradient,) = torch.autograd.grad(target, inputs, retain_graph=True)
+    if gradient.dtype not in (torch.float32, torch.float64) or _underflows(gradient):
+        return True
+    bounds, moved = _support(magnitude), _support(_magnitude(gradient).sum((0, 1)))
+    if bounds is None or moved is None:
+        return False
+    sizes = inputs.shape[-2:]
+    for index, (bound, found) in enumerate(zip(bounds, moved)):
+        axis = index // 2
+        expected = min(max(bound + steps[axis] * layout.stride[axis], 0), sizes[axis] - 1)
+        if abs(found - expected) >= 1:
+            return False
+    return True
 
 
 def _relayed_offset(grid: torch.Tensor, mix: torch.Tensor, layout: FeatureLayout,
@@ -421,7 +464,7 @@ def _relayed_offset(grid: torch.Tensor, mix: torch.Tensor, layout: FeatureLayout
     as the input's own footprint would. It is taken where the footprint of the block one cell
     further on moves by one cell of the layer exactly (translates: windowed attention between
     the two keeps its windows' edges instead) and within one stride of the centroid's
-    ``guess``. Where it does not lie inside (attention mixes every cell), a layer on the anchor's
+    ``guess``. Otherwise (attention mixes every cell, or a window), a layer on the anchor's
     own grid whose strongest cells (at least half the largest gradient) are exactly its block's
     carries the anchor's cells along its residual path: it takes the anchor's offset (the
     centroid of random weights leans there by a pixel or more: a ViT's blocks read 7 and 8
@@ -449,35 +492,37 @@ def _relayed_offset(grid: torch.Tensor, mix: torch.Tensor, layout: FeatureLayout
                   int(reached_cols[-1]))
         return magnitude, bounds, _footprint_centre(magnitude) is not None
 
+    def translates(source: torch.Tensor, source_layout: FeatureLayout,
+                   bounds: tuple[int, ...]) -> bool:
+        """Whether the footprint of the block one cell further on moves by one cell of the
+        layer (whole cells of the anchor's grid; cut where it moves past the grid's border)."""
+        ratios = [layout.stride[axis] / source_layout.stride[axis] for axis in (0, 1)]
+        if any(ratio != int(ratio) for ratio in ratios) or any(
+                part.stop - part.start >= cells
+                for part, cells in zip(block, (layout.grid_h, layout.grid_w))):
+            return False  # no whole cells of the anchor per cell, or no room to move
+        step = [1 if part.stop < cells else -1
+                for part, cells in zip(block, (layout.grid_h, layout.grid_w))]
+        moved = (slice(rows.start + step[0], rows.stop + step[0]),
+                 slice(cols.start + step[1], cols.stop + step[1]))
+        _, moved_bounds, _ = footprint_on(source, source_layout, *moved)
+        last = (source_layout.grid_h - 1, source_layout.grid_w - 1)
+        expected = [min(max(bound + step[index // 2] * int(ratios[index // 2]), 0),
+                        last[index // 2]) for index, bound in enumerate(bounds)]
+        return moved_bounds is not None and list(moved_bounds) == expected
+
     mean = ((rows.start + rows.stop - 1) / 2, (cols.start + cols.stop - 1) / 2)
     for source, source_layout, source_offset in reversed(sources):
         magnitude, bounds, inside = footprint_on(source, source_layout, rows, cols)
         if magnitude is None:
             continue  # not before this layer: an anchor of another branch
-        if inside:
-            ratios = [layout.stride[axis] / source_layout.stride[axis] for axis in (0, 1)]
-            step = [1 if block.stop < cells else -1
-                    for block, cells in zip(block, (layout.grid_h, layout.grid_w))]
-            if any(ratio != int(ratio) for ratio in ratios) or any(
-                    block.stop - block.start >= cells
-                    for block, cells in zip(block, (layout.grid_h, layout.grid_w))):
-                return None  # no whole cells of the anchor per cell, or no room to move
-            moved = (slice(rows.start + step[0], rows.stop + step[0]),
-                     slice(cols.start + step[1], cols.stop + step[1]))
-            _, moved_bounds, _ = footprint_on(source, source_layout, *moved)
-            last = (source_layout.grid_h - 1, source_layout.grid_w - 1)
-            expected = [min(max(bound + step[axis // 2] * int(ratios[axis // 2]), 0),
-                            last[axis // 2])  # cut at the grid's border where it moves past
-                        for axis, bound in enumerate(bounds)]
-            if moved_bounds is None or list(moved_bounds) != expected:
-                return None
+        if inside and translates(source, source_layout, bounds):
             centre = ((bounds[0] + bounds[1]) / 2, (bounds[2] + bounds[3]) / 2)
             offset = tuple(source_offset[axis] + source_layout.stride[axis] * centre[axis]
                            - layout.stride[axis] * mean[axis] for axis in (0, 1))
             if all(abs(offset[axis] - guess[axis]) <= max(layout.stride[axis], 2.0)
                    for axis in (0, 1)):
                 return _snap(offset[0]), _snap(offset[1])
-            return None
         same_grid = ((source_layout.grid_h, source_layout.grid_w)
                      == (layout.grid_h, layout.grid_w)
                      and source_layout.stride == layout.stride)

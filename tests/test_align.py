@@ -448,3 +448,33 @@ def test_footprints_of_windows_on_an_anchor_grid_are_not_read():
         found = align._relayed_offset(grid_view(merged, layout), mix, layout, block, sources,
                                       (1.5, 1.5))
         assert found == expected, windows
+
+
+class _LocalWindows(nn.Module):
+    """4x4 patches (o = 1.5), then each 3 x 3 window of cells (padded at the end) adds its mean
+    to its cells, as NesT's and Twins' local attention: the footprint of a block of cells is
+    the windows that hold it, inside the image, and its centre is the windows' centre."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, 16, 4, stride=4)
+        self.out = nn.Identity()
+
+    def forward(self, x):
+        return self.out(_window_means(self.patch(x), window=3))
+
+
+def test_a_footprint_of_windows_is_not_taken_for_a_field(monkeypatch):
+    """At 40 px the central block (cells 4 and 5) lies in one window (cells 3 to 5): its
+    footprint's centre put the offset at -0.5, within the half stride of the centroid that a
+    footprint was trusted in. The next block's footprint does not move by one stride: it is
+    not taken, and the cells carried on the patches' grid give their exact 1.5."""
+    for seed in SEEDS:
+        torch.manual_seed(seed)
+        assert _offsets(_LocalWindows().eval(), ["out"], 40) == {"out": (1.5, 1.5)}, seed
+    monkeypatch.setattr(align, "_footprint_translates", lambda *args: True)
+    missed = 0
+    for seed in SEEDS:
+        torch.manual_seed(seed)
+        missed += _offsets(_LocalWindows().eval(), ["out"], 40) != {"out": (1.5, 1.5)}
+    assert missed > 0
