@@ -362,7 +362,10 @@ def _read_offset(tensor: torch.Tensor, layout: FeatureLayout, inputs: torch.Tens
     mix = mix.to(block.device)
     target = (block * mix.view(1, -1, 1, 1)).sum()
     # The graph is kept for the border probes and the anchors (freed with the captured outputs).
-    (gradient,) = torch.autograd.grad(target, inputs, retain_graph=True, allow_unused=True)
+    # The gradients on the anchors' grids come from the same backward pass, for the relays.
+    gradient, *on_sources = torch.autograd.grad(
+        target, [inputs, *(source for source, _, _ in sources)], retain_graph=True,
+        allow_unused=True)
     if gradient is None:
         return None
     magnitude = _magnitude(gradient).sum((0, 1))
@@ -398,16 +401,18 @@ def _read_offset(tensor: torch.Tensor, layout: FeatureLayout, inputs: torch.Tens
         if (abs(centred[0] - offset[0]) <= max(stride_y / 2, 2.0)
                 and abs(centred[1] - offset[1]) <= max(stride_x / 2, 2.0)):
             return (_snap(centred[0]), _snap(centred[1])), True
-    elif exact_zeros and _footprint_centre(_magnitude(gradient).sum((0, 1))) is None:
-        # The central footprint reaches a border (a deep layer whose receptive field is
-        # wider than the image): the border rows and columns still tell the offset.
+    # On the grid of the anchor before it (its gradient there came with the backward pass
+    # above), then from the border rows' and columns' fields where the central footprint
+    # reaches a border (a deep layer whose receptive field is wider than the image).
+    if sources:
+        relayed = _relayed_offset(grid, mix, layout, (rows, cols), sources, offset, on_sources)
+        if relayed is not None:
+            return relayed, True
+    if (footprint is None and exact_zeros
+            and _footprint_centre(_magnitude(gradient).sum((0, 1))) is None):
         centred = _offset_from_borders(grid, inputs, layout, mix, offset)
         if centred is not None:
             return centred, True
-    if sources:
-        relayed = _relayed_offset(grid, mix, layout, (rows, cols), sources, offset)
-        if relayed is not None:
-            return relayed, True
     return (_snap(offset[0]), _snap(offset[1])), False
 
 
@@ -454,10 +459,13 @@ def _footprint_translates(grid: torch.Tensor, mix: torch.Tensor, inputs: torch.T
 def _relayed_offset(grid: torch.Tensor, mix: torch.Tensor, layout: FeatureLayout,
                     block: tuple[slice, slice],
                     sources: list[tuple[torch.Tensor, FeatureLayout, tuple[float, float]]],
-                    guess: tuple[float, float]) -> tuple[float, float] | None:
+                    guess: tuple[float, float],
+                    gradients: list[torch.Tensor | None] | None = None
+                    ) -> tuple[float, float] | None:
     """The offset of a layer (``grid``, its central ``block`` mixed by ``mix``) read on the grid
     of the latest anchor in ``sources`` that it depends on, whose offset is known; None where
-    that grid does not show it.
+    that grid does not show it. ``gradients``: the block's gradients on the sources, where a
+    backward pass already gave them.
 
     Where the block's footprint on the anchor's grid lies inside it (convolutions and pooling
     after a downsampling), its centre maps to the input through the anchor's offset and stride,
@@ -476,10 +484,12 @@ def _relayed_offset(grid: torch.Tensor, mix: torch.Tensor, layout: FeatureLayout
         return (grid[:, :, rows][:, :, :, cols].float() * mix.view(1, -1, 1, 1)).sum()
 
     def footprint_on(source: torch.Tensor, source_layout: FeatureLayout, rows: slice,
-                     cols: slice) -> tuple[torch.Tensor | None, tuple[int, ...] | None, bool]:
+                     cols: slice, gradient: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor | None, tuple[int, ...] | None, bool]:
         """(magnitude, (top, bottom, left, right) of its support, whether that lies inside)"""
-        (gradient,) = torch.autograd.grad(target(rows, cols), source, retain_graph=True,
-                                          allow_unused=True)
+        if gradient is None:
+            (gradient,) = torch.autograd.grad(target(rows, cols), source, retain_graph=True,
+                                              allow_unused=True)
         if gradient is None:
             return None, None, False
         magnitude = _magnitude(grid_view(gradient, source_layout)).sum((0, 1))
@@ -512,8 +522,13 @@ def _relayed_offset(grid: torch.Tensor, mix: torch.Tensor, layout: FeatureLayout
         return moved_bounds is not None and list(moved_bounds) == expected
 
     mean = ((rows.start + rows.stop - 1) / 2, (cols.start + cols.stop - 1) / 2)
-    for source, source_layout, source_offset in reversed(sources):
-        magnitude, bounds, inside = footprint_on(source, source_layout, rows, cols)
+    for index in reversed(range(len(sources))):
+        source, source_layout, source_offset = sources[index]
+        if gradients is not None and gradients[index] is None:
+            continue  # not before this layer: an anchor of another branch
+        magnitude, bounds, inside = footprint_on(
+            source, source_layout, rows, cols,
+            None if gradients is None else gradients[index])
         if magnitude is None:
             continue  # not before this layer: an anchor of another branch
         if inside and translates(source, source_layout, bounds):

@@ -283,6 +283,8 @@ def test_border_fields_that_are_no_translates_are_not_read(monkeypatch):
         return read[-1]
 
     monkeypatch.setattr(align, "_offset_from_borders", spy)
+    # the borders alone: on the convolution's grid the windows' cells read right (see below)
+    monkeypatch.setattr(align, "_relayed_offset", lambda *args: None)
     for seed in SEEDS:
         torch.manual_seed(seed)
         _offsets(_PaddedWindows().eval(), ["out"], 10)
@@ -344,6 +346,8 @@ def test_supports_are_read_in_float64_and_not_near_underflow(monkeypatch):
             misses += [abs(offset - 0.5) for offset in found["out"]]
         return max(misses)
 
+    # the input's supports alone (on the stem's grid the paths are not as small)
+    monkeypatch.setattr(align, "_relayed_offset", lambda *args: None)
     assert largest_miss() <= 0.5
     monkeypatch.setattr(align, "_underflows", lambda gradient: False)
     assert largest_miss() >= 1.0
