@@ -1024,7 +1024,8 @@ def _resampling_layers(model: nn.Module, names: Sequence[str],
             tensor = first_tensor(output, batch=1)
             if tensor is not None:
                 enclosing.setdefault(block, tuple(tensor.shape))
-        handles.append(modules[block].register_forward_hook(remember_output))
+        if not isinstance(modules[block], torch.jit.ScriptModule):  # (takes no hooks)
+            handles.append(modules[block].register_forward_hook(remember_output))
     unresized = False  # whether a leaf module received a map of the input's size
 
     def input_sized(module, args):
@@ -1033,7 +1034,8 @@ def _resampling_layers(model: nn.Module, names: Sequence[str],
         if isinstance(tensor, torch.Tensor) and tensor.dim() == 4:
             unresized |= input_size in (tuple(tensor.shape[2:]), tuple(tensor.shape[1:3]))
     handles += [module.register_forward_pre_hook(input_sized) for name, module in modules.items()
-                if name and not any(True for _ in module.children())]
+                if name and not any(True for _ in module.children())
+                and not isinstance(module, torch.jit.ScriptModule)]
     try:
         with torch.inference_mode():
             model(torch.zeros(1, input_channels(model), *input_size, device=device, dtype=dtype))

@@ -59,6 +59,23 @@ def test_a_scripted_submodule_is_an_error_when_named_and_left_out_of_a_broad_sel
     assert set(result.frame.layer) == {"0", "1", "3", "4", "5"}
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_a_scripted_submodule_beside_a_fixed_grid_is_measured(implementation):
+    # before: the check of a grid that does not grow with the input (adaptive pooling to 6 x 6)
+    # hooked every leaf, the scripted one too: "register_forward_pre_hook is not supported on
+    # ScriptModules"
+    measure = IMPLEMENTATIONS[implementation]
+    model = _cnn().eval()
+    model[3] = nn.AdaptiveAvgPool2d(6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model[1] = torch.jit.script(model[1])
+    model = nn.Sequential(*list(model)[:4])
+    with pytest.warns(UserWarning, match=r"keep the same grid at 32x32 and 96x96 pixels"):
+        result = _run(measure, model, layers=["0", "3"])
+    assert set(result.frame.layer) == {"0", "3"}
+
+
 class _Quantize(nn.Module):
     def __init__(self, dtype):
         super().__init__()
