@@ -617,8 +617,11 @@ def input_channels(model: nn.Module) -> int:
     if isinstance(declared, int) and not isinstance(declared, bool) and declared > 0:
         return declared
     for module in model.modules():
-        # (a lazy convolution knows its channels only after its first input)
-        if isinstance(module, nn.Conv2d) and int(module.in_channels) > 0:
+        # (a lazy convolution knows its channels only after its first input; a scripted one is
+        # a ScriptModule that keeps the name and the attributes of its class)
+        scripted = (isinstance(module, torch.jit.ScriptModule)
+                    and getattr(module, "original_name", None) == "Conv2d")
+        if (isinstance(module, nn.Conv2d) or scripted) and int(module.in_channels) > 0:
             return int(module.in_channels)
     return 3
 

@@ -76,6 +76,19 @@ def test_a_scripted_submodule_beside_a_fixed_grid_is_measured(implementation):
     assert set(result.frame.layer) == {"0", "3"}
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_a_scripted_first_convolution_still_tells_the_input_channels(implementation):
+    # before: the first convolution that was an nn.Conv2d was the second one, and the model was
+    # refused for "its input has 8 channels"
+    measure = IMPLEMENTATIONS[implementation]
+    model = _cnn().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model[0] = torch.jit.script(model[0])
+    result = _run(measure, model, layers=["1", "2"])
+    assert set(result.frame.layer) == {"1", "2"}
+
+
 class _Quantize(nn.Module):
     def __init__(self, dtype):
         super().__init__()
