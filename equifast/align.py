@@ -357,10 +357,9 @@ def _read_offset(tensor: torch.Tensor, layout: FeatureLayout, inputs: torch.Tens
     # weight is 1 and bias 0 (an untrained model, a baseline's copy) the channels of
     # every position sum to exactly 0, and the gradient of that sum is round-off noise
     # (twins' patch embedding gave offsets from -1 to 4 over four seeds, truth 1.5).
-    block = grid[:, :, rows][:, :, :, cols].float()
-    mix = torch.randn(block.shape[1], generator=torch.Generator().manual_seed(seed))
-    mix = mix.to(block.device)
-    target = (block * mix.view(1, -1, 1, 1)).sum()
+    mix = torch.randn(grid.shape[1], generator=torch.Generator().manual_seed(seed))
+    mix = mix.to(grid.device)
+    target = _block_target(grid, mix, rows, cols)
     # The graph is kept for the border probes and the anchors (freed with the captured outputs).
     # The gradients on the anchors' grids come from the same backward pass, for the relays.
     gradient, *on_sources = torch.autograd.grad(
@@ -374,6 +373,7 @@ def _read_offset(tensor: torch.Tensor, layout: FeatureLayout, inputs: torch.Tens
     exact_zeros = (gradient.dtype in (torch.float32, torch.float64)
                    and not _underflows(gradient))
     footprint = _footprint_centre(magnitude) if exact_zeros else None
+    reaches_border = exact_zeros and footprint is None
     if footprint is not None and not _footprint_translates(grid, mix, inputs, layout,
                                                            (rows, cols), magnitude):
         footprint = None  # windows: the footprint is a window's, not the block's field
@@ -408,12 +408,18 @@ def _read_offset(tensor: torch.Tensor, layout: FeatureLayout, inputs: torch.Tens
         relayed = _relayed_offset(grid, mix, layout, (rows, cols), sources, offset, on_sources)
         if relayed is not None:
             return relayed, True
-    if (footprint is None and exact_zeros
-            and _footprint_centre(_magnitude(gradient).sum((0, 1))) is None):
+    if reaches_border:
         centred = _offset_from_borders(grid, inputs, layout, mix, offset)
         if centred is not None:
             return centred, True
     return (_snap(offset[0]), _snap(offset[1])), False
+
+
+def _block_target(grid: torch.Tensor, mix: torch.Tensor, rows: slice,
+                  cols: slice) -> torch.Tensor:
+    """The random channel ``mix`` of a block of ``grid``'s cells, summed: what the probe
+    differentiates."""
+    return (grid[:, :, rows][:, :, :, cols].float() * mix.view(1, -1, 1, 1)).sum()
 
 
 def _support(magnitude: torch.Tensor) -> tuple[int, int, int, int] | None:
@@ -440,8 +446,8 @@ def _footprint_translates(grid: torch.Tensor, mix: torch.Tensor, inputs: torch.T
             return True
         steps.append(1 if part.stop < cells else -1)
     rows, cols = (slice(part.start + step, part.stop + step) for part, step in zip(block, steps))
-    target = (grid[:, :, rows][:, :, :, cols].float() * mix.view(1, -1, 1, 1)).sum()
-    (gradient,) = torch.autograd.grad(target, inputs, retain_graph=True)
+    (gradient,) = torch.autograd.grad(_block_target(grid, mix, rows, cols), inputs,
+                                      retain_graph=True)
     if gradient.dtype not in (torch.float32, torch.float64) or _underflows(gradient):
         return True
     bounds, moved = _support(magnitude), _support(_magnitude(gradient).sum((0, 1)))
@@ -480,26 +486,20 @@ def _relayed_offset(grid: torch.Tensor, mix: torch.Tensor, layout: FeatureLayout
     """
     rows, cols = block
 
-    def target(rows: slice, cols: slice) -> torch.Tensor:
-        return (grid[:, :, rows][:, :, :, cols].float() * mix.view(1, -1, 1, 1)).sum()
-
     def footprint_on(source: torch.Tensor, source_layout: FeatureLayout, rows: slice,
                      cols: slice, gradient: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor | None, tuple[int, ...] | None, bool]:
         """(magnitude, (top, bottom, left, right) of its support, whether that lies inside)"""
         if gradient is None:
-            (gradient,) = torch.autograd.grad(target(rows, cols), source, retain_graph=True,
-                                              allow_unused=True)
+            (gradient,) = torch.autograd.grad(_block_target(grid, mix, rows, cols), source,
+                                              retain_graph=True, allow_unused=True)
         if gradient is None:
             return None, None, False
         magnitude = _magnitude(grid_view(gradient, source_layout)).sum((0, 1))
-        reached_rows = torch.nonzero(magnitude.sum(1) > 0).flatten()
-        reached_cols = torch.nonzero(magnitude.sum(0) > 0).flatten()
+        bounds = _support(magnitude)
         if (gradient.dtype not in (torch.float32, torch.float64) or _underflows(gradient)
-                or reached_rows.numel() == 0):
+                or bounds is None):
             return magnitude, None, False
-        bounds = (int(reached_rows[0]), int(reached_rows[-1]), int(reached_cols[0]),
-                  int(reached_cols[-1]))
         return magnitude, bounds, _footprint_centre(magnitude) is not None
 
     def translates(source: torch.Tensor, source_layout: FeatureLayout,
@@ -641,11 +641,10 @@ def _footprint_centre(magnitude: torch.Tensor) -> tuple[float, float] | None:
     """Centre ``(y, x)`` of the pixels with a non-zero gradient when they lie inside the image
     (a receptive field that reaches a border is cut there, and its centre moves); else None."""
     height, width = magnitude.shape
-    rows = torch.nonzero(magnitude.sum(1) > 0).flatten()
-    cols = torch.nonzero(magnitude.sum(0) > 0).flatten()
-    if rows.numel() == 0 or cols.numel() == 0:
+    bounds = _support(magnitude)
+    if bounds is None:
         return None
-    top, bottom, left, right = int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
+    top, bottom, left, right = bounds
     if top == 0 or left == 0 or bottom == height - 1 or right == width - 1:
         return None
     return (top + bottom) / 2, (left + right) / 2
