@@ -873,22 +873,27 @@ def refine_layouts(
     report["stride_probe"] = (f"two input sizes: {height}x{width} and "
                               f"{grown_size[0]}x{grown_size[1]}")
     refined = dict(layouts)
+
+    def leave_out(problems: dict[str, str]) -> None:
+        """Refuse the first of these layers (a named one), or warn and leave them all out."""
+        messages = list(problems.values())
+        if not lenient:
+            raise ValueError(messages[0])
+        warnings.warn(f"{len(messages)} of {len(layouts)} selected layers cannot be measured "
+                      f"and are left out ({'; '.join(messages[:2])}"
+                      f"{'; ...' if len(messages) > 2 else ''})", stacklevel=4)
+        for name in problems:
+            del refined[name]
+
     windowed = [name for name in hooks.unmeasurable if name in refined and name not in overrides]
     if windowed:
-        problems = [
+        leave_out({name: (
             f"layer {name!r} is batch first at {height}x{width} pixels but not at "
             f"{grown_size[0]}x{grown_size[1]} (it outputs shape {hooks.shapes[name]} for one "
             "image): it splits the grid into windows, and at the measured size one padded "
             "window stood for the image's grid; measure the block that holds it, or pass "
-            f"layouts={{{name!r}: ...}} to measure it at this size anyway"
-            for name in windowed]
-        if not lenient:
-            raise ValueError(problems[0])
-        warnings.warn(f"{len(windowed)} of {len(layouts)} selected layers cannot be measured "
-                      f"and are left out ({'; '.join(problems[:2])}"
-                      f"{'; ...' if len(problems) > 2 else ''})", stacklevel=3)
-        for name in windowed:
-            del refined[name]
+            f"layouts={{{name!r}: ...}} to measure it at this size anyway")
+            for name in windowed})
         spatial = [name for name in spatial if name not in windowed]
     fixed: list[str] = []
     previous: int | None = None  # the stride of the layer before
@@ -908,21 +913,14 @@ def refine_layouts(
             fixed.append(name)
     fixed, padded = _resampling_layers(model, fixed, refined, input_size, device, dtype)
     if padded:
-        problems = [
+        leave_out({name: (
             f"layer {name!r} keeps a {refined[name].grid_h}x{refined[name].grid_w} grid at "
             f"{height}x{width} and {grown_size[0]}x{grown_size[1]} pixels, while {block!r}, "
             f"which holds it, outputs {cells[0]}x{cells[1]} cells: it works on windows padded "
             "beyond the image's grid (window attention on a grid smaller than one window), "
             "and its cells are no grid of the image; measure the block that holds it, or pass "
-            f"layouts={{{name!r}: ...}} to measure it anyway"
-            for name, (block, cells) in padded.items()]
-        if not lenient:
-            raise ValueError(problems[0])
-        warnings.warn(f"{len(padded)} of {len(layouts)} selected layers cannot be measured "
-                      f"and are left out ({'; '.join(problems[:2])}"
-                      f"{'; ...' if len(problems) > 2 else ''})", stacklevel=3)
-        for name in padded:
-            del refined[name]
+            f"layouts={{{name!r}: ...}} to measure it anyway")
+            for name, (block, cells) in padded.items()})
     if fixed:
         fixed = [f"{name} ({refined[name].grid_h}x{refined[name].grid_w}, stride "
                  f"{_format_stride(refined[name].stride)})" for name in fixed]
