@@ -34,6 +34,19 @@ def _offsets(net: nn.Module, names: list[str], size: int) -> dict[str, tuple[flo
     return find_offsets(net, layouts, (size, size), "auto")
 
 
+def _spy_on(monkeypatch, name: str) -> list:
+    """What each call of ``equifast.align.<name>`` returns, in order, as the calls happen."""
+    returned = []
+    original = getattr(align, name)
+
+    def spy(*args):
+        returned.append(original(*args))
+        return returned[-1]
+
+    monkeypatch.setattr(align, name, spy)
+    return returned
+
+
 def _convnext_like() -> nn.Sequential:
     # A 4x4 stride-4 patch stem (o = 1.5), a 7x7 depthwise convolution (o kept), a 2x2 stride-2
     # downsampling (o = 1.5 + 4 * 0.5 = 3.5).
@@ -275,14 +288,7 @@ def test_border_fields_that_are_no_translates_are_not_read(monkeypatch):
     """Windows padded at one end (a 10-cell grid in 6-cell windows, the central block's field
     reaching the borders): the border cells' fields end at the windows' edges, not one cell
     apart as translates would: nothing is read from them."""
-    read = []
-    found_by_borders = align._offset_from_borders
-
-    def spy(*args):
-        read.append(found_by_borders(*args))
-        return read[-1]
-
-    monkeypatch.setattr(align, "_offset_from_borders", spy)
+    read = _spy_on(monkeypatch, "_offset_from_borders")
     # the borders alone: on the convolution's grid the windows' cells read right (see below)
     monkeypatch.setattr(align, "_relayed_offset", lambda *args: None)
     for seed in SEEDS:
@@ -410,14 +416,7 @@ class _LayerScaled(nn.Module):
 
 
 def test_a_footprint_on_the_grid_of_the_downsampling_before_gives_the_offset(monkeypatch):
-    relayed = []
-    relay = align._relayed_offset
-
-    def spy(*args):
-        relayed.append(relay(*args))
-        return relayed[-1]
-
-    monkeypatch.setattr(align, "_relayed_offset", spy)
+    relayed = _spy_on(monkeypatch, "_relayed_offset")
     for seed in SEEDS:
         torch.manual_seed(seed)
         assert _offsets(_LayerScaled().eval(), ["head"], 192) == {"head": (3.5, 3.5)}, seed

@@ -331,28 +331,37 @@ def _in_windows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x.reshape(batch, channels, rows * 7, cols * 7)[:, :, :height, :width]
 
 
+def _windowed_layer_is_named(measure, build, size: int, shift: int, named: list[str],
+                             error: str, warning: str):
+    """Of the model ``build()`` makes, naming the windowed layer (last of ``named``) is an
+    error, a broad selection leaves it out with a warning and keeps the stem, and a layout given
+    for it keeps it, at the user's word; returns that last result."""
+    windowed = named[-1]
+    torch.manual_seed(0)
+    model = build().eval()
+    images = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    settings = dict(group=f"translate[circular]:{shift}", bootstrap=0, progress=False)
+    with pytest.raises(ValueError, match=error):
+        measure(model, images, layers=named, **settings)
+    with pytest.warns(UserWarning, match=warning):
+        result = measure(model, images, layers="leaves", **settings)
+    assert set(result.frame.layer) == {"stem"}
+    kept = measure(model, images, layers=named, layouts={windowed: "NCHW"}, **settings)
+    assert set(kept.frame.layer) == set(named)
+    return kept
+
+
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_a_layer_of_padded_windows_is_named(implementation):
     # before: the window of one image, padded from 4 x 4 to 7 x 7 cells, was measured as a 7 x 7
     # grid of stride 2 (16 px), padding and all (DaViT's and EfficientViT-M's attention
     # internals at 64 px: 7 x 7 at stride 9)
-    measure = IMPLEMENTATIONS[implementation]
-    torch.manual_seed(0)
-    model = _PaddedWindows().eval()
-    images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8,
-                           generator=torch.Generator().manual_seed(0))
-    settings = dict(group="translate[circular]:4", bootstrap=0, progress=False)
-    with pytest.raises(ValueError, match=r"layer 'window' is batch first at 16x16 pixels but "
-                                         r"not at 80x80 \(it outputs shape \(9, 8, 7, 7\) for "
-                                         r"one image\): it splits the grid into windows"):
-        measure(model, images, layers=["stem", "window"], **settings)
-    with pytest.warns(UserWarning, match=r"1 of 2 selected layers .*'window' is batch first"):
-        result = measure(model, images, layers="leaves", **settings)
-    assert set(result.frame.layer) == {"stem"}
-    # a layout given for it keeps it, at the user's word
-    kept = measure(model, images, layers=["stem", "window"], layouts={"window": "NCHW"},
-                   **settings)
-    assert set(kept.frame.layer) == {"stem", "window"}
+    _windowed_layer_is_named(
+        IMPLEMENTATIONS[implementation], _PaddedWindows, 16, 4, ["stem", "window"],
+        r"layer 'window' is batch first at 16x16 pixels but not at 80x80 \(it outputs shape "
+        r"\(9, 8, 7, 7\) for one image\): it splits the grid into windows",
+        r"1 of 2 selected layers .*'window' is batch first")
 
 
 class _WindowBlock(nn.Module):
@@ -382,23 +391,13 @@ class _OneWindowAtBothSizes(nn.Module):
 def test_a_layer_of_one_padded_window_at_both_probe_sizes_is_named(implementation):
     # before: the window, 7 x 7 cells at 32 and at 96 px, was measured as a grid of the image
     # (DaViT's and EfficientViT-M's last-stage attention internals at 64 px: stride 9)
-    measure = IMPLEMENTATIONS[implementation]
-    torch.manual_seed(0)
-    model = _OneWindowAtBothSizes().eval()
-    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8,
-                           generator=torch.Generator().manual_seed(0))
-    settings = dict(group="translate[circular]:16", bootstrap=0, progress=False)
-    with pytest.raises(ValueError, match=r"layer 'block.window' keeps a 7x7 grid at 32x32 and "
-                                         r"96x96 pixels, while 'block', which holds it, outputs "
-                                         r"2x2 cells: it works on windows padded"):
-        measure(model, images, layers=["block", "block.window"], **settings)
-    with pytest.warns(UserWarning, match=r"1 of 2 selected layers .*'block.window' keeps a 7x7"):
-        result = measure(model, images, layers="leaves", **settings)
-    assert set(result.frame.layer) == {"stem"}
-    # the block itself is the image's grid, and a layout given for the window keeps it
-    kept = measure(model, images, layers=["block", "block.window"],
-                   layouts={"block.window": "NCHW"}, **settings)
-    assert set(kept.frame.layer) == {"block", "block.window"}
+    kept = _windowed_layer_is_named(
+        IMPLEMENTATIONS[implementation], _OneWindowAtBothSizes, 32, 16,
+        ["block", "block.window"],
+        r"layer 'block.window' keeps a 7x7 grid at 32x32 and 96x96 pixels, while 'block', which "
+        r"holds it, outputs 2x2 cells: it works on windows padded",
+        r"1 of 2 selected layers .*'block.window' keeps a 7x7")
+    # the block itself is the image's grid
     assert kept.frame.set_index("layer").loc["block", "stride"].iloc[0] == 16.0
 
 
