@@ -228,20 +228,36 @@ def _own_figures(out_dir: Path) -> set[str]:
             and name not in ("", ".", "..", _MANIFEST)}
 
 
-def _remove_stale_figures(figures: Path, before: set[str], written: list[Path]) -> list[Path]:
-    """Remove the files of ``before`` (:func:`_own_figures`) that this report did not write
-    again, then list what it wrote in the manifest. Returns the removed paths."""
-    kept = {path.name for path in written}
-    removed = []
-    for name in sorted(before - kept):
-        path = figures / name
-        if path.is_file() and not path.is_symlink():
-            path.unlink()
-            removed.append(path)
-    (figures / _MANIFEST).write_text(
-        json.dumps({"written_by": "equifast report", "files": sorted(kept)}, indent=1) + "\n",
-        encoding="utf-8")
-    return removed
+class _FigureFiles:
+    """The figures this report writes into ``figures``, listed in the manifest as they are
+    written, beside those an earlier report left (:func:`_own_figures`): a report that fails
+    half-way leaves every figure it wrote named there, so the next report removes those it does
+    not write again."""
+
+    def __init__(self, figures: Path, before: set[str]):
+        self.figures, self.before, self.written = figures, before, []
+
+    def save(self, fig, stem: str) -> None:
+        self.written += _save(fig, self.figures / stem)
+        self._list(self.before | {path.name for path in self.written})
+
+    def finish(self) -> list[Path]:
+        """Remove the files an earlier report wrote that this one did not write again, then
+        list only this report's. Returns the removed paths."""
+        kept = {path.name for path in self.written}
+        removed = []
+        for name in sorted(self.before - kept):
+            path = self.figures / name
+            if path.is_file() and not path.is_symlink():
+                path.unlink()
+                removed.append(path)
+        self._list(kept)
+        return removed
+
+    def _list(self, names: set[str]) -> None:
+        (self.figures / _MANIFEST).write_text(
+            json.dumps({"written_by": "equifast report", "files": sorted(names)}, indent=1)
+            + "\n", encoding="utf-8")
 
 
 def _figure_html(stem: str, alt: str, caption: str, lazy: bool = False) -> str:
@@ -332,8 +348,8 @@ def build_report(store_path: str | os.PathLike, out_dir: str | os.PathLike, *,
     check_folder(out_dir, "out_dir", expected=_EXPECTED_FOLDER)
     figures = out_dir / "figures"
     check_folder(figures, "out_dir", out_dir, _EXPECTED_FOLDER)
-    earlier = _own_figures(out_dir)  # (read before index.html is written again)
-    written: list[Path] = []
+    # (read before index.html is written again)
+    figure_files = _FigureFiles(figures, _own_figures(out_dir))
     summary = plots.model_summary(frames, metric)
     # one_minus_corr, nde, rel_err: lower is more equivariant, and correlations change sign
     direction = plots.more_equivariant(metric)
@@ -352,7 +368,7 @@ def build_report(store_path: str | os.PathLike, out_dir: str | os.PathLike, *,
     # All models: accuracy against mean equivariance.
     fig = plots.plot_accuracy_vs_equivariance(summary, metric, groups=groups, n_boot=n_boot,
                                               seed=seed)
-    written += _save(fig, figures / "accuracy_vs_equivariance")
+    figure_files.save(fig, "accuracy_vs_equivariance")
     correlation_rows = []
     for group in groups:
         part = summary[summary.group_label == group]
@@ -383,7 +399,7 @@ def build_report(store_path: str | os.PathLike, out_dir: str | os.PathLike, *,
         except ValueError as error:
             depth_sections.append(f"{title}<p>No depth figure: {html.escape(str(error))}</p>")
             continue
-        written += _save(fig, figures / f"depth-{slug}")
+        figure_files.save(fig, f"depth-{slug}")
         depth_sections.append(title + _figure_html(
             f"depth-{slug}", f"{model}: {metric} against relative depth",
             f"{html.escape(model)}: {html.escape(metric)} against relative depth; shaded: 95% "
@@ -557,5 +573,5 @@ images (features NaN, infinite or zero there) are means over the images left.</p
 """
     index = out_dir / "index.html"
     index.write_text(page, encoding="utf-8")
-    _remove_stale_figures(figures, earlier, written)
+    figure_files.finish()
     return index

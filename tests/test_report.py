@@ -521,6 +521,36 @@ def test_a_rewritten_report_removes_the_figures_it_no_longer_writes(tmp_path):
     assert (out / "elsewhere.png").is_file() and {p.name for p in figures.iterdir()} == left
 
 
+def test_a_report_that_fails_half_way_names_the_figures_it_wrote(tmp_path, monkeypatch):
+    """A report that stops on an error after some figures leaves them listed in its manifest
+    (with the earlier report's), so that the next report removes those it does not write."""
+    import equifast.plots
+
+    out = tmp_path / "out"
+    figures = out / "figures"
+    build_report(_store(tmp_path / "old.sqlite", [_result("old1", [0.9, 0.5])]), out, n_boot=10)
+    three = _store(tmp_path / "three.sqlite", [_result(f"net{i}", [0.9, 0.5]) for i in (1, 2, 3)])
+    plot_depth = equifast.plots.plot_model_depth
+
+    def fail_on_net3(rows, metric):
+        if set(rows.model) == {"net3"}:
+            raise RuntimeError("disk full")
+        return plot_depth(rows, metric)
+
+    monkeypatch.setattr(equifast.plots, "plot_model_depth", fail_on_net3)
+    with pytest.raises(RuntimeError, match="disk full"):
+        build_report(three, out, n_boot=10)
+    listed = set(json.loads((figures / ".equifast-report.json").read_text())["files"])
+    written = {f"depth-{name}.{fmt}" for name in ("net1", "net2", "old1") for fmt in ("png", "svg")}
+    assert listed == written | {"accuracy_vs_equivariance.png", "accuracy_vs_equivariance.svg"}
+    assert written <= {path.name for path in figures.iterdir()}
+    monkeypatch.undo()
+    build_report(_store(tmp_path / "one.sqlite", [_result("net2", [0.9, 0.5])]), out, n_boot=10)
+    assert {path.name for path in figures.iterdir()} == {
+        "depth-net2.png", "depth-net2.svg", "accuracy_vs_equivariance.png",
+        "accuracy_vs_equivariance.svg", ".equifast-report.json"}
+
+
 def test_a_score_that_is_lower_for_equivariant_maps_is_named_so(tmp_path):
     """--metric one_minus_corr: the page and the figure called its mean "mean equivariance",
     whose correlations with accuracy then had the opposite sign of what they read as; they name
