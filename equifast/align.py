@@ -201,12 +201,26 @@ class _Anchor:
     tensor: torch.Tensor
     layout: FeatureLayout
     step: int  # when it ran, in the order of GridAnchors.finished
+    # The module's input where it is a feature map of another grid (a downsampling
+    # convolution's or pooling's input), for :func:`_local_source`.
+    input: torch.Tensor | None = None
+    input_layout: FeatureLayout | None = None
+    # Whether an earlier anchor had its grid's size: then it is read on its module's input
+    # only (see GridAnchors).
+    again: bool = False
 
 
 class GridAnchors:
-    """Records, during the probe forward, the first output of each grid size (the modules that
-    begin a grid: a patch embedding, a downsampling convolution or pooling, a patch merging's
-    norm) and the order in which modules finish.
+    """Records, during the probe forward, the outputs of the leaf modules that begin a grid (a
+    patch embedding, a downsampling convolution or pooling, a patch merging's norm) and the
+    order in which modules finish. A grid begins at the first output of its size, and again
+    at each module of another kind or configuration that makes it from another grid: PVT's
+    attention reduces its keys and values to the size of the stride-32 stage's grid (on 224
+    px) from the stride-4 grid (8 x 8 patches, o = 14) long before the stage's own
+    downsampling (o = 0). One per kind: each of 40 blocks' reductions is one anchor. Such a
+    later anchor is read on its module's input alone (:func:`_local_offset`), not from the
+    input image: HRNet's fusions sum nearest-upsampled maps into each branch, whose coarse
+    cells skew every footprint downstream (its stride-8 fusion read -4 for 0 on the image).
 
     Where a layer's input-gradient does not show its offset (attention reaches every pixel; a
     deep layer's field is clipped by the image), it is read on the grid of the anchor before
@@ -214,13 +228,14 @@ class GridAnchors:
     manager around the probe forward; its hooks only record.
     """
 
-    MAX_ANCHORS = 32
+    MAX_ANCHORS = 64
 
     def __init__(self, model: nn.Module, input_size: tuple[int, int], batch: int) -> None:
         self.model, self.input_size, self.batch = model, input_size, batch
         self.anchors: list[_Anchor] = []
         self.finished: dict[str, int] = {}
         self._grids: set[tuple[int, int]] = set()
+        self._makers: set[tuple] = set()  # (input grid, output grid, module) of the anchors
         self._steps = 0
         self._handles: list = []
 
@@ -243,19 +258,33 @@ class GridAnchors:
         self.finished.setdefault(name, self._steps)
         if not leaf or len(self.anchors) >= self.MAX_ANCHORS:
             return
-        tensor = first_tensor(output, batch=self.batch)
-        # batch first: not the windows of all images along the batch axis, nor attention maps
-        if (tensor is None or tensor.dim() != 4 or tensor.shape[0] != self.batch
-                or not tensor.is_floating_point() or not tensor.requires_grad):
-            return
-        try:
-            layout = detect_layout(tensor.shape, self.input_size)
-        except ValueError:
+        tensor, layout = self._feature_map(first_tensor(output, batch=self.batch))
+        if layout is None or layout.kind != "spatial":
             return
         grid = (layout.grid_h, layout.grid_w)
-        if layout.kind == "spatial" and grid not in self._grids:
+        given, given_layout = self._feature_map(first_tensor(args, batch=self.batch))
+        if given_layout is None or given_layout.kind != "spatial" or (
+                given_layout.grid_h, given_layout.grid_w) == grid:
+            given, given_layout = None, None
+        maker = (None if given_layout is None else (given_layout.grid_h, given_layout.grid_w),
+                 grid, repr(module))
+        if grid not in self._grids or (given is not None and maker not in self._makers):
+            self.anchors.append(_Anchor(name, tensor, layout, self._steps, given, given_layout,
+                                        again=grid in self._grids))
             self._grids.add(grid)
-            self.anchors.append(_Anchor(name, tensor, layout, self._steps))
+            self._makers.add(maker)
+
+    def _feature_map(self, tensor: torch.Tensor | None
+                     ) -> tuple[torch.Tensor | None, FeatureLayout | None]:
+        """``(tensor, layout)`` where ``tensor`` is a batch-first 4-D feature map in the probe's
+        graph (not the windows of all images along the batch axis, nor attention maps)."""
+        if (tensor is None or tensor.dim() != 4 or tensor.shape[0] != self.batch
+                or not tensor.is_floating_point() or not tensor.requires_grad):
+            return None, None
+        try:
+            return tensor, detect_layout(tensor.shape, self.input_size)
+        except ValueError:
+            return None, None
 
 
 def _receptive_field_offsets(model, layers, input_size, device, dtype, samples, seed):
@@ -326,15 +355,23 @@ def _offsets_through_graph(inputs, captured, layers, input_size, graphless, anch
             layout = layers[name]
             if name not in captured:
                 raise RuntimeError(f"layer {name!r} did not run in the forward pass")
-            # The anchors that ran before this layer finished, in their order: each read from
-            # the input, else from the anchor before it.
-            while pending and pending[0].step < finished.get(name, math.inf):
+            # The anchors that ran before this layer finished (or are its own output), in their
+            # order: each read from the input, else from the anchors before it.
+            while pending and pending[0].step <= finished.get(name, math.inf):
                 anchor = pending.pop(0)
                 grid = (anchor.layout.grid_h, anchor.layout.grid_w)
                 anchor_layout = dataclasses.replace(
                     anchor.layout, stride=strides.get(grid, anchor.layout.stride))
-                read = _read_offset(anchor.tensor, anchor_layout, inputs, input_size,
-                                    seed=10_000 + anchor.step, sources=sources)
+                # (an anchor begins its grid: it shares no offset with an earlier one of its
+                # size, and is read on its module's input where the image does not show it)
+                read = None if anchor.again else _read_offset(
+                    anchor.tensor, anchor_layout, inputs, input_size, seed=10_000 + anchor.step,
+                    sources=sources, same_grid=False)
+                local = _local_source(anchor, sources, strides)
+                if (read is None or not read[1]) and local is not None:
+                    offset = _local_offset(anchor.tensor, anchor_layout, local,
+                                           seed=10_000 + anchor.step)
+                    read = read if offset is None else (offset, True)
                 if read is not None and read[1]:
                     sources.append((anchor.tensor, anchor_layout, read[0]))
             read = _read_offset(captured[name], layout, inputs, input_size, seed=i,
@@ -343,22 +380,60 @@ def _offsets_through_graph(inputs, captured, layers, input_size, graphless, anch
     return offsets
 
 
+def _local_source(anchor: _Anchor,
+                  sources: list[tuple[torch.Tensor, FeatureLayout, tuple[float, float]]],
+                  strides: Mapping[tuple[int, int], tuple[float, float]]
+                  ) -> tuple[torch.Tensor, FeatureLayout, tuple[float, float]] | None:
+    """The input of an anchor's module as a source, where it lies on the grid of a source
+    whose offset is known: a downsampling convolution or pooling read on its own input, one
+    kernel wide, where the fields before it span the image (Inception v3's stride-32
+    reductions behind its stride-16 stage). Modules that keep a grid's size keep its offset
+    (convolutions padded to keep the size, residual and concatenated paths), so the input
+    takes the offset of the latest source on its grid."""
+    if anchor.input is None:
+        return None
+    grid = (anchor.input_layout.grid_h, anchor.input_layout.grid_w)
+    for _, source_layout, source_offset in reversed(sources):
+        if (source_layout.grid_h, source_layout.grid_w) == grid:
+            layout = dataclasses.replace(anchor.input_layout,
+                                         stride=strides.get(grid, source_layout.stride))
+            return anchor.input, layout, source_offset
+    return None
+
+
+def _local_offset(tensor: torch.Tensor, layout: FeatureLayout,
+                  local: tuple[torch.Tensor, FeatureLayout, tuple[float, float]],
+                  seed: int) -> tuple[float, float] | None:
+    """The offset of an anchor from the footprint of its central block on its module's input
+    (:func:`_local_source`), where that lies inside the input's grid and moves by one cell of
+    the anchor with the block. Not checked against the centroid: the footprint is one kernel
+    wide, and the centroid of a field that spans the image leans by more than a stride."""
+    grid = grid_view(tensor, layout)
+    block = (_central_block(layout.grid_h), _central_block(layout.grid_w))
+    return _relayed_offset(grid, _probe_mix(grid, seed), layout, block, [local], guess=None)
+
+
+def _probe_mix(grid: torch.Tensor, seed: int) -> torch.Tensor:
+    """A seeded random mix of the channels of ``grid`` (B, C, h, w), not their plain sum:
+    after a LayerNorm whose weight is 1 and bias 0 (an untrained model, a baseline's copy) the
+    channels of every position sum to exactly 0, and the gradient of that sum is round-off
+    noise (twins' patch embedding gave offsets from -1 to 4 over four seeds, truth 1.5)."""
+    mix = torch.randn(grid.shape[1], generator=torch.Generator().manual_seed(seed))
+    return mix.to(grid.device)
+
+
 def _read_offset(tensor: torch.Tensor, layout: FeatureLayout, inputs: torch.Tensor,
                  input_size: tuple[int, int], seed: int,
-                 sources: list[tuple[torch.Tensor, FeatureLayout, tuple[float, float]]]
-                 ) -> tuple[tuple[float, float], bool] | None:
+                 sources: list[tuple[torch.Tensor, FeatureLayout, tuple[float, float]]],
+                 same_grid: bool = True) -> tuple[tuple[float, float], bool] | None:
     """``(offset, exact)`` of one layer output from the gradient of a random channel mix of its
     central block: exact where a footprint gave it (on the input, its borders, or an anchor in
-    ``sources``), else the centroid's; None where the gradient does not reach the input."""
+    ``sources``) or, with ``same_grid``, an anchor on its grid (:func:`_same_grid_offset`),
+    else the centroid's; None where the gradient does not reach the input."""
     height, width = input_size
     grid = grid_view(tensor, layout)
     rows, cols = _central_block(layout.grid_h), _central_block(layout.grid_w)
-    # A seeded random mix of the channels, not their plain sum: after a LayerNorm whose
-    # weight is 1 and bias 0 (an untrained model, a baseline's copy) the channels of
-    # every position sum to exactly 0, and the gradient of that sum is round-off noise
-    # (twins' patch embedding gave offsets from -1 to 4 over four seeds, truth 1.5).
-    mix = torch.randn(grid.shape[1], generator=torch.Generator().manual_seed(seed))
-    mix = mix.to(grid.device)
+    mix = _probe_mix(grid, seed)
     target = _block_target(grid, mix, rows, cols)
     # The graph is kept for the border probes and the anchors (freed with the captured outputs).
     # The gradients on the anchors' grids come from the same backward pass, for the relays.
@@ -412,6 +487,13 @@ def _read_offset(tensor: torch.Tensor, layout: FeatureLayout, inputs: torch.Tens
         centred = _offset_from_borders(grid, inputs, layout, mix, offset)
         if centred is not None:
             return centred, True
+    if sources:
+        carried = _carried_offset(grid, mix, layout, (rows, cols), sources, offset, on_sources)
+        if carried is not None:
+            return carried, True
+        shared = _same_grid_offset(layout, sources, on_sources) if same_grid else None
+        if shared is not None:
+            return shared, True
     return (_snap(offset[0]), _snap(offset[1])), False
 
 
@@ -462,10 +544,31 @@ def _footprint_translates(grid: torch.Tensor, mix: torch.Tensor, inputs: torch.T
     return True
 
 
+def _footprint_on(grid: torch.Tensor, mix: torch.Tensor, rows: slice, cols: slice,
+                  source: torch.Tensor, source_layout: FeatureLayout,
+                  gradient: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor | None, tuple[int, ...] | None, bool]:
+    """The footprint of ``grid``'s block ``rows`` x ``cols`` (mixed by ``mix``) on the grid of
+    ``source``: (its gradient magnitude there, the (top, bottom, left, right) of its support
+    where that can be read, whether the support lies inside the grid). ``gradient``: the
+    block's gradient on ``source`` where a backward pass already gave it."""
+    if gradient is None:
+        (gradient,) = torch.autograd.grad(_block_target(grid, mix, rows, cols), source,
+                                          retain_graph=True, allow_unused=True)
+    if gradient is None:
+        return None, None, False
+    magnitude = _magnitude(grid_view(gradient, source_layout)).sum((0, 1))
+    bounds = _support(magnitude)
+    if (gradient.dtype not in (torch.float32, torch.float64) or _underflows(gradient)
+            or bounds is None):
+        return magnitude, None, False
+    return magnitude, bounds, _footprint_centre(magnitude) is not None
+
+
 def _relayed_offset(grid: torch.Tensor, mix: torch.Tensor, layout: FeatureLayout,
                     block: tuple[slice, slice],
                     sources: list[tuple[torch.Tensor, FeatureLayout, tuple[float, float]]],
-                    guess: tuple[float, float],
+                    guess: tuple[float, float] | None,
                     gradients: list[torch.Tensor | None] | None = None
                     ) -> tuple[float, float] | None:
     """The offset of a layer (``grid``, its central ``block`` mixed by ``mix``) read on the grid
@@ -478,29 +581,13 @@ def _relayed_offset(grid: torch.Tensor, mix: torch.Tensor, layout: FeatureLayout
     as the input's own footprint would. It is taken where the footprint of the block one cell
     further on moves by one cell of the layer exactly (translates: windowed attention between
     the two keeps its windows' edges instead) and within one stride of the centroid's
-    ``guess``. Otherwise (attention mixes every cell, or a window), a layer on the anchor's
-    own grid whose strongest cells (at least half the largest gradient) are exactly its block's
-    carries the anchor's cells along its residual path: it takes the anchor's offset (the
-    centroid of random weights leans there by a pixel or more: a ViT's blocks read 7 and 8
-    instead of 7.5).
+    ``guess`` (unless that is None). Otherwise (attention mixes every cell, or a window), a
+    layer on the anchor's own grid whose strongest cells (at least half the largest gradient)
+    are exactly its block's carries the anchor's cells along its residual path: it takes the
+    anchor's offset (the centroid of random weights leans there by a pixel or more: a ViT's
+    blocks read 7 and 8 instead of 7.5).
     """
     rows, cols = block
-
-    def footprint_on(source: torch.Tensor, source_layout: FeatureLayout, rows: slice,
-                     cols: slice, gradient: torch.Tensor | None = None
-                     ) -> tuple[torch.Tensor | None, tuple[int, ...] | None, bool]:
-        """(magnitude, (top, bottom, left, right) of its support, whether that lies inside)"""
-        if gradient is None:
-            (gradient,) = torch.autograd.grad(_block_target(grid, mix, rows, cols), source,
-                                              retain_graph=True, allow_unused=True)
-        if gradient is None:
-            return None, None, False
-        magnitude = _magnitude(grid_view(gradient, source_layout)).sum((0, 1))
-        bounds = _support(magnitude)
-        if (gradient.dtype not in (torch.float32, torch.float64) or _underflows(gradient)
-                or bounds is None):
-            return magnitude, None, False
-        return magnitude, bounds, _footprint_centre(magnitude) is not None
 
     def translates(source: torch.Tensor, source_layout: FeatureLayout,
                    bounds: tuple[int, ...]) -> bool:
@@ -515,40 +602,148 @@ def _relayed_offset(grid: torch.Tensor, mix: torch.Tensor, layout: FeatureLayout
                 for part, cells in zip(block, (layout.grid_h, layout.grid_w))]
         moved = (slice(rows.start + step[0], rows.stop + step[0]),
                  slice(cols.start + step[1], cols.stop + step[1]))
-        _, moved_bounds, _ = footprint_on(source, source_layout, *moved)
+        _, moved_bounds, _ = _footprint_on(grid, mix, *moved, source, source_layout)
         last = (source_layout.grid_h - 1, source_layout.grid_w - 1)
         expected = [min(max(bound + step[index // 2] * int(ratios[index // 2]), 0),
                         last[index // 2]) for index, bound in enumerate(bounds)]
         return moved_bounds is not None and list(moved_bounds) == expected
 
+    latest = _latest_footprint(grid, mix, block, sources, gradients)
+    if latest is None:
+        return None
+    (source, source_layout, source_offset), magnitude, bounds, inside = latest
     mean = ((rows.start + rows.stop - 1) / 2, (cols.start + cols.stop - 1) / 2)
+    if inside and translates(source, source_layout, bounds):
+        centre = ((bounds[0] + bounds[1]) / 2, (bounds[2] + bounds[3]) / 2)
+        offset = tuple(source_offset[axis] + source_layout.stride[axis] * centre[axis]
+                       - layout.stride[axis] * mean[axis] for axis in (0, 1))
+        if guess is None or all(abs(offset[axis] - guess[axis]) <= max(layout.stride[axis], 2.0)
+                                for axis in (0, 1)):
+            return _snap(offset[0]), _snap(offset[1])
+    same_grid = ((source_layout.grid_h, source_layout.grid_w) == (layout.grid_h, layout.grid_w)
+                 and source_layout.stride == layout.stride)
+    if same_grid and _strongest_runs(magnitude) == (range(rows.start, rows.stop),
+                                                    range(cols.start, cols.stop)):
+        return source_offset
+    return None
+
+
+def _latest_footprint(grid: torch.Tensor, mix: torch.Tensor, block: tuple[slice, slice],
+                      sources: list[tuple[torch.Tensor, FeatureLayout, tuple[float, float]]],
+                      gradients: list[torch.Tensor | None] | None):
+    """``(source, magnitude, bounds, inside)`` (:func:`_footprint_on`) of the block on the latest
+    of ``sources`` it depends on (a later anchor may lie on another branch); None where it
+    depends on none."""
     for index in reversed(range(len(sources))):
-        source, source_layout, source_offset = sources[index]
         if gradients is not None and gradients[index] is None:
             continue  # not before this layer: an anchor of another branch
-        magnitude, bounds, inside = footprint_on(
-            source, source_layout, rows, cols,
+        source, source_layout, _ = sources[index]
+        magnitude, bounds, inside = _footprint_on(
+            grid, mix, *block, source, source_layout,
             None if gradients is None else gradients[index])
-        if magnitude is None:
-            continue  # not before this layer: an anchor of another branch
-        if inside and translates(source, source_layout, bounds):
-            centre = ((bounds[0] + bounds[1]) / 2, (bounds[2] + bounds[3]) / 2)
-            offset = tuple(source_offset[axis] + source_layout.stride[axis] * centre[axis]
-                           - layout.stride[axis] * mean[axis] for axis in (0, 1))
-            if all(abs(offset[axis] - guess[axis]) <= max(layout.stride[axis], 2.0)
-                   for axis in (0, 1)):
-                return _snap(offset[0]), _snap(offset[1])
-        same_grid = ((source_layout.grid_h, source_layout.grid_w)
-                     == (layout.grid_h, layout.grid_w)
-                     and source_layout.stride == layout.stride)
-        if same_grid and float(magnitude.max()) > 0:
-            strongest = magnitude >= 0.5 * magnitude.max()
-            peak_rows = torch.nonzero(strongest.any(1)).flatten().tolist()
-            peak_cols = torch.nonzero(strongest.any(0)).flatten().tolist()
-            if (peak_rows == list(range(rows.start, rows.stop))
-                    and peak_cols == list(range(cols.start, cols.stop))):
-                return source_offset
+        if magnitude is not None:
+            return sources[index], magnitude, bounds, inside
+    return None
+
+
+def _strongest_runs(magnitude: torch.Tensor) -> tuple[range, range] | None:
+    """The rows and the columns that hold the strongest cells of a 2-D gradient ``magnitude``
+    (at least half its largest), where each is one contiguous run; else None."""
+    if not float(magnitude.max()) > 0:
         return None
+    strongest = magnitude >= 0.5 * magnitude.max()
+    runs = []
+    for axis in (1, 0):
+        found = torch.nonzero(strongest.any(axis)).flatten().tolist()
+        if found != list(range(found[0], found[-1] + 1)):
+            return None
+        runs.append(range(found[0], found[-1] + 1))
+    return runs[0], runs[1]
+
+
+def _carried_offset(grid: torch.Tensor, mix: torch.Tensor, layout: FeatureLayout,
+                    block: tuple[slice, slice],
+                    sources: list[tuple[torch.Tensor, FeatureLayout, tuple[float, float]]],
+                    guess: tuple[float, float],
+                    gradients: list[torch.Tensor | None] | None = None
+                    ) -> tuple[float, float] | None:
+    """The offset of a layer read from a direct path to the latest anchor in ``sources`` before
+    it: where the block's strongest cells on the anchor's grid are ``r x r`` anchor cells per
+    cell of the block (``r`` the ratio of the strides, 1 on the anchor's own grid), each
+    clearly stronger than any other cell (:func:`_direct_cells`), and they move by ``r`` cells
+    when the block moves by one. A patch merging or a ``2 x 2`` pooling after blocks whose
+    residual or concatenated path carries each cell as it is shows that pattern where neither
+    the input nor the anchor's grid shows a footprint: Swin's stages behind its windows,
+    DenseNet's last transition and dense block behind dense blocks whose fields span the image.
+    The last resort before the centroid, taken within one stride of the centroid's ``guess``."""
+    latest = _latest_footprint(grid, mix, block, sources, gradients)
+    if latest is None:
+        return None
+    (source, source_layout, source_offset), magnitude, _, _ = latest
+    ratios = [layout.stride[axis] / source_layout.stride[axis] for axis in (0, 1)]
+    cells = (layout.grid_h, layout.grid_w)
+    if any(ratio != int(ratio) or ratio < 1 for ratio in ratios) or any(
+            part.stop - part.start >= count for part, count in zip(block, cells)):
+        return None  # no whole cells of the anchor per cell, or no room to move the block
+    shape = tuple(int(ratio) * (part.stop - part.start) for ratio, part in zip(ratios, block))
+    runs = _direct_cells(magnitude, shape)
+    steps = [1 if part.stop < count else -1 for part, count in zip(block, cells)]
+    moved = [slice(part.start + step, part.stop + step) for part, step in zip(block, steps)]
+    if runs is None:
+        return None
+    moved_magnitude, _, _ = _footprint_on(grid, mix, *moved, source, source_layout)
+    moved_runs = None if moved_magnitude is None else _direct_cells(moved_magnitude, shape)
+    if moved_runs is None or any(moved_run.start != run.start + step * int(ratio)
+                                 for moved_run, run, step, ratio
+                                 in zip(moved_runs, runs, steps, ratios)):
+        return None
+    offset = []
+    for axis, (run, part) in enumerate(zip(runs, block)):
+        centre = (run.start + run.stop - 1) / 2
+        mean = (part.start + part.stop - 1) / 2
+        offset.append(source_offset[axis] + source_layout.stride[axis] * centre
+                      - layout.stride[axis] * mean)
+        if abs(offset[axis] - guess[axis]) > max(layout.stride[axis], 2.0):
+            return None
+    return _snap(offset[0]), _snap(offset[1])
+
+
+# How much weaker than the weakest cell of a direct path every other cell must be.
+_DIRECT_GAP = 1.25
+
+
+def _direct_cells(magnitude: torch.Tensor, shape: tuple[int, int]) -> tuple[range, range] | None:
+    """The rows and the columns of the rectangle of ``shape`` cells of a 2-D gradient
+    ``magnitude`` whose every cell is at least ``_DIRECT_GAP`` times as strong as any cell
+    outside it; None where its strongest cells are no such rectangle."""
+    count = shape[0] * shape[1]
+    if magnitude.numel() <= count:
+        return None
+    values, flat = magnitude.flatten().topk(count + 1)
+    if not float(values[-2]) >= _DIRECT_GAP * float(values[-1]) or not float(values[-2]) > 0:
+        return None
+    rows, cols = flat[:-1] // magnitude.shape[1], flat[:-1] % magnitude.shape[1]
+    top, left = int(rows.min()), int(cols.min())
+    if int(rows.max()) - top + 1 != shape[0] or int(cols.max()) - left + 1 != shape[1]:
+        return None  # (count distinct cells spanning exactly shape fill the rectangle)
+    return range(top, top + shape[0]), range(left, left + shape[1])
+
+
+def _same_grid_offset(layout: FeatureLayout,
+                      sources: list[tuple[torch.Tensor, FeatureLayout, tuple[float, float]]],
+                      gradients: list[torch.Tensor | None]) -> tuple[float, float] | None:
+    """The offset of the latest anchor in ``sources`` on the layer's own grid that it depends
+    on. Modules that keep a grid's size keep its offset (convolutions padded to keep the size,
+    pooling with stride 1, concatenations and sums of such branches): the last resort before
+    the centroid, which leans by several pixels where every field spans the image (Inception
+    v3's later stride-16 and stride-32 blocks concatenate branches whose fields do, and no path
+    carries a cell as it is: 20.5-23.5 instead of 21 and 43-45 instead of 37 at 224 px)."""
+    for (_, source_layout, source_offset), gradient in zip(reversed(sources),
+                                                            reversed(gradients)):
+        if (gradient is not None
+                and (source_layout.grid_h, source_layout.grid_w) == (layout.grid_h, layout.grid_w)
+                and source_layout.stride == layout.stride):
+            return source_offset
     return None
 
 

@@ -10,7 +10,7 @@ from torch import nn
 
 import equifast
 from equifast import align, naive
-from equifast.align import find_offsets
+from equifast.align import GridAnchors, find_offsets
 from equifast.layouts import detect_layout, grid_view
 
 SEEDS = range(8)
@@ -256,8 +256,10 @@ def test_border_fields_give_the_offset_when_the_central_field_reaches_the_border
     for measure in (equifast.measure, naive.measure):
         result = measure(net, images, group="flip", layers=[last], bootstrap=0, progress=False)
         assert tuple(result.config["offsets"][last]) == (0.5, 0.5)
-    # without the border fields, the centroid misses on most of these seeds
+    # without the border fields (and the anchor's offset, which the pooling's grid shares),
+    # the centroid misses on most of these seeds
     monkeypatch.setattr(align, "_offset_from_borders", lambda *args: None)
+    monkeypatch.setattr(align, "_same_grid_offset", lambda *args: None)
     missed = 0
     for seed in SEEDS:
         torch.manual_seed(seed)
@@ -383,7 +385,9 @@ def test_layers_after_global_mixing_take_the_offset_of_the_patches_they_carry(mo
     for seed in SEEDS:
         torch.manual_seed(seed)
         assert _offsets(_tiny_vit(), ["3"], 64) == {"3": (3.5, 3.5)}, f"seed {seed}"
-    monkeypatch.setattr(align, "_relayed_offset", lambda *args: None)
+    # without the relay and the later readings from the patch grid, the centroid misses
+    for reading in ("_relayed_offset", "_carried_offset", "_same_grid_offset"):
+        monkeypatch.setattr(align, reading, lambda *args: None)
     missed = 0
     for seed in SEEDS:
         torch.manual_seed(seed)
@@ -481,3 +485,130 @@ def test_a_footprint_of_windows_is_not_taken_for_a_field(monkeypatch):
         torch.manual_seed(seed)
         missed += _offsets(_LocalWindows().eval(), ["out"], 40) != {"out": (1.5, 1.5)}
     assert missed > 0
+
+
+class _MergedWindows(nn.Module):
+    """Swin's shape: 4x4 patches (o = 1.5), windows of 6 cells padded at the end (each adds its
+    mean to its cells, as window attention mixes a window), a 2x2 patch merging as timm's
+    (cells stacked into channels, then a linear map: o = 3.5, stride 8), windows again. Every
+    footprint is windows (on the input and on the patches' grid): none moves by one stride when
+    its block moves by one cell, and the merging's module takes its input on its own grid."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, 16, 4, stride=4)
+        self.merge = nn.Conv2d(64, 16, 1)
+        self.out = nn.Identity()
+
+    def forward(self, x):
+        cells = _window_means(_window_means(self.patch(x)))
+        merged = self.merge(nn.functional.pixel_unshuffle(cells, 2))
+        return self.out(_window_means(merged, window=3))
+
+
+def test_a_patch_merging_behind_windows_is_read_from_the_cells_it_carries(monkeypatch):
+    """Behind windows the merging's strongest cells on the patches' grid are its own 2x2 cells
+    per cell, carried along the residual path, and they move by two cells with the block: the
+    merging takes 1.5 + 4 * 0.5 = 3.5, and the windows after it its offset (timm's Swin-T at
+    224 px read 4.5 / 4.0, 5.5 and 15.0 for its last three stages instead of 3.5, 7.5, 15.5)."""
+    carried = _spy_on(monkeypatch, "_carried_offset")
+    for seed in SEEDS:
+        torch.manual_seed(seed)
+        found = _offsets(_MergedWindows().eval(), ["merge", "out"], 96)
+        assert found == {"merge": (3.5, 3.5), "out": (3.5, 3.5)}, (seed, found)
+    assert (3.5, 3.5) in carried
+    monkeypatch.setattr(align, "_carried_offset", lambda *args: None)
+    missed = 0
+    for seed in SEEDS:
+        torch.manual_seed(seed)
+        missed += _offsets(_MergedWindows().eval(), ["merge"], 96) != {"merge": (3.5, 3.5)}
+    assert missed > 0
+
+
+def test_direct_cells_need_a_clear_gap():
+    magnitude = torch.full((8, 8), 0.2)
+    magnitude[2:4, 3:5] = 1.0
+    assert align._direct_cells(magnitude, (2, 2)) == (range(2, 4), range(3, 5))
+    assert align._direct_cells(magnitude, (1, 2)) is None  # four cells tie
+    magnitude[5, 5] = 0.9  # a fifth cell about as strong: no clear gap
+    assert align._direct_cells(magnitude, (2, 2)) is None
+    magnitude[5, 5] = 0.2
+    magnitude[3, 4] = 0.1  # the four strongest cells are no rectangle
+    magnitude[6, 6] = 1.0
+    assert align._direct_cells(magnitude, (2, 2)) is None
+
+
+class _Reductions(nn.Module):
+    """Inception's shape: a stride-2 stem (o = 0), convolutions padded to keep the grid whose
+    fields span the image even from its border cells, an unpadded 3x3 stride-2 reduction
+    (o = 0 + 2 * 1 = 2, stride 4) and more wide convolutions after it. No path carries a cell as
+    it is, and no footprint of a later layer lies inside the input or the stem's grid."""
+
+    def __init__(self, depth: int = 10, channels: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, channels, 3, stride=2, padding=1)
+        self.wide = nn.Sequential(*[nn.Sequential(nn.Conv2d(channels, channels, 5, padding=2),
+                                                  nn.ReLU()) for _ in range(depth)])
+        self.reduce = nn.Conv2d(channels, channels, 3, stride=2)
+        self.after = nn.Sequential(*[nn.Sequential(nn.Conv2d(channels, channels, 5, padding=2),
+                                                   nn.ReLU()) for _ in range(3)])
+
+    def forward(self, x):
+        return self.after(self.reduce(self.wide(self.stem(x))))
+
+
+def test_reductions_behind_fields_wider_than_the_image_compose_their_offsets(monkeypatch):
+    """Layers that keep their grid's size take the offset of the grid's first layer, and an
+    unpadded stride-2 reduction is read on its own input, one kernel wide: exact where every
+    field spans the image (timm's Inception v3 at 224 px read 20.5-23.5 for its later
+    stride-16 blocks and 43-45 for its stride-32 ones instead of 21 and 37)."""
+    names = ["wide", "reduce", "after"]
+    for seed in SEEDS:
+        torch.manual_seed(seed)
+        found = _offsets(_Reductions().eval(), names, 40)
+        assert found == {"wide": (0.0, 0.0), "reduce": (2.0, 2.0), "after": (2.0, 2.0)}, (
+            seed, found)
+    for reading in ("_local_source", "_same_grid_offset"):
+        monkeypatch.setattr(align, reading, lambda *args: None)
+    missed = 0
+    for seed in SEEDS:
+        torch.manual_seed(seed)
+        missed += _offsets(_Reductions().eval(), names, 40) != {
+            "wide": (0.0, 0.0), "reduce": (2.0, 2.0), "after": (2.0, 2.0)}
+    assert missed > 0
+
+
+class _ReducedKeys(nn.Module):
+    """PVT's shape: 4x4 patches (o = 1.5), attention whose keys and values are reduced by a
+    4x4 stride-4 convolution (o = 7.5, stride 16) and mixed into every cell, two 3x3 stride-2
+    downsamplings (o = 1.5, the stride-16 grid again), convolutions whose fields span the
+    image. The keys' grid and the last stage's have one size and two offsets."""
+
+    def __init__(self, channels: int = 8) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, channels, 4, stride=4)
+        self.keys = nn.Conv2d(channels, channels, 4, stride=4)
+        self.down1 = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.down2 = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.wide = nn.Sequential(*[nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1),
+                                                  nn.ReLU()) for _ in range(3)])
+
+    def forward(self, x):
+        x = self.patch(x)
+        x = x + self.keys(x).mean((2, 3), keepdim=True)
+        return self.wide(self.down2(self.down1(x)))
+
+
+def test_a_grid_of_one_size_made_again_is_an_anchor_of_its_own():
+    """The downsampling to the stride-16 grid begins a grid of its own although the keys'
+    reduction made one of that size before: the layers after it take its offset, not the
+    keys' (PVT-v2-b0's last stage read 14 instead of 0 at 224 px, the offset of its first
+    attention's keys)."""
+    net = _ReducedKeys().eval()
+    with GridAnchors(net, (64, 64), 1) as anchors:
+        net(torch.zeros(1, 3, 64, 64, requires_grad=True))
+    assert [anchor.name for anchor in anchors.anchors] == ["patch", "keys", "down1", "down2"]
+    for seed in SEEDS:
+        torch.manual_seed(seed)
+        found = _offsets(_ReducedKeys().eval(), ["down2", "wide"], 64)
+        assert found == {"down2": (1.5, 1.5), "wide": (1.5, 1.5)}, (seed, found)
