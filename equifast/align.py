@@ -205,8 +205,7 @@ class _Anchor:
     # convolution's or pooling's input), for :func:`_local_source`.
     input: torch.Tensor | None = None
     input_layout: FeatureLayout | None = None
-    # Whether an earlier anchor had its grid's size: then it is read on its module's input
-    # only (see GridAnchors).
+    # Whether an earlier anchor had its grid's size (see GridAnchors).
     again: bool = False
 
 
@@ -214,13 +213,19 @@ class GridAnchors:
     """Records, during the probe forward, the outputs of the leaf modules that begin a grid (a
     patch embedding, a downsampling convolution or pooling, a patch merging's norm) and the
     order in which modules finish. A grid begins at the first output of its size, and again
-    at each module of another kind or configuration that makes it from another grid: PVT's
-    attention reduces its keys and values to the size of the stride-32 stage's grid (on 224
-    px) from the stride-4 grid (8 x 8 patches, o = 14) long before the stage's own
-    downsampling (o = 0). One per kind: each of 40 blocks' reductions is one anchor. Such a
-    later anchor is read on its module's input alone (:func:`_local_offset`), not from the
-    input image: HRNet's fusions sum nearest-upsampled maps into each branch, whose coarse
-    cells skew every footprint downstream (its stride-8 fusion read -4 for 0 on the image).
+    at each module of another kind or configuration that makes it from the newest grid (the
+    latest size to appear: the network's current stage): PVT's attention reduces its keys and
+    values to the size of the stride-32 stage's grid (on 224 px) from the stride-4 grid (8 x 8
+    patches, o = 14) long before the stage's own downsampling (o = 0). One per kind: each of
+    40 blocks' reductions is one anchor. Side paths from older grids are none (NASNet pools
+    the cell before last by 1 x 1 beside its own reduction: another offset). Such a
+    later anchor is read both from the image and on its module's input
+    (:func:`_local_offset`), and left out where the two disagree: the image's reading follows
+    every path into it, the input's assumes that input shares the offset of its grid's
+    anchors. HRNet's fusions sum nearest-upsampled maps into each branch, whose coarse cells
+    skew the image's reading of its stride-8 fusion (-4 for 0 on the main path); NASNet shifts
+    a path by a cell (a crop and a pad that keep the grid's size) before pooling it, and the
+    input's reading misses the shift (1 for 5).
 
     Where a layer's input-gradient does not show its offset (attention reaches every pixel; a
     deep layer's field is clipped by the image), it is read on the grid of the anchor before
@@ -236,6 +241,7 @@ class GridAnchors:
         self.finished: dict[str, int] = {}
         self._grids: set[tuple[int, int]] = set()
         self._makers: set[tuple] = set()  # (input grid, output grid, module) of the anchors
+        self._newest: tuple[int, int] | None = None  # the grid of the latest new size
         self._steps = 0
         self._handles: list = []
 
@@ -268,11 +274,13 @@ class GridAnchors:
             given, given_layout = None, None
         maker = (None if given_layout is None else (given_layout.grid_h, given_layout.grid_w),
                  grid, repr(module))
-        if grid not in self._grids or (given is not None and maker not in self._makers):
+        again = grid in self._grids
+        if not again or (maker[0] == self._newest and maker not in self._makers):
             self.anchors.append(_Anchor(name, tensor, layout, self._steps, given, given_layout,
-                                        again=grid in self._grids))
+                                        again=again))
             self._grids.add(grid)
             self._makers.add(maker)
+            self._newest = self._newest if again else grid
 
     def _feature_map(self, tensor: torch.Tensor | None
                      ) -> tuple[torch.Tensor | None, FeatureLayout | None]:
@@ -364,14 +372,17 @@ def _offsets_through_graph(inputs, captured, layers, input_size, graphless, anch
                     anchor.layout, stride=strides.get(grid, anchor.layout.stride))
                 # (an anchor begins its grid: it shares no offset with an earlier one of its
                 # size, and is read on its module's input where the image does not show it)
-                read = None if anchor.again else _read_offset(
-                    anchor.tensor, anchor_layout, inputs, input_size, seed=10_000 + anchor.step,
-                    sources=sources, same_grid=False)
+                read = _read_offset(anchor.tensor, anchor_layout, inputs, input_size,
+                                    seed=10_000 + anchor.step, sources=sources, same_grid=False)
+                exact = read is not None and read[1]
                 local = _local_source(anchor, sources, strides)
-                if (read is None or not read[1]) and local is not None:
+                if local is not None and (anchor.again or not exact):
                     offset = _local_offset(anchor.tensor, anchor_layout, local,
                                            seed=10_000 + anchor.step)
-                    read = read if offset is None else (offset, True)
+                    if exact and offset is not None and offset != read[0]:
+                        read = None  # the grid's paths disagree (see GridAnchors)
+                    elif not exact and offset is not None:
+                        read = (offset, True)
                 if read is not None and read[1]:
                     sources.append((anchor.tensor, anchor_layout, read[0]))
             read = _read_offset(captured[name], layout, inputs, input_size, seed=i,

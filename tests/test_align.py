@@ -612,3 +612,28 @@ def test_a_grid_of_one_size_made_again_is_an_anchor_of_its_own():
         torch.manual_seed(seed)
         found = _offsets(_ReducedKeys().eval(), ["down2", "wide"], 64)
         assert found == {"down2": (1.5, 1.5), "wide": (1.5, 1.5)}, (seed, found)
+
+
+class _SidePath(nn.Module):
+    """NASNet's shape: a stride-2 stem, a stride-2 reduction of it, and beside the reduction the
+    stem's map shifted by a cell (a crop and a pad) and pooled 1 x 1 with stride 2: the
+    reduction's grid size again, from an older grid, with another offset (2 instead of 0)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.down = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.shift = nn.ZeroPad2d((-1, 1, -1, 1))
+        self.side = nn.AvgPool2d(1, stride=2)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.down(x) + self.side(self.shift(x))
+
+
+def test_a_side_path_from_an_older_grid_is_no_anchor():
+    net = _SidePath().eval()
+    with GridAnchors(net, (32, 32), 1) as anchors:
+        net(torch.zeros(1, 3, 32, 32, requires_grad=True))
+    assert [anchor.name for anchor in anchors.anchors] == ["stem", "down"]
+    assert [anchor.again for anchor in anchors.anchors] == [False, False]
