@@ -13,7 +13,10 @@ centre of that footprint, which convolutions and pooling make exact whatever the
 that footprint reaches the borders (a deep layer's receptive field about as wide as the image),
 from the inner edges of the fields of the border rows and columns (:func:`_offset_from_borders`);
 where the input shows neither (attention), on the grid of the module that began the layer's grid
-(:class:`GridAnchors`, :func:`_relayed_offset`). The gradient does not pass the gates of
+(:class:`GridAnchors`, :func:`_relayed_offset`); where every field spans the image, from the
+grid's own structure: a direct path's cells on the anchor's grid (:func:`_carried_offset`), a
+reduction read on its module's input (:func:`_local_offset`), the offset of the anchor on the
+layer's own grid (:func:`_same_grid_offset`). The gradient does not pass the gates of
 squeeze-and-excitation blocks (:func:`global_gates_cut`), whose global mean would otherwise
 spread every later footprint over the whole image.
 ``"center"`` assumes ``o = (s - 1) / 2``, ``"corner"`` ``o = 0``; a number (or a ``(oy, ox)``
@@ -698,10 +701,10 @@ def _carried_offset(grid: torch.Tensor, mix: torch.Tensor, layout: FeatureLayout
         return None  # no whole cells of the anchor per cell, or no room to move the block
     shape = tuple(int(ratio) * (part.stop - part.start) for ratio, part in zip(ratios, block))
     runs = _direct_cells(magnitude, shape)
-    steps = [1 if part.stop < count else -1 for part, count in zip(block, cells)]
-    moved = [slice(part.start + step, part.stop + step) for part, step in zip(block, steps)]
     if runs is None:
         return None
+    steps = [1 if part.stop < count else -1 for part, count in zip(block, cells)]
+    moved = [slice(part.start + step, part.stop + step) for part, step in zip(block, steps)]
     moved_magnitude, _, _ = _footprint_on(grid, mix, *moved, source, source_layout)
     moved_runs = None if moved_magnitude is None else _direct_cells(moved_magnitude, shape)
     if moved_runs is None or any(moved_run.start != run.start + step * int(ratio)
