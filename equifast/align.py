@@ -215,20 +215,22 @@ class _Anchor:
 class GridAnchors:
     """Records, during the probe forward, the outputs of the leaf modules that begin a grid (a
     patch embedding, a downsampling convolution or pooling, a patch merging's norm) and the
-    order in which modules finish. A grid begins at the first output of its size, and again
-    at each module of another kind or configuration that makes it from the newest grid (the
-    latest size to appear: the network's current stage): PVT's attention reduces its keys and
-    values to the size of the stride-32 stage's grid (on 224 px) from the stride-4 grid (8 x 8
-    patches, o = 14) long before the stage's own downsampling (o = 0). One per kind: each of
-    40 blocks' reductions is one anchor. Side paths from older grids are none (NASNet pools
-    the cell before last by 1 x 1 beside its own reduction: another offset). Such a
-    later anchor is read both from the image and on its module's input
-    (:func:`_local_offset`), and left out where the two disagree: the image's reading follows
-    every path into it, the input's assumes that input shares the offset of its grid's
-    anchors. HRNet's fusions sum nearest-upsampled maps into each branch, whose coarse cells
-    skew the image's reading of its stride-8 fusion (-4 for 0 on the main path); NASNet shifts
-    a path by a cell (a crop and a pad that keep the grid's size) before pooling it, and the
-    input's reading misses the shift (1 for 5).
+    order in which modules finish.
+
+    A grid begins at the first output of its size, and again at each module of another kind or
+    configuration that makes that size from the newest grid (the latest size that a module made
+    from another grid: the network's current stage), one anchor per kind:
+    - PVT's attention reduces its keys to the size of the stride-32 stage's grid (o = 14 on
+      224 px) long before that stage's own downsampling (o = 0);
+    - GhostNetV2's attention pools its input functionally, so its first convolution on the
+      pooled grid (o = 2 at stride 8) runs before the stage's own downsampling (o = 0);
+    - side paths from older grids begin none: NASNet pools the cell before last by 1 x 1
+      beside its reduction, at another offset.
+    Such a later anchor is read on its module's input (:func:`_local_offset`), and left out
+    where that does not show it or the image's reading disagrees. The image's reading follows
+    every path into it (HRNet's fusions sum nearest-upsampled branches, whose coarse cells skew
+    it: -4 for 0); the input's assumes that the input shares its grid's offset (NASNet shifts
+    a path by a cell, a crop and a pad that keep the grid's size, before pooling it: 1 for 5).
 
     Where a layer's input-gradient does not show its offset (attention reaches every pixel; a
     deep layer's field is clipped by the image), it is read on the grid of the anchor before
@@ -244,7 +246,8 @@ class GridAnchors:
         self.finished: dict[str, int] = {}
         self._grids: set[tuple[int, int]] = set()
         self._makers: set[tuple] = set()  # (input grid, output grid, module) of the anchors
-        self._newest: tuple[int, int] | None = None  # the grid of the latest new size
+        # the latest grid size that a module made from another grid (the current stage's)
+        self._newest: tuple[int, int] | None = None
         self._steps = 0
         self._handles: list = []
 
@@ -278,12 +281,14 @@ class GridAnchors:
         maker = (None if given_layout is None else (given_layout.grid_h, given_layout.grid_w),
                  grid, repr(module))
         again = grid in self._grids
-        if not again or (maker[0] == self._newest and maker not in self._makers):
+        if not again or (given is not None and maker[0] == self._newest
+                         and maker not in self._makers):
             self.anchors.append(_Anchor(name, tensor, layout, self._steps, given, given_layout,
                                         again=again))
             self._grids.add(grid)
             self._makers.add(maker)
-            self._newest = self._newest if again else grid
+            if not again and given is not None:
+                self._newest = grid
 
     def _feature_map(self, tensor: torch.Tensor | None
                      ) -> tuple[torch.Tensor | None, FeatureLayout | None]:
@@ -359,6 +364,11 @@ def _offsets_through_graph(inputs, captured, layers, input_size, graphless, anch
     pending = list(anchors.anchors) if anchors is not None else []
     finished = anchors.finished if anchors is not None else {}
     sources: list[tuple[torch.Tensor, FeatureLayout, tuple[float, float]]] = []
+    # Whether each source's grid was made by its module from another grid (not by functional
+    # code before it: GhostNetV2's attention pools its input to the next stage's size, at
+    # another offset, before the stage's downsampling): only those give their offset to the
+    # layers on their grid (_same_grid_offset).
+    shareable: list[bool] = []
     with torch.enable_grad():
         offsets: dict[str, tuple[float, float] | None] = {}
         names = [name for name in layers if name not in graphless]
@@ -376,20 +386,24 @@ def _offsets_through_graph(inputs, captured, layers, input_size, graphless, anch
                 # (an anchor begins its grid: it shares no offset with an earlier one of its
                 # size, and is read on its module's input where the image does not show it)
                 read = _read_offset(anchor.tensor, anchor_layout, inputs, input_size,
-                                    seed=10_000 + anchor.step, sources=sources, same_grid=False)
+                                    seed=10_000 + anchor.step, sources=sources)
                 exact = read is not None and read[1]
                 local = _local_source(anchor, sources, strides)
+                offset = None
                 if local is not None and (anchor.again or not exact):
                     offset = _local_offset(anchor.tensor, anchor_layout, local,
                                            seed=10_000 + anchor.step)
-                    if exact and offset is not None and offset != read[0]:
-                        read = None  # the grid's paths disagree (see GridAnchors)
-                    elif not exact and offset is not None:
-                        read = (offset, True)
+                if anchor.again:
+                    # on its input, unless the image disagrees (see GridAnchors)
+                    read = None if offset is None or (exact and offset != read[0]) else (
+                        offset, True)
+                elif not exact and offset is not None:
+                    read = (offset, True)
                 if read is not None and read[1]:
                     sources.append((anchor.tensor, anchor_layout, read[0]))
+                    shareable.append(anchor.input is not None)
             read = _read_offset(captured[name], layout, inputs, input_size, seed=i,
-                                sources=sources)
+                                sources=sources, shareable=shareable)
             offsets[name] = None if read is None else read[0]
     return offsets
 
@@ -439,11 +453,13 @@ def _probe_mix(grid: torch.Tensor, seed: int) -> torch.Tensor:
 def _read_offset(tensor: torch.Tensor, layout: FeatureLayout, inputs: torch.Tensor,
                  input_size: tuple[int, int], seed: int,
                  sources: list[tuple[torch.Tensor, FeatureLayout, tuple[float, float]]],
-                 same_grid: bool = True) -> tuple[tuple[float, float], bool] | None:
+                 shareable: list[bool] | None = None
+                 ) -> tuple[tuple[float, float], bool] | None:
     """``(offset, exact)`` of one layer output from the gradient of a random channel mix of its
     central block: exact where a footprint gave it (on the input, its borders, or an anchor in
-    ``sources``) or, with ``same_grid``, an anchor on its grid (:func:`_same_grid_offset`),
-    else the centroid's; None where the gradient does not reach the input."""
+    ``sources``) or an anchor on its grid of those ``shareable`` marks
+    (:func:`_same_grid_offset`; none for an anchor, which begins its grid), else the centroid's;
+    None where the gradient does not reach the input."""
     height, width = input_size
     grid = grid_view(tensor, layout)
     rows, cols = _central_block(layout.grid_h), _central_block(layout.grid_w)
@@ -505,7 +521,9 @@ def _read_offset(tensor: torch.Tensor, layout: FeatureLayout, inputs: torch.Tens
         carried = _carried_offset(grid, mix, layout, (rows, cols), sources, offset, on_sources)
         if carried is not None:
             return carried, True
-        shared = _same_grid_offset(layout, sources, on_sources) if same_grid else None
+        shared = None if shareable is None else _same_grid_offset(
+            layout, [source for source, ok in zip(sources, shareable) if ok],
+            [gradient for gradient, ok in zip(on_sources, shareable) if ok])
         if shared is not None:
             return shared, True
     return (_snap(offset[0]), _snap(offset[1])), False

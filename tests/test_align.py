@@ -637,3 +637,40 @@ def test_a_side_path_from_an_older_grid_is_no_anchor():
         net(torch.zeros(1, 3, 32, 32, requires_grad=True))
     assert [anchor.name for anchor in anchors.anchors] == ["stem", "down"]
     assert [anchor.again for anchor in anchors.anchors] == [False, False]
+
+
+class _PooledGate(nn.Module):
+    """GhostNetV2's shape: a stride-2 stem (o = 0), a gate computed on the stem's map pooled
+    2x2 by functional code (the stride-4 grid's size first appears there, o = 1), multiplied
+    back into the stem's map, then the stage's own 3x3 stride-2 downsampling (o = 0) and
+    convolutions whose fields span the image."""
+
+    def __init__(self, channels: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, channels, 3, stride=2, padding=1)
+        self.gate = nn.Conv2d(channels, channels, 3, padding=1)
+        self.down = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.wide = nn.Sequential(*[nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1),
+                                                  nn.ReLU()) for _ in range(4)])
+
+    def forward(self, x):
+        x = self.stem(x)
+        gate = torch.sigmoid(self.gate(nn.functional.avg_pool2d(x, 2)))
+        x = x * nn.functional.interpolate(gate, scale_factor=2.0, mode="nearest")
+        return self.wide(self.down(x))
+
+
+def test_a_grid_made_by_functional_code_gives_no_offset_to_its_layers(monkeypatch):
+    """The gate's convolution is the first output of the stride-4 grid's size, but functional
+    pooling made its grid: its offset (1) is not handed to the stage's layers, whose grid the
+    downsampling made (GhostNetV2's last stage read 6 for 0 at 224 px)."""
+    shared = _spy_on(monkeypatch, "_same_grid_offset")
+    net = _PooledGate().eval()
+    with GridAnchors(net, (32, 32), 1) as anchors:
+        net(torch.zeros(1, 3, 32, 32, requires_grad=True))
+    gate = [anchor for anchor in anchors.anchors if anchor.name == "gate"]
+    assert gate and gate[0].input is None and not gate[0].again
+    for seed in SEEDS:
+        torch.manual_seed(seed)
+        _offsets(_PooledGate().eval(), ["wide"], 32)
+    assert shared and (1.0, 1.0) not in shared
