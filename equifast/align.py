@@ -388,7 +388,7 @@ def _offsets_through_graph(inputs, captured, layers, input_size, graphless, anch
                 read = _read_offset(anchor.tensor, anchor_layout, inputs, input_size,
                                     seed=10_000 + anchor.step, sources=sources)
                 exact = read is not None and read[1]
-                local = _local_source(anchor, sources, strides)
+                local = _local_source(anchor, sources, shareable, strides)
                 offset = None
                 if local is not None and (anchor.again or not exact):
                     offset = _local_offset(anchor.tensor, anchor_layout, local,
@@ -410,6 +410,7 @@ def _offsets_through_graph(inputs, captured, layers, input_size, graphless, anch
 
 def _local_source(anchor: _Anchor,
                   sources: list[tuple[torch.Tensor, FeatureLayout, tuple[float, float]]],
+                  shareable: list[bool],
                   strides: Mapping[tuple[int, int], tuple[float, float]]
                   ) -> tuple[torch.Tensor, FeatureLayout, tuple[float, float]] | None:
     """The input of an anchor's module as a source, where it lies on the grid of a source
@@ -417,12 +418,13 @@ def _local_source(anchor: _Anchor,
     kernel wide, where the fields before it span the image (Inception v3's stride-32
     reductions behind its stride-16 stage). Modules that keep a grid's size keep its offset
     (convolutions padded to keep the size, residual and concatenated paths), so the input
-    takes the offset of the latest source on its grid."""
+    takes the offset of the latest source on its grid that a module made from another grid
+    (``shareable``, as for :func:`_same_grid_offset`)."""
     if anchor.input is None:
         return None
     grid = (anchor.input_layout.grid_h, anchor.input_layout.grid_w)
-    for _, source_layout, source_offset in reversed(sources):
-        if (source_layout.grid_h, source_layout.grid_w) == grid:
+    for (_, source_layout, source_offset), ok in zip(reversed(sources), reversed(shareable)):
+        if ok and (source_layout.grid_h, source_layout.grid_w) == grid:
             layout = dataclasses.replace(anchor.input_layout,
                                          stride=strides.get(grid, source_layout.stride))
             return anchor.input, layout, source_offset
