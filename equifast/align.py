@@ -510,7 +510,9 @@ def _read_offset(tensor: torch.Tensor, layout: FeatureLayout, inputs: torch.Tens
             return (_snap(centred[0]), _snap(centred[1])), True
     # On the grid of the anchor before it (its gradient there came with the backward pass
     # above), then from the border rows' and columns' fields where the central footprint
-    # reaches a border (a deep layer whose receptive field is wider than the image).
+    # reaches a border (a deep layer whose receptive field is wider than the image), then,
+    # where every field spans the image, from a direct path to the anchor's grid or the
+    # offset of an anchor on the layer's own grid.
     if sources:
         relayed = _relayed_offset(grid, mix, layout, (rows, cols), sources, offset, on_sources)
         if relayed is not None:
@@ -525,7 +527,7 @@ def _read_offset(tensor: torch.Tensor, layout: FeatureLayout, inputs: torch.Tens
             return carried, True
         shared = None if shareable is None else _same_grid_offset(
             layout, [source for source, ok in zip(sources, shareable) if ok],
-            [gradient for gradient, ok in zip(on_sources, shareable) if ok])
+            [on_source for on_source, ok in zip(on_sources, shareable) if ok])
         if shared is not None:
             return shared, True
     return (_snap(offset[0]), _snap(offset[1])), False
