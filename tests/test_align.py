@@ -34,6 +34,16 @@ def _offsets(net: nn.Module, names: list[str], size: int) -> dict[str, tuple[flo
     return find_offsets(net, layouts, (size, size), "auto")
 
 
+def _seeds_missed(build, expected: dict[str, tuple[float, float]], size: int) -> int:
+    """On how many of ``SEEDS`` the offsets of the layers of ``expected`` in ``build()`` differ
+    from it (each net built after seeding)."""
+    missed = 0
+    for seed in SEEDS:
+        torch.manual_seed(seed)
+        missed += _offsets(build(), list(expected), size) != expected
+    return missed
+
+
 def _spy_on(monkeypatch, name: str) -> list:
     """What each call of ``equifast.align.<name>`` returns, in order, as the calls happen."""
     returned = []
@@ -103,11 +113,7 @@ def test_the_centroid_alone_leans_with_random_weights(monkeypatch):
     """Why the footprint is used: without it, some seeds miss ConvNeXt's 1.5."""
     monkeypatch.setattr(align, "_footprint_centre", lambda magnitude: None)
     monkeypatch.setattr(align, "_offset_from_borders", lambda *args: None)
-    missed = 0
-    for seed in SEEDS:
-        torch.manual_seed(seed)
-        missed += _offsets(_convnext_like(), ["1"], 96)["1"] != (1.5, 1.5)
-    assert missed > 0
+    assert _seeds_missed(_convnext_like, {"1": (1.5, 1.5)}, 96) > 0
 
 
 def test_global_mixing_falls_back_to_the_centroid():
@@ -260,11 +266,7 @@ def test_border_fields_give_the_offset_when_the_central_field_reaches_the_border
     # the centroid misses on most of these seeds
     monkeypatch.setattr(align, "_offset_from_borders", lambda *args: None)
     monkeypatch.setattr(align, "_same_grid_offset", lambda *args: None)
-    missed = 0
-    for seed in SEEDS:
-        torch.manual_seed(seed)
-        missed += _offsets(_wide_fields(), [last], 40) != {last: (0.5, 0.5)}
-    assert missed >= 4
+    assert _seeds_missed(_wide_fields, {last: (0.5, 0.5)}, 40) >= 4
 
 
 class _PaddedWindows(nn.Module):
@@ -388,11 +390,7 @@ def test_layers_after_global_mixing_take_the_offset_of_the_patches_they_carry(mo
     # without the relay and the later readings from the patch grid, the centroid misses
     for reading in ("_relayed_offset", "_carried_offset", "_same_grid_offset"):
         monkeypatch.setattr(align, reading, lambda *args: None)
-    missed = 0
-    for seed in SEEDS:
-        torch.manual_seed(seed)
-        missed += _offsets(_tiny_vit(), ["3"], 64) != {"3": (3.5, 3.5)}
-    assert missed > 0
+    assert _seeds_missed(_tiny_vit, {"3": (3.5, 3.5)}, 64) > 0
 
 
 class _LayerScaled(nn.Module):
@@ -480,11 +478,7 @@ def test_a_footprint_of_windows_is_not_taken_for_a_field(monkeypatch):
         torch.manual_seed(seed)
         assert _offsets(_LocalWindows().eval(), ["out"], 40) == {"out": (1.5, 1.5)}, seed
     monkeypatch.setattr(align, "_footprint_translates", lambda *args: True)
-    missed = 0
-    for seed in SEEDS:
-        torch.manual_seed(seed)
-        missed += _offsets(_LocalWindows().eval(), ["out"], 40) != {"out": (1.5, 1.5)}
-    assert missed > 0
+    assert _seeds_missed(lambda: _LocalWindows().eval(), {"out": (1.5, 1.5)}, 40) > 0
 
 
 class _MergedWindows(nn.Module):
@@ -518,11 +512,7 @@ def test_a_patch_merging_behind_windows_is_read_from_the_cells_it_carries(monkey
         assert found == {"merge": (3.5, 3.5), "out": (3.5, 3.5)}, (seed, found)
     assert (3.5, 3.5) in carried
     monkeypatch.setattr(align, "_carried_offset", lambda *args: None)
-    missed = 0
-    for seed in SEEDS:
-        torch.manual_seed(seed)
-        missed += _offsets(_MergedWindows().eval(), ["merge"], 96) != {"merge": (3.5, 3.5)}
-    assert missed > 0
+    assert _seeds_missed(lambda: _MergedWindows().eval(), {"merge": (3.5, 3.5)}, 96) > 0
 
 
 def test_direct_cells_need_a_clear_gap():
@@ -562,20 +552,14 @@ def test_reductions_behind_fields_wider_than_the_image_compose_their_offsets(mon
     unpadded stride-2 reduction is read on its own input, one kernel wide: exact where every
     field spans the image (timm's Inception v3 at 224 px read 20.5-23.5 for its later
     stride-16 blocks and 43-45 for its stride-32 ones instead of 21 and 37)."""
-    names = ["wide", "reduce", "after"]
+    expected = {"wide": (0.0, 0.0), "reduce": (2.0, 2.0), "after": (2.0, 2.0)}
     for seed in SEEDS:
         torch.manual_seed(seed)
-        found = _offsets(_Reductions().eval(), names, 40)
-        assert found == {"wide": (0.0, 0.0), "reduce": (2.0, 2.0), "after": (2.0, 2.0)}, (
-            seed, found)
+        found = _offsets(_Reductions().eval(), list(expected), 40)
+        assert found == expected, (seed, found)
     for reading in ("_local_source", "_same_grid_offset"):
         monkeypatch.setattr(align, reading, lambda *args: None)
-    missed = 0
-    for seed in SEEDS:
-        torch.manual_seed(seed)
-        missed += _offsets(_Reductions().eval(), names, 40) != {
-            "wide": (0.0, 0.0), "reduce": (2.0, 2.0), "after": (2.0, 2.0)}
-    assert missed > 0
+    assert _seeds_missed(lambda: _Reductions().eval(), expected, 40) > 0
 
 
 class _ReducedKeys(nn.Module):
