@@ -385,10 +385,12 @@ def _offsets_through_graph(inputs, captured, layers, input_size, graphless, anch
                     anchor.layout, stride=strides.get(grid, anchor.layout.stride))
                 # (an anchor begins its grid: it shares no offset with an earlier one of its
                 # size, and is read on its module's input where the image does not show it)
+                local = _local_source(anchor, sources, shareable, strides)
+                if anchor.again and local is None:
+                    continue  # read on its module's input alone, which no source shows
                 read = _read_offset(anchor.tensor, anchor_layout, inputs, input_size,
                                     seed=10_000 + anchor.step, sources=sources)
                 exact = read is not None and read[1]
-                local = _local_source(anchor, sources, shareable, strides)
                 offset = None
                 if local is not None and (anchor.again or not exact):
                     offset = _local_offset(anchor.tensor, anchor_layout, local,
@@ -549,6 +551,20 @@ def _support(magnitude: torch.Tensor) -> tuple[int, int, int, int] | None:
     return int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
 
 
+def _moved_block(block: tuple[slice, slice], layout: FeatureLayout
+                 ) -> tuple[list[int], tuple[slice, slice]] | None:
+    """``(steps, moved)``: the central ``block`` moved by one cell along each axis (``steps``
+    +1, or -1 where it ends at the grid's far border); None where it spans the grid along an
+    axis and cannot move."""
+    steps = []
+    for part, cells in zip(block, (layout.grid_h, layout.grid_w)):
+        if part.stop - part.start >= cells:
+            return None
+        steps.append(1 if part.stop < cells else -1)
+    rows, cols = (slice(part.start + step, part.stop + step) for part, step in zip(block, steps))
+    return steps, (rows, cols)
+
+
 def _footprint_translates(grid: torch.Tensor, mix: torch.Tensor, inputs: torch.Tensor,
                           layout: FeatureLayout, block: tuple[slice, slice],
                           magnitude: torch.Tensor) -> bool:
@@ -558,13 +574,11 @@ def _footprint_translates(grid: torch.Tensor, mix: torch.Tensor, inputs: torch.T
     blocks at 224 px put its stride-8 stage at 3.5 pixels instead of 1.5), and the next block
     of cells mostly lies in the same windows. True where the block cannot move (it spans the
     grid) or the gradient is not float32 or float64."""
-    steps = []
-    for part, cells in zip(block, (layout.grid_h, layout.grid_w)):
-        if part.stop - part.start >= cells:
-            return True
-        steps.append(1 if part.stop < cells else -1)
-    rows, cols = (slice(part.start + step, part.stop + step) for part, step in zip(block, steps))
-    (gradient,) = torch.autograd.grad(_block_target(grid, mix, rows, cols), inputs,
+    moving = _moved_block(block, layout)
+    if moving is None:
+        return True
+    steps, moved = moving
+    (gradient,) = torch.autograd.grad(_block_target(grid, mix, *moved), inputs,
                                       retain_graph=True)
     if gradient.dtype not in (torch.float32, torch.float64) or _underflows(gradient):
         return True
@@ -630,17 +644,13 @@ def _relayed_offset(grid: torch.Tensor, mix: torch.Tensor, layout: FeatureLayout
         """Whether the footprint of the block one cell further on moves by one cell of the
         layer (whole cells of the anchor's grid; cut where it moves past the grid's border)."""
         ratios = [layout.stride[axis] / source_layout.stride[axis] for axis in (0, 1)]
-        if any(ratio != int(ratio) for ratio in ratios) or any(
-                part.stop - part.start >= cells
-                for part, cells in zip(block, (layout.grid_h, layout.grid_w))):
+        moving = _moved_block(block, layout)
+        if any(ratio != int(ratio) for ratio in ratios) or moving is None:
             return False  # no whole cells of the anchor per cell, or no room to move
-        step = [1 if part.stop < cells else -1
-                for part, cells in zip(block, (layout.grid_h, layout.grid_w))]
-        moved = (slice(rows.start + step[0], rows.stop + step[0]),
-                 slice(cols.start + step[1], cols.stop + step[1]))
+        steps, moved = moving
         _, moved_bounds, _ = _footprint_on(grid, mix, *moved, source, source_layout)
         last = (source_layout.grid_h - 1, source_layout.grid_w - 1)
-        expected = [min(max(bound + step[index // 2] * int(ratios[index // 2]), 0),
+        expected = [min(max(bound + steps[index // 2] * int(ratios[index // 2]), 0),
                         last[index // 2]) for index, bound in enumerate(bounds)]
         return moved_bounds is not None and list(moved_bounds) == expected
 
@@ -717,16 +727,14 @@ def _carried_offset(grid: torch.Tensor, mix: torch.Tensor, layout: FeatureLayout
         return None
     (source, source_layout, source_offset), magnitude, _, _ = latest
     ratios = [layout.stride[axis] / source_layout.stride[axis] for axis in (0, 1)]
-    cells = (layout.grid_h, layout.grid_w)
-    if any(ratio != int(ratio) or ratio < 1 for ratio in ratios) or any(
-            part.stop - part.start >= count for part, count in zip(block, cells)):
+    moving = _moved_block(block, layout)
+    if any(ratio != int(ratio) or ratio < 1 for ratio in ratios) or moving is None:
         return None  # no whole cells of the anchor per cell, or no room to move the block
     shape = tuple(int(ratio) * (part.stop - part.start) for ratio, part in zip(ratios, block))
     runs = _direct_cells(magnitude, shape)
     if runs is None:
         return None
-    steps = [1 if part.stop < count else -1 for part, count in zip(block, cells)]
-    moved = [slice(part.start + step, part.stop + step) for part, step in zip(block, steps)]
+    steps, moved = moving
     moved_magnitude, _, _ = _footprint_on(grid, mix, *moved, source, source_layout)
     moved_runs = None if moved_magnitude is None else _direct_cells(moved_magnitude, shape)
     if moved_runs is None or any(moved_run.start != run.start + step * int(ratio)
