@@ -42,6 +42,20 @@ from .layouts import FeatureLayout, detect_layout, grid_view
 
 AlignSpec = str | float | tuple[float, float] | Mapping[str, object]
 
+# How align="auto" found each offset (find_offsets' readings, result.config["offset_readings"]).
+# Every reading but the centroid's is exact for convolutions and pooling whatever the weights; the
+# centroid of random weights leans by a pixel or more.
+READINGS = {
+    "footprint": "the centre of the footprint of the layer's central block on the input",
+    "borders": "the inner edges of the fields of its border rows and columns on the input",
+    "anchor": "its footprint on the grid of the module that began its grid (an anchor)",
+    "direct path": "a direct path's cells on the grid of the module that began its grid",
+    "anchor grid": "the offset of the anchor on its own grid",
+    "centroid": "the centroid of its input-gradient (an estimate: leans with random weights)",
+    "no gradient": "none: no gradient reached the input, so the offset is centred",
+    "given": "align= set it",
+}
+
 
 def _snap(value: float) -> float:
     return round(value * 2.0) / 2.0
@@ -101,6 +115,7 @@ def find_offsets(
     seed: int = 0,
     captured: tuple[torch.Tensor, Mapping[str, torch.Tensor]] | None = None,
     anchors: GridAnchors | None = None,
+    readings: dict[str, str] | None = None,
 ) -> dict[str, tuple[float, float]]:
     """Grid offset ``(offset_y, offset_x)`` of every layer.
 
@@ -116,12 +131,16 @@ def find_offsets(
             ``seed``) that already ran with gradients enabled and hooks on the layers: the ``auto``
             probe then reuses it instead of running the model again.
         anchors: The :class:`GridAnchors` recorded in that forward, if any.
+        readings: A dict to fill with how each offset was found, ``{name: reading}`` (a key of
+            :data:`READINGS`: ``"footprint"``, ..., ``"centroid"`` for an estimate, ``"given"``
+            where ``align`` set it); vector layers are left out.
 
     Returns:
         ``{name: (offset_y, offset_x)}`` (NaN for vector layers).
     """
     per_layer = dict(align) if isinstance(align, Mapping) else {name: align for name in layers}
     offsets: dict[str, tuple[float, float]] = {}
+    found: dict[str, str] = {}
     auto = []
     for name, layout in layers.items():
         spec = per_layer.get(name, "auto")
@@ -131,13 +150,73 @@ def find_offsets(
             auto.append(name)
         else:
             offsets[name] = fixed_offset(layout, spec)
+            found[name] = "given"
     if auto and captured is not None:
         offsets.update(offsets_from_graph(captured[0], captured[1], {n: layers[n] for n in auto},
-                                          input_size, anchors))
+                                          input_size, anchors, readings=found))
     elif auto:
-        offsets.update(_receptive_field_offsets(model, {n: layers[n] for n in auto}, input_size,
-                                                device, dtype, samples, seed))
+        attempts = probe_dtypes(dtype)
+        for attempt, probe_dtype in enumerate(attempts):
+            try:
+                with widened_to(model, probe_dtype, dtype):
+                    offsets.update(_receptive_field_offsets(
+                        model, {n: layers[n] for n in auto}, input_size, device, probe_dtype,
+                        samples, seed, found))
+                break
+            except Exception:
+                if attempt == len(attempts) - 1:
+                    raise
+    if readings is not None:
+        readings.update({name: found[name] for name in layers if name in found})
     return {name: offsets[name] for name in layers}
+
+
+def probe_dtypes(dtype: torch.dtype) -> list[torch.dtype]:
+    """The dtypes to try the ``auto`` probe in, in order: float32 first where the model is in
+    bfloat16 or float16 (with its parameters :func:`widened_to` it), whose gradients round small
+    contributions to 0, so that no footprint is read and every offset falls back to the centroid
+    (a 2x2 stride-2 convolution behind a 4x4 patch stem read 4.5 / 3.5 for 3.5 in bfloat16);
+    then the model's own, for a model that fails in float32 (one that casts its input to its
+    dtype)."""
+    return [torch.float32, dtype] if dtype in (torch.bfloat16, torch.float16) else [dtype]
+
+
+@contextlib.contextmanager
+def widened_to(model: nn.Module, probe_dtype: torch.dtype, dtype: torch.dtype) -> Iterator[None]:
+    """With ``model``'s 16-bit floating parameters and buffers widened to float32 where the probe
+    runs in float32 for a 16-bit ``dtype`` (:func:`probe_dtypes`), narrowed back after. In place
+    (their ``.data``, so that tied tensors stay tied), and exact: float32 holds every bfloat16 and
+    float16 value."""
+    widened = []
+    if probe_dtype == torch.float32 and dtype in (torch.bfloat16, torch.float16):
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.dtype in (torch.bfloat16, torch.float16):
+                widened.append((tensor, tensor.dtype))
+                tensor.data = tensor.data.float()
+    try:
+        yield
+    finally:
+        for tensor, original in widened:
+            tensor.data = tensor.data.to(original)
+
+
+def warn_estimated_offsets(readings: Mapping[str, str], linear_parts, stacklevel: int) -> None:
+    """Warn where ``align="auto"`` could only estimate offsets (``"centroid"`` readings of
+    :func:`find_offsets`) that the group's elements depend on: every element whose linear part
+    (``linear_parts``, 2x2 each) is not the identity. Translations do not depend on offsets."""
+    estimated = [name for name, reading in readings.items() if reading == "centroid"]
+    identity = torch.eye(2, dtype=torch.float64)
+    if not estimated or all(torch.equal(torch.as_tensor(part, dtype=torch.float64), identity)
+                            for part in linear_parts):
+        return
+    listed = ", ".join(estimated[:8]) + (f" and {len(estimated) - 8} more"
+                                         if len(estimated) > 8 else "")
+    warnings.warn(
+        f"align='auto' could only estimate the grid offsets of {len(estimated)} layer(s), from "
+        f"the centroid of their input-gradients, which leans by a pixel or more: {listed}. The "
+        "scores of rotations and flips depend on these offsets (result.config['offsets']; how "
+        "each was found: config['offset_readings']); to set them, pass align='center', "
+        "'corner', a number or a dict per layer", UserWarning, stacklevel=stacklevel + 1)
 
 
 def _central_block(size: int) -> slice:
@@ -303,7 +382,8 @@ class GridAnchors:
             return None, None
 
 
-def _receptive_field_offsets(model, layers, input_size, device, dtype, samples, seed):
+def _receptive_field_offsets(model, layers, input_size, device, dtype, samples, seed,
+                             readings=None):
     inputs = probe_inputs(input_size, device, dtype, samples, seed, input_channels(model))
     captured: dict[str, torch.Tensor] = {}
 
@@ -315,7 +395,7 @@ def _receptive_field_offsets(model, layers, input_size, device, dtype, samples, 
     anchors = GridAnchors(model, input_size, samples)
     with torch.enable_grad(), global_gates_cut(model), LayerHooks(model, layers, keep), anchors:
         model(inputs)
-        return offsets_from_graph(inputs, captured, layers, input_size, anchors)
+        return offsets_from_graph(inputs, captured, layers, input_size, anchors, readings)
 
 
 def offsets_from_graph(
@@ -324,11 +404,13 @@ def offsets_from_graph(
     layers: Mapping[str, FeatureLayout],
     input_size: tuple[int, int],
     anchors: GridAnchors | None = None,
+    readings: dict[str, str] | None = None,
 ) -> dict[str, tuple[float, float]]:
     """Offsets of ``layers`` from their outputs ``captured`` in a forward of the probe ``inputs``.
 
     The forward ran with gradients enabled (see :func:`probe_inputs`); the engine uses this to find
-    the layouts and the offsets from one probe forward.
+    the layouts and the offsets from one probe forward. ``readings``, if given, is filled with how
+    each offset was found (:data:`READINGS`).
     """
     # Layers the model computes without a graph (a frozen backbone under torch.no_grad in its
     # forward, as in linear probing), or from a detached tensor (a neck on a backbone's
@@ -336,11 +418,15 @@ def offsets_from_graph(
     # gradient probe cannot see their receptive fields.
     graphless = [name for name in layers
                  if name in captured and not captured[name].requires_grad]
-    offsets = _offsets_through_graph(inputs, captured, layers, input_size, graphless, anchors)
-    unreached = graphless + [name for name in layers
-                             if name in offsets and offsets[name] is None]
+    read = _offsets_through_graph(inputs, captured, layers, input_size, graphless, anchors)
+    unreached = graphless + [name for name in layers if name in read and read[name] is None]
+    offsets = {name: found[0] for name, found in read.items() if found is not None}
+    found_by = {name: found[1] for name, found in read.items() if found is not None}
     for name in unreached:
         offsets[name] = fixed_offset(layers[name], "center")
+        found_by[name] = "no gradient"
+    if readings is not None:
+        readings.update({name: found_by[name] for name in layers if name in found_by})
     if unreached:
         listed = ", ".join(unreached[:8]) + (f" and {len(unreached) - 8} more"
                                              if len(unreached) > 8 else "")
@@ -355,8 +441,9 @@ def offsets_from_graph(
 
 
 def _offsets_through_graph(inputs, captured, layers, input_size, graphless, anchors=None):
-    """Offsets of the layers not in ``graphless`` from their input-gradients; None for a layer
-    the gradient does not reach (:func:`offsets_from_graph`). Where a layer's gradient on the
+    """``(offset, reading)`` of the layers not in ``graphless`` from their input-gradients
+    (:func:`_read_offset`); None for a layer the gradient does not reach
+    (:func:`offsets_from_graph`). Where a layer's gradient on the
     input does not show its offset, it is read relative to the latest of the ``anchors``
     (:class:`GridAnchors`) before it whose offset the input-gradient gave."""
     strides = {(layout.grid_h, layout.grid_w): layout.stride for layout in layers.values()
@@ -370,7 +457,7 @@ def _offsets_through_graph(inputs, captured, layers, input_size, graphless, anch
     # layers on their grid (_same_grid_offset).
     shareable: list[bool] = []
     with torch.enable_grad():
-        offsets: dict[str, tuple[float, float] | None] = {}
+        offsets: dict[str, tuple[tuple[float, float], str] | None] = {}
         names = [name for name in layers if name not in graphless]
         for i, name in enumerate(names):
             layout = layers[name]
@@ -390,7 +477,7 @@ def _offsets_through_graph(inputs, captured, layers, input_size, graphless, anch
                     continue  # read on its module's input alone, which no source shows
                 read = _read_offset(anchor.tensor, anchor_layout, inputs, input_size,
                                     seed=10_000 + anchor.step, sources=sources)
-                exact = read is not None and read[1]
+                exact = read is not None and read[1] != "centroid"
                 offset = None
                 if local is not None and (anchor.again or not exact):
                     offset = _local_offset(anchor.tensor, anchor_layout, local,
@@ -398,15 +485,15 @@ def _offsets_through_graph(inputs, captured, layers, input_size, graphless, anch
                 if anchor.again:
                     # on its input, unless the image disagrees (see GridAnchors)
                     read = None if offset is None or (exact and offset != read[0]) else (
-                        offset, True)
+                        offset, "reduction")
                 elif not exact and offset is not None:
-                    read = (offset, True)
-                if read is not None and read[1]:
+                    read = (offset, "reduction")
+                if read is not None and read[1] != "centroid":
                     sources.append((anchor.tensor, anchor_layout, read[0]))
                     shareable.append(anchor.input is not None)
             read = _read_offset(captured[name], layout, inputs, input_size, seed=i,
                                 sources=sources, shareable=shareable)
-            offsets[name] = None if read is None else read[0]
+            offsets[name] = read
     return offsets
 
 
@@ -458,12 +545,13 @@ def _read_offset(tensor: torch.Tensor, layout: FeatureLayout, inputs: torch.Tens
                  input_size: tuple[int, int], seed: int,
                  sources: list[tuple[torch.Tensor, FeatureLayout, tuple[float, float]]],
                  shareable: list[bool] | None = None
-                 ) -> tuple[tuple[float, float], bool] | None:
-    """``(offset, exact)`` of one layer output from the gradient of a random channel mix of its
-    central block: exact where a footprint gave it (on the input, its borders, or an anchor in
-    ``sources``) or an anchor on its grid of those ``shareable`` marks
-    (:func:`_same_grid_offset`; none for an anchor, which begins its grid), else the centroid's;
-    None where the gradient does not reach the input."""
+                 ) -> tuple[tuple[float, float], str] | None:
+    """``(offset, reading)`` of one layer output from the gradient of a random channel mix of its
+    central block, ``reading`` a key of :data:`READINGS`: exact where a footprint gave it (on
+    the input, its borders, or an anchor in ``sources``, directly or by a direct path) or an
+    anchor on its grid of those ``shareable`` marks (:func:`_same_grid_offset`; none for an
+    anchor, which begins its grid), else ``"centroid"``; None where the gradient does not reach
+    the input."""
     height, width = input_size
     grid = grid_view(tensor, layout)
     rows, cols = _central_block(layout.grid_h), _central_block(layout.grid_w)
@@ -509,7 +597,7 @@ def _read_offset(tensor: torch.Tensor, layout: FeatureLayout, inputs: torch.Tens
         centred = (footprint[0] - stride_y * mean_row, footprint[1] - stride_x * mean_col)
         if (abs(centred[0] - offset[0]) <= max(stride_y / 2, 2.0)
                 and abs(centred[1] - offset[1]) <= max(stride_x / 2, 2.0)):
-            return (_snap(centred[0]), _snap(centred[1])), True
+            return (_snap(centred[0]), _snap(centred[1])), "footprint"
     # On the grid of the anchor before it (its gradient there came with the backward pass
     # above), then from the border rows' and columns' fields where the central footprint
     # reaches a border (a deep layer whose receptive field is wider than the image), then,
@@ -518,21 +606,21 @@ def _read_offset(tensor: torch.Tensor, layout: FeatureLayout, inputs: torch.Tens
     if sources:
         relayed = _relayed_offset(grid, mix, layout, (rows, cols), sources, offset, on_sources)
         if relayed is not None:
-            return relayed, True
+            return relayed, "anchor"
     if reaches_border:
         centred = _offset_from_borders(grid, inputs, layout, mix, offset)
         if centred is not None:
-            return centred, True
+            return centred, "borders"
     if sources:
         carried = _carried_offset(grid, mix, layout, (rows, cols), sources, offset, on_sources)
         if carried is not None:
-            return carried, True
+            return carried, "direct path"
         shared = None if shareable is None else _same_grid_offset(
             layout, [source for source, ok in zip(sources, shareable) if ok],
             [on_source for on_source, ok in zip(on_sources, shareable) if ok])
         if shared is not None:
-            return shared, True
-    return (_snap(offset[0]), _snap(offset[1])), False
+            return shared, "anchor grid"
+    return (_snap(offset[0]), _snap(offset[1])), "centroid"
 
 
 def _block_target(grid: torch.Tensor, mix: torch.Tensor, rows: slice,

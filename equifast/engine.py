@@ -32,7 +32,16 @@ from torch import nn
 
 from . import _ext, ops
 from . import distributed as _dist
-from .align import AlignSpec, GridAnchors, find_offsets, global_gates_cut, probe_inputs
+from .align import (
+    AlignSpec,
+    GridAnchors,
+    find_offsets,
+    global_gates_cut,
+    probe_dtypes,
+    probe_inputs,
+    warn_estimated_offsets,
+    widened_to,
+)
 from .arguments import check_count, check_finite_pixels, check_run_arguments
 from .baseline import INIT, TRAINED, InitCopy, WithBaseline, init_copy, member_name, same_parameters
 from .data.folder import is_path_list, no_images_message, warn_skipped
@@ -714,11 +723,16 @@ def measure(
                                            report=probe_report)
     if shard is not None:
         offsets = _dist.agree(offsets, "alignment offsets")
+        probe_report["offset_readings"] = _dist.agree(probe_report["offset_readings"],
+                                                      "ways of finding the alignment offsets")
     probe_seconds = time.perf_counter() - setup_started
 
     elements = list(group)
     count = len(elements)
     image_matrices = group.matrices(height, width, with_identity=False)
+    if shard is None or shard.rank == 0:
+        warn_estimated_offsets(probe_report["offset_readings"], image_matrices[:, :, :2],
+                               stacklevel=2)
     wrap = [int(e.protocol == "circular") for e in elements]
     # The layers, keyed by the names the hooks see. With a baseline both models run as one
     # module (WithBaseline), and the copy's layers take the model's layouts and offsets: the
@@ -987,6 +1001,9 @@ def measure(
         # passed back as align= to repeat the measurement)
         "offsets": {n: list(state[keys[n]].offset) for n in names
                     if not np.isnan(state[keys[n]].offset).all()},
+        # how align= found each of them ("centroid": an estimate; equifast.align.READINGS)
+        "offset_readings": {n: probe_report["offset_readings"][n] for n in names
+                            if n in probe_report["offset_readings"]},
         "input_size": [height, width],
         "margin": list(margin),
         "batch_size": batch_size,
@@ -1155,48 +1172,62 @@ def _probe(module, names, input_size, overrides, align, device, dtype, seed,
 
     With ``align="auto"`` layers the gradient probe of :mod:`equifast.align` (seeded random inputs,
     gradients enabled) gives the output shapes too, so that the model runs once, not twice; without
-    them one image under ``inference_mode`` gives the shapes.
+    them one image under ``inference_mode`` gives the shapes. The gradient probe runs in float32
+    where the model is in bfloat16 or float16 (:func:`~equifast.align.probe_dtypes`).
 
     Returns:
         ``(names, layouts, offsets)``: the names without default layers that did not run.
+        ``report``, when given, gets ``"stride_probe"`` (:func:`refine_layouts`) and
+        ``"offset_readings"`` (how each offset was found, :func:`find_offsets`).
     """
     per_layer = dict(align) if isinstance(align, Mapping) else {name: align for name in names}
     with_grad = any(per_layer.get(name, "auto") == "auto" for name in names)
-    captured: dict[str, torch.Tensor] = {}
-
-    def keep(name: str, tensor: torch.Tensor) -> None:
-        captured.setdefault(name, tensor)
-
-    if with_grad:
-        probe = probe_inputs(input_size, device, dtype, seed=seed,
-                             channels=input_channels(module))
-        context = torch.enable_grad()
-    else:
-        # Two different images, not one: a layer whose output does not follow the batch
-        # (XCiT's positional encoding, (1, C, h, w) for any batch) or does not depend on the
-        # input (EdgeNeXt's, (B, C, h, w)) shows it, and a broad selection leaves it out
-        # instead of failing on it in the measurement.
-        probe = probe_inputs(input_size, device, dtype, seed=seed,
-                             channels=input_channels(module)).detach()
-        context = torch.inference_mode()
-    hooks = LayerHooks(module, names, keep, lenient=lenient, record_shapes=True)
-    anchors = GridAnchors(module, input_size, probe.shape[0]) if with_grad else None
-    with (global_gates_cut(module) if with_grad else contextlib.nullcontext()), \
-            (anchors or contextlib.nullcontext()):
-        run_probe(module, probe, hooks, context)
-    names, layouts = measurable_layers(names, captured, hooks.unmeasurable, input_size,
-                                       overrides, lenient, prefix_tokens_of(module),
-                                       token_order_of(module), calls=hooks.calls,
-                                       channels_first=channels_first_of(
-                                           module, hooks.shapes, input_size))
-    layouts = refine_layouts(module, layouts, input_size, device, dtype, overrides,
-                             report=report, lenient=lenient)
-    names = [name for name in names if name in layouts]
-    warn_undeclared_channels(module, layouts)
-    offsets = find_offsets(module, layouts, input_size, align, device, dtype, seed=seed,
-                           captured=(probe, captured) if with_grad else None,
-                           anchors=anchors)
-    return names, layouts, offsets
+    selected = names
+    # Every attempt in this frame: the probe's warnings name the caller of measure by their
+    # stack level.
+    attempts = probe_dtypes(dtype) if with_grad else [dtype]
+    for attempt, probe_dtype in enumerate(attempts):
+        captured: dict[str, torch.Tensor] = {}
+        keep = captured.setdefault  # (name, output): the first output of each layer
+        try:
+            with widened_to(module, probe_dtype, dtype):
+                if with_grad:
+                    probe = probe_inputs(input_size, device, probe_dtype, seed=seed,
+                                         channels=input_channels(module))
+                    context = torch.enable_grad()
+                else:
+                    # Two different images, not one: a layer whose output does not follow the
+                    # batch (XCiT's positional encoding, (1, C, h, w) for any batch) or does not
+                    # depend on the input (EdgeNeXt's, (B, C, h, w)) shows it, and a broad
+                    # selection leaves it out instead of failing on it in the measurement.
+                    probe = probe_inputs(input_size, device, probe_dtype, seed=seed,
+                                         channels=input_channels(module)).detach()
+                    context = torch.inference_mode()
+                hooks = LayerHooks(module, selected, keep, lenient=lenient, record_shapes=True)
+                anchors = GridAnchors(module, input_size, probe.shape[0]) if with_grad else None
+                with (global_gates_cut(module) if with_grad else contextlib.nullcontext()), \
+                        (anchors or contextlib.nullcontext()):
+                    run_probe(module, probe, hooks, context)
+                names, layouts = measurable_layers(
+                    selected, captured, hooks.unmeasurable, input_size, overrides, lenient,
+                    prefix_tokens_of(module), token_order_of(module), calls=hooks.calls,
+                    channels_first=channels_first_of(module, hooks.shapes, input_size))
+                layouts = refine_layouts(module, layouts, input_size, device, probe_dtype,
+                                         overrides, report=report, lenient=lenient)
+                names = [name for name in names if name in layouts]
+                warn_undeclared_channels(module, layouts)
+                readings: dict[str, str] = {}
+                offsets = find_offsets(module, layouts, input_size, align, device, probe_dtype,
+                                       seed=seed, captured=(probe, captured) if with_grad else None,
+                                       anchors=anchors, readings=readings)
+        except Exception:
+            if attempt == len(attempts) - 1:
+                raise
+            continue  # a model that fails in float32 is probed in its own dtype
+        if report is not None:
+            report["offset_readings"] = readings
+        return names, layouts, offsets
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 def _layer_stats(tensor, layer: _Layer, lo, hi, batch, wrap, subpixel, channel_map,

@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .align import AlignSpec, find_offsets, probe_inputs
+from .align import AlignSpec, find_offsets, probe_inputs, warn_estimated_offsets
 from .arguments import check_finite_pixels, check_run_arguments
 from .data.folder import is_path_list, no_images_message, warn_skipped
 from .data.geometry import (
@@ -881,8 +881,10 @@ def measure(
         lenient=is_broad_selection(layers, module),
     )
     names = [n for n in names if n in layer_layouts]
+    readings: dict[str, str] = {}
     offsets = find_offsets(
-        module, layer_layouts, (height, width), align, device, model_dtype, seed=seed
+        module, layer_layouts, (height, width), align, device, model_dtype, seed=seed,
+        readings=readings,
     )
     elements = list(group)
     count = len(elements)
@@ -890,6 +892,7 @@ def measure(
         np.linalg.inv(np.vstack([e.matrix(height, width), [0.0, 0.0, 1.0]]))[:2] for e in elements
     ]
     forward_maps = np.stack([e.matrix(height, width) for e in elements])
+    warn_estimated_offsets(readings, forward_maps[:, :, :2], stacklevel=2)
     feature_maps: dict[str, np.ndarray] = {}
     for name in names:
         layout = layer_layouts[name]
@@ -1037,6 +1040,7 @@ def measure(
         "layers": names,
         "layouts": {n: layer_layouts[n].layout for n in names},
         "offsets": {n: list(offsets[n]) for n in names if not np.isnan(offsets[n]).all()},
+        "offset_readings": {n: readings[n] for n in names if n in readings},
         "input_size": [height, width],
         "margin": list(margin),
         "batch_size": batch_size,

@@ -16,7 +16,8 @@ from equifast.layouts import detect_layout, grid_view
 SEEDS = range(8)
 
 
-def _offsets(net: nn.Module, names: list[str], size: int) -> dict[str, tuple[float, float]]:
+def _offsets(net: nn.Module, names: list[str], size: int,
+             readings: dict[str, str] | None = None) -> dict[str, tuple[float, float]]:
     shapes: dict[str, torch.Size] = {}
     modules = dict(net.named_modules())
 
@@ -31,7 +32,7 @@ def _offsets(net: nn.Module, names: list[str], size: int) -> dict[str, tuple[flo
     for handle in handles:
         handle.remove()
     layouts = {n: detect_layout(shapes[n], (size, size)) for n in names}
-    return find_offsets(net, layouts, (size, size), "auto")
+    return find_offsets(net, layouts, (size, size), "auto", readings=readings)
 
 
 def _seeds_missed(build, expected: dict[str, tuple[float, float]], size: int) -> int:
@@ -658,3 +659,87 @@ def test_a_grid_made_by_functional_code_gives_no_offset_to_its_layers(monkeypatc
         torch.manual_seed(seed)
         _offsets(_PooledGate().eval(), ["wide"], 32)
     assert shared and (1.0, 1.0) not in shared
+
+
+@pytest.mark.parametrize(("build", "size", "expected"), [
+    (_convnext_like, 96, {"1": "footprint", "4": "footprint"}),
+    (_wide_fields, 40, {"9": "borders"}),
+    (_tiny_vit, 64, {"3": "anchor"}),
+    (lambda: _Reductions().eval(), 40, {"wide": "anchor grid", "reduce": "anchor",
+                                        "after": "anchor grid"}),
+])
+def test_readings_say_how_each_offset_was_found(build, size, expected):
+    torch.manual_seed(0)
+    readings: dict[str, str] = {}
+    _offsets(build(), list(expected), size, readings)
+    assert readings == expected
+    assert set(readings.values()) <= set(align.READINGS)
+
+
+def test_the_config_says_how_each_offset_was_found():
+    torch.manual_seed(0)
+    net = nn.Sequential(_convnext_like(), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    images = torch.rand(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    for measure in (equifast.measure, naive.measure):
+        result = measure(net, images, group="flip", layers=["0.1", "0.4", "2"], bootstrap=0,
+                         progress=False, align={"0.4": "corner"})
+        # the vector layer has no grid, hence no offset and no reading
+        assert result.config["offset_readings"] == {"0.1": "footprint", "0.4": "given"}
+        assert set(result.config["offsets"]) == {"0.1", "0.4"}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_model_is_probed_in_float32_and_left_as_it_was(dtype):
+    """In 16-bit floats the gradients round small contributions to 0: no footprint was read,
+    and every offset leaned with the centroid (bfloat16: 1.5 / 0.0 for 1.5, 4.5 / 3.5 for 3.5).
+    The probe widens the parameters to float32 and narrows them back, bit for bit."""
+    expected = {"1": [1.5, 1.5], "4": [3.5, 3.5]}
+    images = torch.rand(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    for measure, model_dtype in ((equifast.measure, None), (equifast.measure, dtype),
+                                 (naive.measure, dtype)):
+        torch.manual_seed(0)
+        net = _convnext_like().to(dtype)
+        before = {name: tensor.clone() for name, tensor in net.state_dict().items()}
+        parameters = list(net.parameters())
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="align='auto' could only estimate")
+            result = measure(net, images, group="flip", layers=list(expected), bootstrap=0,
+                             progress=False, dtype=model_dtype)
+        assert result.config["offsets"] == expected, measure
+        assert result.config["offset_readings"] == {"1": "footprint", "4": "footprint"}
+        assert all(now is then for now, then in zip(net.parameters(), parameters, strict=True))
+        for name, tensor in net.state_dict().items():
+            assert tensor.dtype == dtype and torch.equal(tensor, before[name]), name
+
+
+class _CastsToBfloat16(nn.Module):
+    """A model that casts its input to bfloat16 itself: it fails in float32."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = _convnext_like().to(torch.bfloat16)
+
+    def forward(self, x):
+        return self.body(x.to(torch.bfloat16))
+
+
+def test_a_model_that_fails_in_float32_is_probed_in_its_dtype_and_its_estimates_are_said():
+    images = torch.rand(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    for measure in (equifast.measure, naive.measure):
+        torch.manual_seed(0)
+        net = _CastsToBfloat16().eval()
+        before = {name: tensor.clone() for name, tensor in net.state_dict().items()}
+        with pytest.warns(UserWarning, match=r"could only estimate the grid offsets of 2 layer"
+                                             r"\(s\), from the centroid .*: body\.1, body\.4\. "
+                                             r"The scores of rotations and flips"):
+            result = measure(net, images, group="flip", layers=["body.1", "body.4"],
+                             bootstrap=0, progress=False, dtype=torch.bfloat16)
+        assert result.config["offset_readings"] == {"body.1": "centroid", "body.4": "centroid"}
+        for name, tensor in net.state_dict().items():
+            assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, before[name]), name
+        # translations do not depend on the offsets: nothing to warn about
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="align='auto' could only estimate")
+            shifted = measure(net, images, group="translate:4", layers=["body.1", "body.4"],
+                              bootstrap=0, progress=False, dtype=torch.bfloat16)
+        assert shifted.config["offset_readings"] == result.config["offset_readings"]
