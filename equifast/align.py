@@ -15,7 +15,8 @@ from the inner edges of the fields of the border rows and columns (:func:`_offse
 where the input shows neither (attention), on the grid of the module that began the layer's grid
 (:class:`GridAnchors`, :func:`_relayed_offset`); where every field spans the image, from the
 grid's own structure: a direct path's cells on the anchor's grid (:func:`_carried_offset`), a
-reduction read on its module's input (:func:`_local_offset`), the offset of the anchor on the
+reduction read on its module's input (:func:`_local_offset`, :func:`_local_borders` on a small
+grid), the offset of the anchor on the
 layer's own grid (:func:`_same_grid_offset`). The gradient does not pass the gates of
 squeeze-and-excitation blocks (:func:`global_gates_cut`), whose global mean would otherwise
 spread every later footprint over the whole image.
@@ -482,6 +483,9 @@ def _offsets_through_graph(inputs, captured, layers, input_size, graphless, anch
                 if local is not None and (anchor.again or not exact):
                     offset = _local_offset(anchor.tensor, anchor_layout, local,
                                            seed=10_000 + anchor.step)
+                    if offset is None and not anchor.again:
+                        offset = _local_borders(anchor.tensor, anchor_layout, local,
+                                                seed=10_000 + anchor.step)
                 if anchor.again:
                     # on its input, unless the image disagrees (see GridAnchors)
                     read = None if offset is None or (exact and offset != read[0]) else (
@@ -530,6 +534,33 @@ def _local_offset(tensor: torch.Tensor, layout: FeatureLayout,
     grid = grid_view(tensor, layout)
     block = (_central_block(layout.grid_h), _central_block(layout.grid_w))
     return _relayed_offset(grid, _probe_mix(grid, seed), layout, block, [local], guess=None)
+
+
+def _local_borders(tensor: torch.Tensor, layout: FeatureLayout,
+                   local: tuple[torch.Tensor, FeatureLayout, tuple[float, float]],
+                   seed: int) -> tuple[float, float] | None:
+    """The offset of an anchor from the inner edges of the fields of its border rows and
+    columns on its module's input (:func:`_offset_from_borders`, one grid down), where its
+    central block's footprint there reaches the input grid's borders: a 5x5 depthwise reduction
+    to a grid of 4 x 4 cells (EfficientNet-B0's and MobileNetV3's stride-32 stages at 128 px,
+    whose fields span the image). Read only where the second lines' fields start and end one
+    cell of the anchor further in (translates of one another), as no guess checks it."""
+    source, source_layout, source_offset = local
+    grid = grid_view(tensor, layout)
+    mix = _probe_mix(grid, seed)
+    offsets = []
+    for axis, cells in enumerate((layout.grid_h, layout.grid_w)):
+        ratio = layout.stride[axis] / source_layout.stride[axis]
+        if cells < 3 or ratio != int(ratio):
+            return None
+        outer = _field_edges(grid, source, axis, 0, cells - 1, mix, source_layout)
+        inner = _field_edges(grid, source, axis, 1, cells - 2, mix, source_layout)
+        if (outer is None or inner is None or inner[0] - outer[0] != ratio
+                or outer[1] - inner[1] != ratio):
+            return None
+        cell = (outer[0] + outer[1] - (cells - 1) * ratio) / 2  # in the input grid's cells
+        offsets.append(_snap(source_offset[axis] + source_layout.stride[axis] * cell))
+    return offsets[0], offsets[1]
 
 
 def _probe_mix(grid: torch.Tensor, seed: int) -> torch.Tensor:
@@ -919,10 +950,12 @@ def _offset_from_borders(grid: torch.Tensor, inputs: torch.Tensor, layout: Featu
 
 
 def _field_edges(grid: torch.Tensor, inputs: torch.Tensor, axis: int, first: int, last: int,
-                 mix: torch.Tensor) -> tuple[int, int] | None:
+                 mix: torch.Tensor, inputs_layout: FeatureLayout | None = None
+                 ) -> tuple[int, int] | None:
     """Along ``axis`` (0: rows), the far end of the field of grid line ``first`` and the near
-    start of the field of line ``last``, in input pixels; None where either reaches the far
-    border or a gradient came near underflow."""
+    start of the field of line ``last``, in input pixels (or cells of ``inputs``, a feature map
+    in ``inputs_layout``); None where either reaches the far border or a gradient came near
+    underflow."""
     weights = mix.view(1, -1, 1, 1)
     lines = [grid.narrow(2 + axis, first, 1), grid.narrow(2 + axis, last, 1)]
     if inputs.shape[0] >= 2:
@@ -934,7 +967,9 @@ def _field_edges(grid: torch.Tensor, inputs: torch.Tensor, axis: int, first: int
     gradients = [torch.autograd.grad(target, inputs, retain_graph=True)[0] for target in targets]
     if any(_underflows(gradient) for gradient in gradients):
         return None
-    size = inputs.shape[2 + axis]
+    if inputs_layout is not None:
+        gradients = [grid_view(gradient, inputs_layout) for gradient in gradients]
+    size = gradients[0].shape[2 + axis]
     reached = []
     for step, image in picks:
         magnitude = _magnitude(gradients[step][image]).sum(0)  # (H, W)

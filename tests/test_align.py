@@ -743,3 +743,32 @@ def test_a_model_that_fails_in_float32_is_probed_in_its_dtype_and_its_estimates_
             shifted = measure(net, images, group="translate:4", layers=["body.1", "body.4"],
                               bootstrap=0, progress=False, dtype=torch.bfloat16)
         assert shifted.config["offset_readings"] == result.config["offset_readings"]
+
+
+class _SmallGrid(nn.Module):
+    """EfficientNet's stride-32 stage at 128 px: behind a grid whose fields span the image, a
+    6x6 depthwise stride-2 reduction (o = 1 + 4 * (2.5 - 2) = 3) to a grid of 4 x 4 cells, where
+    the footprint of the central block on the reduction's input reaches that grid's borders."""
+
+    def __init__(self, depth: int = 6, channels: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, channels, 3, stride=2)  # unpadded: o = 1
+        self.down = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.wide = nn.Sequential(*[nn.Sequential(nn.Conv2d(channels, channels, 5, padding=2),
+                                                  nn.ReLU()) for _ in range(depth)])
+        self.reduce = nn.Conv2d(channels, channels, 6, stride=2, padding=2, groups=channels)
+        self.after = nn.Sequential(*[nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1),
+                                                   nn.ReLU()) for _ in range(2)])
+
+    def forward(self, x):
+        return self.after(self.reduce(self.wide(self.down(self.stem(x)))))
+
+
+def test_a_reduction_to_a_small_grid_is_read_from_its_border_fields_on_its_input(monkeypatch):
+    expected = {"wide": (1.0, 1.0), "reduce": (3.0, 3.0), "after": (3.0, 3.0)}
+    for seed in SEEDS:
+        torch.manual_seed(seed)
+        found = _offsets(_SmallGrid().eval(), list(expected), 32)
+        assert found == expected, (seed, found)
+    monkeypatch.setattr(align, "_local_borders", lambda *args, **kwargs: None)
+    assert _seeds_missed(lambda: _SmallGrid().eval(), expected, 32) > 0
