@@ -306,6 +306,9 @@ class GridAnchors:
       pooled grid (o = 2 at stride 8) runs before the stage's own downsampling (o = 0);
     - side paths from older grids begin none: NASNet pools the cell before last by 1 x 1
       beside its reduction, at another offset.
+    Where code inside a module made the grid before its first leaf ran (torchvision's Swin V2
+    merges patches by slicing, then reduces them by a linear layer), the innermost module that
+    made the grid from another grid gives the anchor its input (:meth:`_made_inside`).
     Such a later anchor is read on its module's input (:func:`_local_offset`), and left out
     where that does not show it or the image's reading disagrees. The image's reading follows
     every path into it (HRNet's fusions sum nearest-upsampled branches, whose coarse cells skew
@@ -326,6 +329,7 @@ class GridAnchors:
         self.finished: dict[str, int] = {}
         self._grids: set[tuple[int, int]] = set()
         self._makers: set[tuple] = set()  # (input grid, output grid, module) of the anchors
+        self._leaf_makers: list[tuple[str, tuple[int, int]]] = []  # leaves that made a grid
         # the latest grid size that a module made from another grid (the current stage's)
         self._newest: tuple[int, int] | None = None
         self._steps = 0
@@ -348,7 +352,9 @@ class GridAnchors:
     def _record(self, name: str, leaf: bool, module, args, output) -> None:
         self._steps += 1
         self.finished.setdefault(name, self._steps)
-        if not leaf or len(self.anchors) >= self.MAX_ANCHORS:
+        if not leaf and not any(anchor.input is None for anchor in self.anchors):
+            return
+        if leaf and len(self.anchors) >= self.MAX_ANCHORS:
             return
         tensor, layout = self._feature_map(first_tensor(output, batch=self.batch))
         if layout is None or layout.kind != "spatial":
@@ -358,6 +364,12 @@ class GridAnchors:
         if given_layout is None or given_layout.kind != "spatial" or (
                 given_layout.grid_h, given_layout.grid_w) == grid:
             given, given_layout = None, None
+        if not leaf:
+            if given is not None:
+                self._made_inside(name, grid, given, given_layout)
+            return
+        if given is not None:
+            self._leaf_makers.append((name, grid))
         maker = (None if given_layout is None else (given_layout.grid_h, given_layout.grid_w),
                  grid, repr(module))
         again = grid in self._grids
@@ -369,6 +381,25 @@ class GridAnchors:
             self._makers.add(maker)
             if not again and given is not None:
                 self._newest = grid
+
+    def _made_inside(self, name: str, grid: tuple[int, int], given: torch.Tensor,
+                     given_layout: FeatureLayout) -> None:
+        """A module that made ``grid`` from another grid (``given``) and holds an anchor whose
+        own input was on that grid already: code inside the module made the grid before the
+        anchor's leaf ran (torchvision's Swin V2 merges 2 x 2 patches by slicing, then a linear
+        reduction). The anchor is read on this module's input (:func:`_local_source`), and its
+        module counts as having made its grid from another grid. Not where a leaf inside the
+        module made that grid from another grid: the code's grid is then a side path
+        (GhostNetV2's blocks pool their input for a gate beside their strided convolution)."""
+        if any(maker.startswith(name + ".") and made == grid
+               for maker, made in self._leaf_makers):
+            return
+        for anchor in self.anchors:
+            if (anchor.input is None and anchor.name.startswith(name + ".")
+                    and (anchor.layout.grid_h, anchor.layout.grid_w) == grid):
+                anchor.input, anchor.input_layout = given, given_layout
+                if not anchor.again:
+                    self._newest = grid
 
     def _feature_map(self, tensor: torch.Tensor | None
                      ) -> tuple[torch.Tensor | None, FeatureLayout | None]:

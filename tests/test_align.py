@@ -772,3 +772,74 @@ def test_a_reduction_to_a_small_grid_is_read_from_its_border_fields_on_its_input
         assert found == expected, (seed, found)
     monkeypatch.setattr(align, "_local_borders", lambda *args, **kwargs: None)
     assert _seeds_missed(lambda: _SmallGrid().eval(), expected, 32) > 0
+
+
+def _window_sums(x: torch.Tensor, window: int) -> torch.Tensor:
+    """Each cell plus the sum of its window (padded at the end): a post-norm block, whose
+    normalized attention branch outweighs the residual path (torchvision's Swin V2)."""
+    return x + window * window * (_window_means(x, window) - x)
+
+
+class _SlicedMerging(nn.Module):
+    """torchvision's ``PatchMergingV2``: 2 x 2 cells stacked into channels by code in its
+    forward (o = 1.5 + 4 * 0.5 = 3.5), then its leaf, a linear reduction, on the merged grid."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reduction = nn.Conv2d(64, 16, 1)
+
+    def forward(self, x):
+        return self.reduction(nn.functional.pixel_unshuffle(x, 2))
+
+
+class _PostNormWindows(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, 16, 4, stride=4)
+        self.merge = _SlicedMerging()
+        self.out = nn.Identity()
+
+    def forward(self, x):
+        cells = _window_sums(_window_sums(self.patch(x), 5), 5)
+        return self.out(_window_sums(self.merge(cells), 5))
+
+
+def test_a_grid_made_inside_a_module_is_read_on_that_modules_input(monkeypatch):
+    """The merged grid's first leaf (the reduction) takes its input on that grid already, and
+    no cell stands out behind the windows: the merging's module, which made the grid from the
+    patches', is read on its own input instead (torchvision's Swin V2 had every stage after the
+    first left to the centroid: -3.5 / -0.5 for 15.5 at 224 px)."""
+    expected = {"merge": (3.5, 3.5), "out": (3.5, 3.5)}
+    net = _PostNormWindows().eval()
+    with GridAnchors(net, (96, 96), 1) as anchors:
+        net(torch.zeros(1, 3, 96, 96, requires_grad=True))
+    reduction = [anchor for anchor in anchors.anchors if anchor.name == "merge.reduction"]
+    assert reduction and reduction[0].input_layout.grid_h == 24
+    for seed in SEEDS:
+        torch.manual_seed(seed)
+        found = _offsets(_PostNormWindows().eval(), list(expected), 96)
+        assert found == expected, (seed, found)
+    monkeypatch.setattr(GridAnchors, "_made_inside", lambda *args: None)
+    assert _seeds_missed(lambda: _PostNormWindows().eval(), expected, 96) > 0
+
+
+class _GatedDownsampling(nn.Module):
+    """GhostNetV2's strided block: a gate from functionally pooled input (o = 0.5 + ...) beside
+    the strided convolution that makes the block's grid (o = 0)."""
+
+    def __init__(self, channels: int = 8) -> None:
+        super().__init__()
+        self.gate = nn.Conv2d(channels, channels, 1)
+        self.down = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        gate = torch.sigmoid(self.gate(nn.functional.avg_pool2d(x, 2)))  # first, as GhostNetV2's
+        return self.down(x) * gate
+
+
+def test_a_grid_a_leaf_made_inside_a_module_leaves_the_side_paths_anchor_alone():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _GatedDownsampling()).eval()
+    with GridAnchors(net, (32, 32), 1) as anchors:
+        net(torch.zeros(1, 3, 32, 32, requires_grad=True))
+    gate = [anchor for anchor in anchors.anchors if anchor.name == "1.gate"]
+    assert gate and gate[0].input is None
