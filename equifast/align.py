@@ -403,9 +403,10 @@ class GridAnchors:
 
     def _feature_map(self, tensor: torch.Tensor | None
                      ) -> tuple[torch.Tensor | None, FeatureLayout | None]:
-        """``(tensor, layout)`` where ``tensor`` is a batch-first 4-D feature map in the probe's
-        graph (not the windows of all images along the batch axis, nor attention maps)."""
-        if (tensor is None or tensor.dim() != 4 or tensor.shape[0] != self.batch
+        """``(tensor, layout)`` where ``tensor`` is a batch-first feature map in the probe's
+        graph: 4-D, or 3-D tokens (LeViT subsamples its token grid by slicing), not the windows
+        of all images along the batch axis, nor attention maps."""
+        if (tensor is None or tensor.dim() not in (3, 4) or tensor.shape[0] != self.batch
                 or not tensor.is_floating_point() or not tensor.requires_grad):
             return None, None
         try:

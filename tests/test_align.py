@@ -843,3 +843,59 @@ def test_a_grid_a_leaf_made_inside_a_module_leaves_the_side_paths_anchor_alone()
         net(torch.zeros(1, 3, 32, 32, requires_grad=True))
     gate = [anchor for anchor in anchors.anchors if anchor.name == "1.gate"]
     assert gate and gate[0].input is None
+
+
+class _TokenMix(nn.Module):
+    """Tokens ``(B, L, C)``, each updated from the mean of all: attention's global reach."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.mix = nn.Linear(channels, channels)
+
+    def forward(self, x):
+        return x + self.mix(x.mean(1, keepdim=True))
+
+
+class _Subsample(nn.Module):
+    """LeViT's subsampling of a token grid by slicing, here from its second cell: o + s."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def forward(self, x):
+        batch, _, channels = x.shape
+        grid = x.view(batch, self.size, self.size, channels)[:, 1::2, 1::2]
+        return grid.reshape(batch, -1, channels)
+
+
+class _SubsampledTokens(nn.Module):
+    def __init__(self, channels: int = 16) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, channels, 4, stride=4)  # o = 1.5
+        self.mix = _TokenMix(channels)
+        self.subsample = _Subsample(16)  # o = 1.5 + 4 = 5.5, stride 8
+        self.proj = nn.Linear(channels, channels)
+        self.after = _TokenMix(channels)
+
+    def forward(self, x):
+        tokens = self.mix(self.patch(x).flatten(2).transpose(1, 2))
+        return self.after(self.proj(self.subsample(tokens)))
+
+
+def test_a_token_grid_subsampled_by_a_module_is_an_anchor(monkeypatch):
+    """Token grids (B, L, C) begin grids too: LeViT's stride-32 and stride-64 stages read the
+    centroid's 10.5 / 11.0 and 10.0 / 11.0 at 224 px instead of 0."""
+    expected = {"mix": (1.5, 1.5), "proj": (5.5, 5.5), "after": (5.5, 5.5)}
+    for seed in SEEDS:
+        torch.manual_seed(seed)
+        found = _offsets(_SubsampledTokens().eval(), list(expected), 64)
+        assert found == expected, (seed, found)
+    grids_only = GridAnchors._feature_map
+
+    def four_dimensional(self, tensor):
+        return (None, None) if tensor is not None and tensor.dim() == 3 else grids_only(self,
+                                                                                       tensor)
+
+    monkeypatch.setattr(GridAnchors, "_feature_map", four_dimensional)
+    assert _seeds_missed(lambda: _SubsampledTokens().eval(), expected, 64) > 0
