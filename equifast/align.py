@@ -201,14 +201,23 @@ def widened_to(model: nn.Module, probe_dtype: torch.dtype, dtype: torch.dtype) -
             tensor.data = tensor.data.to(original)
 
 
-def warn_estimated_offsets(readings: Mapping[str, str], linear_parts, stacklevel: int) -> None:
-    """Warn where ``align="auto"`` could only estimate offsets (``"centroid"`` readings of
-    :func:`find_offsets`) that the group's elements depend on: every element whose linear part
-    (``linear_parts``, 2x2 each) is not the identity. Translations do not depend on offsets."""
-    estimated = [name for name, reading in readings.items() if reading == "centroid"]
+def estimated_offsets(readings: Mapping[str, str], linear_parts) -> list[str]:
+    """The layers whose offsets ``align="auto"`` could only estimate (``"centroid"`` readings of
+    :func:`find_offsets`), where the group's elements depend on them: where one element's linear
+    part (``linear_parts``, 2x2 each) is not the identity. Translations do not depend on
+    offsets."""
     identity = torch.eye(2, dtype=torch.float64)
-    if not estimated or all(torch.equal(torch.as_tensor(part, dtype=torch.float64), identity)
-                            for part in linear_parts):
+    if all(torch.equal(torch.as_tensor(part, dtype=torch.float64), identity)
+           for part in linear_parts):
+        return []
+    return [name for name, reading in readings.items() if reading == "centroid"]
+
+
+def warn_estimated_offsets(readings: Mapping[str, str], linear_parts, stacklevel: int) -> None:
+    """Warn where ``align="auto"`` could only estimate offsets the group depends on
+    (:func:`estimated_offsets`)."""
+    estimated = estimated_offsets(readings, linear_parts)
+    if not estimated:
         return
     listed = ", ".join(estimated[:8]) + (f" and {len(estimated) - 8} more"
                                          if len(estimated) > 8 else "")

@@ -78,3 +78,16 @@ def eqtest_oom_above_4(pretrained: bool = False, **kwargs) -> nn.Module:
 @register_model
 def eqtest_oom_always(pretrained: bool = False, **kwargs) -> nn.Module:
     return TinyNet(max_forward_batch=1, **kwargs)
+
+
+class _CastsToBfloat16(TinyNet):
+    """Weights in bfloat16, and its input cast to them in its forward: it fails in float32, so
+    the ``align="auto"`` probe runs in bfloat16 and can only estimate the grid offsets."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.to(torch.bfloat16)).float()
+
+
+@register_model
+def eqtest_bf16_cast(pretrained: bool = False, **kwargs) -> nn.Module:
+    return _CastsToBfloat16(**kwargs).to(torch.bfloat16)

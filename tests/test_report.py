@@ -262,7 +262,8 @@ def test_report_in_headless_chromium(survey, tmp_path):
         return h.textContent.trim() === 'mean eq translate:8,16'; })[0];
       function order() {
         return Array.prototype.map.call(table.tBodies[0].rows, function (r) {
-          return r.cells[0].textContent.trim(); }).join(',');
+          // the model's link: a model with a warning has a second one, "(warning)"
+          return r.cells[0].querySelector('a').textContent.trim(); }).join(',');
       }
       th.click(); var up = order() + '|' + th.getAttribute('aria-sort');
       th.click(); var down = order() + '|' + th.getAttribute('aria-sort');

@@ -907,3 +907,21 @@ def test_export_store_output_folder_errors_name_the_path(tmp_path, make_unwritab
             f"out {locked}: cannot write in the folder '{locked}': Permission denied")):
         export_store(store_path, locked)
     assert list(locked.iterdir()) == []
+
+
+def test_estimated_grid_offsets_are_recorded_where_the_group_depends_on_them(tmp_path):
+    # eqtest_bf16_cast is probed in bfloat16, whose gradients show no footprint: its offsets
+    # are centroid estimates, which flips depend on and translations do not.
+    flipped = tmp_path / "flip.sqlite"
+    summary = _survey(["eqtest_bf16_cast", "eqtest_tiny"], flipped, group="flip")
+    assert summary.done == ["eqtest_bf16_cast", "eqtest_tiny"]
+    with open_store(flipped) as store:
+        runs = store.runs.set_index("model")
+    warning = runs.warning["eqtest_bf16_cast"]
+    assert "grid offsets of 2 layer(s) are estimates" in warning and "conv1, conv2" in warning
+    assert pd.isna(runs.warning["eqtest_tiny"]) or not runs.warning["eqtest_tiny"]
+    shifted = tmp_path / "shift.sqlite"
+    _survey(["eqtest_bf16_cast"], shifted)  # translations
+    with open_store(shifted) as store:
+        runs = store.runs.set_index("model")
+    assert pd.isna(runs.warning["eqtest_bf16_cast"]) or not runs.warning["eqtest_bf16_cast"]

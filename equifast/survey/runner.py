@@ -6,7 +6,8 @@ survey skips the pairs that are done (and those that failed, unless ``retry_fail
 that runs out of memory is retried with half the batch down to ``min_batch_size``; one that raises,
 or whose features are not finite, is recorded with its traceback and the survey goes on. A model
 whose features are not finite for some images only is kept, with a warning naming the layers
-and how many images their scores leave out (``runs.warning``, shown by the report).
+and how many images their scores leave out (``runs.warning``, shown by the report); so is one
+whose grid offsets are estimates that the group's rotations or flips depend on.
 
 Models run one after another in this process, or as one Ray task each (``ray=``), in which case
 this process (the driver) is still the only writer of the store. Another survey may run on the
@@ -410,6 +411,24 @@ def _check_finite(result, model) -> None:
 _NORM_SCORES = ("cosine", "nde", "rel_err")
 
 
+def _estimate_warning(result, group: str) -> str | None:
+    """What to record of grid offsets that ``align="auto"`` could only estimate where the
+    group's rotations or flips depend on them (:func:`equifast.align.estimated_offsets`); None
+    where there are none."""
+    from equifast.align import estimated_offsets
+    from equifast.groups import parse_group
+
+    height, width = result.config["input_size"]
+    matrices = parse_group(group).matrices(height, width, with_identity=False)
+    names = estimated_offsets(result.config.get("offset_readings") or {}, matrices[:, :, :2])
+    if not names:
+        return None
+    listed = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
+    return (f"the grid offsets of {len(names)} layer(s) are estimates (the centroid of their "
+            f"input-gradients, config['offset_readings']): {listed}; their rotation and flip "
+            "scores depend on them (align= sets them)")
+
+
 def _partial_warning(result) -> str | None:
     """What to record of layers whose scores leave out some of the images (``n`` below the
     images measured; their means are over the other images); None where there are none.
@@ -519,9 +538,10 @@ def measure_model(model: str, data: Any, group: str, batch_size: int, min_batch_
             result.config.update(pretrained=loaded.pretrained, note=loaded.note,
                                  weights=loaded.weights, source=loaded.source)
             _check_finite(result, loaded.model)
-            warning = _partial_warning(result)
-            if warning is not None:
-                result.config["warning"] = warning  # stored as runs.warning
+            problems = [w for w in (_partial_warning(result), _estimate_warning(result, group))
+                        if w is not None]
+            if problems:
+                result.config["warning"] = "; ".join(problems)  # stored as runs.warning
             outcome.result = result
             return outcome
         except (KeyboardInterrupt, SystemExit):

@@ -14,7 +14,8 @@ Schema (``SCHEMA_VERSION`` 3; every table keyed by ``run_id`` where it belongs t
     recorded, and under ``survey`` the survey's configuration that ``config_hash`` hashes, for a
     finished run; the survey's configuration for a failed one), ``error`` (the last
     error's one-line message for a failed run), ``warning`` (what is wrong with a finished run's
-    numbers, e.g. layers whose scores leave out images with NaN features; version 3, added when
+    numbers, e.g. layers whose scores leave out images with NaN features, or grid offsets that
+    are estimates under rotations or flips; version 3, added when
     an older store is opened). A unique index on ``(model, config_hash)`` makes a duplicate
     impossible: a rerun skips finished pairs, and a retried failure replaces its row.
 ``layers``
