@@ -39,9 +39,9 @@ from .layouts import (
     detect_layout,
     grown_grid_of,
     stride_from_growth,
+    token_fit,
+    token_grid,
 )
-from .layouts import _token_fit as _token_fit_of
-from .layouts import _token_grid as _token_grid_of
 
 LayerSpec = str | type | Sequence[str | type] | None
 
@@ -781,8 +781,8 @@ def channels_first_of(model: nn.Module, shapes: Mapping[str, tuple[int, ...]],
         by_tokens.setdefault((tokens, channels), name)
 
     def fit(tokens: int) -> float:
-        grid = _token_grid_of(tokens, input_size)
-        return math.inf if grid is None else _token_fit_of(grid, input_size)
+        grid = token_grid(tokens, input_size)
+        return math.inf if grid is None else token_fit(grid, input_size)
 
     for name, (_, first, last) in three.items():
         partner = by_tokens.get((last, first))

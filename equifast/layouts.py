@@ -209,7 +209,7 @@ def _token_grid_shapes(cells: int, input_size: tuple[int, int]):
             yield candidate, cells // candidate
 
 
-def _token_grid(tokens: int, input_size: tuple[int, int]) -> tuple[int, int, int] | None:
+def token_grid(tokens: int, input_size: tuple[int, int]) -> tuple[int, int, int] | None:
     """``(prefix, h, w)`` for ``tokens`` tokens: the fewest prefix tokens leaving a plausible
     grid."""
     for prefix in range(0, MAX_PREFIX_TOKENS + 1):
@@ -221,7 +221,7 @@ def _token_grid(tokens: int, input_size: tuple[int, int]) -> tuple[int, int, int
     return None
 
 
-def _token_fit(grid: tuple[int, int, int], input_size: tuple[int, int]) -> float:
+def token_fit(grid: tuple[int, int, int], input_size: tuple[int, int]) -> float:
     """The deviation (:func:`_grid_fit`) of the ``(prefix, h, w)`` reading of a token layer."""
     fit = _grid_fit(grid[1], grid[2], input_size)
     return math.inf if fit is None else fit[0]
@@ -305,19 +305,19 @@ def detect_layout(
     if ndim == 3 and layout in (None, "NLC"):
         _, tokens, channels = shape
         if prefix is not None:
-            found = _token_grid(tokens - prefix, (height, width))
+            found = token_grid(tokens - prefix, (height, width))
             grid = (prefix, *found[1:]) if found is not None and found[0] == 0 else None
         else:
-            grid = _token_grid(tokens, (height, width))
+            grid = token_grid(tokens, (height, width))
             if prefix_hint is not None and 0 < prefix_hint < tokens:
                 # The model's prefix tokens, unless the layer has none (CaiT's and XCiT's blocks
                 # before the class token joins, a ViT's patch embedding): 196 tokens are a
                 # 14 x 14 grid, not 1 + 13 x 15. The closer fit to the input wins, the hint on
                 # a tie (1 + 7 x 9 tokens of a 112 x 144 DeiT fit exactly; 8 x 8 does not).
-                found = _token_grid(tokens - prefix_hint, (height, width))
+                found = token_grid(tokens - prefix_hint, (height, width))
                 if found is not None and found[0] == 0:
                     hinted = (prefix_hint, *found[1:])
-                    if grid is None or _token_fit(hinted, (height, width)) <= _token_fit(
+                    if grid is None or token_fit(hinted, (height, width)) <= token_fit(
                             grid, (height, width)):
                         grid = hinted
         if grid is not None:
