@@ -40,6 +40,7 @@ from torch import nn
 
 from .layers import LayerHooks, first_tensor, input_channels
 from .layouts import FeatureLayout, detect_layout, grid_view
+from .result import shown_names
 
 AlignSpec = str | float | tuple[float, float] | Mapping[str, object]
 
@@ -219,12 +220,11 @@ def warn_estimated_offsets(readings: Mapping[str, str], linear_parts, stacklevel
     estimated = estimated_offsets(readings, linear_parts)
     if not estimated:
         return
-    listed = ", ".join(estimated[:8]) + (f" and {len(estimated) - 8} more"
-                                         if len(estimated) > 8 else "")
     warnings.warn(
         f"align='auto' could only estimate the grid offsets of {len(estimated)} layer(s), from "
-        f"the centroid of their input-gradients, which leans by a pixel or more: {listed}. The "
-        "scores of rotations and flips depend on these offsets (result.config['offsets']; how "
+        "the centroid of their input-gradients, which leans by a pixel or more: "
+        f"{shown_names(estimated)}. The scores of rotations and flips depend on these offsets "
+        "(result.config['offsets']; how "
         "each was found: config['offset_readings']); to set them, pass align='center', "
         "'corner', a number or a dict per layer", UserWarning, stacklevel=stacklevel + 1)
 
@@ -470,10 +470,9 @@ def offsets_from_graph(
     if readings is not None:
         readings.update({name: found_by[name] for name in layers if name in found_by})
     if unreached:
-        listed = ", ".join(unreached[:8]) + (f" and {len(unreached) - 8} more"
-                                             if len(unreached) > 8 else "")
         warnings.warn(
-            f"align='auto' found no gradient through {len(unreached)} layer(s): {listed} (the "
+            f"align='auto' found no gradient through {len(unreached)} layer(s): "
+            f"{shown_names(unreached)} (the "
             "model computes them without autograd, e.g. under torch.no_grad in its forward, or "
             "from a detached tensor); their grid offsets are taken as centred "
             "(align='center'). Translations do not depend on the offset, rotations and flips "

@@ -112,15 +112,15 @@ def _warn_undefined_layers(elements: pd.DataFrame, subpixel: str = "bilinear") -
         other = [n for n in names if n not in constant and n not in skipped]
         causes = []
         if constant:
-            causes.append(f"{_shown(constant)}: spatially constant features (flat_frac 1: "
+            causes.append(f"{shown_names(constant)}: spatially constant features (flat_frac 1: "
                           "constant over the positions compared, which on a small grid may be "
                           "one or two)")
         if skipped:
-            causes.append(f"{_shown(skipped)}: every element moves them by a fraction of a "
+            causes.append(f"{shown_names(skipped)}: every element moves them by a fraction of a "
                           "feature pixel, which subpixel='skip' leaves out (subpixel='bilinear' "
                           "re-aligns them)")
         if other:
-            causes.append(f"{_shown(other)}: no position where the moved and the re-aligned "
+            causes.append(f"{shown_names(other)}: no position where the moved and the re-aligned "
                           "features both exist, or constant features")
         what = "correlations" if not correlations.empty else "scores"
         warnings.warn(f"{len(names)} layer(s) have no defined {what} (NaN for every element): "
@@ -149,7 +149,8 @@ def _with_interval(value: float, low: float, high: float, sign: str = "") -> str
     return f"{value:{sign}7.4f} [{low:{sign}6.3f},{high:{sign}6.3f}]"
 
 
-def _shown(names: list[str], most: int = 8) -> str:
+def shown_names(names: list[str], most: int = 8) -> str:
+    """``names`` for a message: the first ``most``, then how many more."""
     return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most
                                       else "")
 

@@ -417,16 +417,16 @@ def _estimate_warning(result, group: str) -> str | None:
     where there are none."""
     from equifast.align import estimated_offsets
     from equifast.groups import parse_group
+    from equifast.result import shown_names
 
     height, width = result.config["input_size"]
     matrices = parse_group(group).matrices(height, width, with_identity=False)
     names = estimated_offsets(result.config.get("offset_readings") or {}, matrices[:, :, :2])
     if not names:
         return None
-    listed = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
     return (f"the grid offsets of {len(names)} layer(s) are estimates (the centroid of their "
-            f"input-gradients, config['offset_readings']): {listed}; their rotation and flip "
-            "scores depend on them (align= sets them)")
+            f"input-gradients, config['offset_readings']): {shown_names(names)}; their rotation "
+            "and flip scores depend on them (align= sets them)")
 
 
 def _partial_warning(result) -> str | None:
