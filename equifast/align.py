@@ -586,21 +586,17 @@ def _local_borders(tensor: torch.Tensor, layout: FeatureLayout,
     whose fields span the image). Read only where the second lines' fields start and end one
     cell of the anchor further in (translates of one another), as no guess checks it."""
     source, source_layout, source_offset = local
+    ratios = tuple(layout.stride[axis] / source_layout.stride[axis] for axis in (0, 1))
+    if min(layout.grid_h, layout.grid_w) < 3 or any(ratio != int(ratio) for ratio in ratios):
+        return None
     grid = grid_view(tensor, layout)
-    mix = _probe_mix(grid, seed)
-    offsets = []
-    for axis, cells in enumerate((layout.grid_h, layout.grid_w)):
-        ratio = layout.stride[axis] / source_layout.stride[axis]
-        if cells < 3 or ratio != int(ratio):
-            return None
-        outer = _field_edges(grid, source, axis, 0, cells - 1, mix, source_layout)
-        inner = _field_edges(grid, source, axis, 1, cells - 2, mix, source_layout)
-        if (outer is None or inner is None or inner[0] - outer[0] != ratio
-                or outer[1] - inner[1] != ratio):
-            return None
-        cell = (outer[0] + outer[1] - (cells - 1) * ratio) / 2  # in the input grid's cells
-        offsets.append(_snap(source_offset[axis] + source_layout.stride[axis] * cell))
-    return offsets[0], offsets[1]
+    # the offset in the input grid's cells, where the anchor's stride is the ratio of the two
+    cells = _offset_from_borders(grid, source, dataclasses.replace(layout, stride=ratios),
+                                 _probe_mix(grid, seed), guess=None, inputs_layout=source_layout)
+    if cells is None:
+        return None
+    return tuple(_snap(source_offset[axis] + source_layout.stride[axis] * cells[axis])
+                 for axis in (0, 1))
 
 
 def _probe_mix(grid: torch.Tensor, seed: int) -> torch.Tensor:
@@ -951,7 +947,8 @@ def _same_grid_offset(layout: FeatureLayout,
 
 
 def _offset_from_borders(grid: torch.Tensor, inputs: torch.Tensor, layout: FeatureLayout,
-                         mix: torch.Tensor, guess: tuple[float, float]
+                         mix: torch.Tensor, guess: tuple[float, float] | None,
+                         inputs_layout: FeatureLayout | None = None
                          ) -> tuple[float, float] | None:
     """The offset from the inner edges of the receptive fields of the grid's border rows and
     columns, where they lie inside the image; else None.
@@ -967,23 +964,26 @@ def _offset_from_borders(grid: torch.Tensor, inputs: torch.Tensor, layout: Featu
     padded at one end) and nothing is read. Where that cannot be seen (a grid one cell wide, or
     second cells whose fields reach the far border), the result is taken only within a quarter
     of a stride (at least 2 pixels) of the centroid's ``guess``: Swin's windows at 128 px put
-    the first row's field of its stride-16 patch merging 8 pixels off its geometry.
+    the first row's field of its stride-16 patch merging 8 pixels off its geometry; without a
+    ``guess``, nothing is read there. ``inputs`` may be a feature map in ``inputs_layout``
+    (offsets and ``layout.stride`` in its cells: :func:`_local_borders`).
     The first probe image carries one border cell and the second the other, in one backward
     pass (the images are independent).
     """
     offsets = []
     for axis, (cells, stride) in enumerate(zip((layout.grid_h, layout.grid_w), layout.stride)):
-        outer = _field_edges(grid, inputs, axis, 0, cells - 1, mix)
+        outer = _field_edges(grid, inputs, axis, 0, cells - 1, mix, inputs_layout)
         if outer is None:
             return None
         far_end, near_start = outer
-        inner = [edges for edges in [_field_edges(grid, inputs, axis, 1, cells - 2, mix)]
+        inner = [edges for edges in [_field_edges(grid, inputs, axis, 1, cells - 2, mix,
+                                                  inputs_layout)]
                  if edges is not None] if cells >= 2 else []
         if inner and (abs(inner[0][0] - far_end - stride) > 1e-6
                       or abs(near_start - inner[0][1] - stride) > 1e-6):
             return None
         offset = _snap((far_end + near_start - (cells - 1) * stride) / 2)
-        if not inner and abs(offset - guess[axis]) > max(stride / 4, 2.0):
+        if not inner and (guess is None or abs(offset - guess[axis]) > max(stride / 4, 2.0)):
             return None
         offsets.append(offset)
     return offsets[0], offsets[1]
