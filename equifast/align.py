@@ -43,6 +43,8 @@ from .layouts import FeatureLayout, detect_layout, grid_view
 from .result import shown_names
 
 AlignSpec = str | float | tuple[float, float] | Mapping[str, object]
+# dtypes whose gradients are too coarse for the probe (probe_dtypes)
+_SIXTEEN_BIT = (torch.bfloat16, torch.float16)
 
 # How align="auto" found each offset (find_offsets' readings, result.config["offset_readings"]).
 # Every reading but the centroid's is exact for convolutions and pooling whatever the weights; the
@@ -180,7 +182,7 @@ def probe_dtypes(dtype: torch.dtype) -> list[torch.dtype]:
     (a 2x2 stride-2 convolution behind a 4x4 patch stem read 4.5 / 3.5 for 3.5 in bfloat16);
     then the model's own, for a model that fails in float32 (one that casts its input to its
     dtype)."""
-    return [torch.float32, dtype] if dtype in (torch.bfloat16, torch.float16) else [dtype]
+    return [torch.float32, dtype] if dtype in _SIXTEEN_BIT else [dtype]
 
 
 @contextlib.contextmanager
@@ -190,9 +192,9 @@ def widened_to(model: nn.Module, probe_dtype: torch.dtype, dtype: torch.dtype) -
     (their ``.data``, so that tied tensors stay tied), and exact: float32 holds every bfloat16 and
     float16 value."""
     widened = []
-    if probe_dtype == torch.float32 and dtype in (torch.bfloat16, torch.float16):
+    if probe_dtype == torch.float32 and dtype in _SIXTEEN_BIT:
         for tensor in [*model.parameters(), *model.buffers()]:
-            if tensor.dtype in (torch.bfloat16, torch.float16):
+            if tensor.dtype in _SIXTEEN_BIT:
                 widened.append((tensor, tensor.dtype))
                 tensor.data = tensor.data.float()
     try:
@@ -516,16 +518,15 @@ def _offsets_through_graph(inputs, captured, layers, input_size, graphless, anch
                 local = _local_source(anchor, sources, shareable, strides)
                 if anchor.again and local is None:
                     continue  # read on its module's input alone, which no source shows
+                seed = 10_000 + anchor.step
                 read = _read_offset(anchor.tensor, anchor_layout, inputs, input_size,
-                                    seed=10_000 + anchor.step, sources=sources)
+                                    seed=seed, sources=sources)
                 exact = read is not None and read[1] != "centroid"
                 offset = None
                 if local is not None and (anchor.again or not exact):
-                    offset = _local_offset(anchor.tensor, anchor_layout, local,
-                                           seed=10_000 + anchor.step)
+                    offset = _local_offset(anchor.tensor, anchor_layout, local, seed)
                     if offset is None and not anchor.again:
-                        offset = _local_borders(anchor.tensor, anchor_layout, local,
-                                                seed=10_000 + anchor.step)
+                        offset = _local_borders(anchor.tensor, anchor_layout, local, seed)
                 if anchor.again:
                     # on its input, unless the image disagrees (see GridAnchors)
                     read = None if offset is None or (exact and offset != read[0]) else (
