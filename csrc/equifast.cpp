@@ -42,11 +42,13 @@ TORCH_LIBRARY(equifast, m) {
 
   // float32 sufficient statistics (eq, inv, chance) comparing each transformed block of a layer
   // output with the transformed identity block: the first block of feats, or `reference` (then
-  // feats holds the K element blocks only). Contract: equifast/ops and DESIGN.md section 4.
+  // feats holds the K element blocks only); with `disc` (centre_x, centre_y, radius_x, radius_y
+  // in grid coordinates) only over positions that lie inside it with their sources. Contract:
+  // equifast/ops and DESIGN.md section 4.
   m.def(
       "equivariance_stats(Tensor feats, Tensor source_affines, int[] wrap, int batch, str layout, "
       "int grid_h, int grid_w, int prefix, str subpixel, bool with_inv, bool with_chance, "
-      "Tensor? reference=None) -> Tensor");
+      "Tensor? reference=None, float[]? disc=None) -> Tensor");
 
   // Scores of compared pairs from float64 statistics (..., C, 6) of one or several layers whose
   // channels lie one after the other (channel_counts): (..., L, 8) float64, the scores in the

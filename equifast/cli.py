@@ -141,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     measure.add_argument("--channel-map", choices=CHANNEL_MAPS, default="identity",
                          help="match: each channel against its best-correlated channel of the "
                               "other map (equivariance up to a permutation of channels)")
+    measure.add_argument("--mask", choices=("disc",), default=None,
+                         help="disc: compare only positions inside the disc inscribed in the "
+                              "input (every rotation then compares the same positions)")
     measure.add_argument("--pooled", action="store_true", help="score pooled statistics")
     measure.add_argument("--baseline", choices=("init",), default=None,
                          help="also measure a freshly initialized copy (seeded with --seed) on "
@@ -229,6 +232,7 @@ def _add_survey_commands(commands) -> None:
                         help="as for measure: bilinear (default) or skip")
     survey.add_argument("--channel-map", choices=CHANNEL_MAPS, default=None,
                         help="identity (default) or match")
+    survey.add_argument("--mask", choices=("disc",), default=None, help="as for measure")
     survey.add_argument("--pooled", action="store_true", help="score pooled statistics")
     survey.add_argument("--baseline", choices=("init",), default=None,
                         help="also measure each model's freshly initialized copy (stored as the "
@@ -291,7 +295,7 @@ def _run_survey(args: argparse.Namespace) -> int:
         "device": args.device, "input_size": args.input_size, "align": args.align,
         "pooled": args.pooled, "bootstrap": args.bootstrap, "num_workers": args.workers,
         "loader": args.loader, "baseline": args.baseline, "subpixel": args.subpixel,
-        "channel_map": args.channel_map,
+        "channel_map": args.channel_map, "mask": args.mask,
     }
     summary = run_survey(
         args.models, args.data or "samples", args.store, args.group,
@@ -382,7 +386,7 @@ def _measure(args: argparse.Namespace, main: bool) -> int:
             # the model is built on the CPU: without --device, measure on the GPU when there is one
             device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
             align=args.align, subpixel=args.subpixel, channel_map=args.channel_map,
-            pooled=args.pooled, bootstrap=args.bootstrap,
+            mask=args.mask, pooled=args.pooled, bootstrap=args.bootstrap,
             seed=args.seed, limit=args.limit, num_workers=args.workers, loader=args.loader,
             progress=not args.quiet and main,
             model_name=loaded.name, force_reference=args.reference, baseline=baseline,
@@ -390,8 +394,10 @@ def _measure(args: argparse.Namespace, main: bool) -> int:
     result.config.update(pretrained=loaded.pretrained, note=loaded.note)
     processes = result.config.get("world_size", 1)
     print(f"{result.config['images']} images, group {result.config['group']} "
-          f"({len(result.config['elements'])} elements), input {result.config['input_size']}, "
-          f"{result.config['seconds']:.1f} s ({_backend_words(result.config['backend'])}"
+          f"({len(result.config['elements'])} elements)"
+          f"{', disc mask' if result.config.get('mask') == 'disc' else ''}, "
+          f"input {result.config['input_size']}, {result.config['seconds']:.1f} s "
+          f"({_backend_words(result.config['backend'])}"
           f"{f', {processes} processes' if processes > 1 else ''})")
     # The table shows the first score asked for (--metrics), else corr.
     shown = next((m for m in args.metrics or [] if m not in ("corr_vs_chance", "flat_frac")),

@@ -58,7 +58,9 @@ from .groups import (
     PROTOCOL_CODES,
     Group,
     check_circular,
+    check_mask,
     default_group,
+    feature_disc,
     feature_source_affines,
     invert_affine,
     is_integer_affine,
@@ -116,6 +118,7 @@ class _Layer:
     source_affines: np.ndarray  # (K, 2, 3) feature-grid source maps
     exact: np.ndarray  # (K,) bool
     wrap: list[int]  # (K,) circular elements that wrap on this grid (FeatureLayout.tiles)
+    disc: tuple[float, float, float, float] | None  # mask="disc" on this grid (groups.feature_disc)
     scores: dict[str, list[np.ndarray]] = field(default_factory=dict)  # metric -> [(3, K, B)]
     # pooled=True: per chunk of a batch (lo, (3, Kc, C, 6) statistics merged over its images,
     # (3, Kc, B) whether each image had a valid position: the images behind the pooled n)
@@ -533,6 +536,7 @@ def measure(
     align: AlignSpec = "auto",
     subpixel: str = "bilinear",
     channel_map: str = "identity",
+    mask: str | None = None,
     comparisons: Sequence[str] = COMPARISONS,
     pooled: bool = False,
     bootstrap: int = 1000,
@@ -589,6 +593,12 @@ def measure(
             copy of a filter shows it. The chance comparison is matched too, so that
             ``corr_vs_chance`` discounts what matching alone gains. Slower: it runs the
             pure-PyTorch statistics (a ``C x C`` matrix per image and element).
+        mask: ``None`` (every valid position counts) or ``"disc"``: a position counts only where
+            it and the position its content came from both lie inside the disc inscribed in the
+            model input (:func:`equifast.groups.feature_disc`: radius ``(min(H, W) - 1) / 2``
+            about the image centre). Rotations about the centre then all compare the same
+            positions, whatever the angle, instead of the square less the corners each angle
+            brings in from outside the image. Not with the circular protocol.
         comparisons: Which of ``("eq", "inv", "chance")`` to report.
         pooled: Score the statistics merged over all images (CIs over batches) instead of the mean
             of per-image scores.
@@ -654,6 +664,7 @@ def measure(
         raise ValueError(f"batch_size: expected a positive integer, found {batch_size}")
     input_size = check_run_arguments(input_size, align, limit, bootstrap)
     check_channel_map(channel_map)
+    check_mask(mask, list(group))
     if elements_per_chunk is not None:
         check_count("elements_per_chunk", elements_per_chunk, 1, "a positive integer or None")
     if not (baseline is None or isinstance(baseline, (nn.Module, InitCopy))
@@ -747,16 +758,20 @@ def measure(
     state: dict[str, _Layer] = {}
     for depth, name in enumerate(names):
         layout = layer_layouts[name]
+        disc = None
         if layout.kind == "vector":
             affines = np.tile(np.array([[1.0, 0, 0], [0, 1.0, 0]]), (count, 1, 1))
         else:
             affines = feature_source_affines(image_matrices, layout.stride, offsets[name])
+            if mask == "disc":
+                disc = feature_disc((height, width), layout.stride, offsets[name])
         exact = np.array([is_integer_affine(a) for a in affines])
         layer_wrap = wrap if layout.tiles((height, width)) else [0] * count
-        state[keys[name]] = _Layer(name, depth, layout, offsets[name], affines, exact, layer_wrap)
+        state[keys[name]] = _Layer(name, depth, layout, offsets[name], affines, exact, layer_wrap,
+                                   disc)
         if name in copy_keys:
             state[copy_keys[name]] = _Layer(name, depth, layout, offsets[name], affines, exact,
-                                            layer_wrap)
+                                            layer_wrap, disc)
     hooked = list(state)
 
     # Image-space source maps of the transform: identity first.
@@ -1012,6 +1027,7 @@ def measure(
         "align": align if isinstance(align, (str, int, float)) else str(align),
         "subpixel": subpixel,
         "channel_map": channel_map,
+        "mask": mask,
         "metrics": list(metric_names),
         "pooled": pooled,
         "bootstrap": bootstrap,
@@ -1250,7 +1266,7 @@ def _layer_stats(tensor, layer: _Layer, lo, hi, batch, wrap, subpixel, channel_m
     return ops.equivariance_stats(tensor, affines, wrap[lo:hi], batch, layout.layout,
                                   layout.grid_h, layout.grid_w, layout.prefix, subpixel, True,
                                   True, force_reference=force_reference, reference=reference,
-                                  channel_map=channel_map)
+                                  channel_map=channel_map, disc=layer.disc)
 
 
 def _lays_out_like(reference: torch.Tensor, tensor: torch.Tensor) -> bool:

@@ -586,3 +586,62 @@ def feature_source_affines(
         source = np.where(np.abs(source - rounded) <= 1e-9, rounded, source)
         out.append(source[:2])
     return np.stack(out) if out else np.zeros((0, 2, 3))
+
+
+# Regions a comparison may be restricted to (``measure(mask=...)``): None, every valid position;
+# "disc", the positions inside the disc inscribed in the model input (DESIGN.md 1.5).
+MASKS = (None, "disc")
+
+
+def check_mask(mask: str | None, elements: Sequence[Element] = ()) -> str | None:
+    """``mask`` when it is one of :data:`MASKS` and suits ``elements``, else a ``ValueError``.
+
+    A disc masks the corners that rotations bring in from outside the image; the circular
+    protocol brings nothing in (the image wraps around), so a disc with it is refused by name.
+    """
+    if mask not in MASKS:
+        raise ValueError(f"mask: expected None or 'disc', found {mask!r}")
+    if mask == "disc":
+        circular = [e.name for e in elements if e.protocol == "circular"]
+        if circular:
+            raise ValueError(
+                f"mask='disc' keeps the positions inside the disc of the image, which the "
+                f"circular protocol has no border for (it wraps the image around); found "
+                f"circular elements {circular}: use the crop or zero protocol, or no mask"
+            )
+    return mask
+
+
+def feature_disc(
+    input_size: tuple[int, int],
+    stride: tuple[float, float],
+    offset: tuple[float, float],
+) -> tuple[float, float, float, float]:
+    """The disc inscribed in the model input, on a feature grid: ``(cx, cy, rx, ry)``.
+
+    The disc is centred on the image centre ``((W - 1) / 2, (H - 1) / 2)`` and passes through the
+    centres of the outermost pixels of the shorter side (radius ``(min(H, W) - 1) / 2``, at least
+    half a pixel), so that every rotation about the centre keeps it inside the sampled image: with
+    ``mask="disc"`` each rotation compares the same positions. On a grid whose feature pixel
+    ``(i, j)`` sits at ``(offset_x + stride_x * i, offset_y + stride_y * j)`` (see
+    :func:`feature_source_affines`) it is an ellipse when the two strides differ.
+
+    Args:
+        input_size: ``(H, W)`` of the model input.
+        stride: ``(stride_y, stride_x)``.
+        offset: ``(offset_y, offset_x)``.
+
+    Returns:
+        ``(centre_x, centre_y, radius_x, radius_y)`` in grid coordinates, the ``disc`` of
+        :func:`equifast.ops.equivariance_stats`.
+
+    Example:
+        >>> feature_disc((224, 224), (32, 32), (15.5, 15.5))
+        (3.0, 3.0, 3.484375, 3.484375)
+    """
+    height, width = int(input_size[0]), int(input_size[1])
+    stride_y, stride_x = float(stride[0]), float(stride[1])
+    offset_y, offset_x = float(offset[0]), float(offset[1])
+    radius = max((min(height, width) - 1) / 2, 0.5)
+    return (((width - 1) / 2 - offset_x) / stride_x, ((height - 1) / 2 - offset_y) / stride_y,
+            radius / stride_x, radius / stride_y)

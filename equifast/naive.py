@@ -68,6 +68,7 @@ from .groups import (
     INTEGER_TOLERANCE,
     Group,
     check_circular,
+    check_mask,
     default_group,
     feature_source_affines,
     parse_group,
@@ -100,7 +101,7 @@ from .result import (
     warn_undefined_elements,
 )
 
-__all__ = ["COMPARISONS", "METRICS", "measure", "realign", "transform"]
+__all__ = ["COMPARISONS", "METRICS", "inside_image_disc", "measure", "realign", "transform"]
 
 COMPARISONS = ("eq", "inv", "chance")
 METRICS = (
@@ -257,6 +258,38 @@ def realign(
     else:
         valid = _inside(xs, ys, height, width, exact)
     return moved, valid
+
+
+def inside_image_disc(
+    source_map: np.ndarray, layout: FeatureLayout, offset: tuple[float, float],
+    input_size: tuple[int, int],
+) -> torch.Tensor:
+    """``(h, w)`` bool: grid positions that lie, with their sources, inside the image's disc.
+
+    The disc of ``mask="disc"``, decided in input pixels: feature pixel ``(i, j)`` sits at
+    ``(offset_x + stride_x * i, offset_y + stride_y * j)``; it counts when that point and the
+    point its source sits at lie within ``(min(H, W) - 1) / 2`` (at least 0.5) of the image centre
+    ``((W - 1) / 2, (H - 1) / 2)`` (a relative tolerance of 1e-9 on the squared distance).
+    """
+    height, width = int(input_size[0]), int(input_size[1])
+    grid_h, grid_w = layout.grid_h, layout.grid_w
+    if _is_integer_map(source_map):
+        source_map = np.round(source_map)
+    src_x, src_y = _source_coordinates(source_map, grid_h, grid_w, torch.device("cpu"))
+    out_y, out_x = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64),
+                                  torch.arange(grid_w, dtype=torch.float64), indexing="ij")
+    stride_y, stride_x = (float(s) for s in layout.stride)
+    offset_y, offset_x = (float(o) for o in offset)
+    centre_x, centre_y = (width - 1) / 2, (height - 1) / 2
+    radius = max((min(height, width) - 1) / 2, 0.5)
+
+    def inside(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        dx = offset_x + stride_x * x - centre_x
+        dy = offset_y + stride_y * y - centre_y
+        # per axis in units of the radius: an ellipse on the grid when the strides differ
+        return (dx / radius) ** 2 + (dy / radius) ** 2 <= 1 + 1e-9
+
+    return inside(out_x, out_y) & inside(src_x, src_y)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -771,6 +804,7 @@ def measure(
     align: AlignSpec = "auto",
     subpixel: str = "bilinear",
     channel_map: str = "identity",
+    mask: str | None = None,
     comparisons: Sequence[str] = COMPARISONS,
     pooled: bool = False,
     bootstrap: int = 1000,
@@ -809,6 +843,8 @@ def measure(
         align: Grid offsets (:func:`equifast.align.find_offsets`).
         subpixel: ``"bilinear"`` or ``"skip"`` (NaN for fractional re-alignments).
         channel_map: ``"identity"`` or ``"match"`` (as in :func:`equifast.measure`).
+        mask: ``None`` or ``"disc"`` (as in :func:`equifast.measure`; here decided in input
+            pixels, :func:`inside_image_disc`).
         comparisons: Which of ``("eq", "inv", "chance")`` to report.
         pooled: Score the values pooled over all images (CIs from resampling batches).
         bootstrap: Resamples of the 95% intervals (0: none).
@@ -843,6 +879,7 @@ def measure(
     input_size = check_run_arguments(input_size, align, limit, bootstrap)
     if channel_map not in CHANNEL_MAPS:
         raise ValueError(f"channel_map: expected one of {CHANNEL_MAPS}, found {channel_map!r}")
+    check_mask(mask, list(group))
 
     from .models import check_device, model_dtype_for, resolve_model
 
@@ -968,6 +1005,10 @@ def measure(
                 wrap = (element.protocol == "circular"
                         and layer_layouts[name].tiles((height, width)))
                 b_moved, valid = realign(b_identity, source_map, wrap)
+                if mask == "disc":
+                    valid = valid & inside_image_disc(source_map, layer_layouts[name],
+                                                      offsets[name], (height, width)
+                                                      ).to(valid.device)
                 pairs = [(0, b_moved), (1, b_identity)]
                 if batch > 1:  # chance: image n against image (n + 1) mod B
                     pairs.append((2, torch.roll(b_moved, -1, 0)))
@@ -1048,6 +1089,7 @@ def measure(
         "align": align if isinstance(align, (str, int, float)) else str(align),
         "subpixel": subpixel,
         "channel_map": channel_map,
+        "mask": mask,
         "metrics": list(metric_names),
         "pooled": pooled,
         "bootstrap": bootstrap,

@@ -137,7 +137,7 @@ def plot_depth(result, metric: str = "corr", element: str = "mean", ax=None):
 # others are the survey's (SURVEY_KEYS), read from the survey configuration that config_hash
 # hashes, as given: the engine records what they came to for each model (its own input size,
 # its layer names), which differ between models measured alike.
-CONFIGURATION_KEYS = ("subpixel", "channel_map", "align", "pooled", "data", "input_size",
+CONFIGURATION_KEYS = ("subpixel", "channel_map", "mask", "align", "pooled", "data", "input_size",
                       "layers", "layouts", "model_kwargs")
 SURVEY_KEYS = ("data", "input_size", "layers", "layouts", "model_kwargs")
 # The text of a setting a run does not record: the data of a run stored before runs kept their

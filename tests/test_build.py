@@ -33,6 +33,7 @@ EQUIVARIANCE_STATS_ARGS = [
     "with_inv",
     "with_chance",
     "reference",
+    "disc",
 ]
 
 
@@ -89,6 +90,7 @@ def test_schema_types():
     assert types["wrap"] == "List[int]"
     assert types["with_chance"] == "bool"
     assert types["reference"] == "Optional[Tensor]"
+    assert types["disc"] == "Optional[List[float]]"
 
 
 def test_has_kernel_unknown_op_is_false():

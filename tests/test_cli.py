@@ -38,6 +38,21 @@ def test_measure_selects_layers_by_class_name(tmp_path, capsys):
     assert sorted(set(frame.layer)) == ["layer1.0", "layer2.0", "layer3.0", "layer4.0"]
 
 
+def test_measure_with_a_disc_mask(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["measure", "--model", "resnet10t", "--samples", "--limit", "2", "--group",
+                 "rotate:30,90", "--mask", "disc", "--bootstrap", "0", "--quiet",
+                 "--input-size", "48", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert "disc mask" in capsys.readouterr().out
+    sidecar = json.loads((out / "result.parquet.json").read_text())
+    assert sidecar["config"]["mask"] == "disc"
+    # the circular protocol wraps the image around: it has no border for a disc to mask
+    assert main(["measure", "--model", "resnet10t", "--group", "translate[circular]:8",
+                 "--mask", "disc", "--limit", "1", "--quiet", "--out", str(out)]) == 2
+    assert "circular elements ['translate(0,8)', 'translate(8,0)']" in capsys.readouterr().err
+
+
 def test_info_lists_kernels(capsys):
     assert main(["info"]) == 0
     info = json.loads(capsys.readouterr().out)

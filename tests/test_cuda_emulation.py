@@ -135,15 +135,16 @@ def check(
     with_inv=True,
     with_chance=True,
     rtol=None,
+    disc=None,
 ):
     """Emulated CUDA kernel against the float64 reference and the CPU kernel; returns it."""
     args = (affines, list(wrap), batch, layout, h, w, prefix, subpixel, with_inv, with_chance)
-    got = emu.emulated_equivariance_stats(feats, *args)
+    got = emu.emulated_equivariance_stats(feats, *args, None, disc)
     rtol = rtol_for(feats.dtype) if rtol is None else rtol
-    want = R.equivariance_stats(feats, *args)
+    want = R.equivariance_stats(feats, *args, disc=disc)
     assert_stats_close(got, want, rtol, "against the reference")
     if _ext.has_kernel("equivariance_stats", "cpu"):
-        cpu = torch.ops.equifast.equivariance_stats(feats, *args)
+        cpu = torch.ops.equifast.equivariance_stats(feats, *args, None, disc)
         assert_stats_close(got, cpu, rtol, "against the CPU kernel")
     for i, wanted in enumerate((True, with_inv, with_chance)):
         if not wanted:
@@ -531,3 +532,36 @@ def test_group_maps_on_a_grid_off_the_image_centre(emu, layout):
     paths = emu.emulated_element_paths(feats, affines, wrap, 2, layout, h, w, 0, "bilinear")
     assert paths == [(k, 3) for k in range(len(elements) - 1)] + [(len(elements) - 1, 2)]
     check(emu, feats, affines, wrap, 2, layout, h, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout,variant,prefix", LAYOUT_CASES)
+def test_disc(emu, dtype, layout, variant, prefix):
+    # mask="disc" (an ellipse here: radii 3.5 and 2.5 on a 9 x 8 grid): the shifts and turns whose
+    # valid positions filled a rectangle leave the rectangle loops for the per-position loops,
+    # which test the disc there; the counts are those of the reference.
+    h, w, batch = 9, 8, 2
+    maps = [shift(1, 2), rot180(h, w), flip_x(h, w), rotation(30, h, w), shift(0.5, 0.25),
+            [[1.0, 1.0, -3.0], [0.0, 1.0, 0.0]]]
+    disc = [3.5, 4.0, 3.5, 2.5]
+    feats = make_feats(layout, (len(maps) + 1) * batch, 5, h, w, dtype, variant, prefix)
+    got = check(emu, feats, affines_of(maps), [0] * len(maps), batch, layout, h, w, prefix,
+                disc=disc)
+    plain = check(emu, feats, affines_of(maps), [0] * len(maps), batch, layout, h, w, prefix)
+    assert (0 < got[0, :, 0, 0, 0]).all() and (got[0, :, 0, 0, 0] < plain[0, :, 0, 0, 0]).all()
+    paths = emu.emulated_element_paths(feats, affines_of(maps), [0] * len(maps), batch, layout,
+                                       h, w, prefix, "bilinear", disc)
+    assert sorted(path for _, path in paths) == [1, 1, 1, 1, 2, 2]
+
+
+def test_disc_that_holds_the_grid_keeps_the_rectangle_loops(emu):
+    # A disc around the whole grid removes nothing: the same statistics and the same launches.
+    h, w, batch = 6, 7, 2
+    maps = [shift(1, 2), rot180(h, w), shift(0.5, 0.0)]
+    feats = make_feats("NCHW", (len(maps) + 1) * batch, 4, h, w, torch.float64)
+    wide = [3.0, 2.5, 50.0, 50.0]
+    got = check(emu, feats, affines_of(maps), [0] * 3, batch, "NCHW", h, w, disc=wide)
+    plain = check(emu, feats, affines_of(maps), [0] * 3, batch, "NCHW", h, w)
+    assert torch.equal(got, plain)
+    args = (feats, affines_of(maps), [0] * 3, batch, "NCHW", h, w, 0, "bilinear")
+    assert emu.emulated_element_paths(*args, wide) == emu.emulated_element_paths(*args)

@@ -11,6 +11,8 @@ from equifast.groups import (
     Rotation,
     Translation,
     check_circular,
+    check_mask,
+    feature_disc,
     feature_source_affines,
     invert_affine,
     is_integer_affine,
@@ -258,3 +260,31 @@ def test_circular_protocol_only_for_maps_of_the_torus_onto_itself():
         with pytest.raises(ValueError, match=r"element 'rotate\(45\)': the circular protocol"):
             measure(net, torch.rand(2, 3, 16, 16), group=Rotation([45], protocol="circular"),
                     progress=False)
+
+
+@pytest.mark.parametrize("size,stride,offset", [((224, 224), (32, 32), (15.5, 15.5)),
+                                                ((97, 131), (4, 2), (0.0, 1.5)),
+                                                ((9, 9), (1, 1), (0.0, 0.0))])
+def test_feature_disc_is_the_inscribed_disc_on_the_grid(size, stride, offset):
+    # Grid position (i, j) sits at input pixel (offset_x + stride_x i, offset_y + stride_y j): it
+    # lies in the feature disc exactly when that pixel lies within (min(H, W) - 1) / 2 of the
+    # image centre.
+    height, width = size
+    cx, cy, rx, ry = feature_disc(size, stride, offset)
+    grid_h, grid_w = height // stride[0] + 2, width // stride[1] + 2
+    j, i = np.mgrid[-1:grid_h, -1:grid_w].astype(float)
+    on_grid = ((i - cx) / rx) ** 2 + ((j - cy) / ry) ** 2 <= 1
+    px, py = offset[1] + stride[1] * i, offset[0] + stride[0] * j
+    radius = (min(size) - 1) / 2
+    in_image = (px - (width - 1) / 2) ** 2 + (py - (height - 1) / 2) ** 2 <= radius**2 * (1 + 1e-12)
+    np.testing.assert_array_equal(on_grid, in_image)
+    assert on_grid.any() and not on_grid.all()
+
+
+def test_check_mask():
+    assert check_mask(None) is None
+    assert check_mask("disc", Rotation([30]).elements + Translation([4], "zero").elements) == "disc"
+    with pytest.raises(ValueError, match=r"mask: expected None or 'disc', found 'circle'"):
+        check_mask("circle")
+    with pytest.raises(ValueError, match=r"circular elements \['rotate\(90\)'\]"):
+        check_mask("disc", Rotation([90], protocol="circular").elements + Flip().elements)

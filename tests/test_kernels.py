@@ -62,6 +62,7 @@ def stats_op(
     subpixel="bilinear",
     with_inv=True,
     with_chance=True,
+    disc=None,
 ):
     """Kernel and reference statistics for the same arguments (reference on the CPU, float64)."""
     args = (
@@ -76,8 +77,8 @@ def stats_op(
         with_inv,
         with_chance,
     )
-    got = torch.ops.equifast.equivariance_stats(feats, *args)
-    want = R.equivariance_stats(feats.detach().cpu(), *args)
+    got = torch.ops.equifast.equivariance_stats(feats, *args, None, disc)
+    want = R.equivariance_stats(feats.detach().cpu(), *args, disc=disc)
     return got, want
 
 
@@ -267,6 +268,100 @@ def test_stats_turns_about_a_centre_off_the_grid(device, dtype, layout, variant,
                        prefix)
     got, want = stats_op(feats, affines, wrap_flags(elements), 3, layout, height, width, prefix)
     assert_stats_close(got, want, rtol_for(dtype))
+
+
+def disc_elements():
+    """Elements a disc mask takes (every protocol but circular): integer and fractional shifts,
+    quarter turns, flips, bilinear turns."""
+    return (
+        groups.Translation([(1, 2), (-2, 0), (0.5, -1.25)], protocol="crop").elements
+        + groups.Translation([(0, 1)], protocol="zero").elements
+        + groups.Rotation([90, 180, 270, 30, -77.5]).elements
+        + groups.Flip(["horizontal", "vertical"]).elements
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("layout,variant,prefix", LAYOUT_CASES)
+@pytest.mark.parametrize("stride,offset", [((1, 1), (0.0, 0.0)), ((2, 2), (0.5, 0.5)),
+                                           ((4, 2), (0.0, 1.5))])
+def test_stats_disc(device, dtype, layout, variant, prefix, stride, offset):
+    # mask="disc": only positions inside the disc inscribed in the input, with their sources,
+    # count; an ellipse on a grid whose strides differ.
+    height, width = 9, 8
+    elements = disc_elements()
+    affines = feature_affines(elements, height, width, stride, offset)
+    disc = groups.feature_disc((height * stride[0], width * stride[1]), stride, offset)
+    feats = make_feats(layout, (len(elements) + 1) * 2, 19, height, width, dtype, device, variant,
+                       prefix)
+    wrap = wrap_flags(elements)
+    got, want = stats_op(feats, affines, wrap, 2, layout, height, width, prefix, disc=disc)
+    assert_stats_close(got, want, rtol_for(dtype))
+    plain, _ = stats_op(feats, affines, wrap, 2, layout, height, width, prefix)
+    counts, plain_counts = got[0, :, 0, 0, 0], plain[0, :, 0, 0, 0]
+    assert (counts > 0).all() and (counts <= plain_counts).all()
+    assert (counts < plain_counts).all()  # the disc cuts every element's region
+
+
+@pytest.mark.parametrize("size", [7, 8, 13])
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_stats_disc_gives_every_rotation_the_same_positions(device, size, layout):
+    # The disc through the centres of the edge pixels: a turn about the centre by any angle keeps
+    # every position of it inside the grid, so all turns compare the positions of the disc itself
+    # (counted here apart), while without it each angle keeps the square less its own corners.
+    elements = groups.Rotation([90, 180, 270, 30, 45, -77.5, 123.4]).elements
+    affines = feature_affines(elements, size, size)
+    disc = groups.feature_disc((size, size), (1, 1), (0.0, 0.0))
+    centre, radius = (size - 1) / 2, (size - 1) / 2
+    ys, xs = np.mgrid[:size, :size]
+    in_disc = int((((xs - centre) ** 2 + (ys - centre) ** 2) <= radius**2).sum())
+    feats = make_feats(layout, (len(elements) + 1) * 2, 5, size, size, torch.float32, device)
+    got, want = stats_op(feats, affines, [0] * len(elements), 2, layout, size, size, disc=disc)
+    assert_stats_close(got, want)
+    assert (got[:, :, :, :, 0] == in_disc).all()
+    plain, _ = stats_op(feats, affines, [0] * len(elements), 2, layout, size, size)
+    assert len(set(plain[0, :, 0, 0, 0].tolist())) > 1
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    layout=st.sampled_from(["NCHW", "NHWC", "NLC"]),
+    height=st.integers(1, 11),
+    width=st.integers(1, 11),
+    channels=st.integers(1, 20),
+    shift=st.tuples(st.integers(-6, 6), st.integers(-6, 6)),
+    angle=st.floats(-180, 180, allow_nan=False),
+    fraction=st.floats(-3, 3, allow_nan=False),
+    centre=st.tuples(st.floats(-2, 12), st.floats(-2, 12)),
+    radii=st.tuples(st.floats(0.3, 9), st.floats(0.3, 9)),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+)
+def test_stats_disc_hypothesis(device, layout, height, width, channels, shift, angle, fraction,
+                               centre, radii, dtype):
+    elements = [
+        groups.Element("shift", groups._translation_matrix(*shift)),
+        groups.Element("rot", groups._rotation_matrix(angle), protocol="zero"),
+        groups.Element("frac", groups._translation_matrix(fraction, -fraction / 3)),
+    ]
+    affines = feature_affines(elements, height, width)
+    prefix = 1 if layout == "NLC" else 0
+    feats = make_feats(layout, 4 * 2, channels, height, width, dtype, device, prefix=prefix)
+    disc = (*centre, *radii)
+    got, want = stats_op(feats, affines, [0, 0, 0], 2, layout, height, width, prefix, disc=disc)
+    assert_stats_close(got, want, 5e-5)
+
+
+def test_stats_disc_opcheck(device):
+    size, batch = 5, 2
+    elements = groups.Translation([(1, 0)]).elements + groups.Rotation([30]).elements
+    affines = feature_affines(elements, size, size)
+    feats = torch.randn(3 * batch, 4, size, size, device=device)
+    disc = list(groups.feature_disc((size, size), (1, 1), (0.0, 0.0)))
+    torch.library.opcheck(torch.ops.equifast.equivariance_stats.default,
+                          (feats, affines, [0, 0], batch, "NCHW", size, size, 0, "bilinear", True,
+                           True, None, disc))
 
 
 def test_stats_subpixel_skip(device):
@@ -691,6 +786,21 @@ def _stats_error_cases():
         (
             (good, affines, [0], batch, "NCHW", 0, size, 0, "bilinear", True, True),
             r"grid_h must be > 0",
+        ),
+        (
+            (good, affines, [1], batch, "NCHW", size, size, 0, "bilinear", True, True, None,
+             [1.5, 1.5, 2.0, 2.0]),
+            r"disc masks the border of the image, which a wrapping element",
+        ),
+        (
+            (good, affines, [0], batch, "NCHW", size, size, 0, "bilinear", True, True, None,
+             [1.5, 1.5, 2.0]),
+            r"disc must be 4 numbers",
+        ),
+        (
+            (good, affines, [0], batch, "NCHW", size, size, 0, "bilinear", True, True, None,
+             [1.5, 1.5, 0.0, 2.0]),
+            r"disc must have a finite centre and finite positive radii",
         ),
     ]
 

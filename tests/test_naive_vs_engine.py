@@ -452,6 +452,33 @@ def test_resnet_subpixel_skip_and_zero_rotation(resnet):
         )
 
 
+@pytest.mark.parametrize("align", ["center", "auto"])
+def test_resnet_disc_mask(resnet, align):
+    # mask="disc": the engine takes the disc on each grid (its kernels), the naive loop decides it
+    # in input pixels; a non-square input makes the disc smaller than the image both ways, and
+    # the product brings translations (a lens of two discs) and a flip in.
+    group = Rotation([30, 180, -65.5], protocol="zero") + Translation([4]) * Flip()
+    sources = load_samples(Preprocess(input_size=(32, 40)), margin=(4, 4))[0][:4]
+    result = _check(resnet, sources, group=group, layers=["act1", "layer1", "layer2", "layer3"],
+                    align=align, batch_size=4, mask="disc", metrics=ALL_METRICS)
+    assert result.config["mask"] == "disc"
+    unmasked = naive.measure(resnet, sources, group=group, layers=["act1", "layer1", "layer2"],
+                             align=align, batch_size=4, bootstrap=0, progress=False)
+    masked = result.frame.set_index(KEYS).value
+    plain = unmasked.frame.set_index(KEYS).value
+    shared = plain.index.intersection(masked.index)
+    assert (masked[shared] - plain[shared]).abs().max() > 1e-3  # the disc changes the scores
+
+
+def test_disc_mask_refuses_the_circular_protocol(resnet):
+    for measure in (equifast.measure, naive.measure):
+        with pytest.raises(ValueError, match=r"mask='disc'.*circular.*\['translate\(0,4\)'"):
+            measure(resnet, _sources(32, 4, count=2), group=Translation([4], protocol="circular"),
+                    mask="disc", progress=False)
+        with pytest.raises(ValueError, match=r"mask: expected None or 'disc', found 'circle'"):
+            measure(resnet, _sources(32, 4, count=2), mask="circle", progress=False)
+
+
 def test_vit_nlc_with_class_token():
     torch.manual_seed(0)
     model = timm.create_model(

@@ -23,15 +23,16 @@ REPLACEMENTS = [
     (0, '"/imagenet/val"', '"samples"'),
     (0, 'limit=2000', 'limit=3'),
     (1, '"/imagenet/val"', '"samples", limit=2'),
-    (2, '"/imagenet/val"', '"samples"'),
-    (2, 'limit=2000', 'limit=2'),
+    (2, '"/imagenet/val"', '"samples", limit=2'),
     (3, '"/imagenet/val"', '"samples"'),
-    (3, 'limit=5000', 'limit=2'),
-    # The block shows ways to ask for one run among several configurations: the store of block 4
+    (3, 'limit=2000', 'limit=2'),
+    (4, '"/imagenet/val"', '"samples"'),
+    (4, 'limit=5000', 'limit=2'),
+    # The block shows ways to ask for one run among several configurations: the store of block 5
     # has none of the runs it asks for, so they are surveyed first (two quarter-turn runs, one
     # matched by channels: its label names the setting where they differ; a translation at
     # another input size), and the hash is the latest run's.
-    (4, 'store.result("resnet18", "rotate:90", channel_map="match")',
+    (5, 'store.result("resnet18", "rotate:90", channel_map="match")',
      'for channel_map in ("identity", "match"):\n'
      '    run_survey(["resnet18"], "samples", "survey.sqlite", group="rotate:90", '
      'channel_map=channel_map, limit=2)\n'
@@ -39,8 +40,8 @@ REPLACEMENTS = [
      'input_size=160, limit=2)\n'
      'store = open_store("survey.sqlite")\n'
      'store.result("resnet18", "rotate:90", channel_map="match")'),
-    (4, 'data="/imagenet/val"', 'data="samples"'),
-    (4, '"c1bbd15e34ee0dfb"', 'store.runs.sort_values("run_id").config_hash.iloc[-1]'),
+    (5, 'data="/imagenet/val"', 'data="samples"'),
+    (5, '"c1bbd15e34ee0dfb"', 'store.runs.sort_values("run_id").config_hash.iloc[-1]'),
 ]
 
 
@@ -50,7 +51,7 @@ def python_blocks(text: str) -> list[str]:
 
 def test_readme_python_examples_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     blocks = python_blocks(README.read_text())
-    assert len(blocks) >= 6, f"expected the README's 6 Python examples, found {len(blocks)}"
+    assert len(blocks) >= 7, f"expected the README's 7 Python examples, found {len(blocks)}"
     for index, old, new in REPLACEMENTS:
         assert old in blocks[index], f"README Python block {index + 1} no longer has {old!r}"
         blocks[index] = blocks[index].replace(old, new)

@@ -682,6 +682,23 @@ def eqtest_report_two_convs(pretrained: bool = False, **kwargs) -> nn.Module:
     return _TwoConvs(**kwargs)
 
 
+def test_a_disc_mask_is_a_configuration_of_its_own(tmp_path):
+    """The same group with and without mask="disc": two runs, labelled by the mask."""
+    store = tmp_path / "s.sqlite"
+    common = dict(group="rotate:90,45", limit=2, input_size=(32, 32), bootstrap=0,
+                  progress=False, log=None)
+    for settings in ({}, {"mask": "disc"}):
+        summary = run_survey(["eqtest_report_two_convs"], "samples", store, **common, **settings)
+        assert summary.done == ["eqtest_report_two_convs"]
+    summary = model_summary(store)
+    assert summary.group_label.tolist() == ["rotate:90,45 (mask=None)",
+                                            "rotate:90,45 (mask=disc)"]
+    assert summary.mean_eq[0] != summary.mean_eq[1]  # the disc changes the numbers
+    with open_store(store) as opened:
+        masked = opened.result("eqtest_report_two_convs", mask="disc")
+    assert masked.config["mask"] == "disc"
+
+
 def test_configurations_of_one_group_are_kept_apart(tmp_path):
     """One model under one group with channel_map identity and match, and with subpixel skip:
     three configurations, three columns and panels, each labelled by what differs (the report

@@ -163,7 +163,7 @@ def test_result_picks_one_configuration_of_a_group(tmp_path, monkeypatch):
             store.result("eqtest_tiny", config_hash="0123")
         with pytest.raises(KeyError, match=r"finished models: \['eqtest_tiny'\]"):
             store.result("resnet10t")
-        with pytest.raises(TypeError, match="limit.*subpixel, channel_map, align, pooled"):
+        with pytest.raises(TypeError, match="limit.*subpixel, channel_map, mask, align, pooled"):
             store.result("eqtest_tiny", "rotate:90", limit=4)
         # One run's rows are read by its id: the tables of every run are not (a loop over the
         # models of a 400-model store read them all once per model).
@@ -820,6 +820,7 @@ def test_the_same_settings_have_one_config_however_written(tmp_path, monkeypatch
     assert key(comparisons=("chance", "inv", "eq")) == base
     assert key(comparisons="eq") == key(comparisons=["eq"]) != base
     assert key(layouts={}) == base
+    assert key(mask=None) == base and key(mask="disc") != base
     # Metric and layer names are names, also where a file of that name happens to exist.
     named = key(metrics=["corr", "cosine"], layers=["conv1"])
     monkeypatch.chdir(tmp_path)

@@ -133,13 +133,15 @@ ElementPlan make_plan(const SourceMap& map, int64_t grid_h, int64_t grid_w, int6
         int64_t ix, iy;
         apply_exact_map(map, x, y, ix, iy);
         const ExactTap tap = exact_tap(ix, iy, grid);
-        inside = tap.inside;
+        inside = tap.inside && inside_discs(map, static_cast<double>(x), static_cast<double>(y),
+                                            static_cast<double>(ix), static_cast<double>(iy));
         src = tap.iy * sy + tap.ix * sx;
       } else {
         double fx, fy;
         apply_map(map, static_cast<double>(x), static_cast<double>(y), fx, fy);
         const BilinearTaps t = bilinear_taps(fx, fy, grid);
-        inside = t.inside;
+        inside = t.inside &&
+                 inside_discs(map, static_cast<double>(x), static_cast<double>(y), fx, fy);
         if (inside) {
           plan.taps.insert(plan.taps.end(), {t.y0 * sy + t.x0 * sx, t.y0 * sy + t.x1 * sx,
                                              t.y1 * sy + t.x0 * sx, t.y1 * sy + t.x1 * sx});
@@ -975,10 +977,11 @@ at::Tensor equivariance_stats_cpu(const at::Tensor& feats, const at::Tensor& sou
                                   c10::IntArrayRef wrap, int64_t batch, c10::string_view layout,
                                   int64_t grid_h, int64_t grid_w, int64_t prefix,
                                   c10::string_view subpixel, bool with_inv, bool with_chance,
-                                  const std::optional<at::Tensor>& reference) {
+                                  const std::optional<at::Tensor>& reference,
+                                  std::optional<c10::ArrayRef<double>> disc) {
   const StatsProblem problem = check_stats_args(
       feats, source_affines, wrap, batch, std::string_view(layout.data(), layout.size()), grid_h,
-      grid_w, prefix, std::string_view(subpixel.data(), subpixel.size()), reference);
+      grid_w, prefix, std::string_view(subpixel.data(), subpixel.size()), reference, disc);
   check_device_cpu(feats, "feats");
   const FeatureView& view = problem.view;
   // Uninitialized: the loop nests write every (k, b, c) of the comparisons they compute, and only

@@ -26,10 +26,11 @@ at::Tensor equivariance_stats_cuda(const at::Tensor& feats, const at::Tensor& so
                                    c10::IntArrayRef wrap, int64_t batch, c10::string_view layout,
                                    int64_t grid_h, int64_t grid_w, int64_t prefix,
                                    c10::string_view subpixel, bool with_inv, bool with_chance,
-                                   const std::optional<at::Tensor>& reference) {
+                                   const std::optional<at::Tensor>& reference,
+                                   std::optional<c10::ArrayRef<double>> disc) {
   const StatsProblem problem = check_stats_args(
       feats, source_affines, wrap, batch, std::string_view(layout.data(), layout.size()), grid_h,
-      grid_w, prefix, std::string_view(subpixel.data(), subpixel.size()), reference);
+      grid_w, prefix, std::string_view(subpixel.data(), subpixel.size()), reference, disc);
   check_device_cuda(feats, "feats");
   const c10::cuda::CUDAGuard device_guard(feats.device());
   const FeatureView& view = problem.view;

@@ -9,6 +9,10 @@
 //     rectangle, other bilinear maps), each its own instantiation of the kernel:
 //     a register budget is per function, and one kernel for all three paths paid the bilinear
 //     taps' registers (112 per thread, two blocks per SM) in the rectangle loop too.
+//   - A disc (mask="disc") cuts the valid set of an element to the disc's shape: the host counts
+//     it with the disc (affine.h, position_valid), so such an element takes a rectangle loop only
+//     where the disc leaves its whole rectangle, and otherwise a per-position loop, which tests
+//     the disc at each position.
 //   - One block per (element k, channel tile, image b): blockIdx = (k, tile, b), elements
 //     fastest. Every element of the transformed block a is read by exactly one thread, once; the
 //     identity images are read through L2 (blocks of the same tile and image, one per element,
@@ -109,7 +113,8 @@ __device__ __forceinline__ bool source_taps(const SourceMap& map, const SampleGr
     apply_exact_map(map, x, y, ix, iy);
     const ExactTap tap = exact_tap(ix, iy, grid);
     taps.offset[0] = tap.iy * sy + tap.ix * sx;
-    return tap.inside;
+    return tap.inside && inside_discs(map, static_cast<double>(x), static_cast<double>(y),
+                                      static_cast<double>(ix), static_cast<double>(iy));
   }
   double fx, fy;
   apply_map(map, static_cast<double>(x), static_cast<double>(y), fx, fy);
@@ -122,7 +127,7 @@ __device__ __forceinline__ bool source_taps(const SourceMap& map, const SampleGr
   taps.weight[1] = t.w01;
   taps.weight[2] = t.w10;
   taps.weight[3] = t.w11;
-  return t.inside;
+  return t.inside && inside_discs(map, static_cast<double>(x), static_cast<double>(y), fx, fy);
 }
 
 // The bilinear blend of four tap values, in the reference's order,
@@ -346,7 +351,9 @@ __device__ __forceinline__ void accumulate_exact(
       int64_t ix, iy;
       apply_exact_map(element.map, walk.x, walk.y, ix, iy);
       const ExactTap tap = exact_tap(ix, iy, grid);  // indices clamped into the grid
-      live[u] = in_range && tap.inside;
+      live[u] = in_range && tap.inside &&
+                inside_discs(element.map, static_cast<double>(walk.x), static_cast<double>(walk.y),
+                             static_cast<double>(ix), static_cast<double>(iy));
       at[u] = in_range ? walk.y * p.stride_y + walk.x * p.stride_x : 0;
       from[u] = tap.iy * p.stride_y + tap.ix * p.stride_x;
       walk.advance();
@@ -644,7 +651,10 @@ inline std::vector<DeviceElement> make_device_elements(const StatsProblem& probl
           double sx, sy;
           apply_map(element.map, static_cast<double>(x), static_cast<double>(y), sx, sy);
           const BilinearTaps taps = bilinear_taps(sx, sy, grid);
-          if (!taps.inside) continue;
+          if (!taps.inside || !inside_discs(element.map, static_cast<double>(x),
+                                            static_cast<double>(y), sx, sy)) {
+            continue;
+          }
           pattern.add(x, y, taps);
         }
         if (element.count == 0) {

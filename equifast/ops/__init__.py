@@ -95,6 +95,7 @@ def equivariance_stats(
     force_reference: bool = False,
     reference: torch.Tensor | None = None,
     channel_map: str = "identity",
+    disc: Sequence[float] | None = None,
 ) -> torch.Tensor:
     """Equivariance / invariance / chance statistics of one layer for the stacked batch.
 
@@ -118,6 +119,10 @@ def equivariance_stats(
             channel of the other map, per image (:func:`_reference.match_channels`). ``match``
             needs a ``(C, C)`` matrix per image and element, which no kernel computes yet: it
             runs the reference.
+        disc: ``(centre_x, centre_y, radius_x, radius_y)`` in grid coordinates: a position counts
+            only where it and its source both lie inside this disc (an ellipse when the radii
+            differ; :func:`equifast.groups.feature_disc` gives the disc inscribed in the model
+            input). Not with wrapping elements. ``None``: no disc.
 
     Returns:
         ``(3, K, B, C, 6)`` float64 statistics (see ``STATS_FIELDS``, ``COMPARISONS``).
@@ -130,13 +135,14 @@ def equivariance_stats(
     args = (affines, [int(w) for w in wrap], int(batch), layout, int(grid_h), int(grid_w),
             int(prefix), subpixel, bool(with_inv), bool(with_chance))
     check_channel_map(channel_map)
+    disc = _reference.check_disc(disc, wrap)
     if channel_map == "identity" and _use_kernel("equivariance_stats", feats.device,
                                                  force_reference):
-        return torch.ops.equifast.equivariance_stats(feats, *args, reference)
+        return torch.ops.equifast.equivariance_stats(feats, *args, reference, disc)
     # (the reference builds its sampling plans on the CPU: a GPU layer's features go there)
     return _reference.equivariance_stats(
         feats.detach().cpu(), *args, None if reference is None else reference.detach().cpu(),
-        channel_map=channel_map,
+        channel_map=channel_map, disc=disc,
     ).to(feats.device)
 
 
@@ -154,7 +160,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("equifast::equivariance_stats")
     def _(feats, source_affines, wrap, batch, layout, grid_h, grid_w, prefix, subpixel, with_inv,
-          with_chance, reference=None):
+          with_chance, reference=None, disc=None):
         channels = feats.shape[1] if layout == "NCHW" else feats.shape[-1]
         return feats.new_empty((3, source_affines.shape[0], batch, channels, 6),
                                dtype=torch.float64)

@@ -12,6 +12,11 @@ Convention:
     with wrapping both wrap modulo the size; without it a position counts as inside when
     ``-EDGE_TOLERANCE <= x <= size - 1 + EDGE_TOLERANCE`` and its neighbours are clamped into the
     grid.
+
+    Disc (``disc=(cx, cy, rx, ry)`` in grid coordinates, the ``mask="disc"`` of the engine): a
+    position of a comparison counts only where it and its source (the integer source of an exact
+    map) both lie inside the ellipse ``((x - cx) / rx)**2 + ((y - cy) / ry)**2 <= 1 +
+    DISC_TOLERANCE``, computed in this order in float64 (``affine.h``, ``inside_disc``).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from ..groups import INTEGER_TOLERANCE
 from ..layouts import grid_view
 
 EDGE_TOLERANCE = 1e-6
+DISC_TOLERANCE = 1e-9
 STATS_FIELDS = ("count", "mean_a", "mean_b", "m2_a", "m2_b", "c_ab")
 PROTOCOL_CROP, PROTOCOL_CIRCULAR, PROTOCOL_ZERO = 0, 1, 2
 COMPARISONS = ("eq", "inv", "chance")
@@ -174,16 +180,61 @@ def transform_images(
     return result
 
 
+def check_disc(disc: Sequence[float] | None, wrap: Sequence[int]) -> list[float] | None:
+    """``disc`` as four floats (``None`` stays ``None``), or a ``ValueError`` naming the problem."""
+    if disc is None:
+        return None
+    values = [float(v) for v in disc]
+    if len(values) != 4:
+        raise ValueError(f"disc: expected 4 numbers (centre_x, centre_y, radius_x, radius_y) in "
+                         f"grid coordinates, found {len(values)}")
+    if not all(math.isfinite(v) for v in values) or values[2] <= 0 or values[3] <= 0:
+        raise ValueError(f"disc: expected a finite centre and finite positive radii, found "
+                         f"(centre_x, centre_y, radius_x, radius_y) = {tuple(values)}")
+    if any(int(w) for w in wrap):
+        raise ValueError("disc: masks the border of the image, which a wrapping element "
+                         "(circular protocol) does not have")
+    return values
+
+
+def inside_disc(x: torch.Tensor, y: torch.Tensor, disc: Sequence[float]) -> torch.Tensor:
+    """Whether the points ``(x, y)`` (float64) lie inside ``disc = (cx, cy, rx, ry)``."""
+    u = (x - disc[0]) / disc[2]
+    v = (y - disc[1]) / disc[3]
+    return u * u + v * v <= 1.0 + DISC_TOLERANCE
+
+
+def disc_mask(affine: torch.Tensor, height: int, width: int,
+              disc: Sequence[float]) -> torch.Tensor:
+    """``(h, w)`` bool: positions that lie inside ``disc`` with their sources under ``affine``."""
+    affine = affine.to(torch.float64)
+    ys, xs = torch.meshgrid(
+        torch.arange(height, dtype=torch.float64), torch.arange(width, dtype=torch.float64),
+        indexing="ij",
+    )
+    src_x = affine[0, 0] * xs + affine[0, 1] * ys + affine[0, 2]
+    src_y = affine[1, 0] * xs + affine[1, 1] * ys + affine[1, 2]
+    if is_integer_map(affine):
+        src_x, src_y = torch.round(src_x), torch.round(src_y)
+    return inside_disc(xs, ys, disc) & inside_disc(src_x, src_y, disc)
+
+
 def realign(
-    grid: torch.Tensor, affine: torch.Tensor, wrap: bool
+    grid: torch.Tensor, affine: torch.Tensor, wrap: bool, disc: Sequence[float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Re-align ``(B, C, h, w)`` maps with a source map; returns ``(moved, valid (h, w))``."""
+    """Re-align ``(B, C, h, w)`` maps with a source map; returns ``(moved, valid (h, w))``.
+
+    With ``disc`` (see :func:`check_disc`), ``valid`` keeps only the positions inside it.
+    """
     height, width = grid.shape[-2:]
     indices, weights, insides = _sample_plan(affine, height, width, height, width, wrap)
     moved = torch.zeros_like(grid, dtype=torch.float64)
     for (iy, ix), weight in zip(indices, weights):
         moved += grid[:, :, iy, ix].to(torch.float64) * weight
-    return moved, insides[0]
+    valid = insides[0]
+    if disc is not None:
+        valid = valid & disc_mask(affine, height, width, disc)
+    return moved, valid
 
 
 CHANNEL_MAPS = ("identity", "match")
@@ -290,6 +341,7 @@ def equivariance_stats(
     with_chance: bool,
     reference: torch.Tensor | None = None,
     channel_map: str = "identity",
+    disc: Sequence[float] | None = None,
 ) -> torch.Tensor:
     """Statistics of the equivariance, invariance and chance comparisons (reference).
 
@@ -309,6 +361,8 @@ def equivariance_stats(
             the first block of ``feats``: the same statistics as with the two stacked.
         channel_map: ``"identity"`` (channel ``c`` against channel ``c``) or ``"match"`` (against
             the best-correlated channel of the other map, per image: :func:`match_channels`).
+        disc: ``(cx, cy, rx, ry)`` in grid coordinates: only positions inside it with their
+            sources count (module docstring). ``None``: every valid position.
 
     Returns:
         ``(3, K, B, C, 6)`` float64 statistics for eq, inv, chance: count, mean_a, mean_b, m2_a,
@@ -329,13 +383,14 @@ def equivariance_stats(
             f"feats: expected (K + 1) * batch = {(elements + 1) * batch} images for K = {elements} "
             f"elements and batch {batch}, found {total}"
         )
+    disc = check_disc(disc, wrap)
     identity = grid[:batch]
     out = torch.zeros(3, elements, batch, channels, 6, dtype=torch.float64)
     for k in range(elements):
         affine = source_affines[k].to(torch.float64)
         if subpixel == "skip" and not is_integer_map(affine):
             continue
-        moved, valid = realign(identity, affine, bool(wrap[k]))
+        moved, valid = realign(identity, affine, bool(wrap[k]), disc)
         transformed = grid[(k + 1) * batch:(k + 2) * batch]
 
         out[0, k] = _mapped_pair_stats(transformed, moved, valid, channel_map)
@@ -374,7 +429,10 @@ def merge_stats(stats: torch.Tensor, dim: int) -> torch.Tensor:
 __all__ = [
     "COMPARISONS",
     "STATS_FIELDS",
+    "check_disc",
+    "disc_mask",
     "equivariance_stats",
+    "inside_disc",
     "is_integer_map",
     "merge_stats",
     "pair_stats",

@@ -217,12 +217,15 @@ at::Tensor emulated_equivariance_stats(const at::Tensor& feats, const at::Tensor
                                        const std::string& layout, int64_t grid_h, int64_t grid_w,
                                        int64_t prefix, const std::string& subpixel, bool with_inv,
                                        bool with_chance,
-                                       const std::optional<at::Tensor>& reference) {
+                                       const std::optional<at::Tensor>& reference,
+                                       const std::optional<std::vector<double>>& disc) {
   using namespace equifast;
+  std::optional<c10::ArrayRef<double>> disc_ref;
+  if (disc.has_value()) disc_ref = c10::ArrayRef<double>(*disc);
   const StatsProblem problem =
       check_stats_args(feats, source_affines, c10::IntArrayRef(wrap), batch,
                        std::string_view(layout), grid_h, grid_w, prefix,
-                       std::string_view(subpixel), reference);
+                       std::string_view(subpixel), reference, disc_ref);
   check_device_cpu(feats, "feats");
   const FeatureView& view = problem.view;
   at::Tensor stats = at::zeros({kComparisons, problem.elements, batch, view.channels, 6},
@@ -285,12 +288,14 @@ std::tuple<bool, int64_t, int64_t, int64_t> emulated_launch_shape(
 std::vector<std::tuple<int64_t, int64_t>> emulated_element_paths(
     const at::Tensor& feats, const at::Tensor& source_affines, std::vector<int64_t> wrap,
     int64_t batch, const std::string& layout, int64_t grid_h, int64_t grid_w, int64_t prefix,
-    const std::string& subpixel) {
+    const std::string& subpixel, const std::optional<std::vector<double>>& disc) {
   using namespace equifast;
+  std::optional<c10::ArrayRef<double>> disc_ref;
+  if (disc.has_value()) disc_ref = c10::ArrayRef<double>(*disc);
   const StatsProblem problem =
       check_stats_args(feats, source_affines, c10::IntArrayRef(wrap), batch,
                        std::string_view(layout), grid_h, grid_w, prefix,
-                       std::string_view(subpixel));
+                       std::string_view(subpixel), std::nullopt, disc_ref);
   std::vector<std::tuple<int64_t, int64_t>> paths;
   for (const DeviceElement& element : make_device_elements(problem)) {
     paths.emplace_back(element.index, element.path);
@@ -325,11 +330,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "equivariance_stats through the CUDA kernel, emulated on the host", py::arg("feats"),
         py::arg("source_affines"), py::arg("wrap"), py::arg("batch"), py::arg("layout"),
         py::arg("grid_h"), py::arg("grid_w"), py::arg("prefix"), py::arg("subpixel"),
-        py::arg("with_inv"), py::arg("with_chance"), py::arg("reference") = py::none());
+        py::arg("with_inv"), py::arg("with_chance"), py::arg("reference") = py::none(),
+        py::arg("disc") = py::none());
   m.def("emulated_launch_shape", &emulated_launch_shape,
         "(channels_inner, blocks_x, blocks_y, blocks_z) of the CUDA launch");
   m.def("emulated_element_paths", &emulated_element_paths,
-        "(element, path) of the CUDA launches, in launch order");
+        "(element, path) of the CUDA launches, in launch order", py::arg("feats"),
+        py::arg("source_affines"), py::arg("wrap"), py::arg("batch"), py::arg("layout"),
+        py::arg("grid_h"), py::arg("grid_w"), py::arg("prefix"), py::arg("subpixel"),
+        py::arg("disc") = py::none());
   m.def("emulated_rectangle_fits", &emulated_rectangle_fits,
         "whether the rectangle loop's offsets fit in 32 bits");
 }

@@ -16,6 +16,9 @@
 //     maps within kEdgeTolerance), and inside the window too when the window is bounded (zero
 //     protocol); the neighbours are clamped into the grid, so that a source exactly on the last row
 //     reads that row, and an invalid position still reads memory inside the grid.
+//   - With a disc (the `mask="disc"` of equifast.measure), a position is valid only where it and
+//     its source both lie inside the disc inscribed in the model input, an ellipse on a grid
+//     whose strides differ: ((x - cx) / rx)^2 + ((y - cy) / ry)^2 <= 1 + kDiscTolerance.
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -30,6 +33,9 @@ constexpr double kIntegerTolerance = 1e-6;
 // A bilinear source up to this far outside the grid still counts as inside
 // (_reference.EDGE_TOLERANCE).
 constexpr double kEdgeTolerance = 1e-6;
+// A point this far (in squared normalized radius) outside a disc still counts as inside it
+// (_reference.DISC_TOLERANCE): points on the circle in exact arithmetic stay inside.
+constexpr double kDiscTolerance = 1e-9;
 
 // Protocol codes of transform_images (equifast.groups.PROTOCOL_CODES).
 constexpr int64_t kProtocolCrop = 0;
@@ -42,6 +48,8 @@ struct SourceMap {
   int64_t im[6];    // the same entries rounded to integers (used when exact)
   int32_t exact;    // 1: integer map, applied by index arithmetic
   int32_t wrap;     // 1: indices wrap around the window (circular protocol)
+  int32_t has_disc;  // 1: positions count only inside the disc (never with wrap: host-checked)
+  double disc[4];    // the disc in grid coordinates: centre cx, cy and radii rx, ry
 };
 
 // Whether all six entries are integers within kIntegerTolerance (host only: decided once per map).
@@ -61,7 +69,14 @@ inline SourceMap make_source_map(const double* m, bool wrap) {
   }
   map.exact = is_integer_map(m) ? 1 : 0;
   map.wrap = wrap ? 1 : 0;
+  map.has_disc = 0;
   return map;
+}
+
+// Host: restrict a map's valid positions to the disc (cx, cy, rx, ry) in grid coordinates.
+inline void set_disc(SourceMap& map, const double* disc) {
+  map.has_disc = 1;
+  for (int i = 0; i < 4; ++i) map.disc[i] = disc[i];
 }
 
 // i modulo n in [0, n) for any sign of i (C++ % truncates towards zero).
@@ -189,17 +204,43 @@ C10_HOST_DEVICE inline BilinearTaps bilinear_taps(double sx, double sy, const Sa
   return taps;
 }
 
+// Whether the point (x, y) of the grid lies inside the map's disc (always, without one), in the
+// reference's order of operations, each rounded on its own (the intrinsics keep nvcc from
+// contracting into fused multiply-adds, as in apply_map).
+C10_HOST_DEVICE inline bool inside_disc(const SourceMap& map, double x, double y) {
+  if (!map.has_disc) return true;
+#if defined(__CUDA_ARCH__)
+  const double u = __ddiv_rn(__dsub_rn(x, map.disc[0]), map.disc[2]);
+  const double v = __ddiv_rn(__dsub_rn(y, map.disc[1]), map.disc[3]);
+  return __dadd_rn(__dmul_rn(u, u), __dmul_rn(v, v)) <= 1.0 + kDiscTolerance;
+#else
+  const double u = (x - map.disc[0]) / map.disc[2];
+  const double v = (y - map.disc[1]) / map.disc[3];
+  return u * u + v * v <= 1.0 + kDiscTolerance;
+#endif
+}
+
+// The disc part of a position's validity: the output position (x, y) and its source (sx, sy)
+// (for an exact map the integer source) both inside the disc.
+C10_HOST_DEVICE inline bool inside_discs(const SourceMap& map, double x, double y, double sx,
+                                         double sy) {
+  return !map.has_disc || (inside_disc(map, x, y) && inside_disc(map, sx, sy));
+}
+
 // Validity of output position (x, y) under a map (the mask of the comparison).
 C10_HOST_DEVICE inline bool position_valid(const SourceMap& map, int64_t x, int64_t y,
                                            const SampleGrid& grid) {
   if (map.exact) {
     int64_t ix, iy;
     apply_exact_map(map, x, y, ix, iy);
-    return exact_tap(ix, iy, grid).inside;
+    return exact_tap(ix, iy, grid).inside &&
+           inside_discs(map, static_cast<double>(x), static_cast<double>(y),
+                        static_cast<double>(ix), static_cast<double>(iy));
   }
   double sx, sy;
   apply_map(map, static_cast<double>(x), static_cast<double>(y), sx, sy);
-  return bilinear_taps(sx, sy, grid).inside;
+  return bilinear_taps(sx, sy, grid).inside &&
+         inside_discs(map, static_cast<double>(x), static_cast<double>(y), sx, sy);
 }
 
 }  // namespace equifast

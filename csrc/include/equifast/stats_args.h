@@ -6,6 +6,7 @@
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -45,7 +46,9 @@ inline StatsProblem check_stats_args(const at::Tensor& feats, const at::Tensor& 
                                      c10::IntArrayRef wrap, int64_t batch,
                                      std::string_view layout, int64_t grid_h, int64_t grid_w,
                                      int64_t prefix, std::string_view subpixel,
-                                     const std::optional<at::Tensor>& reference = std::nullopt) {
+                                     const std::optional<at::Tensor>& reference = std::nullopt,
+                                     const std::optional<c10::ArrayRef<double>>& disc =
+                                         std::nullopt) {
   check_defined(feats, "feats");
   check_defined(source_affines, "source_affines");
   check_dtype_in(feats, "feats", {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16});
@@ -148,6 +151,20 @@ inline StatsProblem check_stats_args(const at::Tensor& feats, const at::Tensor& 
   problem.maps.reserve(elements);
   for (int64_t k = 0; k < elements; ++k) {
     problem.maps.push_back(make_source_map(data + 6 * k, wrap[k] != 0));
+  }
+  if (disc.has_value()) {
+    const c10::ArrayRef<double> d = *disc;
+    TORCH_CHECK(d.size() == 4, "equifast: disc must be 4 numbers (centre_x, centre_y, radius_x, ",
+                "radius_y) in grid coordinates, but got ", d.size(), ".");
+    TORCH_CHECK(std::isfinite(d[0]) && std::isfinite(d[1]) && std::isfinite(d[2]) &&
+                    std::isfinite(d[3]) && d[2] > 0 && d[3] > 0,
+                "equifast: disc must have a finite centre and finite positive radii, but got ",
+                "(centre_x, centre_y, radius_x, radius_y) = ", d, ".");
+    for (int64_t k = 0; k < elements; ++k) {
+      TORCH_CHECK(wrap[k] == 0, "equifast: disc masks the border of the image, which a wrapping ",
+                  "element (circular protocol) does not have: element ", k, " wraps.");
+      set_disc(problem.maps[k], d.data());
+    }
   }
   return problem;
 }
