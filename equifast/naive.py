@@ -1005,7 +1005,7 @@ def measure(
                 wrap = (element.protocol == "circular"
                         and layer_layouts[name].tiles((height, width)))
                 b_moved, valid = realign(b_identity, source_map, wrap)
-                if mask == "disc":
+                if mask == "disc" and layer_layouts[name].kind != "vector":  # (no positions)
                     valid = valid & inside_image_disc(source_map, layer_layouts[name],
                                                       offsets[name], (height, width)
                                                       ).to(valid.device)

@@ -459,8 +459,10 @@ def test_resnet_disc_mask(resnet, align):
     # the product brings translations (a lens of two discs) and a flip in.
     group = Rotation([30, 180, -65.5], protocol="zero") + Translation([4]) * Flip()
     sources = load_samples(Preprocess(input_size=(32, 40)), margin=(4, 4))[0][:4]
-    result = _check(resnet, sources, group=group, layers=["act1", "layer1", "layer2", "layer3"],
-                    align=align, batch_size=4, mask="disc", metrics=ALL_METRICS)
+    # (fc: a vector, which has no positions for a disc to mask)
+    result = _check(resnet, sources, group=group,
+                    layers=["act1", "layer1", "layer2", "layer3", "fc"], align=align,
+                    batch_size=4, mask="disc", metrics=ALL_METRICS)
     assert result.config["mask"] == "disc"
     unmasked = naive.measure(resnet, sources, group=group, layers=["act1", "layer1", "layer2"],
                              align=align, batch_size=4, bootstrap=0, progress=False)
