@@ -9,6 +9,7 @@ Example:
 from .data.folder import SkippedFilesWarning
 from .engine import measure
 from .groups import Element, Flip, Group, Rotation, Translation, parse_group
+from .lie import LieResult, lie_derivative
 from .result import Result
 from .scores import METRICS
 from .survey import open_store, run_survey
@@ -17,11 +18,13 @@ __all__ = [
     "Element",
     "Flip",
     "Group",
+    "LieResult",
     "METRICS",
     "Result",
     "Rotation",
     "SkippedFilesWarning",
     "Translation",
+    "lie_derivative",
     "measure",
     "open_store",
     "parse_group",

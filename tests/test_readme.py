@@ -42,6 +42,8 @@ REPLACEMENTS = [
      'store.result("resnet18", "rotate:90", channel_map="match")'),
     (5, 'data="/imagenet/val"', 'data="samples"'),
     (5, '"c1bbd15e34ee0dfb"', 'store.runs.sort_values("run_id").config_hash.iloc[-1]'),
+    (7, '"/imagenet/val"', '"samples", input_size=(64, 64)'),
+    (7, 'limit=500', 'limit=2'),
 ]
 
 
@@ -51,7 +53,7 @@ def python_blocks(text: str) -> list[str]:
 
 def test_readme_python_examples_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     blocks = python_blocks(README.read_text())
-    assert len(blocks) >= 7, f"expected the README's 7 Python examples, found {len(blocks)}"
+    assert len(blocks) >= 8, f"expected the README's 8 Python examples, found {len(blocks)}"
     for index, old, new in REPLACEMENTS:
         assert old in blocks[index], f"README Python block {index + 1} no longer has {old!r}"
         blocks[index] = blocks[index].replace(old, new)
