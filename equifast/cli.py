@@ -20,6 +20,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from equifast.lie import DEFAULT_GENERATORS, GENERATORS, LIE_METRICS
 from equifast.paths import check_folder as _check_folder
 from equifast.paths import is_dir as _is_dir
 from equifast.paths import os_reason as _os_reason
@@ -197,6 +198,42 @@ def _run_report(args: argparse.Namespace) -> int:
 
 
 def _add_survey_commands(commands) -> None:
+    lie = commands.add_parser(
+        "lie", help="Lie derivatives of one model's layers (local equivariance)",
+        description="Local equivariance of one model: the Lie derivatives of its layers' "
+                    "features under infinitesimal translations, rotation or scaling "
+                    "(equifast.lie_derivative).")
+    lie.add_argument("--model", required=True,
+                     help="timm name (resnet18) or torchvision name (tv:resnet50)")
+    lie_source = lie.add_mutually_exclusive_group()
+    lie_source.add_argument("--data", help="image folder (ImageNet layout or flat)")
+    lie_source.add_argument("--samples", action="store_true",
+                            help="the embedded sample photographs (the default)")
+    lie.add_argument("--generators", nargs="+", choices=GENERATORS, default=None,
+                     help="translate_x, translate_y (per pixel), rotate (per radian), scale "
+                          "(default: translate_x translate_y rotate)")
+    lie.add_argument("--layers", nargs="+", default=None, help="as for measure")
+    lie.add_argument("--batch-size", type=_count(1), default=16, help="images per forward")
+    lie.add_argument("--limit", type=_count(1), default=None, help="use at most this many images")
+    lie.add_argument("--device", default=None,
+                     help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    lie.add_argument("--input-size", type=_parse_size, default=None,
+                     help="N or HxW: the input size (default: the model's own)")
+    lie.add_argument("--align", type=_parse_align, default="auto", help="as for measure")
+    lie.add_argument("--bootstrap", type=_resamples, default=1000,
+                     help="bootstrap resamples for the 95%% CIs (0: no intervals)")
+    lie.add_argument("--seed", type=int, default=0, help="as for measure")
+    lie.add_argument("--workers", type=_count(0), default=None, help="loader workers")
+    lie.add_argument("--loader", choices=("auto", "dali", "folder"), default="auto",
+                     help="as for measure")
+    lie.add_argument("--metric", choices=LIE_METRICS, default="lee_rel",
+                     help="the score of the printed table")
+    lie.add_argument("--out", default="results/lie/lie.parquet",
+                     help="a .parquet or .csv file for the frame (its config beside, as .json)")
+    lie.add_argument("--quiet", action="store_true", help="no progress bar")
+    lie.add_argument("--import", dest="imports", nargs="+", default=[], metavar="MODULE",
+                     help="modules to import first that register models with timm")
+
     survey = commands.add_parser(
         "survey", help="measure many models into a SQLite store (resumable)",
         description="Measure many models with one configuration; each finished model is "
@@ -451,6 +488,60 @@ def _output_paths(out: str) -> tuple[Path, Path]:
     return path / "result.parquet", path / "depth.png"
 
 
+def _run_lie(args: argparse.Namespace) -> int:
+    import torch
+
+    import equifast
+    from equifast.data.folder import SkippedFilesWarning
+    from equifast.models import load_model_sized
+
+    out = Path(args.out)
+    if out.suffix.lower() not in (".parquet", ".csv"):
+        raise ValueError(f"--out {_shown_path(args.out)}: expected a .parquet or .csv file name")
+    if _is_dir(out, "--out", "expected a .parquet or .csv file name"):
+        raise ValueError(f"--out {_shown_path(args.out)}: is a folder; expected a .parquet or "
+                         ".csv file name")
+    _check_folder(out.parent, "--out", args.out, f"expected a folder to hold {out.name}")
+    _check_loader(args)
+    if args.imports:
+        from equifast.survey.runner import import_plugins
+
+        import_plugins(args.imports)
+    torch.manual_seed(args.seed)
+    loaded = load_model_sized(args.model, args.input_size)
+    print(f"model: {loaded.name} ({loaded.source}); "
+          f"{'pretrained weights' if loaded.pretrained else loaded.note}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SkippedFilesWarning)  # listed below, with the table
+        result = equifast.lie_derivative(
+            loaded.model, args.data if args.data else "samples",
+            generators=args.generators or DEFAULT_GENERATORS, layers=args.layers,
+            batch_size=args.batch_size,
+            device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+            input_size=args.input_size, align=args.align, limit=args.limit,
+            bootstrap=args.bootstrap, seed=args.seed, num_workers=args.workers,
+            loader=args.loader, progress=not args.quiet, model_name=loaded.name)
+    config = result.config
+    meaning = ("the mean squared Lie derivative over the features' variance"
+               if args.metric == "lee_rel" else "the mean squared Lie derivative")
+    print(f"{config['images']} images, input {config['input_size']}, "
+          f"{config['seconds']:.1f} s; {args.metric} ({meaning}) per layer and generator:")
+    print(result.format_summary(args.metric))
+    if config["skipped"]:
+        print(f"skipped {len(config['skipped'])} unreadable files:")
+        for path, why in config["skipped"]:
+            print(f"  {path}: {why}")
+    if out.suffix.lower() == ".csv":
+        result.frame.to_csv(out, index=False)
+    else:
+        result.frame.to_parquet(out, index=False)
+    sidecar = out.with_name(out.name + ".json")
+    sidecar.write_text(json.dumps({**config, "pretrained": loaded.pretrained,
+                                   "note": loaded.note}, indent=1, default=str))
+    print(f"wrote {out} (with {sidecar.name} beside: the config)")
+    return 0
+
+
 def _run_info() -> int:
     import torch
 
@@ -486,6 +577,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run_measure(args)
         if args.command == "info":
             return _run_info()
+        if args.command == "lie":
+            return _run_lie(args)
         if args.command == "survey":
             return _run_survey(args)
         if args.command == "export":

@@ -53,6 +53,25 @@ def test_measure_with_a_disc_mask(tmp_path, capsys):
     assert "circular elements ['translate(0,8)', 'translate(8,0)']" in capsys.readouterr().err
 
 
+def test_lie_writes_the_frame_and_its_config(tmp_path, capsys):
+    out = tmp_path / "lie.parquet"
+    code = main(["lie", "--model", "resnet10t", "--samples", "--limit", "2", "--input-size", "48",
+                 "--generators", "rotate", "scale", "--bootstrap", "0", "--quiet", "--out",
+                 str(out)])
+    assert code == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "lee_rel" in printed and "layer1" in printed and "rotate" in printed
+    frame = pd.read_parquet(out)
+    assert set(frame.generator) == {"rotate", "scale"} and set(frame.metric) == {"lee", "lee_rel"}
+    config = json.loads((tmp_path / "lie.parquet.json").read_text())
+    assert config["generators"] == ["rotate", "scale"] and config["images"] == 2
+    assert main(["lie", "--model", "resnet10t", "--out", str(tmp_path / "lie.png")]) == 2
+    assert "expected a .parquet or .csv file name" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["lie", "--model", "resnet10t", "--generators", "shear"])
+    assert "invalid choice: 'shear'" in capsys.readouterr().err
+
+
 def test_info_lists_kernels(capsys):
     assert main(["info"]) == 0
     info = json.loads(capsys.readouterr().out)
