@@ -531,14 +531,9 @@ def _run_lie(args: argparse.Namespace) -> int:
         print(f"skipped {len(config['skipped'])} unreadable files:")
         for path, why in config["skipped"]:
             print(f"  {path}: {why}")
-    if out.suffix.lower() == ".csv":
-        result.frame.to_csv(out, index=False)
-    else:
-        result.frame.to_parquet(out, index=False)
-    sidecar = out.with_name(out.name + ".json")
-    sidecar.write_text(json.dumps({**config, "pretrained": loaded.pretrained,
-                                   "note": loaded.note}, indent=1, default=str))
-    print(f"wrote {out} (with {sidecar.name} beside: the config)")
+    result.config.update(pretrained=loaded.pretrained, note=loaded.note)
+    result.save(out)
+    print(f"wrote {out} (with {out.name}.json beside: the config)")
     return 0
 
 

@@ -192,7 +192,7 @@ def _check_labels(labels, count: int, total: int, limit: int | None,
     return labels
 
 
-class _DataPlan:
+class DataPlan:
     """Turns the ``data`` argument into batches of sources of the right size."""
 
     def __init__(self, data: DataSpec, labels, batch_size: int, input_size, preprocess, group,
@@ -316,7 +316,7 @@ class _DataPlan:
                 )
             self.margin = group.margin(*self.input_size)
             model_size = self.preprocess.input_size
-            # measure -> _DataPlan -> here for a tensor (an iterable's first batch: deeper)
+            # measure -> DataPlan -> here for a tensor (an iterable's first batch: deeper)
             warn_unmargined_sources((source_h, source_w), margin, model_size,
                                     group.margin(*model_size), stacklevel=4)
         self.source_size = (self.input_size[0] + 2 * self.margin[0],
@@ -713,8 +713,8 @@ def measure(
             _dist.sync_module(fresh.module)
         progress = progress and shard.rank == 0
 
-    plan = _DataPlan(data, labels, batch_size, input_size, preprocess, group, num_workers, limit,
-                     loader, shard, device)
+    plan = DataPlan(data, labels, batch_size, input_size, preprocess, group, num_workers, limit,
+                    loader, shard, device)
     batches = iter(plan)
     first = next(batches, None)
     if shard is not None:
@@ -728,10 +728,10 @@ def measure(
     names = select_layers(module, layers)
     setup_started = time.perf_counter()
     probe_report: dict[str, str] = {}
-    names, layer_layouts, offsets = _probe(module, names, (height, width), layouts or {}, align,
-                                           device, model_dtype, seed,
-                                           lenient=is_broad_selection(layers, module),
-                                           report=probe_report)
+    names, layer_layouts, offsets = probe_layers(module, names, (height, width), layouts or {},
+                                                 align, device, model_dtype, seed,
+                                                 lenient=is_broad_selection(layers, module),
+                                                 report=probe_report)
     if shard is not None:
         offsets = _dist.agree(offsets, "alignment offsets")
         probe_report["offset_readings"] = _dist.agree(probe_report["offset_readings"],
@@ -1182,8 +1182,8 @@ def _rollback(state: dict[str, _Layer], marks: dict[str, int]) -> None:
         del layer.pooled[marks[name]:]
 
 
-def _probe(module, names, input_size, overrides, align, device, dtype, seed,
-           lenient: bool = False, report: dict | None = None):
+def probe_layers(module, names, input_size, overrides, align, device, dtype, seed,
+                 lenient: bool = False, report: dict | None = None):
     """Layouts and grid offsets of the layers, from one probe forward.
 
     With ``align="auto"`` layers the gradient probe of :mod:`equifast.align` (seeded random inputs,
@@ -1293,8 +1293,8 @@ def _collect(parts: list[tuple[int, np.ndarray]], count: int) -> np.ndarray:
     return np.concatenate(batches, axis=-1)
 
 
-def _bootstrap(values: np.ndarray, resamples: int, seed: int,
-               block: int = 100) -> np.ndarray | None:
+def bootstrap_means(values: np.ndarray, resamples: int, seed: int,
+                    block: int = 100) -> np.ndarray | None:
     """Bootstrap means of ``(rows, n)`` values (NaN ignored) -> ``(rows, R)``; ``None`` if n < 2."""
     rows, n = values.shape
     if resamples <= 0 or n < 2:
@@ -1322,7 +1322,9 @@ def _bootstrap(values: np.ndarray, resamples: int, seed: int,
     return out
 
 
-def _interval(distribution: np.ndarray | None, rows: int) -> tuple[np.ndarray, np.ndarray]:
+def bootstrap_interval(distribution: np.ndarray | None,
+                       rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """The 2.5 and 97.5 percentiles of each row of bootstrap means (NaN rows without them)."""
     if distribution is None:
         return np.full(rows, np.nan), np.full(rows, np.nan)
     with warnings.catch_warnings():
@@ -1387,8 +1389,8 @@ def _build_frame(state, model_name, elements, comparisons, metric_names, pooled,
             matrix = np.array(matrix)
             point = _nanmean(matrix, 1) if matrix.shape[1] else np.full(len(matrix), np.nan)
             ns = (~np.isnan(matrix)).sum(1)
-            dist = _bootstrap(matrix, bootstrap, seed)
-        low, high = _interval(dist, len(keys))
+            dist = bootstrap_means(matrix, bootstrap, seed)
+        low, high = bootstrap_interval(dist, len(keys))
         row_of = {}
         for i, (metric, comparison, k) in enumerate(keys):
             row_of[(metric, comparison, k)] = i
@@ -1406,7 +1408,7 @@ def _build_frame(state, model_name, elements, comparisons, metric_names, pooled,
                 ratio = None
                 if dist is not None:
                     ratio = corr_vs_chance(dist[i_eq], dist[i_ch])[None, :]
-                    lo_ci, hi_ci = _interval(ratio, 1)
+                    lo_ci, hi_ci = bootstrap_interval(ratio, 1)
                 else:
                     lo_ci, hi_ci = np.array([np.nan]), np.array([np.nan])
                 if distributions is not None:
@@ -1442,7 +1444,7 @@ def _add_baseline(frame: pd.DataFrame, copy_frame: pd.DataFrame, distributions: 
     resamples = next((len(d) for d in differences if d is not None), 0)
     if resamples:
         stacked = np.stack([np.full(resamples, np.nan) if d is None else d for d in differences])
-        frame["learned_lo"], frame["learned_hi"] = _interval(stacked, len(frame))
+        frame["learned_lo"], frame["learned_hi"] = bootstrap_interval(stacked, len(frame))
     else:
         frame["learned_lo"], frame["learned_hi"] = np.nan, np.nan
     return frame[FRAME_COLUMNS]
@@ -1503,7 +1505,7 @@ def _model_frame(model_name, consistency_rows, top_rows, bootstrap, seed) -> pd.
             top = np.concatenate(top_rows, axis=1)
             rows += [("top1", top[0]), ("top5", top[1])]
         matrix = np.array([r[1] for r in rows])
-        low, high = _interval(_bootstrap(matrix, bootstrap, seed), len(rows))
+        low, high = bootstrap_interval(bootstrap_means(matrix, bootstrap, seed), len(rows))
         for i, (metric, per_image) in enumerate(rows):
             records.append({"model": model_name, "metric": metric,
                             "value": float(_nanmean(per_image[None], 1)[0]),

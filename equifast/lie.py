@@ -50,11 +50,13 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -238,6 +240,44 @@ class LieResult:
         """The summary as text (``lee_rel``: squared Lie derivative relative to the spread)."""
         return self.summary(metric).to_string(float_format=lambda v: f"{v:.4g}")
 
+    def save(self, path: str | Path) -> Path:
+        """Save the frame to ``.parquet`` or ``.csv``, the config to a ``.json`` beside."""
+        path = Path(path)
+        suffix = path.suffix.lower()
+        if suffix not in (".parquet", ".csv"):
+            raise ValueError(f"save: expected a path ending in .parquet or .csv, found {path}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if suffix == ".parquet":
+            self.frame.to_parquet(path, index=False)
+        else:
+            self.frame.to_csv(path, index=False)
+        path.with_name(path.name + ".json").write_text(
+            json.dumps(self.config, indent=1, default=str))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> LieResult:
+        """Load what :meth:`save` (or ``equifast lie --out``) wrote."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no Lie derivative result at {path}")
+        suffix = path.suffix.lower()
+        if suffix == ".parquet":
+            frame = pd.read_parquet(path)
+        elif suffix == ".csv":
+            frame = pd.read_csv(path, dtype={"model": str, "layer": str})
+        else:
+            raise ValueError(f"load: expected a .parquet or .csv file, found {path}")
+        sidecar = path.with_name(path.name + ".json")
+        config = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+        config.setdefault("generators", list(dict.fromkeys(frame.generator)))
+        return cls(frame, config)
+
+    def __repr__(self) -> str:
+        return (f"LieResult(model={self.config.get('model')!r}, "
+                f"layers={self.frame.layer.nunique()}, generators={self.config.get('generators')}, "
+                f"images={self.config.get('images')})")
+
 
 def _normalized(sources: torch.Tensor, preprocess, channels: int, dtype) -> torch.Tensor:
     """Model inputs from sources: uint8 -> ``(v / 255 - mean) / std`` (float sources as they
@@ -320,7 +360,7 @@ def lie_derivative(
     Raises:
         ValueError: An unknown generator, a bad argument, or no readable image.
     """
-    from .engine import _bootstrap, _DataPlan, _interval, _probe
+    from .engine import DataPlan, bootstrap_interval, bootstrap_means, probe_layers
     from .models import check_device, resolve_model
 
     started = time.perf_counter()
@@ -349,15 +389,15 @@ def lie_derivative(
         else contextlib.nullcontext()
 
     with widening:
-        plan = _DataPlan(data, None, batch_size, input_size, preprocess, Translation([1]),
-                         num_workers, limit, loader, None, device)
+        # (a one-pixel crop margin: the central differences of the border pixels read it)
+        plan = DataPlan(data, None, batch_size, input_size, preprocess, Translation([1]),
+                        num_workers, limit, loader, None, device)
         height, width = plan.input_size
         names = select_layers(module, layers)
         offsets_report: dict[str, Any] = {}
-        names, layer_layouts, offsets = _probe(module, names, (height, width), layouts or {},
-                                               align, device, dtype, seed,
-                                               lenient=is_broad_selection(layers, module),
-                                               report=offsets_report)
+        names, layer_layouts, offsets = probe_layers(
+            module, names, (height, width), layouts or {}, align, device, dtype, seed,
+            lenient=is_broad_selection(layers, module), report=offsets_report)
         values = {(n, g, m): [] for n in names for g in names_of_generators for m in LIE_METRICS}
         images = 0
         bar = None
@@ -407,8 +447,8 @@ def lie_derivative(
     rows = []
     keys = list(values)
     per_image = np.stack([np.concatenate(values[key]) for key in keys])  # (rows, images)
-    distribution = _bootstrap(per_image, bootstrap, seed)
-    low, high = _interval(distribution, len(keys))
+    distribution = bootstrap_means(per_image, bootstrap, seed)
+    low, high = bootstrap_interval(distribution, len(keys))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: no interior cell
         means = np.nanmean(per_image, axis=1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import timm
 import torch
@@ -166,7 +167,7 @@ def test_the_jacobian_vector_product_is_the_derivative_of_the_logits(name):
     assert result.config["dtype"] == "float64"
 
 
-def test_the_result_and_its_summary():
+def test_the_result_and_its_summary(tmp_path):
     torch.manual_seed(0)
     model = timm.create_model("resnet10t", num_classes=5).eval()
     result = lie_derivative(model, "samples", input_size=(48, 48), limit=3, batch_size=2,
@@ -188,6 +189,13 @@ def test_the_result_and_its_summary():
     assert "layer1" in result.format_summary("lee")
     with pytest.raises(ValueError, match="metric: expected one of"):
         result.summary("corr")
+    for name in ("lie.parquet", "lie.csv"):  # saved and loaded back alike
+        loaded = equifast.LieResult.load(result.save(tmp_path / name))
+        pd.testing.assert_frame_equal(loaded.frame, frame, check_dtype=False)
+        assert loaded.config["layers"] == result.config["layers"]
+        pd.testing.assert_frame_equal(loaded.summary(), summary)
+    with pytest.raises(ValueError, match="ending in .parquet or .csv"):
+        result.save(tmp_path / "lie.json")
 
 
 def test_a_half_precision_model_is_differentiated_in_float32_and_left_as_it_was():
