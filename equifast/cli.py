@@ -229,7 +229,9 @@ def _add_survey_commands(commands) -> None:
     lie.add_argument("--metric", choices=LIE_METRICS, default="lee_rel",
                      help="the score of the printed table")
     lie.add_argument("--out", default="results/lie/lie.parquet",
-                     help="a .parquet or .csv file for the frame (its config beside, as .json)")
+                     help="a .parquet or .csv file for the frame (its config beside, as .json, "
+                          "and a plot of the Lie derivatives against depth, as .png)")
+    lie.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")
     lie.add_argument("--quiet", action="store_true", help="no progress bar")
     lie.add_argument("--import", dest="imports", nargs="+", default=[], metavar="MODULE",
                      help="modules to import first that register models with timm")
@@ -534,6 +536,12 @@ def _run_lie(args: argparse.Namespace) -> int:
     result.config.update(pretrained=loaded.pretrained, note=loaded.note)
     result.save(out)
     print(f"wrote {out} (with {out.name}.json beside: the config)")
+    if not args.no_plot:
+        from equifast.plots import plot_lie_depth
+
+        plot = out.with_suffix(".png")
+        plot_lie_depth(result, args.metric).savefig(plot, dpi=120)
+        print(f"wrote {plot}")
     return 0
 
 

@@ -51,6 +51,7 @@ __all__ = [
     "more_equivariant",
     "plot_accuracy_vs_equivariance",
     "plot_depth",
+    "plot_lie_depth",
     "plot_model_depth",
 ]
 
@@ -126,6 +127,45 @@ def plot_depth(result, metric: str = "corr", element: str = "mean", ax=None):
     model = result.config.get("model", "")
     group = result.config.get("group", "")
     ax.set_title(f"{model}: {metric} under {group} ({element})")
+    return fig
+
+
+def plot_lie_depth(result, metric: str = "lee_rel", ax=None):
+    """Lie derivatives against relative depth, one line per generator, with 95% CI bands, on a
+    logarithmic axis (they span orders of magnitude between layers and generators).
+
+    Args:
+        result: A :class:`equifast.lie.LieResult`.
+        metric: ``"lee_rel"`` (default) or ``"lee"``.
+        ax: Axes to draw on (default: a new figure).
+
+    Returns:
+        The matplotlib ``Figure``.
+    """
+    frame: pd.DataFrame = result.frame
+    rows = frame[frame.metric == metric]
+    if rows.empty:
+        raise ValueError(f"no rows for metric {metric!r} in the result")
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(7, 4), constrained_layout=True)
+    else:
+        fig = ax.figure
+    depth = rows.depth.astype(float)
+    rows = rows.assign(rel_depth=depth / max(float(depth.max()), 1.0))
+    for generator in dict.fromkeys(rows.generator):
+        part = rows[rows.generator == generator].sort_values("depth")
+        line, = ax.plot(part.rel_depth, part.value, marker="o", label=generator)
+        ax.fill_between(part.rel_depth, part.ci_low.astype(float), part.ci_high.astype(float),
+                        color=line.get_color(), alpha=0.2)
+    if (rows.value > 0).any():
+        ax.set_yscale("log")
+    layers = rows.drop_duplicates("layer").sort_values("depth")
+    ax.set_xticks(layers.rel_depth, layers.layer, rotation=45, ha="right", fontsize=8)
+    ax.set_xlabel("layer (relative depth)")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    ax.set_title(f"{result.config.get('model', '')}: Lie derivative ({metric})")
     return fig
 
 

@@ -65,6 +65,7 @@ def test_lie_writes_the_frame_and_its_config(tmp_path, capsys):
     assert set(frame.generator) == {"rotate", "scale"} and set(frame.metric) == {"lee", "lee_rel"}
     config = json.loads((tmp_path / "lie.parquet.json").read_text())
     assert config["generators"] == ["rotate", "scale"] and config["images"] == 2
+    assert (tmp_path / "lie.png").stat().st_size > 1000
     assert main(["lie", "--model", "resnet10t", "--out", str(tmp_path / "lie.png")]) == 2
     assert "expected a .parquet or .csv file name" in capsys.readouterr().err
     with pytest.raises(SystemExit):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
@@ -23,6 +24,7 @@ from equifast.lie import (
     image_tangents,
     lie_derivative,
 )
+from equifast.plots import plot_lie_depth
 
 
 def _run(model, images, **kwargs):
@@ -196,6 +198,12 @@ def test_the_result_and_its_summary(tmp_path):
         pd.testing.assert_frame_equal(loaded.summary(), summary)
     with pytest.raises(ValueError, match="ending in .parquet or .csv"):
         result.save(tmp_path / "lie.json")
+    figure = plot_lie_depth(result)
+    ax = figure.axes[0]
+    assert [line.get_label() for line in ax.get_lines()] == ["translate_x", "translate_y",
+                                                             "rotate"]
+    assert ax.get_yscale() == "log" and len(ax.get_xticks()) == 5
+    plt.close(figure)
 
 
 def test_a_half_precision_model_is_differentiated_in_float32_and_left_as_it_was():
