@@ -69,7 +69,7 @@ from .align import widened_to
 from .arguments import check_run_arguments
 from .data.folder import no_images_message, warn_skipped
 from .data.geometry import LUMA_WEIGHTS, channel_normalization
-from .groups import Translation, _rotation_matrix, _translation_matrix
+from .groups import Rotation, Translation
 from .layers import LayerHooks, LayerSpec, is_broad_selection, select_layers
 from .layouts import FeatureLayout, grid_view
 from .scores import FLAT_ABSOLUTE, FLAT_RELATIVE
@@ -108,19 +108,18 @@ def generator_field(name: str, height: int, width: int) -> np.ndarray:
     if name == "scale":
         cx, cy = (width - 1) / 2, (height - 1) / 2
         return np.array([[1.0, 0.0, -cx], [0.0, 1.0, -cy]])
-    if name == "translate_x":
-        family = lambda t: _translation_matrix(0.0, t)(height, width)  # noqa: E731
-        per_unit = 1.0
-    elif name == "translate_y":
-        family = lambda t: _translation_matrix(t, 0.0)(height, width)  # noqa: E731
-        per_unit = 1.0
-    elif name == "rotate":
-        family = lambda t: _rotation_matrix(t)(height, width)  # noqa: E731
-        per_unit = 180.0 / math.pi  # degrees -> radians
-    else:
+    # (the group's element of parameter t, and the parameter's unit per the field's)
+    families = {
+        "translate_x": (lambda t: Translation([(0.0, t)])[0], 1.0),
+        "translate_y": (lambda t: Translation([(t, 0.0)])[0], 1.0),
+        "rotate": (lambda t: Rotation([t])[0], 180.0 / math.pi),  # degrees -> radians
+    }
+    if name not in families:
         raise ValueError(f"generator: expected one of {GENERATORS}, found {name!r}")
+    element, per_unit = families[name]
     step = _MATRIX_STEP
-    return (family(step) - family(-step))[:2] / (2 * step) * per_unit
+    ahead, back = element(step).matrix(height, width), element(-step).matrix(height, width)
+    return (ahead - back)[:2] / (2 * step) * per_unit
 
 
 def _field_at(matrix: np.ndarray, xs: torch.Tensor, ys: torch.Tensor):
