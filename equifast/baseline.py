@@ -158,6 +158,39 @@ def _reinitialize(model: nn.Module) -> tuple[nn.Module, str, list[str]]:
     return fresh, how, kept
 
 
+def check_baseline(baseline) -> None:
+    """``baseline`` is ``None``, ``"init"``, a module or an :class:`InitCopy`, else a
+    ``ValueError`` (checked before a model is built)."""
+    if not (baseline is None or isinstance(baseline, (nn.Module, InitCopy))
+            or (isinstance(baseline, str) and baseline == "init")):
+        raise ValueError("baseline: expected None, 'init' or an initialized copy of the model "
+                         f"(an nn.Module), found {baseline!r}")
+
+
+def resolve_baseline(baseline, model: nn.Module, seed: int, name: str | None = None,
+                     input_size: tuple[int, int] | None = None) -> InitCopy | None:
+    """The :class:`InitCopy` that ``baseline`` asks for (see :func:`equifast.measure`).
+
+    ``"init"``: :func:`init_copy` of ``model``; a module or an :class:`InitCopy`: that copy, which
+    must hold the model's parameter names and shapes; ``None``: none.
+
+    Raises:
+        ValueError: another kind of ``baseline``, or a module of another architecture.
+    """
+    check_baseline(baseline)
+    if baseline is None:
+        return None
+    if isinstance(baseline, str):
+        return init_copy(model, seed, name, input_size)
+    fresh = baseline if isinstance(baseline, InitCopy) else InitCopy(
+        baseline.eval(), f"a module given as baseline= ({type(baseline).__name__})")
+    if not same_parameters(fresh.module, model):
+        raise ValueError("baseline: expected a module of the model's architecture (the same "
+                         f"parameter names and shapes), found another "
+                         f"({type(fresh.module).__name__})")
+    return fresh
+
+
 def init_copy_by_name(name: str, seed: int, input_size: tuple[int, int] | None = None,
                       **load_kwargs) -> InitCopy:
     """The model ``name`` (:func:`equifast.models.load_model`) built with ``pretrained=False``,

@@ -232,6 +232,9 @@ def _add_survey_commands(commands) -> None:
                      help="a .parquet or .csv file for the frame (its config beside, as .json, "
                           "and a plot of the Lie derivatives against depth, as .png)")
     lie.add_argument("--no-plot", action="store_true", help="do not write the PNG plot")
+    lie.add_argument("--baseline", choices=("init",), default=None,
+                     help="also differentiate a freshly initialized copy (seeded with --seed) on "
+                          "the same images: 'init' and 'learned' columns")
     lie.add_argument("--quiet", action="store_true", help="no progress bar")
     lie.add_argument("--import", dest="imports", nargs="+", default=[], metavar="MODULE",
                      help="modules to import first that register models with timm")
@@ -513,6 +516,11 @@ def _run_lie(args: argparse.Namespace) -> int:
     loaded = load_model_sized(args.model, args.input_size)
     print(f"model: {loaded.name} ({loaded.source}); "
           f"{'pretrained weights' if loaded.pretrained else loaded.note}")
+    baseline = None
+    if args.baseline == "init":
+        from equifast.baseline import init_copy_by_name
+
+        baseline = init_copy_by_name(args.model, args.seed, args.input_size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SkippedFilesWarning)  # listed below, with the table
         result = equifast.lie_derivative(
@@ -522,13 +530,17 @@ def _run_lie(args: argparse.Namespace) -> int:
             device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
             input_size=args.input_size, align=args.align, limit=args.limit,
             bootstrap=args.bootstrap, seed=args.seed, num_workers=args.workers,
-            loader=args.loader, progress=not args.quiet, model_name=loaded.name)
+            loader=args.loader, progress=not args.quiet, model_name=loaded.name,
+            baseline=baseline)
     config = result.config
     meaning = ("the mean squared Lie derivative over the features' variance"
                if args.metric == "lee_rel" else "the mean squared Lie derivative")
     print(f"{config['images']} images, input {config['input_size']}, "
           f"{config['seconds']:.1f} s; {args.metric} ({meaning}) per layer and generator:")
     print(result.format_summary(args.metric))
+    if baseline is not None:
+        print(f"learned ({args.metric} of the model minus that of its initialized copy):")
+        print(result.format_summary(args.metric, "learned"))
     if config["skipped"]:
         print(f"skipped {len(config['skipped'])} unreadable files:")
         for path, why in config["skipped"]:

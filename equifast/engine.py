@@ -43,7 +43,15 @@ from .align import (
     widened_to,
 )
 from .arguments import check_count, check_finite_pixels, check_run_arguments
-from .baseline import INIT, TRAINED, InitCopy, WithBaseline, init_copy, member_name, same_parameters
+from .baseline import (
+    INIT,
+    TRAINED,
+    InitCopy,
+    WithBaseline,
+    check_baseline,
+    member_name,
+    resolve_baseline,
+)
 from .data.folder import is_path_list, no_images_message, warn_skipped
 from .data.geometry import (
     LUMA_WEIGHTS,
@@ -667,10 +675,7 @@ def measure(
     check_mask(mask, list(group))
     if elements_per_chunk is not None:
         check_count("elements_per_chunk", elements_per_chunk, 1, "a positive integer or None")
-    if not (baseline is None or isinstance(baseline, (nn.Module, InitCopy))
-            or (isinstance(baseline, str) and baseline == "init")):
-        raise ValueError("baseline: expected None, 'init' or an initialized copy of the model "
-                         f"(an nn.Module), found {baseline!r}")
+    check_baseline(baseline)
 
     from .models import check_device, model_dtype_for, resolve_model
 
@@ -694,17 +699,8 @@ def measure(
         module.to(dtype)  # in place, as Module.to: the caller's model stays in this dtype
     if channels_last is None:
         channels_last = device.type == "cuda"
-    fresh = None
-    if baseline is not None:
-        if isinstance(baseline, str):
-            fresh = init_copy(module, seed, by_name, input_size)
-        else:
-            fresh = baseline if isinstance(baseline, InitCopy) else InitCopy(
-                baseline.eval(), f"a module given as baseline= ({type(baseline).__name__})")
-            if not same_parameters(fresh.module, module):
-                raise ValueError("baseline: expected a module of the model's architecture (the "
-                                 "same parameter names and shapes), found another "
-                                 f"({type(fresh.module).__name__})")
+    fresh = resolve_baseline(baseline, module, seed, by_name, input_size)
+    if fresh is not None:
         parameter = next(module.parameters(), None)
         fresh.module.to(device, parameter.dtype if parameter is not None else None)
     if shard is not None:

@@ -67,6 +67,15 @@ from torch import nn
 
 from .align import widened_to
 from .arguments import check_run_arguments
+from .baseline import (
+    INIT,
+    TRAINED,
+    InitCopy,
+    WithBaseline,
+    check_baseline,
+    member_name,
+    resolve_baseline,
+)
 from .data.folder import no_images_message, warn_skipped
 from .data.geometry import LUMA_WEIGHTS, channel_normalization
 from .groups import Rotation, Translation
@@ -79,7 +88,8 @@ DEFAULT_GENERATORS = ("translate_x", "translate_y", "rotate")
 LIE_METRICS = ("lee", "lee_rel")
 # The frame's columns, one row per layer x generator x metric.
 LIE_COLUMNS = ["model", "layer", "depth", "kind", "layout", "stride_y", "stride_x", "grid_h",
-               "grid_w", "generator", "metric", "value", "ci_low", "ci_high", "n"]
+               "grid_w", "generator", "metric", "value", "ci_low", "ci_high", "n", "init",
+               "learned", "learned_lo", "learned_hi"]
 # Step of the numerical derivative of a group map's matrix in its parameter (degrees, pixels):
 # the matrices are smooth (linear or trigonometric), so a central difference is exact to ~1e-12.
 _MATRIX_STEP = 1e-4
@@ -224,20 +234,23 @@ class LieResult:
     frame: pd.DataFrame
     config: dict[str, Any] = field(default_factory=dict)
 
-    def summary(self, metric: str = "lee_rel") -> pd.DataFrame:
-        """One row per layer (in depth order), one column per generator, of ``metric``."""
+    def summary(self, metric: str = "lee_rel", column: str = "value") -> pd.DataFrame:
+        """One row per layer (in depth order), one column per generator, of ``metric``: its
+        ``value``, or with a baseline its ``init`` or ``learned`` column."""
         if metric not in LIE_METRICS:
             raise ValueError(f"metric: expected one of {LIE_METRICS}, found {metric!r}")
+        if column not in ("value", "init", "learned"):
+            raise ValueError(f"column: expected 'value', 'init' or 'learned', found {column!r}")
         rows = self.frame[self.frame.metric == metric]
-        table = rows.pivot(index="layer", columns="generator", values="value")
+        table = rows.pivot(index="layer", columns="generator", values=column)
         layers = rows.sort_values("depth").layer.drop_duplicates()
         table = table.reindex(index=layers, columns=self.config["generators"])
         table.columns.name = None
         return table
 
-    def format_summary(self, metric: str = "lee_rel") -> str:
+    def format_summary(self, metric: str = "lee_rel", column: str = "value") -> str:
         """The summary as text (``lee_rel``: squared Lie derivative relative to the spread)."""
-        return self.summary(metric).to_string(float_format=lambda v: f"{v:.4g}")
+        return self.summary(metric, column).to_string(float_format=lambda v: f"{v:.4g}")
 
     def save(self, path: str | Path) -> Path:
         """Save the frame to ``.parquet`` or ``.csv``, the config to a ``.json`` beside."""
@@ -328,6 +341,7 @@ def lie_derivative(
     loader: str = "auto",
     progress: bool = True,
     model_name: str | None = None,
+    baseline: str | nn.Module | InitCopy | None = None,
 ) -> LieResult:
     """Lie derivatives of every chosen layer of ``model`` (module docstring: the definition).
 
@@ -352,6 +366,12 @@ def lie_derivative(
         num_workers, loader: How a folder is read, as for :func:`equifast.measure`.
         progress: Show a progress bar.
         model_name: Name recorded in the result (default: the timm name or the class name).
+        baseline: ``"init"``: also differentiate a freshly initialized copy of the architecture
+            (seeded with ``seed``; :mod:`equifast.baseline`), on the same images with the same
+            tangents, at the model's layouts and offsets, and fill the frame's ``init`` and
+            ``learned = value - init`` columns (``learned_lo``, ``learned_hi``: a paired 95%
+            interval). A module or an :class:`~equifast.baseline.InitCopy`: that copy, as for
+            :func:`equifast.measure`. None (default): those columns are NaN.
 
     Returns:
         A :class:`LieResult`.
@@ -367,6 +387,7 @@ def lie_derivative(
     if batch_size < 1:
         raise ValueError(f"batch_size: expected a positive integer, found {batch_size}")
     input_size = check_run_arguments(input_size, align, limit, bootstrap)
+    check_baseline(baseline)
     resolved = resolve_model(model, seed, input_size, model_name)
     module, preprocess, model_name = resolved.module, resolved.preprocess, resolved.name
     layers, layouts, align = resolved.own_names(layers, layouts, align)
@@ -386,6 +407,15 @@ def lie_derivative(
                       for t in [*module.parameters(), *module.buffers()])
     widening = widened_to(module, torch.float32, torch.bfloat16) if sixteen_bit \
         else contextlib.nullcontext()
+    fresh = resolve_baseline(baseline, module, seed, resolved.by_name, input_size)
+    runner: nn.Module = module
+    # Hooked names: the model's own, and with a baseline those of both members of WithBaseline
+    # (one forward of both on the same dual input; the copy takes the model's layouts and offsets).
+    members = {TRAINED: None}
+    if fresh is not None:
+        fresh.module.to(device, dtype)  # the copy is ours: no need to narrow it back
+        runner = WithBaseline(module, fresh.module)
+        members = {TRAINED: TRAINED, INIT: INIT}
 
     with widening:
         # (a one-pixel crop margin: the central differences of the border pixels read it)
@@ -397,7 +427,10 @@ def lie_derivative(
         names, layer_layouts, offsets = probe_layers(
             module, names, (height, width), layouts or {}, align, device, dtype, seed,
             lenient=is_broad_selection(layers, module), report=offsets_report)
-        values = {(n, g, m): [] for n in names for g in names_of_generators for m in LIE_METRICS}
+        values = {(member, n, g, m): [] for member in members for n in names
+                  for g in names_of_generators for m in LIE_METRICS}
+        hooked = {(member_name(prefix, n) if prefix else n): (member, n)
+                  for member, prefix in members.items() for n in names}
         images = 0
         bar = None
         if progress:
@@ -412,7 +445,8 @@ def lie_derivative(
                 captured[name] = tensor
 
         count = len(names_of_generators)
-        with LayerHooks(module, names, keep), torch.no_grad(), _attention_with_forward_ad():
+        with LayerHooks(runner, list(hooked), keep), torch.no_grad(), \
+                _attention_with_forward_ad():
             for batch in plan:
                 sources = _normalized(batch.sources.to(device), preprocess, resolved.channels,
                                       dtype)
@@ -422,10 +456,10 @@ def lie_derivative(
                 captured.clear()
                 with forward_ad.dual_level():
                     dual = forward_ad.make_dual(inputs.repeat(count, 1, 1, 1), tangents)
-                    module(dual)
+                    runner(dual)
                     unpacked = {n: forward_ad.unpack_dual(t) for n, t in captured.items()}
-                for name in names:
-                    primal, tangent = unpacked[name]
+                for key, (member, name) in hooked.items():
+                    primal, tangent = unpacked[key]
                     if tangent is None:  # the layer does not depend on the input
                         tangent = torch.zeros_like(primal)
                     for k, generator in enumerate(names_of_generators):
@@ -433,7 +467,8 @@ def lie_derivative(
                         scores = lie_scores(primal[:size], tangent[block], layer_layouts[name],
                                             offsets[name], (height, width), generator)
                         for metric in LIE_METRICS:
-                            values[name, generator, metric].append(scores[metric].cpu().numpy())
+                            values[member, name, generator, metric].append(
+                                scores[metric].cpu().numpy())
                 images += size
                 if bar is not None:
                     bar.update(size)
@@ -444,13 +479,23 @@ def lie_derivative(
     warn_skipped(plan.skipped, images)
 
     rows = []
-    keys = list(values)
-    per_image = np.stack([np.concatenate(values[key]) for key in keys])  # (rows, images)
+    keys = [key[1:] for key in values if key[0] == TRAINED]
+    per_image = np.stack([np.concatenate(values[(TRAINED, *key)]) for key in keys])  # (rows, N)
     distribution = bootstrap_means(per_image, bootstrap, seed)
     low, high = bootstrap_interval(distribution, len(keys))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: no interior cell
         means = np.nanmean(per_image, axis=1)
+        nan = np.full(len(keys), math.nan)
+        init, learned, learned_low, learned_high = nan, nan, nan, nan
+        if fresh is not None:
+            per_image_init = np.stack([np.concatenate(values[(INIT, *key)]) for key in keys])
+            init = np.nanmean(per_image_init, axis=1)
+            # paired: the difference image by image, resampled as the images are
+            differences = per_image - per_image_init
+            learned = np.nanmean(differences, axis=1)
+            learned_low, learned_high = bootstrap_interval(
+                bootstrap_means(differences, bootstrap, seed), len(keys))
     for i, (name, generator, metric) in enumerate(keys):
         layout = layer_layouts[name]
         rows.append({
@@ -458,7 +503,8 @@ def lie_derivative(
             "layout": layout.layout, "stride_y": layout.stride[0], "stride_x": layout.stride[1],
             "grid_h": layout.grid_h, "grid_w": layout.grid_w, "generator": generator,
             "metric": metric, "value": means[i], "ci_low": low[i], "ci_high": high[i],
-            "n": int(np.isfinite(per_image[i]).sum()),
+            "n": int(np.isfinite(per_image[i]).sum()), "init": init[i], "learned": learned[i],
+            "learned_lo": learned_low[i], "learned_hi": learned_high[i],
         })
     frame = pd.DataFrame(rows, columns=LIE_COLUMNS)
     config = {
@@ -471,6 +517,7 @@ def lie_derivative(
         "input_size": [height, width], "images": images, "bootstrap": bootstrap, "seed": seed,
         "device": str(device), "dtype": str(dtype).replace("torch.", ""),
         "skipped": list(plan.skipped), "seconds": time.perf_counter() - started,
+        "baseline": None if fresh is None else {"how": fresh.how, "kept": fresh.kept},
     }
     return LieResult(frame, config)
 

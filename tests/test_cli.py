@@ -57,10 +57,11 @@ def test_lie_writes_the_frame_and_its_config(tmp_path, capsys):
     out = tmp_path / "lie.parquet"
     code = main(["lie", "--model", "resnet10t", "--samples", "--limit", "2", "--input-size", "48",
                  "--generators", "rotate", "scale", "--bootstrap", "0", "--quiet", "--out",
-                 str(out)])
+                 str(out), "--baseline", "init"])
     assert code == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
     assert "lee_rel" in printed and "layer1" in printed and "rotate" in printed
+    assert "learned (lee_rel of the model minus that of its initialized copy)" in printed
     frame = pd.read_parquet(out)
     assert set(frame.generator) == {"rotate", "scale"} and set(frame.metric) == {"lee", "lee_rel"}
     config = json.loads((tmp_path / "lie.parquet.json").read_text())

@@ -228,3 +228,41 @@ def test_generators_are_checked():
     with pytest.raises(ValueError, match="shear"):
         equifast.lie_derivative(_Pointwise(), torch.rand(1, 3, 8, 8), generators="shear",
                                 progress=False)
+
+
+def test_a_baseline_is_differentiated_on_the_same_images():
+    torch.manual_seed(0)
+    model = _Unpadded()
+    torch.manual_seed(1)
+    copy = _Unpadded()
+    images = torch.rand(3, 3, 16, 19)
+    kwargs = dict(layers=["first", "second"], generators=["translate_x", "rotate"],
+                  bootstrap=20)
+    result = _run(model, images, baseline=copy, **kwargs)
+    alone = _run(copy, images, align=result.config["offsets"], **kwargs)
+    frame, other = result.frame, alone.frame
+    np.testing.assert_allclose(frame.init, other.value, rtol=1e-12)
+    np.testing.assert_allclose(frame.learned, frame.value - frame.init, rtol=1e-9, atol=1e-15)
+    assert (frame.learned_lo <= frame.learned).all() and (frame.learned <= frame.learned_hi).all()
+    assert "a module given as baseline=" in result.config["baseline"]["how"]
+    plain = _run(model, images, **kwargs).frame
+    np.testing.assert_array_equal(plain.value, frame.value)  # the copy changes nothing else
+    assert plain.init.isna().all() and plain.learned.isna().all()
+    with pytest.raises(ValueError, match="the model's architecture"):
+        _run(model, images, baseline=_Pointwise(), **kwargs)
+
+
+def test_a_model_at_its_seeded_initialization_learns_exactly_nothing():
+    # A timm model built under torch.manual_seed(seed) is the copy that baseline="init" builds
+    # with that seed (timm's own initialization): learned is exactly 0.
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", num_classes=5).eval()
+    result = lie_derivative(model, "samples", input_size=(40, 40), limit=2, batch_size=2,
+                            bootstrap=0, progress=False, baseline="init", seed=0,
+                            generators=["translate_y"], layers=["layer1", "layer2"])
+    frame = result.frame
+    assert "timm" in result.config["baseline"]["how"]
+    assert (frame.learned == 0).all() and (frame.init == frame.value).all()
+    assert (result.summary("lee", "learned") == 0).all().all()
+    with pytest.raises(ValueError, match="column: expected"):
+        result.summary("lee", "ci_low")
