@@ -102,6 +102,16 @@ class _SubcommandParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
 
+def _add_model_and_data(command: argparse.ArgumentParser) -> None:
+    """``--model`` and the images (``--data DIR`` or ``--samples``) of one model's command."""
+    command.add_argument("--model", required=True,
+                         help="timm name (resnet18) or torchvision name (tv:resnet50)")
+    source = command.add_mutually_exclusive_group()
+    source.add_argument("--data", help="image folder (ImageNet layout or flat)")
+    source.add_argument("--samples", action="store_true",
+                        help="the embedded sample photographs (the default)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="equifast",
@@ -113,12 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     measure = commands.add_parser("measure", help="measure one model",
                                   description="Measure one model on images for a group.")
-    measure.add_argument("--model", required=True,
-                         help="timm name (resnet18) or torchvision name (tv:resnet50)")
-    source = measure.add_mutually_exclusive_group()
-    source.add_argument("--data", help="image folder (ImageNet layout or flat)")
-    source.add_argument("--samples", action="store_true",
-                        help="the embedded sample photographs (the default)")
+    _add_model_and_data(measure)
     measure.add_argument("--group", default="translate:8,16,32",
                          help="group spec: translate:8,16,32 | translate[circular]:4 | "
                               "rotate:90,180,270 | flip; join with + (union) or * (product)")
@@ -203,12 +208,7 @@ def _add_survey_commands(commands) -> None:
         description="Local equivariance of one model: the Lie derivatives of its layers' "
                     "features under infinitesimal translations, rotation or scaling "
                     "(equifast.lie_derivative).")
-    lie.add_argument("--model", required=True,
-                     help="timm name (resnet18) or torchvision name (tv:resnet50)")
-    lie_source = lie.add_mutually_exclusive_group()
-    lie_source.add_argument("--data", help="image folder (ImageNet layout or flat)")
-    lie_source.add_argument("--samples", action="store_true",
-                            help="the embedded sample photographs (the default)")
+    _add_model_and_data(lie)
     lie.add_argument("--generators", nargs="+", choices=GENERATORS, default=None,
                      help="translate_x, translate_y (per pixel), rotate (per radian), scale "
                           "(default: translate_x translate_y rotate)")

@@ -95,12 +95,24 @@ def _draw_depth(ax, rows: pd.DataFrame, metric: str) -> None:
         if comparison == "eq" and init is not None and init.notna().any():
             ax.plot(part.rel_depth, init, linestyle="--", marker=".", color=colour,
                     label=f"{label} at init")
+    _label_depth_axes(ax, rows, metric)
+
+
+def _label_depth_axes(ax, rows: pd.DataFrame, metric: str) -> None:
+    """Layer names at their relative depths on x, the metric on y, grid and legend."""
     layers = rows.drop_duplicates("layer").sort_values("depth")
     ax.set_xticks(layers.rel_depth, layers.layer, rotation=45, ha="right", fontsize=8)
     ax.set_xlabel("layer (relative depth)")
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
+
+
+def _figure_of(ax):
+    """``(figure, axes)``: a new 7 x 4 figure when ``ax`` is None, else ``ax``'s."""
+    if ax is None:
+        return plt.subplots(figsize=(7, 4), constrained_layout=True)
+    return ax.figure, ax
 
 
 def plot_depth(result, metric: str = "corr", element: str = "mean", ax=None):
@@ -119,10 +131,7 @@ def plot_depth(result, metric: str = "corr", element: str = "mean", ax=None):
     rows = frame[(frame.metric == metric) & (frame.element == element)]
     if rows.empty:
         raise ValueError(f"no rows for metric {metric!r} and element {element!r} in the result")
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(7, 4), constrained_layout=True)
-    else:
-        fig = ax.figure
+    fig, ax = _figure_of(ax)
     _draw_depth(ax, rows, metric)
     model = result.config.get("model", "")
     group = result.config.get("group", "")
@@ -146,10 +155,7 @@ def plot_lie_depth(result, metric: str = "lee_rel", ax=None):
     rows = frame[frame.metric == metric]
     if rows.empty:
         raise ValueError(f"no rows for metric {metric!r} in the result")
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(7, 4), constrained_layout=True)
-    else:
-        fig = ax.figure
+    fig, ax = _figure_of(ax)
     depth = rows.depth.astype(float)
     rows = rows.assign(rel_depth=depth / max(float(depth.max()), 1.0))
     for generator in dict.fromkeys(rows.generator):
@@ -159,12 +165,7 @@ def plot_lie_depth(result, metric: str = "lee_rel", ax=None):
                         color=line.get_color(), alpha=0.2)
     if (rows.value > 0).any():
         ax.set_yscale("log")
-    layers = rows.drop_duplicates("layer").sort_values("depth")
-    ax.set_xticks(layers.rel_depth, layers.layer, rotation=45, ha="right", fontsize=8)
-    ax.set_xlabel("layer (relative depth)")
-    ax.set_ylabel(metric)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
+    _label_depth_axes(ax, rows, metric)
     ax.set_title(f"{result.config.get('model', '')}: Lie derivative ({metric})")
     return fig
 

@@ -41,6 +41,18 @@ def is_integer_map(affine: torch.Tensor) -> bool:
     return bool(torch.all((affine - torch.round(affine)).abs() <= INTEGER_TOLERANCE))
 
 
+def _grid_sources(affine: torch.Tensor, out_h: int, out_w: int):
+    """``(xs, ys, src_x, src_y)``, each ``(out_h, out_w)`` float64: every output position and
+    the source ``affine`` reads there, in the kernels' order of operations (``apply_map``)."""
+    ys, xs = torch.meshgrid(
+        torch.arange(out_h, dtype=torch.float64), torch.arange(out_w, dtype=torch.float64),
+        indexing="ij",
+    )
+    src_x = affine[0, 0] * xs + affine[0, 1] * ys + affine[0, 2]
+    src_y = affine[1, 0] * xs + affine[1, 1] * ys + affine[1, 2]
+    return xs, ys, src_x, src_y
+
+
 def _sample_plan(
     affine: torch.Tensor, out_h: int, out_w: int, size_h: int, size_w: int, wrap: bool,
     offset_y: int = 0, offset_x: int = 0, bound_h: int | None = None,
@@ -59,12 +71,7 @@ def _sample_plan(
         the fill value).
     """
     affine = affine.to(torch.float64)
-    ys, xs = torch.meshgrid(
-        torch.arange(out_h, dtype=torch.float64), torch.arange(out_w, dtype=torch.float64),
-        indexing="ij",
-    )
-    src_x = affine[0, 0] * xs + affine[0, 1] * ys + affine[0, 2]
-    src_y = affine[1, 0] * xs + affine[1, 1] * ys + affine[1, 2]
+    _, _, src_x, src_y = _grid_sources(affine, out_h, out_w)
     bound_h = size_h if bound_h is None else bound_h
     bound_w = size_w if bound_w is None else bound_w
     # Validity and wrapping are decided in window coordinates (before adding the margin offset).
@@ -208,12 +215,7 @@ def disc_mask(affine: torch.Tensor, height: int, width: int,
               disc: Sequence[float]) -> torch.Tensor:
     """``(h, w)`` bool: positions that lie inside ``disc`` with their sources under ``affine``."""
     affine = affine.to(torch.float64)
-    ys, xs = torch.meshgrid(
-        torch.arange(height, dtype=torch.float64), torch.arange(width, dtype=torch.float64),
-        indexing="ij",
-    )
-    src_x = affine[0, 0] * xs + affine[0, 1] * ys + affine[0, 2]
-    src_y = affine[1, 0] * xs + affine[1, 1] * ys + affine[1, 2]
+    xs, ys, src_x, src_y = _grid_sources(affine, height, width)
     if is_integer_map(affine):
         src_x, src_y = torch.round(src_x), torch.round(src_y)
     return inside_disc(xs, ys, disc) & inside_disc(src_x, src_y, disc)
