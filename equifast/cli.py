@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import re
@@ -27,7 +28,7 @@ from equifast.paths import os_reason as _os_reason
 from equifast.paths import shown_path as _shown_path
 
 # (the channel maps of equifast.ops, spelled out so that --help needs no torch)
-CHANNEL_MAPS = ("identity", "match")
+CHANNEL_MAPS = ("identity", "match", "linear")
 
 
 def _parse_size(text: str) -> tuple[int, int]:
@@ -64,6 +65,18 @@ def _resamples(text: str) -> int:
     if value == 1:
         raise argparse.ArgumentTypeError("expected 0 (no intervals) or at least 2 resamples, "
                                          "found 1")
+    return value
+
+
+def _ridge(text: str) -> float:
+    """An argparse type: a positive finite number (the ridge penalty of --channel-map linear)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number such as 0.001, found "
+                                         f"{text!r}")
     return value
 
 
@@ -146,7 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
                               "interpolation of the features, or skip (NaN)")
     measure.add_argument("--channel-map", choices=CHANNEL_MAPS, default="identity",
                          help="match: each channel against its best-correlated channel of the "
-                              "other map (equivariance up to a permutation of channels)")
+                              "other map (equivariance up to a permutation of channels); "
+                              "linear: against a linear map of all its channels, fitted on the "
+                              "other half of the images (reads the data twice)")
+    measure.add_argument("--ridge", type=_ridge, default=None,
+                         help="the ridge penalty of --channel-map linear, relative to the "
+                              "features' scale (default 0.001)")
     measure.add_argument("--mask", choices=("disc",), default=None,
                          help="disc: compare only positions inside the disc inscribed in the "
                               "input (every rotation then compares the same positions)")
@@ -273,7 +291,9 @@ def _add_survey_commands(commands) -> None:
     survey.add_argument("--subpixel", choices=("bilinear", "skip"), default=None,
                         help="as for measure: bilinear (default) or skip")
     survey.add_argument("--channel-map", choices=CHANNEL_MAPS, default=None,
-                        help="identity (default) or match")
+                        help="identity (default), match or linear")
+    survey.add_argument("--ridge", type=_ridge, default=None,
+                        help="as for measure (--channel-map linear)")
     survey.add_argument("--mask", choices=("disc",), default=None, help="as for measure")
     survey.add_argument("--pooled", action="store_true", help="score pooled statistics")
     survey.add_argument("--baseline", choices=("init",), default=None,
@@ -337,7 +357,7 @@ def _run_survey(args: argparse.Namespace) -> int:
         "device": args.device, "input_size": args.input_size, "align": args.align,
         "pooled": args.pooled, "bootstrap": args.bootstrap, "num_workers": args.workers,
         "loader": args.loader, "baseline": args.baseline, "subpixel": args.subpixel,
-        "channel_map": args.channel_map, "mask": args.mask,
+        "channel_map": args.channel_map, "mask": args.mask, "ridge": args.ridge,
     }
     summary = run_survey(
         args.models, args.data or "samples", args.store, args.group,
@@ -428,6 +448,7 @@ def _measure(args: argparse.Namespace, main: bool) -> int:
             # the model is built on the CPU: without --device, measure on the GPU when there is one
             device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
             align=args.align, subpixel=args.subpixel, channel_map=args.channel_map,
+            **({} if args.ridge is None else {"ridge": args.ridge}),
             mask=args.mask, pooled=args.pooled, bootstrap=args.bootstrap,
             seed=args.seed, limit=args.limit, num_workers=args.workers, loader=args.loader,
             progress=not args.quiet and main,

@@ -131,6 +131,9 @@ class _Layer:
     # pooled=True: per chunk of a batch (lo, (3, Kc, C, 6) statistics merged over its images,
     # (3, Kc, B) whether each image had a valid position: the images behind the pooled n)
     pooled: list[tuple] = field(default_factory=list)
+    # channel_map="linear": the sums of the fits (first pass), then the maps (F, 3, K, C, C + 1)
+    linear_sums: dict[str, torch.Tensor] | None = None
+    linear_maps: torch.Tensor | None = None
 
 
 def resolve_group(group: Group | str | None) -> Group:
@@ -463,6 +466,12 @@ class DataPlan:
 # against 1.29 s, as more forwards mean more statistics calls per layer and identity blocks kept.
 CPU_PIXELS_PER_FORWARD = 32 * 112 * 112
 
+# channel_map="linear": folds of the images (fit on one, score on the other), the default ridge
+# penalty relative to the features' scale, and the most memory the fits may hold.
+LINEAR_FOLDS = 2
+LINEAR_RIDGE = 1e-3
+LINEAR_FIT_BYTES = 8 << 30
+
 
 def check_loader(loader: str, data: DataSpec) -> None:
     """A ValueError for an unknown ``loader``, or one given for data that is not files (the
@@ -544,6 +553,7 @@ def measure(
     align: AlignSpec = "auto",
     subpixel: str = "bilinear",
     channel_map: str = "identity",
+    ridge: float = LINEAR_RIDGE,
     mask: str | None = None,
     comparisons: Sequence[str] = COMPARISONS,
     pooled: bool = False,
@@ -601,6 +611,16 @@ def measure(
             copy of a filter shows it. The chance comparison is matched too, so that
             ``corr_vs_chance`` discounts what matching alone gains. Slower: it runs the
             pure-PyTorch statistics (a ``C x C`` matrix per image and element).
+            ``"linear"`` (Lenc & Vedaldi): each channel against ``M b + c``, the affine map of
+            all channels of the other map ``b`` that best predicts the transformed image's
+            features, fitted by ridge least squares per layer, element and comparison on the
+            other half of the images (two folds: even and odd positions in the data's order;
+            each image is scored with the map fitted on the other fold, never on itself). It
+            reads the data twice (a pass to fit, a pass to score), keeps two ``C x C``
+            float64 matrices per fold, comparison and element of every layer, and needs data
+            that can be read twice (not a one-shot iterator) and at least two images.
+        ridge: ``channel_map="linear"`` only: the ridge penalty ``lambda = ridge *
+            trace(S_bb) / C`` of the fit (relative to the features' scale; positive).
         mask: ``None`` (every valid position counts) or ``"disc"``: a position counts only where
             it and the position its content came from both lie inside the disc inscribed in the
             model input (:func:`equifast.groups.feature_disc`: radius ``(min(H, W) - 1) / 2``
@@ -672,6 +692,8 @@ def measure(
         raise ValueError(f"batch_size: expected a positive integer, found {batch_size}")
     input_size = check_run_arguments(input_size, align, limit, bootstrap)
     check_channel_map(channel_map)
+    if channel_map == "linear":
+        check_linear_run(data, ridge)
     check_mask(mask, list(group))
     if elements_per_chunk is not None:
         check_count("elements_per_chunk", elements_per_chunk, 1, "a positive integer or None")
@@ -689,6 +711,9 @@ def measure(
     channels = resolved.channels  # 1: a greyscale model, fed the luma of the images
     module.eval()
     shard, device = _dist.setup(distributed, device)
+    if shard is not None and channel_map == "linear":
+        raise ValueError("channel_map='linear' is not available with distributed=True yet (the "
+                         "fits would need the sums of every rank); measure in one process")
     if device is None:
         parameter = next(module.parameters(), None)
         device = parameter.device if parameter is not None else torch.device("cpu")
@@ -769,6 +794,10 @@ def measure(
             state[copy_keys[name]] = _Layer(name, depth, layout, offsets[name], affines, exact,
                                             layer_wrap, disc)
     hooked = list(state)
+    if channel_map == "linear":
+        check_linear_memory(state, count)
+        for layer in state.values():
+            layer.linear_sums = ops.empty_linear_sums(LINEAR_FOLDS, count, _stats_channels(layer))
 
     # Image-space source maps of the transform: identity first.
     all_elements = [IDENTITY] + elements
@@ -833,8 +862,18 @@ def measure(
             # measured layer's output per forward cost more than its statistics (resnet18 at
             # 224 px, one block per forward: torch.cat 2.4x the time of equivariance_stats).
             reference = identity[name]
+        linear = None
+        if channel_map == "linear":
+            # images in folds by their place in the data (even, odd): each is scored with the
+            # map fitted on the other fold
+            folds = (context["image_offset"] + torch.arange(batch)) % LINEAR_FOLDS
+            if context["fitting"]:  # the first pass: sums for the fits only
+                fit_pending.append((name, lo, hi, _layer_fit_sums(tensor, layer, lo, hi, batch,
+                                                                  subpixel, reference, folds)))
+                return
+            linear = (layer.linear_maps[:, :, lo:hi], (folds + 1) % LINEAR_FOLDS)
         stats = _layer_stats(tensor, layer, lo, hi, batch, layer.wrap, subpixel, channel_map,
-                             force_reference, reference)
+                             force_reference, reference, linear)
         if batch == 1:
             stats[2] = 0  # no other image to compare with: chance is undefined
         if pooled:
@@ -854,12 +893,17 @@ def measure(
     if progress:
         from tqdm.auto import tqdm
 
-        progress_bar = tqdm(total=plan.total, unit="img", desc=f"measure {model_name}",
-                            leave=False)
+        passes = 2 if channel_map == "linear" else 1  # linear: a pass to fit, one to score
+        progress_bar = tqdm(total=None if plan.total is None else passes * plan.total,
+                            unit="img", desc=f"measure {model_name}", leave=False)
     backend = "reference" if force_reference or not _ext.has_kernel(
         "equivariance_stats", device.type) else "compiled"
-    if channel_map == "match" and backend == "compiled":
-        backend = "compiled transform, reference statistics"  # no kernel matches channels
+    if channel_map in ("match", "linear") and backend == "compiled":
+        backend = "compiled transform, reference statistics"  # no kernel maps channels
+    # channel_map="linear": the sums of the fits of the batch being run (committed when all its
+    # forwards are done, so that a retry after running out of memory does not count them twice)
+    fit_pending: list[tuple[str, int, int, dict[str, torch.Tensor]]] = []
+    context["fitting"] = False
 
     def run_batch(batch: Batch) -> Callable[[], None]:
         """Launches the batch's forwards; returns what brings its results to the host.
@@ -898,6 +942,8 @@ def measure(
                 if channels == 1:
                     images = _to_grey(images)
                 context.update(lo=lo, hi=hi, first=forward == 0, batch=size, seen=set())
+                if forward == 0:
+                    fit_pending.clear()
                 with torch.inference_mode(), LayerHooks(runner, hooked, on_output), \
                         torch.autocast(device.type, torch.bfloat16, enabled=autocast):
                     output = runner(images)
@@ -916,6 +962,7 @@ def measure(
                               f"{blocks} blocks of images per forward", stacklevel=2)
                 logits_blocks = [None] * (count + 1)
                 identity.clear()
+                fit_pending.clear()
                 bounds = _forward_bounds(count, chunk, blocks)
                 forward = 0
                 continue
@@ -929,6 +976,11 @@ def measure(
                 warn_not_logits(output, stacklevel=3, headless=headless)  # the caller of measure
             forward += 1
         identity.clear()
+        if context["fitting"]:
+            for name, lo, hi, sums in fit_pending:
+                _add_fit_sums(state[name], lo, hi, sums)
+            fit_pending.clear()
+            return lambda: None  # nothing to score or count in the pass that fits
         batch_tables = list(tables)
         tables.clear()
         end_marks = _marks(state)
@@ -955,6 +1007,28 @@ def measure(
             top_rows.append(torch.stack([hit1, hit5]).cpu().numpy())
 
     batches_started = time.perf_counter()
+    context["image_offset"] = 0
+    if channel_map == "linear":
+        # The first pass fits the maps (DESIGN.md 1.6: fitted on one split, scored on another),
+        # the second reads the data again and scores every image with the other fold's maps.
+        context["fitting"] = True
+        for batch in _chain(first, batches):
+            run_batch(batch)
+            context["image_offset"] += batch.sources.shape[0]
+            if trimmer is not None:
+                trimmer.after_batch()
+            if progress_bar is not None:
+                progress_bar.update(batch.sources.shape[0])
+        if context["image_offset"] < LINEAR_FOLDS:
+            raise ValueError(f"channel_map='linear': expected at least {LINEAR_FOLDS} images "
+                             f"(one fits the map that scores the other), found "
+                             f"{context['image_offset']}")
+        for layer in state.values():
+            layer.linear_maps = ops.solve_linear_maps(layer.linear_sums, ridge)
+            layer.linear_sums = None
+        context.update(fitting=False, image_offset=0)
+        batches = iter(plan)
+        first = next(batches, None)
     unfinished: Callable[[], None] | None = None  # the previous batch's finish (run_batch)
     for batch in _chain(first, batches):
         finish = run_batch(batch)
@@ -964,6 +1038,7 @@ def measure(
         if trimmer is not None:
             trimmer.after_batch()
         images_done += batch.sources.shape[0]
+        context["image_offset"] = images_done
         if progress_bar is not None:
             progress_bar.update(batch.sources.shape[0])
     if unfinished is not None:
@@ -1023,6 +1098,7 @@ def measure(
         "align": align if isinstance(align, (str, int, float)) else str(align),
         "subpixel": subpixel,
         "channel_map": channel_map,
+        **({"ridge": ridge, "folds": LINEAR_FOLDS} if channel_map == "linear" else {}),
         "mask": mask,
         "metrics": list(metric_names),
         "pooled": pooled,
@@ -1242,12 +1318,11 @@ def probe_layers(module, names, input_size, overrides, align, device, dtype, see
     raise AssertionError("unreachable: the last attempt returns or raises")
 
 
-def _layer_stats(tensor, layer: _Layer, lo, hi, batch, wrap, subpixel, channel_map,
-                 force_reference, reference: torch.Tensor | None = None):
-    """Statistics of elements ``[lo, hi)`` from a layer's output: ``tensor`` holds the identity
-    block first, or, with ``reference`` (the identity block), the elements' blocks only."""
+def _op_view(tensor, layer: _Layer, reference: torch.Tensor | None):
+    """``(tensor, reference, (layout, grid_h, grid_w, prefix), disc)`` as the ops take a layer's
+    output: a vector as one channel of one row of positions (its entries), and the identity
+    block stacked with the elements where the two are laid out differently."""
     layout = layer.layout
-    affines = torch.from_numpy(layer.source_affines[lo:hi])
     if layout.kind == "vector":
         tensor = tensor.reshape(tensor.shape[0], 1, 1, -1)
         if reference is not None:
@@ -1255,14 +1330,75 @@ def _layer_stats(tensor, layer: _Layer, lo, hi, batch, wrap, subpixel, channel_m
     if reference is not None and not _lays_out_like(reference, tensor):
         tensor, reference = torch.cat([reference, tensor]), None  # the op needs one layout
     if layout.kind == "vector":
-        return ops.equivariance_stats(tensor, affines, wrap[lo:hi], batch, "NCHW", 1,
-                                      tensor.shape[-1], 0, subpixel, True, True,
-                                      force_reference=force_reference, reference=reference,
-                                      channel_map=channel_map)
-    return ops.equivariance_stats(tensor, affines, wrap[lo:hi], batch, layout.layout,
-                                  layout.grid_h, layout.grid_w, layout.prefix, subpixel, True,
+        return tensor, reference, ("NCHW", 1, tensor.shape[-1], 0), None
+    return (tensor, reference, (layout.layout, layout.grid_h, layout.grid_w, layout.prefix),
+            layer.disc)
+
+
+def _layer_stats(tensor, layer: _Layer, lo, hi, batch, wrap, subpixel, channel_map,
+                 force_reference, reference: torch.Tensor | None = None,
+                 linear: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """Statistics of elements ``[lo, hi)`` from a layer's output: ``tensor`` holds the identity
+    block first, or, with ``reference`` (the identity block), the elements' blocks only.
+    ``linear``: ``(maps, map_folds)`` of ``channel_map="linear"``."""
+    affines = torch.from_numpy(layer.source_affines[lo:hi])
+    tensor, reference, view, disc = _op_view(tensor, layer, reference)
+    maps, map_folds = linear if linear is not None else (None, None)
+    return ops.equivariance_stats(tensor, affines, wrap[lo:hi], batch, *view, subpixel, True,
                                   True, force_reference=force_reference, reference=reference,
-                                  channel_map=channel_map, disc=layer.disc)
+                                  channel_map=channel_map, disc=disc, linear_maps=maps,
+                                  map_folds=map_folds)
+
+
+def _layer_fit_sums(tensor, layer: _Layer, lo, hi, batch, subpixel,
+                    reference: torch.Tensor | None, folds: torch.Tensor) -> dict:
+    """The linear-fit sums of elements ``[lo, hi)`` (as :func:`_layer_stats`)."""
+    affines = torch.from_numpy(layer.source_affines[lo:hi])
+    tensor, reference, view, disc = _op_view(tensor, layer, reference)
+    return ops.linear_fit_sums(tensor, affines, layer.wrap[lo:hi], batch, *view, subpixel, True,
+                               True, folds, LINEAR_FOLDS, reference=reference, disc=disc)
+
+
+def _stats_channels(layer: _Layer) -> int:
+    """Channels of a layer's statistics (a vector is one channel)."""
+    return 1 if layer.layout.kind == "vector" else layer.layout.channels
+
+
+def _add_fit_sums(layer: _Layer, lo: int, hi: int, sums: dict[str, torch.Tensor]) -> None:
+    """Merge a batch's fit sums of elements ``[lo, hi)`` into the layer's."""
+    current = {key: value[:, :, lo:hi] for key, value in layer.linear_sums.items()}
+    for key, value in ops.merge_linear_sums(current, sums).items():
+        layer.linear_sums[key][:, :, lo:hi] = value
+
+
+def check_linear_run(data, ridge: float) -> None:
+    """The arguments ``channel_map="linear"`` needs: data it can read twice, a positive ridge."""
+    if isinstance(data, Iterator):
+        raise ValueError(
+            "channel_map='linear': data is a one-shot iterator "
+            f"({type(data).__name__}), which cannot be read twice (once to fit the maps, once to "
+            "score them); pass a tensor, a list of batches, a folder or file list instead")
+    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not (
+            math.isfinite(ridge) and ridge > 0):
+        raise ValueError(f"ridge: expected a positive finite number, found {ridge!r}")
+
+
+def check_linear_memory(state: dict[str, _Layer], elements: int,
+                        limit: int | None = None) -> None:
+    """A ValueError, before any forward, when the fits of ``channel_map="linear"`` would hold
+    more than ``limit`` bytes (default :data:`LINEAR_FIT_BYTES`)."""
+    limit = LINEAR_FIT_BYTES if limit is None else limit
+    per_layer = {layer_key: LINEAR_FOLDS * 3 * elements * 2 * _stats_channels(layer) ** 2 * 8
+                 for layer_key, layer in state.items()}
+    total = sum(per_layer.values())
+    if total > limit:
+        widest = max(per_layer, key=per_layer.get)
+        raise ValueError(
+            f"channel_map='linear': the fits would hold {total / 2**30:.1f} GiB ({LINEAR_FOLDS} "
+            f"folds x 3 comparisons x {elements} elements x two C x C float64 matrices per "
+            f"layer; the widest, {widest!r}, has C = {_stats_channels(state[widest])}); "
+            f"expected at most {limit / 2**30:.1f} GiB: measure fewer or narrower layers, or "
+            "fewer group elements, per run")
 
 
 def _lays_out_like(reference: torch.Tensor, tensor: torch.Tensor) -> bool:

@@ -373,7 +373,10 @@ def pair_scores(
     return out
 
 
-CHANNEL_MAPS = ("identity", "match")
+CHANNEL_MAPS = ("identity", "match", "linear")
+# channel_map="linear": two folds of the images (even and odd places in the data's order), each
+# scored with the map fitted on the other (written apart from the engine's fits)
+LINEAR_FOLDS = 2
 
 
 def match_channels(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -400,6 +403,27 @@ def match_channels(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> tor
         best[a_constant] = torch.arange(channels, device=a.device)[a_constant]
         matched[n] = b[n][best]
     return matched
+
+
+def fit_linear_map(a_values: torch.Tensor, b_values: torch.Tensor,
+                   ridge: float) -> torch.Tensor | None:
+    """The affine map ``[M | c]`` ``(C, C + 1)`` that predicts ``a`` from ``b`` (``(C, n)``
+    values of ``n`` pairs) by ridge least squares: ``min |A - M B|^2 + lambda |M|^2`` over the
+    centred values, ``lambda = ridge * |B|^2 / C``, solved by ``torch.linalg.lstsq`` on the
+    stacked system ``[B^T; sqrt(lambda) I] M^T = [A^T; 0]`` (not by normal equations: apart
+    from the engine's). ``None`` without pairs."""
+    channels, pairs = b_values.shape
+    if pairs == 0:
+        return None
+    mean_a, mean_b = a_values.mean(-1), b_values.mean(-1)
+    centred_a = a_values - mean_a[:, None]
+    centred_b = b_values - mean_b[:, None]
+    energy = float((centred_b * centred_b).sum())
+    penalty = ridge * energy / channels if energy > 0 else 1.0
+    rows = torch.cat([centred_b.T, math.sqrt(penalty) * torch.eye(channels, dtype=torch.float64)])
+    targets = torch.cat([centred_a.T, torch.zeros(channels, channels, dtype=torch.float64)])
+    mixing = torch.linalg.lstsq(rows, targets, driver="gelsd").solution.T  # (C, C)
+    return torch.cat([mixing, (mean_a - mixing @ mean_b)[:, None]], 1)
 
 
 def pair_sums(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -804,6 +828,7 @@ def measure(
     align: AlignSpec = "auto",
     subpixel: str = "bilinear",
     channel_map: str = "identity",
+    ridge: float = 1e-3,
     mask: str | None = None,
     comparisons: Sequence[str] = COMPARISONS,
     pooled: bool = False,
@@ -842,7 +867,11 @@ def measure(
         layouts: Layout overrides per layer.
         align: Grid offsets (:func:`equifast.align.find_offsets`).
         subpixel: ``"bilinear"`` or ``"skip"`` (NaN for fractional re-alignments).
-        channel_map: ``"identity"`` or ``"match"`` (as in :func:`equifast.measure`).
+        channel_map: ``"identity"``, ``"match"`` or ``"linear"`` (as in
+            :func:`equifast.measure`). ``"linear"`` keeps every compared pair of every image
+            until the end (one pass; the maps are fitted with :func:`fit_linear_map`): for
+            small tests only.
+        ridge: The ridge penalty of ``channel_map="linear"`` (as in :func:`equifast.measure`).
         mask: ``None`` or ``"disc"`` (as in :func:`equifast.measure`; here decided in input
             pixels, :func:`inside_image_disc`).
         comparisons: Which of ``("eq", "inv", "chance")`` to report.
@@ -879,6 +908,9 @@ def measure(
     input_size = check_run_arguments(input_size, align, limit, bootstrap)
     if channel_map not in CHANNEL_MAPS:
         raise ValueError(f"channel_map: expected one of {CHANNEL_MAPS}, found {channel_map!r}")
+    if channel_map == "linear" and (isinstance(ridge, bool) or not isinstance(ridge, (int, float))
+                                    or not (math.isfinite(ridge) and ridge > 0)):
+        raise ValueError(f"ridge: expected a positive finite number, found {ridge!r}")
     check_mask(mask, list(group))
 
     from .models import check_device, model_dtype_for, resolve_model
@@ -947,6 +979,9 @@ def measure(
     consistency_rows: list[np.ndarray] = []
     top_rows: list[np.ndarray] = []
     warned_output: list[bool] = []  # one warning per call for output that is not logits
+    # channel_map="linear": (name, comparison, element) -> [(batch number, first image's place,
+    # a, b, valid)], scored once every map is fitted
+    linear_pairs: dict[tuple[str, int, int], list[tuple]] = {}
     headless = is_headless(module)  # num_classes=0: the output is pooled features
 
     def forward(images: torch.Tensor):
@@ -1013,6 +1048,11 @@ def measure(
                 if batch > 1:  # chance: image n against image (n + 1) mod B
                     pairs.append((2, torch.roll(b_moved, -1, 0)))
                 for c, b in pairs:
+                    if channel_map == "linear":
+                        linear_pairs.setdefault((name, c, k), []).append(
+                            (len(per_image[name]), images_seen[0], a.cpu(), b.cpu(), valid.cpu()))
+                        summed[name][c, k] = bool(valid.any())
+                        continue
                     if channel_map == "match":  # the same matching as the engine's
                         b = match_channels(a, b, valid)
                     for metric, value in pair_scores(a, b, valid, metric_names).items():
@@ -1043,15 +1083,22 @@ def measure(
 
         progress_bar = tqdm(total=source.total, unit="img", desc=f"naive {model_name}", leave=False)
     images_done = 0
+    images_seen = [0]  # (read by run_batch: the place of the batch's first image)
     pending = first
     while pending is not None:
         run_batch(*pending)
         images_done += pending[0].shape[0]
+        images_seen[0] = images_done
         if progress_bar is not None:
             progress_bar.update(pending[0].shape[0])
         pending = next(batches, None)
     if progress_bar is not None:
         progress_bar.close()
+    if channel_map == "linear":
+        if images_done < LINEAR_FOLDS:
+            raise ValueError(f"channel_map='linear': expected at least {LINEAR_FOLDS} images "
+                             f"(one fits the map that scores the other), found {images_done}")
+        _score_linear(linear_pairs, ridge, metric_names, per_image, pooled_sums, pooled)
 
     frame = _frame(
         names,
@@ -1089,6 +1136,7 @@ def measure(
         "align": align if isinstance(align, (str, int, float)) else str(align),
         "subpixel": subpixel,
         "channel_map": channel_map,
+        **({"ridge": ridge, "folds": LINEAR_FOLDS} if channel_map == "linear" else {}),
         "mask": mask,
         "metrics": list(metric_names),
         "pooled": pooled,
@@ -1111,6 +1159,39 @@ def measure(
     warn_undefined_chance(frame)
     warn_skipped(source.skipped, images_done)
     return Result(frame=frame, model_frame=model_frame, config=config, skipped=source.skipped)
+
+
+def _score_linear(linear_pairs, ridge, metric_names, per_image, pooled_sums, pooled) -> None:
+    """Fit every (layer, comparison, element)'s map on each fold's kept pairs and score each
+    image with the map of the other fold, into ``per_image`` and ``pooled_sums``."""
+    for (name, c, k), kept in linear_pairs.items():
+        maps = []
+        for fold in range(LINEAR_FOLDS):
+            a_parts, b_parts = [], []
+            for _, first_place, a, b, valid in kept:
+                for n in range(a.shape[0]):
+                    if (first_place + n) % LINEAR_FOLDS == fold:
+                        a_parts.append(a[n][:, valid])  # (C, m)
+                        b_parts.append(b[n][:, valid])
+            a_values = torch.cat(a_parts, 1) if a_parts else torch.zeros(0, 0)
+            b_values = torch.cat(b_parts, 1) if b_parts else torch.zeros(0, 0)
+            maps.append(fit_linear_map(a_values, b_values, ridge) if a_parts else None)
+        for batch_number, first_place, a, b, valid in kept:
+            predicted = torch.full_like(b, math.nan)
+            scored = torch.zeros(a.shape[0], dtype=torch.bool)
+            for n in range(a.shape[0]):
+                used = maps[(first_place + n + 1) % LINEAR_FOLDS]  # the other fold's map
+                if used is None:
+                    continue
+                scored[n] = True
+                flat = b[n].reshape(b.shape[1], -1)
+                predicted[n] = (used[:, :-1] @ flat + used[:, -1:]).reshape(b[n].shape)
+            for metric, value in pair_scores(a, predicted, valid, metric_names).items():
+                value = torch.where(scored, value, math.nan)
+                per_image[name][batch_number][metric][c, k] = value.numpy()
+            if pooled:
+                pooled_sums[name][batch_number][c, k] = pair_sums(a[scored], predicted[scored],
+                                                                  valid)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -174,12 +174,12 @@ def plot_lie_depth(result, metric: str = "lee_rel", ax=None):
 # (limit, bootstrap, and the seed of a pretrained model's bootstrap) nor what else is reported
 # (metrics, comparisons, baseline): runs of one group that differ in one of them are other
 # configurations, kept apart in the survey plots and the report (see configuration_labels).
-# The first four are equifast.measure's, as the run's engine configuration records them; the
+# The first six are equifast.measure's, as the run's engine configuration records them; the
 # others are the survey's (SURVEY_KEYS), read from the survey configuration that config_hash
 # hashes, as given: the engine records what they came to for each model (its own input size,
 # its layer names), which differ between models measured alike.
-CONFIGURATION_KEYS = ("subpixel", "channel_map", "mask", "align", "pooled", "data", "input_size",
-                      "layers", "layouts", "model_kwargs")
+CONFIGURATION_KEYS = ("subpixel", "channel_map", "ridge", "mask", "align", "pooled", "data",
+                      "input_size", "layers", "layouts", "model_kwargs")
 SURVEY_KEYS = ("data", "input_size", "layers", "layouts", "model_kwargs")
 # The text of a setting a run does not record: the data of a run stored before runs kept their
 # survey's configuration (and no run of the same config_hash has it).

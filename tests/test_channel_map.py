@@ -98,7 +98,7 @@ def test_the_op_takes_match_through_the_reference_and_checks_the_name():
     torch.testing.assert_close(ops.equivariance_stats(*args),
                                _reference.equivariance_stats(*args), rtol=1e-9, atol=1e-9)
     with pytest.raises(ValueError, match=r"channel_map: expected one of \('identity', "
-                                         r"'match'\), found 'best'"):
+                                         r"'match', 'linear'\), found 'best'"):
         ops.equivariance_stats(*args, channel_map="best")
     with pytest.raises(ValueError, match="channel_map: expected one of"):
         equifast.measure(nn.Conv2d(3, 2, 3), torch.rand(2, 3, 12, 12), group="rotate:90",

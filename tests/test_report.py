@@ -891,3 +891,19 @@ def test_failed_configurations_of_one_group_are_told_apart(tmp_path):
         db.execute("ALTER TABLE runs DROP COLUMN config")
     page = build_report(store, tmp_path / "old", n_boot=10).read_text()
     assert _failed_section(page) == [(m, "rotate:90") for m, _, _ in failures]
+
+
+def test_linear_maps_of_two_ridges_are_configurations_of_their_own(tmp_path):
+    """channel_map="linear" at the default ridge and at another: two runs, labelled by the
+    ridge (the first run's survey configuration leaves the default out)."""
+    store = tmp_path / "s.sqlite"
+    common = dict(group="flip", limit=4, input_size=(32, 32), bootstrap=0, progress=False,
+                  log=None, channel_map="linear")
+    for settings in ({}, {"ridge": 0.5}):
+        summary = run_survey(["eqtest_report_two_convs"], "samples", store, **common, **settings)
+        assert summary.done == ["eqtest_report_two_convs"]
+    summary = model_summary(store)
+    assert summary.group_label.tolist() == ["flip (ridge=0.001)", "flip (ridge=0.5)"]
+    with open_store(store) as opened:
+        fitted = opened.result("eqtest_report_two_convs", ridge=0.5)
+    assert fitted.config["ridge"] == 0.5 and fitted.config["channel_map"] == "linear"

@@ -163,7 +163,8 @@ def test_result_picks_one_configuration_of_a_group(tmp_path, monkeypatch):
             store.result("eqtest_tiny", config_hash="0123")
         with pytest.raises(KeyError, match=r"finished models: \['eqtest_tiny'\]"):
             store.result("resnet10t")
-        with pytest.raises(TypeError, match="limit.*subpixel, channel_map, mask, align, pooled"):
+        with pytest.raises(TypeError,
+                           match="limit.*subpixel, channel_map, ridge, mask, align, pooled"):
             store.result("eqtest_tiny", "rotate:90", limit=4)
         # One run's rows are read by its id: the tables of every run are not (a loop over the
         # models of a 400-model store read them all once per model).

@@ -20,7 +20,10 @@ from ._reference import (
     COMPARISONS,
     STATS_FIELDS,
     check_channel_map,
+    empty_linear_sums,
+    merge_linear_sums,
     merge_stats,
+    solve_linear_maps,
 )
 
 LAYOUT_NAMES = ("NCHW", "NHWC", "NLC")
@@ -96,6 +99,8 @@ def equivariance_stats(
     reference: torch.Tensor | None = None,
     channel_map: str = "identity",
     disc: Sequence[float] | None = None,
+    linear_maps: torch.Tensor | None = None,
+    map_folds: Sequence[int] | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Equivariance / invariance / chance statistics of one layer for the stacked batch.
 
@@ -118,11 +123,15 @@ def equivariance_stats(
         channel_map: ``"identity"``, or ``"match"``: each channel against the best-correlated
             channel of the other map, per image (:func:`_reference.match_channels`). ``match``
             needs a ``(C, C)`` matrix per image and element, which no kernel computes yet: it
-            runs the reference.
+            runs the reference. ``"linear"``: against ``M b + c``, a map fitted on other images
+            (:func:`linear_fit_sums`, :func:`solve_linear_maps`), also in the reference.
         disc: ``(centre_x, centre_y, radius_x, radius_y)`` in grid coordinates: a position counts
             only where it and its source both lie inside this disc (an ellipse when the radii
             differ; :func:`equifast.groups.feature_disc` gives the disc inscribed in the model
             input). Not with wrapping elements. ``None``: no disc.
+        linear_maps: With ``channel_map="linear"``: ``(F, 3, K, C, C + 1)`` maps ``[M | c]`` of
+            ``F`` folds (:func:`solve_linear_maps`).
+        map_folds: With ``channel_map="linear"``: ``(B,)``, the fold whose map scores each image.
 
     Returns:
         ``(3, K, B, C, 6)`` float64 statistics (see ``STATS_FIELDS``, ``COMPARISONS``).
@@ -142,8 +151,54 @@ def equivariance_stats(
     # (the reference builds its sampling plans on the CPU: a GPU layer's features go there)
     return _reference.equivariance_stats(
         feats.detach().cpu(), *args, None if reference is None else reference.detach().cpu(),
-        channel_map=channel_map, disc=disc,
+        channel_map=channel_map, disc=disc, linear_maps=linear_maps, map_folds=map_folds,
     ).to(feats.device)
+
+
+def linear_fit_sums(
+    feats: torch.Tensor,
+    source_affines: torch.Tensor,
+    wrap: Sequence[int],
+    batch: int,
+    layout: str,
+    grid_h: int,
+    grid_w: int,
+    prefix: int,
+    subpixel: str,
+    with_inv: bool,
+    with_chance: bool,
+    folds: Sequence[int] | torch.Tensor,
+    num_folds: int,
+    reference: torch.Tensor | None = None,
+    disc: Sequence[float] | None = None,
+) -> dict[str, torch.Tensor]:
+    """What the linear channel maps of one layer are fitted on, from one stacked batch.
+
+    The arguments are those of :func:`equivariance_stats`; ``folds`` ``(B,)`` puts each image in
+    one of ``num_folds`` folds. Returns float64 sums on the CPU per fold, comparison and element
+    (:func:`_reference.linear_fit_sums`); merge batches with :func:`merge_linear_sums` and fit
+    with :func:`solve_linear_maps`. Runs the reference (no kernel yet).
+
+    Example:
+        >>> import torch
+        >>> feats = torch.randn(2 * 4, 3, 5, 5)  # identity block + one element, 4 images
+        >>> shift = torch.tensor([[[1.0, 0, 1], [0, 1, 0]]], dtype=torch.float64)
+        >>> sums = linear_fit_sums(feats, shift, [0], 4, "NCHW", 5, 5, 0, "bilinear", True,
+        ...                        True, folds=[0, 1, 0, 1], num_folds=2)
+        >>> solve_linear_maps(sums, ridge=1e-3).shape  # (F, 3, K, C, C + 1)
+        torch.Size([2, 3, 1, 3, 4])
+    """
+    if layout not in LAYOUT_NAMES:
+        raise ValueError(f"layout: expected one of {LAYOUT_NAMES}, found {layout!r}")
+    if subpixel not in ("bilinear", "skip"):
+        raise ValueError(f"subpixel: expected 'bilinear' or 'skip', found {subpixel!r}")
+    affines = source_affines.detach().to("cpu", torch.float64).contiguous()
+    disc = _reference.check_disc(disc, wrap)
+    return _reference.linear_fit_sums(
+        feats.detach().cpu(), affines, [int(w) for w in wrap], int(batch), layout, int(grid_h),
+        int(grid_w), int(prefix), subpixel, bool(with_inv), bool(with_chance), folds,
+        int(num_folds), None if reference is None else reference.detach().cpu(), disc,
+    )
 
 
 def _register_fakes() -> None:
@@ -177,7 +232,11 @@ __all__ = [
     "COMPARISONS",
     "STATS_FIELDS",
     "check_channel_map",
+    "empty_linear_sums",
     "equivariance_stats",
+    "linear_fit_sums",
+    "merge_linear_sums",
     "merge_stats",
+    "solve_linear_maps",
     "transform_images",
 ]

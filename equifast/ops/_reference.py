@@ -239,7 +239,7 @@ def realign(
     return moved, valid
 
 
-CHANNEL_MAPS = ("identity", "match")
+CHANNEL_MAPS = ("identity", "match", "linear")
 
 
 def check_channel_map(channel_map: str) -> str:
@@ -322,11 +322,38 @@ def pair_stats(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> torch.T
     return torch.stack([count_column, mean_a, mean_b, m2_a, m2_b, c_ab], -1)
 
 
-def _mapped_pair_stats(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor,
-                       channel_map: str) -> torch.Tensor:
-    if channel_map == "match":
-        b = match_channels(a, b, valid)
-    return pair_stats(a, b, valid)
+def _comparison_pairs(feats, source_affines, wrap, batch, layout, grid_h, grid_w, prefix,
+                      subpixel, with_inv, with_chance, reference, disc):
+    """The pairs every comparison compares: yields ``(comparison, k, a, b, valid)`` with ``a``
+    the transformed images' features and ``b`` what they are compared with, ``(B, C, h, w)``
+    float64, and ``valid`` ``(h, w)`` bool (arguments as :func:`equivariance_stats`).
+    Elements skipped by ``subpixel="skip"`` yield nothing."""
+    if reference is not None:
+        if reference.shape[1:] != feats.shape[1:] or reference.shape[0] != batch:
+            raise ValueError(f"reference: expected the identity block of shape "
+                             f"{(batch, *feats.shape[1:])}, found {tuple(reference.shape)}")
+        feats = torch.cat([reference.to(feats.device), feats])
+    grid = grid_view(feats, layout, grid_h, grid_w, prefix).to(torch.float64)
+    total = grid.shape[0]
+    elements = source_affines.shape[0]
+    if total != (elements + 1) * batch:
+        raise ValueError(
+            f"feats: expected (K + 1) * batch = {(elements + 1) * batch} images for K = {elements} "
+            f"elements and batch {batch}, found {total}"
+        )
+    disc = check_disc(disc, wrap)
+    identity = grid[:batch]
+    for k in range(elements):
+        affine = source_affines[k].to(torch.float64)
+        if subpixel == "skip" and not is_integer_map(affine):
+            continue
+        moved, valid = realign(identity, affine, bool(wrap[k]), disc)
+        transformed = grid[(k + 1) * batch:(k + 2) * batch]
+        yield 0, k, transformed, moved, valid
+        if with_inv:
+            yield 1, k, transformed, identity, valid
+        if with_chance:
+            yield 2, k, transformed, torch.roll(moved, -1, 0), valid
 
 
 def equivariance_stats(
@@ -344,6 +371,8 @@ def equivariance_stats(
     reference: torch.Tensor | None = None,
     channel_map: str = "identity",
     disc: Sequence[float] | None = None,
+    linear_maps: torch.Tensor | None = None,
+    map_folds: Sequence[int] | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Statistics of the equivariance, invariance and chance comparisons (reference).
 
@@ -361,47 +390,211 @@ def equivariance_stats(
         with_inv, with_chance: Whether to compute those comparisons (zeros otherwise).
         reference: The identity block (``batch`` images laid out like ``feats``) when it is not
             the first block of ``feats``: the same statistics as with the two stacked.
-        channel_map: ``"identity"`` (channel ``c`` against channel ``c``) or ``"match"`` (against
-            the best-correlated channel of the other map, per image: :func:`match_channels`).
+        channel_map: ``"identity"`` (channel ``c`` against channel ``c``), ``"match"`` (against
+            the best-correlated channel of the other map, per image: :func:`match_channels`) or
+            ``"linear"`` (against a fitted linear map of the other map: :func:`map_linearly`).
         disc: ``(cx, cy, rx, ry)`` in grid coordinates: only positions inside it with their
             sources count (module docstring). ``None``: every valid position.
+        linear_maps: ``channel_map="linear"`` only: ``(F, 3, K, C, C + 1)`` fitted maps
+            (:func:`solve_linear_maps`) of ``F`` folds.
+        map_folds: ``channel_map="linear"`` only: ``(B,)`` the fold whose map scores each
+            image (another fold than the image's own: the maps are scored out of sample).
 
     Returns:
         ``(3, K, B, C, 6)`` float64 statistics for eq, inv, chance: count, mean_a, mean_b, m2_a,
         m2_b, c_ab over the valid positions, where ``a`` is the transformed image's features and
         ``b`` the re-aligned identity features (eq), the identity features (inv) or the re-aligned
-        identity features of image ``(n + 1) % B`` (chance).
+        identity features of image ``(n + 1) % B`` (chance), each passed through the channel map.
     """
-    if reference is not None:
-        if reference.shape[1:] != feats.shape[1:] or reference.shape[0] != batch:
-            raise ValueError(f"reference: expected the identity block of shape "
-                             f"{(batch, *feats.shape[1:])}, found {tuple(reference.shape)}")
-        feats = torch.cat([reference.to(feats.device), feats])
-    grid = grid_view(feats, layout, grid_h, grid_w, prefix).to(torch.float64)
-    total, channels = grid.shape[:2]
     elements = source_affines.shape[0]
-    if total != (elements + 1) * batch:
-        raise ValueError(
-            f"feats: expected (K + 1) * batch = {(elements + 1) * batch} images for K = {elements} "
-            f"elements and batch {batch}, found {total}"
-        )
-    disc = check_disc(disc, wrap)
-    identity = grid[:batch]
+    channels = grid_view(feats[:1], layout, grid_h, grid_w, prefix).shape[1]
+    if channel_map == "linear":
+        linear_maps, map_folds = check_linear_maps(linear_maps, map_folds, elements, batch,
+                                                   channels)
     out = torch.zeros(3, elements, batch, channels, 6, dtype=torch.float64)
-    for k in range(elements):
-        affine = source_affines[k].to(torch.float64)
-        if subpixel == "skip" and not is_integer_map(affine):
-            continue
-        moved, valid = realign(identity, affine, bool(wrap[k]), disc)
-        transformed = grid[(k + 1) * batch:(k + 2) * batch]
-
-        out[0, k] = _mapped_pair_stats(transformed, moved, valid, channel_map)
-        if with_inv:
-            out[1, k] = _mapped_pair_stats(transformed, identity, valid, channel_map)
-        if with_chance:
-            out[2, k] = _mapped_pair_stats(transformed, torch.roll(moved, -1, 0), valid,
-                                           channel_map)
+    for c, k, a, b, valid in _comparison_pairs(feats, source_affines, wrap, batch, layout,
+                                               grid_h, grid_w, prefix, subpixel, with_inv,
+                                               with_chance, reference, disc):
+        if channel_map == "match":
+            b = match_channels(a, b, valid)
+        elif channel_map == "linear":
+            b = _map_by_folds(linear_maps[:, c, k], map_folds, b)
+        stats = pair_stats(a, b, valid)
+        if channel_map == "linear":
+            # an image whose map had nothing to be fitted on (NaN as a whole): no statistics,
+            # like an image without valid positions (NaN scores)
+            stats[torch.isnan(linear_maps[map_folds, c, k, 0, 0])] = 0.0
+        out[c, k] = stats
     return out
+
+
+def _map_by_folds(maps: torch.Tensor, map_folds: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``b`` ``(B, C, h, w)`` with image ``n`` through ``maps[map_folds[n]]`` (``(F, C, C + 1)``):
+    one product per fold, not a copy of a ``C x C`` map per image."""
+    mapped = torch.empty_like(b)
+    for fold in map_folds.unique().tolist():
+        images = map_folds == fold
+        mapped[images] = map_linearly(maps[fold][None], b[images])
+    return mapped
+
+
+# Linear channel maps (DESIGN.md 1.6, Lenc & Vedaldi): per layer, element and comparison, the
+# affine map b -> M b + c that best predicts a from b, fitted by ridge least squares on the pairs
+# of one fold of the images and scored on the others.
+LINEAR_FIT_FIELDS = ("count", "mean_a", "mean_b", "s_bb", "s_ab")
+
+
+def check_linear_maps(linear_maps, map_folds, elements: int, batch: int, channels: int):
+    """``(linear_maps, map_folds)`` as float64 / long tensors after checking their shapes
+    against ``K = elements``, ``B = batch`` and ``C = channels``; a ValueError naming what was
+    expected otherwise."""
+    if linear_maps is None or map_folds is None:
+        raise ValueError("channel_map='linear': expected linear_maps (F, 3, K, C, C + 1) and "
+                         "map_folds (B,), found "
+                         f"{'no linear_maps' if linear_maps is None else 'no map_folds'}")
+    linear_maps = torch.as_tensor(linear_maps, dtype=torch.float64)
+    map_folds = torch.as_tensor(map_folds, dtype=torch.long).reshape(-1)
+    shape = tuple(linear_maps.shape)
+    if (len(shape) != 5 or shape[1] != 3 or shape[2] != elements or shape[3] != channels
+            or shape[4] != channels + 1):
+        raise ValueError(f"linear_maps: expected (F, 3, K, C, C + 1) = (F, 3, {elements}, "
+                         f"{channels}, {channels + 1}), found {shape}")
+    if map_folds.shape[0] != batch or (batch and (int(map_folds.min()) < 0
+                                                  or int(map_folds.max()) >= shape[0])):
+        raise ValueError(f"map_folds: expected {batch} fold indices in [0, {shape[0]}), found "
+                         f"{map_folds.tolist()}")
+    return linear_maps, map_folds
+
+
+def map_linearly(maps: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``M b + c``: ``maps`` ``[M | c]`` ``(B, C, C + 1)`` per image or ``(1, C, C + 1)`` for
+    all, ``b`` ``(B, C, h, w)``."""
+    batch, channels = b.shape[:2]
+    mixed = maps[..., :-1] @ b.reshape(batch, channels, -1)  # (B, C, h * w)
+    return (mixed + maps[..., -1:]).reshape(b.shape)
+
+
+def linear_fit_sums(
+    feats: torch.Tensor,
+    source_affines: torch.Tensor,
+    wrap: Sequence[int],
+    batch: int,
+    layout: str,
+    grid_h: int,
+    grid_w: int,
+    prefix: int,
+    subpixel: str,
+    with_inv: bool,
+    with_chance: bool,
+    folds: Sequence[int] | torch.Tensor,
+    num_folds: int,
+    reference: torch.Tensor | None = None,
+    disc: Sequence[float] | None = None,
+) -> dict[str, torch.Tensor]:
+    """What the linear channel maps are fitted on, from one stacked batch, per fold.
+
+    The pairs are those of :func:`equivariance_stats` (arguments as there); ``folds`` ``(B,)``
+    puts each image in one of ``num_folds`` folds. Merge the sums of several batches with
+    :func:`merge_linear_sums`, then :func:`solve_linear_maps`.
+
+    Returns:
+        A dict of float64 tensors (:data:`LINEAR_FIT_FIELDS`): ``count`` ``(F, 3, K)`` pairs of
+        positions, ``mean_a`` and ``mean_b`` ``(F, 3, K, C)``, and the co-moment matrices about
+        those means ``s_bb = sum (b - mean_b)(b - mean_b)^T`` and ``s_ab = sum (a - mean_a)
+        (b - mean_b)^T``, ``(F, 3, K, C, C)``. A comparison not asked for, or chance with a
+        batch of one image (no other image to pair with), stays zero.
+    """
+    elements = source_affines.shape[0]
+    channels = grid_view(feats[:1], layout, grid_h, grid_w, prefix).shape[1]
+    folds = torch.as_tensor(folds, dtype=torch.long).reshape(-1)
+    if folds.shape[0] != batch:
+        raise ValueError(f"folds: expected one fold per image ({batch}), found {folds.shape[0]}")
+    sums = empty_linear_sums(num_folds, elements, channels)
+    for c, k, a, b, valid in _comparison_pairs(feats, source_affines, wrap, batch, layout,
+                                               grid_h, grid_w, prefix, subpixel, with_inv,
+                                               with_chance and batch > 1, reference, disc):
+        for fold in range(num_folds):
+            chosen = folds == fold
+            if not bool(chosen.any()) or not bool(valid.any()):
+                continue
+            # (C, n * m): the channels of every valid position of the fold's images
+            a_values = a[chosen][..., valid].transpose(0, 1).reshape(channels, -1)
+            b_values = b[chosen][..., valid].transpose(0, 1).reshape(channels, -1)
+            mean_a, mean_b = a_values.mean(-1), b_values.mean(-1)
+            a_centred = a_values - mean_a[:, None]
+            b_centred = b_values - mean_b[:, None]
+            sums["count"][fold, c, k] = a_values.shape[-1]
+            sums["mean_a"][fold, c, k] = mean_a
+            sums["mean_b"][fold, c, k] = mean_b
+            sums["s_bb"][fold, c, k] = b_centred @ b_centred.T
+            sums["s_ab"][fold, c, k] = a_centred @ b_centred.T
+    return sums
+
+
+def empty_linear_sums(num_folds: int, elements: int, channels: int,
+                      device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Linear-fit sums of no pairs (:func:`linear_fit_sums`)."""
+    shape = (num_folds, 3, elements)
+    return {
+        "count": torch.zeros(shape, dtype=torch.float64, device=device),
+        "mean_a": torch.zeros(*shape, channels, dtype=torch.float64, device=device),
+        "mean_b": torch.zeros(*shape, channels, dtype=torch.float64, device=device),
+        "s_bb": torch.zeros(*shape, channels, channels, dtype=torch.float64, device=device),
+        "s_ab": torch.zeros(*shape, channels, channels, dtype=torch.float64, device=device),
+    }
+
+
+def merge_linear_sums(first: dict[str, torch.Tensor],
+                      second: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The sums of the pairs of both (Chan's merge of means and co-moment matrices)."""
+    n1, n2 = first["count"], second["count"]
+    total = n1 + n2
+    safe = torch.where(total > 0, total, torch.ones_like(total))
+    weight = (n2 / safe)[..., None]  # the second's share of the merged mean
+    delta_a = second["mean_a"] - first["mean_a"]
+    delta_b = second["mean_b"] - first["mean_b"]
+    spread = (n1 * n2 / safe)[..., None, None]
+    return {
+        "count": total,
+        "mean_a": first["mean_a"] + delta_a * weight,
+        "mean_b": first["mean_b"] + delta_b * weight,
+        "s_bb": first["s_bb"] + second["s_bb"]
+        + spread * delta_b[..., :, None] * delta_b[..., None, :],
+        "s_ab": first["s_ab"] + second["s_ab"]
+        + spread * delta_a[..., :, None] * delta_b[..., None, :],
+    }
+
+
+def solve_linear_maps(sums: dict[str, torch.Tensor], ridge: float) -> torch.Tensor:
+    """The ridge least-squares maps ``[M | c]`` from merged sums: ``(F, 3, K, C, C + 1)``.
+
+    ``M = s_ab (s_bb + lambda I)^-1`` and ``c = mean_a - M mean_b`` minimise
+    ``sum |a - (M b + c)|^2 + lambda |M|_F^2`` over the pairs, with ``lambda = ridge *
+    trace(s_bb) / C`` (so that ``ridge`` does not depend on the features' scale). A fold,
+    comparison and element without pairs gets NaN.
+    """
+    s_bb, s_ab = sums["s_bb"], sums["s_ab"]
+    channels = s_bb.shape[-1]
+    trace = s_bb.diagonal(dim1=-2, dim2=-1).sum(-1)
+    # (constant features: s_bb = s_ab = 0, any positive lambda gives M = 0, a constant guess)
+    penalty = torch.where(trace > 0, ridge * trace / channels, torch.ones_like(trace))
+    eye = torch.eye(channels, dtype=s_bb.dtype, device=s_bb.device)
+    regularized = s_bb + penalty[..., None, None] * eye
+    # (s_bb + lambda I) M^T = s_ab^T. The matrix is symmetric positive definite: Cholesky.
+    # (Not torch.linalg.solve: with torch 2.14's MKL build its batched LU fails, "Pivots given
+    # to lu_solve must all be greater or equal to 1", once torch.set_num_threads has changed
+    # the thread count in the process, as the benchmarks do.)
+    targets = s_ab.transpose(-1, -2)
+    factor, info = torch.linalg.cholesky_ex(regularized)
+    solution = torch.cholesky_solve(targets, factor)
+    failed = info != 0  # not positive definite in floating point (a vanishing ridge)
+    if bool(failed.any()):
+        solution[failed] = torch.linalg.lstsq(regularized[failed], targets[failed]).solution
+    mixing = solution.transpose(-1, -2)
+    bias = sums["mean_a"] - (mixing @ sums["mean_b"][..., None])[..., 0]
+    maps = torch.cat([mixing, bias[..., None]], -1)
+    maps[sums["count"] == 0] = math.nan
+    return maps
 
 
 def merge_stats(stats: torch.Tensor, dim: int) -> torch.Tensor:
@@ -436,8 +629,12 @@ __all__ = [
     "equivariance_stats",
     "inside_disc",
     "is_integer_map",
+    "linear_fit_sums",
+    "map_linearly",
+    "merge_linear_sums",
     "merge_stats",
     "pair_stats",
     "realign",
+    "solve_linear_maps",
     "transform_images",
 ]
