@@ -75,6 +75,7 @@ from .groups import (
     parse_group,
 )
 from .layers import (
+    PROBE_ADVICE,
     LayerHooks,
     LayerSpec,
     channels_first_of,
@@ -1255,7 +1256,8 @@ def _rollback(state: dict[str, _Layer], marks: dict[str, int]) -> None:
 
 
 def probe_layers(module, names, input_size, overrides, align, device, dtype, seed,
-                 lenient: bool = False, report: dict | None = None):
+                 lenient: bool = False, report: dict | None = None,
+                 advice: str = PROBE_ADVICE):
     """Layouts and grid offsets of the layers, from one probe forward.
 
     With ``align="auto"`` layers the gradient probe of :mod:`equifast.align` (seeded random inputs,
@@ -1266,7 +1268,8 @@ def probe_layers(module, names, input_size, overrides, align, device, dtype, see
     Returns:
         ``(names, layouts, offsets)``: the names without default layers that did not run.
         ``report``, when given, gets ``"stride_probe"`` (:func:`refine_layouts`) and
-        ``"offset_readings"`` (how each offset was found, :func:`find_offsets`).
+        ``"offset_readings"`` (how each offset was found, :func:`find_offsets`). ``advice``:
+        what a failing model's message suggests (:func:`equifast.layers.run_probe`).
     """
     per_layer = dict(align) if isinstance(align, Mapping) else {name: align for name in names}
     with_grad = any(per_layer.get(name, "auto") == "auto" for name in names)
@@ -1295,7 +1298,7 @@ def probe_layers(module, names, input_size, overrides, align, device, dtype, see
                 anchors = GridAnchors(module, input_size, probe.shape[0]) if with_grad else None
                 with (global_gates_cut(module) if with_grad else contextlib.nullcontext()), \
                         (anchors or contextlib.nullcontext()):
-                    run_probe(module, probe, hooks, context)
+                    run_probe(module, probe, hooks, context, advice)
                 names, layouts = measurable_layers(
                     selected, captured, hooks.unmeasurable, input_size, overrides, lenient,
                     prefix_tokens_of(module), token_order_of(module), calls=hooks.calls,

@@ -437,10 +437,18 @@ class LayerOutputError(ValueError):
     """A hooked layer's output cannot be measured (not a tensor, or not batch first)."""
 
 
-def run_probe(module: nn.Module, probe: torch.Tensor, hooks: "LayerHooks", context) -> None:
+# What run_probe's message advises by default: the arguments of measure (engine and naive loop).
+PROBE_ADVICE = ("If the model is built for another input size, pass input_size=(H, W) (and "
+                "sources of that size plus the group's margin); if it runs in another dtype, "
+                "pass dtype=...")
+
+
+def run_probe(module: nn.Module, probe: torch.Tensor, hooks: "LayerHooks", context,
+              advice: str = PROBE_ADVICE) -> None:
     """One forward of ``probe`` under ``context`` with ``hooks``; a failure of the model itself
     (not of a layer's output) becomes one RuntimeError that names the probe's shape, dtype and
-    device and the usual causes, as the engine and the naive loop both report it."""
+    device and the usual causes, as the engine and the naive loop both report it. ``advice``:
+    what the caller's arguments can change (:data:`PROBE_ADVICE` for ``measure``)."""
     try:
         with context, hooks:
             module(probe)
@@ -451,9 +459,7 @@ def run_probe(module: nn.Module, probe: torch.Tensor, hooks: "LayerHooks", conte
         dtype = str(probe.dtype).replace("torch.", "")
         raise RuntimeError(
             f"the model failed on its probe input ({shape}, {dtype} on {probe.device}): "
-            f"{type(error).__name__}: {error}. If the model is built for another input size, "
-            "pass input_size=(H, W) (and sources of that size plus the group's margin); if it "
-            "runs in another dtype, pass dtype=..."
+            f"{type(error).__name__}: {error}. {advice}"
         ) from error
 
 

@@ -426,7 +426,10 @@ def lie_derivative(
         offsets_report: dict[str, Any] = {}
         names, layer_layouts, offsets = probe_layers(
             module, names, (height, width), layouts or {}, align, device, dtype, seed,
-            lenient=is_broad_selection(layers, module), report=offsets_report)
+            lenient=is_broad_selection(layers, module), report=offsets_report,
+            # (no dtype argument here: the model's own, widened for 16-bit models)
+            advice="If the model is built for another input size, pass input_size=(H, W) (and "
+                   "sources of that size plus a one-pixel margin).")
         values = {(member, n, g, m): [] for member in members for n in names
                   for g in names_of_generators for m in LIE_METRICS}
         hooked = {(member_name(prefix, n) if prefix else n): (member, n)

@@ -266,3 +266,28 @@ def test_a_model_at_its_seeded_initialization_learns_exactly_nothing():
     assert (result.summary("lee", "learned") == 0).all().all()
     with pytest.raises(ValueError, match="column: expected"):
         result.summary("lee", "ci_low")
+
+
+class _FixedSize(nn.Module):
+    """A model built for 16 x 16 inputs only (a flattening linear layer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 3, padding=1)
+        self.head = nn.Linear(2 * 16 * 16, 4)
+
+    def forward(self, x):
+        return self.head(self.conv(x).flatten(1))
+
+
+def test_a_model_that_fails_on_its_probe_is_told_what_lie_derivative_can_change():
+    with pytest.raises(RuntimeError, match=r"failed on its probe input .*pass input_size=\(H, W\) "
+                                           r"\(and sources of that size plus a one-pixel margin\)"
+                       ) as error:
+        equifast.lie_derivative(_FixedSize().eval(), torch.rand(2, 3, 22, 22), progress=False,
+                                layers=["conv"])
+    assert "pass dtype" not in str(error.value)  # lie_derivative takes none
+    # measure takes a dtype, and says so
+    with pytest.raises(RuntimeError, match="if it runs in another dtype, pass dtype="):
+        equifast.measure(_FixedSize().eval(), torch.rand(2, 3, 22, 22), group="translate:1",
+                         progress=False, layers=["conv"])
