@@ -150,6 +150,11 @@ def _measure_worker(rank: int, world: int, tmp: str) -> None:
         alone = equifast.measure(_net(0), _images(7), group=Translation([2]), batch_size=2,
                                  bootstrap=0, progress=False, distributed=False)
         out["alone"] = (alone.frame, alone.model_frame, alone.skipped, alone.config)
+        try:  # refused by name, on every rank, before any forward
+            equifast.measure(_net(0), _images(4), group=Translation([2]), progress=False,
+                             channel_map="linear")
+        except ValueError as error:
+            out["linear"] = str(error)
         with open(Path(tmp) / f"rank{rank}.pkl", "wb") as handle:
             pickle.dump(out, handle)
     finally:
@@ -182,6 +187,8 @@ def test_measure_under_gloo_group_equals_one_process(tmp_path):
     assert not ranks[0]["tensor"][1].empty  # top1, top5, consistency
     assert set(ranks[0]["tensor"][1].metric) == {"consistency", "top1", "top5"}
     for rank in range(2):
+        assert "channel_map='linear' is not available with distributed=True" in ranks[rank].get(
+            "linear", "no error")
         frame, _, _, config = ranks[rank]["alone"]
         assert "world_size" not in config and config["images"] == 7
         assert set(frame[(frame.metric == "corr") & (frame.comparison == "eq")].n) == {7}
