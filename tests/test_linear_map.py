@@ -191,6 +191,11 @@ def test_the_op_checks_the_maps_it_is_given():
     with pytest.raises(ValueError, match=r"map_folds: expected 3 fold indices in \[0, 2\)"):
         ops.equivariance_stats(*args, channel_map="linear", linear_maps=torch.zeros(2, 3, 1, 4, 5),
                                map_folds=[0, 2, 0])
+    with pytest.raises(ValueError, match=r"folds: expected one fold per image \(3\), found 2"):
+        ops.linear_fit_sums(*args, 0, "bilinear", True, True, folds=[0, 1], num_folds=2)
+    with pytest.raises(ValueError, match="layout: expected one of"):
+        ops.linear_fit_sums(feats, affines, [0], 3, "NHCW", 5, 5, 0, "bilinear", True, True,
+                            folds=[0, 1, 0], num_folds=2)
 
 
 def test_the_command_line_takes_linear_and_its_ridge(tmp_path, capsys):

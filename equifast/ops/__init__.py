@@ -38,6 +38,14 @@ def _use_kernel(op_name: str, device: torch.device, force_reference: bool) -> bo
     return False
 
 
+def _check_view(layout: str, subpixel: str) -> None:
+    """ValueErrors naming ``layout`` or ``subpixel`` when they are not among the ops' own."""
+    if layout not in LAYOUT_NAMES:
+        raise ValueError(f"layout: expected one of {LAYOUT_NAMES}, found {layout!r}")
+    if subpixel not in ("bilinear", "skip"):
+        raise ValueError(f"subpixel: expected 'bilinear' or 'skip', found {subpixel!r}")
+
+
 def transform_images(
     src: torch.Tensor,
     source_affines: torch.Tensor,
@@ -136,10 +144,7 @@ def equivariance_stats(
     Returns:
         ``(3, K, B, C, 6)`` float64 statistics (see ``STATS_FIELDS``, ``COMPARISONS``).
     """
-    if layout not in LAYOUT_NAMES:
-        raise ValueError(f"layout: expected one of {LAYOUT_NAMES}, found {layout!r}")
-    if subpixel not in ("bilinear", "skip"):
-        raise ValueError(f"subpixel: expected 'bilinear' or 'skip', found {subpixel!r}")
+    _check_view(layout, subpixel)
     affines = source_affines.detach().to("cpu", torch.float64).contiguous()
     args = (affines, [int(w) for w in wrap], int(batch), layout, int(grid_h), int(grid_w),
             int(prefix), subpixel, bool(with_inv), bool(with_chance))
@@ -188,10 +193,7 @@ def linear_fit_sums(
         >>> solve_linear_maps(sums, ridge=1e-3).shape  # (F, 3, K, C, C + 1)
         torch.Size([2, 3, 1, 3, 4])
     """
-    if layout not in LAYOUT_NAMES:
-        raise ValueError(f"layout: expected one of {LAYOUT_NAMES}, found {layout!r}")
-    if subpixel not in ("bilinear", "skip"):
-        raise ValueError(f"subpixel: expected 'bilinear' or 'skip', found {subpixel!r}")
+    _check_view(layout, subpixel)
     affines = source_affines.detach().to("cpu", torch.float64).contiguous()
     disc = _reference.check_disc(disc, wrap)
     return _reference.linear_fit_sums(
