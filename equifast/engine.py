@@ -302,6 +302,7 @@ class DataPlan:
             self.margin = None
             self.loader = "iterable"
             self._limit = limit
+            self._warned_crop = False
             self._iter = self._iterable_batches
         else:
             raise TypeError(
@@ -362,7 +363,6 @@ class DataPlan:
     def _iterable_batches(self) -> Iterator[Batch]:
         seen = 0
         labelled: bool | None = None  # whether the batches carry labels (the first one says)
-        warned_crop = False
         for index, item in enumerate(self._iterable):
             labels = None
             if isinstance(item, (tuple, list)):
@@ -397,9 +397,11 @@ class DataPlan:
                     + "; expected every batch as (images, labels) or every one without labels "
                     "(a label of -1 marks an image whose class is unknown)")
             seen += images.shape[0]
-            if self._input_size_arg is None and not warned_crop:
-                warned_crop = warn_cropped_batch(f"data batch {index}", images.shape[-2:],
-                                                 self.source_size, stacklevel=3)
+            # (once per plan, not per pass: channel_map="linear" reads the data twice)
+            if self._input_size_arg is None and not self._warned_crop:
+                self._warned_crop = warn_cropped_batch(f"data batch {index}",
+                                                       images.shape[-2:], self.source_size,
+                                                       stacklevel=3)
             cropped = _center_crop(images, self.source_size, f"data batch {index}")
             if self.shard is not None:
                 if not self.shard.owns(index):  # read (and checked) by every rank, kept by one

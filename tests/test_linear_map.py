@@ -263,3 +263,16 @@ def test_a_matrix_cholesky_refuses_is_solved_by_least_squares(monkeypatch):
     monkeypatch.setattr(torch.linalg, "cholesky_ex", refusing)
     got = _reference.solve_linear_maps(sums, 1e-3)
     torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+
+
+def test_an_iterable_read_twice_warns_about_a_cut_batch_once():
+    """A later, larger batch of an iterable is cut to the first's size with a warning: once per
+    run, although channel_map="linear" reads the batches twice."""
+    net = _flip_mixing_net()
+    batches = [torch.rand(2, 3, 25, 25, dtype=torch.float64),
+               torch.rand(2, 3, 29, 29, dtype=torch.float64)]
+    with pytest.warns(UserWarning, match="larger than the 25x25 of the first batch") as caught:
+        result = equifast.measure(net, batches, group="flip", layers=["0"], channel_map="linear",
+                                  bootstrap=0, progress=False)
+    assert sum("larger than the 25x25" in str(w.message) for w in caught) == 1
+    assert result.config["images"] == 4
