@@ -80,6 +80,17 @@ def _ridge(text: str) -> float:
     return value
 
 
+def _channel_map_words(config: dict) -> str:
+    """``", channels matched"`` or ``", a linear map of the channels (ridge R, held out)"``
+    for the line above the table; nothing for the identity map."""
+    if config.get("channel_map") == "match":
+        return ", channels matched"
+    if config.get("channel_map") == "linear":
+        return (f", a linear map of the channels (ridge {config.get('ridge')}, fitted on one "
+                "half of the images, scored on the other)")
+    return ""
+
+
 def _parse_align(text: str):
     from equifast.align import check_align
 
@@ -458,7 +469,8 @@ def _measure(args: argparse.Namespace, main: bool) -> int:
     processes = result.config.get("world_size", 1)
     print(f"{result.config['images']} images, group {result.config['group']} "
           f"({len(result.config['elements'])} elements)"
-          f"{', disc mask' if result.config.get('mask') == 'disc' else ''}, "
+          f"{', disc mask' if result.config.get('mask') == 'disc' else ''}"
+          f"{_channel_map_words(result.config)}, "
           f"input {result.config['input_size']}, {result.config['seconds']:.1f} s "
           f"({_backend_words(result.config['backend'])}"
           f"{f', {processes} processes' if processes > 1 else ''})")

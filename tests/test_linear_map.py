@@ -209,6 +209,7 @@ def test_the_command_line_takes_linear_and_its_ridge(tmp_path, capsys):
                  "32", "--group", "flip", "--channel-map", "linear", "--ridge", "0.01",
                  "--bootstrap", "0", "--no-plot", "--quiet", "--out", str(out)])
     assert code == 0
+    assert "a linear map of the channels (ridge 0.01, fitted on one half" in capsys.readouterr().out
     loaded = equifast.Result.load(out)
     assert loaded.config["channel_map"] == "linear" and loaded.config["ridge"] == 0.01
     assert loaded.frame.query("comparison == 'eq'").value.notna().any()
