@@ -81,8 +81,8 @@ def _ridge(text: str) -> float:
 
 
 def _channel_map_words(config: dict) -> str:
-    """``", channels matched"`` or ``", a linear map of the channels (ridge R, held out)"``
-    for the line above the table; nothing for the identity map."""
+    """What the line above the table says of the channel map: ``", channels matched"``, ``", a
+    linear map of the channels (ridge R, fitted on one half ...)"``, nothing for the identity."""
     if config.get("channel_map") == "match":
         return ", channels matched"
     if config.get("channel_map") == "linear":
@@ -353,12 +353,22 @@ def _check_loader(args: argparse.Namespace) -> None:
                              f"leave {option} out)")
 
 
+def _check_ridge(args: argparse.Namespace) -> None:
+    """``--ridge`` is the penalty of the linear channel map: refused, before any work, with
+    another ``--channel-map``, where it would be ignored."""
+    if args.ridge is not None and args.channel_map != "linear":
+        raise ValueError(f"--ridge {args.ridge}: applies to --channel-map linear only; found "
+                         f"--channel-map {args.channel_map or 'identity'} (add --channel-map "
+                         "linear, or leave --ridge out)")
+
+
 def _run_survey(args: argparse.Namespace) -> int:
     from equifast.survey import run_survey
 
     if not args.models and not args.model_list:
         raise ValueError("survey: give --models NAME|GLOB ... or --model-list FILE")
     _check_loader(args)
+    _check_ridge(args)
     if args.metrics is not None:  # checked before any model runs (each would fail on it)
         from equifast.scores import check_metrics
 
@@ -425,6 +435,7 @@ def _measure(args: argparse.Namespace, main: bool) -> int:
     # Checked before the measurement, so that a bad --out cannot lose a finished run.
     table_path, plot_path = _output_paths(args.out)
     _check_loader(args)
+    _check_ridge(args)
     if args.imports:
         from equifast.survey.runner import import_plugins
 

@@ -205,6 +205,11 @@ def test_the_command_line_takes_linear_and_its_ridge(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["measure", "--model", "resnet18", "--channel-map", "linear", "--ridge", "0"])
     assert "expected a positive number such as 0.001, found '0'" in capsys.readouterr().err
+    for command in (["measure", "--model", "resnet18"],
+                    ["survey", "--models", "resnet18", "--store", str(tmp_path / "s.sqlite")]):
+        for channel_map in ([], ["--channel-map", "match"]):
+            assert main([*command, *channel_map, "--ridge", "0.1"]) == 2
+            assert "--ridge 0.1: applies to --channel-map linear only" in capsys.readouterr().err
     out = tmp_path / "run"
     code = main(["measure", "--model", "resnet18", "--samples", "--limit", "4", "--input-size",
                  "32", "--group", "flip", "--channel-map", "linear", "--ridge", "0.01",
