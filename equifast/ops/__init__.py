@@ -38,12 +38,20 @@ def _use_kernel(op_name: str, device: torch.device, force_reference: bool) -> bo
     return False
 
 
-def _check_view(layout: str, subpixel: str) -> None:
-    """ValueErrors naming ``layout`` or ``subpixel`` when they are not among the ops' own."""
+def _stats_arguments(source_affines, wrap, batch, layout, grid_h, grid_w, prefix, subpixel,
+                     with_inv, with_chance) -> tuple:
+    """The arguments after ``feats`` that :func:`equivariance_stats` and
+    :func:`linear_fit_sums` share, checked and in the types the ops take: ``(affines, wrap,
+    batch, layout, grid_h, grid_w, prefix, subpixel, with_inv, with_chance)``. ValueErrors name
+    ``layout`` or ``subpixel``."""
     if layout not in LAYOUT_NAMES:
         raise ValueError(f"layout: expected one of {LAYOUT_NAMES}, found {layout!r}")
     if subpixel not in ("bilinear", "skip"):
         raise ValueError(f"subpixel: expected 'bilinear' or 'skip', found {subpixel!r}")
+    affines = source_affines.detach().to("cpu", torch.float64).contiguous()
+    args = (affines, [int(w) for w in wrap], int(batch), layout, int(grid_h), int(grid_w),
+            int(prefix), subpixel, bool(with_inv), bool(with_chance))
+    return args
 
 
 def transform_images(
@@ -144,10 +152,8 @@ def equivariance_stats(
     Returns:
         ``(3, K, B, C, 6)`` float64 statistics (see ``STATS_FIELDS``, ``COMPARISONS``).
     """
-    _check_view(layout, subpixel)
-    affines = source_affines.detach().to("cpu", torch.float64).contiguous()
-    args = (affines, [int(w) for w in wrap], int(batch), layout, int(grid_h), int(grid_w),
-            int(prefix), subpixel, bool(with_inv), bool(with_chance))
+    args = _stats_arguments(source_affines, wrap, batch, layout, grid_h, grid_w, prefix,
+                            subpixel, with_inv, with_chance)
     check_channel_map(channel_map)
     disc = _reference.check_disc(disc, wrap)
     if channel_map == "identity" and _use_kernel("equivariance_stats", feats.device,
@@ -193,13 +199,12 @@ def linear_fit_sums(
         >>> solve_linear_maps(sums, ridge=1e-3).shape  # (F, 3, K, C, C + 1)
         torch.Size([2, 3, 1, 3, 4])
     """
-    _check_view(layout, subpixel)
-    affines = source_affines.detach().to("cpu", torch.float64).contiguous()
+    args = _stats_arguments(source_affines, wrap, batch, layout, grid_h, grid_w, prefix,
+                            subpixel, with_inv, with_chance)
     disc = _reference.check_disc(disc, wrap)
     return _reference.linear_fit_sums(
-        feats.detach().cpu(), affines, [int(w) for w in wrap], int(batch), layout, int(grid_h),
-        int(grid_w), int(prefix), subpixel, bool(with_inv), bool(with_chance), folds,
-        int(num_folds), None if reference is None else reference.detach().cpu(), disc,
+        feats.detach().cpu(), *args, folds, int(num_folds),
+        None if reference is None else reference.detach().cpu(), disc,
     )
 
 
