@@ -426,41 +426,82 @@ def fit_linear_map(a_values: torch.Tensor, b_values: torch.Tensor,
     return torch.cat([mixing, (mean_a - mixing @ mean_b)[:, None]], 1)
 
 
-def pair_sums(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Raw power sums per channel over the images and valid positions (for pooled scores).
+def pair_moments(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Centred moments per channel over the images and valid positions (for pooled scores).
 
     Returns:
-        ``(C, 6)`` float64: count, sum a, sum b, sum a^2, sum b^2, sum ab.
+        ``(C, 6)`` float64: count, mean a, mean b, and the sums of squares and products about the
+        means, ``sum (a - mean a)^2``, ``sum (b - mean b)^2``, ``sum (a - mean a)(b - mean b)``.
+        Centred as in ``pair_scores`` (about each channel's first value, then about the mean of
+        the differences): raw power sums ``sum a^2 - (sum a)^2 / m`` lose every digit of a
+        channel whose spread is 1e-8 of its level (deep layers at random init), and pooled
+        intervals then resampled that rounding.
     """
-    a, b = a[..., valid], b[..., valid]  # (B, C, m)
-    count = torch.full(
-        a.shape[1:2], float(a.shape[0] * a.shape[2]), dtype=torch.float64, device=a.device
-    )
+    channels = a.shape[1]
+    a = a[..., valid].transpose(0, 1).reshape(channels, -1)  # (C, B m)
+    b = b[..., valid].transpose(0, 1).reshape(channels, -1)
+    count = torch.full((channels,), float(a.shape[1]), dtype=torch.float64, device=a.device)
+    if a.shape[1] == 0:
+        return torch.zeros(channels, 6, dtype=torch.float64, device=a.device)
+    shifted_a, shifted_b = a - a[:, :1], b - b[:, :1]
+    shift_mean_a, shift_mean_b = shifted_a.mean(-1), shifted_b.mean(-1)
+    centred_a = shifted_a - shift_mean_a[:, None]
+    centred_b = shifted_b - shift_mean_b[:, None]
     return torch.stack(
         [
             count,
-            a.sum((0, 2)),
-            b.sum((0, 2)),
-            (a * a).sum((0, 2)),
-            (b * b).sum((0, 2)),
-            (a * b).sum((0, 2)),
+            a[:, 0] + shift_mean_a,
+            b[:, 0] + shift_mean_b,
+            (centred_a * centred_a).sum(-1),
+            (centred_b * centred_b).sum(-1),
+            (centred_a * centred_b).sum(-1),
         ],
         -1,
     )
 
 
-def sums_scores(sums: torch.Tensor, metrics: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Scores from raw power sums ``(..., C, 6)`` (values pooled over images; same definitions)."""
-    count, sum_a, sum_b, sum_aa, sum_bb, sum_ab = sums.to(torch.float64).unbind(-1)
+def merge_moments(moments: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The moments of groups ``moments[i]`` (``(N, ..., 6)``), group i taken ``weights[i]`` times.
+
+    The textbook decomposition: the sums about the overall mean are the groups' own sums plus
+    each group's count times its mean's deviation from the overall mean (squared, or the product
+    of the deviations of a and b).
+    """
+    weights = weights.to(moments).view(-1, *([1] * (moments.dim() - 2)))
+    count_i = moments[..., 0] * weights
+    count = count_i.sum(0)
     safe = torch.where(count > 0, count, torch.ones_like(count))
-    ss_a = sum_aa - sum_a * sum_a / safe  # per-channel centred sums of squares
-    ss_b = sum_bb - sum_b * sum_b / safe
-    cross = sum_ab - sum_a * sum_b / safe
-    flat = _flat(sum_a / safe, ss_a / safe) | _flat(sum_b / safe, ss_b / safe)
+    mean_a = (count_i * moments[..., 1]).sum(0) / safe
+    mean_b = (count_i * moments[..., 2]).sum(0) / safe
+    deviation_a, deviation_b = moments[..., 1] - mean_a, moments[..., 2] - mean_b
+    return torch.stack(
+        [
+            count,
+            mean_a,
+            mean_b,
+            (weights * moments[..., 3] + count_i * deviation_a * deviation_a).sum(0),
+            (weights * moments[..., 4] + count_i * deviation_b * deviation_b).sum(0),
+            (weights * moments[..., 5] + count_i * deviation_a * deviation_b).sum(0),
+        ],
+        -1,
+    )
+
+
+def moments_scores(moments: torch.Tensor, metrics: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Scores from centred moments ``(..., C, 6)`` (values pooled over images; same definitions)."""
+    count, mean_a, mean_b, ss_a, ss_b, cross = moments.to(torch.float64).unbind(-1)
+    safe = torch.where(count > 0, count, torch.ones_like(count))
+    flat = _flat(mean_a, ss_a / safe) | _flat(mean_b, ss_b / safe)
     total = count.sum(-1)
     empty = total <= 0
-    all_aa, all_bb = sum_aa.sum(-1), sum_bb.sum(-1)
-    sum_diff = (sum_aa + sum_bb - 2 * sum_ab).sum(-1)
+    # Sums about zero, from the centred moments: every term but the cross one is non-negative.
+    all_aa = (ss_a + count * mean_a * mean_a).sum(-1)
+    all_bb = (ss_b + count * mean_b * mean_b).sum(-1)
+    all_ab = (cross + count * mean_a * mean_b).sum(-1)
+    # sum (a - b)^2 = the centred sum of squares of a - b plus its mean's share; rounding of maps
+    # equal to float64 precision can take the first just below zero.
+    difference = mean_a - mean_b
+    sum_diff = (ss_a + ss_b - 2 * cross + count * difference * difference).sum(-1).clamp_min(0)
     nan = torch.full_like(total, math.nan)
     out = {}
     for metric in metrics:
@@ -476,15 +517,17 @@ def sums_scores(sums: torch.Tensor, metrics: Sequence[str]) -> dict[str, torch.T
         elif metric == "flat_frac":
             value = torch.where(empty, nan, flat.double().mean(-1))
         elif metric == "cosine":
-            value = _ratio(sum_ab.sum(-1), torch.sqrt(all_aa * all_bb))
+            value = _ratio(all_ab, torch.sqrt(all_aa * all_bb))
         elif metric == "nde":
             value = _ratio(sum_diff, all_aa + all_bb)
         elif metric == "rel_err":
             value = torch.sqrt(_ratio(sum_diff, all_bb))
         elif metric == "psnr":
             mse = _ratio(sum_diff, total)
-            grand_mean = _ratio(sum_b.sum(-1), total)
-            spread = _ratio(all_bb - total * grand_mean**2, total).clamp_min(0)
+            # all valid values of b about their grand mean: within channels, then between them
+            grand_mean = _ratio((count * mean_b).sum(-1), total)
+            between = mean_b - grand_mean[..., None]
+            spread = _ratio((ss_b + count * between * between).sum(-1), total)
             value = _psnr(16.0 * spread, mse)
         else:
             raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
@@ -971,7 +1014,7 @@ def measure(
             feature_maps[name] = feature_source_affines(forward_maps, layout.stride, offsets[name])
     exact = {n: np.array([_is_integer_map(a) for a in feature_maps[n]]) for n in names}
 
-    # Per layer: per batch, per-image scores {metric: (3, K, B)}, pooled sums (3, K, C, 6) and
+    # Per layer: per batch, per-image scores {metric: (3, K, B)}, pooled moments (3, K, C, 6) and
     # the images in those sums (3, K + 1): with a valid position, under some element for the last.
     per_image: dict[str, list[dict[str, np.ndarray]]] = {n: [] for n in names}
     pooled_sums: dict[str, list[torch.Tensor]] = {n: [] for n in names}
@@ -1058,7 +1101,7 @@ def measure(
                     for metric, value in pair_scores(a, b, valid, metric_names).items():
                         scores[name][metric][c, k] = value.cpu().numpy()
                     if pooled:
-                        sums[name][c, k] = pair_sums(a, b, valid).cpu()
+                        sums[name][c, k] = pair_moments(a, b, valid).cpu()
                         summed[name][c, k] = bool(valid.any())  # the same for every image
         for name in names:
             per_image[name].append(scores[name])
@@ -1190,7 +1233,7 @@ def _score_linear(linear_pairs, ridge, metric_names, per_image, pooled_sums, poo
                 value = torch.where(scored, value, math.nan)
                 per_image[name][batch_number][metric][c, k] = value.numpy()
             if pooled:
-                pooled_sums[name][batch_number][c, k] = pair_sums(a[scored], predicted[scored],
+                pooled_sums[name][batch_number][c, k] = pair_moments(a[scored], predicted[scored],
                                                                   valid)
 
 
@@ -1205,13 +1248,12 @@ def _pooled_points(batch_sums: list[torch.Tensor], metric_names, bootstrap: int,
         ``({metric: (3, K + 1)}, {metric: (3, K + 1, R)} or None)``; the last column is the mean
         over the elements.
     """
-    stacked = torch.stack(batch_sums)  # (batches, 3, K, C, 6) raw sums
+    stacked = torch.stack(batch_sums)  # (batches, 3, K, C, 6) centred moments
 
     def scored(weights: torch.Tensor) -> dict[str, np.ndarray]:
-        # Taking batch b w_b times multiplies all its sums by w_b.
-        merged = (stacked * weights.view(-1, 1, 1, 1, 1)).sum(0)
+        merged = merge_moments(stacked, weights)  # batch b taken weights[b] times
         out = {}
-        for metric, value in sums_scores(merged, metric_names).items():
+        for metric, value in moments_scores(merged, metric_names).items():
             value = value.numpy()  # (3, K)
             out[metric] = np.concatenate([value, _nanmean(value, 1)[:, None]], 1)
         return out

@@ -171,13 +171,60 @@ def test_scores_by_hand():
     values_b = b.flatten()
     peak = 4 * values_b.std(correction=0).item()
     assert math.isclose(scores["psnr"].item(), 10 * math.log10(peak**2 / (diff / 8)), rel_tol=1e-12)
-    # The pooled path (power sums) gives the same scores for one image.
-    pooled = naive.sums_scores(naive.pair_sums(a, b, valid), ALL_METRICS)
+    # The pooled path (centred moments) gives the same scores for one image.
+    pooled = naive.moments_scores(naive.pair_moments(a, b, valid), ALL_METRICS)
     for metric in ALL_METRICS:
         assert math.isclose(pooled[metric].item(), scores[metric].item(), rel_tol=1e-9), metric
     # Nothing valid: NaN.
     empty = naive.pair_scores(a, b, torch.zeros(1, 4, dtype=torch.bool), ALL_METRICS)
     assert all(math.isnan(v.item()) for v in empty.values())
+
+
+def test_pooled_moments_merge_like_the_data_they_come_from():
+    # Batches taken 0, 1 and 2 times: the merged moments are those of the data so repeated.
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randn(n, 3, 2, 5, generator=generator, dtype=torch.float64) * 2 + 7
+               for n in (2, 3, 1)]
+    partners = [x.flip(-1) + torch.randn(x.shape, generator=generator, dtype=torch.float64)
+                for x in batches]
+    valid = torch.ones(2, 5, dtype=torch.bool)
+    valid[0, 0] = False
+    moments = torch.stack([naive.pair_moments(a, b, valid) for a, b in zip(batches, partners)])
+    merged = naive.merge_moments(moments, torch.tensor([0.0, 1.0, 2.0]))
+    a = torch.cat([batches[1], batches[2], batches[2]])
+    b = torch.cat([partners[1], partners[2], partners[2]])
+    torch.testing.assert_close(merged, naive.pair_moments(a, b, valid), rtol=1e-12, atol=1e-12)
+    pooled = naive.moments_scores(merged, ALL_METRICS)
+    # pair_scores of the repeated images laid side by side as one image
+    side_by_side = [x[..., valid].transpose(0, 1).reshape(1, 3, 1, -1) for x in (a, b)]
+    every_position = torch.ones(1, side_by_side[0].shape[-1], dtype=torch.bool)
+    one = naive.pair_scores(*side_by_side, every_position, ALL_METRICS)
+    for metric in ALL_METRICS:
+        assert math.isclose(pooled[metric].item(), one[metric].item(), rel_tol=1e-9), metric
+
+
+def test_pooled_scores_keep_a_spread_of_1e8_of_the_level():
+    # Channels at level 1 with a spread of 1e-8 (deep layers at random init), pooled over two
+    # batches: raw power sums, sum a^2 - (sum a)^2 / m, keep none of the spread's digits.
+    generator = torch.Generator().manual_seed(1)
+    shape = (3, 4, 6, 6)
+    small_a = [torch.randn(shape, generator=generator, dtype=torch.float64) for _ in range(2)]
+    small_b = [x + 0.5 * torch.randn(shape, generator=generator, dtype=torch.float64)
+               for x in small_a]
+    a = [1.0 + 1e-8 * x for x in small_a]
+    b = [1.0 + 1e-8 * x for x in small_b]
+    valid = torch.ones(6, 6, dtype=torch.bool)
+    moments = torch.stack([naive.pair_moments(x, y, valid) for x, y in zip(a, b)])
+    pooled = naive.moments_scores(naive.merge_moments(moments, torch.ones(2)), ["corr"])["corr"]
+    # x - 1 is exact for x in [0.5, 2]: the deviations the rounded values really have
+    deviation_a = torch.cat(a).transpose(0, 1).reshape(4, -1) - 1.0
+    deviation_b = torch.cat(b).transpose(0, 1).reshape(4, -1) - 1.0
+    centred_a = deviation_a - deviation_a.mean(-1, keepdim=True)
+    centred_b = deviation_b - deviation_b.mean(-1, keepdim=True)
+    expected = (centred_a * centred_b).sum() / torch.sqrt(
+        (centred_a**2).sum() * (centred_b**2).sum())
+    assert 0.5 < expected < 0.99
+    assert math.isclose(pooled.item(), expected.item(), rel_tol=1e-6)
 
 
 def test_circular_conv_net_is_exactly_equivariant():
