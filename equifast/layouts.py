@@ -78,17 +78,22 @@ def _integer_stride(size: int, cells: int) -> float:
     return ratio
 
 
-def _stride_candidates(size: int, cells: int) -> set[int]:
-    """Every integer stride ``s`` that gives ``cells`` cells from ``size`` pixels: rounding down
-    or up (57 px in 8 cells: 7 or 8; 57 px in 2 cells: anything from 20 to 56), or, on grids of 8
-    or more cells, rounding down after losing a border of up to one stride to an unpadded
+def _stride_candidates(size: int, cells: int) -> range:
+    """Every integer stride ``s`` that gives ``cells`` (>= 1) cells from ``size`` pixels: rounding
+    down or up (57 px in 8 cells: 7 or 8; 57 px in 2 cells: anything from 20 to 56), or, on grids
+    of 8 or more cells, rounding down after losing a border of up to one stride to an unpadded
     convolution (224 px in 111 cells: a 3x3 stride-2 convolution without padding). Small grids
-    do not get that latitude: there it would let almost any shape pass for a grid."""
-    def fits(s: int) -> bool:
-        left_over = size - s * cells  # ceil: in (-s, 0]; floor: in [0, s)
-        return -s < left_over <= (2 * s if cells >= 8 else s - 1)
+    do not get that latitude: there it would let almost any shape pass for a grid.
 
-    return {s for s in range(1, size + 1) if fits(s)}
+    The left-over pixels ``size - s * cells`` lie in ``(-s, 0]`` (ceil) or ``[0, s)`` (floor; up
+    to ``2 s`` on 8 or more cells), so the strides form one range, found in closed form (the
+    engine asks for every layer's shape, a few thousand times for all leaves of a model).
+    """
+    # floor side: size - s * cells <= 2 s, or <= s - 1
+    low = -(-size // (cells + 2)) if cells >= 8 else -(-(size + 1) // (cells + 1))
+    # ceil side: -s < size - s * cells, i.e. s * (cells - 1) <= size - 1
+    high = size if cells == 1 else min(size, (size - 1) // (cells - 1))
+    return range(max(low, 1), high + 1)
 
 
 def _is_power_of_two(value: int) -> bool:
@@ -108,7 +113,8 @@ def _grid_fit(h: int, w: int, input_size: tuple[int, int]
     height, width = input_size
     if not (1 <= h <= height and 1 <= w <= width):
         return None
-    common = _stride_candidates(height, h) & _stride_candidates(width, w)
+    along_y, along_x = _stride_candidates(height, h), _stride_candidates(width, w)
+    common = range(max(along_y.start, along_x.start), min(along_y.stop, along_x.stop))
     if common:
         def deviation(stride: int) -> float:
             return max(abs(height / h - stride), abs(width / w - stride)) / stride
