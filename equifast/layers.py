@@ -59,18 +59,32 @@ def _parameter_count(module: nn.Module) -> int:
 
 def _open_containers(model: nn.Module) -> list[str]:
     """Top-level children; while there are fewer than ``_MIN_DEFAULT_LAYERS``, the child holding the
-    most parameters (not a head, with submodules) is replaced by its own children. A ModuleList is
-    always opened: it has no forward of its own, so a hook on it would never run."""
+    most parameters (not a head, with submodules, not one of a series of stages of one class) is
+    replaced by its own children. A ModuleList is always opened: it has no forward of its own, so
+    a hook on it would never run."""
     modules = dict(model.named_modules())
     layers = [name for name, _ in model.named_children()]
 
     def children_of(name: str) -> list[str]:
         return [f"{name}.{child}" for child, _ in modules[name].named_children()]
 
+    def parent_of(name: str) -> str:
+        return name.rsplit(".", 1)[0] if "." in name else ""
+
+    def in_a_series(name: str) -> bool:
+        # One of several siblings of one class (torchvision RegNet's AnyStage block1..block4,
+        # MaxViT's stages, the Conv2dNormActivation of a stem): a series of stages, of which
+        # opening one would measure it at another depth than its peers. Plain Sequentials are
+        # containers of anything (ShuffleNet's stages and its conv5), not a series by class.
+        kind = type(modules[name])
+        return kind is not nn.Sequential and any(
+            other != name and type(modules[other]) is kind and parent_of(other) == parent_of(name)
+            for other in layers)
+
     def expandable(name: str) -> bool:
         module = modules[name]
         return (name.rsplit(".", 1)[-1] not in _HEAD_NAMES and len(children_of(name)) > 1
-                and _parameter_count(module) > 0)
+                and _parameter_count(module) > 0 and not in_a_series(name))
 
     while True:
         lists = [n for n in layers if isinstance(modules[n], nn.ModuleList)]

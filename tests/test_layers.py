@@ -43,6 +43,34 @@ def test_default_layers_open_the_trunk(name, expected_start, stage):
     assert not any(a != b and b.startswith(a + ".") for a in layers for b in layers)
 
 
+@pytest.mark.parametrize(("name", "stages"), [
+    ("regnet_y_400mf", [f"trunk_output.block{i}" for i in range(1, 5)]),
+    ("maxvit_t", [f"blocks.{i}" for i in range(4)]),
+])
+def test_default_layers_keep_a_series_of_stages_whole(name, stages):
+    # RegNet's trunk holds four AnyStage modules: opening the largest (block4) to reach eight
+    # layers had measured block4's six blocks beside three whole stages.
+    model = torchvision.models.get_model(name)
+    layers = default_layers(model)
+    assert [n for n in layers if n.startswith(stages[0].rsplit(".", 1)[0] + ".")] == stages
+
+
+def test_default_layers_open_a_container_but_not_one_of_a_series():
+    class Stage(nn.Sequential):
+        pass
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+            self.first = Stage(nn.Conv2d(4, 4, 3), nn.ReLU())
+            self.second = Stage(nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
+            self.head = nn.Linear(4, 2)
+
+    # Below eight layers: the stem (a plain Sequential) is opened, the two Stages are not.
+    assert default_layers(Net()) == ["stem.0", "stem.1", "first", "second", "head"]
+
+
 def test_globs_stay_within_one_part_of_a_name_unless_doubled():
     """'layer*' is a ResNet's four stages (with fnmatch, whose * crosses dots, it was every one
     of the 60-odd modules under them); '**' crosses the dots."""
