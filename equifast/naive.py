@@ -471,8 +471,15 @@ def merge_moments(moments: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     count_i = moments[..., 0] * weights
     count = count_i.sum(0)
     safe = torch.where(count > 0, count, torch.ones_like(count))
-    mean_a = (count_i * moments[..., 1]).sum(0) / safe
-    mean_b = (count_i * moments[..., 2]).sum(0) / safe
+    # About the mean of the first group taken (a group taken alone keeps its mean exactly:
+    # (3 m) / 3 rounded would make a spread of a single value)
+    taken = count_i > 0
+    first = torch.where(taken, torch.arange(len(moments)).view_as(weights), len(moments)).amin(0)
+    first = first.clamp_max(len(moments) - 1).unsqueeze(0)
+    level_a = moments[..., 1].gather(0, first)
+    level_b = moments[..., 2].gather(0, first)
+    mean_a = level_a[0] + (count_i * (moments[..., 1] - level_a)).sum(0) / safe
+    mean_b = level_b[0] + (count_i * (moments[..., 2] - level_b)).sum(0) / safe
     deviation_a, deviation_b = moments[..., 1] - mean_a, moments[..., 2] - mean_b
     return torch.stack(
         [

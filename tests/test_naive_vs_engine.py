@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+import torchvision
 
 import equifast
 from equifast import naive
@@ -201,6 +202,24 @@ def test_pooled_moments_merge_like_the_data_they_come_from():
     one = naive.pair_scores(*side_by_side, every_position, ALL_METRICS)
     for metric in ALL_METRICS:
         assert math.isclose(pooled[metric].item(), one[metric].item(), rel_tol=1e-9), metric
+
+
+def test_pooled_moments_of_one_batch_taken_three_times_have_no_spread():
+    # The naive loop's merge, as the engine's (test_scores): a resample of one batch of one value
+    # per channel keeps its mean exactly, so corr is NaN, not a correlation of the last bits.
+    values = np.random.default_rng(4).normal(size=1000)
+    values = torch.from_numpy(values[values * 3 / 3 != values][:12]).view(3, 2, 2)  # whose
+    # (3 m) / 3 rounds off m; (batch, a / b, channel)
+    one_position = torch.ones(1, 1, dtype=torch.bool)
+    moments = torch.stack([naive.pair_moments(a.view(1, 2, 1, 1), b.view(1, 2, 1, 1), one_position)
+                           for a, b in values])
+    for taken in range(3):
+        weights = torch.zeros(3)
+        weights[taken] = 3
+        merged = naive.merge_moments(moments, weights)
+        assert torch.equal(merged[..., 1:3], moments[taken, :, 1:3])
+        assert torch.equal(merged[..., 3:], torch.zeros(2, 3, dtype=torch.float64))
+        assert math.isnan(naive.moments_scores(merged, ["corr"])["corr"].item())
 
 
 def test_pooled_scores_keep_a_spread_of_1e8_of_the_level():
@@ -468,6 +487,18 @@ def test_resnet_pooled_on_the_samples(resnet):
         input_size=(32, 32),
         pooled=True,
     )
+
+
+def test_pooled_intervals_of_deep_layers_whose_spread_is_1e8_of_their_level():
+    # torchvision's MobileNetV3 at random init: its stride-32 blocks vary by about 1e-8 of their
+    # level at 64 px, and under the disc mask only a few positions of their 2 x 2 grids count.
+    # The naive loop pooled raw power sums there, so its resampled batches (one of them of a
+    # single image) scored rounding: intervals up to 0.8 away from the engine's.
+    torch.manual_seed(4104)
+    model = torchvision.models.mobilenet_v3_small().double().eval()
+    _check(model, _sources(64, 8, count=5), group="translate:8+rotate:90,17*flip:vertical",
+           layers=["features.3", "features.10", "features.11", "features.12"],
+           metrics=ALL_METRICS, batch_size=2, mask="disc", pooled=True, bootstrap=50)
 
 
 @pytest.mark.parametrize("align", ["center", "auto"])

@@ -91,6 +91,28 @@ def test_merge_stats_equals_stats_of_concatenation():
     torch.testing.assert_close(merged, whole)
 
 
+def test_merge_stats_of_one_part_taken_several_times_keeps_its_spread():
+    # A bootstrap resample that draws one batch three times (its counts and sums about the mean
+    # times 3, the others' times 0): the merged mean must be that batch's mean exactly, or its
+    # last bit passes for a spread. Here one value per channel: no spread at all, so corr is NaN.
+    values = np.random.default_rng(4).normal(size=1000)
+    values = values[values * 3 / 3 != values][:12]  # those whose (3 m) / 3 rounds off m
+    means = values.reshape(3, 2, 2)  # (part, channel, a / b)
+    stacked = torch.zeros(3, 2, 6, dtype=torch.float64)
+    stacked[..., 0] = 1.0
+    stacked[..., 1:3] = torch.from_numpy(means)
+    for taken in range(3):
+        weights = torch.zeros(3, 1, dtype=torch.float64)
+        weights[taken] = 3.0
+        scaled = stacked.clone()
+        for field in (0, 3, 4, 5):
+            scaled[..., field] *= weights
+        merged = merge_stats(scaled, dim=0)
+        assert torch.equal(merged[..., 1:3], stacked[taken, :, 1:3])
+        assert torch.equal(merged[..., 3:], torch.zeros(2, 3, dtype=torch.float64))
+        assert np.isnan(float(score_stats(merged, ["corr"])["corr"]))
+
+
 @pytest.mark.parametrize("force_reference", PATHS)
 def test_zero_count_gives_nan_and_corr_vs_chance(force_reference):
     scores = score_stats(torch.zeros(2, 6, dtype=torch.float64), METRICS,

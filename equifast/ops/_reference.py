@@ -611,8 +611,15 @@ def merge_stats(stats: torch.Tensor, dim: int) -> torch.Tensor:
     count = stats[..., 0]
     total = count.sum(dim)
     safe = torch.where(total > 0, total, torch.ones_like(total))
-    mean_a = (stats[..., 1] * count).sum(dim) / safe
-    mean_b = (stats[..., 2] * count).sum(dim) / safe
+    # The means as one part's mean (the first that has a count) plus the weighted mean of the
+    # others' differences from it: where one part alone has a count (a bootstrap resample that
+    # draws one batch three times), the merged mean is that part's mean exactly, not
+    # (3 n m) / (3 n) rounded, whose last bit would pass for a spread of the values.
+    first = (count > 0).to(torch.int8).argmax(dim, keepdim=True)
+    anchor_a = stats[..., 1].gather(dim, first)
+    anchor_b = stats[..., 2].gather(dim, first)
+    mean_a = anchor_a.squeeze(dim) + ((stats[..., 1] - anchor_a) * count).sum(dim) / safe
+    mean_b = anchor_b.squeeze(dim) + ((stats[..., 2] - anchor_b) * count).sum(dim) / safe
     da = stats[..., 1] - mean_a.unsqueeze(dim)
     db = stats[..., 2] - mean_b.unsqueeze(dim)
     m2_a = (stats[..., 3] + count * da * da).sum(dim)
