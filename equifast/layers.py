@@ -57,16 +57,29 @@ def _parameter_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def _only_reshapes(module: nn.Module) -> bool:
+    """Whether ``module`` passes its input on with another shape only."""
+    return isinstance(module, (nn.Flatten, nn.Unflatten, nn.Identity)) or (
+        type(module).__name__ == "Permute" and not any(True for _ in module.parameters()))
+
+
 def _open_containers(model: nn.Module) -> list[str]:
     """Top-level children; while there are fewer than ``_MIN_DEFAULT_LAYERS``, the child holding the
     most parameters (not a head, with submodules, not one of a series of stages of one class) is
     replaced by its own children. A ModuleList is always opened: it has no forward of its own, so
-    a hook on it would never run."""
+    a hook on it would never run. Modules that only reshape are left out."""
     modules = dict(model.named_modules())
-    layers = [name for name, _ in model.named_children()]
+
+    def kept(names: list[str]) -> list[str]:
+        # A module that only reshapes (Flatten, torchvision's Permute, Identity) gives the values
+        # of the module before it again (Swin's norm and permute, avgpool and flatten).
+        layers = [name for name in names if not _only_reshapes(modules[name])]
+        return layers or names
+
+    layers = kept([name for name, _ in model.named_children()])
 
     def children_of(name: str) -> list[str]:
-        return [f"{name}.{child}" for child, _ in modules[name].named_children()]
+        return kept([f"{name}.{child}" for child, _ in modules[name].named_children()])
 
     def parent_of(name: str) -> str:
         return name.rsplit(".", 1)[0] if "." in name else ""

@@ -71,6 +71,15 @@ def test_default_layers_open_a_container_but_not_one_of_a_series():
     assert default_layers(Net()) == ["stem.0", "stem.1", "first", "second", "head"]
 
 
+def test_default_layers_leave_out_modules_that_only_reshape():
+    # torchvision's Swin: norm (NHWC) then Permute (the same values as NCHW), avgpool then
+    # Flatten (the same vector): one row each, not two.
+    layers = default_layers(torchvision.models.swin_t())
+    assert layers[-3:] == ["norm", "avgpool", "head"]
+    # A model of reshapes alone keeps them (there is nothing else to measure).
+    assert default_layers(nn.Sequential(nn.Flatten(), nn.Identity())) == ["0", "1"]
+
+
 def test_globs_stay_within_one_part_of_a_name_unless_doubled():
     """'layer*' is a ResNet's four stages (with fnmatch, whose * crosses dots, it was every one
     of the 60-odd modules under them); '**' crosses the dots."""
