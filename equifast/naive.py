@@ -122,6 +122,7 @@ EDGE_TOLERANCE = 1e-6
 # A channel is flat when its spatial (population) variance is <= (1e-6 * mean)^2 + (1e-15)^2.
 FLAT_RELATIVE = 1e-6
 FLAT_ABSOLUTE = 1e-15
+CHANCE_MARGIN = 1e-12  # corr_vs_chance: chance within this of 1 leaves it undefined
 # The bootstrap draws its resamples in blocks of this many (so that intervals are reproducible).
 BOOTSTRAP_BLOCK = 100
 
@@ -610,7 +611,8 @@ def _nanmean(values: np.ndarray, axis: int) -> np.ndarray:
 def _vs_chance(eq: np.ndarray, chance: np.ndarray) -> np.ndarray:
     eq, chance = np.asarray(eq, np.float64), np.asarray(chance, np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(chance < 1, (eq - chance) / (1 - chance), math.nan)
+        # undefined where chance is 1 up to rounding (1 - chance is then rounding)
+        return np.where(chance < 1 - CHANCE_MARGIN, (eq - chance) / (1 - chance), math.nan)
 
 
 # ------------------------------------------------------------------------------------------------

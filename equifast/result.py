@@ -26,6 +26,8 @@ from typing import Any
 
 import pandas as pd
 
+from .scores import CHANCE_MARGIN
+
 # Filled by measure(..., baseline="init") (equifast.baseline): the initialized copy's score of the
 # row with its 95% interval, and learned = value - init with its paired interval; NaN without.
 BASELINE_COLUMNS = ["init", "init_lo", "init_hi", "learned", "learned_lo", "learned_hi"]
@@ -78,6 +80,7 @@ def warn_undefined_chance(frame: pd.DataFrame) -> bool:
     chance = rows[rows.comparison == "chance"]
     others = rows[rows.comparison != "chance"]
     if chance.empty or others.empty or (chance.n > 0).any() or not (others.n > 0).any():
+        _warn_chance_at_one(frame)
         return False
     warnings.warn(
         "the chance comparison is undefined for every image (NaN, n = 0), and so is "
@@ -86,6 +89,22 @@ def warn_undefined_chance(frame: pd.DataFrame) -> bool:
         stacklevel=3,
     )
     return True
+
+
+def _warn_chance_at_one(frame: pd.DataFrame) -> list[str]:
+    """Warn about layers whose chance corr (over the elements) is 1 within ``CHANCE_MARGIN``:
+    unrelated images give them the same features up to rounding, and their ``corr_vs_chance``
+    is NaN. Returns them."""
+    chance = frame[(frame.element == "mean") & (frame.comparison == "chance")
+                   & (frame.metric == "corr")]
+    names = list(dict.fromkeys(chance.loc[chance.value >= 1 - CHANCE_MARGIN, "layer"]))
+    if names:
+        warnings.warn(
+            f"{len(names)} layer(s) give unrelated images the same features up to rounding "
+            f"(chance corr within {CHANCE_MARGIN:g} of 1): {shown_names(names)}; their "
+            "corr_vs_chance is NaN (its denominator, 1 - chance, would be rounding)",
+            stacklevel=4)
+    return names
 
 
 def _warn_undefined_layers(elements: pd.DataFrame, subpixel: str = "bilinear") -> list[str]:

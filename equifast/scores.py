@@ -43,6 +43,10 @@ DERIVED_METRICS = ("corr_vs_chance",)
 # of a constant map after interpolation stays far below that) or below 1e-15 absolutely.
 FLAT_RELATIVE = 1e-6
 FLAT_ABSOLUTE = 1e-15
+# corr_vs_chance is undefined where the chance level is within this of 1: unrelated images then
+# give the same features up to rounding (the logits of a random-init GoogLeNet: every corr
+# 1 +- 3e-16), and 1 - chance is rounding, which gave 1, 0.33 or NaN by the order of the sums.
+CHANCE_MARGIN = 1e-12
 
 
 def check_metrics(metrics: Sequence[str] | None) -> tuple[str, ...]:
@@ -215,7 +219,9 @@ def score_stats(
 
 
 def corr_vs_chance(corr_eq: np.ndarray | float, corr_chance: np.ndarray | float):
-    """Normalized equivariance ``(corr_eq - corr_chance) / (1 - corr_chance)``."""
+    """Normalized equivariance ``(corr_eq - corr_chance) / (1 - corr_chance)``; NaN where the
+    chance level is 1 within :data:`CHANCE_MARGIN`."""
     corr_eq, corr_chance = np.asarray(corr_eq, np.float64), np.asarray(corr_chance, np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(corr_chance < 1, (corr_eq - corr_chance) / (1 - corr_chance), np.nan)
+        return np.where(corr_chance < 1 - CHANCE_MARGIN,
+                        (corr_eq - corr_chance) / (1 - corr_chance), np.nan)

@@ -17,6 +17,7 @@ import pytest
 import timm
 import torch
 import torchvision
+from torch import nn
 
 import equifast
 from equifast import naive
@@ -499,6 +500,30 @@ def test_pooled_intervals_of_deep_layers_whose_spread_is_1e8_of_their_level():
     _check(model, _sources(64, 8, count=5), group="translate:8+rotate:90,17*flip:vertical",
            layers=["features.3", "features.10", "features.11", "features.12"],
            metrics=ALL_METRICS, batch_size=2, mask="disc", pooled=True, bootstrap=50)
+
+
+def test_logits_the_same_for_every_image_leave_corr_vs_chance_undefined():
+    # A head that all but ignores its input (weights 1e-7 of their init), as the logits of some
+    # random-init models (GoogLeNet): eq, inv and chance corr are all 1 up to rounding (chance
+    # 1 - 1.3e-14), and corr_vs_chance, 0 / 0 in rounding, came out as 1 (engine) and 0.991
+    # (naive loop) here. (With weights of exactly 0 the probe leaves the layer out: it does not
+    # depend on the input.)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 10)).double().eval()
+    with torch.no_grad():
+        model[3].weight.mul_(1e-7)
+    sources = _sources(24, 5, count=4)
+    for measure in (equifast.measure, naive.measure):
+        with pytest.warns(UserWarning, match=r"1 layer\(s\) give unrelated images the same "
+                                             r"features up to rounding .*: 3; their "
+                                             r"corr_vs_chance is NaN"):
+            result = measure(model, sources, group="translate:3,5", layers=["1", "3"],
+                             batch_size=2, progress=False, bootstrap=20)
+        frame = result.frame
+        normalized = frame[frame.metric == "corr_vs_chance"]
+        assert normalized[normalized.layer == "3"].value.isna().all()
+        assert normalized[normalized.layer == "1"].value.notna().all()
 
 
 @pytest.mark.parametrize("align", ["center", "auto"])
