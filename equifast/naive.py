@@ -474,13 +474,16 @@ def merge_moments(moments: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     safe = torch.where(count > 0, count, torch.ones_like(count))
     # About the mean of the first group taken (a group taken alone keeps its mean exactly:
     # (3 m) / 3 rounded would make a spread of a single value)
-    taken = count_i > 0
-    first = torch.where(taken, torch.arange(len(moments)).view_as(weights), len(moments)).amin(0)
+    groups = torch.arange(len(moments), device=moments.device).view_as(weights)
+    first = torch.where(count_i > 0, groups, len(moments)).amin(0)
     first = first.clamp_max(len(moments) - 1).unsqueeze(0)
     level_a = moments[..., 1].gather(0, first)
     level_b = moments[..., 2].gather(0, first)
-    mean_a = level_a[0] + (count_i * (moments[..., 1] - level_a)).sum(0) / safe
-    mean_b = level_b[0] + (count_i * (moments[..., 2] - level_b)).sum(0) / safe
+    none = torch.zeros_like(count)  # no group taken: means 0
+    mean_a = torch.where(count > 0, level_a[0] + (count_i * (moments[..., 1] - level_a)).sum(0)
+                         / safe, none)
+    mean_b = torch.where(count > 0, level_b[0] + (count_i * (moments[..., 2] - level_b)).sum(0)
+                         / safe, none)
     deviation_a, deviation_b = moments[..., 1] - mean_a, moments[..., 2] - mean_b
     return torch.stack(
         [

@@ -618,8 +618,11 @@ def merge_stats(stats: torch.Tensor, dim: int) -> torch.Tensor:
     first = (count > 0).to(torch.int8).argmax(dim, keepdim=True)
     anchor_a = stats[..., 1].gather(dim, first)
     anchor_b = stats[..., 2].gather(dim, first)
-    mean_a = anchor_a.squeeze(dim) + ((stats[..., 1] - anchor_a) * count).sum(dim) / safe
-    mean_b = anchor_b.squeeze(dim) + ((stats[..., 2] - anchor_b) * count).sum(dim) / safe
+    nothing = torch.zeros_like(total)  # no part has a count: means 0, as the parts' own
+    mean_a = torch.where(total > 0, anchor_a.squeeze(dim)
+                         + ((stats[..., 1] - anchor_a) * count).sum(dim) / safe, nothing)
+    mean_b = torch.where(total > 0, anchor_b.squeeze(dim)
+                         + ((stats[..., 2] - anchor_b) * count).sum(dim) / safe, nothing)
     da = stats[..., 1] - mean_a.unsqueeze(dim)
     db = stats[..., 2] - mean_b.unsqueeze(dim)
     m2_a = (stats[..., 3] + count * da * da).sum(dim)
