@@ -313,6 +313,17 @@ def _flat(mean: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
     return variance <= (FLAT_RELATIVE * mean) ** 2 + FLAT_ABSOLUTE**2
 
 
+def _centred(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean, values - mean)`` along the last axis, centred about the first value, then about
+    the mean of the differences: x - x_0 is exact where a channel's spread is small against its
+    level, whereas x - mean carries the rounding error of the mean (up to an ulp of the level)
+    into every centred value; for a channel whose spread is itself a few ulps (deep layers of a
+    random-init LeViT), that error was a large part of it and corr moved by ~0.01."""
+    shifted = values - values[..., :1]
+    shift_mean = shifted.mean(-1)
+    return values[..., 0] + shift_mean, shifted - shift_mean[..., None]
+
+
 def pair_scores(
     a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor, metrics: Sequence[str]
 ) -> dict[str, torch.Tensor]:
@@ -330,16 +341,7 @@ def pair_scores(
     batch, channels, positions = a.shape
     if positions == 0:
         return {m: torch.full((batch,), math.nan, dtype=torch.float64) for m in metrics}
-    # Centred about each channel's first value, then about the mean of the differences: a - a_0
-    # is exact where a channel's spread is small against its level, whereas a - mean carries the
-    # rounding error of the mean (up to an ulp of the level) into every centred value; for a
-    # channel whose spatial spread is itself a few ulps (deep layers of a random-init LeViT), that
-    # error was a large part of it and corr moved by ~0.01.
-    shifted_a, shifted_b = a - a[..., :1], b - b[..., :1]
-    shift_mean_a, shift_mean_b = shifted_a.mean(-1), shifted_b.mean(-1)  # (B, C)
-    centred_a = shifted_a - shift_mean_a[..., None]
-    centred_b = shifted_b - shift_mean_b[..., None]
-    mean_a, mean_b = a[..., 0] + shift_mean_a, b[..., 0] + shift_mean_b
+    (mean_a, centred_a), (mean_b, centred_b) = _centred(a), _centred(b)  # (B, C), (B, C, m)
     ss_a = (centred_a * centred_a).sum(-1)  # (B, C): per-channel centred sums of squares
     ss_b = (centred_b * centred_b).sum(-1)
     cross = (centred_a * centred_b).sum(-1)
@@ -441,18 +443,14 @@ def pair_moments(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> torch
     channels = a.shape[1]
     a = a[..., valid].transpose(0, 1).reshape(channels, -1)  # (C, B m)
     b = b[..., valid].transpose(0, 1).reshape(channels, -1)
-    count = torch.full((channels,), float(a.shape[1]), dtype=torch.float64, device=a.device)
     if a.shape[1] == 0:
         return torch.zeros(channels, 6, dtype=torch.float64, device=a.device)
-    shifted_a, shifted_b = a - a[:, :1], b - b[:, :1]
-    shift_mean_a, shift_mean_b = shifted_a.mean(-1), shifted_b.mean(-1)
-    centred_a = shifted_a - shift_mean_a[:, None]
-    centred_b = shifted_b - shift_mean_b[:, None]
+    (mean_a, centred_a), (mean_b, centred_b) = _centred(a), _centred(b)
     return torch.stack(
         [
-            count,
-            a[:, 0] + shift_mean_a,
-            b[:, 0] + shift_mean_b,
+            torch.full((channels,), float(a.shape[1]), dtype=torch.float64, device=a.device),
+            mean_a,
+            mean_b,
             (centred_a * centred_a).sum(-1),
             (centred_b * centred_b).sum(-1),
             (centred_a * centred_b).sum(-1),
@@ -473,17 +471,15 @@ def merge_moments(moments: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     count = count_i.sum(0)
     safe = torch.where(count > 0, count, torch.ones_like(count))
     # About the mean of the first group taken (a group taken alone keeps its mean exactly:
-    # (3 m) / 3 rounded would make a spread of a single value)
-    groups = torch.arange(len(moments), device=moments.device).view_as(weights)
-    first = torch.where(count_i > 0, groups, len(moments)).amin(0)
-    first = first.clamp_max(len(moments) - 1).unsqueeze(0)
-    level_a = moments[..., 1].gather(0, first)
-    level_b = moments[..., 2].gather(0, first)
-    none = torch.zeros_like(count)  # no group taken: means 0
-    mean_a = torch.where(count > 0, level_a[0] + (count_i * (moments[..., 1] - level_a)).sum(0)
-                         / safe, none)
-    mean_b = torch.where(count > 0, level_b[0] + (count_i * (moments[..., 2] - level_b)).sum(0)
-                         / safe, none)
+    # (3 m) / 3 rounded would make a spread of a single value); 0 where no group is taken.
+    first = (count_i > 0).to(torch.int8).argmax(0, keepdim=True)
+
+    def merged_mean(field: int) -> torch.Tensor:
+        level = moments[..., field].gather(0, first)
+        mean = level[0] + (count_i * (moments[..., field] - level)).sum(0) / safe
+        return torch.where(count > 0, mean, torch.zeros_like(mean))
+
+    mean_a, mean_b = merged_mean(1), merged_mean(2)
     deviation_a, deviation_b = moments[..., 1] - mean_a, moments[..., 2] - mean_b
     return torch.stack(
         [

@@ -615,14 +615,15 @@ def merge_stats(stats: torch.Tensor, dim: int) -> torch.Tensor:
     # others' differences from it: where one part alone has a count (a bootstrap resample that
     # draws one batch three times), the merged mean is that part's mean exactly, not
     # (3 n m) / (3 n) rounded, whose last bit would pass for a spread of the values.
+    # No part has a count: means 0, as the parts' own.
     first = (count > 0).to(torch.int8).argmax(dim, keepdim=True)
-    anchor_a = stats[..., 1].gather(dim, first)
-    anchor_b = stats[..., 2].gather(dim, first)
-    nothing = torch.zeros_like(total)  # no part has a count: means 0, as the parts' own
-    mean_a = torch.where(total > 0, anchor_a.squeeze(dim)
-                         + ((stats[..., 1] - anchor_a) * count).sum(dim) / safe, nothing)
-    mean_b = torch.where(total > 0, anchor_b.squeeze(dim)
-                         + ((stats[..., 2] - anchor_b) * count).sum(dim) / safe, nothing)
+
+    def merged_mean(field: int) -> torch.Tensor:
+        anchor = stats[..., field].gather(dim, first)
+        mean = anchor.squeeze(dim) + ((stats[..., field] - anchor) * count).sum(dim) / safe
+        return torch.where(total > 0, mean, torch.zeros_like(mean))
+
+    mean_a, mean_b = merged_mean(1), merged_mean(2)
     da = stats[..., 1] - mean_a.unsqueeze(dim)
     db = stats[..., 2] - mean_b.unsqueeze(dim)
     m2_a = (stats[..., 3] + count * da * da).sum(dim)
