@@ -45,7 +45,7 @@ FLAT_RELATIVE = 1e-6
 FLAT_ABSOLUTE = 1e-15
 # corr_vs_chance is undefined where the chance level is within this of 1: unrelated images then
 # give the same features up to rounding (the logits of a random-init GoogLeNet: every corr
-# 1 +- 3e-16), and 1 - chance is rounding, which gave 1, 0.33 or NaN by the order of the sums.
+# 1 within 7e-16), and 1 - chance is rounding, which gave 1, 0.33 or NaN by the order of the sums.
 CHANCE_MARGIN = 1e-12
 
 
