@@ -39,8 +39,7 @@ from .layouts import (
     detect_layout,
     grown_grid_of,
     stride_from_growth,
-    token_fit,
-    token_grid,
+    token_count_rank,
 )
 
 LayerSpec = str | type | Sequence[str | type] | None
@@ -800,9 +799,12 @@ def channels_first_of(model: nn.Module, shapes: Mapping[str, tuple[int, ...]],
     ``(B, 512, 196)`` as 6 prefix tokens and 22 x 23 cells of stride 10, VOLO's unfolded
     ``(B, 1728, 16)`` at 64 px as 6 + 41 x 42. ``shapes`` are the output shapes of the modules
     in one forward (:attr:`LayerHooks.shapes`). A ``(B, A, X)`` output is transposed tokens
-    when another module outputs ``(B, X, A)`` and ``X`` tokens fit the input's grid more
-    closely than ``A`` do; so are the modules of the same MLP (its children and siblings) whose
-    second axis holds those ``A`` channels (its hidden ``(B, C, hidden)`` layers).
+    when another module outputs ``(B, X, A)`` and ``X`` are the positions: a 4-D output holds
+    ``X`` positions of ``A`` channels (the patch embedding's ``(B, A, h, w)``, ``h * w = X``), or,
+    without one, ``X`` tokens read as a grid of the input better than ``A`` do
+    (:func:`equifast.layouts.token_count_rank`); so are the modules of the same MLP (its
+    children and siblings) whose second axis holds those ``A`` channels (its hidden
+    ``(B, C, hidden)`` layers).
     """
     three = {name: shape for name, shape in shapes.items() if len(shape) == 3}
     modules = dict(model.named_modules())
@@ -813,14 +815,25 @@ def channels_first_of(model: nn.Module, shapes: Mapping[str, tuple[int, ...]],
     for name, (_, tokens, channels) in three.items():
         by_tokens.setdefault((tokens, channels), name)
 
-    def fit(tokens: int) -> float:
-        grid = token_grid(tokens, input_size)
-        return math.inf if grid is None else token_fit(grid, input_size)
+    # (positions, channels) of the 4-D outputs read either way, NCHW and NHWC: the patch
+    # embedding's (B, C, h, w) says that its h * w tokens of C channels are (B, h * w, C), which
+    # token counts alone can leave open (at 112 px a 3 x 3 grid of stride 32 fits less closely
+    # than 64 channels as an 8 x 8 grid of stride 14).
+    grids = set()
+    for shape in shapes.values():
+        if len(shape) == 4:
+            grids.update({(shape[2] * shape[3], shape[1]), (shape[1] * shape[2], shape[3])})
+
+    def transposed(first: int, last: int) -> bool:
+        """Whether (B, first, last) is (B, C, L): channels first."""
+        if ((first, last) in grids) != ((last, first) in grids):
+            return (last, first) in grids
+        return token_count_rank(last, input_size) < token_count_rank(first, input_size)
 
     for name, (_, first, last) in three.items():
         partner = by_tokens.get((last, first))
         if (name not in found and partner is not None and first != last
-                and fit(last) < fit(first)):
+                and transposed(first, last)):
             found[name] = (f"the transpose of {partner!r}'s {three[partner]} (a token-mixing "
                            "MLP works on (B, C, L))")
     grew = True

@@ -233,6 +233,23 @@ def token_fit(grid: tuple[int, int, int], input_size: tuple[int, int]) -> float:
     return math.inf if fit is None else fit[0]
 
 
+def token_count_rank(tokens: int, input_size: tuple[int, int]) -> tuple[bool, float, bool]:
+    """How well ``tokens`` tokens read as the positions of a grid of the input; lower is better.
+
+    A reading without prefix tokens beats one that needs them (a class token or registers are
+    few and come with a model that declares them; any count passes for a few prefix tokens and
+    some grid: 512 as 6 + 22 x 23), then the smaller deviation (:func:`token_fit`), then a
+    power-of-two stride. ``(True, inf, True)`` when no reading is plausible.
+    """
+    grid = token_grid(tokens, input_size)
+    fit = None if grid is None else _grid_fit(grid[1], grid[2], input_size)
+    if fit is None:
+        return True, math.inf, True
+    deviation, (stride_y, stride_x) = fit
+    powers = all(s.is_integer() and _is_power_of_two(int(s)) for s in (stride_y, stride_x))
+    return grid[0] > 0, deviation, not powers
+
+
 def detect_layout(
     shape: tuple[int, ...] | torch.Size,
     input_size: tuple[int, int],

@@ -456,6 +456,32 @@ def test_transposed_tokens_of_a_token_mixing_mlp_are_named(implementation):
     assert set(result.frame.layer) == {"embed", "norm", "head"}
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_mixer_tokens_whose_grid_fits_worse_than_the_channel_count(implementation):
+    # timm's Mixer at 112 px with patch 32: 3 x 3 tokens (stride 32, the last 16 px of each axis
+    # dropped) of 64 channels. Counts alone read 64 as the closer grid (8 x 8 of stride 14) and
+    # took the blocks' (B, 9, 64) for transposed tokens; the patch embedding's (B, 64, 3, 3)
+    # says which axis holds the positions.
+    from timm.models.mlp_mixer import MlpMixer
+
+    measure = IMPLEMENTATIONS[implementation]
+    torch.manual_seed(0)
+    model = MlpMixer(num_classes=10, img_size=112, patch_size=32, num_blocks=1,
+                     embed_dim=64).eval()
+    images = torch.randint(0, 256, (2, 3, 112, 112), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    settings = dict(group="flip", bootstrap=0, progress=False)
+    rows = measure(model, images, **settings).frame.groupby("layer").first()
+    assert list(rows.index) == ["blocks.0"]
+    assert rows.loc["blocks.0", ["layout", "grid_h", "grid_w", "channels", "prefix"]].tolist() == [
+        "NLC", 3, 3, 64, 0]
+    with pytest.warns(UserWarning, match=r"'blocks\.0\.mlp_tokens\.fc1' outputs shape "
+                                         r"\(2, 64, 32\) with its channels first"):
+        leaves = measure(model, images, layers="leaves", **settings).frame
+    assert not leaves.layer.str.contains("mlp_tokens").any()
+    assert set(leaves.query("layer.str.startswith('blocks')").layout) == {"NLC"}
+
+
 class _Unfolds(nn.Module):
     """VOLO's outlook attention unfolds 3 x 3 neighbourhoods: (B, C * 9, L)."""
 
