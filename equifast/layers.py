@@ -28,6 +28,7 @@ import difflib
 import math
 import re
 import warnings
+import weakref
 from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -519,9 +520,12 @@ class LayerHooks:
         # calls of each hooked module in the forwards so far (a shared module runs several
         # times per forward; its first call is the one measured)
         self.calls: dict[str, int] = {}
+        # unrolled tokens (timm's Hiera) are passed on in raster order
+        self.reroll: TokenReroll | None = None
 
     def __enter__(self) -> LayerHooks:
         modules = dict(self.model.named_modules())
+        self.reroll = token_reroll_of(self.model)
         self.handles.append(self.model.register_forward_pre_hook(self._read_batch,
                                                                  with_kwargs=True))
         if self.record_shapes:
@@ -627,11 +631,21 @@ class LayerHooks:
                     "(float16, bfloat16, float32 or float64); measure a module whose output is "
                     "floating point, or leave it out of layers=[...]"
                 )
+            elif (self.reroll is not None and name in self.reroll.modules and tensor.dim() == 3
+                  and not self.reroll.fits(tensor)):
+                problem = (
+                    f"layer {name!r} outputs shape {tuple(tensor.shape)} after "
+                    f"{self.reroll.source!r} unrolled the tokens, but no stage has "
+                    f"{tensor.shape[1]} tokens (stages: {sorted(self.reroll.orders)}), so they "
+                    "cannot be put back in raster order; leave it out of layers=[...]"
+                )
             if problem is not None:
                 if not self.lenient:
                     raise LayerOutputError(problem)
                 self.unmeasurable[name] = problem
                 return
+            if self.reroll is not None and name in self.reroll.modules and tensor.dim() == 3:
+                tensor = self.reroll(tensor)
             self.callback(name, tensor)
 
         return hook
@@ -669,24 +683,125 @@ def prefix_tokens_of(model: nn.Module) -> int | None:
     return None
 
 
-def token_order_of(model: nn.Module) -> dict[str, str]:
-    """The modules whose tokens are not in raster order, each with why.
+class TokenReroll:
+    """Puts back in raster order the tokens of a model that unrolls them (timm's Hiera).
 
-    timm's Hiera reorders its tokens (``Unroll``) so that pooling windows lie together in memory;
-    read as a raster grid they are scrambled, and shifts that are multiples of the stride would
-    score about 0 while marked exact. The modules registered after the ``Unroll`` (its blocks;
-    Hiera registers its modules in the order they run) see unrolled tokens; the patch embedding
-    before it does not.
+    Hiera's ``Unroll`` reorders its patch tokens so that the tokens of each pooling window lie in
+    consecutive blocks (``x.view(B, 4, N // 4, C).amax(1)`` is then a 2 x 2 max-pool), and its
+    ``Reroll`` undoes that for the output of any block (``reroll(x, block) -> (B, H, W, C)``).
+    Within a stage every token tensor is in one order; the stages differ in their token counts
+    (each pooling divides it), so the order of a tensor is told by its count.
+
+    Attributes:
+        modules: The modules that run on unrolled tokens (registered after the ``Unroll``:
+            Hiera registers its modules in the order they run).
+        orders: ``{tokens: index}``: ``tokens.index_select(1, index)`` is the raster order of
+            ``(B, tokens, C)`` unrolled tokens.
+        source: The ``Unroll`` module's name (for messages).
     """
-    scrambled: dict[str, str] = {}
-    unroll = None
+
+    def __init__(self, modules: frozenset[str], orders: dict[int, torch.Tensor],
+                 source: str) -> None:
+        self.modules, self.orders, self.source = modules, orders, source
+        self._on_device: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def fits(self, tensor: torch.Tensor) -> bool:
+        return tensor.dim() == 3 and int(tensor.shape[1]) in self.orders
+
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``(B, N, C)`` unrolled tokens in raster order (a gather: a new tensor)."""
+        count = int(tensor.shape[1])
+        key = (count, tensor.device)
+        if key not in self._on_device:
+            self._on_device[key] = self.orders[count].to(tensor.device)
+        return tensor.index_select(1, self._on_device[key])
+
+
+# The raster orders of each Reroll module (None: unreadable), read once: they never change
+# (Hiera runs at one input size). The module names are not kept here: they depend on the model
+# that holds the Reroll (a wrapper prefixes them).
+_RASTER_ORDERS: "weakref.WeakKeyDictionary[nn.Module, dict[int, torch.Tensor] | None]" = (
+    weakref.WeakKeyDictionary())
+
+
+def _unroll_of(model: nn.Module) -> tuple[str | None, list[str]]:
+    """The name of the model's ``Unroll`` module (None without one) and the modules registered
+    from it on (which see its order)."""
+    unroll, after = None, []
     for name, module in model.named_modules():
         if unroll is None and type(module).__name__ == "Unroll":
             unroll = name
         if unroll is not None:
-            scrambled[name] = (f"its tokens are in the unrolled order of {unroll!r} "
-                               f"({type(model).__name__}), not a raster grid")
-    return scrambled
+            after.append(name)
+    return unroll, after
+
+
+def _raster_orders(reroll: nn.Module) -> dict[int, torch.Tensor] | None:
+    """``{tokens: index}`` of a timm ``Reroll``, read by rerolling the token indices themselves
+    for each block it knows; None where it cannot be read (no 2-D ``schedule``, a result that is
+    not a permutation, or one token count in two orders)."""
+    schedule = getattr(reroll, "schedule", None)
+    if not isinstance(schedule, dict) or not schedule:
+        return None
+    orders: dict[int, torch.Tensor] = {}
+    # (normal tensors even under inference_mode: the align probe's backward goes through
+    # index_select, which keeps its index)
+    with torch.inference_mode(False), torch.no_grad():
+        for block in sorted(schedule):
+            try:
+                _, size = schedule[block]
+                size = [int(s) for s in size]
+                if len(size) != 2:
+                    return None
+                count = math.prod(size)
+                unrolled = torch.arange(count).view(1, count, 1)
+                raster = reroll(unrolled, block)
+            except Exception:  # any other Reroll than timm's
+                return None
+            if tuple(raster.shape) != (1, *size, 1):
+                return None
+            index = raster.reshape(-1).contiguous()
+            if not torch.equal(index.sort().values, torch.arange(count)):
+                return None
+            if count in orders and not torch.equal(orders[count], index):
+                return None
+            orders[count] = index
+    return orders
+
+
+def token_reroll_of(model: nn.Module) -> TokenReroll | None:
+    """How to put the model's unrolled tokens back in raster order (:class:`TokenReroll`), from
+    its timm ``Reroll`` module; None for a model that does not unroll them, or whose unrolled
+    order cannot be read (:func:`token_order_of` then leaves its token layers out)."""
+    unroll, after = _unroll_of(model)
+    if unroll is None:
+        return None
+    reroll = next((m for m in model.modules() if type(m).__name__ == "Reroll"), None)
+    if reroll is None:
+        return None
+    if reroll not in _RASTER_ORDERS:
+        _RASTER_ORDERS[reroll] = _raster_orders(reroll)
+    orders = _RASTER_ORDERS[reroll]
+    return None if orders is None else TokenReroll(frozenset(after), orders, unroll)
+
+
+def token_order_of(model: nn.Module) -> dict[str, str]:
+    """The modules whose tokens are not in raster order and cannot be put back in it, each with
+    why.
+
+    timm's Hiera reorders its tokens (``Unroll``) so that pooling windows lie together in memory;
+    read as a raster grid they are scrambled, and shifts that are multiples of the stride would
+    score about 0 while marked exact. Its ``Reroll`` tells how to undo that
+    (:func:`token_reroll_of`; :class:`LayerHooks` does it), so this is empty for Hiera itself. A
+    model with an ``Unroll`` and no readable ``Reroll`` has every module registered after the
+    ``Unroll`` listed; the patch embedding before it is not.
+    """
+    unroll, after = _unroll_of(model)
+    if unroll is None or token_reroll_of(model) is not None:
+        return {}
+    return {name: (f"its tokens are in the unrolled order of {unroll!r} "
+                   f"({type(model).__name__}), not a raster grid")
+            for name in after}
 
 
 def measurable_layers(

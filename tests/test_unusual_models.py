@@ -482,6 +482,69 @@ def test_mixer_tokens_whose_grid_fits_worse_than_the_channel_count(implementatio
     assert set(leaves.query("layer.str.startswith('blocks')").layout) == {"NLC"}
 
 
+def _hiera(size: int = 64):
+    """A small timm Hiera (its four stages of one block: 16 x 16, 8 x 8, 4 x 4 and 2 x 2 tokens
+    at 64 px, mask-unit attention in the first two) that is exactly equivariant to circular
+    shifts by multiples of 32 px: circular padding in the patch embedding and no position
+    embedding. Its attention windows (8 x 8 tokens of 4 px) and pooling windows then move onto
+    windows, and everything else acts on each token alone or on all tokens alike."""
+    from timm.models.hiera import Hiera
+
+    torch.manual_seed(0)
+    model = Hiera(img_size=(size, size), embed_dim=8, num_heads=1, stages=(1, 1, 1, 1),
+                  num_classes=10).eval()
+    with torch.no_grad():
+        model.pos_embed.zero_()
+    model.patch_embed.proj.padding_mode = "circular"
+    return model
+
+
+def test_hiera_tokens_are_put_back_in_raster_order():
+    """Each hooked layer after Hiera's Unroll sees its tokens in raster order: the Unroll's own
+    output is the patch embedding's grid, and each stage's last block is what timm's
+    forward_intermediates rerolls for that stage."""
+    from equifast.layers import LayerHooks
+
+    model = _hiera()
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    ends = ["blocks.0", "blocks.1", "blocks.2", "blocks.3"]
+    seen = {}
+    with torch.no_grad(), LayerHooks(model, ["patch_embed", "unroll", *ends],
+                                     lambda name, tensor: seen.setdefault(name, tensor)):
+        model(images)
+        expected = model.forward_intermediates(images, intermediates_only=True)
+    # the patch embedding's (B, 16 * 16, C) raster tokens, before the Unroll: left as they are
+    # (the position embedding that is added to them is zero here)
+    assert seen["patch_embed"].shape == (2, 256, 8)
+    torch.testing.assert_close(seen["unroll"], seen["patch_embed"])
+    for name, stage in zip(ends, expected, strict=True):  # (B, C, h, w) of each stage
+        torch.testing.assert_close(seen[name], stage.flatten(2).transpose(1, 2))
+    assert [seen[name].shape[1] for name in ends] == [256, 64, 16, 4]
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_hiera_is_measured_exactly_equivariant_where_it_is(implementation):
+    # before: every layer after the Unroll was left out ("its tokens are in the unrolled order
+    # of 'unroll'"), and measure raised "none of the 4 selected layers can be measured"; read
+    # in the unrolled order, these shifts score about 0
+    measure = IMPLEMENTATIONS[implementation]
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    settings = dict(group="translate[circular]:32", bootstrap=0, progress=False,
+                    dtype=torch.float64, input_size=(64, 64), device="cpu")
+    model = _hiera().double()
+    for layers in (None, ["blocks.1.attn.qkv", "blocks.2.proj", "blocks.3.mlp.fc1"]):
+        frame = measure(model, images, layers=layers, **settings).frame
+        eq = frame.query("comparison == 'eq' and metric == 'corr' and element != 'mean'")
+        expected = (["blocks.0", "blocks.1", "blocks.2", "blocks.3"] if layers is None
+                    else layers)
+        assert sorted(eq.layer.unique()) == sorted(expected)
+        grids = frame.groupby("layer")[["layout", "grid_h", "grid_w"]].first()
+        assert set(grids.layout) == {"NLC"}
+        assert len(eq) == 2 * len(expected)  # both axes, every layer
+        assert (eq.value > 1 - 1e-9).all(), eq[["layer", "element", "value"]]
+
+
 class _Unfolds(nn.Module):
     """VOLO's outlook attention unfolds 3 x 3 neighbourhoods: (B, C * 9, L)."""
 
