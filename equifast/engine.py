@@ -1611,7 +1611,7 @@ def _pooled_values(layer: _Layer, metric_names, bootstrap, seed, count):
 
     def scored(stats: torch.Tensor) -> dict[str, np.ndarray]:
         out = {}
-        for metric, value in score_stats(stats, metric_names).items():
+        for metric, value in score_stats(stats, metric_names, pooled=True).items():
             value = value.numpy()  # (3, K)
             out[metric] = np.concatenate([value, _nanmean(value, 1)[:, None]], 1)
         return out

@@ -122,6 +122,8 @@ EDGE_TOLERANCE = 1e-6
 # A channel is flat when its spatial (population) variance is <= (1e-6 * mean)^2 + (1e-15)^2.
 FLAT_RELATIVE = 1e-6
 FLAT_ABSOLUTE = 1e-15
+# pooled corr is NaN where every channel's spread is below 1e-12 of its level (see _pooled_corr)
+ROUNDING_RELATIVE = 1e-12
 CHANCE_MARGIN = 1e-12  # corr_vs_chance: chance within this of 1 leaves it undefined
 # The bootstrap draws its resamples in blocks of this many (so that intervals are reproducible).
 BOOTSTRAP_BLOCK = 100
@@ -313,6 +315,20 @@ def _flat(mean: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
     return variance <= (FLAT_RELATIVE * mean) ** 2 + FLAT_ABSOLUTE**2
 
 
+def _pooled_corr(cross: torch.Tensor, ss_a: torch.Tensor, ss_b: torch.Tensor,
+                 mean_a: torch.Tensor, mean_b: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """The channel-centred correlation from moments pooled over images ``(..., C)``; NaN where
+    every channel's standard deviation is below ``ROUNDING_RELATIVE`` of its level on either
+    side. Each image's own sums are exact about one of its values, but their merge needs the
+    differences of the images' means, which are rounded to an ulp of the level: for maps that
+    vary by a few ulps (an SE gate's sigmoid of values near 1e-16) that rounding is as large as
+    the spread, and the pooled corr moved by 0.007 with the order of the merge."""
+    value = _ratio(cross.sum(-1), torch.sqrt(ss_a.sum(-1) * ss_b.sum(-1)))
+    rounding = ((ss_a / count <= (ROUNDING_RELATIVE * mean_a) ** 2)
+                | (ss_b / count <= (ROUNDING_RELATIVE * mean_b) ** 2))
+    return torch.where(rounding.all(-1), math.nan, value)
+
+
 def _centred(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(mean, values - mean)`` along the last axis, centred about the first value, then about
     the mean of the differences: x - x_0 is exact where a channel's spread is small against its
@@ -348,12 +364,13 @@ def pair_scores(
     flat = _flat(mean_a, ss_a / positions) | _flat(mean_b, ss_b / positions)
     sum_aa, sum_bb = (a * a).sum((1, 2)), (b * b).sum((1, 2))
     sum_diff = ((a - b) ** 2).sum((1, 2))
+    corr = _ratio(cross.sum(-1), torch.sqrt(ss_a.sum(-1) * ss_b.sum(-1)))
     out = {}
     for metric in metrics:
         if metric == "corr":
-            value = _ratio(cross.sum(-1), torch.sqrt(ss_a.sum(-1) * ss_b.sum(-1)))
+            value = corr
         elif metric == "one_minus_corr":
-            value = 1.0 - _ratio(cross.sum(-1), torch.sqrt(ss_a.sum(-1) * ss_b.sum(-1)))
+            value = 1.0 - corr
         elif metric == "corr_channelwise":
             live = ~flat
             pearson = cross / torch.sqrt(torch.where(live, ss_a * ss_b, 1.0))
@@ -510,12 +527,13 @@ def moments_scores(moments: torch.Tensor, metrics: Sequence[str]) -> dict[str, t
     difference = mean_a - mean_b
     sum_diff = (ss_a + ss_b - 2 * cross + count * difference * difference).sum(-1).clamp_min(0)
     nan = torch.full_like(total, math.nan)
+    corr = _pooled_corr(cross, ss_a, ss_b, mean_a, mean_b, safe)
     out = {}
     for metric in metrics:
         if metric == "corr":
-            value = _ratio(cross.sum(-1), torch.sqrt(ss_a.sum(-1) * ss_b.sum(-1)))
+            value = corr
         elif metric == "one_minus_corr":
-            value = 1.0 - _ratio(cross.sum(-1), torch.sqrt(ss_a.sum(-1) * ss_b.sum(-1)))
+            value = 1.0 - corr
         elif metric == "corr_channelwise":
             live = ~flat
             pearson = cross / torch.sqrt(torch.where(live, ss_a * ss_b, 1.0))

@@ -132,8 +132,8 @@ def _warn_undefined_layers(elements: pd.DataFrame, subpixel: str = "bilinear") -
         causes = []
         if constant:
             causes.append(f"{shown_names(constant)}: spatially constant features (flat_frac 1: "
-                          "constant over the positions compared, which on a small grid may be "
-                          "one or two)")
+                          "constant, to rounding, over the positions compared, which on a small "
+                          "grid may be one or two)")
         if skipped:
             causes.append(f"{shown_names(skipped)}: every element moves them by a fraction of a "
                           "feature pixel, which subpixel='skip' leaves out (subpixel='bilinear' "

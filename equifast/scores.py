@@ -4,7 +4,8 @@ Every score is a cheap function of the per-channel statistics ``(count, mean_a, 
 c_ab)`` of a compared pair (``a``: features of the transformed image; ``b``: the features it is
 compared with). See DESIGN.md section 1.4 for their meaning.
 
-- ``corr``: channel-centred correlation ``sum_c c_ab / sqrt(sum_c m2_a * sum_c m2_b)``.
+- ``corr``: channel-centred correlation ``sum_c c_ab / sqrt(sum_c m2_a * sum_c m2_b)``; with
+  ``pooled=True`` NaN where every channel is constant to rounding (``ROUNDING_RELATIVE``).
 - ``one_minus_corr``: ``1 - corr``, the normalized difference of the standardized maps.
 - ``corr_channelwise``: mean over non-flat channels of each channel's Pearson correlation.
 - ``flat_frac``: share of channels spatially constant on either side.
@@ -43,6 +44,14 @@ DERIVED_METRICS = ("corr_vs_chance",)
 # of a constant map after interpolation stays far below that) or below 1e-15 absolutely.
 FLAT_RELATIVE = 1e-6
 FLAT_ABSOLUTE = 1e-15
+# Pooled corr is undefined where every channel's spatial standard deviation is below 1e-12 of
+# its mean level on one side or both (about 1e4 float64 ulps). Each image's statistics are exact
+# about one of its values, but their merge needs the differences of the images' means, rounded to
+# an ulp of the level: for maps that vary by a few ulps (a sigmoid of values near 1e-16 is 0.5 to
+# an ulp: the SE gates of a random-init EfficientNet in float64) that rounding is as large as the
+# spread, and the pooled corr moved by 0.007 with the order of the merge. Far finer than
+# FLAT_RELATIVE: deep layers at random init have real spreads of 1e-8 of their level.
+ROUNDING_RELATIVE = 1e-12
 # corr_vs_chance is undefined where the chance level is within this of 1: unrelated images then
 # give the same features up to rounding (the logits of a random-init GoogLeNet: every corr
 # 1 within 7e-16), and 1 - chance is rounding, which gave 1, 0.33 or NaN by the order of the sums.
@@ -106,6 +115,7 @@ def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
 def score_stats(
     stats: torch.Tensor, metrics: Sequence[str] = DEFAULT_METRICS, psnr_range: float | None = None,
     channel_counts: Sequence[int] | None = None, force_reference: bool = False,
+    pooled: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Scores of compared pairs from their per-channel statistics.
 
@@ -119,6 +129,9 @@ def score_stats(
         force_reference: Compute with torch ops even where the compiled op ``equifast::score_stats``
             exists (the CPU): one pass over the channels per layer, the same definitions, sums in
             channel order (the torch ops sum in another order: equal to about 1e-15 relative).
+        pooled: The statistics were merged over images (``merge_stats``): ``corr`` and
+            ``one_minus_corr`` are NaN where every channel is constant to rounding
+            (``ROUNDING_RELATIVE``), which the merge cannot score.
 
     Returns:
         ``{metric: (...) float64 tensor}``, or ``(..., L)`` with ``L = len(channel_counts)``; NaN
@@ -149,7 +162,33 @@ def score_stats(
             stats.contiguous(), counts, None if psnr_range is None else float(psnr_range))
         if channel_counts is None:
             table = table.squeeze(-2)
-        return {metric: table[..., METRICS.index(metric)] for metric in metrics}
+        out = {metric: table[..., METRICS.index(metric)] for metric in metrics}
+    else:
+        out = _score_stats_torch(stats, metrics, psnr_range, channel_counts)
+    if pooled:
+        _undefine_rounding_corr(out, stats, channel_counts)
+    return out
+
+
+def _undefine_rounding_corr(scores: dict[str, torch.Tensor], stats: torch.Tensor,
+                            channel_counts: list[int] | None) -> None:
+    """NaN in ``corr`` and ``one_minus_corr`` where every channel of a layer is constant to
+    rounding on one side or both (``ROUNDING_RELATIVE``)."""
+    count, mean_a, mean_b, m2_a, m2_b, _ = stats.unbind(-1)
+    safe = torch.where(count > 0, count, 1.0)
+    rounding = ((m2_a / safe <= (ROUNDING_RELATIVE * mean_a) ** 2)
+                | (m2_b / safe <= (ROUNDING_RELATIVE * mean_b) ** 2))
+    channels = (_counts_tensor(channel_counts, stats.device, torch.float64)
+                if channel_counts is not None else float(stats.shape[-2]))
+    undefined = _channel_sums(rounding.to(torch.float64), channel_counts) >= channels
+    for metric in ("corr", "one_minus_corr"):
+        if metric in scores:
+            scores[metric] = torch.where(undefined, math.nan, scores[metric])
+
+
+def _score_stats_torch(stats: torch.Tensor, metrics: Sequence[str], psnr_range: float | None,
+                       channel_counts: list[int] | None) -> dict[str, torch.Tensor]:
+    """score_stats with torch ops (every device)."""
     count, mean_a, mean_b, m2_a, m2_b, c_ab = stats.unbind(-1)
     out: dict[str, torch.Tensor] = {}
     # The channel sums every score needs, as one reduction of stacked per-channel terms (the
@@ -172,30 +211,30 @@ def score_stats(
         flat_a = var_a <= (FLAT_RELATIVE * mean_a) ** 2 + FLAT_ABSOLUTE**2
         flat_b = var_b <= (FLAT_RELATIVE * mean_b) ** 2 + FLAT_ABSOLUTE**2
         flat = flat_a | flat_b
+        per_channel_terms.append(flat.to(torch.float64))
+    if "corr_channelwise" in metrics:
         # Each channel's Pearson correlation, zero where flat (left out of the mean).
         channelwise = torch.where(flat, 0.0, c_ab / torch.sqrt(torch.where(flat, 1.0, m2_a * m2_b)))
-        per_channel_terms += [flat.to(torch.float64), channelwise]
+        per_channel_terms.append(channelwise)
     terms = _channel_sums(torch.stack(per_channel_terms), channel_counts)
     total, sum_m2_a, sum_m2_b, sum_c, sum_aa, sum_bb, sum_ab, sum_sq_diff, sum_weighted_b = (
         terms[:9].unbind(0)
     )
+    channels = (_counts_tensor(channel_counts, stats.device, torch.float64)
+                if channel_counts is not None else float(stats.shape[-2]))
     # A sum of squares: rounding of the centred moments can take it just below zero for maps
     # equal to the statistics' precision; it is then zero.
     sum_sq_diff = sum_sq_diff.clamp_min(0)
     corr = _safe_div(sum_c, torch.sqrt(sum_m2_a * sum_m2_b))
-    if with_flat:
-        flat_channels, sum_channelwise = terms[9], terms[10]
-        channels = (_counts_tensor(channel_counts, stats.device, torch.float64)
-                    if channel_counts is not None else float(stats.shape[-2]))
     for metric in metrics:
         if metric == "corr":
             out[metric] = corr
         elif metric == "one_minus_corr":
             out[metric] = 1.0 - corr
         elif metric == "flat_frac":
-            out[metric] = torch.where(total <= 0, math.nan, flat_channels / channels)
+            out[metric] = torch.where(total <= 0, math.nan, terms[9] / channels)
         elif metric == "corr_channelwise":
-            value = _safe_div(sum_channelwise, channels - flat_channels)
+            value = _safe_div(terms[10], channels - terms[9])
             out[metric] = torch.where(total <= 0, math.nan, value)
         elif metric == "cosine":
             out[metric] = _safe_div(sum_ab, torch.sqrt(sum_aa * sum_bb))
@@ -206,8 +245,19 @@ def score_stats(
         elif metric == "psnr":
             mse = _safe_div(sum_sq_diff, total)
             if psnr_range is None:
+                # All valid values of b about their grand mean: within each channel, then its
+                # mean about the grand one (sum b^2 - total * mean^2 cancels: every digit of
+                # b = 1 + 1e-8 x is lost, and psnr was -inf).
                 grand_mean_b = _safe_div(sum_weighted_b, total)
-                var_b = _safe_div(sum_bb - total * grand_mean_b**2, total).clamp_min(0)
+                if channel_counts is None:
+                    grand = grand_mean_b.unsqueeze(-1)
+                else:
+                    grand = grand_mean_b.repeat_interleave(
+                        _counts_tensor(channel_counts, stats.device, torch.long), dim=-1,
+                        output_size=stats.shape[-2])
+                between = mean_b - grand
+                var_b = _safe_div(_channel_sums(m2_b + count * between * between, channel_counts),
+                                  total)
                 peak = 4.0 * torch.sqrt(var_b)
             else:
                 peak = torch.full_like(mse, float(psnr_range))

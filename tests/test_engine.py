@@ -335,9 +335,9 @@ def test_layers_scored_together_give_the_per_layer_scores(monkeypatch, group_byt
     calls = []
     score_stats = engine.score_stats
 
-    def counted(stats, metrics, channel_counts=None):
+    def counted(stats, metrics, channel_counts=None, **kwargs):
         calls.append(channel_counts)
-        return score_stats(stats, metrics, channel_counts=channel_counts)
+        return score_stats(stats, metrics, channel_counts=channel_counts, **kwargs)
 
     net = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 5, 3, stride=2, padding=1),

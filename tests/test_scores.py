@@ -13,13 +13,17 @@ from equifast.ops import _reference, merge_stats
 from equifast.scores import METRICS, corr_vs_chance, score_stats
 
 
-def _numpy_scores(a, b):
-    """Scores of (C, P) arrays straight from their definitions, in float64."""
+def _numpy_scores(a, b, pooled=False):
+    """Scores of (C, P) arrays straight from their definitions, in float64 (``pooled``: values
+    merged over images, whose corr is undefined where every channel is constant to rounding)."""
     ac = a - a.mean(1, keepdims=True)
     bc = b - b.mean(1, keepdims=True)
-    corr = (ac * bc).sum() / np.sqrt((ac**2).sum() * (bc**2).sum())
     var_a, var_b = ac.var(1), bc.var(1)
     flat = (var_a <= (1e-6 * a.mean(1)) ** 2 + 1e-30) | (var_b <= (1e-6 * b.mean(1)) ** 2 + 1e-30)
+    # pooled, every channel constant to rounding (spread below 1e-12 of the level): undefined
+    rounding = (var_a <= (1e-12 * a.mean(1)) ** 2) | (var_b <= (1e-12 * b.mean(1)) ** 2)
+    corr = (np.nan if pooled and rounding.all()
+            else (ac * bc).sum() / np.sqrt((ac**2).sum() * (bc**2).sum()))
     per_channel = [np.corrcoef(a[c], b[c])[0, 1] for c in range(a.shape[0]) if not flat[c]]
     diff2 = ((a - b) ** 2).sum()
     return {
@@ -30,7 +34,9 @@ def _numpy_scores(a, b):
         "cosine": (a * b).sum() / np.sqrt((a**2).sum() * (b**2).sum()),
         "nde": diff2 / ((a**2).sum() + (b**2).sum()),
         "rel_err": np.sqrt(diff2 / (b**2).sum()),
-        "psnr": 10 * np.log10((4 * b.std()) ** 2 / (diff2 / a.size)),
+        # (the spread of b about its first value: exact for b = 1 + 1e-8 x, where b.std()
+        # keeps 8 digits)
+        "psnr": 10 * np.log10((4 * (b - b.flat[0]).std()) ** 2 / (diff2 / a.size)),
     }
 
 
@@ -50,18 +56,32 @@ PATHS = [pytest.param(False, id="compiled"), pytest.param(True, id="torch")]
 @pytest.mark.parametrize("force_reference", PATHS)
 @settings(max_examples=40, deadline=None)
 @given(channels=st.integers(1, 6), positions=st.integers(2, 40), seed=st.integers(0, 10_000),
-       flat_channel=st.booleans())
-def test_scores_match_numpy(force_reference, channels, positions, seed, flat_channel):
+       flat=st.sampled_from(["none", "one constant", "all rounding", "all 1e-8"]),
+       pooled=st.booleans())
+def test_scores_match_numpy(force_reference, channels, positions, seed, flat, pooled):
     rng = np.random.default_rng(seed)
     a = rng.normal(size=(channels, positions)) * rng.uniform(0.1, 3, (channels, 1))
     b = 0.7 * a + rng.normal(size=(channels, positions)) + rng.normal(size=(channels, 1))
-    if flat_channel:
+    if flat == "one constant":
         a[0] = 2.5
-    scores = score_stats(_stats(a, b), METRICS, force_reference=force_reference)
+    elif flat == "all rounding":
+        # 0.5 give or take an ulp in every channel (an SE gate's sigmoid of values near 1e-16):
+        # pooled, the merge of the images' rounded means would leave a corr of rounding errors;
+        # it is NaN
+        a = 0.5 + np.spacing(0.5) * rng.integers(-1, 2, size=a.shape)
+    elif flat == "all 1e-8":
+        # spreads of 1e-8 of the level (deep layers at random init): flat (flat_frac 1), and
+        # still far above rounding in float64, so corr is scored
+        a, b = 1.0 + 1e-8 * a, 1.0 + 1e-8 * b
+    scores = score_stats(_stats(a, b), METRICS, force_reference=force_reference, pooled=pooled)
     with np.errstate(invalid="ignore"):  # one flat channel: corr is 0 / 0, NaN on both sides
-        expected = _numpy_scores(a, b)
+        expected = _numpy_scores(a, b, pooled)
     for metric in METRICS:
-        np.testing.assert_allclose(float(scores[metric]), expected[metric], rtol=1e-9, atol=1e-12,
+        # psnr of spreads of 1e-8: the statistics built here (numpy, about means rounded to
+        # 1e-16, a relative error of up to 1e-7 of the smallest deviations) carry that into its
+        # log: 1e-5 dB
+        atol = 1e-5 if metric == "psnr" and flat == "all 1e-8" else 1e-12
+        np.testing.assert_allclose(float(scores[metric]), expected[metric], rtol=1e-9, atol=atol,
                                    err_msg=metric)
 
 

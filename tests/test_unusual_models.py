@@ -482,6 +482,43 @@ def test_mixer_tokens_whose_grid_fits_worse_than_the_channel_count(implementatio
     assert set(leaves.query("layer.str.startswith('blocks')").layout) == {"NLC"}
 
 
+class _RoundingGate(nn.Module):
+    """A squeeze-and-excitation gate at random init, in miniature: a sigmoid of values near
+    1e-16, so 0.5 give or take an ulp in every channel (float64)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.gate = nn.Sigmoid()
+
+    def forward(self, x):
+        return self.gate(1e-15 * self.conv(x)).mean((2, 3))
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_pooled_maps_constant_to_rounding_have_no_correlation(implementation):
+    # before: the pooled corr was one of rounding errors (the merge of the images' means, each
+    # rounded to an ulp of 0.5), and the engine and the naive loop differed by 0.007 on an SE
+    # gate of torchvision's EfficientNet-B3 (float64)
+    measure = IMPLEMENTATIONS[implementation]
+    torch.manual_seed(0)
+    model = _RoundingGate().double().eval()
+    settings = dict(layers=["conv", "gate"], group=GROUP, bootstrap=0, progress=False,
+                    dtype=torch.float64)
+    with pytest.warns(UserWarning, match=r"gate: spatially constant features"):
+        frame = measure(model, _images(), pooled=True, **settings).frame
+    corr = frame.query("metric == 'corr'")
+    gate = corr.query("layer == 'gate'")
+    assert len(gate) and gate.value.isna().all()
+    assert frame.query("layer == 'gate' and metric == 'flat_frac'").value.eq(1).all()
+    assert corr.query("layer == 'conv'").value.notna().all()  # the same maps, 1e15 times larger
+    assert frame.query("layer == 'gate' and metric == 'cosine'").value.notna().all()
+    # image by image the statistics are exact about one of the values: the correlation of the
+    # rounded maps themselves, which stays defined
+    per_image = measure(model, _images(), **settings).frame
+    assert per_image.query("layer == 'gate' and metric == 'corr'").value.notna().all()
+
+
 def _hiera(size: int = 64):
     """A small timm Hiera (its four stages of one block: 16 x 16, 8 x 8, 4 x 4 and 2 x 2 tokens
     at 64 px, mask-unit attention in the first two) that is exactly equivariant to circular

@@ -37,8 +37,11 @@ constexpr double kFlatAbsolute = 1e-15;
 struct ChannelSums {
   double total = 0, m2_a = 0, m2_b = 0, c_ab = 0;  // count and the centred moments
   double aa = 0, bb = 0, ab = 0;                   // sums of squares and products about zero
-  double sq_diff = 0, weighted_b = 0;              // sum (a - b)^2, sum of b
+  double sq_diff = 0;                              // sum (a - b)^2
   double flat = 0, channelwise = 0;                // flat channels, sum of per-channel corr
+  // b's values about their grand mean (psnr's peak), merged channel by channel (Chan et al.):
+  // bb - total * mean^2 cancels (b = 1 + 1e-8 x keeps none of its spread's digits)
+  double b_count = 0, b_mean = 0, b_m2 = 0;
 
   // Adds one channel's statistics {count, mean_a, mean_b, m2_a, m2_b, c_ab}.
   C10_HOST_DEVICE inline void add(const double* s) {
@@ -53,7 +56,13 @@ struct ChannelSums {
     bb += m2b + channel_weighted_b * mean_b;
     ab += c + weighted_a * mean_b;
     sq_diff += m2a + m2b - 2 * c + count * difference * difference;
-    weighted_b += channel_weighted_b;
+    if (count > 0) {
+      const double merged = b_count + count;
+      const double delta = mean_b - b_mean;
+      b_mean += delta * (count / merged);
+      b_m2 += m2b + delta * delta * (b_count * count / merged);
+      b_count = merged;
+    }
     const double safe = count > 0 ? count : 1.0;
     const double relative_a = kFlatRelative * mean_a, relative_b = kFlatRelative * mean_b;
     const double floor = kFlatAbsolute * kFlatAbsolute;
@@ -80,10 +89,10 @@ C10_HOST_DEVICE inline void scores_from_sums(const ChannelSums& s, int64_t chann
   const double nan = std::numeric_limits<double>::quiet_NaN();
   // A sum of squares: rounding can take it just below zero; then it is zero (NaN stays NaN).
   const double sq_diff = s.sq_diff < 0 ? 0.0 : s.sq_diff;
+  const double count = static_cast<double>(channels);
   const double corr = safe_div(s.c_ab, std::sqrt(s.m2_a * s.m2_b));
   out[kCorr] = corr;
   out[kOneMinusCorr] = 1.0 - corr;
-  const double count = static_cast<double>(channels);
   out[kFlatFrac] = s.total <= 0 ? nan : s.flat / count;
   out[kCorrChannelwise] = s.total <= 0 ? nan : safe_div(s.channelwise, count - s.flat);
   out[kCosine] = safe_div(s.ab, std::sqrt(s.aa * s.bb));
@@ -92,10 +101,7 @@ C10_HOST_DEVICE inline void scores_from_sums(const ChannelSums& s, int64_t chann
   const double mse = safe_div(sq_diff, s.total);
   double peak = psnr_range;
   if (!has_psnr_range) {
-    const double grand_mean_b = safe_div(s.weighted_b, s.total);
-    double var_b = safe_div(s.bb - s.total * (grand_mean_b * grand_mean_b), s.total);
-    var_b = var_b < 0 ? 0.0 : var_b;
-    peak = 4.0 * std::sqrt(var_b);
+    peak = 4.0 * std::sqrt(safe_div(s.b_m2, s.total));
   }
   // Maps equal to the last bit (mse exactly 0: an exact re-alignment of a shift by a multiple of
   // the stride) have an infinite PSNR, as skimage and torchmetrics give it; 0 / 0 (b constant and
