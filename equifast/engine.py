@@ -78,6 +78,7 @@ from .layers import (
     PROBE_ADVICE,
     LayerHooks,
     LayerSpec,
+    attention_map_candidates,
     channels_first_of,
     check_layer_keys,
     input_channels,
@@ -1304,7 +1305,8 @@ def probe_layers(module, names, input_size, overrides, align, device, dtype, see
                 names, layouts = measurable_layers(
                     selected, captured, hooks.unmeasurable, input_size, overrides, lenient,
                     prefix_tokens_of(module), token_order_of(module), calls=hooks.calls,
-                    channels_first=channels_first_of(module, hooks.shapes, input_size))
+                    channels_first=channels_first_of(module, hooks.shapes, input_size),
+                    attention_candidates=attention_map_candidates(module, selected))
                 layouts = refine_layouts(module, layouts, input_size, device, probe_dtype,
                                          overrides, report=report, lenient=lenient)
                 names = [name for name in names if name in layouts]

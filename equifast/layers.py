@@ -29,7 +29,7 @@ import math
 import re
 import warnings
 import weakref
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Collection, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -804,19 +804,47 @@ def token_order_of(model: nn.Module) -> dict[str, str]:
             for name in after}
 
 
+# Modules whose 4-D output is a feature map by what they compute, never an attention map:
+# convolutions, normalizations, pooling and the elementwise activations (the softmax family
+# excepted: attention weights come out of it).
+_GRID_MODULES = (
+    nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
+    nn.GroupNorm, nn.LayerNorm, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
+    nn.LeakyReLU, nn.PReLU, nn.ELU, nn.Mish,
+)
+
+
+def attention_map_candidates(model: nn.Module, names: Iterable[str]) -> set[str]:
+    """The modules among ``names`` whose ``(B, heads, L, L)`` output may be attention weights:
+    leaves (a block or stage outputs features, not its attention weights; those come out of a
+    softmax, a dropout, an identity or a talking-heads linear) that are no convolution,
+    normalization, pooling or elementwise activation. LeViT's stem at 128 px makes 64 x 64 and
+    16 x 16 maps where its stages have 64 and 16 tokens: read by shape alone they passed for
+    attention maps and were left out."""
+    modules = dict(model.named_modules())
+    return {name for name in names if name in modules
+            and not any(True for _ in modules[name].children())
+            and not isinstance(modules[name], _GRID_MODULES)}
+
+
 def measurable_layers(
     names: list[str], captured: Mapping[str, torch.Tensor], unmeasurable: Mapping[str, str],
     input_size: tuple[int, int], overrides: Mapping[str, str], lenient: bool,
     prefix_hint: int | None = None, token_order: Mapping[str, str] | None = None,
     calls: Mapping[str, int] | None = None,
     channels_first: Mapping[str, str] | None = None,
+    attention_candidates: Collection[str] | None = None,
 ) -> tuple[list[str], dict]:
     """The probed layers that can be measured, with their layouts (``prefix_hint``: see
     :func:`prefix_tokens_of` and :func:`equifast.layouts.detect_layout`; ``token_order``: see
     :func:`token_order_of`: token layers of such a model are left out, or an error when named;
     ``calls``: how often each layer ran in the probe's one forward, :attr:`LayerHooks.calls`;
     ``channels_first``: the modules whose 3-D output is ``(B, C, L)``, each with why,
-    :func:`channels_first_of`: token layers among them are left out, or an error when named).
+    :func:`channels_first_of`: token layers among them are left out, or an error when named;
+    ``attention_candidates``: the layers whose output may be read as attention weights,
+    :func:`attention_map_candidates`; None: all).
 
     A broad selection (``lenient``: default layers, ``"leaves"``, types, globs) leaves out, with
     one warning, the layers that did not run (auxiliary heads in eval mode, dropout that fused
@@ -851,6 +879,7 @@ def measurable_layers(
             continue
         shape = tuple(captured[name].shape)
         if lenient and name not in overrides and len(shape) == 4 and (
+                attention_candidates is None or name in attention_candidates) and (
                 shape[2] == shape[3] in token_counts or shape[1] == shape[2] in token_counts):
             dropped[name] = (f"output {shape} is an attention map (tokens x tokens of the "
                              f"model's {max(shape[1], shape[2])}-token layers), not a grid")

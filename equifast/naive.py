@@ -76,6 +76,7 @@ from .groups import (
 from .layers import (
     LayerHooks,
     LayerSpec,
+    attention_map_candidates,
     channels_first_of,
     check_layer_keys,
     input_channels,
@@ -875,7 +876,8 @@ def _probe_layouts(
                                    lenient, prefix_tokens_of(module), token_order_of(module),
                                    calls=hooks.calls,
                                    channels_first=channels_first_of(module, hooks.shapes,
-                                                                    input_size))
+                                                                    input_size),
+                                   attention_candidates=attention_map_candidates(module, names))
     layouts = refine_layouts(module, layouts, input_size, device, dtype, overrides,
                              lenient=lenient)
     warn_undeclared_channels(module, layouts)

@@ -681,6 +681,40 @@ def test_attention_maps_are_not_grids():
     assert found["proj"] == ("NLC", 1, 4, 4, 8.0)
 
 
+class _ConvStemThenTokens(nn.Module):
+    """LeViT in miniature at 64 px: a convolution stem whose maps are 16 x 16 (stride 4), then
+    16 tokens (4 x 4, stride 16) through attention whose weights pass an attn_drop module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.BatchNorm2d(8), nn.Hardswish())
+        self.down = nn.Conv2d(8, 8, 4, stride=4)
+        self.qkv = nn.Linear(8, 24)
+        self.attn_drop = nn.Dropout(0.0)
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x):
+        tokens = self.down(self.stem(x)).flatten(2).transpose(1, 2)  # (B, 16, 8)
+        q, k, v = self.qkv(tokens).reshape(len(x), -1, 3, 2, 4).permute(2, 0, 3, 1, 4)
+        attention = self.attn_drop((q @ k.transpose(-2, -1)).softmax(-1))  # (B, 2, 16, 16)
+        return self.proj((attention @ v).transpose(1, 2).flatten(2))
+
+
+def test_convolution_maps_as_wide_as_a_token_count_are_grids():
+    # before: the stem's (B, 8, 16, 16) maps were read as attention maps over the 16 tokens, and
+    # left out, as LeViT's stem at 128 px was (64 x 64 and 16 x 16 maps, stages of 64 and 16
+    # tokens)
+    model = _ConvStemThenTokens().eval()
+    with pytest.warns(UserWarning, match=r"attn_drop: output \(2, 2, 16, 16\) is an attention map"):
+        found = _layouts_of(model, "leaves", (64, 64))
+    for name in ("stem.0", "stem.1", "stem.2"):
+        assert found[name] == ("NCHW", 0, 16, 16, 4.0), name
+    assert "attn_drop" not in found
+    assert found["proj"] == ("NLC", 0, 4, 4, 16.0)
+    # a block (a container) outputs features, never its attention weights
+    assert _layouts_of(model, ["st*"], (64, 64))["stem"] == ("NCHW", 0, 16, 16, 4.0)  # a glob
+
+
 def test_feature_info_module_lists_stand_for_their_last_module():
     """A stage that is a ModuleList (CoaT's serial_blocks) never runs itself: its last block's
     output is the stage's."""
