@@ -525,7 +525,7 @@ class LayerHooks:
 
     def __enter__(self) -> LayerHooks:
         modules = dict(self.model.named_modules())
-        self.reroll = token_reroll_of(self.model)
+        self.reroll = token_reroll_of(self.model, modules)
         self.handles.append(self.model.register_forward_pre_hook(self._read_batch,
                                                                  with_kwargs=True))
         if self.record_shapes:
@@ -724,11 +724,12 @@ _RASTER_ORDERS: "weakref.WeakKeyDictionary[nn.Module, dict[int, torch.Tensor] | 
     weakref.WeakKeyDictionary())
 
 
-def _unroll_of(model: nn.Module) -> tuple[str | None, list[str]]:
-    """The name of the model's ``Unroll`` module (None without one) and the modules registered
-    from it on (which see its order)."""
+def _unroll_of(modules: Mapping[str, nn.Module]) -> tuple[str | None, list[str]]:
+    """The name of the ``Unroll`` module among a model's ``modules`` (``named_modules()``, in
+    their order; None without one) and the modules registered from it on (which see its
+    order)."""
     unroll, after = None, []
-    for name, module in model.named_modules():
+    for name, module in modules.items():
         if unroll is None and type(module).__name__ == "Unroll":
             unroll = name
         if unroll is not None:
@@ -769,14 +770,18 @@ def _raster_orders(reroll: nn.Module) -> dict[int, torch.Tensor] | None:
     return orders
 
 
-def token_reroll_of(model: nn.Module) -> TokenReroll | None:
+def token_reroll_of(model: nn.Module,
+                    modules: Mapping[str, nn.Module] | None = None) -> TokenReroll | None:
     """How to put the model's unrolled tokens back in raster order (:class:`TokenReroll`), from
     its timm ``Reroll`` module; None for a model that does not unroll them, or whose unrolled
-    order cannot be read (:func:`token_order_of` then leaves its token layers out)."""
-    unroll, after = _unroll_of(model)
+    order cannot be read (:func:`token_order_of` then leaves its token layers out).
+    ``modules``: ``dict(model.named_modules())`` where the caller has it (hooks are set up for
+    every forward)."""
+    modules = dict(model.named_modules()) if modules is None else modules
+    unroll, after = _unroll_of(modules)
     if unroll is None:
         return None
-    reroll = next((m for m in model.modules() if type(m).__name__ == "Reroll"), None)
+    reroll = next((m for m in modules.values() if type(m).__name__ == "Reroll"), None)
     if reroll is None:
         return None
     if reroll not in _RASTER_ORDERS:
@@ -796,8 +801,9 @@ def token_order_of(model: nn.Module) -> dict[str, str]:
     model with an ``Unroll`` and no readable ``Reroll`` has every module registered after the
     ``Unroll`` listed; the patch embedding before it is not.
     """
-    unroll, after = _unroll_of(model)
-    if unroll is None or token_reroll_of(model) is not None:
+    modules = dict(model.named_modules())
+    unroll, after = _unroll_of(modules)
+    if unroll is None or token_reroll_of(model, modules) is not None:
         return {}
     return {name: (f"its tokens are in the unrolled order of {unroll!r} "
                    f"({type(model).__name__}), not a raster grid")

@@ -211,30 +211,30 @@ def _score_stats_torch(stats: torch.Tensor, metrics: Sequence[str], psnr_range: 
         flat_a = var_a <= (FLAT_RELATIVE * mean_a) ** 2 + FLAT_ABSOLUTE**2
         flat_b = var_b <= (FLAT_RELATIVE * mean_b) ** 2 + FLAT_ABSOLUTE**2
         flat = flat_a | flat_b
-        per_channel_terms.append(flat.to(torch.float64))
-    if "corr_channelwise" in metrics:
         # Each channel's Pearson correlation, zero where flat (left out of the mean).
         channelwise = torch.where(flat, 0.0, c_ab / torch.sqrt(torch.where(flat, 1.0, m2_a * m2_b)))
-        per_channel_terms.append(channelwise)
+        per_channel_terms += [flat.to(torch.float64), channelwise]
     terms = _channel_sums(torch.stack(per_channel_terms), channel_counts)
     total, sum_m2_a, sum_m2_b, sum_c, sum_aa, sum_bb, sum_ab, sum_sq_diff, sum_weighted_b = (
         terms[:9].unbind(0)
     )
-    channels = (_counts_tensor(channel_counts, stats.device, torch.float64)
-                if channel_counts is not None else float(stats.shape[-2]))
     # A sum of squares: rounding of the centred moments can take it just below zero for maps
     # equal to the statistics' precision; it is then zero.
     sum_sq_diff = sum_sq_diff.clamp_min(0)
     corr = _safe_div(sum_c, torch.sqrt(sum_m2_a * sum_m2_b))
+    if with_flat:
+        flat_channels, sum_channelwise = terms[9], terms[10]
+        channels = (_counts_tensor(channel_counts, stats.device, torch.float64)
+                    if channel_counts is not None else float(stats.shape[-2]))
     for metric in metrics:
         if metric == "corr":
             out[metric] = corr
         elif metric == "one_minus_corr":
             out[metric] = 1.0 - corr
         elif metric == "flat_frac":
-            out[metric] = torch.where(total <= 0, math.nan, terms[9] / channels)
+            out[metric] = torch.where(total <= 0, math.nan, flat_channels / channels)
         elif metric == "corr_channelwise":
-            value = _safe_div(terms[10], channels - terms[9])
+            value = _safe_div(sum_channelwise, channels - flat_channels)
             out[metric] = torch.where(total <= 0, math.nan, value)
         elif metric == "cosine":
             out[metric] = _safe_div(sum_ab, torch.sqrt(sum_aa * sum_bb))

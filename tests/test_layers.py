@@ -668,9 +668,15 @@ class _TokenMixer(nn.Module):
     def forward(self, x):
         tokens = self.patch(x).flatten(2).transpose(1, 2)
         tokens = torch.cat([self.cls.expand(len(x), -1, -1), tokens], 1)
-        q, k, v = self.qkv(tokens).reshape(len(x), -1, 3, 2, 4).permute(2, 0, 3, 1, 4)
-        attention = self.attn_drop((q @ k.transpose(-2, -1)).softmax(-1))  # (B, 2, 17, 17)
-        return self.proj((attention @ v).transpose(1, 2).flatten(2))
+        return _attend(self, tokens)  # attention weights (B, 2, 17, 17)
+
+
+def _attend(module: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Two-head self-attention of (B, L, 8) tokens through ``module``'s qkv, attn_drop (which
+    sees the (B, 2, L, L) weights) and proj."""
+    q, k, v = module.qkv(tokens).reshape(len(tokens), -1, 3, 2, 4).permute(2, 0, 3, 1, 4)
+    attention = module.attn_drop((q @ k.transpose(-2, -1)).softmax(-1))
+    return module.proj((attention @ v).transpose(1, 2).flatten(2))
 
 
 def test_attention_maps_are_not_grids():
@@ -695,9 +701,7 @@ class _ConvStemThenTokens(nn.Module):
 
     def forward(self, x):
         tokens = self.down(self.stem(x)).flatten(2).transpose(1, 2)  # (B, 16, 8)
-        q, k, v = self.qkv(tokens).reshape(len(x), -1, 3, 2, 4).permute(2, 0, 3, 1, 4)
-        attention = self.attn_drop((q @ k.transpose(-2, -1)).softmax(-1))  # (B, 2, 16, 16)
-        return self.proj((attention @ v).transpose(1, 2).flatten(2))
+        return _attend(self, tokens)  # attention weights (B, 2, 16, 16)
 
 
 def test_convolution_maps_as_wide_as_a_token_count_are_grids():

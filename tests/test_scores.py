@@ -261,3 +261,16 @@ def test_compiled_scores_opcheck_and_errors():
         torch.ops.equifast.score_stats(stats.float(), [5], None)
     with pytest.raises(ValueError, match=r"channel_counts\[1\] must be > 0, but got 0"):
         torch.ops.equifast.score_stats(stats, [5, 0], None)
+
+
+@pytest.mark.parametrize("metrics", [["corr", "flat_frac"], ["corr", "corr_channelwise"],
+                                     ["corr", "psnr"]])
+def test_a_subset_of_metrics_scores_as_all_of_them_do(metrics):
+    """The torch path with some metrics only (the flat-channel sums are built for flat_frac and
+    corr_channelwise alike): the values of the full set."""
+    stats = _stats(*np.random.default_rng(3).normal(size=(2, 5, 30)))
+    every = score_stats(stats, METRICS, force_reference=True)
+    some = score_stats(stats, metrics, force_reference=True)
+    assert list(some) == metrics
+    for metric in metrics:
+        torch.testing.assert_close(some[metric], every[metric], rtol=0, atol=0)
