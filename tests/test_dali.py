@@ -19,6 +19,7 @@ from torch import nn
 pytest.importorskip("nvidia.dali")
 
 import equifast  # noqa: E402
+import equifast.naive  # noqa: E402
 from equifast import Translation  # noqa: E402
 from equifast.data.dali import DaliFolderSource  # noqa: E402
 from equifast.data.folder import ImageFolderSource  # noqa: E402
@@ -114,6 +115,43 @@ def test_dali_bad_files(bad_folder: Path) -> None:
     # 16-bit is scaled, not clipped to white
     deep = next(v for p, v in got.items() if p.endswith("deep16.png"))[0]
     assert deep.float().mean() < 230
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3, 5])
+def test_dali_batches_as_the_fallback(bad_folder: Path, batch_size: int) -> None:
+    # Pillow-decoded and skipped files among DALI's: the batches still hold the same files in the
+    # same order as the fallback's, whose chance comparison (the next image of the batch) the
+    # scores of both loaders share
+    pre = Preprocess((32, 32))
+    dali = DaliFolderSource(bad_folder, pre, margin=4, batch_size=batch_size, device="cpu")
+    pil = ImageFolderSource(bad_folder, pre, margin=4, batch_size=batch_size, num_workers=0)
+    assert dali.num_batches == pil.num_batches
+    want = [(paths, labels) for _, labels, paths in pil]
+    got = []
+    for sources, labels, paths in dali:
+        assert sources.shape == (len(paths), 3, 40, 40) and sources.is_contiguous()
+        got.append((paths, labels))
+    assert [paths for paths, _ in got] == [paths for paths, _ in want]
+    for (_, a), (_, b) in zip(got, want):
+        assert torch.equal(a, b)
+    assert [path for path, _ in dali.skipped] == [path for path, _ in pil.skipped]
+
+
+def test_measure_dali_vs_naive_on_mixed_files(bad_folder: Path) -> None:
+    # equifast.naive reads with Pillow: with DALI the engine must compare the same pairs of
+    # images for chance (formerly the Pillow-decoded files came in batches of their own)
+    kwargs = dict(group=Translation([2, 4]), input_size=(32, 32), progress=False, bootstrap=0,
+                  batch_size=3)
+    torch.manual_seed(0)
+    net = _net()
+    fast = equifast.measure(net, str(bad_folder), loader="dali", **kwargs)
+    slow = equifast.naive.measure(net, str(bad_folder), **kwargs)
+    keys = ["layer", "element", "comparison", "metric"]
+    both = fast.frame[keys + ["value", "n"]].merge(slow.frame[keys + ["value", "n"]], on=keys)
+    assert len(both) == len(fast.frame) == len(slow.frame)
+    assert (both["n_x"] == both["n_y"]).all()
+    chance = both[both["comparison"] == "chance"]
+    assert len(chance) and np.nanmax(np.abs(chance["value_x"] - chance["value_y"])) < 1e-2
 
 
 def test_missing_and_empty(tmp_path: Path) -> None:

@@ -18,9 +18,14 @@ constructor (non-empty, Pillow can identify and ``verify`` it, a JPEG ends with 
 Files that fail are listed in ``skipped`` with the reason on every pass. Files DALI does not decode
 to 8-bit RGB the way Pillow's loaders do (16/32-bit and float images, palette images with
 transparency, anything not JPEG/PNG/BMP/PNM/TIFF/WebP in a plain mode) are decoded with Pillow
-(:func:`equifast.data.geometry.resize_and_crop`) and yielded in extra batches after the DALI
-batches. Should DALI still fail on a file during a pass, the rest of the pass is finished by the
-Pillow fallback (never a dead run).
+(:func:`equifast.data.folder.decode_file`) in their places. Should DALI still fail on a file during
+a pass, the rest of the pass is finished by Pillow (never a dead run).
+
+Batches: the fallback's, whichever decoder reads a file. Batch ``i`` holds the files
+``i * batch_size`` to ``(i + 1) * batch_size`` of the sorted list that can be read, in that order
+(fewer where files are skipped). The chance comparison pairs each image with the next one of its
+batch, so only the same grouping gives the same scores as ``loader="folder"`` and
+``equifast.naive``.
 
 Sharding is done here, as in the fallback: shard ``k`` takes images ``k, k + num_shards, ...``;
 each process's DALI reader reads only its shard's files.
@@ -36,7 +41,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from equifast.data.folder import ImageFolderSource, PathLike, default_num_workers, select_items
+from equifast.data.folder import PathLike, decode_file, default_num_workers, select_items
 from equifast.data.geometry import Preprocess, as_margin, crop_plan, source_size
 
 __all__ = ["DaliFolderSource", "dali_available"]
@@ -162,8 +167,8 @@ class DaliFolderSource:
 
     @property
     def num_batches(self) -> int:
-        """Upper bound of the batches one pass yields."""
-        return -(-len(self._dali) // self.batch_size) + -(-len(self._pil) // self.batch_size)
+        """Upper bound of the batches one pass yields (fewer when whole batches are skipped)."""
+        return -(-len(self.items) // self.batch_size)
 
     @property
     def source_size(self) -> tuple[int, int]:
@@ -246,8 +251,50 @@ class DaliFolderSource:
         return pipe()
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, list[str]]]:
-        self.skipped = list(self._bad)
+        # The batches are those of the Pillow fallback: slices of ``batch_size`` files of the
+        # sorted list, less the files that cannot be read, with the files DALI does not decode
+        # taken by Pillow in their places. The chance comparison pairs each image with the next
+        # one of its batch, so both loaders (and equifast.naive, which always reads with Pillow)
+        # must group the same images in the same order to give the same scores.
+        self.skipped = []
         self.upscaled = 0
+        route = {file: "skip" for file, _ in self._bad}
+        route.update((file, "pil") for file, _ in self._pil)
+        route.update((file, "dali") for file, _ in self._dali)
+        reason = dict(self._bad)
+        decoded = self._dali_images()
+        src_h, src_w = self.source_size
+        for lo in range(0, len(self.items), self.batch_size):
+            rows: list[tuple[str, int]] = []
+            images: list[torch.Tensor] = []
+            for file, label in self.items[lo : lo + self.batch_size]:
+                if route[file] == "skip":
+                    self.skipped.append((file, reason[file]))
+                    continue
+                image = next(decoded) if route[file] == "dali" else None
+                if image is None:  # a Pillow file, or DALI gave up before this one
+                    item = decode_file(file, label, self.preprocess, self.margin)
+                    if item.source is None:
+                        self.skipped.append((file, item.reason or "unknown error"))
+                        continue
+                    image = item.source
+                    self.upscaled += item.upscaled
+                rows.append((file, label))
+                images.append(image)
+            if not rows:
+                continue
+            sources = torch.empty(
+                (len(rows), 3, src_h, src_w), dtype=torch.uint8, device=self.device
+            )
+            for i, image in enumerate(images):
+                sources[i].copy_(image)
+            labels = torch.tensor([label for _, label in rows], dtype=torch.long)
+            yield sources, (labels if self.has_labels else None), [file for file, _ in rows]
+
+    def _dali_images(self) -> Iterator[torch.Tensor | None]:
+        """The DALI-routed files' sources, one by one in list order; ``None`` for each file left
+        once DALI has failed (those are decoded with Pillow by the caller), forever after the
+        last one."""
         done = 0
         if self._dali:
             from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
@@ -267,44 +314,25 @@ class DaliFolderSource:
                     index = out[0]["index"].view(-1).long().tolist()
                     if index != list(range(done, done + len(index))):
                         raise RuntimeError(f"DALI returned files out of order: {index[:4]}...")
-                    rows = [self._dali[i] for i in index]
                     self.upscaled += sum(self._plans[i].upscaled for i in index)
-                    labels = torch.tensor([label for _, label in rows], dtype=torch.long)
-                    done += len(index)
-                    yield (
-                        images.contiguous(),
-                        labels if self.has_labels else None,
-                        [file for file, _ in rows],
-                    )
+                    for i in range(len(index)):
+                        done += 1
+                        yield images[i]
             except (RuntimeError, StopIteration) as error:
                 if "out of order" in str(error):
                     raise
                 # a file passed the checks but DALI could not decode it: finish with Pillow
-                rest = self._dali[done:]
+                rest = len(self._dali) - done
                 if rest:
                     first_line = str(error).splitlines()[0] if str(error) else ""
                     warnings.warn(
                         f"DALI failed after {done} images ({type(error).__name__}: {first_line}); "
-                        f"decoding the remaining {len(rest)} with Pillow",
+                        f"decoding the remaining {rest} with Pillow",
                         RuntimeWarning,
-                        stacklevel=2,
+                        stacklevel=3,
                     )
-                    yield from self._fallback(rest)
-        if self._pil:
-            yield from self._fallback(self._pil)
-
-    def _fallback(self, items: list[tuple[str, int]]):
-        source = ImageFolderSource(
-            items, self.preprocess, self.margin, self.batch_size, num_workers=0
-        )
-        label_of = dict(items)
-        for sources, _labels, paths in source:
-            labels = torch.tensor([label_of[p] for p in paths], dtype=torch.long)
-            if self.device.type == "cuda":
-                sources = sources.to(self.device)
-            yield sources, (labels if self.has_labels else None), paths
-        self.skipped.extend(source.skipped)
-        self.upscaled += source.upscaled
+        while True:
+            yield None
 
     def __repr__(self) -> str:
         return (

@@ -49,6 +49,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageFolderSource",
     "SkippedFilesWarning",
+    "decode_file",
     "default_num_workers",
     "find_images",
     "is_path_list",
@@ -259,27 +260,35 @@ class _SourceDataset(Dataset):
 
     def __getitem__(self, index: int) -> _Decoded:
         path, label = self.items[index]
-        try:
-            if os.path.getsize(path) == 0:
-                return _Decoded(path, label, reason="empty file (0 bytes)")
-            with open(path, "rb") as handle:
-                img = Image.open(handle)
-                # decode fully inside the try: Image.open only reads the header, and truncated or
-                # corrupt data shows up here
-                img.load()
-            img = to_rgb(img)
-            plan = crop_plan((img.height, img.width), self.preprocess, self.margin)
-            source = apply_crop_plan(img, self.preprocess, plan)
-            return _Decoded(path, label, source=source, upscaled=plan.upscaled)
-        except UnidentifiedImageError:
-            # Pillow's own message names a file handle, not the problem
-            return _Decoded(
-                path,
-                label,
-                reason="not an image file Pillow can identify (unknown or corrupt header)",
-            )
-        except Exception as error:  # any decoding failure is a skipped file, never a dead run
-            return _Decoded(path, label, reason=f"{type(error).__name__}: {error}")
+        return decode_file(path, label, self.preprocess, self.margin)
+
+
+def decode_file(
+    path: str, label: int, preprocess: Preprocess, margin: tuple[int, int]
+) -> _Decoded:
+    """One file's crop-protocol source with Pillow, or the reason it cannot be read (never
+    raises for a bad file). Shared with the DALI loader, which leaves some files to Pillow."""
+    try:
+        if os.path.getsize(path) == 0:
+            return _Decoded(path, label, reason="empty file (0 bytes)")
+        with open(path, "rb") as handle:
+            img = Image.open(handle)
+            # decode fully inside the try: Image.open only reads the header, and truncated or
+            # corrupt data shows up here
+            img.load()
+        img = to_rgb(img)
+        plan = crop_plan((img.height, img.width), preprocess, margin)
+        source = apply_crop_plan(img, preprocess, plan)
+        return _Decoded(path, label, source=source, upscaled=plan.upscaled)
+    except UnidentifiedImageError:
+        # Pillow's own message names a file handle, not the problem
+        return _Decoded(
+            path,
+            label,
+            reason="not an image file Pillow can identify (unknown or corrupt header)",
+        )
+    except Exception as error:  # any decoding failure is a skipped file, never a dead run
+        return _Decoded(path, label, reason=f"{type(error).__name__}: {error}")
 
 
 @dataclass
