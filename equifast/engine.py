@@ -435,12 +435,9 @@ class DataPlan:
         position = dict(zip(reversed(paths), reversed(self._positions)))  # first occurrence
         cursor = 0
         for sources, labels, batch_paths in self.folder:
-            try:  # in file order (a repeated file stays where it is)
-                cursor = paths.index(batch_paths[0], cursor)
-                where = self._positions[cursor]
-            except ValueError:  # DALI: the files Pillow decodes come last
-                where = position[batch_paths[0]]
-            self.batch_keys.append(where // self._batch_size)
+            # both loaders yield in file order (a repeated file stays where it is)
+            cursor = paths.index(batch_paths[0], cursor)
+            self.batch_keys.append(self._positions[cursor] // self._batch_size)
             if labels is None and self._has_labels:  # other ranks' files have labels
                 labels = torch.full((sources.shape[0],), -1, dtype=torch.long)
             self._set_skipped(position)

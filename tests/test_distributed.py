@@ -18,6 +18,7 @@ from torch import nn
 
 import equifast
 from equifast import Translation, distributed
+from equifast.data.dali import dali_available
 from equifast.distributed import Shard
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,6 +114,9 @@ def _write_folder(root: Path) -> Path:
             pixels = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(root / label / f"{i}.png")
     (root / "a" / "2_bad.png").write_bytes(b"not a png")
+    # 16-bit: decoded by Pillow where DALI reads the others, in its place in the batches
+    deep = rng.integers(0, 65536, (40, 48), dtype=np.uint16)
+    Image.fromarray(deep).save(root / "a" / "3_deep.png")
     return root
 
 
@@ -129,10 +133,13 @@ def _scenarios(folder: Path) -> dict:
         "one_batch": (images[:3], {**common, "batch_size": 4}),
         # batch i to rank i % 2; the limit cuts the last batch
         "iterable": (iterable, {**common, "limit": 8}),
-        # 11 files (one unreadable) in batches of 3
+        # 12 files (one unreadable) in batches of 3
         "folder": (str(folder), {**common, "batch_size": 3, "input_size": (32, 32),
                                  "loader": "folder", "num_workers": 0}),
-    }
+    } | ({
+        "dali": (str(folder), {**common, "batch_size": 3, "input_size": (32, 32),
+                               "loader": "dali", "num_workers": 1}),
+    } if dali_available() else {})
 
 
 def _measure_worker(rank: int, world: int, tmp: str) -> None:
