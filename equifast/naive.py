@@ -403,9 +403,10 @@ LINEAR_FOLDS = 2
 def match_channels(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """``b`` with each channel taken from the channel of ``b`` that correlates best with that
     channel of ``a`` over the valid positions, image by image (``torch.corrcoef``; written apart
-    from the engine's reference op on purpose). A constant channel of ``b`` is never taken; a
-    constant channel of ``a`` keeps its own; correlations within 1e-9 of each other are ties,
-    taken by the first channel."""
+    from the engine's reference op on purpose). A flat channel of ``b`` (``FLAT_RELATIVE``, as
+    for ``corr_channelwise``: a constant channel re-aligned by bilinear weights varies by an ulp)
+    is never taken; a flat channel of ``a`` keeps its own; correlations within 1e-9 of each
+    other are ties, taken by the first channel."""
     channels = a.shape[1]
     if channels == 1 or int(valid.sum()) < 2:  # one position: every channel is constant
         return b
@@ -413,14 +414,16 @@ def match_channels(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> tor
     for n in range(a.shape[0]):
         rows = torch.cat([a[n][:, valid], b[n][:, valid]])  # (2C, m)
         correlation = torch.corrcoef(rows)[:channels, channels:]  # NaN for a constant row
-        b_constant = b[n][:, valid].std(-1, correction=0) == 0
+        b_values = b[n][:, valid]
+        b_constant = _flat(b_values.mean(-1), b_values.var(-1, correction=0))
         if bool(b_constant.all()):
             continue
         correlation[:, b_constant] = -math.inf
         # correlations within 1e-9 are ties, taken by the first channel (on few positions
         # many pairs correlate perfectly, and rounding must not choose among them)
         best = (correlation.nan_to_num(nan=-math.inf) * 1e9).round().argmax(-1)
-        a_constant = a[n][:, valid].std(-1, correction=0) == 0
+        a_values = a[n][:, valid]
+        a_constant = _flat(a_values.mean(-1), a_values.var(-1, correction=0))
         best[a_constant] = torch.arange(channels, device=a.device)[a_constant]
         matched[n] = b[n][best]
     return matched

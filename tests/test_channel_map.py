@@ -84,6 +84,26 @@ def test_match_channels_finds_a_permutation_and_skips_constant_channels():
     assert not (matched[:, 1] == 2.0).all()
 
 
+@pytest.mark.parametrize("matching", [_reference.match_channels, naive.match_channels],
+                         ids=["reference", "naive"])
+def test_channels_constant_to_rounding_are_flat_to_the_match(matching):
+    """A constant channel re-aligned by bilinear weights varies by an ulp. Those ulps can follow
+    any pattern, here exactly the pattern of channel 0 of ``a``: they must not be chosen, or the
+    choice is made by rounding (engine and naive differed on a random-init HGNetV2)."""
+    torch.manual_seed(5)
+    a = torch.randn(2, 4, 5, 6, dtype=torch.float64)
+    b = a[:, [1, 0, 3, 2]] + 0.3 * torch.randn_like(a)  # channel c of a best in b[:, c ^ 1]
+    ulps = a[:, 0].sign() * 2.0**-52  # +-1 ulp of 1.0, correlated 1 with a's channel 0
+    b[:, 3] = 1.0 + ulps
+    valid = torch.ones(5, 6, dtype=torch.bool)
+    matched = matching(a, b, valid)
+    assert not (matched[:, 0] == b[:, 3]).all(), "chose the rounding noise"
+    torch.testing.assert_close(matched[:, 0], b[:, 1], rtol=0, atol=0)
+    # and a channel of a constant to rounding keeps its own
+    a[:, 2] = 0.25 + ulps / 4
+    torch.testing.assert_close(matching(a, b, valid)[:, 2], b[:, 2], rtol=0, atol=0)
+
+
 def test_the_op_takes_match_through_the_reference_and_checks_the_name():
     torch.manual_seed(2)
     feats = torch.randn(3 * 2, 4, 5, 5)

@@ -28,6 +28,7 @@ import torch
 
 from ..groups import INTEGER_TOLERANCE
 from ..layouts import grid_view
+from ..scores import FLAT_ABSOLUTE, FLAT_RELATIVE
 
 EDGE_TOLERANCE = 1e-6
 DISC_TOLERANCE = 1e-9
@@ -249,6 +250,13 @@ def check_channel_map(channel_map: str) -> str:
     return channel_map
 
 
+def _flat(mean: torch.Tensor, centred_norm: torch.Tensor, positions: int) -> torch.Tensor:
+    """Channels whose spatial standard deviation (from the norm of the centred values over
+    ``positions``) is flat by the scores' rule (:data:`equifast.scores.FLAT_RELATIVE`)."""
+    variance = centred_norm.square() / positions
+    return variance <= (FLAT_RELATIVE * mean).square() + FLAT_ABSOLUTE**2
+
+
 def match_channels(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """``b`` with each channel ``c`` replaced by the channel of ``b`` best correlated with
     channel ``c`` of ``a`` over the valid positions, image by image (DESIGN.md 1.6, ``match``).
@@ -256,9 +264,10 @@ def match_channels(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> tor
     A network that learned a rotated copy of a filter shows rotation equivariance as a
     permutation of channels (as a group convolution would): matched, the rotated copy stands
     beside its filter. The match is a map, not a permutation: several channels of ``a`` may
-    take the same channel of ``b``. A spatially constant channel of ``b`` (no correlation
-    defined) is never chosen; a constant channel of ``a`` keeps its own. Correlations within
-    1e-9 of each other are ties, taken by the first channel.
+    take the same channel of ``b``. A flat channel of ``b`` (spatially constant as
+    ``corr_channelwise`` counts it: :data:`equifast.scores.FLAT_RELATIVE`) is never chosen; a
+    flat channel of ``a`` keeps its own. Correlations within 1e-9 of each other are ties, taken
+    by the first channel.
 
     Args:
         a, b: ``(B, C, h, w)`` float64.
@@ -273,22 +282,30 @@ def match_channels(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> tor
     for image in range(a.shape[0]):  # one (C, C) matrix at a time: C = 2048 is 32 MB
         da = a[image][:, valid]
         db = b[image][:, valid]
-        da = da - da.mean(-1, keepdim=True)
-        db = db - db.mean(-1, keepdim=True)
+        mean_a = da.mean(-1, keepdim=True)
+        mean_b = db.mean(-1, keepdim=True)
+        da = da - mean_a
+        db = db - mean_b
         scale_a = da.norm(dim=-1)
         scale_b = db.norm(dim=-1)
+        # Flat channels have no correlation to speak of: a constant channel re-aligned by
+        # bilinear weights varies by an ulp, and the correlations of those ulps won the match
+        # (0.96 against a real 0.97 for a random-init HGNetV2 in float64) by how the weights
+        # happened to round, which differs between equal computations.
+        flat_a = _flat(mean_a[:, 0], scale_a, da.shape[-1])
+        flat_b = _flat(mean_b[:, 0], scale_b, db.shape[-1])
         # rows scaled to unit length first (O(C m)), so that one product is the correlation
         # matrix and the passes over the C x C matrix are few (a constant row stays 0)
         da = da / torch.where(scale_a > 0, scale_a, 1.0)[:, None]
         db = db / torch.where(scale_b > 0, scale_b, 1.0)[:, None]
         correlation = da @ db.T
-        # constant channels of b are never chosen; constant channels of a keep their own
-        correlation.masked_fill_((scale_b == 0)[None, :], -math.inf)
+        # flat channels of b are never chosen; flat channels of a keep their own
+        correlation.masked_fill_(flat_b[None, :], -math.inf)
         # correlations within 1e-9 are ties, taken by the first channel: on few positions many
         # pairs correlate perfectly, and rounding must not choose among them
         best = correlation.mul_(1e9).round_().argmax(-1)
         own = torch.arange(a.shape[1], device=a.device)
-        chosen[image] = torch.where((scale_a == 0) | (scale_b == 0).all(), own, best)
+        chosen[image] = torch.where(flat_a | flat_b.all(), own, best)
     return torch.gather(b, 1, chosen[:, :, None, None].expand_as(b))
 
 
