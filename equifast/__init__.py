@@ -6,6 +6,7 @@ Example:
     >>> print(result.format_summary())                                            # doctest: +SKIP
 """
 
+from .arguments import UnnormalizedImagesWarning
 from .data.folder import SkippedFilesWarning
 from .engine import measure
 from .groups import Element, Flip, Group, Rotation, Translation, parse_group
@@ -24,6 +25,7 @@ __all__ = [
     "Rotation",
     "SkippedFilesWarning",
     "Translation",
+    "UnnormalizedImagesWarning",
     "lie_derivative",
     "measure",
     "open_store",

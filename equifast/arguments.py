@@ -5,6 +5,7 @@ the same messages)."""
 from __future__ import annotations
 
 import numbers
+import warnings
 
 import torch
 
@@ -47,3 +48,28 @@ def check_finite_pixels(images: torch.Tensor, where: str) -> None:
         if bad:
             raise ValueError(f"{where}: expected finite pixel values, found {bad} NaN or infinite "
                              f"of {images.numel()}")
+
+
+# Normalized images (ImageNet's mean and std: about -2.1 to 2.6; mean and std 0.5: -1 to 1) never
+# reach this; raw 0..255 pixel values passed as floats almost always do.
+RAW_PIXEL_LEVEL = 10.0
+
+
+class UnnormalizedImagesWarning(UserWarning):
+    """Floating-point images that look like raw 0..255 pixel values."""
+
+
+def warn_raw_float_pixels(images: torch.Tensor) -> None:
+    """Warn (attributed to the caller's check of a batch, so that Python shows it once however
+    many batches there are) when floating ``images``, which both loops
+    take as already normalized, hold no negative value and values above ``RAW_PIXEL_LEVEL``: raw
+    pixel values cast to float, which the model would see unnormalized."""
+    if not images.is_floating_point() or images.numel() == 0:
+        return
+    low, high = torch.aminmax(images)
+    if float(low) >= 0 and float(high) > RAW_PIXEL_LEVEL:
+        warnings.warn(
+            "data: floating-point images are taken as already normalized (the model's mean and "
+            "std applied), but these have no negative value and values above "
+            f"{RAW_PIXEL_LEVEL:g}, like raw 0..255 pixels; pass them as uint8 to have them "
+            "normalized", UnnormalizedImagesWarning, stacklevel=2)

@@ -42,7 +42,12 @@ from .align import (
     warn_estimated_offsets,
     widened_to,
 )
-from .arguments import check_count, check_finite_pixels, check_run_arguments
+from .arguments import (
+    check_count,
+    check_finite_pixels,
+    check_run_arguments,
+    warn_raw_float_pixels,
+)
 from .baseline import (
     INIT,
     TRAINED,
@@ -165,6 +170,7 @@ def _check_sources(images: torch.Tensor, where: str) -> torch.Tensor:
     if not (images.dtype == torch.uint8 or images.is_floating_point()):
         raise TypeError(f"{where}: expected uint8 or floating images, found {images.dtype}")
     check_finite_pixels(images, where)
+    warn_raw_float_pixels(images)
     if images.shape[1] == 1:  # grey, as RGB: its luma is itself, and an RGB model sees grey
         images = images.expand(-1, 3, -1, -1).contiguous()
     return images

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .align import AlignSpec, find_offsets, probe_inputs, warn_estimated_offsets
-from .arguments import check_finite_pixels, check_run_arguments
+from .arguments import check_finite_pixels, check_run_arguments, warn_raw_float_pixels
 from .data.folder import is_path_list, no_images_message, warn_skipped
 from .data.geometry import (
     LUMA_WEIGHTS,
@@ -654,6 +654,7 @@ def _sources_tensor(images, where: str) -> torch.Tensor:
     if not (images.dtype == torch.uint8 or images.is_floating_point()):
         raise TypeError(f"{where}: expected uint8 or floating images, found {images.dtype}")
     check_finite_pixels(images, where)
+    warn_raw_float_pixels(images)
     return images.repeat(1, 3, 1, 1) if images.shape[1] == 1 else images
 
 

@@ -235,6 +235,30 @@ def test_model_sized_sources_warn_that_the_margin_shrinks_the_input(implementati
         assert not [w for w in caught if "sources are" in str(w.message)], extra
 
 
+@pytest.mark.parametrize("implementation", ["engine", "naive"])
+def test_raw_pixels_as_floats_are_named(implementation):
+    """Floating images are taken as normalized; 0..255 pixels cast to float used to pass
+    silently, unnormalized. Normalized ones, [0, 1] ones (as synthetic data often is) and uint8
+    give no warning; an iterable warns once, not once per batch."""
+    from equifast.arguments import UnnormalizedImagesWarning
+
+    measure = equifast.measure if implementation == "engine" else naive.measure
+    kwargs = dict(group=equifast.Translation([2]), layers=["0"], progress=False, bootstrap=0)
+    pixels = torch.randint(0, 256, (4, 3, 36, 36), dtype=torch.uint8)
+    with pytest.warns(UnnormalizedImagesWarning, match=r"taken as already normalized.*no "
+                                                       r"negative value.*pass them as uint8"):
+        measure(_net(), pixels.float(), **kwargs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        measure(_net(), [pixels[:2].float(), pixels[2:].float()], **kwargs)
+    assert len([w for w in caught if w.category is UnnormalizedImagesWarning]) == 1
+    for data in (pixels, torch.randn(4, 3, 36, 36), torch.rand(4, 3, 36, 36)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            measure(_net(), data, **kwargs)
+        assert not [w for w in caught if w.category is UnnormalizedImagesWarning], data.dtype
+
+
 def test_sources_leave_no_image():
     with pytest.raises(ValueError, match=r"leave no image.*smaller shifts"):
         equifast.measure(_net(), torch.rand(2, 3, 40, 40), progress=False)
