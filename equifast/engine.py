@@ -155,6 +155,8 @@ def resolve_group(group: Group | str | None) -> Group:
 
 
 def _check_sources(images: torch.Tensor, where: str) -> torch.Tensor:
+    if type(images).__module__ == "numpy" and getattr(images, "ndim", 0) >= 3:
+        images = torch.as_tensor(images)  # a batch as an array, as the data may be one
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"{where}: expected a tensor of images, found {type(images).__name__}")
     given = tuple(images.shape)
@@ -584,7 +586,8 @@ def measure(
         model: A module (put in eval mode here), or a timm name / ``"tv:<torchvision name>"``.
         data: Images: a tensor ``(N, 3, H, W)`` (uint8 0..255 is normalized with the model's mean
             and std; float is taken as already preprocessed), an iterable of ``images`` or
-            ``(images, labels)`` batches (every one with labels or none), a folder path
+            ``(images, labels)`` batches (tensors or numpy arrays; every one with labels or
+            none), a folder path
             (ImageNet layout or flat), an image file, a ``.txt`` file list, a list of image paths
             (or of ``(path, label)`` pairs), a Pillow image or a list of them (resized and
             cropped with the model's preprocessing, as files are), a numpy array (as a tensor),

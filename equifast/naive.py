@@ -641,6 +641,8 @@ def _vs_chance(eq: np.ndarray, chance: np.ndarray) -> np.ndarray:
 
 
 def _sources_tensor(images, where: str) -> torch.Tensor:
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(np.ascontiguousarray(images))
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"{where}: expected a tensor of images, found {type(images).__name__}")
     given = tuple(images.shape)
