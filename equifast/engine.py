@@ -155,8 +155,8 @@ def resolve_group(group: Group | str | None) -> Group:
 
 
 def _check_sources(images: torch.Tensor, where: str) -> torch.Tensor:
-    if type(images).__module__ == "numpy" and getattr(images, "ndim", 0) >= 3:
-        images = torch.as_tensor(images)  # a batch as an array, as the data may be one
+    if isinstance(images, np.ndarray):  # a batch as an array, as the data may be one
+        images = torch.from_numpy(np.ascontiguousarray(images))
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"{where}: expected a tensor of images, found {type(images).__name__}")
     given = tuple(images.shape)
@@ -226,7 +226,8 @@ class DataPlan:
         self.skipped_keys: list[int] = []
         self.loader = "tensor"
         if type(data).__module__ == "numpy" and getattr(data, "ndim", 0) >= 3:
-            data = torch.as_tensor(data)  # an array of images is a tensor of them
+            # an array of images is a tensor of them (a copy where its strides are negative)
+            data = torch.from_numpy(np.ascontiguousarray(data))
         if input_size is not None:
             import dataclasses
 

@@ -700,7 +700,8 @@ class _Data:
         self.labels = None
         self.iterable = None
         if type(data).__module__ == "numpy" and getattr(data, "ndim", 0) >= 3:
-            data = torch.as_tensor(data)  # an array of images is a tensor of them
+            # an array of images is a tensor of them (a copy where its strides are negative)
+            data = torch.from_numpy(np.ascontiguousarray(data))
         if input_size is not None:
             # Decoded images (samples, folders) are resized and cropped for the given input size.
             preprocess = dataclasses.replace(preprocess, input_size=self.input_size_arg)

@@ -270,12 +270,15 @@ def test_batches_as_numpy_arrays_are_tensors(implementation):
     pixels = torch.randint(0, 256, (4, 3, 36, 36), dtype=torch.uint8)
     net = _net()
     want = measure(net, pixels, batch_size=2, **kwargs).frame
-    got = measure(net, [(pixels[:2].numpy(), [0, 1]), (pixels[2:].numpy(), [1, 0])],
-                  **kwargs).frame
+    flipped = np.flip(np.flip(pixels.numpy(), 2).copy(), 2)  # the same pixels, negative strides
+    assert flipped.strides[2] < 0
+    got = measure(net, [(pixels[:2].numpy(), [0, 1]), (flipped[2:], [1, 0])], **kwargs).frame
     keys = ["layer", "element", "comparison", "metric"]
     merged = want.merge(got, on=keys)
     assert len(merged) == len(want) and np.allclose(merged.value_x, merged.value_y,
                                                     equal_nan=True)
+    whole = measure(net, flipped, batch_size=2, **kwargs).frame  # one array, negative strides
+    assert np.allclose(want.value, whole.value, equal_nan=True)
     with pytest.raises(TypeError, match=r"data batch 0: expected a tensor of images, found list"):
         measure(_net(), [([[1, 2]], None)], **kwargs)
 
