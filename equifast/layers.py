@@ -484,10 +484,32 @@ def run_probe(module: nn.Module, probe: torch.Tensor, hooks: "LayerHooks", conte
     except Exception as error:
         shape = " x ".join(map(str, probe.shape))
         dtype = str(probe.dtype).replace("torch.", "")
+        fixed = fixed_input_size(module)
+        if fixed is not None and tuple(probe.shape[-2:]) != fixed:
+            # The input-size advice alone misleads here: input_size=(H, W) was often given.
+            advice = (f"The model takes only {fixed[0]} x {fixed[1]} inputs (its patch embedding "
+                      "checks the size): build it for the size measured (timm: "
+                      "create_model(name, img_size=(H, W)) or dynamic_img_size=True; "
+                      "torchvision: image_size=H), or give the model by name, which builds it "
+                      f"at input_size, or measure at {fixed[0]} x {fixed[1]}. {advice}")
         raise RuntimeError(
             f"the model failed on its probe input ({shape}, {dtype} on {probe.device}): "
-            f"{type(error).__name__}: {error}. {advice}"
+            f"{type(error).__name__}: {str(error).rstrip('.')}. {advice}"
         ) from error
+
+
+def fixed_input_size(module: nn.Module) -> tuple[int, int] | None:
+    """``(H, W)`` a model accepts alone, where it says so: a timm patch embedding that checks
+    the size (``strict_img_size``), or torchvision's ``VisionTransformer`` (``image_size``)."""
+    for sub in module.modules():
+        size = getattr(sub, "img_size", None)
+        if (getattr(sub, "strict_img_size", False) and not getattr(sub, "dynamic_img_pad", False)
+                and isinstance(size, (tuple, list)) and len(size) == 2):
+            return int(size[0]), int(size[1])
+        size = getattr(sub, "image_size", None)
+        if isinstance(size, int) and hasattr(sub, "conv_proj"):
+            return size, size
+    return None
 
 
 class LayerHooks:

@@ -429,3 +429,25 @@ def test_a_model_failing_on_the_probe_is_one_clear_error(implementation):
     with pytest.raises(RuntimeError, match=message):
         measure(_FixedSize().eval(), torch.rand(2, 3, 48, 48), group="rotation",
                 bootstrap=0, progress=False, align="center")
+
+
+@pytest.mark.parametrize("implementation", ["engine", "naive"])
+def test_a_vit_built_for_another_size_names_the_size_it_takes(implementation):
+    """A ViT module built at 32 px measured at 48 px: the advice names the size the patch
+    embedding checks and how to build the model for another (input_size= alone cannot help)."""
+    import timm
+
+    measure = equifast.measure if implementation == "engine" else naive.measure
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32,
+                              depth=1).eval()
+    message = (r"(?s)probe input \(2 x 3 x 48 x 48, float32 on cpu\): AssertionError: .*"
+               r"The model takes only 32 x 32 inputs .*img_size=\(H, W\).*measure at 32 x 32")
+    with pytest.raises(RuntimeError, match=message) as caught:
+        measure(model, torch.rand(2, 3, 48, 48) - 0.5, group="rotation", bootstrap=0,
+                progress=False, align="center")
+    assert "(32).. " not in str(caught.value)  # timm's own full stop is not doubled
+    # A model that checks nothing gets the usual advice only.
+    with pytest.raises(RuntimeError) as caught:
+        measure(_FixedSize().eval(), torch.rand(2, 3, 48, 48), group="rotation",
+                bootstrap=0, progress=False, align="center")
+    assert "takes only" not in str(caught.value)
