@@ -370,6 +370,38 @@ class TorchTransformBaseline:
         return out
 
 
+class TorchPathBaseline(TorchTransformBaseline):
+    """``transform_images`` the textbook way issue 3 names: torch's roll / rot90 / grid_sample path.
+
+    The sources are normalized to float once; each element is one torch op on that float tensor
+    (``torch.roll`` of the source then the central crop for a translation, ``rot90`` / ``flip``
+    of the central crop, ``grid_sample`` for other angles), and the ``K + 1`` blocks are joined
+    with ``torch.cat`` and cast to the output dtype and memory format. It allocates a block per
+    element where :class:`TorchTransformBaseline` writes each block once into the output; both
+    are reported (``speedup`` against the tuned one, ``speedup_vs_torch_path`` against this).
+    """
+
+    def __call__(self, src: torch.Tensor) -> torch.Tensor:
+        size, m = self.case.size, self.case.margin
+        normalized = torch.addcmul(self.bias, src, self.scale)
+        window = normalized[..., m : m + size, m : m + size]
+        blocks = []
+        for plan in self.plans:
+            if plan[0] == "window":
+                # the window at (y, x) is the central window of the source rolled by (m - y, m - x)
+                rolled = torch.roll(normalized, (m - plan[1], m - plan[2]), dims=(-2, -1))
+                blocks.append(rolled[..., m : m + size, m : m + size])
+            elif plan[0] == "rot90":
+                blocks.append(torch.rot90(window, plan[1], dims=(-2, -1)))
+            elif plan[0] == "flip":
+                blocks.append(window.flip(plan[1]))
+            else:
+                blocks.append(F.grid_sample(normalized, plan[1], mode="bilinear",
+                                            padding_mode="zeros", align_corners=True))
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        return torch.cat(blocks).to(self.out_dtype).contiguous(memory_format=fmt)
+
+
 # --------------------------------------------------------------------------------------------------
 # Inputs
 
@@ -636,6 +668,10 @@ def run_transform_case(
     small_baseline = TorchTransformBaseline(case, small.shape, dtype, channels_last, dev)
     check = {"baseline_vs_reference": compare_images(small_baseline(small), want, atol)}
     check["baseline_vs_reference"]["images"] = n
+    torch_path = TorchPathBaseline(case, src.shape, dtype, channels_last, dev)
+    small_path = TorchPathBaseline(case, small.shape, dtype, channels_last, dev)
+    check["torch_path_vs_reference"] = compare_images(small_path(small), want, atol)
+    check["torch_path_vs_reference"]["images"] = n
     check["reference_seconds"] = ref_seconds
     if compiled:
         got = run_compiled(src)
@@ -650,7 +686,7 @@ def run_transform_case(
     row["check"] = check
     if not check["passed"]:
         return row
-    fns = {"baseline": lambda: baseline(src)}
+    fns = {"baseline": lambda: baseline(src), "torch_path": lambda: torch_path(src)}
     if compiled:
         fns["compiled"] = lambda: run_compiled(src)
     # The floor both sides share: a fresh output of this shape, allocated and written once. On the
@@ -664,6 +700,11 @@ def run_transform_case(
     timings = _time_row(row, fns, settings)
     floor = timings["fresh_output"]["median"]
     row["fresh_output_time"] = timings["fresh_output"]
+    row["torch_path_time"] = timings["torch_path"]
+    if compiled:
+        row["speedup_vs_torch_path"] = (
+            timings["torch_path"]["median"] / row["compiled_time"]["median"]
+        )
     if compiled and row["compiled_time"]["median"] > floor:
         row["speedup_beyond_fresh_output"] = (row["baseline_time"]["median"] - floor) / (
             row["compiled_time"]["median"] - floor
@@ -720,6 +761,14 @@ def print_table(rows: list[dict[str, Any]], copy: dict[str, Any]) -> None:
                 f"{common.format_seconds(row['fresh_output_time']['median']):>10} "
                 f"{'':>10} {(format(beyond, '.2f') + 'x') if beyond else '-':>8}  "
                 "(speedup beyond it)"
+            )
+        if "torch_path_time" in row:
+            versus = row.get("speedup_vs_torch_path")
+            print(
+                f"{'':<19} {'  torch path (roll/rot90/cat)':<27} {'':<9} {'':>3} "
+                f"{common.format_seconds(row['torch_path_time']['median']):>10} "
+                f"{'':>10} {(format(versus, '.2f') + 'x') if versus else '-':>8}  "
+                "(speedup against it)"
             )
 
 

@@ -322,8 +322,8 @@ def render_table(results: list[tuple[str, dict[str, Any]]]) -> str:
         lines += [
             "",
             "| op | case | dtype | batch | baseline | compiled | speedup | GB/s | % copy "
-            "| fresh output | speedup beyond it | check |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| fresh output | speedup beyond it | torch path | speedup vs it | check |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in payload.get("rows", []):
             check = row.get("check", {})
@@ -333,9 +333,10 @@ def render_table(results: list[tuple[str, dict[str, Any]]]) -> str:
             comp = format_seconds(compiled.get("median")) if row.get("compiled") else "n/a"
             ratio = row.get("copy_ratio")
             fresh = (row.get("fresh_output_time") or {}).get("median")
+            path = (row.get("torch_path_time") or {}).get("median")
             lines.append(
                 "| {op} | {case} | {dtype} | {batch} | {base} | {comp} | {speed} | {gbs} | {ratio} "
-                "| {fresh} | {beyond} | {ok} |".format(
+                "| {fresh} | {beyond} | {path} | {versus} | {ok} |".format(
                     op=row.get("op", "?"),
                     case=row.get("case", "?"),
                     dtype=row.get("dtype", "?"),
@@ -347,6 +348,8 @@ def render_table(results: list[tuple[str, dict[str, Any]]]) -> str:
                     ratio=_fmt(None if ratio is None else 100 * ratio, ".0f", "%"),
                     fresh="-" if fresh is None else format_seconds(fresh),
                     beyond=_fmt(row.get("speedup_beyond_fresh_output"), ".2f", "x"),
+                    path="-" if path is None else format_seconds(path),
+                    versus=_fmt(row.get("speedup_vs_torch_path"), ".2f", "x"),
                     ok=ok,
                 )
             )
@@ -357,8 +360,10 @@ def render_table(results: list[tuple[str, dict[str, Any]]]) -> str:
         "(bytes(src) + bytes(out)) / time for transform_images, of the compiled op (of the "
         "baseline without one); `% copy` compares it with the device's measured copy bandwidth "
         "(read + write); `fresh output` (transform_images) the time to allocate and write an "
-        "output of the same shape once, which both sides pay, and the speedup beyond it. Method "
-        "and caveats: see above."
+        "output of the same shape once, which both sides pay, and the speedup beyond it; "
+        "`torch path` (transform_images) the textbook roll / rot90 / grid_sample path issue 3 "
+        "names (float blocks joined by `torch.cat`), and the compiled op's speedup against it. "
+        "Method and caveats: see above."
     )
     return "\n\n".join(blocks + [note])
 

@@ -105,6 +105,14 @@ def test_quick_run_checks_passed(quick_result):
         assert check["baseline_vs_reference"]["passed"] is True
     stats = [r for r in quick_result["rows"] if r["op"] == "equivariance_stats"]
     assert all(r["check"]["baseline_vs_reference"]["max_err"]["count"] == 0 for r in stats)
+    # The textbook torch path of transform_images is checked against the reference and timed.
+    images = [r for r in quick_result["rows"] if r["op"] == "transform_images"]
+    assert images
+    for row in images:
+        assert row["check"]["torch_path_vs_reference"]["passed"] is True
+        assert row["torch_path_time"]["median"] > 0
+        if row["compiled"]:
+            assert row["speedup_vs_torch_path"] > 0
 
 
 def test_compiled_path_with_reference_standing_in(tmp_path, monkeypatch):
