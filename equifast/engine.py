@@ -477,7 +477,8 @@ class DataPlan:
 CPU_PIXELS_PER_FORWARD = 32 * 112 * 112
 
 # channel_map="linear": folds of the images (fit on one, score on the other), the default ridge
-# penalty relative to the features' scale, and the most memory the fits may hold.
+# penalty relative to the features' scale, and the most memory the fits may hold at once (the
+# sums of one pass over the data; layers beyond it are fitted in further passes).
 LINEAR_FOLDS = 2
 LINEAR_RIDGE = 1e-3
 LINEAR_FIT_BYTES = 8 << 30
@@ -628,8 +629,9 @@ def measure(
             other half of the images (two folds: even and odd positions in the data's order;
             each image is scored with the map fitted on the other fold, never on itself). It
             reads the data twice (a pass to fit, a pass to score), keeps two ``C x C``
-            float64 matrices per fold, comparison and element of every layer, and needs data
-            that can be read twice (not a one-shot iterator) and at least two images.
+            float64 matrices per fold, comparison and element of every layer (beyond
+            :data:`LINEAR_FIT_BYTES`, the layers are fitted in groups, a pass each), and needs
+            data that can be read again (not a one-shot iterator) and at least two images.
         ridge: ``channel_map="linear"`` only: the ridge penalty ``lambda = ridge *
             trace(S_bb) / C`` of the fit (relative to the features' scale; positive).
         mask: ``None`` (every valid position counts) or ``"disc"``: a position counts only where
@@ -805,10 +807,8 @@ def measure(
             state[copy_keys[name]] = _Layer(name, depth, layout, offsets[name], affines, exact,
                                             layer_wrap, disc)
     hooked = list(state)
-    if channel_map == "linear":
-        check_linear_memory(state, count)
-        for layer in state.values():
-            layer.linear_sums = ops.empty_linear_sums(LINEAR_FOLDS, count, _stats_channels(layer))
+    # channel_map="linear": the layers whose fits each pass over the data accumulates
+    fit_groups = check_linear_memory(state, count) if channel_map == "linear" else []
 
     # Image-space source maps of the transform: identity first.
     all_elements = [IDENTITY] + elements
@@ -878,7 +878,9 @@ def measure(
             # images in folds by their place in the data (even, odd): each is scored with the
             # map fitted on the other fold
             folds = (context["image_offset"] + torch.arange(batch)) % LINEAR_FOLDS
-            if context["fitting"]:  # the first pass: sums for the fits only
+            if context["fitting"]:  # the passes that fit: sums for the fits only
+                if name not in context["fit_group"]:
+                    return  # fitted in another pass
                 fit_pending.append((name, lo, hi, _layer_fit_sums(tensor, layer, lo, hi, batch,
                                                                   subpixel, reference, folds)))
                 return
@@ -904,7 +906,8 @@ def measure(
     if progress:
         from tqdm.auto import tqdm
 
-        passes = 2 if channel_map == "linear" else 1  # linear: a pass to fit, one to score
+        # linear: a pass to fit each group of layers, then one to score
+        passes = len(fit_groups) + 1 if channel_map == "linear" else 1
         progress_bar = tqdm(total=None if plan.total is None else passes * plan.total,
                             unit="img", desc=f"measure {model_name}", leave=False)
     backend = "reference" if force_reference or not _ext.has_kernel(
@@ -1020,23 +1023,31 @@ def measure(
     batches_started = time.perf_counter()
     context["image_offset"] = 0
     if channel_map == "linear":
-        # The first pass fits the maps (DESIGN.md 1.6: fitted on one split, scored on another),
-        # the second reads the data again and scores every image with the other fold's maps.
-        context["fitting"] = True
-        for batch in _chain(first, batches):
-            run_batch(batch)
-            context["image_offset"] += batch.sources.shape[0]
-            if trimmer is not None:
-                trimmer.after_batch()
-            if progress_bar is not None:
-                progress_bar.update(batch.sources.shape[0])
-        if context["image_offset"] < LINEAR_FOLDS:
-            raise ValueError(f"channel_map='linear': expected at least {LINEAR_FOLDS} images "
-                             f"(one fits the map that scores the other), found "
-                             f"{context['image_offset']}")
-        for layer in state.values():
-            layer.linear_maps = ops.solve_linear_maps(layer.linear_sums, ridge)
-            layer.linear_sums = None
+        # The first passes fit the maps (DESIGN.md 1.6: fitted on one split, scored on another),
+        # one pass per group of layers whose sums fit in memory together (check_linear_memory);
+        # the last reads the data again and scores every image with the other fold's maps.
+        for index, group_keys in enumerate(fit_groups):
+            for key in group_keys:
+                state[key].linear_sums = ops.empty_linear_sums(
+                    LINEAR_FOLDS, count, _stats_channels(state[key]))
+            context.update(fitting=True, image_offset=0, fit_group=set(group_keys))
+            if index > 0:
+                batches = iter(plan)
+                first = next(batches, None)
+            for batch in _chain(first, batches):
+                run_batch(batch)
+                context["image_offset"] += batch.sources.shape[0]
+                if trimmer is not None:
+                    trimmer.after_batch()
+                if progress_bar is not None:
+                    progress_bar.update(batch.sources.shape[0])
+            if context["image_offset"] < LINEAR_FOLDS:
+                raise ValueError(f"channel_map='linear': expected at least {LINEAR_FOLDS} images "
+                                 f"(one fits the map that scores the other), found "
+                                 f"{context['image_offset']}")
+            for key in group_keys:
+                state[key].linear_maps = ops.solve_linear_maps(state[key].linear_sums, ridge)
+                state[key].linear_sums = None
         context.update(fitting=False, image_offset=0)
         batches = iter(plan)
         first = next(batches, None)
@@ -1109,7 +1120,8 @@ def measure(
         "align": align if isinstance(align, (str, int, float)) else str(align),
         "subpixel": subpixel,
         "channel_map": channel_map,
-        **({"ridge": ridge, "folds": LINEAR_FOLDS} if channel_map == "linear" else {}),
+        **({"ridge": ridge, "folds": LINEAR_FOLDS, "fit_passes": len(fit_groups)}
+           if channel_map == "linear" else {}),
         "mask": mask,
         "metrics": list(metric_names),
         "pooled": pooled,
@@ -1398,21 +1410,45 @@ def check_linear_run(data, ridge: float) -> None:
 
 
 def check_linear_memory(state: dict[str, _Layer], elements: int,
-                        limit: int | None = None) -> None:
-    """A ValueError, before any forward, when the fits of ``channel_map="linear"`` would hold
-    more than ``limit`` bytes (default :data:`LINEAR_FIT_BYTES`)."""
+                        limit: int | None = None) -> list[list[str]]:
+    """The groups of layers whose fits (``channel_map="linear"``) are accumulated in one pass
+    over the data each, so that no pass holds more than ``limit`` bytes of sums (default
+    :data:`LINEAR_FIT_BYTES`): consecutive layers, as many as fit. A ValueError, before any
+    forward, when one layer's sums alone, or the fitted maps of all layers (kept until the
+    scoring pass, half the sums' size), would pass it."""
     limit = LINEAR_FIT_BYTES if limit is None else limit
+    # two C x C float64 sums (s_bb, s_ab) per fold, comparison and element; the map is one C x C
     per_layer = {layer_key: LINEAR_FOLDS * 3 * elements * 2 * _stats_channels(layer) ** 2 * 8
                  for layer_key, layer in state.items()}
-    total = sum(per_layer.values())
-    if total > limit:
-        widest = max(per_layer, key=per_layer.get)
+    widest = max(per_layer, key=per_layer.get)
+    maps = sum(per_layer.values()) // 2
+    what = (f"{LINEAR_FOLDS} folds x 3 comparisons x {elements} elements x two C x C float64 "
+            "matrices per layer")
+    if per_layer[widest] > limit or maps > limit:
+        alone = per_layer[widest] > limit
         raise ValueError(
-            f"channel_map='linear': the fits would hold {total / 2**30:.1f} GiB ({LINEAR_FOLDS} "
-            f"folds x 3 comparisons x {elements} elements x two C x C float64 matrices per "
-            f"layer; the widest, {widest!r}, has C = {_stats_channels(state[widest])}); "
-            f"expected at most {limit / 2**30:.1f} GiB: measure fewer or narrower layers, or "
+            "channel_map='linear': "
+            + (f"the fits of one layer would hold {_gib(per_layer[widest])} ({what}; "
+               if alone else
+               f"the fitted maps of all layers would hold {_gib(maps)} (half the sums of "
+               f"{what}; ")
+            + f"the widest, {state[widest].name!r}, has C = {_stats_channels(state[widest])}); "
+            f"expected at most {_gib(limit)}: measure fewer or narrower layers, or "
             "fewer group elements, per run")
+    groups: list[list[str]] = []
+    held = 0
+    for layer_key, size in per_layer.items():
+        if not groups or held + size > limit:
+            groups.append([])
+            held = 0
+        groups[-1].append(layer_key)
+        held += size
+    return groups
+
+
+def _gib(size: int) -> str:
+    """Bytes as GiB with one decimal, or as bytes where that would read 0.0 GiB."""
+    return f"{size / 2**30:.1f} GiB" if size >= 2**30 // 20 else f"{size} bytes"
 
 
 def _lays_out_like(reference: torch.Tensor, tensor: torch.Tensor) -> bool:

@@ -173,10 +173,58 @@ def test_the_memory_of_the_fits_is_checked_against_a_limit():
     layout = equifast.layouts.FeatureLayout("NCHW", 7, 7, 2048)
     wide = engine._Layer("layer4", 0, layout, (0.0, 0.0), np.zeros((6, 2, 3)), np.ones(6, bool),
                          [0] * 6, None)
-    with pytest.raises(ValueError, match=r"would hold 2\.2 GiB .*'layer4', has C = 2048.*"
-                                         r"expected at most 1\.0 GiB"):
+    with pytest.raises(ValueError, match=r"the fits of one layer would hold 2\.2 GiB .*'layer4', "
+                                         r"has C = 2048.*expected at most 1\.0 GiB"):
         engine.check_linear_memory({"layer4": wide}, 6, limit=1 << 30)
-    engine.check_linear_memory({"layer4": wide}, 6)  # the default limit holds it
+    assert engine.check_linear_memory({"layer4": wide}, 6) == [["layer4"]]  # the default holds it
+    # Two such layers: each pass fits one, but all maps are kept for the scoring pass.
+    assert engine.check_linear_memory({"a": wide, "b": wide}, 6, limit=5 << 29) == [["a"], ["b"]]
+    with pytest.raises(ValueError, match=r"the fitted maps of all layers would hold 4\.5 GiB"):
+        engine.check_linear_memory({"a": wide, "b": wide, "c": wide, "d": wide}, 6,
+                                   limit=5 << 29)
+
+
+class _CountedBatches:
+    """A list of batches that counts how often it is read."""
+
+    def __init__(self, batches):
+        self.batches, self.reads = batches, 0
+
+    def __iter__(self):
+        self.reads += 1
+        return iter(self.batches)
+
+
+def test_fits_beyond_the_memory_limit_take_a_pass_per_group_and_score_the_same(monkeypatch):
+    """Layers whose fits together pass LINEAR_FIT_BYTES are fitted in groups, one pass over the
+    data each (the naive loop fits layer by layer): the same sums, so the same scores."""
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(6, 5, 3, stride=2, padding=1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 4)).eval().double()
+    images = torch.rand(5, 3, 36, 36, dtype=torch.float64)
+    settings = dict(group="translate:2,3+rotate:90,30", layers=["1", "3", "6"], bootstrap=0,
+                    progress=False, channel_map="linear", batch_size=3, input_size=(24, 24),
+                    metrics=["corr", "nde"])
+    whole = equifast.measure(net, images, **settings)
+    assert whole.config["fit_passes"] == 1
+    # K = 6; sums: layer 1 (C = 6) 20736 bytes, layer 3 (C = 5) 14400, layer 6 (C = 4) 9216;
+    # the maps of all three 22176
+    monkeypatch.setattr(engine, "LINEAR_FIT_BYTES", 24000)
+    data = _CountedBatches([images[:3], images[3:]])
+    grouped = equifast.measure(net, data, **settings)
+    assert grouped.config["fit_passes"] == 2 and data.reads == 3  # [1], [3, 6], then scoring
+    keys = ["layer", "element", "comparison", "metric"]
+    merged = grouped.frame.merge(whole.frame, on=keys, suffixes=("", "_whole"))
+    assert len(merged) == len(whole.frame) == len(grouped.frame)
+    assert merged.value.notna().sum() > 50
+    np.testing.assert_allclose(merged.value, merged.value_whole, rtol=0, atol=1e-12)
+    reference = naive.measure(net, images, **settings).frame
+    merged = grouped.frame.merge(reference, on=keys, suffixes=("", "_naive"))
+    np.testing.assert_allclose(merged.value, merged.value_naive, rtol=0, atol=1e-8)
+    monkeypatch.setattr(engine, "LINEAR_FIT_BYTES", 20000)  # layer 1 alone is more
+    with pytest.raises(ValueError, match=r"the fits of one layer would hold .*'1', has C = 6"):
+        equifast.measure(net, images, **settings)
 
 
 def test_the_op_checks_the_maps_it_is_given():
