@@ -918,6 +918,28 @@ def test_transform_integer_maps_are_exact(device, height, width, protocol):
     assert torch.equal(got.cpu(), want)
 
 
+@pytest.mark.parametrize("size", [16, 17, 23])
+@pytest.mark.parametrize("src_layout", ["contiguous", "sliced", "channels_last"])
+@pytest.mark.parametrize("protocol", ["crop", "circular", "zero"])
+def test_transform_quarter_turns_and_flips_are_exact(device, size, src_layout, protocol):
+    # The CPU kernel reads a quarter turn eight output rows at a time, as eight neighbouring
+    # source columns transposed in registers, and reverses flipped rows eight bytes at a time;
+    # sizes that are and are not multiples of eight leave partial blocks and column tails, a
+    # channels-last source takes the byte-by-byte path, and both output formats are written.
+    elements = groups.Rotation([90, 180, 270], protocol=protocol).elements
+    elements += groups.Flip(["horizontal", "vertical"]).elements
+    affines, protocols = image_affines(elements, size, size)
+    margin = (2, 5)
+    src = source_images(torch.uint8, device, 2, size + 4, size + 10, sliced=src_layout == "sliced")
+    if src_layout == "channels_last":
+        src = src.contiguous(memory_format=torch.channels_last)
+    for channels_last in (False, True):
+        got, want = transform_op(
+            src, affines, protocols, margin, (size, size), channels_last=channels_last
+        )
+        assert torch.equal(got.cpu(), want)
+
+
 def test_transform_large_output_streams_rows(device):
     # Outputs beyond the last-level cache (32 MB) are written with non-temporal stores on the
     # CPU, through a staged row: an odd width leaves rows unaligned, so the copy's head and tail

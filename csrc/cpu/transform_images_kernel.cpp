@@ -3,11 +3,14 @@
 // Resamples B sources under E source maps into (E * B, 3, out_h, out_w) normalized images,
 // element-major, in the model's dtype and memory format (contract: equifast/ops/_reference.py).
 //
-// Design: tasks are (element, output row). A task first computes the row's sampling plan once
-// (the shared affine.h rules: one tap for integer maps, four bilinear taps otherwise, weights
-// already multiplied by the validity so that outside positions read the fill 0), then applies it
-// to every image and channel. Integer rows whose ends are valid are a start and a step (no
-// per-pixel plan); bilinear rows sum their four taps in float64 and round once, as the reference.
+// Design: tasks are (element, block of kRowBlock output rows). A task first computes each row's
+// sampling plan once (the shared affine.h rules: one tap for integer maps, four bilinear taps
+// otherwise, weights already multiplied by the validity so that outside positions read the fill
+// 0), then applies the plans to every image and channel. Integer rows whose ends are valid are a
+// start and a step (no per-pixel plan); bilinear rows sum their four taps in float64 and round
+// once, as the reference. uint8 rows that run backwards (flips, half turns) are reversed eight
+// bytes at a time; the rows of a quarter turn walk down source columns, so a block of them is
+// read as eight neighbouring columns at once and transposed in registers (gather_quarter_turn).
 // uint8 sources normalize as the reference does, in float64, so integer maps reproduce it bit for
 // bit: through a 256-entry table per channel, or in the AVX2 / AVX-512 copies of the loops
 // (run-time choice, cpu_isa.h) through one float64 fma per value, vectorized, where that fma was
@@ -227,6 +230,67 @@ inline void stream_fence() {
 #endif
 }
 
+// Output rows per task. Eight: a quarter turn's block is one 8-byte load per output column.
+constexpr int64_t kRowBlock = 8;
+
+// dst[x] = last[-x] for x < count: a row read backwards (flips, half turns), eight bytes at a time
+// (one load, a byte swap, one store) where a byte loop would run one byte per load.
+inline void reverse_bytes(uint8_t* dst, const uint8_t* last, int64_t count) {
+  int64_t x = 0;
+#if defined(__GNUC__)
+  for (; x + 8 <= count; x += 8) {
+    // The byte swap reverses the eight bytes in either byte order: the byte at the lowest
+    // address, last[-x - 7], lands at the highest, dst[x + 7].
+    uint64_t bytes;
+    std::memcpy(&bytes, last - x - 7, 8);
+    bytes = __builtin_bswap64(bytes);
+    std::memcpy(dst + x, &bytes, 8);
+  }
+#endif
+  for (; x < count; ++x) dst[x] = last[-x];
+}
+
+// The kRowBlock rows of a quarter turn, gathered into block[r * width + x] =
+// plane[first + r * order + x * step]: each output row walks down a source column (step a row
+// stride) and the block's rows start in neighbouring columns (order +1 or -1), so that output
+// column x of all kRowBlock rows is kRowBlock adjacent bytes of one source row. Eight such
+// columns are loaded as eight 8-byte rows and transposed with SSE2 unpacks, where reading the
+// columns byte by byte costs a load per byte.
+inline void gather_quarter_turn(const uint8_t* plane, int64_t first, int64_t order, int64_t step,
+                                int64_t width, uint8_t* block) {
+  static_assert(kRowBlock == 8, "the transpose below is 8 x 8");
+  int64_t x = 0;
+#if defined(__SSE2__)
+  // The lowest address of a column's bytes, and which row its byte j belongs to.
+  const uint8_t* lowest = plane + first + (order > 0 ? 0 : 1 - kRowBlock);
+  for (; x + 8 <= width; x += 8) {
+    __m128i q[8];
+    for (int i = 0; i < 8; ++i) {
+      q[i] = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(lowest + (x + i) * step));
+    }
+    // q[i] byte j -> row j byte i, in three rounds of interleaving (bytes, pairs, quads).
+    const __m128i a0 = _mm_unpacklo_epi8(q[0], q[1]), a1 = _mm_unpacklo_epi8(q[2], q[3]);
+    const __m128i a2 = _mm_unpacklo_epi8(q[4], q[5]), a3 = _mm_unpacklo_epi8(q[6], q[7]);
+    const __m128i b0 = _mm_unpacklo_epi16(a0, a1), b1 = _mm_unpackhi_epi16(a0, a1);
+    const __m128i b2 = _mm_unpacklo_epi16(a2, a3), b3 = _mm_unpackhi_epi16(a2, a3);
+    // c[k] holds the rows 2k (low half) and 2k + 1 (high half).
+    const __m128i c[4] = {_mm_unpacklo_epi32(b0, b2), _mm_unpackhi_epi32(b0, b2),
+                          _mm_unpacklo_epi32(b1, b3), _mm_unpackhi_epi32(b1, b3)};
+    for (int k = 0; k < 4; ++k) {
+      for (int half = 0; half < 2; ++half) {
+        const int64_t j = 2 * k + half;
+        const int64_t row = order > 0 ? j : kRowBlock - 1 - j;
+        const __m128i bytes = half == 0 ? c[k] : _mm_unpackhi_epi64(c[k], c[k]);
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(block + row * width + x), bytes);
+      }
+    }
+  }
+#endif
+  for (; x < width; ++x) {
+    for (int64_t r = 0; r < kRowBlock; ++r) block[r * width + x] = plane[first + r * order + x * step];
+  }
+}
+
 // Writes one output row (image plane `plane` of the source, channel normalization `normalize`)
 // to `row` with element stride `stride`. The loops over x are written for the compiler's
 // vectorizer: unit-stride reads of the plan, and for uint8 sources the gathers (which no vector
@@ -235,10 +299,26 @@ template <typename scalar_t>
 struct RowScratch {
   std::vector<scalar_t> taps;    // uint8 sources: gathered tap values, [tap][x]
   std::vector<uint16_t> pairs;   // uint8 sources, paired rows: [top / bottom][x]
+  std::vector<scalar_t> block;   // uint8 sources: a quarter turn's rows, [row][x]
   explicit RowScratch(int64_t width)
       : taps(std::is_same_v<scalar_t, uint8_t> ? 4 * width : 0),
-        pairs(std::is_same_v<scalar_t, uint8_t> ? 2 * width : 0) {}
+        pairs(std::is_same_v<scalar_t, uint8_t> ? 2 * width : 0),
+        block(std::is_same_v<scalar_t, uint8_t> ? kRowBlock * width : 0) {}
 };
+
+// row[x * stride] = normalize(source[x * step]) for x < width.
+template <typename scalar_t, typename out_t, typename acc_t, bool kFused>
+inline void write_line(const ChannelNormalizer<scalar_t, acc_t, kFused>& normalize,
+                       const scalar_t* source, int64_t step, int64_t width, out_t* row,
+                       int64_t stride) {
+  if (stride == 1 && step == 1) {
+    for (int64_t x = 0; x < width; ++x) row[x] = static_cast<out_t>(normalize(source[x]));
+  } else {
+    for (int64_t x = 0; x < width; ++x) {
+      row[x * stride] = static_cast<out_t>(normalize(source[x * step]));
+    }
+  }
+}
 
 template <typename scalar_t, typename out_t, typename acc_t, bool kFused>
 inline void write_row(const RowPlan& plan,
@@ -252,18 +332,20 @@ inline void write_row(const RowPlan& plan,
   if (plan.kind == RowKind::kLine) {
     const scalar_t* source = plane + plan.first;
     int64_t step = plan.step;
-    if (kBytes && step != 1) {  // quarter turns, flips: a strided copy, then unit stride
-      for (int64_t x = 0; x < width; ++x) taps[x] = source[x * step];
-      source = taps;
-      step = 1;
-    }
-    if (stride == 1 && step == 1) {
-      for (int64_t x = 0; x < width; ++x) row[x] = static_cast<out_t>(normalize(source[x]));
-    } else {
-      for (int64_t x = 0; x < width; ++x) {
-        row[x * stride] = static_cast<out_t>(normalize(source[x * step]));
+    if constexpr (kBytes) {
+      // Flips, half turns, and quarter turns outside a whole block: a copy into unit stride
+      // (the vector loops do not gather bytes).
+      if (step == -1) {
+        reverse_bytes(taps, source, width);
+      } else if (step != 1) {
+        for (int64_t x = 0; x < width; ++x) taps[x] = source[x * step];
+      }
+      if (step != 1) {
+        source = taps;
+        step = 1;
       }
     }
+    write_line(normalize, source, step, width, row, stride);
     return;
   }
   // The taps' source values, row-major by tap: gathered once, then read with unit stride.
@@ -322,30 +404,64 @@ inline void write_row(const RowPlan& plan,
   }
 }
 
-// Tasks are (element, output row): a task builds its row plan once, then writes that row of every
-// image and channel (when streaming: into `staged`, in cache, then out with stream_copy).
+// Whether the `rows` plans of a block are a quarter turn's that gather_quarter_turn reads: a whole
+// block of line rows with one step other than +-1 (each walks down a source column) whose starts
+// are neighbouring bytes. Returns the start's step from row to row (+1 or -1), 0 when not.
+inline int64_t quarter_turn_order(const std::vector<RowPlan>& plans, int64_t rows) {
+  if (rows != kRowBlock) return 0;
+  const int64_t step = plans[0].step, order = plans[1].first - plans[0].first;
+  if (step == 1 || step == -1 || (order != 1 && order != -1)) return 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const RowPlan& plan = plans[r];
+    if (plan.kind != RowKind::kLine || plan.step != step || plan.first != plans[0].first + r * order) {
+      return 0;
+    }
+  }
+  return order;
+}
+
+// Tasks are (element, block of kRowBlock output rows): a task builds its rows' plans once, then
+// writes those rows of every image and channel (when streaming: each into `staged`, in cache,
+// then out with stream_copy).
 template <typename scalar_t, typename out_t, typename acc_t, bool kFused>
 inline void transform_range(const TransformJob<scalar_t, out_t>& job,
                             const Normalizer<scalar_t, acc_t>& normalizer, int64_t begin,
                             int64_t end) {
+  constexpr bool kBytes = std::is_same_v<scalar_t, uint8_t>;
   const TransformProblem& problem = job.problem;
   const int64_t batch = problem.batch, width = problem.out_w;
-  RowPlan plan(width);
+  const int64_t blocks = (problem.out_h + kRowBlock - 1) / kRowBlock;  // per element
+  std::vector<RowPlan> plans(kRowBlock, RowPlan(width));
   RowScratch<scalar_t> scratch(width);
   std::vector<out_t> staged(job.stream ? width : 0);
   for (int64_t task = begin; task < end; ++task) {
-    const int64_t e = task / problem.out_h, y = task % problem.out_h;
-    plan.build(problem, problem.elements[e], y, job.src_sh, job.src_sw);
+    const int64_t e = task / blocks, y0 = (task % blocks) * kRowBlock;
+    const int64_t rows = std::min(kRowBlock, problem.out_h - y0);
+    for (int64_t r = 0; r < rows; ++r) {
+      plans[r].build(problem, problem.elements[e], y0 + r, job.src_sh, job.src_sw);
+    }
+    const int64_t order = kBytes ? quarter_turn_order(plans, rows) : 0;
     for (int64_t b = 0; b < batch; ++b) {
       for (int c = 0; c < 3; ++c) {
         const ChannelNormalizer<scalar_t, acc_t, kFused> normalize(normalizer, c);
         const scalar_t* plane = job.src + b * job.src_sn + c * job.src_sc;
-        out_t* row = job.out + (e * batch + b) * job.out_sn + c * job.out_sc + y * job.out_sh;
-        if (job.stream) {
-          write_row(plan, normalize, plane, width, staged.data(), 1, scratch);
-          stream_copy(row, staged.data(), width * sizeof(out_t));
-        } else {
-          write_row(plan, normalize, plane, width, row, job.out_sw, scratch);
+        if constexpr (kBytes) {
+          if (order != 0) {
+            gather_quarter_turn(plane, plans[0].first, order, plans[0].step, width,
+                                scratch.block.data());
+          }
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          out_t* row =
+              job.out + (e * batch + b) * job.out_sn + c * job.out_sc + (y0 + r) * job.out_sh;
+          out_t* target = job.stream ? staged.data() : row;
+          const int64_t stride = job.stream ? 1 : job.out_sw;
+          if (order != 0) {
+            write_line(normalize, scratch.block.data() + r * width, 1, width, target, stride);
+          } else {
+            write_row(plans[r], normalize, plane, width, target, stride, scratch);
+          }
+          if (job.stream) stream_copy(row, staged.data(), width * sizeof(out_t));
         }
       }
     }
@@ -389,9 +505,10 @@ void transform_cpu_impl(const at::Tensor& src, const TransformProblem& problem, 
   // The fused normalization needs a hardware fma: only the AVX2 and AVX-512 copies use it.
   const bool fused = normalizer.arithmetic_is_exact && avx2;
   const int64_t elements = static_cast<int64_t>(problem.elements.size());
-  const int64_t grain =
-      std::max<int64_t>(1, 16384 / std::max<int64_t>(1, problem.batch * 3 * problem.out_w));
-  parallel_for(0, elements * problem.out_h, grain, [&](int64_t begin, int64_t end) {
+  const int64_t blocks = (problem.out_h + kRowBlock - 1) / kRowBlock;
+  const int64_t grain = std::max<int64_t>(
+      1, 16384 / std::max<int64_t>(1, problem.batch * 3 * problem.out_w * kRowBlock));
+  parallel_for(0, elements * blocks, grain, [&](int64_t begin, int64_t end) {
 #if EQUIFAST_HAVE_AVX2_PATH
     if constexpr (std::is_same_v<scalar_t, uint8_t>) {
       if (avx512 && fused) {
