@@ -18,6 +18,8 @@ files under ``benchmarks/results/`` (it accepts and ignores the ``--device``/``-
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import datetime as _dt
 import json
 import math
@@ -117,16 +119,19 @@ def time_interleaved(
     warmup: int = 2,
     repeats: int = 7,
     sync: Callable[[], None] | None = None,
+    before_each: Callable[[], Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Time several functions with their repeats interleaved (A B A B ...).
 
     Same protocol as :func:`time_function` per call, but round-robin, so that slow drifts of the
-    machine (other processes, clocks, thermals) hit every contender alike.
+    machine (other processes, clocks, thermals) hit every contender alike. ``before_each`` runs
+    before every timed call, outside the timed region (e.g. :func:`release_free_memory`).
 
     Returns:
         ``{name: dict(median, iqr, min, repeats, times)}``.
     """
     sync = sync or (lambda: None)
+    before_each = before_each or (lambda: None)
     for fn in fns.values():
         for _ in range(max(0, warmup)):
             fn()
@@ -134,12 +139,91 @@ def time_interleaved(
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(max(1, repeats)):
         for name, fn in fns.items():
+            before_each()
             sync()
             start = time.perf_counter()
             fn()
             sync()
             times[name].append(time.perf_counter() - start)
     return {name: summarize(values) for name, values in times.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# The CPU heap
+
+# What a timed call on the CPU costs can depend on what ran before it: glibc's malloc serves a
+# large buffer either from memory it kept (no page faults) or fresh from the kernel (a page fault
+# and the zeroing of every 4 KiB page on first write, 8-10 ms for a 40 MB output on the 2-core
+# machines here). Which one depends on its moving mmap threshold and on what the heap holds free
+# after the calls before (freed temporaries that coalesce can serve the next output): two runs
+# of the same script gave one op 14 ms and 2.3 ms. cpu_heap pins one behaviour while a row is
+# timed.
+HEAP_MODES = ("fresh", "reused")
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4  # glibc's <malloc.h>
+_FRESH_FROM = 1 << 20  # "fresh": buffers from this size on are mapped and unmapped each time
+_GLIBC_DEFAULTS = {_M_TRIM_THRESHOLD: 128 << 10, _M_MMAP_THRESHOLD: 128 << 10, _M_MMAP_MAX: 65536}
+
+
+def _glibc() -> Any | None:
+    """The running glibc (for ``mallopt``), or ``None`` on another C library or system."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # noqa: B018 - only glibc has it (musl has mallopt too, a no-op)
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def release_free_memory() -> None:
+    """Give the pages of glibc's free chunks back to the kernel (``malloc_trim(0)``, every arena):
+    a buffer served from one of them afterwards faults its pages in again, as a fresh mapping
+    does. Does nothing without glibc."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@contextlib.contextmanager
+def cpu_heap(mode: str | None):
+    """Pin how glibc's malloc serves large buffers while CPU work is timed.
+
+    Args:
+        mode: ``"fresh"``: buffers of 1 MiB and more come from the kernel and go back to it when
+            freed (and the heap keeps no more than 1 MiB free at its top), so that the calls pay
+            the page faults of their outputs and large temporaries, however many; free chunks the
+            heap held before stay in it, though, so call :func:`release_free_memory` before each
+            timed call too. ``"reused"``: no memory goes back to the kernel, so a call's buffers
+            reuse the pages of the last one's without faults: the kernels' own speed. ``None``:
+            leave the allocator as it is.
+
+    Yields:
+        Whether the heap is pinned (``False`` where glibc's ``mallopt`` is not available; the
+        timings then depend on the allocator's state, as without this).
+
+    Afterwards glibc's default parameters are set again (its moving threshold stays off) and
+    the memory kept is given back (``malloc_trim``).
+    """
+    if mode is not None and mode not in HEAP_MODES:
+        raise ValueError(f"cpu_heap mode must be one of {HEAP_MODES} or None, but got {mode!r}")
+    libc = _glibc() if mode is not None else None
+    if libc is None:
+        yield False
+        return
+    if mode == "fresh":
+        settings = {_M_MMAP_THRESHOLD: _FRESH_FROM, _M_TRIM_THRESHOLD: _FRESH_FROM}
+    else:
+        settings = {_M_MMAP_MAX: 0, _M_TRIM_THRESHOLD: 2**31 - 1}
+    release_free_memory()  # start from a heap that holds no free pages
+    try:
+        pinned = all(libc.mallopt(param, value) == 1 for param, value in settings.items())
+        yield pinned
+    finally:
+        for param, value in _GLIBC_DEFAULTS.items():
+            libc.mallopt(param, value)
+        libc.malloc_trim(0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -299,6 +383,12 @@ def _run_label(meta: dict[str, Any]) -> str:
     )
 
 
+def case_label(row: dict[str, Any]) -> str:
+    """A row's case name, with the heap mode it was timed under (CPU transform_images)."""
+    heap = row.get("heap")
+    return f"{row.get('case', '?')} ({heap} heap)" if heap else str(row.get("case", "?"))
+
+
 def render_table(results: list[tuple[str, dict[str, Any]]]) -> str:
     """Markdown for the README from ``[(relative path, payload), ...]`` of benchmark results."""
     if not results:
@@ -338,7 +428,7 @@ def render_table(results: list[tuple[str, dict[str, Any]]]) -> str:
                 "| {op} | {case} | {dtype} | {batch} | {base} | {comp} | {speed} | {gbs} | {ratio} "
                 "| {fresh} | {beyond} | {path} | {versus} | {ok} |".format(
                     op=row.get("op", "?"),
-                    case=row.get("case", "?"),
+                    case=case_label(row),
                     dtype=row.get("dtype", "?"),
                     batch=row.get("batch", "?"),
                     base=format_seconds(baseline.get("median")),
@@ -360,7 +450,11 @@ def render_table(results: list[tuple[str, dict[str, Any]]]) -> str:
         "(bytes(src) + bytes(out)) / time for transform_images, of the compiled op (of the "
         "baseline without one); `% copy` compares it with the device's measured copy bandwidth "
         "(read + write); `fresh output` (transform_images) the time to allocate and write an "
-        "output of the same shape once, which both sides pay, and the speedup beyond it; "
+        "output of the same shape once, which both sides pay, and the speedup beyond it (`-` where "
+        "the compiled op is within 10% of it); "
+        "`fresh heap` / `reused heap` (transform_images on the CPU): timed with every buffer of "
+        "1 MiB and more fresh from the kernel each call (page faults), then with the pages of "
+        "the last call reused; "
         "`torch path` (transform_images) the textbook roll / rot90 / grid_sample path issue 3 "
         "names (float blocks joined by `torch.cat`), and the compiled op's speedup against it. "
         "Method and caveats: see above."

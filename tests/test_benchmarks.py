@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import json
 import os
@@ -108,11 +109,49 @@ def test_quick_run_checks_passed(quick_result):
     # The textbook torch path of transform_images is checked against the reference and timed.
     images = [r for r in quick_result["rows"] if r["op"] == "transform_images"]
     assert images
+    # On the CPU each case is timed twice: outputs fresh from the kernel, then reused pages.
+    for case in {r["case"] for r in images}:
+        assert [r["heap"] for r in images if r["case"] == case] == ["fresh", "reused"]
     for row in images:
         assert row["check"]["torch_path_vs_reference"]["passed"] is True
         assert row["torch_path_time"]["median"] > 0
         if row["compiled"]:
             assert row["speedup_vs_torch_path"] > 0
+
+
+def test_cpu_heap_pins_where_large_buffers_come_from(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import common
+
+    libc = common._glibc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        pytest.skip("needs glibc 2.33 or later (mallopt, mallinfo2)")
+    fields = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+
+    class MallInfo(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in fields.split()]
+
+    libc.mallinfo2.restype = MallInfo
+
+    def mapped_growth() -> int:
+        # Bytes of separately mapped blocks while a 4 MiB buffer is alive.
+        before = libc.mallinfo2().hblkhd
+        buffer = torch.empty(4 << 20, dtype=torch.uint8)
+        grown = libc.mallinfo2().hblkhd - before
+        del buffer
+        return grown
+
+    with common.cpu_heap("fresh") as pinned:
+        assert pinned is True
+        assert mapped_growth() >= 4 << 20  # from the kernel, given back when freed
+    with common.cpu_heap("reused") as pinned:
+        assert pinned is True
+        assert mapped_growth() == 0  # from the heap, whose pages stay
+    with common.cpu_heap(None) as pinned:
+        assert pinned is False
+    with pytest.raises(ValueError, match=r"one of \('fresh', 'reused'\) or None, but got 'warm'"):
+        with common.cpu_heap("warm"):
+            pass
 
 
 def test_compiled_path_with_reference_standing_in(tmp_path, monkeypatch):
@@ -134,7 +173,8 @@ def test_compiled_path_with_reference_standing_in(tmp_path, monkeypatch):
         torch.set_num_threads(threads)
     assert status == 0
     payload = json.loads((tmp_path / "ops.json").read_text())
-    assert len(payload["rows"]) == 3
+    # nlc and rot90 of equivariance_stats, shift_ of transform_images under both heaps
+    assert len(payload["rows"]) == 4
     for row in payload["rows"]:
         assert row["compiled"] is True
         assert row["check"]["compiled_vs_baseline"]["passed"] is True
@@ -181,3 +221,7 @@ def test_timing_and_readme_table(tmp_path, monkeypatch):
     assert [name for name, _ in common.load_results(results)] == ["cpu/ops.json"]
     assert common.update_readme_table(readme, results) is False
     assert "| variant |" not in readme.read_text()
+    # A transform_images row timed under a pinned CPU heap names the heap.
+    heaped = dict(payload["rows"][0], op="transform_images", case="t1", heap="reused")
+    table = common.render_table([("cpu/ops.json", dict(payload, rows=[heaped]))])
+    assert "| transform_images | t1 (reused heap) |" in table
