@@ -492,6 +492,14 @@ def run_probe(module: nn.Module, probe: torch.Tensor, hooks: "LayerHooks", conte
                       "create_model(name, img_size=(H, W)) or dynamic_img_size=True; "
                       "torchvision: image_size=H), or give the model by name, which builds it "
                       f"at input_size, or measure at {fixed[0]} x {fixed[1]}. {advice}")
+        elif fixed is None and timm_fixes_input_size(module):
+            # Sizes built into other parts (LeViT's attention biases, for example) that no
+            # patch embedding names: timm's configuration says so, though not which size.
+            advice = ("timm builds this model for one input size (its pretrained_cfg says "
+                      "fixed_input_size): build it for the size measured "
+                      "(create_model(name, img_size=(H, W))), or give the model by name, which "
+                      "builds it at input_size, or measure at the size it was built for. "
+                      f"{advice}")
         raise RuntimeError(
             f"the model failed on its probe input ({shape}, {dtype} on {probe.device}): "
             f"{type(error).__name__}: {str(error).rstrip('.')}. {advice}"
@@ -510,6 +518,16 @@ def fixed_input_size(module: nn.Module) -> tuple[int, int] | None:
         if isinstance(size, int) and hasattr(sub, "conv_proj"):
             return size, size
     return None
+
+
+def timm_fixes_input_size(module: nn.Module) -> bool:
+    """Whether a timm model in ``module`` is marked as built for one input size
+    (``pretrained_cfg["fixed_input_size"]``: ViTs, LeViT, Swin, MaxViT, ...)."""
+    for sub in module.modules():
+        cfg = getattr(sub, "pretrained_cfg", None) or getattr(sub, "default_cfg", None)
+        if isinstance(cfg, dict) and "fixed_input_size" in cfg:
+            return bool(cfg["fixed_input_size"])
+    return False
 
 
 class LayerHooks:

@@ -451,3 +451,21 @@ def test_a_vit_built_for_another_size_names_the_size_it_takes(implementation):
         measure(_FixedSize().eval(), torch.rand(2, 3, 48, 48), group="rotation",
                 bootstrap=0, progress=False, align="center")
     assert "takes only" not in str(caught.value)
+    assert "fixed_input_size" not in str(caught.value)
+
+
+@pytest.mark.parametrize("implementation", ["engine", "naive"])
+def test_a_levit_built_for_another_size_says_timm_fixes_its_size(implementation):
+    """LeViT's attention biases fix its input size, which no patch embedding names: the advice
+    comes from timm's configuration (fixed_input_size), without a size."""
+    import timm
+
+    measure = equifast.measure if implementation == "engine" else naive.measure
+    model = timm.create_model("levit_128s", pretrained=False).eval()
+    message = (r"(?s)probe input \(2 x 3 x 48 x 48, float32 on cpu\): RuntimeError: .*"
+               r"timm builds this model for one input size \(its pretrained_cfg says "
+               r"fixed_input_size\): .*img_size=\(H, W\).*give the model by name")
+    with pytest.raises(RuntimeError, match=message) as caught:
+        measure(model, torch.rand(2, 3, 48, 48) - 0.5, group="rotation", bootstrap=0,
+                progress=False, align="center")
+    assert "takes only" not in str(caught.value)
