@@ -189,8 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="seeds the bootstrap, random init and --baseline")
     measure.add_argument("--workers", type=_count(0), default=None, help="loader workers")
     measure.add_argument("--loader", choices=("auto", "dali", "folder"), default="auto",
-                         help="image folder loader (--data): NVIDIA DALI, Pillow, or DALI when "
-                              "installed")
+                         help="image folder loader (--data): NVIDIA DALI, Pillow, or auto: DALI "
+                              "on a CUDA device when installed, Pillow on the CPU")
     measure.add_argument("--reference", action="store_true",
                          help="use the pure-PyTorch reference ops (slow; for checking)")
     measure.add_argument("--out", default="results/run",

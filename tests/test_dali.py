@@ -188,11 +188,51 @@ def test_measure_dali_vs_folder(good_folder: Path, bad_folder: Path) -> None:
     # same scores within 1e-2 (sources differ only by the decoders' rounding)
     diff = np.abs(a[numeric].to_numpy(float) - b[numeric].to_numpy(float))
     assert np.nanmax(diff) < 1e-2
+    # auto reads with Pillow on the CPU: the folder loader's pixels and scores, exactly
     auto = equifast.measure(net, str(good_folder), **kwargs)
-    assert auto.config["loader"] == "dali"
+    assert auto.config["loader"] == "folder"
+    pd.testing.assert_frame_equal(_frame(auto), b)
 
     messy = equifast.measure(net, str(bad_folder), loader="dali", **kwargs)
     assert {Path(p).name for p, _ in messy.skipped} == {"corrupt.jpg", "zero.jpg", "text.jpg"}
+
+
+def test_auto_reads_a_folder_on_the_cpu_as_naive_does(tmp_path: Path) -> None:
+    # Photographs and drawings of other sizes (an RGBA icon upscaled: DALI's resize puts its
+    # edges up to 20 levels from Pillow's): equifast on the CPU reads Pillow's pixels, as the
+    # naive loop does, and gives its scores to rounding; DALI's decoding moves them by ~1e-3.
+    photo = load_sample_image("coffee").convert("RGB")
+    photo.resize((300, 170)).save(tmp_path / "a.jpg", quality=85)
+    icon = Image.new("RGBA", (40, 40), (0, 0, 0, 0))
+    icon.paste((250, 30, 30, 255), (8, 8, 32, 32))
+    icon.save(tmp_path / "b.png")
+    load_sample_image("rocket").convert("L").resize((90, 140)).save(tmp_path / "c.png")
+    photo.resize((64, 64)).save(tmp_path / "d.jpg", quality=95)
+    kwargs = dict(group="translate:2,4", input_size=(48, 48), progress=False, bootstrap=0,
+                  batch_size=2)
+    torch.manual_seed(0)
+    net = _net().double()
+    auto = equifast.measure(net, str(tmp_path), **kwargs)
+    naive = equifast.naive.measure(net, str(tmp_path), **kwargs)
+    dali = equifast.measure(net, str(tmp_path), loader="dali", **kwargs)
+    assert auto.config["loader"] == "folder" and dali.config["loader"] == "dali"
+    keys = ["layer", "element", "comparison", "metric"]
+    both = auto.frame.merge(naive.frame, on=keys, suffixes=("_auto", "_naive"))
+    assert len(both) == len(auto.frame) == len(naive.frame)
+    np.testing.assert_allclose(both["value_auto"], both["value_naive"], rtol=0, atol=1e-10)
+    apart = auto.frame.merge(dali.frame, on=keys, suffixes=("_auto", "_dali"))
+    assert np.nanmax(np.abs(apart["value_auto"] - apart["value_dali"])) > 1e-6
+
+
+def test_auto_decodes_with_dali_for_a_cuda_engine() -> None:
+    from equifast.engine import folder_uses_dali
+
+    assert folder_uses_dali("auto", torch.device("cuda", 1), None)
+    assert folder_uses_dali("auto", "cuda", 2)
+    assert not folder_uses_dali("auto", "cuda", 0)  # num_workers=0: decode in this process
+    assert not folder_uses_dali("auto", torch.device("cpu"), None)
+    assert not folder_uses_dali("auto", None, None)
+    assert folder_uses_dali("dali", "cpu", 0) and not folder_uses_dali("folder", "cuda", None)
 
 
 def test_dali_failure_mid_pass_falls_back(bad_folder: Path, monkeypatch) -> None:
