@@ -918,24 +918,26 @@ def test_transform_integer_maps_are_exact(device, height, width, protocol):
     assert torch.equal(got.cpu(), want)
 
 
-@pytest.mark.parametrize("size", [16, 17, 23])
+@pytest.mark.parametrize("height,width", [(16, 16), (17, 17), (23, 23), (16, 24), (21, 13)])
 @pytest.mark.parametrize("src_layout", ["contiguous", "sliced", "channels_last"])
 @pytest.mark.parametrize("protocol", ["crop", "circular", "zero"])
-def test_transform_quarter_turns_and_flips_are_exact(device, size, src_layout, protocol):
+def test_transform_quarter_turns_and_flips_are_exact(device, height, width, src_layout, protocol):
     # The CPU kernel reads a quarter turn eight output rows at a time, as eight neighbouring
     # source columns transposed in registers, and reverses flipped rows eight bytes at a time;
-    # sizes that are and are not multiples of eight leave partial blocks and column tails, a
+    # sizes that are and are not multiples of eight leave partial blocks and column tails, the
+    # crop margin keeps the turns of non-square images inside the source (whole rows valid), a
     # channels-last source takes the byte-by-byte path, and both output formats are written.
     elements = groups.Rotation([90, 180, 270], protocol=protocol).elements
     elements += groups.Flip(["horizontal", "vertical"]).elements
-    affines, protocols = image_affines(elements, size, size)
-    margin = (2, 5)
-    src = source_images(torch.uint8, device, 2, size + 4, size + 10, sliced=src_layout == "sliced")
+    affines, protocols = image_affines(elements, height, width)
+    margin = (6, 6)
+    sliced = src_layout == "sliced"
+    src = source_images(torch.uint8, device, 2, height + 12, width + 12, sliced=sliced)
     if src_layout == "channels_last":
         src = src.contiguous(memory_format=torch.channels_last)
     for channels_last in (False, True):
         got, want = transform_op(
-            src, affines, protocols, margin, (size, size), channels_last=channels_last
+            src, affines, protocols, margin, (height, width), channels_last=channels_last
         )
         assert torch.equal(got.cpu(), want)
 
