@@ -481,7 +481,8 @@ LINEAR_RIDGE = 1e-3
 LINEAR_FIT_BYTES = 8 << 30
 
 
-def folder_uses_dali(loader: str, device: torch.device | None, num_workers: int | None) -> bool:
+def folder_uses_dali(loader: str, device: torch.device | str | None,
+                     num_workers: int | None) -> bool:
     """Whether a folder is decoded by DALI: ``loader="dali"``, or ``"auto"`` for a CUDA engine
     when DALI imports (not with ``num_workers=0``, which asks for decoding in the calling
     process). On the CPU ``"auto"`` reads with Pillow: DALI's resize rounds apart from Pillow's
