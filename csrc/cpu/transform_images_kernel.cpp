@@ -233,6 +233,9 @@ inline void stream_fence() {
 // Output rows per task. Eight: a quarter turn's block is one 8-byte load per output column.
 constexpr int64_t kRowBlock = 8;
 
+// Tasks per element: blocks of kRowBlock rows, the last one partial.
+inline int64_t row_blocks(int64_t out_h) { return (out_h + kRowBlock - 1) / kRowBlock; }
+
 // dst[x] = last[-x] for x < count: a row read backwards (flips, half turns), eight bytes at a time
 // (one load, a byte swap, one store) where a byte loop would run one byte per load.
 inline void reverse_bytes(uint8_t* dst, const uint8_t* last, int64_t count) {
@@ -287,7 +290,9 @@ inline void gather_quarter_turn(const uint8_t* plane, int64_t first, int64_t ord
   }
 #endif
   for (; x < width; ++x) {
-    for (int64_t r = 0; r < kRowBlock; ++r) block[r * width + x] = plane[first + r * order + x * step];
+    for (int64_t r = 0; r < kRowBlock; ++r) {
+      block[r * width + x] = plane[first + r * order + x * step];
+    }
   }
 }
 
@@ -413,7 +418,8 @@ inline int64_t quarter_turn_order(const std::vector<RowPlan>& plans, int64_t row
   if (step == 1 || step == -1 || (order != 1 && order != -1)) return 0;
   for (int64_t r = 0; r < rows; ++r) {
     const RowPlan& plan = plans[r];
-    if (plan.kind != RowKind::kLine || plan.step != step || plan.first != plans[0].first + r * order) {
+    if (plan.kind != RowKind::kLine || plan.step != step ||
+        plan.first != plans[0].first + r * order) {
       return 0;
     }
   }
@@ -430,7 +436,7 @@ inline void transform_range(const TransformJob<scalar_t, out_t>& job,
   constexpr bool kBytes = std::is_same_v<scalar_t, uint8_t>;
   const TransformProblem& problem = job.problem;
   const int64_t batch = problem.batch, width = problem.out_w;
-  const int64_t blocks = (problem.out_h + kRowBlock - 1) / kRowBlock;  // per element
+  const int64_t blocks = row_blocks(problem.out_h);
   std::vector<RowPlan> plans(kRowBlock, RowPlan(width));
   RowScratch<scalar_t> scratch(width);
   std::vector<out_t> staged(job.stream ? width : 0);
@@ -505,7 +511,7 @@ void transform_cpu_impl(const at::Tensor& src, const TransformProblem& problem, 
   // The fused normalization needs a hardware fma: only the AVX2 and AVX-512 copies use it.
   const bool fused = normalizer.arithmetic_is_exact && avx2;
   const int64_t elements = static_cast<int64_t>(problem.elements.size());
-  const int64_t blocks = (problem.out_h + kRowBlock - 1) / kRowBlock;
+  const int64_t blocks = row_blocks(problem.out_h);
   const int64_t grain = std::max<int64_t>(
       1, 16384 / std::max<int64_t>(1, problem.batch * 3 * problem.out_w * kRowBlock));
   parallel_for(0, elements * blocks, grain, [&](int64_t begin, int64_t end) {
