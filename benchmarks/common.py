@@ -214,16 +214,18 @@ def cpu_heap(mode: str | None):
         return
     if mode == "fresh":
         settings = {_M_MMAP_THRESHOLD: _FRESH_FROM, _M_TRIM_THRESHOLD: _FRESH_FROM}
+        release_free_memory()  # start from a heap that holds no free pages
     else:
+        # No release here: it would leave the heap's free chunks without pages, and the first
+        # calls would fault them in one chunk after another as malloc picks among them.
         settings = {_M_MMAP_MAX: 0, _M_TRIM_THRESHOLD: 2**31 - 1}
-    release_free_memory()  # start from a heap that holds no free pages
     try:
         pinned = all(libc.mallopt(param, value) == 1 for param, value in settings.items())
         yield pinned
     finally:
         for param, value in _GLIBC_DEFAULTS.items():
             libc.mallopt(param, value)
-        libc.malloc_trim(0)
+        release_free_memory()
 
 
 # --------------------------------------------------------------------------------------------------

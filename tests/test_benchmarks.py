@@ -140,8 +140,16 @@ def test_cpu_heap_pins_where_large_buffers_come_from(monkeypatch):
             assert faults_writing(size) >= 1024
     with common.cpu_heap("reused") as pinned:
         assert pinned is True
-        faults_writing(size)
-        assert faults_writing(size) < 64  # the last call's pages, kept
+        # At first malloc may place the buffer in free chunks or new heap it has not touched
+        # yet, faulting each in once; as nothing goes back to the kernel, the calls then settle
+        # on pages they keep: three calls in a row without faults, where fresh pages fault on
+        # every call.
+        in_a_row = 0
+        for _ in range(64):
+            in_a_row = in_a_row + 1 if faults_writing(size) < 64 else 0
+            if in_a_row == 3:
+                break
+        assert in_a_row == 3
     with common.cpu_heap(None) as pinned:
         assert pinned is False
     with pytest.raises(ValueError, match=r"one of \('fresh', 'reused'\) or None, but got 'warm'"):
