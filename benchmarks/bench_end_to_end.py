@@ -21,7 +21,10 @@ and ``Rotation()`` (90, 180, 270 degrees), each case
    ``overhead`` is equifast's time over it; ``overhead_steady`` is the time of equifast's loop
    over the batches (its ``config["timings"]``) over it, with the fixed per-call cost (setup,
    probe, frame) apart. Both are medians of per-round ratios: this machine's speed drifts by
-   more than the overheads measured, so each ratio compares runs made side by side.
+   more than the overheads measured, so each ratio compares runs made side by side. On the CPU
+   the agreement run and the rounds run under a pinned glibc heap (``--heap``, default
+   ``reused``; ``common.cpu_heap``): left to glibc, a forward's page faults depend on what the
+   variant before it left free.
 
 ``resnet18`` is measured in both layer modes: the default stage outputs and ``layers="leaves"``.
 
@@ -277,14 +280,10 @@ def floor_plans(model, case, chunk: int, blocks: int, count: int, device) -> dic
 # Driver
 
 
-def run_case(case, device, args, sync) -> dict[str, Any]:
-    row: dict[str, Any] = dict(case)
-    label = f"{case['model']} {case['group']} layers={case['layers'] or 'default'}"
-    print(f"-- {label}: {case['images']} images {case['size']}px, batch {case['batch']}",
-          flush=True)
-    t0 = time.perf_counter()
-    model, sources = build(case, args.seed)
-    model = model.to(device)
+def agree_and_time(row, model, sources, case, device, args, sync):
+    """The agreement run of both loops (also their warm-up), then the timed rounds of the two
+    loops and the floors. Fills ``row`` with the check and the plan; returns ``(timed, phases,
+    floors)``, or ``(None, None, None)`` when the loops disagree (nothing is timed then)."""
     fast = run_variant("equifast", model, sources, case, device)
     slow = run_variant("naive", model, sources, case, device)
     check = compare(fast, slow)
@@ -297,7 +296,7 @@ def run_case(case, device, args, sync) -> dict[str, Any]:
     print(f"   check: {'ok' if check['passed'] else 'FAIL'} "
           f"(max |diff| corr {check['max_abs_diff_corr']:.2e}, {check['rows']} rows)", flush=True)
     if not check["passed"]:
-        return row
+        return None, None, None
 
     phases: list[dict[str, float]] = []  # equifast's own split of each timed call
 
@@ -319,7 +318,28 @@ def run_case(case, device, args, sync) -> dict[str, Any]:
             **{f"floor: {k}": fn for k, fn in floors.items()},
         },
         warmup=args.warmup, repeats=args.repeats, sync=sync,
+        # "fresh": the free chunks the last call left go back to the kernel as well
+        before_each=common.release_free_memory if row["heap"] == "fresh" else None,
     )
+    return timed, phases, floors
+
+
+def run_case(case, device, args, sync) -> dict[str, Any]:
+    row: dict[str, Any] = dict(case)
+    label = f"{case['model']} {case['group']} layers={case['layers'] or 'default'}"
+    print(f"-- {label}: {case['images']} images {case['size']}px, batch {case['batch']}",
+          flush=True)
+    t0 = time.perf_counter()
+    model, sources = build(case, args.seed)
+    model = model.to(device)
+    # The agreement runs and the timed rounds share one pinned heap (CPU): the agreement runs
+    # are then also the heap's warm-up.
+    heap = args.heap if device.type == "cpu" and args.heap != "default" else None
+    with common.cpu_heap(heap) as pinned:
+        row["heap"] = heap if pinned else "default"
+        timed, phases, floors = agree_and_time(row, model, sources, case, device, args, sync)
+    if timed is None:
+        return row
     row["equifast_time"], row["naive_time"] = timed["equifast"], timed["naive"]
     timed_phases = phases[-args.repeats:]
     row["equifast_phases"] = {
@@ -395,6 +415,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=None,
                         help="batch size of both loops (default 8 on the CPU, 4 quick, 128 CUDA)")
     parser.add_argument("--no-leaves", action="store_true", help="skip resnet18 layers='leaves'")
+    parser.add_argument("--heap", choices=(*common.HEAP_MODES, "default"), default="reused",
+                        help="how glibc's malloc serves large buffers while the CPU cases run "
+                             "(common.cpu_heap): 'reused' (default) keeps freed pages for the "
+                             "next call, 'fresh' maps them anew each time, 'default' leaves "
+                             "glibc's moving threshold, which lets the heap state left by one "
+                             "variant change the next one's time")
     parser.add_argument("--no-memory", action="store_true",
                         help="skip the peak-memory runs (a subprocess per variant on the CPU)")
     args = parser.parse_args(argv)
@@ -448,7 +474,7 @@ def payload_of(rows, args, device, start: float, planned: int) -> dict[str, Any]
         "complete": len(rows) == planned,
         "cases_planned": planned,
         "settings": {k: getattr(args, k) for k in ("images", "leaves_images", "size", "batch",
-                                                    "warmup", "repeats", "seed")},
+                                                    "warmup", "repeats", "seed", "heap")},
         "targets": TARGETS,
         "method": ("same arguments for both loops (bootstrap=0, progress=False, same batch, the "
                    "device's default dtype / memory format); naive: one forward per element, "
@@ -458,7 +484,9 @@ def payload_of(rows, args, device, start: float, planned: int) -> dict[str, Any]
                    "overhead: its loop over the batches over the floor; memory: peak RSS growth "
                    "(VmHWM - VmRSS before) of a fresh spawn process per variant (CPU) or "
                    "max_memory_allocated (CUDA); floor: fastest bare forward of the (K+1)*B "
-                   "stacked images over the chunkings tried"),
+                   "stacked images over the chunkings tried; CPU: agreement run and timed rounds "
+                   "under a pinned glibc heap (settings.heap, each row's `heap`; the memory "
+                   "runs keep glibc's defaults)"),
         "rows": rows,
         "total_seconds": time.perf_counter() - start,
         "meta": common.collect_metadata(device),

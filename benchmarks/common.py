@@ -399,8 +399,11 @@ def render_table(results: list[tuple[str, dict[str, Any]]]) -> str:
     for rel, payload in sorted(results):
         meta = payload.get("meta", {})
         if payload.get("benchmark") == "end_to_end":
+            heap = payload.get("settings", {}).get("heap")
+            timed_under = f"; timed under the {heap} heap" if heap and heap != "default" else ""
             blocks.append(
-                f"**{rel}**: {_run_label(meta)}" + (" (quick run)" if payload.get("quick") else "")
+                f"**{rel}**: {_run_label(meta)}{timed_under}"
+                + (" (quick run)" if payload.get("quick") else "")
                 + "\n\n" + render_end_to_end_rows(payload.get("rows", []))
                 + "\n\n" + END_TO_END_NOTE
             )
@@ -470,7 +473,8 @@ END_TO_END_NOTE = (
     "`fixed` equifast's per-call cost outside the loop over the batches (model setup, layout and "
     "alignment probe, result frame); `overhead` equifast's whole call over the floor, `steady` its "
     "loop over the batches over the floor; peak MiB: peak RSS growth of a fresh process per "
-    "variant (CPU) or max_memory_allocated (CUDA). Targets: steady overhead <= 15%, speedup >= "
+    "variant (CPU) or max_memory_allocated (CUDA); on the CPU the times are taken under a pinned "
+    "glibc heap (`--heap`, named above the table). Targets: steady overhead <= 15%, speedup >= "
     "1.5x, peak memory below naive's."
 )
 

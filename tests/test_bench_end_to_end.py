@@ -24,6 +24,13 @@ def test_bench_end_to_end_quick(tmp_path):
     assert payload["quick"] is True
     assert {"git_commit", "torch_version", "device_name", "date"} <= set(payload["meta"])
     rows = payload["rows"]
+    # the timed rounds ran under the pinned heap wherever glibc can pin it
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import common
+
+    pinned = common._glibc() is not None
+    assert payload["settings"]["heap"] == "reused"
+    assert {r["heap"] for r in rows} == {"reused" if pinned else "default"}
     assert {(r["group"], r["layers"]) for r in rows} == {
         ("translation", None), ("translation", "leaves"), ("rotation", None)
     }
