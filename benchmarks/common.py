@@ -25,6 +25,7 @@ import json
 import math
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -226,6 +227,47 @@ def cpu_heap(mode: str | None):
         for param, value in _GLIBC_DEFAULTS.items():
             libc.mallopt(param, value)
         release_free_memory()
+
+
+def minor_faults() -> int:
+    """This process's minor page faults so far (a page first touched: mapped, zeroed)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+# Page faults a call may take and still count as settled (4 KiB each: 256 KiB, against the
+# thousands of a fresh output of a few MB).
+SETTLED_FAULTS = 64
+
+
+def settle_heap(
+    fns: dict[str, Callable[[], Any]],
+    max_rounds: int = 32,
+    sync: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Under ``cpu_heap("reused")``, call the functions in rounds (as ``time_interleaved`` will)
+    until a whole round runs with at most :data:`SETTLED_FAULTS` page faults per call.
+
+    Keeping every freed page is not enough at first: malloc may still place a buffer in a free
+    chunk or in new heap it has not touched yet, faulting its pages in once, and it takes some
+    calls (up to about ten of an 8 MiB buffer, measured here) until each buffer lands on pages
+    the last call used. One warm-up call then leaves some of the timed calls paying page faults.
+
+    Returns:
+        ``dict(rounds=<rounds run>, settled=<whether the last round was settled>,
+        faults={name: <page faults of its call in the last round>})``.
+    """
+    sync = sync or (lambda: None)
+    faults: dict[str, int] = {}
+    rounds = 0
+    for rounds in range(1, max(1, max_rounds) + 1):
+        for name, fn in fns.items():
+            before = minor_faults()
+            fn()
+            sync()
+            faults[name] = minor_faults() - before
+        if all(count <= SETTLED_FAULTS for count in faults.values()):
+            return {"rounds": rounds, "settled": True, "faults": faults}
+    return {"rounds": rounds, "settled": False, "faults": faults}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -31,6 +31,9 @@ def test_bench_end_to_end_quick(tmp_path):
     pinned = common._glibc() is not None
     assert payload["settings"]["heap"] == "reused"
     assert {r["heap"] for r in rows} == {"reused" if pinned else "default"}
+    for row in rows if pinned else []:
+        assert row["heap_settle"]["rounds"] >= 1
+        assert set(row["heap_settle"]["faults"]) == set(row["floor_times"])
     assert {(r["group"], r["layers"]) for r in rows} == {
         ("translation", None), ("translation", "leaves"), ("rotation", None)
     }

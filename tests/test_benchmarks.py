@@ -114,6 +114,8 @@ def test_quick_run_checks_passed(quick_result):
         assert [r["heap"] for r in images if r["case"] == case] == ["fresh", "reused"]
     for row in images:
         assert row["check"]["torch_path_vs_reference"]["passed"] is True
+        if row["heap"] == "reused" and row["heap_pinned"]:  # warmed up until fault-free
+            assert set(row["heap_settle"]["faults"]) >= {"baseline", "torch_path"}
         assert row["torch_path_time"]["median"] > 0
         if row["compiled"]:
             assert row["speedup_vs_torch_path"] > 0
@@ -150,6 +152,15 @@ def test_cpu_heap_pins_where_large_buffers_come_from(monkeypatch):
             if in_a_row == 3:
                 break
         assert in_a_row == 3
+        # settle_heap finds that point itself, where fresh pages never reach it
+        write = {"write": lambda: torch.empty(size, dtype=torch.uint8).fill_(1)}
+        settled = common.settle_heap(write, max_rounds=64)
+        assert settled["settled"] is True and settled["faults"]["write"] <= common.SETTLED_FAULTS
+    with common.cpu_heap("fresh"):
+        unsettled = common.settle_heap(write, max_rounds=3)
+        assert unsettled == {"rounds": 3, "settled": False, "faults": {"write": unsettled[
+            "faults"]["write"]}}
+        assert unsettled["faults"]["write"] >= 1024
     with common.cpu_heap(None) as pinned:
         assert pinned is False
     with pytest.raises(ValueError, match=r"one of \('fresh', 'reused'\) or None, but got 'warm'"):
