@@ -157,7 +157,9 @@ def test_cpu_heap_pins_where_large_buffers_come_from(monkeypatch):
         settled = common.settle_heap(write, max_rounds=64)
         assert settled["settled"] is True and settled["faults"]["write"] <= common.SETTLED_FAULTS
     with common.cpu_heap("fresh"):
-        unsettled = common.settle_heap(write, max_rounds=3)
+        # (free chunks earlier tests left would serve the buffer: given back before each call)
+        write_fresh = {"write": lambda: (common.release_free_memory(), write["write"]())}
+        unsettled = common.settle_heap(write_fresh, max_rounds=3)
         assert unsettled == {"rounds": 3, "settled": False, "faults": {"write": unsettled[
             "faults"]["write"]}}
         assert unsettled["faults"]["write"] >= 1024
