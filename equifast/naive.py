@@ -125,7 +125,7 @@ FLAT_RELATIVE = 1e-6
 FLAT_ABSOLUTE = 1e-15
 # pooled corr is NaN where every channel's spread is below 1e-12 of its level (see _pooled_corr)
 ROUNDING_RELATIVE = 1e-12
-CHANCE_MARGIN = 1e-12  # corr_vs_chance: chance within this of 1 leaves it undefined
+CHANCE_MARGIN = 1e-9  # corr_vs_chance: chance within this of 1 leaves it undefined
 # The bootstrap draws its resamples in blocks of this many (so that intervals are reproducible).
 BOOTSTRAP_BLOCK = 100
 

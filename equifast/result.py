@@ -93,8 +93,9 @@ def warn_undefined_chance(frame: pd.DataFrame) -> bool:
 
 def _warn_chance_at_one(frame: pd.DataFrame) -> list[str]:
     """Warn about layers whose chance corr (over the elements) is 1 within ``CHANCE_MARGIN``:
-    unrelated images give them the same features up to rounding, and their ``corr_vs_chance``
-    is NaN. Returns them."""
+    unrelated images give them the same features up to rounding (or to a part of 1e-9 of their
+    spread, which the ratio would magnify into noise), and their ``corr_vs_chance`` is NaN.
+    Returns them."""
     chance = frame[(frame.element == "mean") & (frame.comparison == "chance")
                    & (frame.metric == "corr")]
     names = list(dict.fromkeys(chance.loc[chance.value >= 1 - CHANCE_MARGIN, "layer"]))
@@ -102,7 +103,8 @@ def _warn_chance_at_one(frame: pd.DataFrame) -> list[str]:
         warnings.warn(
             f"{len(names)} layer(s) give unrelated images the same features up to rounding "
             f"(chance corr within {CHANCE_MARGIN:g} of 1): {shown_names(names)}; their "
-            "corr_vs_chance is NaN (its denominator, 1 - chance, would be rounding)",
+            "corr_vs_chance is NaN (its denominator, 1 - chance, would be at the level of "
+            "rounding)",
             stacklevel=4)
     return names
 

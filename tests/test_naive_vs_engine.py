@@ -502,17 +502,20 @@ def test_pooled_intervals_of_deep_layers_whose_spread_is_1e8_of_their_level():
            metrics=ALL_METRICS, batch_size=2, mask="disc", pooled=True, bootstrap=50)
 
 
-def test_logits_the_same_for_every_image_leave_corr_vs_chance_undefined():
+@pytest.mark.parametrize("scale", [1e-7, 1e-5])
+def test_logits_the_same_for_every_image_leave_corr_vs_chance_undefined(scale):
     # A head that all but ignores its input (weights 1e-7 of their init), as the logits of some
     # random-init models (GoogLeNet): eq, inv and chance corr are all 1 up to rounding (chance
     # 1 - 1.3e-14), and corr_vs_chance, 0 / 0 in rounding, came out as 1 (engine) and 0.991
-    # (naive loop) here. (With weights of exactly 0 the probe leaves the layer out: it does not
-    # depend on the input.)
+    # (naive loop) here. With weights 1e-5 of their init, chance is 1 - 1.3e-10: the ratio is
+    # the rounding of corr magnified ten billion times (a random-init EfficientViT head at
+    # 1 - 1.5e-11: -4.0e-4 and -3.7e-4). (With weights of exactly 0 the probe leaves the layer
+    # out: it does not depend on the input.)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                           nn.Linear(4, 10)).double().eval()
     with torch.no_grad():
-        model[3].weight.mul_(1e-7)
+        model[3].weight.mul_(scale)
     sources = _sources(24, 5, count=4)
     for measure in (equifast.measure, naive.measure):
         with pytest.warns(UserWarning, match=r"1 layer\(s\) give unrelated images the same "
@@ -524,6 +527,11 @@ def test_logits_the_same_for_every_image_leave_corr_vs_chance_undefined():
         normalized = frame[frame.metric == "corr_vs_chance"]
         assert normalized[normalized.layer == "3"].value.isna().all()
         assert normalized[normalized.layer == "1"].value.notna().all()
+        chance = frame[(frame.metric == "corr") & (frame.comparison == "chance")
+                       & (frame.layer == "3")].value
+        assert (chance > 1 - 1e-9).all()
+        if scale > 1e-6:  # far above rounding, where the margin used to be (1e-12)
+            assert (chance < 1 - 1e-12).all()
 
 
 @pytest.mark.parametrize("align", ["center", "auto"])

@@ -136,12 +136,14 @@ def test_merge_stats_of_one_part_taken_several_times_keeps_its_spread():
 def test_corr_vs_chance_is_undefined_where_chance_is_one_up_to_rounding():
     from equifast import naive
 
-    eq = np.array([0.9, 1.0, 0.5, 1.0 - 2e-16, 1.0])
-    chance = np.array([0.8, 1.0 - 1e-9, 1.0 - 1e-13, 1.0 - 4e-16, 1.0 + 2e-16])
+    eq = np.array([0.9, 1.0, 0.5, 1.0 - 2e-16, 1.0, 1.0 - 1.4e-11])
+    chance = np.array([0.8, 1.0 - 1e-8, 1.0 - 1e-13, 1.0 - 4e-16, 1.0 + 2e-16, 1.0 - 1.5e-11])
     for implementation in (corr_vs_chance, naive._vs_chance):
         value = implementation(eq, chance)
         np.testing.assert_allclose(value[:2], [0.5, 1.0], rtol=1e-6)
-        assert np.isnan(value[2:]).all()  # 1 - chance of 1e-13, 4e-16 and -2e-16: rounding
+        # 1 - chance of 1e-13, 4e-16 and -2e-16: rounding; 1.5e-11: the ratio would magnify
+        # corr's rounding (1e-15) to 1e-4
+        assert np.isnan(value[2:]).all()
 
 
 @pytest.mark.parametrize("force_reference", PATHS)
