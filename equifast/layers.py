@@ -27,8 +27,10 @@ import dataclasses
 import difflib
 import math
 import re
+import traceback
 import warnings
 import weakref
+from pathlib import Path
 from typing import Callable, Collection, Iterable, Mapping, Sequence
 
 import torch
@@ -500,10 +502,49 @@ def run_probe(module: nn.Module, probe: torch.Tensor, hooks: "LayerHooks", conte
                       "(create_model(name, img_size=(H, W))), or give the model by name, which "
                       "builds it at input_size, or measure at the size it was built for. "
                       f"{advice}")
+        elif _TOO_SMALL.search(str(error)):
+            default = timm_input_size(module)
+            advice = ("The input is too small for the model: after its downsampling a kernel "
+                      "is wider than what is left of the image. Measure at a larger size"
+                      + (f" (timm's configuration of this model: {default[0]} x {default[1]})"
+                         if default else "") + f". {advice}")
         raise RuntimeError(
             f"the model failed on its probe input ({shape}, {dtype} on {probe.device}): "
-            f"{type(error).__name__}: {str(error).rstrip('.')}. {advice}"
+            f"{describe_error(error)}. {advice}"
         ) from error
+
+
+# What torch says when a convolution or pooling window no longer fits the downsampled input.
+_TOO_SMALL = re.compile(r"Kernel size can't be greater than actual input size|"
+                        r"Output size is too small")
+
+
+def timm_input_size(module: nn.Module) -> tuple[int, int] | None:
+    """``(H, W)`` of a timm model's configuration (``pretrained_cfg["input_size"]``), if any."""
+    for sub in module.modules():
+        cfg = getattr(sub, "pretrained_cfg", None) or getattr(sub, "default_cfg", None)
+        size = cfg.get("input_size") if isinstance(cfg, dict) else None
+        if isinstance(size, (tuple, list)) and len(size) == 3:
+            return int(size[1]), int(size[2])
+    return None
+
+
+def describe_error(error: BaseException) -> str:
+    """``"Type: message"``; for an error without a message (a bare ``assert`` in a model's
+    code, as timm's halo attention uses for the sizes it takes), where it was raised instead:
+    ``"AssertionError at timm/layers/halo_attn.py:186: assert H % self.block_size == 0"``."""
+    message = str(error).strip().rstrip(".")
+    if message:
+        return f"{type(error).__name__}: {message}"
+    # torch._assert (timm's _assert) raises for its caller: name the caller
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if f.name != "_assert"]
+    if not frames:
+        return type(error).__name__
+    frame = frames[-1]
+    path = Path(frame.filename).as_posix()
+    path = path.rsplit("site-packages/", 1)[-1]  # the package's own path, not the environment's
+    where = f"{type(error).__name__} at {path}:{frame.lineno}"
+    return f"{where}: {frame.line}" if frame.line else where
 
 
 def fixed_input_size(module: nn.Module) -> tuple[int, int] | None:

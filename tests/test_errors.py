@@ -431,6 +431,69 @@ def test_a_model_failing_on_the_probe_is_one_clear_error(implementation):
                 bootstrap=0, progress=False, align="center")
 
 
+# A model that checks its input with asserts carrying no message, as timm's halo attention does
+# (`_assert(H % self.block_size == 0, '')`). Written to a file of its own and imported from it:
+# pytest would give the bare assert of a test module a message.
+_BLOCKED_SIZE = """
+import torch
+
+
+class BlockedSize(torch.nn.Module):
+    def __init__(self, bare):
+        super().__init__()
+        self.bare = bare
+        self.conv = torch.nn.Conv2d(3, 4, 4, stride=4)
+
+    def forward(self, x):
+        if self.bare:
+            assert x.shape[-1] % 7 == 0
+        else:
+            torch._assert(x.shape[-2] % 7 == 0, "")
+        return self.conv(x).mean((2, 3))
+"""
+
+
+@pytest.mark.parametrize("implementation", ["engine", "naive"])
+@pytest.mark.parametrize("bare", [True, False])
+def test_an_assert_without_a_message_is_named_by_its_line(implementation, bare, tmp_path):
+    """An empty AssertionError used to read "AssertionError: ." : the error now shows the line
+    that raised it (the caller of torch._assert, not torch's own raise)."""
+    import importlib.util
+
+    path = tmp_path / "blocked_size.py"
+    path.write_text(_BLOCKED_SIZE)
+    spec = importlib.util.spec_from_file_location("blocked_size", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    measure = equifast.measure if implementation == "engine" else naive.measure
+    line = (r"assert x\.shape\[-1\] % 7 == 0" if bare
+            else r"torch\._assert\(x\.shape\[-2\] % 7 == 0, \"\"\)")
+    message = (r"(?s)probe input \(2 x 3 x 48 x 48, float32 on cpu\): AssertionError at "
+               r"\S*blocked_size\.py:1[35]: " + line + r"\. If the model")
+    with pytest.raises(RuntimeError, match=message):
+        measure(module.BlockedSize(bare).eval(), torch.rand(2, 3, 48, 48), group="rotation",
+                bootstrap=0, progress=False, align="center")
+
+
+@pytest.mark.parametrize("implementation", ["engine", "naive"])
+@pytest.mark.parametrize("configured", [True, False])
+def test_an_input_too_small_for_the_model_says_so(implementation, configured):
+    """A network whose downsampling leaves less than a kernel (Inception v3 at 56 px): torch
+    names kernel and input sizes; the advice says the input is too small, with the size timm's
+    configuration gives where there is one."""
+    measure = equifast.measure if implementation == "engine" else naive.measure
+    model = nn.Sequential(nn.Conv2d(3, 4, 4, stride=4), nn.MaxPool2d(5), nn.Flatten()).eval()
+    if configured:
+        model.pretrained_cfg = {"input_size": (3, 96, 80)}
+    size = r" \(timm's configuration of this model: 96 x 80\)" if configured else ""
+    message = (r"(?s)probe input \(2 x 3 x 16 x 16, float32 on cpu\): RuntimeError: .*"
+               r"The input is too small for the model: after its downsampling a kernel is wider "
+               r"than what is left of the image\. Measure at a larger size" + size + r"\. If")
+    with pytest.raises(RuntimeError, match=message):
+        measure(model, torch.rand(2, 3, 16, 16), group="rotation", bootstrap=0,
+                progress=False, align="center")
+
+
 @pytest.mark.parametrize("implementation", ["engine", "naive"])
 def test_a_vit_built_for_another_size_names_the_size_it_takes(implementation):
     """A ViT module built at 32 px measured at 48 px: the advice names the size the patch
