@@ -508,12 +508,20 @@ def run_probe(module: nn.Module, probe: torch.Tensor, hooks: "LayerHooks", conte
                       "is wider than what is left of the image. Measure at a larger size"
                       + (f" (timm's configuration of this model: {default[0]} x {default[1]})"
                          if default else "") + f". {advice}")
+        elif _SIZES_DIFFER.search(str(error)):
+            # Branches that meet again (DLA, HRNet, U-Nets) round an odd size apart.
+            advice = ("Feature maps of different sizes met: the input size is likely not a "
+                      "multiple of the model's total stride (32 for most image models). Measure "
+                      "at a multiple of it. " + advice)
         raise RuntimeError(
             f"the model failed on its probe input ({shape}, {dtype} on {probe.device}): "
             f"{describe_error(error)}. {advice}"
         ) from error
 
 
+# What torch says when two feature maps that should align do not (an element-wise op or a cat).
+_SIZES_DIFFER = re.compile(r"The size of tensor a \(\d+\) must match the size of tensor b|"
+                           r"Sizes of tensors must match except in dimension")
 # What torch says when a convolution or pooling window no longer fits the downsampled input.
 _TOO_SMALL = re.compile(r"Kernel size can't be greater than actual input size|"
                         r"Output size is too small")

@@ -494,6 +494,33 @@ def test_an_input_too_small_for_the_model_says_so(implementation, configured):
                 progress=False, align="center")
 
 
+class _TwoBranches(nn.Module):
+    """Two stride-2 branches that round an odd size apart (a padded convolution rounds up,
+    pooling down) and meet again, as DLA's and HRNet's do."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.pool = nn.Sequential(nn.AvgPool2d(2), nn.Conv2d(3, 4, 1))
+
+    def forward(self, x):
+        return self.conv(x) + self.pool(x)
+
+
+@pytest.mark.parametrize("implementation", ["engine", "naive"])
+def test_branches_that_meet_at_different_sizes_advise_a_multiple_of_the_stride(implementation):
+    measure = equifast.measure if implementation == "engine" else naive.measure
+    message = (r"(?s)probe input \(2 x 3 x 17 x 17, float32 on cpu\): RuntimeError: The size of "
+               r"tensor a \(9\) must match the size of tensor b \(8\).*Feature maps of different "
+               r"sizes met: .*not a multiple of the model's total stride")
+    with pytest.raises(RuntimeError, match=message):
+        measure(_TwoBranches().eval(), torch.rand(2, 3, 17, 17), group="rotation", bootstrap=0,
+                progress=False, align="center")
+    # at an even size the branches meet
+    measure(_TwoBranches().eval(), torch.rand(2, 3, 16, 16), group="rotation", bootstrap=0,
+            progress=False, align="center")
+
+
 @pytest.mark.parametrize("implementation", ["engine", "naive"])
 def test_a_vit_built_for_another_size_names_the_size_it_takes(implementation):
     """A ViT module built at 32 px measured at 48 px: the advice names the size the patch
