@@ -29,6 +29,8 @@ from equifast.paths import shown_path as _shown_path
 
 # (the channel maps of equifast.ops, spelled out so that --help needs no torch)
 CHANNEL_MAPS = ("identity", "match", "linear")
+# model dtypes of --dtype (names of torch dtypes)
+DTYPES = ("float32", "float64", "float16", "bfloat16")
 
 
 def _parse_size(text: str) -> tuple[int, int]:
@@ -191,6 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     measure.add_argument("--loader", choices=("auto", "dali", "folder"), default="auto",
                          help="image folder loader (--data): NVIDIA DALI, Pillow, or auto: DALI "
                               "on a CUDA device when installed, Pillow on the CPU")
+    measure.add_argument("--dtype", choices=DTYPES, default=None,
+                         help="model dtype (default: the model's own when it is not float32, "
+                              "else float32 on the CPU and bfloat16 autocast on CUDA)")
+    measure.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                         help="input memory format channels-last (default: on CUDA only; on the "
+                              "CPU often faster for convolutional networks)")
     measure.add_argument("--reference", action="store_true",
                          help="use the pure-PyTorch reference ops (slow; for checking)")
     measure.add_argument("--out", default="results/run",
@@ -475,6 +483,8 @@ def _measure(args: argparse.Namespace, main: bool) -> int:
             seed=args.seed, limit=args.limit, num_workers=args.workers, loader=args.loader,
             progress=not args.quiet and main,
             model_name=loaded.name, force_reference=args.reference, baseline=baseline,
+            dtype=None if args.dtype is None else getattr(torch, args.dtype),
+            channels_last=args.channels_last,
         )
     result.config.update(pretrained=loaded.pretrained, note=loaded.note)
     processes = result.config.get("world_size", 1)

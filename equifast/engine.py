@@ -1144,6 +1144,7 @@ def measure(
         "seed": seed,
         "device": str(device),
         "dtype": "bfloat16-autocast" if autocast else str(model_dtype).replace("torch.", ""),
+        "channels_last": bool(channels_last),
         "images": images_done,
         "loader": plan.loader,
         "backend": backend,

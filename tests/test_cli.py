@@ -28,6 +28,26 @@ def test_measure_samples_writes_table_and_plot(tmp_path, capsys):
     assert sidecar["config"]["images"] == 3
 
 
+def test_measure_takes_the_dtype_and_memory_format(tmp_path, capsys):
+    out = tmp_path / "run.parquet"
+    common = ["measure", "--model", "resnet10t", "--samples", "--limit", "2", "--group",
+              "translate:8", "--layers", "layer1", "--bootstrap", "0", "--quiet",
+              "--input-size", "48", "--device", "cpu", "--no-plot", "--out", str(out)]
+    assert main(common + ["--dtype", "float64", "--channels-last"]) == 0, capsys.readouterr().err
+    config = json.loads(out.with_name("run.parquet.json").read_text())["config"]
+    assert config["dtype"] == "float64" and config["channels_last"] is True
+    wide = pd.read_parquet(out)
+    assert main(common + ["--no-channels-last"]) == 0, capsys.readouterr().err
+    config = json.loads(out.with_name("run.parquet.json").read_text())["config"]
+    assert config["dtype"] == "float32" and config["channels_last"] is False
+    # the same scores, to the float32 rounding of the narrower run
+    narrow = pd.read_parquet(out)
+    assert (wide.value - narrow.value).abs().max() < 1e-5
+    with pytest.raises(SystemExit):
+        main(common + ["--dtype", "int8"])
+    assert "invalid choice: 'int8'" in capsys.readouterr().err
+
+
 def test_measure_selects_layers_by_class_name(tmp_path, capsys):
     out = tmp_path / "run"
     code = main(["measure", "--model", "resnet10t", "--samples", "--limit", "2", "--group",
