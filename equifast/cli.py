@@ -321,6 +321,9 @@ def _add_survey_commands(commands) -> None:
     survey.add_argument("--bootstrap", type=_resamples, default=1000,
                         help="bootstrap resamples for the 95%% CIs (0: no intervals)")
     survey.add_argument("--seed", type=int, default=0, help="as for measure")
+    survey.add_argument("--dtype", choices=DTYPES, default=None, help="as for measure")
+    survey.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                        help="as for measure")
     survey.add_argument("--workers", type=_count(0), default=None, help="loader workers")
     survey.add_argument("--loader", choices=("auto", "dali", "folder"), default="auto",
                         help="as for measure")
@@ -387,7 +390,12 @@ def _run_survey(args: argparse.Namespace) -> int:
         "pooled": args.pooled, "bootstrap": args.bootstrap, "num_workers": args.workers,
         "loader": args.loader, "baseline": args.baseline, "subpixel": args.subpixel,
         "channel_map": args.channel_map, "mask": args.mask, "ridge": args.ridge,
+        "channels_last": args.channels_last,
     }
+    if args.dtype is not None:
+        import torch
+
+        measure_kwargs["dtype"] = getattr(torch, args.dtype)
     summary = run_survey(
         args.models, args.data or "samples", args.store, args.group,
         model_list=args.model_list, pretrained_only=args.pretrained_only,

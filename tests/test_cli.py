@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from equifast import _ext
 from equifast.cli import main
@@ -46,6 +47,26 @@ def test_measure_takes_the_dtype_and_memory_format(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(common + ["--dtype", "int8"])
     assert "invalid choice: 'int8'" in capsys.readouterr().err
+
+
+def test_survey_passes_the_dtype_and_memory_format(monkeypatch):
+    import types
+
+    import equifast.survey
+
+    seen = {}
+
+    def fake_survey(*args, **kwargs):
+        seen.update(kwargs)
+        return types.SimpleNamespace(failed=[], failures_left=0)
+
+    monkeypatch.setattr(equifast.survey, "run_survey", fake_survey)
+    assert main(["survey", "--models", "resnet10t", "--dtype", "bfloat16", "--channels-last",
+                 "--quiet"]) == 0
+    assert seen["dtype"] is torch.bfloat16 and seen["channels_last"] is True
+    seen.clear()
+    assert main(["survey", "--models", "resnet10t", "--quiet"]) == 0
+    assert "dtype" not in seen and "channels_last" not in seen  # measure's defaults
 
 
 def test_measure_selects_layers_by_class_name(tmp_path, capsys):
