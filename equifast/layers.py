@@ -539,8 +539,10 @@ def timm_input_size(module: nn.Module) -> tuple[int, int] | None:
 
 def describe_error(error: BaseException) -> str:
     """``"Type: message"``; for an error without a message (a bare ``assert`` in a model's
-    code, as timm's halo attention uses for the sizes it takes), where it was raised instead:
-    ``"AssertionError at timm/layers/halo_attn.py:186: assert H % self.block_size == 0"``."""
+    code, or timm's ``_assert(cond, '')`` as its halo attention checks the sizes it takes), where
+    it was raised instead:
+    ``"AssertionError at timm/layers/halo_attn.py:208: _assert(H % self.block_size == 0, '')"``.
+    """
     message = str(error).strip().rstrip(".")
     if message:
         return f"{type(error).__name__}: {message}"
