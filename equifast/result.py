@@ -101,10 +101,10 @@ def _warn_chance_at_one(frame: pd.DataFrame) -> list[str]:
     names = list(dict.fromkeys(chance.loc[chance.value >= 1 - CHANCE_MARGIN, "layer"]))
     if names:
         warnings.warn(
-            f"{len(names)} layer(s) give unrelated images the same features up to rounding "
-            f"(chance corr within {CHANCE_MARGIN:g} of 1): {shown_names(names)}; their "
-            "corr_vs_chance is NaN (its denominator, 1 - chance, would be at the level of "
-            "rounding)",
+            f"{len(names)} layer(s) give unrelated images the same features, up to rounding "
+            f"or nearly (chance corr within {CHANCE_MARGIN:g} of 1): {shown_names(names)}; "
+            "their corr_vs_chance is NaN (its denominator, 1 - chance, would magnify the "
+            "rounding of corr into the result)",
             stacklevel=4)
     return names
 
