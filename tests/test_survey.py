@@ -822,6 +822,9 @@ def test_the_same_settings_have_one_config_however_written(tmp_path, monkeypatch
     assert key(comparisons="eq") == key(comparisons=["eq"]) != base
     assert key(layouts={}) == base
     assert key(mask=None) == base and key(mask="disc") != base
+    # the dtype, where given (left to the device, as the device itself, it is not)
+    assert key(dtype=None) == base and key(channels_last=True) == base
+    assert len({base, key(dtype=torch.float64), key(dtype=torch.bfloat16)}) == 3
     # Metric and layer names are names, also where a file of that name happens to exist.
     named = key(metrics=["corr", "cosine"], layers=["conv1"])
     monkeypatch.chdir(tmp_path)

@@ -264,14 +264,18 @@ def _fingerprint(value: Any, paths: bool = False) -> Any:
                 for k, v in value.items()}
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
+    if isinstance(value, torch.dtype):
+        return str(value)  # "torch.float64"
     return f"{type(value).__module__}.{type(value).__qualname__}"  # an iterable, a module...
 
 
 # equifast.measure's arguments that do not change the numbers: not part of a survey's identity
-# (``model_name`` and ``batch_size`` are the survey's own).
+# (``model_name`` and ``batch_size`` are the survey's own). The memory format and the chunking
+# move them by rounding only. A dtype given is part of it (float64 against bfloat16 moves scores
+# by about 1e-3, and a survey started again in another dtype should measure, not skip); left to
+# the device's default it is not, as the device is not.
 _NOT_IDENTITY = {"model", "data", "group", "model_name", "batch_size", "device", "num_workers",
-                 "progress", "loader", "dtype", "channels_last", "elements_per_chunk",
-                 "distributed"}
+                 "progress", "loader", "channels_last", "elements_per_chunk", "distributed"}
 # Arguments whose strings are file paths (model_kwargs of timm.create_model).
 _PATH_ARGUMENTS = {"checkpoint_path"}
 
@@ -300,7 +304,8 @@ def _canonical_align(align: Any) -> Any:
 
 def survey_config(group: str, data: Any, measure_kwargs: dict[str, Any]) -> dict[str, Any]:
     """The configuration that identifies a measurement (its hash keys the store): everything
-    that changes the numbers, not the batch size, device or loader workers.
+    that changes the numbers, not the batch size, device or loader workers (a ``dtype`` given
+    counts; left to the device's default it does not, as the device does not).
 
     Normalized, so that the same settings resume each other however they were written: an
     argument equal to :func:`equifast.measure`'s default is left out (the command line passes
