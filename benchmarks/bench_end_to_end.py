@@ -443,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     sync = common.synchronizer(device)
+    if device.type != "cpu":
+        args.heap = "default"  # glibc's heap holds no activations on a GPU: nothing to pin
 
     cases = []
     for model in [m for m in args.models.split(",") if m]:
