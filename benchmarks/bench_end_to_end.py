@@ -339,7 +339,7 @@ def run_case(case, device, args, sync) -> dict[str, Any]:
     model = model.to(device)
     # The agreement runs and the timed rounds share one pinned heap (CPU): the agreement runs
     # are then also the heap's warm-up.
-    heap = args.heap if device.type == "cpu" and args.heap != "default" else None
+    heap = None if args.heap == "default" else args.heap  # "default" on a GPU (main)
     with common.cpu_heap(heap) as pinned:
         row["heap"] = heap if pinned else "default"
         timed, phases, floors = agree_and_time(row, model, sources, case, device, args, sync)

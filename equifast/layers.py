@@ -31,7 +31,7 @@ import traceback
 import warnings
 import weakref
 from pathlib import Path
-from typing import Callable, Collection, Iterable, Mapping, Sequence
+from typing import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -527,11 +527,19 @@ _TOO_SMALL = re.compile(r"Kernel size can't be greater than actual input size|"
                         r"Output size is too small")
 
 
-def timm_input_size(module: nn.Module) -> tuple[int, int] | None:
-    """``(H, W)`` of a timm model's configuration (``pretrained_cfg["input_size"]``), if any."""
+def _timm_configs(module: nn.Module) -> Iterator[dict]:
+    """The timm configurations (``pretrained_cfg``, older ``default_cfg``) of ``module`` and
+    its submodules, outermost first."""
     for sub in module.modules():
         cfg = getattr(sub, "pretrained_cfg", None) or getattr(sub, "default_cfg", None)
-        size = cfg.get("input_size") if isinstance(cfg, dict) else None
+        if isinstance(cfg, dict):
+            yield cfg
+
+
+def timm_input_size(module: nn.Module) -> tuple[int, int] | None:
+    """``(H, W)`` of a timm model's configuration (``pretrained_cfg["input_size"]``), if any."""
+    for cfg in _timm_configs(module):
+        size = cfg.get("input_size")
         if isinstance(size, (tuple, list)) and len(size) == 3:
             return int(size[1]), int(size[2])
     return None
@@ -574,9 +582,8 @@ def fixed_input_size(module: nn.Module) -> tuple[int, int] | None:
 def timm_fixes_input_size(module: nn.Module) -> bool:
     """Whether a timm model in ``module`` is marked as built for one input size
     (``pretrained_cfg["fixed_input_size"]``: ViTs, LeViT, Swin, MaxViT, ...)."""
-    for sub in module.modules():
-        cfg = getattr(sub, "pretrained_cfg", None) or getattr(sub, "default_cfg", None)
-        if isinstance(cfg, dict) and "fixed_input_size" in cfg:
+    for cfg in _timm_configs(module):
+        if "fixed_input_size" in cfg:
             return bool(cfg["fixed_input_size"])
     return False
 
