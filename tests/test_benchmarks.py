@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -130,9 +129,9 @@ def test_cpu_heap_pins_where_large_buffers_come_from(monkeypatch):
 
     def faults_writing(nbytes: int) -> int:
         # Page faults of allocating a buffer, writing it once and freeing it.
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        before = common.minor_faults()
         torch.empty(nbytes, dtype=torch.uint8).fill_(1)
-        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        return common.minor_faults() - before
 
     size = 8 << 20  # 2048 pages of 4 KiB
     with common.cpu_heap("fresh") as pinned:
