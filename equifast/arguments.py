@@ -50,6 +50,20 @@ def check_finite_pixels(images: torch.Tensor, where: str) -> None:
                              f"of {images.numel()}")
 
 
+def image_shape_error(where: str, shape: tuple[int, ...]) -> ValueError:
+    """The error for images of ``shape``, which is not ``(B, C, H, W)`` or ``(C, H, W)`` with
+    ``C`` 1 or 3. Arrays from Pillow, OpenCV or imageio hold an image's channels last, so a
+    shape that ends in 1 or 3 channels gets the permutation that makes it one."""
+    message = (f"{where}: expected images of shape (B, 3, H, W) (RGB) or (B, 1, H, W) "
+               f"(greyscale), or one image (3, H, W); found {shape}")
+    if len(shape) in (3, 4) and shape[-1] in (1, 3) and shape[-3] not in (1, 3):
+        order = "(0, 3, 1, 2)" if len(shape) == 4 else "(2, 0, 1)"
+        message += (f", which looks channels-last ({'B, ' if len(shape) == 4 else ''}H, W, C), "
+                    f"as Pillow and OpenCV arrays are: pass array.transpose{order} (numpy) or "
+                    f"tensor.permute{order}")
+    return ValueError(message)
+
+
 # Normalized images (ImageNet's mean and std: about -2.1 to 2.6; mean and std 0.5: -1 to 1) never
 # reach this; raw 0..255 pixel values passed as floats almost always do.
 RAW_PIXEL_LEVEL = 10.0

@@ -46,6 +46,7 @@ from .arguments import (
     check_count,
     check_finite_pixels,
     check_run_arguments,
+    image_shape_error,
     warn_raw_float_pixels,
 )
 from .baseline import (
@@ -163,10 +164,7 @@ def _check_sources(images: torch.Tensor, where: str) -> torch.Tensor:
     if images.dim() == 3:
         images = images.unsqueeze(0)  # one image (3, H, W)
     if images.dim() != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(
-            f"{where}: expected images of shape (B, 3, H, W) (RGB) or (B, 1, H, W) (greyscale), "
-            f"or one image (3, H, W); found {given}"
-        )
+        raise image_shape_error(where, given)
     if images.shape[0] == 0:
         raise ValueError(f"{where}: the batch holds no images (shape {tuple(images.shape)})")
     if not (images.dtype == torch.uint8 or images.is_floating_point()):

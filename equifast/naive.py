@@ -54,7 +54,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .align import AlignSpec, find_offsets, probe_inputs, warn_estimated_offsets
-from .arguments import check_finite_pixels, check_run_arguments, warn_raw_float_pixels
+from .arguments import (
+    check_finite_pixels,
+    check_run_arguments,
+    image_shape_error,
+    warn_raw_float_pixels,
+)
 from .data.folder import is_path_list, no_images_message, warn_skipped
 from .data.geometry import (
     LUMA_WEIGHTS,
@@ -648,11 +653,10 @@ def _sources_tensor(images, where: str) -> torch.Tensor:
     given = tuple(images.shape)
     if images.dim() == 3:
         images = images[None]  # one image (3, H, W)
-    if images.dim() != 4 or images.shape[1] not in (1, 3) or images.shape[0] == 0:
-        raise ValueError(
-            f"{where}: expected images of shape (B, 3, H, W) or (B, 1, H, W) (or one image "
-            f"(3, H, W)), found {given}"
-        )
+    if images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise image_shape_error(where, given)
+    if images.shape[0] == 0:
+        raise ValueError(f"{where}: the batch holds no images (shape {given})")
     if not (images.dtype == torch.uint8 or images.is_floating_point()):
         raise TypeError(f"{where}: expected uint8 or floating images, found {images.dtype}")
     check_finite_pixels(images, where)

@@ -283,6 +283,28 @@ def test_batches_as_numpy_arrays_are_tensors(implementation):
         measure(_net(), [([[1, 2]], None)], **kwargs)
 
 
+@pytest.mark.parametrize("implementation", ["engine", "naive"])
+def test_channels_last_arrays_are_refused_with_the_permutation(implementation):
+    """Arrays from Pillow or OpenCV hold channels last: the error names the shape found and the
+    transpose that makes it (B, C, H, W); a shape with no such reading gets no such advice, and
+    an empty batch is named as one in both loops."""
+    import numpy as np
+
+    measure = equifast.measure if implementation == "engine" else naive.measure
+    kwargs = dict(group=equifast.Translation([2]), layers=["0"], progress=False, bootstrap=0)
+    batch = np.zeros((4, 36, 36, 3), dtype=np.uint8)
+    with pytest.raises(ValueError, match=r"found \(4, 36, 36, 3\), which looks channels-last "
+                                         r"\(B, H, W, C\).*transpose\(0, 3, 1, 2\)"):
+        measure(_net(), batch, **kwargs)
+    with pytest.raises(ValueError, match=r"found \(36, 36, 1\), which looks channels-last "
+                                         r"\(H, W, C\).*permute\(2, 0, 1\)"):
+        measure(_net(), torch.zeros(36, 36, 1, dtype=torch.uint8), **kwargs)
+    with pytest.raises(ValueError, match=r"found \(4, 5, 36, 36\)$"):
+        measure(_net(), torch.zeros(4, 5, 36, 36, dtype=torch.uint8), **kwargs)
+    with pytest.raises(ValueError, match=r"the batch holds no images \(shape \(0, 3, 36, 36\)\)"):
+        measure(_net(), torch.zeros(0, 3, 36, 36, dtype=torch.uint8), **kwargs)
+
+
 def test_sources_leave_no_image():
     with pytest.raises(ValueError, match=r"leave no image.*smaller shifts"):
         equifast.measure(_net(), torch.rand(2, 3, 40, 40), progress=False)
