@@ -960,6 +960,33 @@ def test_transform_large_output_streams_rows(device):
     assert_images_close(got, want, torch.float32)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_transform_rows_of_any_kind_follow_each_other(device, threads):
+    # The CPU kernel builds each row's sampling plan in a slot it reuses for the next task's
+    # rows, which may be of another element and kind: bilinear rows whose taps pair up (a
+    # rotation by 30 degrees) before integer rows that gather (a shift under the zero protocol,
+    # a circular shift that wraps). Nothing of the bilinear plan may leak into the next rows.
+    # Integer maps stay bit for bit the reference, in any order and on any number of threads.
+    size, margin = (16, 16), (4, 4)
+    shifts = groups.Translation([(0, 3), (2, -1)], protocol="zero").elements
+    shifts += groups.Translation([(2, -3)], protocol="circular").elements
+    turns = groups.Rotation([30, -45]).elements
+    src = source_images(torch.uint8, device, 2, size[0] + 8, size[1] + 8)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for elements in (turns + shifts, shifts[:1] + turns + shifts[1:]):
+            affines, protocols = image_affines(elements, *size)
+            got, want = transform_op(src, affines, protocols, margin, size)
+            assert_images_close(got, want, torch.float32)
+            for i, element in enumerate(elements):
+                if element in shifts:  # block i + 1 (the identity is first)
+                    block = slice(2 * (i + 1), 2 * (i + 2))
+                    assert torch.equal(got[block].cpu(), want[block]), element.name
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_transform_circular_shift_is_roll(device):
     height, width, margin = 6, 7, (2, 2)
     elements = groups.Translation([(2, -3)], protocol="circular").elements

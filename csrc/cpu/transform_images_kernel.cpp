@@ -151,6 +151,9 @@ struct RowPlan {
   void build(const TransformProblem& problem, const TransformElement& element, int64_t y,
              int64_t src_sh, int64_t src_sw) {
     const int64_t width = problem.out_w;
+    // A plan is rebuilt for rows of any element: nothing of the last row's kind may stay (write_row
+    // reads `paired` before it looks at the kind).
+    paired = false;
     // The sampled grid: the window for circular elements, the whole source otherwise.
     const int64_t base =
         element.window ? problem.margin_y * src_sh + problem.margin_x * src_sw : 0;
