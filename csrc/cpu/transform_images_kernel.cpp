@@ -431,7 +431,11 @@ inline int64_t quarter_turn_order(const std::vector<RowPlan>& plans, int64_t row
 
 // Tasks are (element, block of kRowBlock output rows): a task builds its rows' plans once, then
 // writes those rows of every image and channel (when streaming: each into `staged`, in cache,
-// then out with stream_copy).
+// then out with stream_copy). Tasks are numbered block-major (task = block * elements + element):
+// parallel_for hands each thread one contiguous range of tasks, and element-major numbering gave
+// one thread the first elements and another the last, whose costs differ several-fold (a bilinear
+// rotation against a quarter turn). Measured on 2 cores, 8 images of 224 px, the identity, three
+// quarter turns, a flip and two bilinear rotations: 3.9 ms against 5.9 ms.
 template <typename scalar_t, typename out_t, typename acc_t, bool kFused>
 inline void transform_range(const TransformJob<scalar_t, out_t>& job,
                             const Normalizer<scalar_t, acc_t>& normalizer, int64_t begin,
@@ -439,12 +443,12 @@ inline void transform_range(const TransformJob<scalar_t, out_t>& job,
   constexpr bool kBytes = std::is_same_v<scalar_t, uint8_t>;
   const TransformProblem& problem = job.problem;
   const int64_t batch = problem.batch, width = problem.out_w;
-  const int64_t blocks = row_blocks(problem.out_h);
+  const int64_t elements = static_cast<int64_t>(problem.elements.size());
   std::vector<RowPlan> plans(kRowBlock, RowPlan(width));
   RowScratch<scalar_t> scratch(width);
   std::vector<out_t> staged(job.stream ? width : 0);
   for (int64_t task = begin; task < end; ++task) {
-    const int64_t e = task / blocks, y0 = (task % blocks) * kRowBlock;
+    const int64_t e = task % elements, y0 = (task / elements) * kRowBlock;
     const int64_t rows = std::min(kRowBlock, problem.out_h - y0);
     for (int64_t r = 0; r < rows; ++r) {
       plans[r].build(problem, problem.elements[e], y0 + r, job.src_sh, job.src_sw);
