@@ -273,6 +273,19 @@ class Group(Sequence[Element]):
         names = [e.name for e in self.elements]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
+            protocols = {n: sorted({e.protocol for e in self.elements if e.name == n})
+                         for n in duplicates}
+            mixed = {n: p for n, p in protocols.items() if len(p) > 1}
+            if mixed:
+                # The same map under two protocols: two elements, but the frame's rows name them
+                # alike, so their scores could not be told apart.
+                name, given = next(iter(mixed.items()))
+                raise ValueError(
+                    f"group element names must be unique, found {name!r} under the protocols "
+                    f"{' and '.join(map(repr, given))}: result rows are named by element, so a "
+                    "group measures each element under one protocol; measure the protocols in "
+                    "separate runs"
+                )
             raise ValueError(
                 f"group element names must be unique, found repeated {duplicates}: each element "
                 "is measured once, so list it once (a union or product of a group with itself, "

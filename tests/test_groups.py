@@ -233,6 +233,16 @@ def test_parse_group_names_the_spec_of_a_bad_term(spec, message):
     assert parse_group("translate [ circular ]:8")[0].protocol == "circular"
 
 
+def test_one_map_under_two_protocols_is_named_as_such():
+    """A shift under the crop and the circular protocol are two elements with one name: refused
+    (their rows could not be told apart), saying which protocols met, not 'list it once'."""
+    with pytest.raises(ValueError, match=r"found 'translate\(3,8\)' under the protocols 'circular' "
+                                         r"and 'crop'.*separate runs"):
+        Translation([(3, 8)]) + Translation([(3, 8), (1, 1)], protocol="circular")
+    with pytest.raises(ValueError, match=r"'translate\(0,4\)' under.*'circular' and 'zero'"):
+        parse_group("translate[zero]:4 + translate[circular]:4")
+
+
 def test_circular_protocol_only_for_maps_of_the_torus_onto_itself():
     """Wrapping a 45-degree turn (or a quarter turn of a non-square image) would count seams as
     content; the measurement refuses such an element by name, with what to use instead (the ops
