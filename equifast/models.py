@@ -576,8 +576,9 @@ def load_model_sized(name: str, input_size: tuple[int, int] | None = None,
                      **kwargs: Any) -> LoadedModel:
     """:func:`load_model`, built for ``input_size`` where the model fixes its input size.
 
-    timm models that fix their input size when built (ViT, Swin, ...) take ``img_size``, and
-    torchvision's ViT ``image_size`` (square inputs): at a given ``input_size`` they are built
+    timm models that fix their input size when built (ViT, Swin, ...) take ``img_size``,
+    torchvision's ViT ``image_size`` (square inputs) and its MaxViT ``input_size``: at a given
+    ``input_size`` they are built
     for it, so that they run on inputs of that size (and
     their position embeddings have the matching shape). Models without ``img_size`` (CNNs)
     take any input size as they are. The command line, the survey and
@@ -600,20 +601,22 @@ def load_model_sized(name: str, input_size: tuple[int, int] | None = None,
         return load_model(name, **kwargs)
     size = (int(input_size[0]), int(input_size[1]))
     if name.strip().startswith(_TV_PREFIXES):
-        # torchvision's ViT takes one side, `image_size` (square inputs only)
-        if size[0] != size[1]:
-            return load_model(name, **kwargs)
-        sized = {"image_size": size[0]}
+        # torchvision's ViT takes one side, `image_size` (square inputs only); its MaxViT, whose
+        # window and grid partitions are laid out for one size, takes `input_size`.
+        attempts = [{"image_size": size[0]}] if size[0] == size[1] else []
+        attempts.append({"input_size": size})
     else:
-        sized = {"img_size": size}
-    try:
-        return load_model(name, **sized, **kwargs)
-    except TypeError as error:
-        # Only a model that does not take the size (a CNN) is built again without it: it takes
-        # any input size as it is. Another TypeError (a bad argument in kwargs, a bug in the
-        # model's constructor) is the model's error, not a reason to build it at another size.
-        if not _rejects_keyword(error, next(iter(sized))):
-            raise
+        attempts = [{"img_size": size}]
+    for sized in attempts:
+        try:
+            return load_model(name, **sized, **kwargs)
+        except TypeError as error:
+            # Only a model that does not take the size (a CNN) is built again without it: it
+            # takes any input size as it is. Another TypeError (a bad argument in kwargs, a bug
+            # in the model's constructor) is the model's error, not a reason to build it at
+            # another size.
+            if not _rejects_keyword(error, next(iter(sized))):
+                raise
     return load_model(name, **kwargs)
 
 

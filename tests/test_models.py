@@ -201,6 +201,13 @@ def test_load_model_sized_builds_torchvision_vits_for_the_input(
     # a CNN takes any size as it is; a side torchvision's ViT cannot take keeps its default
     assert load_model_sized("tv:resnet18", (64, 64)).name == "tv:resnet18"
     assert load_model_sized("tv:vit_b_16", (64, 96)).model.image_size == 224
+    # torchvision's MaxViT lays its windows out for one size, given as input_size: built at the
+    # size measured (it was built at 224 and failed in the probe with a reshape error), and a
+    # size its partitions cannot take is the constructor's own error
+    maxvit = load_model_sized("tv:maxvit_t", (448, 448)).model
+    assert maxvit.blocks[0].grid_size == (112, 112)
+    with pytest.raises(ValueError, match=r"not divisible by partition size 7"):
+        load_model_sized("tv:maxvit_t", (112, 112))
 
 
 def test_a_features_only_vit_keeps_the_size_it_was_built_for() -> None:
