@@ -37,6 +37,33 @@ def test_chunking_does_not_change_results():
     pd.testing.assert_frame_equal(whole.model_frame, chunked.model_frame)  # logits per element
 
 
+@pytest.mark.parametrize("elements_per_chunk", [None, 2])
+def test_element_order_does_not_change_an_elements_scores(elements_per_chunk):
+    """A group is a list: listing its elements in another order changes how they are chunked
+    and how the kernels' tasks fall to threads, never an element's scores. The elements mix
+    every kind of image row (a bilinear rotation, shifts under the zero and circular protocols,
+    a flip); uint8 pixels go through the compiled transform's byte paths."""
+    torch.manual_seed(0)
+    net = _net().double()
+    elements = (list(equifast.Rotation([30]))
+                + list(Translation([(0, 3)], protocol="zero"))
+                + list(Translation([(2, -3)], protocol="circular"))
+                + list(equifast.Flip()))
+    size = 20
+    margin_y, margin_x = equifast.Group(elements).margin(size, size)
+    images = torch.randint(0, 256, (4, 3, size + 2 * margin_y, size + 2 * margin_x),
+                           dtype=torch.uint8)
+    kwargs = dict(input_size=(size, size), progress=False, bootstrap=0, dtype=torch.float64,
+                  elements_per_chunk=elements_per_chunk, batch_size=4)
+    forward = equifast.measure(net, images, group=equifast.Group(elements), **kwargs)
+    backward = equifast.measure(net, images, group=equifast.Group(elements[::-1]), **kwargs)
+    keys = ["layer", "element", "comparison", "metric"]
+    merged = forward.frame.merge(backward.frame, on=keys, suffixes=("_a", "_b"))
+    assert len(merged) == len(forward.frame) == len(backward.frame)
+    assert set(merged.element) == {e.name for e in elements} | {"mean"}
+    np.testing.assert_allclose(merged.value_a, merged.value_b, rtol=0, atol=1e-12)
+
+
 def test_identity_block_is_forwarded_once_per_batch():
     """Later chunks reuse the identity features of the first forward instead of recomputing."""
     net = _net()
