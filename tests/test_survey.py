@@ -101,6 +101,34 @@ def test_rerun_skips_finished_and_writes_no_duplicate(tmp_path):
         assert rotated.config["elements"] == equifast.parse_group("rotate:90").names
 
 
+def test_a_store_resumed_on_another_kind_of_device_says_the_precisions_mix(tmp_path):
+    """Left to the device, a model runs in float32 on the CPU and under bfloat16 autocast on
+    CUDA, and the device is not part of the configuration: resuming a GPU survey on a CPU (or
+    back) mixes the two in one store, which is said once. Resuming on the same kind, or with a
+    dtype given, says nothing."""
+    import sqlite3
+    import warnings
+
+    store_path = tmp_path / "s.sqlite"
+    _survey(["eqtest_tiny"], store_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _survey(["eqtest_tiny_b"], store_path)  # the same kind of device: nothing to say
+    assert not [w for w in caught if "precision differs" in str(w.message)]
+    with sqlite3.connect(store_path) as connection:  # as if eqtest_tiny had run on a GPU
+        connection.execute("UPDATE runs SET device = 'cuda:0' WHERE model = 'eqtest_tiny'")
+    with pytest.warns(UserWarning, match=r"survey: resnet10t ran on cpu, earlier runs of this "
+                                         r"configuration in .* on cuda; .*precision differs.*"
+                                         r"--dtype float32") as caught:
+        summary = _survey(["resnet10t", "mobilenetv3_small_050"], store_path)
+    assert summary.done == ["resnet10t", "mobilenetv3_small_050"]
+    assert len([w for w in caught if "precision differs" in str(w.message)]) == 1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _survey(["eqtest_tiny"], store_path, dtype=torch.float32)  # a configuration of its own
+    assert not [w for w in caught if "precision differs" in str(w.message)]
+
+
 def test_result_picks_one_configuration_of_a_group(tmp_path, monkeypatch):
     """One model under rotate:90 with channel_map identity and match, align auto, center and a
     pair of offsets, and under translate:4,8 twice (another limit: one configuration). result()

@@ -33,6 +33,7 @@ import socket
 import time
 import traceback as traceback_module
 import uuid
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -731,6 +732,28 @@ def run_survey(
                 leave(name, why)
             return why is None
 
+        # Left to the device, the precision is the device's: float32 on the CPU, bfloat16
+        # autocast on CUDA. The device is not part of the configuration (a survey resumes on
+        # another machine), so a store resumed on the other kind would mix the two: said once.
+        devices_seen = db.device_types_of(key) if measure_kwargs.get("dtype") is None else None
+
+        def note_device(outcome: ModelOutcome) -> None:
+            nonlocal devices_seen
+            if devices_seen is None:
+                return
+            here = str(outcome.result.config.get("device", "cpu")).split(":")[0]
+            others = devices_seen - {here}
+            devices_seen = devices_seen | {here}
+            if others and "cuda" in others | {here}:
+                message = (
+                    f"survey: {outcome.model} ran on {here}, earlier runs of this configuration "
+                    f"in {store} on {', '.join(sorted(others))}; left to the device the "
+                    "precision differs (float32 on the CPU, bfloat16 autocast on CUDA), so the "
+                    "store now holds both. Give a dtype (--dtype float32) to measure in one "
+                    "precision everywhere (a configuration of its own)")
+                warnings.warn(message, stacklevel=3)
+                devices_seen = None  # once per survey
+
         def finish(outcome: ModelOutcome) -> None:
             try:
                 ok = _record(db, outcome, key, group, env_id, config)
@@ -740,6 +763,7 @@ def run_survey(
                 return
             (summary.done if ok else summary.failed).append(outcome.model)
             if ok:
+                note_device(outcome)
                 rate = outcome.result.config.get("images_per_second") or math.nan
                 warning = outcome.result.config.get("warning")
                 if warning:

@@ -544,6 +544,14 @@ class SurveyStore:
         ).fetchone()
         return None if row is None else row[0]
 
+    def device_types_of(self, config_hash: str) -> set[str]:
+        """The device types (``"cpu"``, ``"cuda"``) a configuration's finished runs ran on."""
+        rows = self._connection.execute(
+            "SELECT DISTINCT device FROM runs WHERE config_hash = ? AND status = 'done' "
+            "AND device IS NOT NULL", (config_hash,)
+        ).fetchall()
+        return {str(device).split(":")[0] for (device,) in rows}
+
     def claim(self, model: str, config_hash: str, owner: str,
               retry_failed: bool = False) -> str | None:
         """Claim a ``(model, config)`` pair for the survey ``owner`` before measuring it.
