@@ -578,9 +578,8 @@ def load_model_sized(name: str, input_size: tuple[int, int] | None = None,
 
     timm models that fix their input size when built (ViT, Swin, ...) take ``img_size``,
     torchvision's ViT ``image_size`` (square inputs) and its MaxViT ``input_size``: at a given
-    ``input_size`` they are built
-    for it, so that they run on inputs of that size (and
-    their position embeddings have the matching shape). Models without ``img_size`` (CNNs)
+    ``input_size`` they are built for it, so that they run on inputs of that size (and their
+    position embeddings have the matching shape). Models without such an argument (CNNs)
     take any input size as they are. The command line, the survey and
     ``equifast.measure(name, ...)`` build models by name through this function.
 
