@@ -778,7 +778,8 @@ def measure(
     names, layer_layouts, offsets = probe_layers(module, names, (height, width), layouts or {},
                                                  align, device, model_dtype, seed,
                                                  lenient=is_broad_selection(layers, module),
-                                                 report=probe_report)
+                                                 report=probe_report,
+                                                 by_name=by_name is not None)
     if shard is not None:
         offsets = _dist.agree(offsets, "alignment offsets")
         probe_report["offset_readings"] = _dist.agree(probe_report["offset_readings"],
@@ -1293,7 +1294,7 @@ def _rollback(state: dict[str, _Layer], marks: dict[str, int]) -> None:
 
 def probe_layers(module, names, input_size, overrides, align, device, dtype, seed,
                  lenient: bool = False, report: dict | None = None,
-                 advice: str = PROBE_ADVICE):
+                 advice: str = PROBE_ADVICE, by_name: bool = False):
     """Layouts and grid offsets of the layers, from one probe forward.
 
     With ``align="auto"`` layers the gradient probe of :mod:`equifast.align` (seeded random inputs,
@@ -1304,8 +1305,9 @@ def probe_layers(module, names, input_size, overrides, align, device, dtype, see
     Returns:
         ``(names, layouts, offsets)``: the names without default layers that did not run.
         ``report``, when given, gets ``"stride_probe"`` (:func:`refine_layouts`) and
-        ``"offset_readings"`` (how each offset was found, :func:`find_offsets`). ``advice``:
-        what a failing model's message suggests (:func:`equifast.layers.run_probe`).
+        ``"offset_readings"`` (how each offset was found, :func:`find_offsets`). ``advice``
+        and ``by_name``: what a failing model's message suggests
+        (:func:`equifast.layers.run_probe`).
     """
     per_layer = dict(align) if isinstance(align, Mapping) else {name: align for name in names}
     with_grad = any(per_layer.get(name, "auto") == "auto" for name in names)
@@ -1334,7 +1336,7 @@ def probe_layers(module, names, input_size, overrides, align, device, dtype, see
                 anchors = GridAnchors(module, input_size, probe.shape[0]) if with_grad else None
                 with (global_gates_cut(module) if with_grad else contextlib.nullcontext()), \
                         (anchors or contextlib.nullcontext()):
-                    run_probe(module, probe, hooks, context, advice)
+                    run_probe(module, probe, hooks, context, advice, by_name)
                 names, layouts = measurable_layers(
                     selected, captured, hooks.unmeasurable, input_size, overrides, lenient,
                     prefix_tokens_of(module), token_order_of(module), calls=hooks.calls,

@@ -473,11 +473,13 @@ PROBE_ADVICE = ("If the model is built for another input size, pass input_size=(
 
 
 def run_probe(module: nn.Module, probe: torch.Tensor, hooks: "LayerHooks", context,
-              advice: str = PROBE_ADVICE) -> None:
+              advice: str = PROBE_ADVICE, by_name: bool = False) -> None:
     """One forward of ``probe`` under ``context`` with ``hooks``; a failure of the model itself
     (not of a layer's output) becomes one RuntimeError that names the probe's shape, dtype and
     device and the usual causes, as the engine and the naive loop both report it. ``advice``:
-    what the caller's arguments can change (:data:`PROBE_ADVICE` for ``measure``)."""
+    what the caller's arguments can change (:data:`PROBE_ADVICE` for ``measure``).
+    ``by_name``: the model was built by name, for the probe's size where it takes one (advice
+    to build it so would send the caller round in a circle)."""
     try:
         with context, hooks:
             module(probe)
@@ -487,7 +489,18 @@ def run_probe(module: nn.Module, probe: torch.Tensor, hooks: "LayerHooks", conte
         shape = " x ".join(map(str, probe.shape))
         dtype = str(probe.dtype).replace("torch.", "")
         fixed = fixed_input_size(module)
-        if fixed is not None and tuple(probe.shape[-2:]) != fixed:
+        size = tuple(probe.shape[-2:])
+        if by_name and (fixed is not None or timm_fixes_input_size(module)):
+            # Built by name for this size where it takes one: the size itself is not one the
+            # model can take (windows, attention biases or branches laid out for other sizes).
+            default = fixed if fixed is not None and fixed != size else timm_input_size(module)
+            advice = ("The model was built by name for this input size where it takes one, and "
+                      "does not run at it: its windows, attention biases or branches take only "
+                      "some sizes. Measure at a size it takes"
+                      + (f" (its configuration: {default[0]} x {default[1]}; sizes usually step "
+                         "by its total stride, 32 for most)" if default else "")
+                      + f". {advice}")
+        elif fixed is not None and size != fixed:
             # The input-size advice alone misleads here: input_size=(H, W) was often given.
             advice = (f"The model takes only {fixed[0]} x {fixed[1]} inputs (its patch embedding "
                       "checks the size): build it for the size measured (timm: "

@@ -429,7 +429,8 @@ def lie_derivative(
             lenient=is_broad_selection(layers, module), report=offsets_report,
             # (no dtype argument here: the model's own, widened for 16-bit models)
             advice="If the model is built for another input size, pass input_size=(H, W) (and "
-                   "sources of that size plus a one-pixel margin).")
+                   "sources of that size plus a one-pixel margin).",
+            by_name=resolved.by_name is not None)
         values = {(member, n, g, m): [] for member in members for n in names
                   for g in names_of_generators for m in LIE_METRICS}
         hooked = {(member_name(prefix, n) if prefix else n): (member, n)

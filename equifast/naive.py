@@ -870,9 +870,11 @@ def _resolve_group(group) -> Group:
 
 
 def _probe_layouts(
-    module, names, input_size, overrides, device, dtype, lenient: bool = False
+    module, names, input_size, overrides, device, dtype, lenient: bool = False,
+    by_name: bool = False,
 ) -> dict[str, FeatureLayout]:
-    """Layouts of the layers that can be measured (a broad selection leaves the others out)."""
+    """Layouts of the layers that can be measured (a broad selection leaves the others out).
+    ``by_name``: the model was built by name (what a failing model's message suggests)."""
     shapes: dict[str, torch.Tensor] = {}
 
     def keep(name: str, tensor: torch.Tensor) -> None:
@@ -882,7 +884,7 @@ def _probe_layouts(
     # two different images: a layer whose output does not follow the batch, or does not
     # depend on the input, shows it (engine's probe)
     probe = probe_inputs(input_size, device, dtype, channels=input_channels(module)).detach()
-    run_probe(module, probe, hooks, torch.inference_mode())
+    run_probe(module, probe, hooks, torch.inference_mode(), by_name=by_name)
     _, layouts = measurable_layers(names, shapes, hooks.unmeasurable, input_size, overrides,
                                    lenient, prefix_tokens_of(module), token_order_of(module),
                                    calls=hooks.calls,
@@ -1029,7 +1031,7 @@ def measure(
     names = select_layers(module, layers)
     layer_layouts = _probe_layouts(
         module, names, (height, width), layouts or {}, device, model_dtype,
-        lenient=is_broad_selection(layers, module),
+        lenient=is_broad_selection(layers, module), by_name=resolved.by_name is not None,
     )
     names = [n for n in names if n in layer_layouts]
     readings: dict[str, str] = {}

@@ -567,6 +567,22 @@ def test_a_vit_built_for_another_size_names_the_size_it_takes(implementation):
 
 
 @pytest.mark.parametrize("implementation", ["engine", "naive"])
+def test_a_model_given_by_name_is_not_told_to_be_given_by_name(implementation):
+    """A model given by name is built for the input size where it takes one (img_size); when
+    it still fails there (EfficientFormer's attention biases take no img_size, CoAtNet's
+    windows only some sizes), the advice is a size it takes, not to build it by name or with
+    img_size, which was done."""
+    measure = equifast.measure if implementation == "engine" else naive.measure
+    kwargs = dict(group="rotation", bootstrap=0, progress=False, align="center", limit=2)
+    for name, size in [("efficientformer_l1", 64), ("coatnet_nano_rw_224", (64, 57))]:
+        with pytest.raises(RuntimeError, match=r"(?s)probe input .*built by name for this input "
+                                               r"size.*its configuration: 224 x 224") as caught:
+            measure(name, "samples", input_size=size, **kwargs)
+        assert "give the model by name" not in str(caught.value)
+        assert "img_size=" not in str(caught.value)
+
+
+@pytest.mark.parametrize("implementation", ["engine", "naive"])
 def test_a_levit_built_for_another_size_says_timm_fixes_its_size(implementation):
     """LeViT's attention biases fix its input size, which no patch embedding names: the advice
     comes from timm's configuration (fixed_input_size), without a size."""
