@@ -595,6 +595,8 @@ def load_model_sized(name: str, input_size: tuple[int, int] | None = None,
         TypeError: the model's own, other than its not taking the size (a bad argument in
             ``kwargs``, a constructor that fails at this size): raised, not retried at another
             size.
+        ValueError: the constructor refuses the size (an AssertionError or ValueError of its
+            own), naming the size and the model's message.
     """
     if input_size is None or "img_size" in kwargs or "image_size" in kwargs:
         return load_model(name, **kwargs)
@@ -616,6 +618,17 @@ def load_model_sized(name: str, input_size: tuple[int, int] | None = None,
             # another size.
             if not _rejects_keyword(error, next(iter(sized))):
                 raise
+        except UnknownModelError:
+            raise
+        except (AssertionError, ValueError) as error:
+            # The constructor's own check of the size (NesT: the patch size must divide it;
+            # MaxViT: its partitions must): said with the size, as a survey logs it.
+            from .layers import describe_error
+
+            raise ValueError(f"model {name!r} cannot be built for input size {size[0]} x "
+                             f"{size[1]}: {describe_error(error)}. Measure at a size it takes "
+                             "(its configuration's input_size, or a multiple of its patch size "
+                             "or total stride)") from error
     return load_model(name, **kwargs)
 
 

@@ -206,8 +206,13 @@ def test_load_model_sized_builds_torchvision_vits_for_the_input(
     # size its partitions cannot take is the constructor's own error
     maxvit = load_model_sized("tv:maxvit_t", (448, 448)).model
     assert maxvit.blocks[0].grid_size == (112, 112)
-    with pytest.raises(ValueError, match=r"not divisible by partition size 7"):
+    with pytest.raises(ValueError, match=r"'tv:maxvit_t' cannot be built for input size 112 x "
+                                         r"112: ValueError: .*not divisible by partition size 7"):
         load_model_sized("tv:maxvit_t", (112, 112))
+    # timm's NesT asserts that its patch size divides the size: the same, with the size named
+    with pytest.raises(ValueError, match=r"'nest_tiny' cannot be built for input size 97 x 97: "
+                                         r"AssertionError: `patch_size` must divide `img_size`"):
+        load_model_sized("nest_tiny", (97, 97), pretrained=False)
 
 
 def test_a_features_only_vit_keeps_the_size_it_was_built_for() -> None:
