@@ -751,7 +751,8 @@ def run_survey(
                     "precision differs (float32 on the CPU, bfloat16 autocast on CUDA), so the "
                     "store now holds both. Give a dtype (--dtype float32) to measure in one "
                     "precision everywhere (a configuration of its own)")
-                warnings.warn(message, stacklevel=3)
+                # attributed to run_survey's caller (note_device < finish < run_survey < caller)
+                warnings.warn(message, stacklevel=4)
                 devices_seen = None  # once per survey
 
         def finish(outcome: ModelOutcome) -> None:
