@@ -490,7 +490,12 @@ def run_probe(module: nn.Module, probe: torch.Tensor, hooks: "LayerHooks", conte
         dtype = str(probe.dtype).replace("torch.", "")
         fixed = fixed_input_size(module)
         size = tuple(probe.shape[-2:])
-        if by_name and (fixed is not None or timm_fixes_input_size(module)):
+        if by_name and size[0] != size[1] and getattr(module, "image_size", None) is not None:
+            # torchvision's ViT takes one side (image_size): built by name for square sizes only
+            advice = ("torchvision's ViT takes square inputs only (one image_size); given by "
+                      "name it is built for the size measured when that is square: measure at a "
+                      f"square size. {advice}")
+        elif by_name and (fixed is not None or timm_fixes_input_size(module)):
             # Built by name for this size where it takes one: the size itself is not one the
             # model can take (windows, attention biases or branches laid out for other sizes).
             default = fixed if fixed is not None and fixed != size else timm_input_size(module)

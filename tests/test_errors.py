@@ -580,6 +580,11 @@ def test_a_model_given_by_name_is_not_told_to_be_given_by_name(implementation):
             measure(name, "samples", input_size=size, **kwargs)
         assert "give the model by name" not in str(caught.value)
         assert "img_size=" not in str(caught.value)
+    # torchvision's ViT, built by name for square sizes only: told to measure at one
+    with pytest.raises(RuntimeError, match=r"(?s)Wrong image height.*takes square inputs only.*"
+                                           r"measure at a square size") as caught:
+        measure("tv:vit_b_32", "samples", input_size=(64, 48), **kwargs)
+    assert "give the model by name" not in str(caught.value)
 
 
 @pytest.mark.parametrize("implementation", ["engine", "naive"])
