@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from equifast.data.geometry import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, Preprocess
-from equifast.layers import input_channels
+from equifast.layers import describe_error, input_channels
 
 __all__ = ["LoadedModel", "UnknownModelError", "from_module", "load_model", "load_model_sized",
            "preprocess_for"]
@@ -623,8 +623,6 @@ def load_model_sized(name: str, input_size: tuple[int, int] | None = None,
         except (AssertionError, ValueError) as error:
             # The constructor's own check of the size (NesT: the patch size must divide it;
             # MaxViT: its partitions must): said with the size, as a survey logs it.
-            from .layers import describe_error
-
             raise ValueError(f"model {name!r} cannot be built for input size {size[0]} x "
                              f"{size[1]}: {describe_error(error)}. Measure at a size it takes "
                              "(its configuration's input_size, or a multiple of its patch size "
