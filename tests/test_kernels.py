@@ -960,6 +960,37 @@ def test_transform_large_output_streams_rows(device):
     assert_images_close(got, want, torch.float32)
 
 
+@pytest.mark.parametrize("isa", ["default", "avx2", "best"])
+@pytest.mark.parametrize("width", [8, 13, 24, 31])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_transform_paired_bilinear_rows(device, monkeypatch, isa, width, out_dtype, channels_last):
+    # Bilinear rows whose taps pair up (x1 the byte after x0) in a uint8 source: the AVX-512 copy
+    # gathers each pair as a 32-bit word, eight pixels at a time, and leaves the tail (widths
+    # that are not multiples of eight) to the scalar loop; the other copies copy the pairs
+    # first. A gather reads two bytes beyond a pair, so a row whose last pair ends the source
+    # (the half-pixel shift with a margin of one, last image and channel) takes the scalar loop.
+    # Every output dtype and format, against the reference.
+    if isa != "best":
+        monkeypatch.setenv("EQUIFAST_CPU_ISA", isa)
+    height = 9
+    elements = groups.Translation([(-0.5, -0.5), (0.25, 0.75)]).elements
+    elements += groups.Rotation([7, -12]).elements
+    affines, protocols = image_affines(elements, height, width)
+    for margin in ((1, 1), (3, 4)):
+        src = source_images(torch.uint8, device, 2, height + 2 * margin[0], width + 2 * margin[1])
+        got, want = transform_op(
+            src,
+            affines,
+            protocols,
+            margin,
+            (height, width),
+            out_dtype=out_dtype,
+            channels_last=channels_last,
+        )
+        assert_images_close(got, want, out_dtype)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_transform_rows_of_any_kind_follow_each_other(device, threads):
     # The CPU kernel builds each row's sampling plan in a slot it reuses for the next task's

@@ -162,45 +162,62 @@ struct BilinearTaps {
   bool inside;
 };
 
-// Mirrors the bilinear branch of _reference._sample_plan for the source (sx, sy) (window coords).
-C10_HOST_DEVICE inline BilinearTaps bilinear_taps(double sx, double sy, const SampleGrid& grid) {
+// The weights of bilinear_taps and the top-left neighbour (x0, y0), before any wrapping or
+// clamping.
+C10_HOST_DEVICE inline BilinearTaps bilinear_weights(double sx, double sy, int64_t& x0,
+                                                     int64_t& y0) {
   BilinearTaps taps;
   const double x0f = ::floor(sx);
   const double y0f = ::floor(sy);
   const double fx = sx - x0f;
   const double fy = sy - y0f;
-  const int64_t x0 = static_cast<int64_t>(x0f);
-  const int64_t y0 = static_cast<int64_t>(y0f);
+  x0 = static_cast<int64_t>(x0f);
+  y0 = static_cast<int64_t>(y0f);
   taps.w00 = (1.0 - fy) * (1.0 - fx);
   taps.w01 = (1.0 - fy) * fx;
   taps.w10 = fy * (1.0 - fx);
   taps.w11 = fy * fx;
-  if (grid.wrap) {
-    taps.x0 = wrap_index(x0, grid.bound_w);
-    taps.x1 = wrap_index(x0 + 1, grid.bound_w);
-    taps.y0 = wrap_index(y0, grid.bound_h);
-    taps.y1 = wrap_index(y0 + 1, grid.bound_h);
-    taps.inside = true;
-    return taps;
-  }
+  return taps;
+}
+
+// bilinear_taps for a grid that does not wrap (crop and zero protocols): the neighbours clamped
+// into the grid. Written with bitwise & and | rather than && and ||, and without a branch, so
+// that the CPU kernel's loop over a row's pixels has no control flow and vectorizes.
+C10_HOST_DEVICE inline BilinearTaps bilinear_taps_clamped(double sx, double sy,
+                                                          const SampleGrid& grid) {
+  int64_t x0, y0;
+  BilinearTaps taps = bilinear_weights(sx, sy, x0, y0);
   // Validity of the continuous source, in grid coordinates (the margin added) ...
   const double gx = sx + static_cast<double>(grid.offset_x);
   const double gy = sy + static_cast<double>(grid.offset_y);
   const double last_x = static_cast<double>(grid.size_w - 1);
   const double last_y = static_cast<double>(grid.size_h - 1);
-  bool inside = gx >= -kEdgeTolerance && gx <= last_x + kEdgeTolerance && gy >= -kEdgeTolerance &&
-                gy <= last_y + kEdgeTolerance;
+  const bool in_grid = (gx >= -kEdgeTolerance) & (gx <= last_x + kEdgeTolerance) &
+                       (gy >= -kEdgeTolerance) & (gy <= last_y + kEdgeTolerance);
   // ... and in the window when it is bounded (zero protocol).
-  if (grid.bounded) {
-    inside = inside && sx >= -kEdgeTolerance &&
-             sx <= static_cast<double>(grid.bound_w - 1) + kEdgeTolerance &&
-             sy >= -kEdgeTolerance && sy <= static_cast<double>(grid.bound_h - 1) + kEdgeTolerance;
-  }
+  const bool in_window = (sx >= -kEdgeTolerance) &
+                         (sx <= static_cast<double>(grid.bound_w - 1) + kEdgeTolerance) &
+                         (sy >= -kEdgeTolerance) &
+                         (sy <= static_cast<double>(grid.bound_h - 1) + kEdgeTolerance);
+  const bool inside = in_grid & (in_window | !grid.bounded);
   taps.x0 = clamp_index(x0 + grid.offset_x, grid.size_w);
   taps.x1 = clamp_index(x0 + grid.offset_x + 1, grid.size_w);
   taps.y0 = clamp_index(y0 + grid.offset_y, grid.size_h);
   taps.y1 = clamp_index(y0 + grid.offset_y + 1, grid.size_h);
   taps.inside = inside;
+  return taps;
+}
+
+// Mirrors the bilinear branch of _reference._sample_plan for the source (sx, sy) (window coords).
+C10_HOST_DEVICE inline BilinearTaps bilinear_taps(double sx, double sy, const SampleGrid& grid) {
+  if (!grid.wrap) return bilinear_taps_clamped(sx, sy, grid);
+  int64_t x0, y0;
+  BilinearTaps taps = bilinear_weights(sx, sy, x0, y0);
+  taps.x0 = wrap_index(x0, grid.bound_w);
+  taps.x1 = wrap_index(x0 + 1, grid.bound_w);
+  taps.y0 = wrap_index(y0, grid.bound_h);
+  taps.y1 = wrap_index(y0 + 1, grid.bound_h);
+  taps.inside = true;
   return taps;
 }
 
