@@ -965,19 +965,22 @@ def test_transform_large_output_streams_rows(device):
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_transform_paired_bilinear_rows(device, monkeypatch, isa, width, out_dtype, channels_last):
-    # Bilinear rows whose taps pair up (x1 the byte after x0) in a uint8 source: the AVX-512 copy
-    # gathers each pair as a 32-bit word, eight pixels at a time, and leaves the tail (widths
-    # that are not multiples of eight) to the scalar loop; the other copies copy the pairs
-    # first. A gather reads two bytes beyond a pair, so a row whose last pair ends the source
+    # Bilinear rows whose taps pair up (x1 the byte after x0) in a uint8 source. The AVX-512 copy
+    # reads eight pixels at a time and leaves the tail (widths that are not multiples of eight)
+    # to the scalar loop: through 16-byte windows of at most four source rows and a byte
+    # permutation where the rows are near horizontal and the processor has VBMI (shifts, small
+    # rotations), else by gathering each pair as a 32-bit word (steep rows: the turns by 50 and
+    # -75 degrees, which the margin of 16 keeps inside the source). The other copies copy the
+    # pairs first. Both read bytes beyond the taps, so a row whose last pair ends the source
     # (the half-pixel shift with a margin of one, last image and channel) takes the scalar loop.
     # Every output dtype and format, against the reference.
     if isa != "best":
         monkeypatch.setenv("EQUIFAST_CPU_ISA", isa)
     height = 9
     elements = groups.Translation([(-0.5, -0.5), (0.25, 0.75)]).elements
-    elements += groups.Rotation([7, -12]).elements
+    elements += groups.Rotation([7, -12, 50, -75]).elements
     affines, protocols = image_affines(elements, height, width)
-    for margin in ((1, 1), (3, 4)):
+    for margin in ((1, 1), (3, 4), (16, 16)):
         src = source_images(torch.uint8, device, 2, height + 2 * margin[0], width + 2 * margin[1])
         got, want = transform_op(
             src,
@@ -1043,9 +1046,9 @@ def test_transform_no_normalization_and_batch_one(device):
 )
 @given(
     height=st.integers(1, 10),
-    width=st.integers(1, 10),
+    width=st.integers(1, 26),  # past 8 and 16: the vector loops and their tails
     batch=st.integers(1, 3),
-    margin=st.tuples(st.integers(0, 4), st.integers(0, 4)),
+    margin=st.tuples(st.integers(0, 8), st.integers(0, 8)),
     shifts=st.lists(st.tuples(st.integers(-6, 6), st.integers(-6, 6)), min_size=1, max_size=3),
     angle=st.floats(-180, 180, allow_nan=False),
     fraction=st.floats(-2, 2, allow_nan=False),

@@ -16,6 +16,9 @@
 #define EQUIFAST_TARGET_AVX2 __attribute__((target("avx2,fma"), flatten))
 #define EQUIFAST_TARGET_AVX512 \
   __attribute__((target("avx2,fma,avx512f,avx512vl,avx512dq,avx512bw"), flatten))
+// The AVX-512 set with VBMI's byte permutations (Ice Lake and later; not Skylake-X).
+#define EQUIFAST_TARGET_AVX512_VBMI \
+  __attribute__((target("avx2,fma,avx512f,avx512vl,avx512dq,avx512bw,avx512vbmi"), flatten))
 #else
 #define EQUIFAST_HAVE_AVX2_PATH 0
 #endif
@@ -51,6 +54,16 @@ inline bool use_avx512() {
   __builtin_cpu_init();
   return use_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw");
+#else
+  return false;
+#endif
+}
+
+// Implies use_avx512().
+inline bool use_avx512_vbmi() {
+#if EQUIFAST_HAVE_AVX2_PATH
+  __builtin_cpu_init();
+  return use_avx512() && __builtin_cpu_supports("avx512vbmi");
 #else
   return false;
 #endif

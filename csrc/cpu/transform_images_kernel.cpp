@@ -14,8 +14,11 @@
 // uint8 sources normalize as the reference does, in float64, so integer maps reproduce it bit for
 // bit: through a 256-entry table per channel, or in the AVX2 / AVX-512 copies of the loops
 // (run-time choice, cpu_isa.h) through one float64 fma per value, vectorized, where that fma was
-// checked to equal the table for every byte value. Outputs beyond the last-level cache are
-// written with non-temporal stores.
+// checked to equal the table for every byte value. Bilinear uint8 rows whose taps pair up (x1
+// the byte after x0: inside the source) read their pairs straight into vectors in the AVX-512
+// copy: through 16-byte windows of a few source rows and a byte permutation (AVX-512 VBMI) where
+// the rows are near horizontal, else with 32-bit gathers. Outputs beyond the last-level cache
+// are written with non-temporal stores.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -123,9 +126,9 @@ enum class RowKind {
 
 // The bilinear plan of output row y: offsets and weights [tap][x], as in RowPlan. A loop of its
 // own, over copies of the map and grid and a restrict pointer per tap (parameters: GCC ignores
-// restrict on local variables), so that the stores cannot alias the map, the grid or each other, and the loop vectorizes (with
-// -fno-trapping-math, for floor()); the wrap test is out of the loop. When it did not vectorize,
-// planning took a sixth of a rotation's time at 8 images.
+// restrict on local variables), so that the stores cannot alias the map, the grid or each
+// other, and the loop vectorizes (with -fno-trapping-math, for floor()); the wrap test is out of
+// the loop. When it did not vectorize, planning took a sixth of a rotation's time at 8 images.
 template <bool kWrap>
 inline void plan_bilinear_row(const SourceMap map, const SampleGrid grid, int64_t y, int64_t width,
                               int64_t base, int64_t src_sh, int64_t src_sw,
@@ -162,9 +165,93 @@ struct RowPlan {
   bool paired32 = false;
   std::vector<int32_t> pair_offsets;
   int64_t last_pair_offset = 0;
+  // Paired32 rows whose source lines are near horizontal (small rotations, shears), for the
+  // AVX-512 VBMI loop: for each group of eight pixels the taps lie in at most kWindowRows
+  // source rows and within 16 bytes of one column, so that the loop reads them as 16-byte
+  // windows of those rows (from window_first, window_stride apart), one 64-byte vector, and picks
+  // the eight top and eight bottom pairs out of it with one byte permutation, where gathers
+  // cost a load per pair. window_index: the permutation, [group][32] (pixel i's top pair at bytes
+  // 2i and 2i + 1, its bottom pair at 16 + 2i and 17 + 2i; window row r's bytes are 16r to
+  // 16r + 15). window_rows is 0 where a group does not fit (the loop gathers), else the most any
+  // group needs (every group loads as many); last_window_byte: one past the last byte read,
+  // from the plane.
+  static constexpr int kWindowRows = 4;
+  int window_rows = 0;
+  int64_t window_stride = 0;
+  int64_t last_window_byte = 0;
+  std::vector<int32_t> window_first;
+  std::vector<uint8_t> window_index;
+  std::vector<int32_t> pair_rows, pair_columns;  // build_windows' scratch, [top / bottom][x]
 
   explicit RowPlan(int64_t width)
-      : offsets(4 * width), weights(4 * width), pair_offsets(2 * width) {}
+      : offsets(4 * width),
+        weights(4 * width),
+        pair_offsets(2 * width),
+        window_first(width / 8),
+        window_index(32 * (width / 8)),
+        pair_rows(2 * width),
+        pair_columns(2 * width) {}
+
+  // Fills the windows of a paired32 row (see above); leaves window_rows 0 where a group does not
+  // fit. An offset is row * src_sh + column with the column below src_sh (src_sw is 1). Written
+  // as loops over the row that vectorize: planning is paid once per row for every image and
+  // channel, and a scalar version cost half as much as applying the row to 8 images.
+  void build_windows(int64_t width, int64_t src_sh) {
+    window_rows = 0;
+    const int64_t groups = width / 8;
+    if (groups == 0 || src_sh <= 0 || src_sh > std::numeric_limits<int32_t>::max()) return;
+    // Rows and columns of the top and bottom pairs, [top / bottom][x]: the row from a float64
+    // reciprocal (exact to one, the offsets being below 2^31) and one correction.
+    const double reciprocal = 1.0 / static_cast<double>(src_sh);
+    const int32_t sh = static_cast<int32_t>(src_sh);
+    const int32_t* __restrict offset = pair_offsets.data();
+    int32_t* __restrict row = pair_rows.data();
+    int32_t* __restrict column = pair_columns.data();
+    for (int64_t i = 0; i < 2 * width; ++i) {
+      int32_t r = static_cast<int32_t>(static_cast<double>(offset[i]) * reciprocal);
+      int32_t c = offset[i] - r * sh;
+      r += static_cast<int32_t>(c >= sh) - static_cast<int32_t>(c < 0);
+      row[i] = r;
+      column[i] = offset[i] - r * sh;
+    }
+    int32_t moved = 0;  // pairs whose bottom taps are not below their top taps
+    for (int64_t x = 0; x < width; ++x) {
+      moved += static_cast<int32_t>(column[x] != column[width + x]);
+    }
+    if (moved != 0) return;
+    // A group's window starts at its first top row and first column: along a row of an affine
+    // map the taps' rows and columns are monotone, so those are at one end of the group. Each
+    // pixel's bytes are then checked to lie inside the window all the same.
+    int32_t rows = 1;
+    bool fits = true;
+    for (int64_t g = 0; g < groups; ++g) {
+      const int32_t *top = row + 8 * g, *bottom = row + width + 8 * g, *col = column + 8 * g;
+      const int32_t first_row = std::min(top[0], top[7]);
+      const int32_t first_column = std::min(col[0], col[7]);
+      window_first[g] = first_row * sh + first_column;
+      uint8_t* index = window_index.data() + 32 * g;
+      for (int i = 0; i < 8; ++i) {
+        const int32_t x0 = col[i] - first_column;
+        const int32_t top_row = top[i] - first_row, bottom_row = bottom[i] - first_row;
+        // x1 is the byte after x0: at most byte 15 of a window.
+        fits &= (x0 >= 0) & (x0 <= 14) & (top_row >= 0) & (bottom_row >= top_row);
+        rows = std::max(rows, bottom_row + 1);
+        const int32_t top_byte = 16 * top_row + x0, bottom_byte = 16 * bottom_row + x0;
+        index[2 * i] = static_cast<uint8_t>(top_byte);
+        index[2 * i + 1] = static_cast<uint8_t>(top_byte + 1);
+        index[16 + 2 * i] = static_cast<uint8_t>(bottom_byte);
+        index[17 + 2 * i] = static_cast<uint8_t>(bottom_byte + 1);
+      }
+    }
+    if (!fits || rows > kWindowRows) return;
+    int64_t last = 0;
+    for (int64_t g = 0; g < groups; ++g) {
+      last = std::max(last, window_first[g] + (rows - 1) * src_sh + 16);
+    }
+    window_rows = rows;
+    window_stride = src_sh;
+    last_window_byte = last;
+  }
 
   // An integer map moves the source by a fixed (dx, dy) per output pixel along a row. When both
   // ends of the row are valid, so is every pixel between them (the valid set is a rectangle), and
@@ -197,6 +284,7 @@ struct RowPlan {
     // reads `paired` before it looks at the kind).
     paired = false;
     paired32 = false;
+    window_rows = 0;
     // The sampled grid: the window for circular elements, the whole source otherwise.
     const int64_t base =
         element.window ? problem.margin_y * src_sh + problem.margin_x * src_sw : 0;
@@ -231,9 +319,13 @@ struct RowPlan {
 #endif
     // (Written without early exits, so that these loops vectorize.)
     const int64_t *o00 = o, *o01 = o + width, *o10 = o + 2 * width, *o11 = o + 3 * width;
+    // Pairs whose x1 is not the byte after x0 (counted in an int: a bool does not vectorize).
+    int64_t apart = 0;
     for (int64_t x = 0; x < width; ++x) {
-      paired &= (o01[x] == o00[x] + 1) & (o11[x] == o10[x] + 1);
+      apart += static_cast<int64_t>(o01[x] != o00[x] + 1) |
+               static_cast<int64_t>(o11[x] != o10[x] + 1);
     }
+    paired = paired && apart == 0;
     if (!paired) return;
     int64_t last = 0;
     for (int64_t x = 0; x < width; ++x) last = std::max(last, std::max(o00[x], o10[x]));
@@ -244,6 +336,7 @@ struct RowPlan {
       pair_offsets[x] = static_cast<int32_t>(offsets[x]);
       pair_offsets[width + x] = static_cast<int32_t>(offsets[2 * width + x]);
     }
+    build_windows(width, src_sh);
   }
 };
 
@@ -259,6 +352,8 @@ struct TransformJob {
   // One past the last source element the tensor's view reaches: the vector gathers read a few
   // bytes beyond a tap, and may only where they stay before it.
   const scalar_t* src_end;
+  // Paired bilinear rows may be read through their windows (the processor has AVX-512 VBMI).
+  bool windows;
 };
 
 // Copies `bytes` from src to dst with non-temporal stores where x86 has them: the destination's
@@ -383,23 +478,60 @@ inline void write_line(const ChannelNormalizer<scalar_t, acc_t, kFused>& normali
 }
 
 #if EQUIFAST_HAVE_AVX2_PATH
-// A paired bilinear row of a uint8 plane in the AVX-512 copies, eight pixels at a time, from
-// `begin` (a multiple of 8 below width; the caller writes the tail): each tap pair is gathered as
-// a 32-bit word (its low two bytes: x0, then x1) straight into a vector, where the scalar loop
-// copies the pairs through memory first (about half of a row's time). The arithmetic is the
-// scalar loop's: each tap normalized by an fma, the four weighted in the same order in float64,
-// rounded once. Returns where it stopped.
+// Eight pixels x..x+7 of a paired bilinear row in the AVX-512 loops, from their tap pairs as
+// 32-bit lanes (low two bytes: x0, then x1) of the top and bottom source rows. The arithmetic is
+// the scalar loop's: each tap normalized by an fma, the four weighted in the same order in
+// float64, rounded once.
+template <typename out_t>
+EQUIFAST_TARGET_AVX512 inline void write_paired_pixels_avx512(const RowPlan& plan, int64_t width,
+                                                              __m256i top_pairs,
+                                                              __m256i bottom_pairs, double scale,
+                                                              double shift, int64_t x, out_t* row,
+                                                              int64_t stride) {
+  const double* weights = plan.weights.data() + x;
+  const __m512d vscale = _mm512_set1_pd(scale), vshift = _mm512_set1_pd(shift);
+  const __m256i byte = _mm256_set1_epi32(0xff);
+  // (A lambda here would not inherit the target attribute.)
+  const __m512d v00 =
+      _mm512_fmadd_pd(_mm512_cvtepi32_pd(_mm256_and_si256(top_pairs, byte)), vscale, vshift);
+  const __m512d v01 = _mm512_fmadd_pd(
+      _mm512_cvtepi32_pd(_mm256_and_si256(_mm256_srli_epi32(top_pairs, 8), byte)), vscale,
+      vshift);
+  const __m512d v10 =
+      _mm512_fmadd_pd(_mm512_cvtepi32_pd(_mm256_and_si256(bottom_pairs, byte)), vscale, vshift);
+  const __m512d v11 = _mm512_fmadd_pd(
+      _mm512_cvtepi32_pd(_mm256_and_si256(_mm256_srli_epi32(bottom_pairs, 8), byte)), vscale,
+      vshift);
+  __m512d value = _mm512_mul_pd(v00, _mm512_loadu_pd(weights));
+  value = _mm512_fmadd_pd(v01, _mm512_loadu_pd(weights + width), value);
+  value = _mm512_fmadd_pd(v10, _mm512_loadu_pd(weights + 2 * width), value);
+  value = _mm512_fmadd_pd(v11, _mm512_loadu_pd(weights + 3 * width), value);
+  if constexpr (std::is_same_v<out_t, float>) {
+    if (stride == 1) {
+      _mm256_storeu_ps(row + x, _mm512_cvtpd_ps(value));
+      return;
+    }
+  } else if constexpr (std::is_same_v<out_t, double>) {
+    if (stride == 1) {
+      _mm512_storeu_pd(row + x, value);
+      return;
+    }
+  }
+  alignas(64) double values[8];
+  _mm512_store_pd(values, value);
+  for (int i = 0; i < 8; ++i) row[(x + i) * stride] = static_cast<out_t>(values[i]);
+}
+
+// A paired bilinear row of a uint8 plane in the AVX-512 copies, eight pixels at a time: each tap
+// pair is gathered as a 32-bit word straight into a vector, where the scalar loop copies the
+// pairs through memory first (about half of a row's time). Returns where it stopped (a multiple
+// of 8; the caller writes the tail).
 template <typename out_t>
 EQUIFAST_TARGET_AVX512 int64_t write_paired_row_avx512(const RowPlan& plan, double scale,
                                                        double shift, const uint8_t* plane,
                                                        int64_t width, out_t* row, int64_t stride) {
   const int32_t* top = plan.pair_offsets.data();
   const int32_t* bottom = top + width;
-  const double* weights = plan.weights.data();
-  const double *w00 = weights, *w01 = weights + width, *w10 = weights + 2 * width,
-               *w11 = weights + 3 * width;
-  const __m512d vscale = _mm512_set1_pd(scale), vshift = _mm512_set1_pd(shift);
-  const __m256i byte = _mm256_set1_epi32(0xff);
   const auto* base = reinterpret_cast<const int*>(plane);
   int64_t x = 0;
   for (; x + 8 <= width; x += 8) {
@@ -407,35 +539,47 @@ EQUIFAST_TARGET_AVX512 int64_t write_paired_row_avx512(const RowPlan& plan, doub
         base, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(top + x)), 1);
     const __m256i bottom_pairs = _mm256_i32gather_epi32(
         base, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bottom + x)), 1);
-    // (A lambda here would not inherit the target attribute.)
-    const __m512d v00 = _mm512_fmadd_pd(
-        _mm512_cvtepi32_pd(_mm256_and_si256(top_pairs, byte)), vscale, vshift);
-    const __m512d v01 = _mm512_fmadd_pd(
-        _mm512_cvtepi32_pd(_mm256_and_si256(_mm256_srli_epi32(top_pairs, 8), byte)), vscale,
-        vshift);
-    const __m512d v10 = _mm512_fmadd_pd(
-        _mm512_cvtepi32_pd(_mm256_and_si256(bottom_pairs, byte)), vscale, vshift);
-    const __m512d v11 = _mm512_fmadd_pd(
-        _mm512_cvtepi32_pd(_mm256_and_si256(_mm256_srli_epi32(bottom_pairs, 8), byte)), vscale,
-        vshift);
-    __m512d value = _mm512_mul_pd(v00, _mm512_loadu_pd(w00 + x));
-    value = _mm512_fmadd_pd(v01, _mm512_loadu_pd(w01 + x), value);
-    value = _mm512_fmadd_pd(v10, _mm512_loadu_pd(w10 + x), value);
-    value = _mm512_fmadd_pd(v11, _mm512_loadu_pd(w11 + x), value);
-    if constexpr (std::is_same_v<out_t, float>) {
-      if (stride == 1) {
-        _mm256_storeu_ps(row + x, _mm512_cvtpd_ps(value));
-        continue;
-      }
-    } else if constexpr (std::is_same_v<out_t, double>) {
-      if (stride == 1) {
-        _mm512_storeu_pd(row + x, value);
-        continue;
-      }
+    write_paired_pixels_avx512(plan, width, top_pairs, bottom_pairs, scale, shift, x, row,
+                               stride);
+  }
+  return x;
+}
+
+// The same row through its windows (plan.window_rows > 0, see RowPlan), on processors with
+// AVX-512 VBMI: per group, window_rows 16-byte loads into one vector and one byte permutation
+// give the 16 pairs that two gathers of eight would. Not inlined: the AVX-512 copy that calls
+// it runs where VBMI may be missing (the caller checks).
+template <typename out_t>
+__attribute__((noinline)) EQUIFAST_TARGET_AVX512_VBMI int64_t write_paired_windows_vbmi(
+    const RowPlan& plan, double scale, double shift, const uint8_t* plane, int64_t width,
+    out_t* row, int64_t stride) {
+  const int64_t step = plan.window_stride;
+  const int rows = plan.window_rows;
+  int64_t x = 0;
+  for (; x + 8 <= width; x += 8) {
+    const int64_t g = x / 8;
+    const uint8_t* window = plane + plan.window_first[g];
+    __m512i windows =
+        _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(window)));
+    if (rows > 1) {
+      windows = _mm512_inserti32x4(
+          windows, _mm_loadu_si128(reinterpret_cast<const __m128i*>(window + step)), 1);
     }
-    alignas(64) double values[8];
-    _mm512_store_pd(values, value);
-    for (int i = 0; i < 8; ++i) row[(x + i) * stride] = static_cast<out_t>(values[i]);
+    if (rows > 2) {
+      windows = _mm512_inserti32x4(
+          windows, _mm_loadu_si128(reinterpret_cast<const __m128i*>(window + 2 * step)), 2);
+    }
+    if (rows > 3) {
+      windows = _mm512_inserti32x4(
+          windows, _mm_loadu_si128(reinterpret_cast<const __m128i*>(window + 3 * step)), 3);
+    }
+    const __m256i index =
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(plan.window_index.data() + 32 * g));
+    const __m512i pairs = _mm512_permutexvar_epi8(_mm512_castsi256_si512(index), windows);
+    const __m256i top_pairs = _mm256_cvtepu16_epi32(_mm512_castsi512_si128(pairs));
+    const __m256i bottom_pairs = _mm256_cvtepu16_epi32(_mm512_extracti32x4_epi32(pairs, 1));
+    write_paired_pixels_avx512(plan, width, top_pairs, bottom_pairs, scale, shift, x, row,
+                               stride);
   }
   return x;
 }
@@ -444,8 +588,8 @@ EQUIFAST_TARGET_AVX512 int64_t write_paired_row_avx512(const RowPlan& plan, doub
 template <typename scalar_t, typename out_t, typename acc_t, bool kFused, bool kVectorGather>
 inline void write_row(const RowPlan& plan,
                       const ChannelNormalizer<scalar_t, acc_t, kFused>& normalize,
-                      const scalar_t* plane, const scalar_t* src_end, int64_t width, out_t* row,
-                      int64_t stride, RowScratch<scalar_t>& scratch) {
+                      const scalar_t* plane, const scalar_t* src_end, bool windows,
+                      int64_t width, out_t* row, int64_t stride, RowScratch<scalar_t>& scratch) {
   scalar_t* taps = scratch.taps.data();
   constexpr bool kBytes = std::is_same_v<scalar_t, uint8_t>;
   const int64_t* offsets = plan.offsets.data();
@@ -474,7 +618,11 @@ inline void write_row(const RowPlan& plan,
 #if EQUIFAST_HAVE_AVX2_PATH
   if constexpr (kBytes && kVectorGather) {
     // The gathers read two bytes beyond each pair: only where the source goes on that far.
-    if (plan.paired32 && plane + plan.last_pair_offset + 4 <= src_end) {
+    if (windows && plan.window_rows > 0 && plane + plan.last_window_byte <= src_end) {
+      first = write_paired_windows_vbmi(plan, normalize.scale, normalize.shift, plane, width, row,
+                                        stride);
+      if (first == width) return;
+    } else if (plan.paired32 && plane + plan.last_pair_offset + 4 <= src_end) {
       first = write_paired_row_avx512(plan, normalize.scale, normalize.shift, plane, width, row,
                                       stride);
       if (first == width) return;
@@ -482,6 +630,7 @@ inline void write_row(const RowPlan& plan,
   }
 #else
   (void)src_end;
+  (void)windows;
 #endif
   // The taps' source values, row-major by tap: gathered once, then read with unit stride.
   const int64_t tap_count = plan.kind == RowKind::kBilinear ? 4 : 1;
@@ -600,7 +749,8 @@ inline void transform_range(const TransformJob<scalar_t, out_t>& job,
             write_line(normalize, scratch.block.data() + r * width, 1, width, target, stride);
           } else {
             write_row<scalar_t, out_t, acc_t, kFused, kVectorGather>(
-                plans[r], normalize, plane, job.src_end, width, target, stride, scratch);
+                plans[r], normalize, plane, job.src_end, job.windows, width, target, stride,
+                scratch);
           }
           if (job.stream) stream_copy(row, staged.data(), width * sizeof(out_t));
         }
@@ -642,7 +792,8 @@ void transform_cpu_impl(const at::Tensor& src, const TransformProblem& problem, 
                                           src.stride(0), src.stride(1), src.stride(2),
                                           src.stride(3), out.stride(0), out.stride(1),
                                           out.stride(2), out.stride(3), stream,
-                                          src.const_data_ptr<scalar_t>() + last_element + 1};
+                                          src.const_data_ptr<scalar_t>() + last_element + 1,
+                                          use_avx512_vbmi()};
   const Normalizer<scalar_t, acc_t> normalizer(problem);
   const bool avx2 = use_avx2();
   const bool avx512 = use_avx512();
