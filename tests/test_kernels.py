@@ -973,14 +973,17 @@ def test_transform_paired_bilinear_rows(device, monkeypatch, isa, width, out_dty
     # -75 degrees, which the margin of 16 keeps inside the source). The other copies copy the
     # pairs first. Both read bytes beyond the taps, so a row whose last pair ends the source
     # (the half-pixel shift with a margin of one, last image and channel) takes the scalar loop.
+    # Pixels outside the source (the turns under a margin of 0, as the engine crops rotations)
+    # read their inside neighbours' taps at a weight of 0, so that their rows pair up too.
     # Every output dtype and format, against the reference.
     if isa != "best":
         monkeypatch.setenv("EQUIFAST_CPU_ISA", isa)
     height = 9
     elements = groups.Translation([(-0.5, -0.5), (0.25, 0.75)]).elements
     elements += groups.Rotation([7, -12, 50, -75]).elements
+    elements += groups.Rotation([20], protocol="zero").elements
     affines, protocols = image_affines(elements, height, width)
-    for margin in ((1, 1), (3, 4), (16, 16)):
+    for margin in ((0, 0), (1, 1), (3, 4), (16, 16)):
         src = source_images(torch.uint8, device, 2, height + 2 * margin[0], width + 2 * margin[1])
         got, want = transform_op(
             src,

@@ -192,6 +192,36 @@ struct RowPlan {
         pair_rows(2 * width),
         pair_columns(2 * width) {}
 
+  // A pixel outside the source reads the fill: its four weights are 0, so its taps may be any
+  // bytes of the plane. Its taps clamped at the source's edges are not a pair (x0 and x1 the same
+  // column), and would leave the whole row to the scalar loop; the engine crops rotations with a
+  // margin of 0, so that nearly every row of a rotation has such pixels. Each outside pixel takes
+  // the taps of the nearest inside pixel to its left (to its right before the first one). Only
+  // for uint8 sources: a float source may hold a NaN or an infinity, which a weight of 0 does
+  // not cancel, and the reference reads the clamped taps.
+  void borrow_outside_taps(int64_t width) {
+    int64_t* o = offsets.data();
+    const double* w = weights.data();
+    const auto outside = [&](int64_t x) {
+      return w[x] == 0.0 && w[width + x] == 0.0 && w[2 * width + x] == 0.0 &&
+             w[3 * width + x] == 0.0;
+    };
+    const auto take = [&](int64_t x, int64_t from) {
+      for (int t = 0; t < 4; ++t) o[t * width + x] = o[t * width + from];
+    };
+    int64_t inside = -1;
+    for (int64_t x = 0; x < width; ++x) {
+      if (!outside(x)) {
+        if (inside < 0) {
+          for (int64_t before = 0; before < x; ++before) take(before, x);
+        }
+        inside = x;
+      } else if (inside >= 0) {
+        take(x, inside);
+      }
+    }
+  }
+
   // Fills the windows of a paired32 row (see above); leaves window_rows 0 where a group does not
   // fit. An offset is row * src_sh + column with the column below src_sh (src_sw is 1). Written
   // as loops over the row that vectorize: planning is paid once per row for every image and
@@ -277,8 +307,10 @@ struct RowPlan {
     return true;
   }
 
+  // `borrow_outside`: outside pixels take their taps from an inside neighbour (uint8 sources, see
+  // borrow_outside_taps).
   void build(const TransformProblem& problem, const TransformElement& element, int64_t y,
-             int64_t src_sh, int64_t src_sw) {
+             int64_t src_sh, int64_t src_sw, bool borrow_outside) {
     const int64_t width = problem.out_w;
     // A plan is rebuilt for rows of any element: nothing of the last row's kind may stay (write_row
     // reads `paired` before it looks at the kind).
@@ -312,6 +344,7 @@ struct RowPlan {
                               o + width, o + 2 * width, o + 3 * width, w, w + width,
                               w + 2 * width, w + 3 * width);
     }
+    if (borrow_outside) borrow_outside_taps(width);
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
     paired = src_sw == 1;  // the pair loop reads x0 as the low byte of a 16-bit load
 #else
@@ -727,7 +760,7 @@ inline void transform_range(const TransformJob<scalar_t, out_t>& job,
     const int64_t e = task % elements, y0 = (task / elements) * kRowBlock;
     const int64_t rows = std::min(kRowBlock, problem.out_h - y0);
     for (int64_t r = 0; r < rows; ++r) {
-      plans[r].build(problem, problem.elements[e], y0 + r, job.src_sh, job.src_sw);
+      plans[r].build(problem, problem.elements[e], y0 + r, job.src_sh, job.src_sw, kBytes);
     }
     const int64_t order = kBytes ? quarter_turn_order(plans, rows) : 0;
     for (int64_t b = 0; b < batch; ++b) {
