@@ -47,9 +47,6 @@
 #include "equifast/transform_args.h"
 #include "cpu_isa.h"
 
-
-
-
 namespace equifast {
 namespace {
 
@@ -152,6 +149,11 @@ inline void plan_bilinear_row(const SourceMap map, const SampleGrid grid, int64_
     w11[x] = t.w11 * inside;
   }
 }
+
+// What the loops that apply a bilinear uint8 plan read besides its offsets and weights: nothing
+// (the SSE2 and AVX2 copies), the int32 pair offsets (the AVX-512 copy's gathers), or those and
+// the windows (with AVX-512 VBMI). A plan builds no more than its copy reads.
+enum class VectorPairs { kNone, kGathers, kWindows };
 
 struct RowPlan {
   RowKind kind = RowKind::kLine;
@@ -308,9 +310,9 @@ struct RowPlan {
   }
 
   // `borrow_outside`: outside pixels take their taps from an inside neighbour (uint8 sources, see
-  // borrow_outside_taps).
+  // borrow_outside_taps). `vector_pairs`: what of a paired row the applying copy reads.
   void build(const TransformProblem& problem, const TransformElement& element, int64_t y,
-             int64_t src_sh, int64_t src_sw, bool borrow_outside) {
+             int64_t src_sh, int64_t src_sw, bool borrow_outside, VectorPairs vector_pairs) {
     const int64_t width = problem.out_w;
     // A plan is rebuilt for rows of any element: nothing of the last row's kind may stay (write_row
     // reads `paired` before it looks at the kind).
@@ -359,7 +361,7 @@ struct RowPlan {
                static_cast<int64_t>(o11[x] != o10[x] + 1);
     }
     paired = paired && apart == 0;
-    if (!paired) return;
+    if (!paired || vector_pairs == VectorPairs::kNone) return;
     int64_t last = 0;
     for (int64_t x = 0; x < width; ++x) last = std::max(last, std::max(o00[x], o10[x]));
     paired32 = last <= std::numeric_limits<int32_t>::max() - 4;
@@ -369,7 +371,7 @@ struct RowPlan {
       pair_offsets[x] = static_cast<int32_t>(offsets[x]);
       pair_offsets[width + x] = static_cast<int32_t>(offsets[2 * width + x]);
     }
-    build_windows(width, src_sh);
+    if (vector_pairs == VectorPairs::kWindows) build_windows(width, src_sh);
   }
 };
 
@@ -621,8 +623,8 @@ __attribute__((noinline)) EQUIFAST_TARGET_AVX512_VBMI int64_t write_paired_windo
 template <typename scalar_t, typename out_t, typename acc_t, bool kFused, bool kVectorGather>
 inline void write_row(const RowPlan& plan,
                       const ChannelNormalizer<scalar_t, acc_t, kFused>& normalize,
-                      const scalar_t* plane, const scalar_t* src_end, bool windows,
-                      int64_t width, out_t* row, int64_t stride, RowScratch<scalar_t>& scratch) {
+                      const scalar_t* plane, const scalar_t* src_end, int64_t width, out_t* row,
+                      int64_t stride, RowScratch<scalar_t>& scratch) {
   scalar_t* taps = scratch.taps.data();
   constexpr bool kBytes = std::is_same_v<scalar_t, uint8_t>;
   const int64_t* offsets = plan.offsets.data();
@@ -650,8 +652,9 @@ inline void write_row(const RowPlan& plan,
   int64_t first = 0;
 #if EQUIFAST_HAVE_AVX2_PATH
   if constexpr (kBytes && kVectorGather) {
-    // The gathers read two bytes beyond each pair: only where the source goes on that far.
-    if (windows && plan.window_rows > 0 && plane + plan.last_window_byte <= src_end) {
+    // Both read bytes beyond the taps: only where the source goes on that far. (Windows are
+    // planned only where the processor has VBMI.)
+    if (plan.window_rows > 0 && plane + plan.last_window_byte <= src_end) {
       first = write_paired_windows_vbmi(plan, normalize.scale, normalize.shift, plane, width, row,
                                         stride);
       if (first == width) return;
@@ -663,7 +666,6 @@ inline void write_row(const RowPlan& plan,
   }
 #else
   (void)src_end;
-  (void)windows;
 #endif
   // The taps' source values, row-major by tap: gathered once, then read with unit stride.
   const int64_t tap_count = plan.kind == RowKind::kBilinear ? 4 : 1;
@@ -754,13 +756,17 @@ inline void transform_range(const TransformJob<scalar_t, out_t>& job,
   const int64_t batch = problem.batch, width = problem.out_w;
   const int64_t elements = static_cast<int64_t>(problem.elements.size());
   std::vector<RowPlan> plans(kRowBlock, RowPlan(width));
+  const VectorPairs vector_pairs = !(kBytes && kVectorGather) ? VectorPairs::kNone
+                                   : job.windows              ? VectorPairs::kWindows
+                                                              : VectorPairs::kGathers;
   RowScratch<scalar_t> scratch(width);
   std::vector<out_t> staged(job.stream ? width : 0);
   for (int64_t task = begin; task < end; ++task) {
     const int64_t e = task % elements, y0 = (task / elements) * kRowBlock;
     const int64_t rows = std::min(kRowBlock, problem.out_h - y0);
     for (int64_t r = 0; r < rows; ++r) {
-      plans[r].build(problem, problem.elements[e], y0 + r, job.src_sh, job.src_sw, kBytes);
+      plans[r].build(problem, problem.elements[e], y0 + r, job.src_sh, job.src_sw, kBytes,
+                     vector_pairs);
     }
     const int64_t order = kBytes ? quarter_turn_order(plans, rows) : 0;
     for (int64_t b = 0; b < batch; ++b) {
@@ -782,8 +788,7 @@ inline void transform_range(const TransformJob<scalar_t, out_t>& job,
             write_line(normalize, scratch.block.data() + r * width, 1, width, target, stride);
           } else {
             write_row<scalar_t, out_t, acc_t, kFused, kVectorGather>(
-                plans[r], normalize, plane, job.src_end, job.windows, width, target, stride,
-                scratch);
+                plans[r], normalize, plane, job.src_end, width, target, stride, scratch);
           }
           if (job.stream) stream_copy(row, staged.data(), width * sizeof(out_t));
         }
