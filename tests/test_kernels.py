@@ -942,22 +942,38 @@ def test_transform_quarter_turns_and_flips_are_exact(device, height, width, src_
         assert torch.equal(got.cpu(), want)
 
 
-def test_transform_large_output_streams_rows(device):
-    # Outputs beyond the last-level cache (32 MB) are written with non-temporal stores on the
-    # CPU, through a staged row: an odd width leaves rows unaligned, so the copy's head and tail
-    # run too. Integer maps stay bit for bit; a rotation by 10 degrees goes through the bilinear
-    # rows.
-    size, margin = (457, 511), (2, 3)
+@pytest.mark.parametrize("stream_bytes", ["0", "1048576", "", None])
+def test_transform_large_output_streams_rows(device, monkeypatch, stream_bytes):
+    # Outputs of at least EQUIFAST_STREAM_BYTES (default: the size of the last-level cache) are
+    # written with non-temporal stores on the CPU, through a staged row: an odd width leaves rows
+    # unaligned, so the copy's head and tail run too. "0" streams every output, 1 MiB this one
+    # (about 2.5 MB), "" and unset leave it to the cache size. Integer maps stay bit for bit; a
+    # rotation by 10 degrees goes through the bilinear rows.
+    if stream_bytes is None:
+        monkeypatch.delenv("EQUIFAST_STREAM_BYTES", raising=False)
+    else:
+        monkeypatch.setenv("EQUIFAST_STREAM_BYTES", stream_bytes)
+    size, margin = (97, 131), (2, 3)
     elements = groups.Translation([(1, -2), (-3, 0)]).elements + groups.Flip("vertical").elements
     elements += groups.Rotation([10]).elements
     affines, protocols = image_affines(elements, *size)
     src = source_images(torch.uint8, device, 3, size[0] + 4, size[1] + 6)
     out_bytes = len(protocols) * 3 * 3 * size[0] * size[1] * 4
-    assert out_bytes > 32 << 20
+    assert out_bytes > 1 << 21
     got, want = transform_op(src, affines, protocols, margin, size)
     exact = 4 * 3  # the identity, two translations and the flip, 3 images each
     assert torch.equal(got[:exact].cpu(), want[:exact])
     assert_images_close(got, want, torch.float32)
+
+
+@pytest.mark.parametrize("value", ["-1", "32MB", "1e6", "99999999999999999999"])
+def test_transform_stream_bytes_must_be_bytes(monkeypatch, value):
+    monkeypatch.setenv("EQUIFAST_STREAM_BYTES", value)
+    src = source_images(torch.uint8, torch.device("cpu"), 1, 8, 8)
+    affines, protocols = image_affines(groups.Rotation([90]).elements, 8, 8)
+    expected = f"EQUIFAST_STREAM_BYTES must be a number of bytes .* but got '{value}'"
+    with pytest.raises(RuntimeError, match=expected):
+        transform_op(src, affines, protocols, (0, 0), (8, 8))
 
 
 @pytest.mark.parametrize("isa", ["default", "avx2", "best"])

@@ -26,12 +26,18 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <unistd.h>  // sysconf
+#endif
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
@@ -513,30 +519,23 @@ inline void write_line(const ChannelNormalizer<scalar_t, acc_t, kFused>& normali
 }
 
 #if EQUIFAST_HAVE_AVX2_PATH
-// Eight pixels x..x+7 of a paired bilinear row in the AVX-512 loops, from their tap pairs as
-// 32-bit lanes (low two bytes: x0, then x1) of the top and bottom source rows. The arithmetic is
-// the scalar loop's: each tap normalized by an fma, the four weighted in the same order in
+// Eight pixels x..x+7 of a paired bilinear row in the AVX-512 loops, from the byte values of
+// their four taps (t00, t01: the top pair; t10, t11: the bottom pair) as float64. The arithmetic
+// is the scalar loop's: each tap normalized by an fma, the four weighted in the same order in
 // float64, rounded once.
 template <typename out_t>
-EQUIFAST_TARGET_AVX512 inline void write_paired_pixels_avx512(const RowPlan& plan, int64_t width,
-                                                              __m256i top_pairs,
-                                                              __m256i bottom_pairs, double scale,
-                                                              double shift, int64_t x, out_t* row,
-                                                              int64_t stride) {
+EQUIFAST_TARGET_AVX512 inline void write_bilinear_pixels_avx512(const RowPlan& plan, int64_t width,
+                                                                __m512d t00, __m512d t01,
+                                                                __m512d t10, __m512d t11,
+                                                                double scale, double shift,
+                                                                int64_t x, out_t* row,
+                                                                int64_t stride) {
   const double* weights = plan.weights.data() + x;
   const __m512d vscale = _mm512_set1_pd(scale), vshift = _mm512_set1_pd(shift);
-  const __m256i byte = _mm256_set1_epi32(0xff);
-  // (A lambda here would not inherit the target attribute.)
-  const __m512d v00 =
-      _mm512_fmadd_pd(_mm512_cvtepi32_pd(_mm256_and_si256(top_pairs, byte)), vscale, vshift);
-  const __m512d v01 = _mm512_fmadd_pd(
-      _mm512_cvtepi32_pd(_mm256_and_si256(_mm256_srli_epi32(top_pairs, 8), byte)), vscale,
-      vshift);
-  const __m512d v10 =
-      _mm512_fmadd_pd(_mm512_cvtepi32_pd(_mm256_and_si256(bottom_pairs, byte)), vscale, vshift);
-  const __m512d v11 = _mm512_fmadd_pd(
-      _mm512_cvtepi32_pd(_mm256_and_si256(_mm256_srli_epi32(bottom_pairs, 8), byte)), vscale,
-      vshift);
+  const __m512d v00 = _mm512_fmadd_pd(t00, vscale, vshift);
+  const __m512d v01 = _mm512_fmadd_pd(t01, vscale, vshift);
+  const __m512d v10 = _mm512_fmadd_pd(t10, vscale, vshift);
+  const __m512d v11 = _mm512_fmadd_pd(t11, vscale, vshift);
   __m512d value = _mm512_mul_pd(v00, _mm512_loadu_pd(weights));
   value = _mm512_fmadd_pd(v01, _mm512_loadu_pd(weights + width), value);
   value = _mm512_fmadd_pd(v10, _mm512_loadu_pd(weights + 2 * width), value);
@@ -555,6 +554,24 @@ EQUIFAST_TARGET_AVX512 inline void write_paired_pixels_avx512(const RowPlan& pla
   alignas(64) double values[8];
   _mm512_store_pd(values, value);
   for (int i = 0; i < 8; ++i) row[(x + i) * stride] = static_cast<out_t>(values[i]);
+}
+
+// The same from tap pairs as 32-bit lanes (low two bytes: x0, then x1) of the top and bottom
+// source rows.
+template <typename out_t>
+EQUIFAST_TARGET_AVX512 inline void write_paired_pixels_avx512(const RowPlan& plan, int64_t width,
+                                                              __m256i top_pairs,
+                                                              __m256i bottom_pairs, double scale,
+                                                              double shift, int64_t x, out_t* row,
+                                                              int64_t stride) {
+  const __m256i byte = _mm256_set1_epi32(0xff);
+  // (A lambda here would not inherit the target attribute.)
+  const __m512d t00 = _mm512_cvtepi32_pd(_mm256_and_si256(top_pairs, byte));
+  const __m512d t01 = _mm512_cvtepi32_pd(_mm256_and_si256(_mm256_srli_epi32(top_pairs, 8), byte));
+  const __m512d t10 = _mm512_cvtepi32_pd(_mm256_and_si256(bottom_pairs, byte));
+  const __m512d t11 =
+      _mm512_cvtepi32_pd(_mm256_and_si256(_mm256_srli_epi32(bottom_pairs, 8), byte));
+  write_bilinear_pixels_avx512(plan, width, t00, t01, t10, t11, scale, shift, x, row, stride);
 }
 
 // A paired bilinear row of a uint8 plane in the AVX-512 copies, eight pixels at a time: each tap
@@ -590,6 +607,14 @@ __attribute__((noinline)) EQUIFAST_TARGET_AVX512_VBMI int64_t write_paired_windo
     out_t* row, int64_t stride) {
   const int64_t step = plan.window_stride;
   const int rows = plan.window_rows;
+  // Byte 8i of spread_t (the low byte of 64-bit lane i) picks tap t of pixel i from the pairs:
+  // top x0 at byte 2i, top x1 at 2i + 1, bottom x0 at 16 + 2i, bottom x1 at 17 + 2i.
+  constexpr __mmask64 kLowBytes = 0x0101010101010101ULL;
+  const __m512i lane = _mm512_set_epi64(14, 12, 10, 8, 6, 4, 2, 0);  // 2i
+  const __m512i spread00 = lane;
+  const __m512i spread01 = _mm512_add_epi64(lane, _mm512_set1_epi64(1));
+  const __m512i spread10 = _mm512_add_epi64(lane, _mm512_set1_epi64(16));
+  const __m512i spread11 = _mm512_add_epi64(lane, _mm512_set1_epi64(17));
   int64_t x = 0;
   for (; x + 8 <= width; x += 8) {
     const int64_t g = x / 8;
@@ -611,10 +636,14 @@ __attribute__((noinline)) EQUIFAST_TARGET_AVX512_VBMI int64_t write_paired_windo
     const __m256i index =
         _mm256_loadu_si256(reinterpret_cast<const __m256i*>(plan.window_index.data() + 32 * g));
     const __m512i pairs = _mm512_permutexvar_epi8(_mm512_castsi256_si512(index), windows);
-    const __m256i top_pairs = _mm256_cvtepu16_epi32(_mm512_castsi512_si128(pairs));
-    const __m256i bottom_pairs = _mm256_cvtepu16_epi32(_mm512_extracti32x4_epi32(pairs, 1));
-    write_paired_pixels_avx512(plan, width, top_pairs, bottom_pairs, scale, shift, x, row,
-                               stride);
+    // Each tap's eight bytes into the low bytes of eight 64-bit lanes, zero above, by a second
+    // permutation that zeroes the bytes it does not pick: one conversion of 64-bit integers per
+    // tap, where widening 16-bit pairs and parting their bytes cost three times the instructions.
+    const __m512d t00 = _mm512_cvtepi64_pd(_mm512_maskz_permutexvar_epi8(kLowBytes, spread00, pairs));
+    const __m512d t01 = _mm512_cvtepi64_pd(_mm512_maskz_permutexvar_epi8(kLowBytes, spread01, pairs));
+    const __m512d t10 = _mm512_cvtepi64_pd(_mm512_maskz_permutexvar_epi8(kLowBytes, spread10, pairs));
+    const __m512d t11 = _mm512_cvtepi64_pd(_mm512_maskz_permutexvar_epi8(kLowBytes, spread11, pairs));
+    write_bilinear_pixels_avx512(plan, width, t00, t01, t10, t11, scale, shift, x, row, stride);
   }
   return x;
 }
@@ -814,15 +843,39 @@ EQUIFAST_TARGET_AVX512 void transform_range_avx512(const TransformJob<scalar_t, 
 }
 #endif
 
+// Outputs of at least this many bytes are written with non-temporal stores. They pay off only
+// once the output is beyond the last-level cache (it is written once, then read by the model);
+// below that they cost more than ordinary stores, which leave the output in cache. Measured
+// with 8 images of 224 px (reused pages, 2 threads; one block is 4.8 MB): on a Xeon with 260 MB
+// of L3, 7 identity blocks (34 MB) 1.31 ms against 2.17 ms streamed, 9 blocks of translations
+// (43 MB) 1.68 ms against 2.84 ms; on an EPYC with 32 MB of L3 per core complex, 22 MB 1.23 ms
+// against 1.43 ms streamed, 43 MB 3.13 ms against 2.76 ms. Hence the size of the last-level
+// cache as glibc reports it (what its own memcpy goes by), 32 MiB where it reports none, and
+// EQUIFAST_STREAM_BYTES (bytes, read on every call) in its place where that size misleads: a
+// virtual machine may be shown its host's cache (and the tests set it, to run both paths).
+inline size_t stream_threshold_bytes() {
+  if (const char* value = std::getenv("EQUIFAST_STREAM_BYTES"); value != nullptr && *value) {
+    char* end = nullptr;
+    errno = 0;
+    const long long bytes = std::strtoll(value, &end, 10);
+    TORCH_CHECK(errno == 0 && *end == '\0' && bytes >= 0,
+                "EQUIFAST_STREAM_BYTES must be a number of bytes (an integer of 0 or more), but "
+                "got '", value, "'.");
+    return static_cast<size_t>(bytes);
+  }
+  static const size_t last_level_cache = [] {
+    long bytes = -1;
+#if defined(_SC_LEVEL3_CACHE_SIZE)
+    bytes = sysconf(_SC_LEVEL3_CACHE_SIZE);
+#endif
+    return bytes > 0 ? static_cast<size_t>(bytes) : size_t{32} << 20;
+  }();
+  return last_level_cache;
+}
+
 template <typename scalar_t, typename out_t, typename acc_t>
 void transform_cpu_impl(const at::Tensor& src, const TransformProblem& problem, at::Tensor& out) {
-  // Non-temporal stores pay off once the output is beyond the last-level cache (it is written
-  // once and read later, by the model); they need rows contiguous in memory. Measured on a 2-core
-  // EPYC with 32 MB of L3, 9 blocks of 224 px written then summed: streamed 1.43 ms against
-  // 1.23 ms at 22 MB, 2.76 ms against 3.13 ms at 43 MB. (glibc reports the host's cache sizes
-  // inside a VM, hence a constant.)
-  constexpr int64_t kStreamBytes = int64_t{32} << 20;
-  const bool stream = out.stride(3) == 1 && out.nbytes() >= kStreamBytes;
+  const bool stream = out.stride(3) == 1 && out.nbytes() >= stream_threshold_bytes();
   int64_t last_element = 0;  // of the source's view (torch strides are not negative)
   for (int64_t d = 0; d < src.dim(); ++d) last_element += (src.size(d) - 1) * src.stride(d);
   const TransformJob<scalar_t, out_t> job{problem,       src.const_data_ptr<scalar_t>(),
