@@ -991,6 +991,8 @@ def test_transform_paired_bilinear_rows(device, monkeypatch, isa, width, out_dty
     # (the half-pixel shift with a margin of one, last image and channel) takes the scalar loop.
     # Pixels outside the source (the turns under a margin of 0, as the engine crops rotations)
     # read their inside neighbours' taps at a weight of 0, so that their rows pair up too.
+    # Two source maps that shrink by about 2 (custom maps, slightly turned) put a window's last
+    # pair at its bytes 14 and 15, and just past them, where the row must gather instead.
     # Every output dtype and format, against the reference.
     if isa != "best":
         monkeypatch.setenv("EQUIFAST_CPU_ISA", isa)
@@ -999,6 +1001,12 @@ def test_transform_paired_bilinear_rows(device, monkeypatch, isa, width, out_dty
     elements += groups.Rotation([7, -12, 50, -75]).elements
     elements += groups.Rotation([20], protocol="zero").elements
     affines, protocols = image_affines(elements, height, width)
+    shrinks = []
+    for scale, turn in ((2.05, 0.03), (2.15, -0.02)):
+        c, s = scale * np.cos(turn), scale * np.sin(turn)
+        shrinks.append([[c, -s, 0.3], [s, c, 0.45]])
+    affines = torch.cat([affines, torch.tensor(shrinks, dtype=affines.dtype)])
+    protocols = protocols + [protocols[-2]] * len(shrinks)  # cropped, as the rotations
     for margin in ((0, 0), (1, 1), (3, 4), (16, 16)):
         src = source_images(torch.uint8, device, 2, height + 2 * margin[0], width + 2 * margin[1])
         got, want = transform_op(
