@@ -935,12 +935,13 @@ EQUIFAST_TARGET_AVX512 void transform_range_avx512(const TransformJob<scalar_t, 
 
 // Outputs of at least this many bytes are written with non-temporal stores. They pay off only
 // once the output is beyond the last-level cache (it is written once, then read by the model);
-// below that they cost more than ordinary stores, which leave the output in cache. Measured
-// with 8 images of 224 px (reused pages, 2 threads; one block is 4.8 MB): on a Xeon with 260 MB
-// of L3, 7 identity blocks (34 MB) 1.31 ms against 2.17 ms streamed, 9 blocks of translations
-// (43 MB) 1.68 ms against 2.84 ms; on an EPYC with 32 MB of L3 per core complex, 22 MB 1.23 ms
-// against 1.43 ms streamed, 43 MB 3.13 ms against 2.76 ms. Hence the size of the last-level
-// cache as glibc reports it (what its own memcpy goes by), 32 MiB where it reports none, and
+// below that they cost more than ordinary stores, which leave the output in cache. Measured with
+// 8 images of 224 px on 2 threads (one block is 4.8 MB): on a Xeon with 260 MB of L3, 7 identity
+// blocks (34 MB) 1.31 ms against 2.17 ms streamed, 9 blocks of translations (43 MB) 1.68 ms
+// against 2.84 ms, and with fresh pages (bench_ops.py) 12.4-14.2 ms against 15.6-16.4 ms; on a
+// 2-core EPYC with 32 MB of L3 (9 blocks written, then summed), 22 MB 1.23 ms against 1.43 ms
+// streamed, 43 MB 3.13 ms against 2.76 ms. Hence the size of the last-level cache as glibc
+// reports it (what its own memcpy goes by), 32 MiB where it reports none, and
 // EQUIFAST_STREAM_BYTES (bytes, read on every call) in its place where that size misleads: a
 // virtual machine may be shown its host's cache (and the tests set it, to run both paths).
 inline size_t stream_threshold_bytes() {
@@ -965,6 +966,7 @@ inline size_t stream_threshold_bytes() {
 
 template <typename scalar_t, typename out_t, typename acc_t>
 void transform_cpu_impl(const at::Tensor& src, const TransformProblem& problem, at::Tensor& out) {
+  // (The staged rows are copied out whole: rows contiguous in memory only.)
   const bool stream = out.stride(3) == 1 && out.nbytes() >= stream_threshold_bytes();
   int64_t last_element = 0;  // of the source's view (torch strides are not negative)
   for (int64_t d = 0; d < src.dim(); ++d) last_element += (src.size(d) - 1) * src.stride(d);
