@@ -130,6 +130,7 @@ EQUIFAST_TARGET_AVX512 inline int32_t plan_windows_avx512(const int32_t* rows,
                                                           int32_t* window_first,
                                                           uint8_t* window_index) {
   const __m256i zero = _mm256_setzero_si256(), last_x0 = _mm256_set1_epi32(14);
+  const __m256i k257 = _mm256_set1_epi32(257), k256 = _mm256_set1_epi32(256);
   __m256i deepest = zero;  // bottom rows, as rows below each group's first
   __mmask8 misfit = 0;
   for (int64_t g = 0; g < width / 8; ++g) {
@@ -154,7 +155,6 @@ EQUIFAST_TARGET_AVX512 inline int32_t plan_windows_avx512(const int32_t* rows,
     deepest = _mm256_max_epi32(deepest, bottom_row);
     // Window row r's bytes are 16r to 16r + 15. A pair's bytes b and b + 1 as one 16-bit lane,
     // b + 256 (b + 1) = 257 b + 256, narrowed (truncating) into pixel i's bytes 2i and 2i + 1.
-    const __m256i k257 = _mm256_set1_epi32(257), k256 = _mm256_set1_epi32(256);
     const __m256i top_byte = _mm256_add_epi32(_mm256_slli_epi32(top_row, 4), x0);
     const __m256i bottom_byte = _mm256_add_epi32(_mm256_slli_epi32(bottom_row, 4), x0);
     uint8_t* index = window_index + 32 * g;
@@ -259,7 +259,7 @@ struct RowPlan {
   // bytes of the plane. Its taps clamped at the source's edges are not a pair (x0 and x1 the same
   // column), and would leave the whole row to the scalar loop; the engine crops rotations with a
   // margin of 0, so that nearly every row of a rotation has such pixels. Each outside pixel takes
-  // the taps of the nearest inside pixel to its left (to its right before the first one). Only
+  // the taps of the nearest inside pixel (see below). Only
   // for uint8 sources: a float source may hold a NaN or an infinity, which a weight of 0 does
   // not cancel, and the reference reads the clamped taps.
   void borrow_outside_taps(int64_t width) {
@@ -286,30 +286,14 @@ struct RowPlan {
       gaps += static_cast<int64_t>(w00[x] == 0.0) & static_cast<int64_t>(w01[x] == 0.0) &
               static_cast<int64_t>(w10[x] == 0.0) & static_cast<int64_t>(w11[x] == 0.0);
     }
-    if (gaps == 0) {
-      for (int t = 0; t < 4; ++t) {
-        int64_t* tap = o + t * width;
-        const int64_t before = tap[first], after = tap[last];
-        for (int64_t x = 0; x < first; ++x) tap[x] = before;
-        for (int64_t x = last + 1; x < width; ++x) tap[x] = after;
-      }
-      return;
-    }
-    // Not one run (not seen from an affine map; kept for any other): the nearest inside pixel
-    // to the left, to the right before the first one.
-    const auto take = [&](int64_t x, int64_t from) {
-      for (int t = 0; t < 4; ++t) o[t * width + x] = o[t * width + from];
-    };
-    int64_t inside = -1;
-    for (int64_t x = 0; x < width; ++x) {
-      if (!outside(x)) {
-        if (inside < 0) {
-          for (int64_t before = 0; before < x; ++before) take(before, x);
-        }
-        inside = x;
-      } else if (inside >= 0) {
-        take(x, inside);
-      }
+    // Not one run (not seen from an affine map): nothing is borrowed, and the row stays unpaired
+    // (the scalar loop; the output is the same either way, only the speed differs).
+    if (gaps != 0) return;
+    for (int t = 0; t < 4; ++t) {
+      int64_t* tap = o + t * width;
+      const int64_t before = tap[first], after = tap[last];
+      for (int64_t x = 0; x < first; ++x) tap[x] = before;
+      for (int64_t x = last + 1; x < width; ++x) tap[x] = after;
     }
   }
 
@@ -642,9 +626,9 @@ EQUIFAST_TARGET_AVX512 inline void write_paired_pixels_avx512(const RowPlan& pla
   write_bilinear_pixels_avx512(plan, width, t00, t01, t10, t11, scale, shift, x, row, stride);
 }
 
-// The VBMI window loop's last step: eight pixels' tap pairs in one vector, pixel i's top pair at
-// bytes `step` i and `step` i + 1 and its bottom pair `bottom` bytes after it. Each tap's eight
-// bytes go into the low bytes of eight 64-bit lanes, zero above, by a byte permutation that
+// The VBMI window loop's last step: eight pixels' tap pairs in one vector, as window_index puts
+// them (pixel i's top pair at bytes 2i and 2i + 1, its bottom pair 16 bytes after). Each tap's
+// eight bytes go into the low bytes of eight 64-bit lanes, zero above, by a byte permutation that
 // zeroes the bytes it does not pick, and convert as 64-bit integers: one conversion per tap,
 // where widening the pairs and parting their bytes took three times the instructions. (The same
 // after the gathers of write_paired_row_avx512, the pairs joined into one vector, took 1.2x
@@ -653,12 +637,10 @@ struct PairSpread {
   __m512i top0, top1, bottom0, bottom1;  // byte 8i: where pixel i's tap is in the pairs
 };
 
-EQUIFAST_TARGET_AVX512_VBMI inline PairSpread pair_spread_vbmi(int64_t step, int64_t bottom) {
-  const __m512i top0 = _mm512_mullo_epi64(_mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0),
-                                          _mm512_set1_epi64(step));
-  return {top0, _mm512_add_epi64(top0, _mm512_set1_epi64(1)),
-          _mm512_add_epi64(top0, _mm512_set1_epi64(bottom)),
-          _mm512_add_epi64(top0, _mm512_set1_epi64(bottom + 1))};
+EQUIFAST_TARGET_AVX512_VBMI inline PairSpread pair_spread_vbmi() {
+  return {_mm512_set_epi64(14, 12, 10, 8, 6, 4, 2, 0), _mm512_set_epi64(15, 13, 11, 9, 7, 5, 3, 1),
+          _mm512_set_epi64(30, 28, 26, 24, 22, 20, 18, 16),
+          _mm512_set_epi64(31, 29, 27, 25, 23, 21, 19, 17)};
 }
 
 template <typename out_t>
@@ -711,7 +693,7 @@ __attribute__((noinline)) EQUIFAST_TARGET_AVX512_VBMI int64_t write_paired_windo
     out_t* row, int64_t stride) {
   const int64_t step = plan.window_stride;
   const int rows = plan.window_rows;
-  const PairSpread spread = pair_spread_vbmi(2, 16);  // as window_index puts them
+  const PairSpread spread = pair_spread_vbmi();
   int64_t x = 0;
   for (; x + 8 <= width; x += 8) {
     const int64_t g = x / 8;
