@@ -1006,7 +1006,7 @@ def test_transform_paired_bilinear_rows(device, monkeypatch, isa, width, out_dty
         c, s = scale * np.cos(turn), scale * np.sin(turn)
         shrinks.append([[c, -s, 0.3], [s, c, 0.45]])
     affines = torch.cat([affines, torch.tensor(shrinks, dtype=affines.dtype)])
-    protocols = protocols + [protocols[-2]] * len(shrinks)  # cropped, as the rotations
+    protocols = protocols + [groups.PROTOCOL_CODES["crop"]] * len(shrinks)
     for margin in ((0, 0), (1, 1), (3, 4), (16, 16)):
         src = source_images(torch.uint8, device, 2, height + 2 * margin[0], width + 2 * margin[1])
         got, want = transform_op(
