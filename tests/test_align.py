@@ -899,3 +899,32 @@ def test_a_token_grid_subsampled_by_a_module_is_an_anchor(monkeypatch):
 
     monkeypatch.setattr(GridAnchors, "_feature_map", four_dimensional)
     assert _seeds_missed(lambda: _SubsampledTokens().eval(), expected, 64) > 0
+
+
+def test_layers_that_output_the_same_tensor_share_one_reading(monkeypatch):
+    """An nn.Identity, an eval-mode Dropout and an in-place activation output the very tensor of
+    the layer before them: they take its offset and reading instead of a backward pass of their
+    own, so that the same cells are never re-aligned two ways (a centroid estimate differs from
+    one probe seed to the next). A new tensor (an activation that is not in place) is read."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.Identity(), nn.Dropout(0.5),
+        nn.ReLU(inplace=True), nn.Conv2d(8, 8, 3, stride=2), nn.GELU(),
+    ).eval()
+    reads: list[int] = []
+    read_offset = align._read_offset
+
+    def counted(tensor, *args, **kwargs):
+        reads.append(id(tensor))
+        return read_offset(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(align, "_read_offset", counted)
+    readings: dict[str, str] = {}
+    names = [str(i) for i in range(6)]
+    found = _offsets(net, names, 40, readings)
+    # the two convolutions begin their grids (anchors, read first), then the layers "0" (whose
+    # tensor "1", "2" and "3" output too), "4" and "5"
+    assert len(reads) == 5
+    assert found["1"] == found["2"] == found["3"] == found["0"] == (0.0, 0.0)
+    assert readings["1"] == readings["2"] == readings["3"] == readings["0"] == "footprint"
+    assert found["4"] == found["5"] == (2.0, 2.0)
