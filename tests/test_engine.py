@@ -826,3 +826,63 @@ def test_labels_under_limit_are_one_per_image_or_one_per_measured_image(implemen
     pd.testing.assert_frame_equal(every, measured)
     with pytest.raises(ValueError, match=r"labels: expected .*\(3,\).*found \(7,\)"):
         measure(net, images, labels=list(range(7)), **settings)
+
+
+class _PassThroughs(nn.Module):
+    """Layers that output the very tensor of the layer before them (an nn.Identity, a Dropout in
+    eval mode), unchanged or written in place since (an in-place ReLU, an in-place op between
+    two leaves)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.same = nn.Identity()
+        self.drop = nn.Dropout(0.3)
+        self.act = nn.ReLU(inplace=True)
+        self.after = nn.Identity()
+        self.shifted = nn.Identity()
+
+    def forward(self, x):
+        x = self.after(self.act(self.drop(self.same(self.conv(x)))))
+        x.add_(1.0)  # in place between two leaves: "shifted" sees new values in the same tensor
+        return self.shifted(x).mean((2, 3))
+
+
+@pytest.mark.parametrize("elements_per_chunk", [None, 1])
+def test_an_unchanged_output_of_the_layer_before_is_not_measured_again(monkeypatch,
+                                                                       elements_per_chunk):
+    """Its statistics are the layer's before it, bit for bit, so they are taken, not computed:
+    the kernel runs for "conv", the in-place "act" (a new version of the tensor) and "shifted"
+    (written in place by the forward's own code), not for "same", "drop" and "after". Later
+    forwards (elements_per_chunk=1) compare against the identity features of the first, which
+    the pass-throughs share. Every score agrees with the naive loop, which measures each."""
+    from equifast import ops
+
+    torch.manual_seed(0)
+    net = _PassThroughs().eval()
+    images = torch.rand(4, 3, 20, 20, generator=torch.Generator().manual_seed(0))
+    computed = []
+    equivariance_stats = ops.equivariance_stats
+
+    def counted(feats, *args, **kwargs):
+        computed.append(feats.shape)
+        return equivariance_stats(feats, *args, **kwargs)
+
+    monkeypatch.setattr(ops, "equivariance_stats", counted)
+    layers = ["conv", "same", "drop", "act", "after", "shifted"]
+    kwargs = dict(group="rotate:90,180", layers=layers, bootstrap=0, progress=False,
+                  batch_size=4, metrics=["corr", "cosine"], elements_per_chunk=elements_per_chunk,
+                  align="center")  # (the gradient probe cannot pass the in-place add after a ReLU)
+    fast = equifast.measure(net, images, **kwargs)
+    forwards = 1 if elements_per_chunk is None else 2
+    assert len(computed) == 3 * forwards
+    slow = naive.measure(net, images, **kwargs)
+    keys = ["layer", "element", "comparison", "metric"]
+    merged = fast.frame.merge(slow.frame, on=keys, suffixes=("_fast", "_naive"))
+    assert len(merged) == len(fast.frame) == len(slow.frame)
+    np.testing.assert_allclose(merged.value_fast, merged.value_naive, rtol=0, atol=1e-6)
+    values = fast.frame.set_index(["element", "comparison", "metric", "layer"])["value"].unstack()
+    for twin, source in [("same", "conv"), ("drop", "conv"), ("after", "act")]:
+        assert values[twin].equals(values[source])
+    cosine = values.xs("cosine", level="metric")
+    assert not cosine["shifted"].equals(cosine["after"])  # a shift moves the cosine
