@@ -880,15 +880,19 @@ def measure(
         # The very tensor the layer measured last output, unchanged since (an nn.Identity, a
         # Dropout in eval mode: in timm's resnet18 16 of its 77 leaves, in vit_tiny 99 of 201):
         # its statistics, not computed again (see _unchanged_output).
+        version = _version_of(tensor)
         twin = None if channel_map == "linear" else _unchanged_output(
-            context["last"], tensor, layer, state, identity, context["first"], name)
+            context["last"], tensor, version, layer, state, identity, context["first"], name)
         reference = None
         if context["first"]:  # the identity block leads this forward
             if hi < count:
                 # (a twin shares its kept features: the same values)
                 identity[name] = identity[twin] if twin is not None else tensor[:batch].clone()
             if hi == 0:
-                return  # the identity block alone: compared in the later forwards
+                # The identity block alone: compared in the later forwards, whose twins are
+                # told by the features they share, so it is recorded all the same.
+                context["last"] = _measured(tensor, version, name, None)
+                return
         else:
             # Passed beside the elements' features, not stacked with them: a copy of every
             # measured layer's output per forward cost more than its statistics (resnet18 at
@@ -913,9 +917,7 @@ def measure(
                                  force_reference, reference, linear)
             if batch == 1:
                 stats[2] = 0  # no other image to compare with: chance is undefined
-        version = _version_of(tensor)
-        context["last"] = None if version is None else _Measured(
-            weakref.ref(tensor), version, name, stats)
+        context["last"] = _measured(tensor, version, name, stats)
         if pooled:
             # (stats (3, Kc, B, C, 6); field 0 counts an image's valid positions)
             layer.pooled.append((lo, merge_stats(stats, dim=2), (stats[..., 0] > 0).any(-1)))
@@ -1384,7 +1386,14 @@ class _Measured:
     tensor: weakref.ref
     version: int  # the tensor's version counter then
     name: str
-    stats: torch.Tensor
+    stats: torch.Tensor | None  # None in a forward of the identity block alone
+
+
+def _measured(tensor: torch.Tensor, version: int | None, name: str,
+              stats: torch.Tensor | None) -> _Measured | None:
+    """What _unchanged_output compares the next output with; None for a tensor without a
+    version counter, which has no twin."""
+    return None if version is None else _Measured(weakref.ref(tensor), version, name, stats)
 
 
 def _version_of(tensor: torch.Tensor) -> int | None:
@@ -1396,15 +1405,17 @@ def _version_of(tensor: torch.Tensor) -> int | None:
         return None
 
 
-def _unchanged_output(last: _Measured | None, tensor: torch.Tensor, layer: _Layer,
-                      state: Mapping[str, _Layer], identity: Mapping[str, torch.Tensor],
-                      first: bool, name: str) -> str | None:
+def _unchanged_output(last: _Measured | None, tensor: torch.Tensor, version: int | None,
+                      layer: _Layer, state: Mapping[str, _Layer],
+                      identity: Mapping[str, torch.Tensor], first: bool,
+                      name: str) -> str | None:
     """The layer measured last in this forward, where ``tensor`` is the very tensor it output
     and no in-place op wrote it since (the same version), and where the statistics read it the
     same way (layout, source maps, wrapping, disc) against the same identity features (later
     forwards: the object kept for both). Its statistics are then this layer's, bit for bit.
-    An in-place activation (a new version) is measured anew."""
-    if last is None or last.tensor() is not tensor or _version_of(tensor) != last.version:
+    An in-place activation (a new version) is measured anew. ``version``: the tensor's
+    (:func:`_version_of`)."""
+    if last is None or last.tensor() is not tensor or version != last.version:
         return None
     twin = state[last.name]
     if not (twin.layout == layer.layout and twin.wrap == layer.wrap and twin.disc == layer.disc

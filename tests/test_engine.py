@@ -848,16 +848,19 @@ class _PassThroughs(nn.Module):
         return self.shifted(x).mean((2, 3))
 
 
-@pytest.mark.parametrize("elements_per_chunk", [None, 1])
-def test_an_unchanged_output_of_the_layer_before_is_not_measured_again(monkeypatch,
-                                                                       elements_per_chunk):
+@pytest.mark.parametrize("plan", ["one forward", "elements_per_chunk=1", "one block per forward"])
+def test_an_unchanged_output_of_the_layer_before_is_not_measured_again(monkeypatch, plan):
     """Its statistics are the layer's before it, bit for bit, so they are taken, not computed:
     the kernel runs for "conv", the in-place "act" (a new version of the tensor) and "shifted"
     (written in place by the forward's own code), not for "same", "drop" and "after". Later
-    forwards (elements_per_chunk=1) compare against the identity features of the first, which
-    the pass-throughs share. Every score agrees with the naive loop, which measures each."""
-    from equifast import ops
+    forwards compare against the identity features of the first, which the pass-throughs share,
+    also where the identity block has a forward of its own (one block per forward: the CPU plan
+    for large images). Every score agrees with the naive loop, which measures each."""
+    from equifast import engine, ops
 
+    if plan == "one block per forward":
+        monkeypatch.setattr(engine, "CPU_PIXELS_PER_FORWARD", 1)
+    elements_per_chunk = 1 if plan == "elements_per_chunk=1" else None
     torch.manual_seed(0)
     net = _PassThroughs().eval()
     images = torch.rand(4, 3, 20, 20, generator=torch.Generator().manual_seed(0))
@@ -874,8 +877,11 @@ def test_an_unchanged_output_of_the_layer_before_is_not_measured_again(monkeypat
                   batch_size=4, metrics=["corr", "cosine"], elements_per_chunk=elements_per_chunk,
                   align="center")  # (the gradient probe cannot pass the in-place add after a ReLU)
     fast = equifast.measure(net, images, **kwargs)
-    forwards = 1 if elements_per_chunk is None else 2
+    # (with one block per forward the identity block's own forward computes nothing)
+    forwards = {"one forward": 1, "elements_per_chunk=1": 2, "one block per forward": 2}[plan]
     assert len(computed) == 3 * forwards
+    blocks = {"one forward": 3, "elements_per_chunk=1": 2, "one block per forward": 1}[plan]
+    assert fast.config["blocks_per_forward"] == blocks
     slow = naive.measure(net, images, **kwargs)
     keys = ["layer", "element", "comparison", "metric"]
     merged = fast.frame.merge(slow.frame, on=keys, suffixes=("_fast", "_naive"))
