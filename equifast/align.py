@@ -33,7 +33,7 @@ import math
 import numbers
 import re
 import warnings
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -499,6 +499,43 @@ def _offsets_through_graph(inputs, captured, layers, input_size, graphless, anch
     # another offset, before the stage's downsampling): only those give their offset to the
     # layers on their grid (_same_grid_offset).
     shareable: list[bool] = []
+    # The anchors that finished before the current layer but are not read yet: they are read,
+    # in their order, only when a layer's own footprint does not give its offset (a
+    # convolutional stage's does: resnet18's five stages need none of their five anchors, each
+    # a backward pass and its translate check). Each anchor's reading depends only on the
+    # anchors read before it, so reading them late changes no offset.
+    unread: list[_Anchor] = []
+
+    def read_anchors() -> None:
+        while unread:
+            anchor = unread.pop(0)
+            grid = (anchor.layout.grid_h, anchor.layout.grid_w)
+            anchor_layout = dataclasses.replace(
+                anchor.layout, stride=strides.get(grid, anchor.layout.stride))
+            # (an anchor begins its grid: it shares no offset with an earlier one of its
+            # size, and is read on its module's input where the image does not show it)
+            local = _local_source(anchor, sources, shareable, strides)
+            if anchor.again and local is None:
+                continue  # read on its module's input alone, which no source shows
+            seed = 10_000 + anchor.step
+            read = _read_offset(anchor.tensor, anchor_layout, inputs, input_size,
+                                seed=seed, sources=sources)
+            exact = read is not None and read[1] != "centroid"
+            offset = None
+            if local is not None and (anchor.again or not exact):
+                offset = _local_offset(anchor.tensor, anchor_layout, local, seed)
+                if offset is None and not anchor.again:
+                    offset = _local_borders(anchor.tensor, anchor_layout, local, seed)
+            if anchor.again:
+                # on its input, unless the image disagrees (see GridAnchors)
+                read = None if offset is None or (exact and offset != read[0]) else (
+                    offset, "reduction")
+            elif not exact and offset is not None:
+                read = (offset, "reduction")
+            if read is not None and read[1] != "centroid":
+                sources.append((anchor.tensor, anchor_layout, read[0]))
+                shareable.append(anchor.input is not None)
+
     with torch.enable_grad():
         offsets: dict[str, tuple[tuple[float, float], str] | None] = {}
         first_output: dict[int, str] = {}  # id of a captured output: the first layer with it
@@ -507,36 +544,11 @@ def _offsets_through_graph(inputs, captured, layers, input_size, graphless, anch
             layout = layers[name]
             if name not in captured:
                 raise RuntimeError(f"layer {name!r} did not run in the forward pass")
-            # The anchors that ran before this layer finished (or are its own output), in their
-            # order: each read from the input, else from the anchors before it.
+            # The anchors that finished before this layer (or are its own output) join the
+            # unread ones, in their order: each is read (from the input, else from the anchors
+            # before it) when a layer needs it.
             while pending and pending[0].step <= finished.get(name, math.inf):
-                anchor = pending.pop(0)
-                grid = (anchor.layout.grid_h, anchor.layout.grid_w)
-                anchor_layout = dataclasses.replace(
-                    anchor.layout, stride=strides.get(grid, anchor.layout.stride))
-                # (an anchor begins its grid: it shares no offset with an earlier one of its
-                # size, and is read on its module's input where the image does not show it)
-                local = _local_source(anchor, sources, shareable, strides)
-                if anchor.again and local is None:
-                    continue  # read on its module's input alone, which no source shows
-                seed = 10_000 + anchor.step
-                read = _read_offset(anchor.tensor, anchor_layout, inputs, input_size,
-                                    seed=seed, sources=sources)
-                exact = read is not None and read[1] != "centroid"
-                offset = None
-                if local is not None and (anchor.again or not exact):
-                    offset = _local_offset(anchor.tensor, anchor_layout, local, seed)
-                    if offset is None and not anchor.again:
-                        offset = _local_borders(anchor.tensor, anchor_layout, local, seed)
-                if anchor.again:
-                    # on its input, unless the image disagrees (see GridAnchors)
-                    read = None if offset is None or (exact and offset != read[0]) else (
-                        offset, "reduction")
-                elif not exact and offset is not None:
-                    read = (offset, "reduction")
-                if read is not None and read[1] != "centroid":
-                    sources.append((anchor.tensor, anchor_layout, read[0]))
-                    shareable.append(anchor.input is not None)
+                unread.append(pending.pop(0))
             tensor = captured[name]
             same = first_output.setdefault(id(tensor), name)
             if same != name and captured[same] is tensor and layers[same] == layout:
@@ -547,7 +559,9 @@ def _offsets_through_graph(inputs, captured, layers, input_size, graphless, anch
                 offsets[name] = offsets[same]
                 continue
             read = _read_offset(tensor, layout, inputs, input_size, seed=i,
-                                sources=sources, shareable=shareable)
+                                sources=sources, shareable=shareable,
+                                unread=[anchor.tensor for anchor in unread],
+                                read_unread=read_anchors)
             offsets[name] = read
     return offsets
 
@@ -622,14 +636,18 @@ def _probe_mix(grid: torch.Tensor, seed: int) -> torch.Tensor:
 def _read_offset(tensor: torch.Tensor, layout: FeatureLayout, inputs: torch.Tensor,
                  input_size: tuple[int, int], seed: int,
                  sources: list[tuple[torch.Tensor, FeatureLayout, tuple[float, float]]],
-                 shareable: list[bool] | None = None
+                 shareable: list[bool] | None = None,
+                 unread: Sequence[torch.Tensor] = (),
+                 read_unread: Callable[[], None] | None = None
                  ) -> tuple[tuple[float, float], str] | None:
     """``(offset, reading)`` of one layer output from the gradient of a random channel mix of its
     central block, ``reading`` a key of :data:`READINGS`: exact where a footprint gave it (on
     the input, its borders, or an anchor in ``sources``, directly or by a direct path) or an
     anchor on its grid of those ``shareable`` marks (:func:`_same_grid_offset`; none for an
     anchor, which begins its grid), else ``"centroid"``; None where the gradient does not reach
-    the input."""
+    the input. ``unread``: the tensors of anchors not read yet, which ``read_unread`` reads
+    into ``sources`` and ``shareable`` where the footprint on the input does not give the
+    offset (their gradients come with the same backward pass)."""
     height, width = input_size
     grid = grid_view(tensor, layout)
     rows, cols = _central_block(layout.grid_h), _central_block(layout.grid_w)
@@ -637,9 +655,9 @@ def _read_offset(tensor: torch.Tensor, layout: FeatureLayout, inputs: torch.Tens
     target = _block_target(grid, mix, rows, cols)
     # The graph is kept for the border probes and the anchors (freed with the captured outputs).
     # The gradients on the anchors' grids come from the same backward pass, for the relays.
-    gradient, *on_sources = torch.autograd.grad(
-        target, [inputs, *(source for source, _, _ in sources)], retain_graph=True,
-        allow_unused=True)
+    candidates = [*(source for source, _, _ in sources), *unread]
+    gradient, *on_candidates = torch.autograd.grad(
+        target, [inputs, *candidates], retain_graph=True, allow_unused=True)
     if gradient is None:
         return None
     magnitude = _magnitude(gradient).sum((0, 1))
@@ -676,6 +694,9 @@ def _read_offset(tensor: torch.Tensor, layout: FeatureLayout, inputs: torch.Tens
         if (abs(centred[0] - offset[0]) <= max(stride_y / 2, 2.0)
                 and abs(centred[1] - offset[1]) <= max(stride_x / 2, 2.0)):
             return (_snap(centred[0]), _snap(centred[1])), "footprint"
+    if unread and read_unread is not None:
+        read_unread()  # the anchors before the layer, needed now; appended to sources
+    on_sources = _gradients_of(sources, candidates, on_candidates)
     # On the grid of the anchor before it (its gradient there came with the backward pass
     # above), then from the border rows' and columns' fields where the central footprint
     # reaches a border (a deep layer whose receptive field is wider than the image), then,
@@ -699,6 +720,15 @@ def _read_offset(tensor: torch.Tensor, layout: FeatureLayout, inputs: torch.Tens
         if shared is not None:
             return shared, "anchor grid"
     return (_snap(offset[0]), _snap(offset[1])), "centroid"
+
+
+def _gradients_of(sources: Sequence[tuple[torch.Tensor, FeatureLayout, tuple[float, float]]],
+                  candidates: Sequence[torch.Tensor],
+                  gradients: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """The gradient of each source's tensor among those of the ``candidates`` (every source is
+    one: a source before the backward pass, or an anchor read after it)."""
+    by_tensor = {id(tensor): gradient for tensor, gradient in zip(candidates, gradients)}
+    return [by_tensor[id(source)] for source, _, _ in sources]
 
 
 def _block_target(grid: torch.Tensor, mix: torch.Tensor, rows: slice,

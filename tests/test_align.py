@@ -922,9 +922,53 @@ def test_layers_that_output_the_same_tensor_share_one_reading(monkeypatch):
     readings: dict[str, str] = {}
     names = [str(i) for i in range(6)]
     found = _offsets(net, names, 40, readings)
-    # the two convolutions begin their grids (anchors, read first), then the layers "0" (whose
-    # tensor "1", "2" and "3" output too), "4" and "5"
-    assert len(reads) == 5
+    # the layers "0" (whose tensor "1", "2" and "3" output too), "4" and "5"; the two
+    # convolutions' anchors are not read, as every layer's footprint gives its offset
+    assert len(reads) == 3
     assert found["1"] == found["2"] == found["3"] == found["0"] == (0.0, 0.0)
     assert readings["1"] == readings["2"] == readings["3"] == readings["0"] == "footprint"
     assert found["4"] == found["5"] == (2.0, 2.0)
+
+
+def _strided_then_global() -> nn.Sequential:
+    # two grids (stride 2, offset 0; stride 8, offset 3), then global mixing on the second
+    return nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(),
+                         nn.Conv2d(8, 16, 4, stride=4), nn.ReLU(), _GlobalMix(16)).eval()
+
+
+@pytest.mark.parametrize("names, anchor_reads", [(["1", "3"], 0), (["1", "3", "4"], 2)])
+def test_anchors_are_read_only_where_a_footprint_does_not_give_the_offset(monkeypatch, names,
+                                                                         anchor_reads):
+    """Each anchor read costs backward passes (its own and a translate check), so the anchors
+    are read when a layer needs them, not as they finish: the convolutions' layers read their
+    footprints and need none; the layer after global mixing has both anchors before it read
+    then, once each. The offsets and readings are those of reading every anchor as it
+    finishes (the anchors' reader called before each layer's backward pass)."""
+    read_offset = align._read_offset
+
+    def run(read_first: bool):
+        anchors: list[int] = []
+
+        def counted(tensor, *args, read_unread=None, **kwargs):
+            if kwargs["seed"] >= 10_000:  # the anchors' seeds
+                anchors.append(id(tensor))
+            if read_first and read_unread is not None:
+                read_unread()
+                kwargs["unread"] = ()
+            return read_offset(tensor, *args, read_unread=read_unread, **kwargs)
+
+        monkeypatch.setattr(align, "_read_offset", counted)
+        readings: dict[str, str] = {}
+        torch.manual_seed(0)
+        found = _offsets(_strided_then_global(), names, 64, readings)
+        return found, readings, anchors
+
+    found, readings, anchors = run(read_first=False)
+    assert len(anchors) == len(set(anchors)) == anchor_reads
+    assert found["1"] == (0.0, 0.0) and found["3"] == (3.0, 3.0)
+    assert readings["1"] == readings["3"] == "footprint"
+    if "4" in names:
+        assert found["4"] == (3.0, 3.0) and readings["4"] != "centroid"
+    eager_found, eager_readings, eager_anchors = run(read_first=True)
+    assert (eager_found, eager_readings) == (found, readings)
+    assert len(eager_anchors) == 2
