@@ -120,6 +120,7 @@ def find_offsets(
     captured: tuple[torch.Tensor, Mapping[str, torch.Tensor]] | None = None,
     anchors: GridAnchors | None = None,
     readings: dict[str, str] | None = None,
+    made: Mapping[str, AsMade] | None = None,
 ) -> dict[str, tuple[float, float]]:
     """Grid offset ``(offset_y, offset_x)`` of every layer.
 
@@ -138,6 +139,7 @@ def find_offsets(
         readings: A dict to fill with how each offset was found, ``{name: reading}`` (a key of
             :data:`READINGS`: ``"footprint"``, ..., ``"centroid"`` for an estimate, ``"given"``
             where ``align`` set it); vector layers are left out.
+        made: The outputs of ``captured`` as their layers made them (:func:`record_outputs`).
 
     Returns:
         ``{name: (offset_y, offset_x)}`` (NaN for vector layers).
@@ -157,7 +159,7 @@ def find_offsets(
             found[name] = "given"
     if auto and captured is not None:
         offsets.update(offsets_from_graph(captured[0], captured[1], {n: layers[n] for n in auto},
-                                          input_size, anchors, readings=found))
+                                          input_size, anchors, readings=found, made=made))
     elif auto:
         attempts = probe_dtypes(dtype)
         for attempt, probe_dtype in enumerate(attempts):
@@ -426,20 +428,103 @@ class GridAnchors:
             return None, None
 
 
+@dataclasses.dataclass
+class AsMade:
+    """A layer's output in the probe forward as its layer made it. The model may write the
+    output in place later (timm's residual blocks add the shortcut to their last BatchNorm's
+    output, then apply the ReLU in place), and the gradient of the written tensor is then that
+    of the sum: ResNet-D's block whose shortcut average-pools (2 px further at stride 8) read its
+    last BatchNorm 2 px off its convolution's offset. The copy, a node of the graph on the
+    output as made, is read instead where the version counter says it was written."""
+
+    version: int | None  # the output's version counter then (None: it has none)
+    node: object  # its autograd node then (grad_fn)
+    copy: torch.Tensor | None  # kept where the model wrote the output (record_outputs)
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    try:
+        return tensor._version
+    except RuntimeError:  # an inference tensor has no version counter
+        return None
+
+
+def record_outputs(captured: dict[str, torch.Tensor], made: dict[str, AsMade]
+                   ) -> Callable[[str, torch.Tensor], None]:
+    """The :class:`~equifast.layers.LayerHooks` callback of a gradient probe: the first output of
+    each layer into ``captured`` and, where it is in the graph, its :class:`AsMade` into
+    ``made`` (call :func:`drop_unwritten` after the forward)."""
+    latest: dict[int, AsMade] = {}  # by the output's id: the last record of that tensor
+
+    def keep(name: str, tensor: torch.Tensor) -> None:
+        if name in captured:
+            return
+        captured[name] = tensor
+        if tensor.requires_grad:
+            version, earlier = _version(tensor), latest.get(id(tensor))
+            if earlier is not None and earlier.version == version:
+                made[name] = earlier  # (an nn.Identity after a layer: no second copy)
+            else:
+                made[name] = latest[id(tensor)] = AsMade(version, tensor.grad_fn, tensor.clone())
+
+    return keep
+
+
+def drop_unwritten(captured: Mapping[str, torch.Tensor], made: Mapping[str, AsMade]) -> None:
+    """After the probe forward: the copies of the outputs that nothing wrote since their layer
+    made them are dropped (the output itself is read)."""
+    for name, as_made in made.items():
+        if _version(captured[name]) == as_made.version:
+            as_made.copy = None
+
+
+# Autograd nodes of ops that act on each position alone (activations, arithmetic with a constant,
+# a parameter or a scalar), by name without the version digits: an output such an op wrote in
+# place has the receptive fields of the output before it.
+_POINTWISE_NODES = frozenset({
+    "ReluBackward", "HardswishBackward", "SiluBackward", "LeakyReluBackward", "HardtanhBackward",
+    "EluBackward", "CeluBackward", "SigmoidBackward", "HardsigmoidBackward", "TanhBackward",
+    "MishBackward", "GeluBackward", "ThresholdBackward", "RreluWithNoiseBackward",
+    "ClampBackward", "ClampMinBackward", "ClampMaxBackward", "NegBackward",
+    "AddBackward", "SubBackward", "MulBackward", "DivBackward",
+})
+
+
+def _pointwise_since(earlier: AsMade | None, later: AsMade | None) -> bool:
+    """Whether the tensor an earlier layer output and a later layer output again (the same
+    object) has the same receptive fields for both: nothing wrote it in between, or only ops
+    on each position alone whose other operands do not depend on the input (a ReLU in place,
+    not ``+= shortcut``). True where either was not recorded (no graph: no reading either)."""
+    if earlier is None or later is None or earlier.version == later.version:
+        return True
+    node = later.node
+    for _ in range(64):
+        if node is earlier.node:
+            return True
+        if node is None or re.sub(r"\d+$", "", node.name()) not in _POINTWISE_NODES:
+            return False
+        inputs = [nxt for nxt, _ in node.next_functions
+                  if nxt is not None and type(nxt).__name__ != "AccumulateGrad"]
+        if len(inputs) != 1:
+            return False
+        node = inputs[0]
+    return False
+
+
 def _receptive_field_offsets(model, layers, input_size, device, dtype, samples, seed,
                              readings=None):
     inputs = probe_inputs(input_size, device, dtype, samples, seed, input_channels(model))
     captured: dict[str, torch.Tensor] = {}
-
-    def keep(name: str, tensor: torch.Tensor) -> None:
-        captured.setdefault(name, tensor)
-
+    made: dict[str, AsMade] = {}
     # Gradients of the input only: parameters keep requires_grad, but autograd.grad(inputs=...) does
     # not accumulate into them.
     anchors = GridAnchors(model, input_size, samples)
-    with torch.enable_grad(), global_gates_cut(model), LayerHooks(model, layers, keep), anchors:
+    with torch.enable_grad(), global_gates_cut(model), \
+            LayerHooks(model, layers, record_outputs(captured, made)), anchors:
         model(inputs)
-        return offsets_from_graph(inputs, captured, layers, input_size, anchors, readings)
+        drop_unwritten(captured, made)
+        return offsets_from_graph(inputs, captured, layers, input_size, anchors, readings,
+                                  made=made)
 
 
 def offsets_from_graph(
@@ -449,12 +534,14 @@ def offsets_from_graph(
     input_size: tuple[int, int],
     anchors: GridAnchors | None = None,
     readings: dict[str, str] | None = None,
+    made: Mapping[str, AsMade] | None = None,
 ) -> dict[str, tuple[float, float]]:
     """Offsets of ``layers`` from their outputs ``captured`` in a forward of the probe ``inputs``.
 
     The forward ran with gradients enabled (see :func:`probe_inputs`); the engine uses this to find
     the layouts and the offsets from one probe forward. ``readings``, if given, is filled with how
-    each offset was found (:data:`READINGS`).
+    each offset was found (:data:`READINGS`). ``made``: the outputs as their layers made them
+    (:func:`record_outputs`), read where the model wrote them in place later.
     """
     # Layers the model computes without a graph (a frozen backbone under torch.no_grad in its
     # forward, as in linear probing), or from a detached tensor (a neck on a backbone's
@@ -462,7 +549,8 @@ def offsets_from_graph(
     # gradient probe cannot see their receptive fields.
     graphless = [name for name in layers
                  if name in captured and not captured[name].requires_grad]
-    read = _offsets_through_graph(inputs, captured, layers, input_size, graphless, anchors)
+    read = _offsets_through_graph(inputs, captured, layers, input_size, graphless, anchors,
+                                  made or {})
     unreached = graphless + [name for name in layers if name in read and read[name] is None]
     offsets = {name: found[0] for name, found in read.items() if found is not None}
     found_by = {name: found[1] for name, found in read.items() if found is not None}
@@ -483,12 +571,15 @@ def offsets_from_graph(
     return {name: offsets[name] for name in layers if name in offsets}
 
 
-def _offsets_through_graph(inputs, captured, layers, input_size, graphless, anchors=None):
+def _offsets_through_graph(inputs, captured, layers, input_size, graphless, anchors=None,
+                           made=None):
     """``(offset, reading)`` of the layers not in ``graphless`` from their input-gradients
     (:func:`_read_offset`); None for a layer the gradient does not reach
     (:func:`offsets_from_graph`). Where a layer's gradient on the
     input does not show its offset, it is read relative to the latest of the ``anchors``
-    (:class:`GridAnchors`) before it whose offset the input-gradient gave."""
+    (:class:`GridAnchors`) before it whose offset the input-gradient gave. ``made``: the
+    outputs as their layers made them (:class:`AsMade`), read where the model wrote them."""
+    made = made or {}
     strides = {(layout.grid_h, layout.grid_w): layout.stride for layout in layers.values()
                if layout.kind == "spatial"}
     pending = list(anchors.anchors) if anchors is not None else []
@@ -551,13 +642,17 @@ def _offsets_through_graph(inputs, captured, layers, input_size, graphless, anch
                 unread.append(pending.pop(0))
             tensor = captured[name]
             same = first_output.setdefault(id(tensor), name)
-            if same != name and captured[same] is tensor and layers[same] == layout:
+            if (same != name and captured[same] is tensor and layers[same] == layout
+                    and _pointwise_since(made.get(same), made.get(name))):
                 # The very tensor an earlier layer output (an nn.Identity, a Dropout in eval
-                # mode, an in-place activation): the same cells, so the same offset and
-                # reading, without another backward pass (in timm's resnet18 33 of its 77
+                # mode, an in-place activation): the same cells and fields, so the same offset
+                # and reading, without another backward pass (in timm's resnet18 33 of its 77
                 # leaves, in vit_tiny 99 of 225).
                 offsets[name] = offsets[same]
                 continue
+            as_made = made.get(name)
+            if as_made is not None and as_made.copy is not None:
+                tensor = as_made.copy  # written in place since: read as the layer made it
             read = _read_offset(tensor, layout, inputs, input_size, seed=i,
                                 sources=sources, shareable=shareable,
                                 unread=[anchor.tensor for anchor in unread],

@@ -35,11 +35,14 @@ from . import _ext, ops
 from . import distributed as _dist
 from .align import (
     AlignSpec,
+    AsMade,
     GridAnchors,
+    drop_unwritten,
     find_offsets,
     global_gates_cut,
     probe_dtypes,
     probe_inputs,
+    record_outputs,
     warn_estimated_offsets,
     widened_to,
 )
@@ -1336,7 +1339,9 @@ def probe_layers(module, names, input_size, overrides, align, device, dtype, see
     attempts = probe_dtypes(dtype) if with_grad else [dtype]
     for attempt, probe_dtype in enumerate(attempts):
         captured: dict[str, torch.Tensor] = {}
-        keep = captured.setdefault  # (name, output): the first output of each layer
+        made: dict[str, AsMade] = {}
+        # (name, output): the first output of each layer; with gradients also as made
+        keep = record_outputs(captured, made) if with_grad else captured.setdefault
         try:
             with widened_to(module, probe_dtype, dtype):
                 if with_grad:
@@ -1356,6 +1361,7 @@ def probe_layers(module, names, input_size, overrides, align, device, dtype, see
                 with (global_gates_cut(module) if with_grad else contextlib.nullcontext()), \
                         (anchors or contextlib.nullcontext()):
                     run_probe(module, probe, hooks, context, advice, by_name)
+                drop_unwritten(captured, made)
                 names, layouts = measurable_layers(
                     selected, captured, hooks.unmeasurable, input_size, overrides, lenient,
                     prefix_tokens_of(module), token_order_of(module), calls=hooks.calls,
@@ -1368,7 +1374,7 @@ def probe_layers(module, names, input_size, overrides, align, device, dtype, see
                 readings: dict[str, str] = {}
                 offsets = find_offsets(module, layouts, input_size, align, device, probe_dtype,
                                        seed=seed, captured=(probe, captured) if with_grad else None,
-                                       anchors=anchors, readings=readings)
+                                       anchors=anchors, readings=readings, made=made)
         except Exception:
             if attempt == len(attempts) - 1:
                 raise

@@ -972,3 +972,64 @@ def test_anchors_are_read_only_where_a_footprint_does_not_give_the_offset(monkey
     eager_found, eager_readings, eager_anchors = run(read_first=True)
     assert (eager_found, eager_readings) == (found, readings)
     assert len(eager_anchors) == 2
+
+
+class _PooledShortcut(nn.Module):
+    """A ResNet-D downsampling block in small: the shortcut average-pools 2 x 2 (offset 0.5 at
+    stride 2) where the main path's strided 1 x 1 convolution reads the top-left pixel (offset
+    0); the shortcut is added in place to the main path's BatchNorm output, then a ReLU runs in
+    place. A second BatchNorm is written in place by a ReLU alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1, stride=2)
+        self.bn = nn.BatchNorm2d(8)
+        self.pool = nn.AvgPool2d(2)
+        self.proj = nn.Conv2d(3, 8, 1)
+        self.act = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.act2 = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.bn(self.conv(x))
+        out += self.proj(self.pool(x))
+        out = self.act(out)
+        return self.act2(self.bn2(self.conv2(out)))
+
+
+def test_an_output_the_model_writes_in_place_later_is_read_as_its_layer_made_it(monkeypatch):
+    """The probe reads each layer's output after the forward. A BatchNorm output that the block
+    then adds its shortcut to, in place, is the sum by then, and its gradient that of the sum:
+    the BatchNorm had been read at the sum's offset (ResNet-D at 96 px: layer2.0.bn3 2 px off
+    its convolution, at stride 8). It is read from a copy taken as it was made, in the probe
+    the engine runs and in the naive loop's. An in-place ReLU alone leaves the fields as they
+    were: its layer still takes the reading of the layer before it, without a backward pass."""
+    names = ["conv", "bn", "act", "conv2", "bn2", "act2"]
+    expected = {"conv": (0.0, 0.0), "bn": (0.0, 0.0), "act": (0.5, 0.5),
+                "conv2": (0.5, 0.5), "bn2": (0.5, 0.5), "act2": (0.5, 0.5)}
+    reads: list[int] = []
+    read_offset = align._read_offset
+
+    def counted(tensor, *args, **kwargs):
+        if kwargs["seed"] < 10_000:  # the layers', not the anchors'
+            reads.append(id(tensor))
+        return read_offset(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(align, "_read_offset", counted)
+    for seed in SEEDS:
+        torch.manual_seed(seed)
+        net = _PooledShortcut().eval()
+        reads.clear()
+        readings: dict[str, str] = {}
+        assert _offsets(net, names, 32, readings) == expected, f"seed {seed}"
+        assert all(readings[name] == "footprint" for name in names)
+        assert len(reads) == 5  # act2 takes bn2's reading
+        _, _, offsets = equifast.engine.probe_layers(
+            net, names, (32, 32), {}, "auto", torch.device("cpu"), torch.float32, seed)
+        assert offsets == expected, f"seed {seed}"
+    # written in place, but nothing read as the layer made it: the BatchNorm reads the sum
+    monkeypatch.setattr(align, "drop_unwritten", lambda captured, made: [
+        setattr(as_made, "copy", None) for as_made in made.values()])
+    torch.manual_seed(SEEDS[0])
+    assert _offsets(_PooledShortcut().eval(), names, 32)["bn"] == (0.5, 0.5)
