@@ -479,8 +479,8 @@ def drop_unwritten(captured: Mapping[str, torch.Tensor], made: Mapping[str, AsMa
 
 
 # Autograd nodes of ops that act on each position alone (activations, arithmetic with a constant,
-# a parameter or a scalar), by name without the version digits: an output such an op wrote in
-# place has the receptive fields of the output before it.
+# a parameter or a scalar), by name without the version digits: their outputs have the receptive
+# fields of their inputs. BatchNorm is one where it normalizes by its running statistics.
 _POINTWISE_NODES = frozenset({
     "ReluBackward", "HardswishBackward", "SiluBackward", "LeakyReluBackward", "HardtanhBackward",
     "EluBackward", "CeluBackward", "SigmoidBackward", "HardsigmoidBackward", "TanhBackward",
@@ -490,25 +490,29 @@ _POINTWISE_NODES = frozenset({
 })
 
 
-def _pointwise_since(earlier: AsMade | None, later: AsMade | None) -> bool:
-    """Whether the tensor an earlier layer output and a later layer output again (the same
-    object) has the same receptive fields for both: nothing wrote it in between, or only ops
-    on each position alone whose other operands do not depend on the input (a ReLU in place,
-    not ``+= shortcut``). True where either was not recorded (no graph: no reading either)."""
-    if earlier is None or later is None or earlier.version == later.version:
-        return True
-    node = later.node
-    for _ in range(64):
-        if node is earlier.node:
-            return True
-        if node is None or re.sub(r"\d+$", "", node.name()) not in _POINTWISE_NODES:
-            return False
-        inputs = [nxt for nxt, _ in node.next_functions
-                  if nxt is not None and type(nxt).__name__ != "AccumulateGrad"]
-        if len(inputs) != 1:
-            return False
-        node = inputs[0]
-    return False
+def _pointwise_input(node) -> object | None:
+    """The one input node of an autograd ``node`` that acts on each position alone and whose other
+    operands do not depend on the input (parameters, constants, scalars: a ReLU, a BatchNorm in
+    eval mode, ``x * 0.5``; not ``x + shortcut``); None for any other node."""
+    base = re.sub(r"\d+$", "", node.name())
+    if base == "NativeBatchNormBackward":
+        if getattr(node, "_saved_training", True) is not False:
+            return None  # batch statistics mix the positions
+    elif base not in _POINTWISE_NODES:
+        return None
+    inputs = [nxt for nxt, _ in node.next_functions
+              if nxt is not None and type(nxt).__name__ != "AccumulateGrad"]
+    return inputs[0] if len(inputs) == 1 else None
+
+
+def _pointwise_chain(node, limit: int = 64) -> Iterator[object]:
+    """``node``, then the nodes it reads through ops on each position alone
+    (:func:`_pointwise_input`): outputs of all of them have the same receptive fields."""
+    for _ in range(limit):
+        if node is None:
+            return
+        yield node
+        node = _pointwise_input(node)
 
 
 def _receptive_field_offsets(model, layers, input_size, device, dtype, samples, seed,
@@ -630,6 +634,7 @@ def _offsets_through_graph(inputs, captured, layers, input_size, graphless, anch
     with torch.enable_grad():
         offsets: dict[str, tuple[tuple[float, float], str] | None] = {}
         first_output: dict[int, str] = {}  # id of a captured output: the first layer with it
+        made_by: dict[object, str] = {}  # autograd node of an output as made: the first layer
         names = [name for name in layers if name not in graphless]
         for i, name in enumerate(names):
             layout = layers[name]
@@ -641,16 +646,24 @@ def _offsets_through_graph(inputs, captured, layers, input_size, graphless, anch
             while pending and pending[0].step <= finished.get(name, math.inf):
                 unread.append(pending.pop(0))
             tensor = captured[name]
-            same = first_output.setdefault(id(tensor), name)
-            if (same != name and captured[same] is tensor and layers[same] == layout
-                    and _pointwise_since(made.get(same), made.get(name))):
-                # The very tensor an earlier layer output (an nn.Identity, a Dropout in eval
-                # mode, an in-place activation): the same cells and fields, so the same offset
-                # and reading, without another backward pass (in timm's resnet18 33 of its 77
-                # leaves, in vit_tiny 99 of 225).
+            as_made = made.get(name)
+            # The output of an earlier layer again (an nn.Identity, a Dropout in eval mode) or
+            # through ops on each position alone (an activation, in place or not; a BatchNorm
+            # in eval mode): the same cells and fields, so the same offset and reading, without
+            # another backward pass (the leaves at 112 px: resnet18's take 29 readings, 49
+            # where only the very tensor was shared; vit_tiny's 88, 100; convnext_atto's 77,
+            # 89). A sum with another path (+= shortcut) is read (see AsMade).
+            if as_made is not None:
+                same = next((made_by[node] for node in _pointwise_chain(as_made.node)
+                             if node in made_by and layers[made_by[node]] == layout), None)
+                made_by.setdefault(as_made.node, name)
+            else:  # no record of how it was made: the very tensor alone
+                same = first_output.setdefault(id(tensor), name)
+                if same == name or captured[same] is not tensor or layers[same] != layout:
+                    same = None
+            if same is not None:
                 offsets[name] = offsets[same]
                 continue
-            as_made = made.get(name)
             if as_made is not None and as_made.copy is not None:
                 tensor = as_made.copy  # written in place since: read as the layer made it
             read = _read_offset(tensor, layout, inputs, input_size, seed=i,
