@@ -487,6 +487,12 @@ _POINTWISE_NODES = frozenset({
     "MishBackward", "GeluBackward", "ThresholdBackward", "RreluWithNoiseBackward",
     "ClampBackward", "ClampMinBackward", "ClampMaxBackward", "NegBackward",
     "AddBackward", "SubBackward", "MulBackward", "DivBackward",
+    "NativeBatchNormLegitNoTrainingBackward",
+})
+# BatchNorm's nodes on the CPU, with cuDNN and with MIOpen: on each position alone where they
+# normalize by the running statistics (_saved_training False).
+_BATCH_NORM_NODES = frozenset({
+    "NativeBatchNormBackward", "CudnnBatchNormBackward", "MiopenBatchNormBackward",
 })
 
 
@@ -495,7 +501,7 @@ def _pointwise_input(node) -> object | None:
     operands do not depend on the input (parameters, constants, scalars: a ReLU, a BatchNorm in
     eval mode, ``x * 0.5``; not ``x + shortcut``); None for any other node."""
     base = re.sub(r"\d+$", "", node.name())
-    if base == "NativeBatchNormBackward":
+    if base in _BATCH_NORM_NODES:
         if getattr(node, "_saved_training", True) is not False:
             return None  # batch statistics mix the positions
     elif base not in _POINTWISE_NODES:

@@ -1037,3 +1037,35 @@ def test_an_output_the_model_writes_in_place_later_is_read_as_its_layer_made_it(
         setattr(as_made, "copy", None) for as_made in made.values()])
     torch.manual_seed(SEEDS[0])
     assert _offsets(_PooledShortcut().eval(), names, 32)["conv"] == (0.5, 0.5)
+
+
+class _Node:
+    """A stand-in for an autograd node: its name, inputs and, for BatchNorm, its saved flag."""
+
+    def __init__(self, name: str, *inputs, training: bool | None = None) -> None:
+        self._name, self.next_functions = name, tuple((node, 0) for node in inputs)
+        if training is not None:
+            self._saved_training = training
+
+    def name(self) -> str:
+        return self._name
+
+
+@pytest.mark.parametrize("batch_norm", ["NativeBatchNormBackward0", "CudnnBatchNormBackward0",
+                                        "MiopenBatchNormBackward0"])
+def test_batch_norm_nodes_are_pointwise_only_on_running_statistics(batch_norm):
+    """BatchNorm's node differs by backend (the probe of a model on a GPU runs cuDNN's), and
+    each says whether it normalized by the batch's statistics, which mix the positions."""
+    conv = _Node("ConvolutionBackward0")
+    weight = type("AccumulateGrad", (), {})()  # a parameter: not an input that moves
+    assert align._pointwise_input(_Node(batch_norm, conv, weight, weight,
+                                        training=False)) is conv
+    assert align._pointwise_input(_Node(batch_norm, conv, weight, weight, training=True)) is None
+    assert align._pointwise_input(_Node(batch_norm, conv)) is None  # no flag: not known
+    assert align._pointwise_input(_Node("NativeBatchNormLegitNoTrainingBackward0", conv)) is conv
+    # two inputs that move (a sum with a shortcut), or an op that moves positions
+    assert align._pointwise_input(_Node("AddBackward0", conv, _Node("MulBackward0"))) is None
+    assert align._pointwise_input(_Node("AddBackward0", conv, None)) is conv
+    assert align._pointwise_input(_Node("PermuteBackward0", conv)) is None
+    relu = _Node("ReluBackward0", _Node(batch_norm, conv, training=False))
+    assert list(align._pointwise_chain(relu))[-1] is conv
