@@ -48,7 +48,8 @@ _SIXTEEN_BIT = (torch.bfloat16, torch.float16)
 
 # How align="auto" found each offset (find_offsets' readings, result.config["offset_readings"]).
 # Every reading but the centroid's is exact for convolutions and pooling whatever the weights; the
-# centroid of random weights leans by a pixel or more.
+# centroid of random weights leans by a pixel or more. A layer that shares the reading of a layer
+# before it (the same tensor, or computed from it by ops on each position alone) has its label.
 READINGS = {
     "footprint": "the centre of the footprint of the layer's central block on the input",
     "borders": "the inner edges of the fields of its border rows and columns on the input",
