@@ -443,10 +443,12 @@ class AsMade:
     copy: torch.Tensor | None  # kept where the model wrote the output (record_outputs)
 
 
-def _version(tensor: torch.Tensor) -> int | None:
+def version_of(tensor: torch.Tensor) -> int | None:
+    """The tensor's version counter (bumped by every in-place op), None where it has none (an
+    inference tensor: a model that runs part of its forward under inference_mode)."""
     try:
         return tensor._version
-    except RuntimeError:  # an inference tensor has no version counter
+    except RuntimeError:
         return None
 
 
@@ -462,7 +464,7 @@ def record_outputs(captured: dict[str, torch.Tensor], made: dict[str, AsMade]
             return
         captured[name] = tensor
         if tensor.requires_grad:
-            version, earlier = _version(tensor), latest.get(id(tensor))
+            version, earlier = version_of(tensor), latest.get(id(tensor))
             if earlier is not None and earlier.version == version:
                 made[name] = earlier  # (an nn.Identity after a layer: no second copy)
             else:
@@ -475,7 +477,7 @@ def drop_unwritten(captured: Mapping[str, torch.Tensor], made: Mapping[str, AsMa
     """After the probe forward: the copies of the outputs that nothing wrote since their layer
     made them are dropped (the output itself is read)."""
     for name, as_made in made.items():
-        if _version(captured[name]) == as_made.version:
+        if version_of(captured[name]) == as_made.version:
             as_made.copy = None
 
 

@@ -43,6 +43,7 @@ from .align import (
     probe_dtypes,
     probe_inputs,
     record_outputs,
+    version_of,
     warn_estimated_offsets,
     widened_to,
 )
@@ -883,7 +884,7 @@ def measure(
         # The very tensor the layer measured last output, unchanged since (an nn.Identity, a
         # Dropout in eval mode: in timm's resnet18 16 of its 77 leaves, in vit_tiny 99 of 201):
         # its statistics, not computed again (see _unchanged_output).
-        version = _version_of(tensor)
+        version = version_of(tensor)
         twin = None if channel_map == "linear" else _unchanged_output(
             context["last"], tensor, version, layer, state, identity, context["first"], name)
         reference = None
@@ -1402,15 +1403,6 @@ def _measured(tensor: torch.Tensor, version: int | None, name: str,
     return None if version is None else _Measured(weakref.ref(tensor), version, name, stats)
 
 
-def _version_of(tensor: torch.Tensor) -> int | None:
-    """The tensor's version counter (bumped by every in-place op), None where it has none (an
-    inference tensor: a model that runs part of its forward under inference_mode)."""
-    try:
-        return tensor._version
-    except RuntimeError:
-        return None
-
-
 def _unchanged_output(last: _Measured | None, tensor: torch.Tensor, version: int | None,
                       layer: _Layer, state: Mapping[str, _Layer],
                       identity: Mapping[str, torch.Tensor], first: bool,
@@ -1420,7 +1412,7 @@ def _unchanged_output(last: _Measured | None, tensor: torch.Tensor, version: int
     same way (layout, source maps, wrapping, disc) against the same identity features (later
     forwards: the object kept for both). Its statistics are then this layer's, bit for bit.
     An in-place activation (a new version) is measured anew. ``version``: the tensor's
-    (:func:`_version_of`)."""
+    (:func:`~equifast.align.version_of`)."""
     if last is None or last.tensor() is not tensor or version != last.version:
         return None
     twin = state[last.name]

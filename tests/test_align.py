@@ -901,6 +901,21 @@ def test_a_token_grid_subsampled_by_a_module_is_an_anchor(monkeypatch):
     assert _seeds_missed(lambda: _SubsampledTokens().eval(), expected, 64) > 0
 
 
+def _count_layer_reads(monkeypatch) -> list[int]:
+    """The ids of the tensors the probe reads for layers (not for anchors), in order, from now on
+    (align._read_offset wrapped)."""
+    reads: list[int] = []
+    read_offset = align._read_offset
+
+    def counted(tensor, *args, **kwargs):
+        if kwargs["seed"] < 10_000:  # the layers', not the anchors' (seeds from 10_000)
+            reads.append(id(tensor))
+        return read_offset(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(align, "_read_offset", counted)
+    return reads
+
+
 def test_layers_with_the_fields_of_a_layer_before_them_share_its_reading(monkeypatch):
     """An nn.Identity, an eval-mode Dropout and an in-place activation output the very tensor of
     the layer before them, and an activation or an eval-mode BatchNorm act on each position
@@ -914,15 +929,7 @@ def test_layers_with_the_fields_of_a_layer_before_them_share_its_reading(monkeyp
         nn.ReLU(inplace=True), nn.Conv2d(8, 8, 3, stride=2), nn.BatchNorm2d(8), nn.GELU(),
         nn.BatchNorm2d(8, track_running_stats=False),
     ).eval()
-    reads: list[int] = []
-    read_offset = align._read_offset
-
-    def counted(tensor, *args, **kwargs):
-        if kwargs["seed"] < 10_000:  # the layers', not the anchors'
-            reads.append(id(tensor))
-        return read_offset(tensor, *args, **kwargs)
-
-    monkeypatch.setattr(align, "_read_offset", counted)
+    reads = _count_layer_reads(monkeypatch)
     readings: dict[str, str] = {}
     names = [str(i) for i in range(8)]
     found = _offsets(net, names, 40, readings)
@@ -1012,15 +1019,7 @@ def test_an_output_the_model_writes_in_place_later_is_read_as_its_layer_made_it(
     names = ["conv", "act", "conv2", "bn2", "act2"]
     expected = {"conv": (0.0, 0.0), "act": (0.5, 0.5), "conv2": (0.5, 0.5), "bn2": (0.5, 0.5),
                 "act2": (0.5, 0.5)}
-    reads: list[int] = []
-    read_offset = align._read_offset
-
-    def counted(tensor, *args, **kwargs):
-        if kwargs["seed"] < 10_000:  # the layers', not the anchors'
-            reads.append(id(tensor))
-        return read_offset(tensor, *args, **kwargs)
-
-    monkeypatch.setattr(align, "_read_offset", counted)
+    reads = _count_layer_reads(monkeypatch)
     for seed in SEEDS:
         torch.manual_seed(seed)
         net = _PooledShortcut().eval()
