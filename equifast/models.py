@@ -631,10 +631,14 @@ def load_model_sized(name: str, input_size: tuple[int, int] | None = None,
 
 
 def _rejects_keyword(error: TypeError, keyword: str) -> bool:
-    """Whether ``error`` is Python's refusal of ``keyword`` by a callable that does not take it
-    (``ResNet.__init__() got an unexpected keyword argument 'img_size'``: what timm and
-    torchvision raise for a model class without that argument)."""
-    return re.search(rf"\bunexpected keyword argument '{re.escape(keyword)}'",
+    """Whether ``error`` is the refusal of ``keyword`` by a callable that does not take it:
+    Python's (``ResNet.__init__() got an unexpected keyword argument 'img_size'``, what
+    torchvision and most timm classes raise) or the one timm's models that take ``**kwargs``
+    raise themselves (HRNet, VoVNet, MetaFormer / PoolFormer:
+    ``VovNet.__init__() got unexpected keyword argument(s): ['img_size']``)."""
+    quoted = re.escape(repr(keyword))
+    return re.search(rf"\bunexpected keyword argument {quoted}"
+                     rf"|\bunexpected keyword argument\(s\): \[[^\]]*{quoted}",
                      str(error)) is not None
 
 

@@ -247,6 +247,11 @@ def test_load_model_sized_retries_only_when_the_size_is_not_taken() -> None:
     cnn = load_model_sized("resnet10t", (64, 64), pretrained=False)
     with torch.inference_mode():
         assert cnn.model(torch.zeros(1, 3, 64, 64)).shape == (1, 1000)
+    # timm's VoVNet (as HRNet and MetaFormer) takes **kwargs and refuses img_size with its own
+    # message ("got unexpected keyword argument(s): ['img_size']"): built without it, too
+    vovnet = load_model_sized("ese_vovnet19b_slim_dw", (64, 64), pretrained=False)
+    with torch.inference_mode():
+        assert vovnet.model(torch.zeros(1, 3, 64, 64)).shape == (1, 1000)
     # the constructor takes img_size and fails on it: its own error, not a 224 px model
     with pytest.raises(TypeError, match=r"unsupported operand .* \(a bug\)"):
         load_model_sized("eqtest_sized_with_a_bug", (64, 64), pretrained=False)
