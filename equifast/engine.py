@@ -943,6 +943,19 @@ def measure(
         passes = len(fit_groups) + 1 if channel_map == "linear" else 1
         progress_bar = tqdm(total=None if plan.total is None else passes * plan.total,
                             unit="img", desc=f"measure {model_name}", leave=False)
+    skipped_shown = 0  # unreadable files of this pass over the data the bar has counted
+
+    def advance(images: int) -> None:
+        """Moves the bar by a batch's images and the files skipped since: the total counts every
+        file of the plan, so that a folder with unreadable files still ends at 100%."""
+        nonlocal skipped_shown
+        if progress_bar is None:
+            return
+        skipped = len(plan.skipped)
+        if skipped > skipped_shown:
+            progress_bar.set_postfix(skipped=skipped, refresh=False)
+        progress_bar.update(images + max(skipped - skipped_shown, 0))
+        skipped_shown = skipped
     backend = "reference" if force_reference or not _ext.has_kernel(
         "equivariance_stats", device.type) else "compiled"
     if channel_map in ("match", "linear") and backend == "compiled":
@@ -1071,13 +1084,14 @@ def measure(
             if index > 0:
                 batches = iter(plan)
                 first = next(batches, None)
+            skipped_shown = 0  # a new pass lists its unreadable files anew
             for batch in _chain(first, batches):
                 run_batch(batch)
                 context["image_offset"] += batch.sources.shape[0]
                 if trimmer is not None:
                     trimmer.after_batch()
-                if progress_bar is not None:
-                    progress_bar.update(batch.sources.shape[0])
+                advance(batch.sources.shape[0])
+            advance(0)
             if context["image_offset"] < LINEAR_FOLDS:
                 raise ValueError(f"channel_map='linear': expected at least {LINEAR_FOLDS} images "
                                  f"(one fits the map that scores the other), found "
@@ -1088,6 +1102,7 @@ def measure(
         context.update(fitting=False, image_offset=0)
         batches = iter(plan)
         first = next(batches, None)
+        skipped_shown = 0
     unfinished: Callable[[], None] | None = None  # the previous batch's finish (run_batch)
     for batch in _chain(first, batches):
         finish = run_batch(batch)
@@ -1098,11 +1113,11 @@ def measure(
             trimmer.after_batch()
         images_done += batch.sources.shape[0]
         context["image_offset"] = images_done
-        if progress_bar is not None:
-            progress_bar.update(batch.sources.shape[0])
+        advance(batch.sources.shape[0])
     if unfinished is not None:
         unfinished()
     if progress_bar is not None:
+        advance(0)  # files skipped after the last batch (a last batch of unreadable files)
         progress_bar.close()
     if shard is not None:
         images_done, plan.skipped = _dist.combine(state, consistency_rows, top_rows,

@@ -333,3 +333,37 @@ def test_missing_and_empty_folders(tmp_path: Path) -> None:
     (empty / "notes.txt").write_text("hello")
     with pytest.raises(ValueError, match=r"empty.*\.jpg"):
         ImageFolderSource(empty, pre)
+
+
+@pytest.mark.parametrize("channel_map", ["identity", "linear"])
+def test_progress_bar_counts_unreadable_files(messy_folder: Path, monkeypatch,
+                                              channel_map: str) -> None:
+    """The bar's total is every file of the folder (each pass over it: linear reads it twice); an
+    unreadable file is done too, so the bar ends at its total and names how many were skipped,
+    also when a whole batch, the last one, is unreadable."""
+    import warnings
+
+    import tqdm.auto
+
+    import equifast
+
+    closed = []
+
+    class RecordingBar(tqdm.auto.tqdm):
+        def close(self):
+            closed.append((self.n, self.total, self.postfix))
+            super().close()
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", RecordingBar)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU())
+    files = len(GOOD) + len(BAD)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the skipped files' warning, the linear fit's own
+        result = equifast.measure(net, messy_folder, group="translate:2", layers=["1"],
+                                  batch_size=3, input_size=(32, 32), bootstrap=0, num_workers=0,
+                                  channel_map=channel_map)
+    assert len(result.skipped) == len(BAD)
+    passes = 2 if channel_map == "linear" else 1
+    done, total, postfix = closed[0]  # (tqdm closes a bar again when it is collected)
+    assert done == total == passes * files
+    assert postfix == f"skipped={len(BAD)}"
