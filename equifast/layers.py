@@ -117,9 +117,11 @@ def _open_containers(model: nn.Module) -> list[str]:
         layers[at:at + 1] = children_of(largest)
 
 
-def _feature_entries(model: nn.Module) -> tuple[list[tuple[str, dict, bool]], list[str]]:
+def _feature_entries(model: nn.Module
+                     ) -> tuple[list[tuple[str, dict, bool]], list[str], dict[str, str]]:
     """The entries of a timm ``feature_info`` resolved to the modules of ``model``, in order:
-    ``(name, entry, through_list)``, and the module names of the entries the model lacks.
+    ``(name, entry, through_list)``; the module names of the entries the model lacks; and the
+    names it lacks that were taken as another container's children (:func:`_renamed_stages`).
 
     A features_only wrapper keeps a ``FeatureInfo`` of the out_indices it returns, under its
     own module names (:func:`_features_only_name`). A ``ModuleList`` there (CoaT's
@@ -130,16 +132,17 @@ def _feature_entries(model: nn.Module) -> tuple[list[tuple[str, dict, bool]], li
     if callable(getattr(feature_info, "get_dicts", None)):
         feature_info = feature_info.get_dicts()
     if not isinstance(feature_info, (list, tuple)):
-        return [], []
+        return [], [], {}
     names = dict(model.named_modules())
+    declared = [(info["module"], info) for info in feature_info
+                if isinstance(info, dict) and info.get("module")]
+    renamed = _renamed_stages([module for module, _ in declared if module not in names
+                               and _features_only_name(module, names) is None], names)
     entries: list[tuple[str, dict, bool]] = []
     missing: list[str] = []
-    for info in feature_info:
-        module = info.get("module") if isinstance(info, dict) else None
-        if not module:
-            continue
+    for module, info in declared:
         if module not in names:
-            resolved = _features_only_name(module, names)
+            resolved = _features_only_name(module, names) or renamed.get(module)
             if resolved is None:
                 missing.append(module)
                 continue
@@ -148,7 +151,41 @@ def _feature_entries(model: nn.Module) -> tuple[list[tuple[str, dict, bool]], li
         while isinstance(names[module], nn.ModuleList) and len(names[module]):
             module = f"{module}.{len(names[module]) - 1}"
         entries.append((module, info, through_list))
-    return entries, missing
+    return entries, missing, renamed
+
+
+# Names of the containers that hold a network's stages or blocks (timm, torchvision).
+_STAGE_CONTAINERS = frozenset({"stages", "blocks", "layers", "stage", "block", "layer"})
+_INDEXED_NAME = re.compile(r"^(?P<stem>.+)\.(?P<index>\d+)$")
+
+
+def _renamed_stages(lacking: Sequence[str], names: Mapping[str, nn.Module]) -> dict[str, str]:
+    """``feature_info`` names ``<stem>.<i>`` that the model lacks, mapped to the children of the
+    container they mean: timm's Twins and MViTv2 declare ``block.0``... for modules named
+    ``blocks.0``... and ``stages.0``.... The container is a ModuleList or Sequential beside
+    where the stem would be, named as the stem's plural or singular (``blocks`` for ``block``)
+    with a child at every index declared; else the one container there with a stage
+    container's name (``stages``, ``layers``, ...) and exactly as many children as the entries
+    ask for. Empty where the names have no common stem or no such container is found: the
+    entries stay missing (and a warning names them)."""
+    matches = [_INDEXED_NAME.match(name) for name in lacking]
+    if not matches or not all(matches) or len({match["stem"] for match in matches}) != 1:
+        return {}
+    stem = matches[0]["stem"]
+    parent, _, base = stem.rpartition(".")
+    needed = max(int(match["index"]) for match in matches) + 1
+    beside = {name: module for name, module in names.items()
+              if name and name.rpartition(".")[0] == parent
+              and isinstance(module, (nn.ModuleList, nn.Sequential))}
+    plural = [name for name, module in beside.items()
+              if name.rpartition(".")[2] in (base + "s", base.removesuffix("s"))
+              and len(module) >= needed]
+    stages = [name for name, module in beside.items()
+              if name.rpartition(".")[2] in _STAGE_CONTAINERS and len(module) == needed]
+    container = plural if len(plural) == 1 else stages if not plural and len(stages) == 1 else None
+    if container is None:
+        return {}
+    return {name: f"{container[0]}.{match['index']}" for name, match in zip(lacking, matches)}
 
 
 def _feature_info_reductions(model: nn.Module) -> dict[str, float | None]:
@@ -178,12 +215,22 @@ def _warn_missing_features(model: nn.Module) -> None:
     """Warn about ``feature_info`` entries that name no module of the model (timm's HRNet names
     ``stem`` and ``stage1``, which its classification model does not have): they are not
     measured."""
-    missing = _feature_entries(model)[1]
+    entries, missing, renamed = _feature_entries(model)
     if missing:
         warnings.warn(
             f"{type(model).__name__}'s feature_info names modules it does not have "
             f"({', '.join(map(str, missing))}): those stages are not among the default layers; "
             "name the modules that make them in layers=[...] to measure them",
+            stacklevel=4,
+        )
+    if renamed:
+        taken = [module for module, info, _ in entries if info["module"] in renamed]
+        container = next(iter(renamed.values())).rpartition(".")[0]
+        warnings.warn(
+            f"{type(model).__name__}'s feature_info names modules it does not have "
+            f"({', '.join(renamed)}): taken as the children of its {container!r} "
+            f"({', '.join(taken)}); name other modules in layers=[...] if those are not its "
+            "stages",
             stacklevel=4,
         )
 
@@ -264,7 +311,7 @@ def _warn_unresolved_features(model: nn.Module, children: Sequence[str]) -> None
     Twins' name ``block.0``...: the modules are ``stages.0`` and ``blocks.0``): the default
     layers are then the top-level children, not the stages it means."""
     for _, module in model.named_modules():
-        entries, missing = _feature_entries(module)
+        entries, missing, _ = _feature_entries(module)
         if entries:
             return
         if missing:

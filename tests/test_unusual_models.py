@@ -625,6 +625,66 @@ def test_a_feature_info_that_names_no_module_of_the_model_is_named():
         assert default_layers(model) == ["0", "1", "2.0", "2.1", "3", "5"]
 
 
+class _StagesUnderAnotherName(nn.Module):
+    """A network whose feature_info names its stages ``block.0``, ``block.1`` as timm's Twins and
+    MViTv2 do; the stages are the children of ``container`` (Twins: ``blocks``, a ModuleList of
+    ModuleLists; MViTv2: ``stages``), beside a ModuleList of as many patch embeddings."""
+
+    def __init__(self, container: str, nested: bool):
+        super().__init__()
+        self.embeds = nn.ModuleList([nn.Conv2d(3, 8, 2, stride=2), nn.Conv2d(8, 8, 2, stride=2)])
+
+        def stage(depth):
+            convs = [nn.Conv2d(8, 8, 3, padding=1) for _ in range(depth)]
+            return nn.ModuleList(convs) if nested else nn.Sequential(*convs)
+
+        self.container, self.nested = container, nested
+        setattr(self, container, nn.ModuleList([stage(2), stage(1)]))
+        self.head = nn.Linear(8, 10)
+        self.feature_info = [{"module": "block.0", "reduction": 2, "num_chs": 8},
+                             {"module": "block.1", "reduction": 4, "num_chs": 8}]
+
+    def forward(self, x):
+        for embed, stage in zip(self.embeds, getattr(self, self.container)):
+            x = embed(x)
+            if self.nested:  # a ModuleList has no forward: its blocks run one by one
+                for block in stage:
+                    x = block(x)
+            else:
+                x = stage(x)
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize(("container", "nested", "expected"), [
+    ("blocks", True, ["blocks.0.1", "blocks.1.0"]),  # Twins: the plural of the stem
+    ("stages", False, ["stages.0", "stages.1"]),  # MViTv2: the one container named as stages
+])
+def test_a_feature_info_that_names_its_stages_otherwise_finds_them(container, nested, expected):
+    from equifast.layers import declared_reductions, default_layers
+
+    model = _StagesUnderAnotherName(container, nested)
+    with pytest.warns(UserWarning, match=rf"names modules it does not have \(block\.0, block\.1\): "
+                                         rf"taken as the children of its '{container}' "
+                                         rf"\({', '.join(expected)}\)"):
+        assert default_layers(model) == expected
+    assert declared_reductions(model) == dict(zip(expected, [2.0, 4.0]))
+    images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    with pytest.warns(UserWarning, match="taken as the children"):
+        result = equifast.measure(model.eval(), images, group="translate[circular]:4",
+                                  bootstrap=0, progress=False)
+    assert [result.config["layouts"][name] for name in expected] == ["NCHW", "NCHW"]
+    assert result.summary()["stride"].tolist() == [2.0, 4.0]
+
+
+def test_a_feature_info_whose_stages_could_be_in_two_containers_is_not_guessed():
+    model = _StagesUnderAnotherName("stages", False)
+    model.layers = nn.ModuleList([nn.Identity(), nn.Identity()])  # two stage-named containers
+    from equifast.layers import default_layers
+
+    with pytest.warns(UserWarning, match=r"so its stage outputs are not known"):
+        default_layers(model)
+
+
 class _DetachedNeck(nn.Module):
     """A trainable neck on a backbone's detached features: its outputs have a graph through its
     own parameters, none back to the input."""
