@@ -45,6 +45,8 @@ from .result import shown_names
 AlignSpec = str | float | tuple[float, float] | Mapping[str, object]
 # dtypes whose gradients are too coarse for the probe (probe_dtypes)
 _SIXTEEN_BIT = (torch.bfloat16, torch.float16)
+# Seconds the probe reads layers before its progress bar shows (find_offsets' progress)
+PROBE_BAR_DELAY = 2.0
 
 # How align="auto" found each offset (find_offsets' readings, result.config["offset_readings"]).
 # Every reading but the centroid's is exact for convolutions and pooling whatever the weights; the
@@ -122,6 +124,7 @@ def find_offsets(
     anchors: GridAnchors | None = None,
     readings: dict[str, str] | None = None,
     made: Mapping[str, AsMade] | None = None,
+    progress: bool = False,
 ) -> dict[str, tuple[float, float]]:
     """Grid offset ``(offset_y, offset_x)`` of every layer.
 
@@ -141,6 +144,8 @@ def find_offsets(
             :data:`READINGS`: ``"footprint"``, ..., ``"centroid"`` for an estimate, ``"given"``
             where ``align`` set it); vector layers are left out.
         made: The outputs of ``captured`` as their layers made them (:func:`record_outputs`).
+        progress: Show a progress bar over the layers the ``auto`` probe reads, where that
+            takes more than a few seconds (the leaves of a large model).
 
     Returns:
         ``{name: (offset_y, offset_x)}`` (NaN for vector layers).
@@ -160,7 +165,8 @@ def find_offsets(
             found[name] = "given"
     if auto and captured is not None:
         offsets.update(offsets_from_graph(captured[0], captured[1], {n: layers[n] for n in auto},
-                                          input_size, anchors, readings=found, made=made))
+                                          input_size, anchors, readings=found, made=made,
+                                          progress=progress))
     elif auto:
         attempts = probe_dtypes(dtype)
         for attempt, probe_dtype in enumerate(attempts):
@@ -168,7 +174,7 @@ def find_offsets(
                 with widened_to(model, probe_dtype, dtype):
                     offsets.update(_receptive_field_offsets(
                         model, {n: layers[n] for n in auto}, input_size, device, probe_dtype,
-                        samples, seed, found))
+                        samples, seed, found, progress))
                 break
             except Exception:
                 if attempt == len(attempts) - 1:
@@ -525,7 +531,7 @@ def _pointwise_chain(node, limit: int = 64) -> Iterator[object]:
 
 
 def _receptive_field_offsets(model, layers, input_size, device, dtype, samples, seed,
-                             readings=None):
+                             readings=None, progress=False):
     inputs = probe_inputs(input_size, device, dtype, samples, seed, input_channels(model))
     captured: dict[str, torch.Tensor] = {}
     made: dict[str, AsMade] = {}
@@ -537,7 +543,7 @@ def _receptive_field_offsets(model, layers, input_size, device, dtype, samples, 
         model(inputs)
         drop_unwritten(captured, made)
         return offsets_from_graph(inputs, captured, layers, input_size, anchors, readings,
-                                  made=made)
+                                  made=made, progress=progress)
 
 
 def offsets_from_graph(
@@ -548,13 +554,15 @@ def offsets_from_graph(
     anchors: GridAnchors | None = None,
     readings: dict[str, str] | None = None,
     made: Mapping[str, AsMade] | None = None,
+    progress: bool = False,
 ) -> dict[str, tuple[float, float]]:
     """Offsets of ``layers`` from their outputs ``captured`` in a forward of the probe ``inputs``.
 
     The forward ran with gradients enabled (see :func:`probe_inputs`); the engine uses this to find
     the layouts and the offsets from one probe forward. ``readings``, if given, is filled with how
     each offset was found (:data:`READINGS`). ``made``: the outputs as their layers made them
-    (:func:`record_outputs`), read where the model wrote them in place later.
+    (:func:`record_outputs`), read where the model wrote them in place later. ``progress``: a
+    bar over the layers, shown where reading them takes more than a few seconds.
     """
     # Layers the model computes without a graph (a frozen backbone under torch.no_grad in its
     # forward, as in linear probing), or from a detached tensor (a neck on a backbone's
@@ -563,7 +571,7 @@ def offsets_from_graph(
     graphless = [name for name in layers
                  if name in captured and not captured[name].requires_grad]
     read = _offsets_through_graph(inputs, captured, layers, input_size, graphless, anchors,
-                                  made or {})
+                                  made or {}, progress)
     unreached = graphless + [name for name in layers if name in read and read[name] is None]
     offsets = {name: found[0] for name, found in read.items() if found is not None}
     found_by = {name: found[1] for name, found in read.items() if found is not None}
@@ -585,7 +593,7 @@ def offsets_from_graph(
 
 
 def _offsets_through_graph(inputs, captured, layers, input_size, graphless, anchors=None,
-                           made=None):
+                           made=None, progress=False):
     """``(offset, reading)`` of the layers not in ``graphless`` from their input-gradients
     (:func:`_read_offset`); None for a layer the gradient does not reach
     (:func:`offsets_from_graph`). Where a layer's gradient on the
@@ -645,7 +653,15 @@ def _offsets_through_graph(inputs, captured, layers, input_size, graphless, anch
         first_output: dict[int, str] = {}  # id of a captured output: the first layer with it
         made_by: dict[object, str] = {}  # autograd node of an output as made: the first layer
         names = [name for name in layers if name not in graphless]
-        for i, name in enumerate(names):
+        steps = names
+        if progress:
+            from tqdm.auto import tqdm
+
+            # Reading a layer's footprint takes a backward pass to the input: the leaves of a
+            # large model take seconds to minutes on a CPU. A short probe shows no bar (delay).
+            steps = tqdm(names, desc="align probe", unit="layer", delay=PROBE_BAR_DELAY,
+                         leave=False)
+        for i, name in enumerate(steps):
             layout = layers[name]
             if name not in captured:
                 raise RuntimeError(f"layer {name!r} did not run in the forward pass")
@@ -680,6 +696,8 @@ def _offsets_through_graph(inputs, captured, layers, input_size, graphless, anch
                                 unread=[anchor.tensor for anchor in unread],
                                 read_unread=read_anchors)
             offsets[name] = read
+        if progress:
+            steps.close()
     return offsets
 
 

@@ -784,7 +784,8 @@ def measure(
                                                  align, device, model_dtype, seed,
                                                  lenient=is_broad_selection(layers, module),
                                                  report=probe_report,
-                                                 by_name=by_name is not None)
+                                                 by_name=by_name is not None,
+                                                 progress=progress)
     if shard is not None:
         offsets = _dist.agree(offsets, "alignment offsets")
         probe_report["offset_readings"] = _dist.agree(probe_report["offset_readings"],
@@ -1332,7 +1333,7 @@ def _rollback(state: dict[str, _Layer], marks: dict[str, int]) -> None:
 
 def probe_layers(module, names, input_size, overrides, align, device, dtype, seed,
                  lenient: bool = False, report: dict | None = None,
-                 advice: str = PROBE_ADVICE, by_name: bool = False):
+                 advice: str = PROBE_ADVICE, by_name: bool = False, progress: bool = False):
     """Layouts and grid offsets of the layers, from one probe forward.
 
     With ``align="auto"`` layers the gradient probe of :mod:`equifast.align` (seeded random inputs,
@@ -1345,7 +1346,8 @@ def probe_layers(module, names, input_size, overrides, align, device, dtype, see
         ``report``, when given, gets ``"stride_probe"`` (:func:`refine_layouts`) and
         ``"offset_readings"`` (how each offset was found, :func:`find_offsets`). ``advice``
         and ``by_name``: what a failing model's message suggests
-        (:func:`equifast.layers.run_probe`).
+        (:func:`equifast.layers.run_probe`). ``progress``: a bar over the layers the gradient
+        probe reads, where that takes a while (:func:`~equifast.align.find_offsets`).
     """
     per_layer = dict(align) if isinstance(align, Mapping) else {name: align for name in names}
     with_grad = any(per_layer.get(name, "auto") == "auto" for name in names)
@@ -1390,7 +1392,8 @@ def probe_layers(module, names, input_size, overrides, align, device, dtype, see
                 readings: dict[str, str] = {}
                 offsets = find_offsets(module, layouts, input_size, align, device, probe_dtype,
                                        seed=seed, captured=(probe, captured) if with_grad else None,
-                                       anchors=anchors, readings=readings, made=made)
+                                       anchors=anchors, readings=readings, made=made,
+                                       progress=progress)
         except Exception:
             if attempt == len(attempts) - 1:
                 raise

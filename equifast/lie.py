@@ -430,7 +430,7 @@ def lie_derivative(
             # (no dtype argument here: the model's own, widened for 16-bit models)
             advice="If the model is built for another input size, pass input_size=(H, W) (and "
                    "sources of that size plus a one-pixel margin).",
-            by_name=resolved.by_name is not None)
+            by_name=resolved.by_name is not None, progress=progress)
         values = {(member, n, g, m): [] for member in members for n in names
                   for g in names_of_generators for m in LIE_METRICS}
         hooked = {(member_name(prefix, n) if prefix else n): (member, n)

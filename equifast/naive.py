@@ -1037,7 +1037,7 @@ def measure(
     readings: dict[str, str] = {}
     offsets = find_offsets(
         module, layer_layouts, (height, width), align, device, model_dtype, seed=seed,
-        readings=readings,
+        readings=readings, progress=progress,
     )
     elements = list(group)
     count = len(elements)
