@@ -677,7 +677,8 @@ def measure(
             CUDA device when it imports, unless ``num_workers=0``; Pillow on the CPU, where the
             engine then reads the very pixels ``equifast.naive`` reads: DALI's resize rounds
             apart from Pillow's, which moves scores by about 1e-3).
-        progress: Show a progress bar.
+        progress: Show a progress bar over the images, and one over the layers the
+            ``align="auto"`` probe reads where that takes more than two seconds.
         model_name: Name recorded in the result (default: the timm name or the class name).
         force_reference: Use the pure-PyTorch reference ops even when kernels are compiled.
         distributed: Split the images between the processes of a ``torchrun`` launch or of an

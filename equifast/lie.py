@@ -364,7 +364,8 @@ def lie_derivative(
         bootstrap: Resamples of the 95% bootstrap intervals over images (0: none).
         seed: Seed of the bootstrap, of a model built by name and of the alignment probe.
         num_workers, loader: How a folder is read, as for :func:`equifast.measure`.
-        progress: Show a progress bar.
+        progress: Show a progress bar over the images, and one over the layers the
+            ``align="auto"`` probe reads where that takes more than two seconds.
         model_name: Name recorded in the result (default: the timm name or the class name).
         baseline: ``"init"``: also differentiate a freshly initialized copy of the architecture
             (seeded with ``seed``; :mod:`equifast.baseline`), on the same images with the same

@@ -968,7 +968,8 @@ def measure(
         channels_last: Input memory format (default: True on CUDA).
         limit: At most this many images.
         num_workers: Loader workers for a folder.
-        progress: Show a progress bar.
+        progress: Show a progress bar over the images, and one over the layers the
+            ``align="auto"`` probe reads where that takes more than two seconds.
         model_name: Name recorded in the result.
         force_reference: Ignored.
 
