@@ -214,7 +214,8 @@ def _features_only_name(module: str, names: Mapping[str, nn.Module]) -> str | No
 def _warn_missing_features(model: nn.Module) -> None:
     """Warn about ``feature_info`` entries that name no module of the model (timm's HRNet names
     ``stem`` and ``stage1``, which its classification model does not have): they are not
-    measured."""
+    measured; and about those taken as another container's children (:func:`_renamed_stages`:
+    Twins, MViTv2), naming the modules taken."""
     entries, missing, renamed = _feature_entries(model)
     if missing:
         warnings.warn(
@@ -307,9 +308,10 @@ def default_layers(model: nn.Module) -> list[str]:
 
 
 def _warn_unresolved_features(model: nn.Module, children: Sequence[str]) -> None:
-    """Warn when a timm ``feature_info`` names none of the modules its model has (MViTv2's and
-    Twins' name ``block.0``...: the modules are ``stages.0`` and ``blocks.0``): the default
-    layers are then the top-level children, not the stages it means."""
+    """Warn when a timm ``feature_info`` names none of the modules its model has and
+    :func:`_renamed_stages` cannot settle which it means (its names share no stem, or no
+    container or several fit them): the default layers are then the top-level children, not
+    the stages it means."""
     for _, module in model.named_modules():
         entries, missing, _ = _feature_entries(module)
         if entries:

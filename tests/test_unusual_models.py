@@ -609,8 +609,9 @@ def test_unfolded_patches_are_named(implementation):
 
 
 def test_a_feature_info_that_names_no_module_of_the_model_is_named():
-    # timm's MViTv2 and Twins declare stages 'block.0'...; their modules are 'stages.0' and
-    # 'blocks.0': before, the default layers fell back to the top-level children without a word
+    # stages 'block.0'... where no container of the model is named as them or as stages (timm's
+    # MViTv2 and Twins, whose are, find theirs: the test after the next): before, the default
+    # layers fell back to the top-level children without a word
     from equifast.layers import default_layers
 
     model = _cnn()
