@@ -498,6 +498,8 @@ _POINTWISE_NODES = frozenset({
     "AddBackward", "SubBackward", "MulBackward", "DivBackward",
     "NativeBatchNormLegitNoTrainingBackward",
 })
+# Adaptive poolings: the identity where they keep their input's size (_pointwise_input).
+_ADAPTIVE_POOL_NODES = frozenset({"AdaptiveAvgPool2DBackward", "AdaptiveMaxPool2DBackward"})
 # BatchNorm's nodes on the CPU, with cuDNN and with MIOpen: on each position alone where they
 # normalize by the running statistics (_saved_training False).
 _BATCH_NORM_NODES = frozenset({
@@ -505,14 +507,24 @@ _BATCH_NORM_NODES = frozenset({
 })
 
 
-def _pointwise_input(node) -> object | None:
+def _pointwise_input(node, shape: tuple[int, ...] | None = None) -> object | None:
     """The one input node of an autograd ``node`` that acts on each position alone and whose other
     operands do not depend on the input (parameters, constants, scalars: a ReLU, a BatchNorm in
-    eval mode, ``x * 0.5``; not ``x + shortcut``); None for any other node."""
+    eval mode, ``x * 0.5``; not ``x + shortcut``), or of an adaptive pooling whose input has
+    ``shape``, the shape of its output (:func:`_pointwise_chain`): one that keeps the size is the
+    identity (torchvision's AlexNet and VGG pool their 6 x 6 / 7 x 7 maps to 6 x 6 / 7 x 7 at
+    224 px). None for any other node."""
     base = re.sub(r"\d+$", "", node.name())
     if base in _BATCH_NORM_NODES:
         if getattr(node, "_saved_training", True) is not False:
             return None  # batch statistics mix the positions
+    elif base in _ADAPTIVE_POOL_NODES:
+        try:
+            pooled = getattr(node, "_saved_self", None)
+        except RuntimeError:  # its input was written in place since: not known
+            return None
+        if shape is None or not isinstance(pooled, torch.Tensor) or tuple(pooled.shape) != shape:
+            return None  # (a pooling to another size mixes the positions)
     elif base not in _POINTWISE_NODES:
         return None
     inputs = [nxt for nxt, _ in node.next_functions
@@ -520,14 +532,16 @@ def _pointwise_input(node) -> object | None:
     return inputs[0] if len(inputs) == 1 else None
 
 
-def _pointwise_chain(node, limit: int = 64) -> Iterator[object]:
+def _pointwise_chain(node, shape: tuple[int, ...] | None = None,
+                     limit: int = 64) -> Iterator[object]:
     """``node``, then the nodes it reads through ops on each position alone
-    (:func:`_pointwise_input`): outputs of all of them have the same receptive fields."""
+    (:func:`_pointwise_input`; adaptive poolings that keep the size where ``shape``, that of
+    ``node``'s output, is given): outputs of all of them have the same receptive fields."""
     for _ in range(limit):
         if node is None:
             return
         yield node
-        node = _pointwise_input(node)
+        node = _pointwise_input(node, shape)
 
 
 def _receptive_field_offsets(model, layers, input_size, device, dtype, samples, seed,
@@ -674,12 +688,14 @@ def _offsets_through_graph(inputs, captured, layers, input_size, graphless, anch
             as_made = made.get(name)
             # The output of an earlier layer again (an nn.Identity, a Dropout in eval mode) or
             # through ops on each position alone (an activation, in place or not; a BatchNorm
-            # in eval mode): the same cells and fields, so the same offset and reading, without
+            # in eval mode; an adaptive pooling to the size it pools): the same cells and
+            # fields, so the same offset and reading, without
             # another backward pass (the leaves at 112 px: resnet18's take 29 readings, 49
             # where only the very tensor was shared; vit_tiny's 88, 100; convnext_atto's 77,
             # 89). A sum with another path (+= shortcut) is read (see AsMade).
             if as_made is not None:
-                same = next((made_by[node] for node in _pointwise_chain(as_made.node)
+                same = next((made_by[node] for node
+                             in _pointwise_chain(as_made.node, tuple(tensor.shape))
                              if node in made_by and layers[made_by[node]] == layout), None)
                 made_by.setdefault(as_made.node, name)
             else:  # no record of how it was made: the very tensor alone

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import re
 import traceback
@@ -1216,11 +1217,16 @@ def refine_layouts(
         shapes.setdefault(name, tensor.shape)
 
     hooks = LayerHooks(model, spatial, keep, lenient=True)
+    # What each layer's module receives at the larger size: a layer whose grid does not grow but
+    # maps the grid it receives one to one (an adaptive pooling to the size it is given) has
+    # that grid's stride (_resampling_layers).
+    received = _ReceivedShapes(model, spatial)
     try:
         with torch.inference_mode(), hooks:
             model(torch.zeros(1, input_channels(model), *grown_size, device=device, dtype=dtype))
     except Exception as error:  # noqa: BLE001 - a model that fails there keeps one size's reading
         message = " ".join(str(error).split())
+        received.remove()
         report["stride_probe"] = (
             f"one input size: the model did not run at {grown_size[0]}x{grown_size[1]} "
             f"({type(error).__name__}: {message[:160]})")
@@ -1231,6 +1237,7 @@ def refine_layouts(
                     f"{name} ({_format_stride(refined[name].stride)})" for name in declared[:8])
                 + (f" and {len(declared) - 8} more" if len(declared) > 8 else ""))
         return refined
+    received.remove()
     report["stride_probe"] = (f"two input sizes: {height}x{width} and "
                               f"{grown_size[0]}x{grown_size[1]}")
     refined = dict(layouts)
@@ -1272,7 +1279,20 @@ def refine_layouts(
             previous = int(stride[0])  # (layers are in module order: the one before, mostly)
         if grown == (layout.grid_h, layout.grid_w) and name not in overrides:
             fixed.append(name)
-    fixed, padded = _resampling_layers(model, fixed, refined, input_size, device, dtype)
+    resampling, padded = _resampling_layers(model, fixed, refined, input_size, device, dtype)
+    for name in fixed:
+        # One to one at this size (torchvision's AlexNet pools its 6 x 6 cells of stride 32 to
+        # 6 x 6 at 224 px, which one size reads as stride 37): the stride of the grid it
+        # receives, from how that grows.
+        layout, shape = refined[name], received.shapes.get(name)
+        if name in resampling or name in padded or shape is None:
+            continue
+        grown = grown_grid_of(layout, shape, grown_size)
+        stride = None if grown is None else stride_from_growth(
+            (layout.grid_h, layout.grid_w), grown, input_size, growth)
+        if stride is not None:
+            refined[name] = dataclasses.replace(layout, stride=stride)
+    fixed = resampling
     if padded:
         leave_out({name: (
             f"layer {name!r} keeps a {refined[name].grid_h}x{refined[name].grid_w} grid at "
@@ -1346,6 +1366,31 @@ def _declared_strides(model: nn.Module, layouts: Mapping[str, FeatureLayout],
     return refined, changed
 
 
+class _ReceivedShapes:
+    """Forward pre-hooks that record the shape of the first tensor each named module receives
+    (:attr:`shapes`), until :meth:`remove`."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        modules = dict(model.named_modules())
+        self._handles = []
+        for name in names:
+            module = modules.get(name)
+            if module is not None and not isinstance(module, torch.jit.ScriptModule):
+                self._handles.append(module.register_forward_pre_hook(
+                    functools.partial(self._remember, name)))
+
+    def _remember(self, name: str, module, args) -> None:
+        tensor = first_tensor(args[0], batch=1) if args else None
+        if tensor is not None:
+            self.shapes.setdefault(name, tuple(tensor.shape))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
 def _resampling_layers(model: nn.Module, names: Sequence[str],
                        layouts: Mapping[str, FeatureLayout], input_size: tuple[int, int], device,
                        dtype) -> tuple[list[str], dict[str, tuple[str, tuple[int, int]]]]:
@@ -1370,16 +1415,9 @@ def _resampling_layers(model: nn.Module, names: Sequence[str],
     if not names:
         return [], {}
     modules = dict(model.named_modules())
-    received: dict[str, tuple[int, ...]] = {}
+    received = _ReceivedShapes(model, names)
     enclosing: dict[str, tuple[int, ...]] = {}
     handles = []
-    for name in names:
-        def remember(module, args, name=name):
-            tensor = first_tensor(args[0], batch=1) if args else None
-            if tensor is not None:
-                received.setdefault(name, tuple(tensor.shape))
-        if name in modules:
-            handles.append(modules[name].register_forward_pre_hook(remember))
     for block in {".".join(name.split(".")[:end]) for name in names if name in modules
                   for end in range(1, name.count(".") + 1)}:
         def remember_output(module, args, output, block=block):
@@ -1404,6 +1442,7 @@ def _resampling_layers(model: nn.Module, names: Sequence[str],
     except Exception:  # noqa: BLE001 - then every one of them is reported
         return list(names), {}
     finally:
+        received.remove()
         for handle in handles:
             handle.remove()
     padded = {}
@@ -1420,7 +1459,7 @@ def _resampling_layers(model: nn.Module, names: Sequence[str],
     for name in names:
         if name in padded:
             continue
-        layout, shape = layouts[name], received.get(name)
+        layout, shape = layouts[name], received.shapes.get(name)
         grid = None
         if shape is not None and len(shape) == 4:
             grid = shape[2:] if layout.layout == "NCHW" else shape[1:3]

@@ -1100,3 +1100,43 @@ def test_the_probe_shows_a_bar_over_the_layers_it_reads(implementation, monkeypa
     monkeypatch.setattr(tqdm.auto, "tqdm", lambda *a, **k: quiet.append(k) or tqdm.auto.tqdm)
     measure(net, images, group="flip", layers="leaves", bootstrap=0, progress=False)
     assert not quiet
+
+
+@pytest.mark.parametrize("implementation", ["engine", "naive"])
+def test_an_adaptive_pooling_to_the_size_it_receives_is_the_grid_before_it(implementation):
+    """torchvision's AlexNet pools its 6 x 6 cells of stride 32 to 6 x 6 at 224 px: the identity.
+    One input size reads its grid as stride 37 and the probe's centroid as another offset, so
+    its rotations and flips re-aligned otherwise than the identical layer before it. It takes
+    the stride of the grid it receives (from how that grows) and that layer's offset and
+    reading: the same scores. Here 4 x 4 cells of stride 8 at 40 px (one size: stride 10)."""
+    net = nn.Sequential(nn.Conv2d(3, 8, 5, stride=4), nn.ReLU(), nn.MaxPool2d(3, 2),
+                        nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(128, 10)).eval()
+    images = torch.randint(0, 256, (3, 3, 40, 40), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    measure = equifast.measure if implementation == "engine" else naive.measure
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no centroid estimate, no resampling warning
+        result = measure(net, images, group="rotate:90,180+flip", layers=["2", "3"],
+                         bootstrap=0, progress=False, dtype=torch.float64)
+    assert result.config["offsets"]["3"] == result.config["offsets"]["2"] == [6.0, 6.0]
+    assert result.config["offset_readings"] == {"2": "footprint", "3": "footprint"}
+    summary = result.summary().set_index("layer")
+    assert summary.loc["3", "stride"] == summary.loc["2", "stride"] == 8.0
+    assert summary.loc["3", "eq"] == pytest.approx(summary.loc["2", "eq"], abs=1e-12)
+    # pooled to another size it resamples: its own reading, and the warning that says so
+    resampled = nn.Sequential(*list(net)[:3], nn.AdaptiveAvgPool2d(3)).eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        measure(resampled, images, group="flip", layers=["2", "3"], bootstrap=0,
+                progress=False)
+    assert any("resample the grid they receive" in str(w.message) for w in caught)
+
+
+def test_adaptive_pooling_nodes_are_pointwise_only_to_the_size_they_receive():
+    conv = _Node("ConvolutionBackward0")
+    pool = _Node("AdaptiveAvgPool2DBackward0", conv)
+    pool._saved_self = torch.zeros(2, 8, 6, 6)
+    assert align._pointwise_input(pool, (2, 8, 6, 6)) is conv
+    assert align._pointwise_input(pool, (2, 8, 3, 3)) is None  # pooled to another size
+    assert align._pointwise_input(pool) is None  # the output's size not known
+    assert list(align._pointwise_chain(_Node("ReluBackward0", pool), (2, 8, 6, 6)))[-1] is conv
