@@ -662,19 +662,18 @@ def _offsets_through_graph(inputs, captured, layers, input_size, graphless, anch
                 sources.append((anchor.tensor, anchor_layout, read[0]))
                 shareable.append(anchor.input is not None)
 
-    with torch.enable_grad():
+    names = [name for name in layers if name not in graphless]
+    bar = contextlib.nullcontext(names)
+    if progress:
+        from tqdm.auto import tqdm
+
+        # Reading a layer's footprint takes a backward pass to the input: the leaves of a large
+        # model take seconds to minutes on a CPU. A short probe shows no bar (delay).
+        bar = tqdm(names, desc="align probe", unit="layer", delay=PROBE_BAR_DELAY, leave=False)
+    with torch.enable_grad(), bar as steps:
         offsets: dict[str, tuple[tuple[float, float], str] | None] = {}
         first_output: dict[int, str] = {}  # id of a captured output: the first layer with it
         made_by: dict[object, str] = {}  # autograd node of an output as made: the first layer
-        names = [name for name in layers if name not in graphless]
-        steps = names
-        if progress:
-            from tqdm.auto import tqdm
-
-            # Reading a layer's footprint takes a backward pass to the input: the leaves of a
-            # large model take seconds to minutes on a CPU. A short probe shows no bar (delay).
-            steps = tqdm(names, desc="align probe", unit="layer", delay=PROBE_BAR_DELAY,
-                         leave=False)
         for i, name in enumerate(steps):
             layout = layers[name]
             if name not in captured:
@@ -712,8 +711,6 @@ def _offsets_through_graph(inputs, captured, layers, input_size, graphless, anch
                                 unread=[anchor.tensor for anchor in unread],
                                 read_unread=read_anchors)
             offsets[name] = read
-        if progress:
-            steps.close()
     return offsets
 
 

@@ -1226,7 +1226,6 @@ def refine_layouts(
             model(torch.zeros(1, input_channels(model), *grown_size, device=device, dtype=dtype))
     except Exception as error:  # noqa: BLE001 - a model that fails there keeps one size's reading
         message = " ".join(str(error).split())
-        received.remove()
         report["stride_probe"] = (
             f"one input size: the model did not run at {grown_size[0]}x{grown_size[1]} "
             f"({type(error).__name__}: {message[:160]})")
@@ -1237,7 +1236,8 @@ def refine_layouts(
                     f"{name} ({_format_stride(refined[name].stride)})" for name in declared[:8])
                 + (f" and {len(declared) - 8} more" if len(declared) > 8 else ""))
         return refined
-    received.remove()
+    finally:
+        received.remove()
     report["stride_probe"] = (f"two input sizes: {height}x{width} and "
                               f"{grown_size[0]}x{grown_size[1]}")
     refined = dict(layouts)
