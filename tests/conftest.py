@@ -23,6 +23,29 @@ def _seed():
 
 
 @pytest.fixture
+def recorded_bars(monkeypatch):
+    """The tqdm progress bars the code under test makes (``tqdm.auto.tqdm``, which equifast
+    imports where it shows one), in order; each has ``closed_at``, its ``(n, total, postfix)``
+    when first closed (tqdm closes a bar again when it is collected)."""
+    import tqdm.auto
+
+    bars = []
+
+    class RecordingBar(tqdm.auto.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+        def close(self):
+            if not hasattr(self, "closed_at"):
+                self.closed_at = (self.n, self.total, self.postfix)
+            super().close()
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", RecordingBar)
+    return bars
+
+
+@pytest.fixture
 def make_unwritable(monkeypatch):
     """``make_unwritable(folder)``: ``folder`` takes no new file. Where its mode does not stop
     this process (root ignores it), the write check (``tempfile.mkstemp`` there) fails as it

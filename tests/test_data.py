@@ -336,26 +336,15 @@ def test_missing_and_empty_folders(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("channel_map", ["identity", "linear"])
-def test_progress_bar_counts_unreadable_files(messy_folder: Path, monkeypatch,
+def test_progress_bar_counts_unreadable_files(messy_folder: Path, recorded_bars,
                                               channel_map: str) -> None:
     """The bar's total is every file of the folder (each pass over it: linear reads it twice); an
     unreadable file is done too, so the bar ends at its total and names how many were skipped,
     also when a whole batch, the last one, is unreadable."""
     import warnings
 
-    import tqdm.auto
-
     import equifast
 
-    closed = []
-
-    class RecordingBar(tqdm.auto.tqdm):
-        def close(self):
-            if self.desc.startswith("measure"):  # (not the align probe's bar)
-                closed.append((self.n, self.total, self.postfix))
-            super().close()
-
-    monkeypatch.setattr(tqdm.auto, "tqdm", RecordingBar)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU())
     files = len(GOOD) + len(BAD)
     with warnings.catch_warnings():
@@ -365,6 +354,8 @@ def test_progress_bar_counts_unreadable_files(messy_folder: Path, monkeypatch,
                                   channel_map=channel_map)
     assert len(result.skipped) == len(BAD)
     passes = 2 if channel_map == "linear" else 1
-    done, total, postfix = closed[0]  # (tqdm closes a bar again when it is collected)
+    # (not the align probe's bar)
+    (bar,) = [bar for bar in recorded_bars if bar.desc.startswith("measure")]
+    done, total, postfix = bar.closed_at
     assert done == total == passes * files
     assert postfix == f"skipped={len(BAD)}"
