@@ -37,7 +37,6 @@ table on stdout. Method: ``benchmarks/README.md``.
 
 from __future__ import annotations
 
-import math
 import multiprocessing
 import resource
 import statistics
@@ -53,7 +52,6 @@ import common  # noqa: E402
 
 MODELS = ("resnet18", "convnext_atto", "vit_tiny_patch16_224")
 GROUPS = ("translation", "rotation")
-KEYS = ["layer", "element", "comparison", "metric"]
 TOLERANCE = 1e-3
 TARGETS = {"overhead_pct_max": 15.0, "speedup_min": 1.5, "memory_below_naive": True}
 
@@ -118,28 +116,12 @@ def run_variant(variant: str, model, sources, case, device):
 
 
 def compare(fast, slow) -> dict[str, Any]:
-    a = fast.frame[KEYS + ["value"]]
-    b = slow.frame[KEYS + ["value"]]
-    merged = a.merge(b, on=KEYS, how="outer", suffixes=("_fast", "_naive"), indicator=True)
-    unmatched = int((merged["_merge"] != "both").sum())
-    both = merged[merged["_merge"] == "both"]
-    diff = (both["value_fast"] - both["value_naive"]).abs()
-    nan_mismatch = int((both["value_fast"].isna() != both["value_naive"].isna()).sum())
-    corr = diff[both["metric"] == "corr"]
-    max_corr = float(corr.max()) if corr.notna().any() else math.nan
-    max_all = float(diff.max()) if diff.notna().any() else math.nan
-    passed = (
-        unmatched == 0 and nan_mismatch == 0 and len(corr) > 0 and max_corr < TOLERANCE
-    )
-    return {
-        "passed": bool(passed),
-        "rows": int(len(both)),
-        "unmatched_rows": unmatched,
-        "nan_mismatch": nan_mismatch,
-        "max_abs_diff_corr": max_corr,
-        "max_abs_diff_all_metrics": max_all,
-        "tolerance_corr": TOLERANCE,
-    }
+    """The row-by-row check of ``equifast bench`` (equifast.bench.agreement) at ``TOLERANCE``."""
+    from dataclasses import asdict
+
+    from equifast.bench import agreement
+
+    return asdict(agreement(fast, slow, TOLERANCE))
 
 
 # --------------------------------------------------------------------------------------------------

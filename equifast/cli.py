@@ -1,9 +1,11 @@
-"""Command line: ``equifast measure``, ``survey``, ``export`` and ``info``.
+"""Command line: ``equifast measure``, ``lie``, ``bench``, ``survey``, ``export``, ``report``
+and ``info``.
 
 Examples:
     equifast measure --model resnet18 --samples --group translate:8,16,32 --out results/run
     equifast measure --model vit_tiny_patch16_224 --data /imagenet/val --limit 1000 \\
         --group rotate:90,180,270 --out results/vit.parquet
+    equifast bench --model resnet18 --samples --input-size 112 --repeats 3
     equifast survey --models resnet18 'convnext_*' --data /imagenet/val --store survey.sqlite
     equifast export survey.sqlite --format csv -o survey/
     equifast info
@@ -138,6 +140,61 @@ def _add_model_and_data(command: argparse.ArgumentParser) -> None:
                         help="the embedded sample photographs (the default)")
 
 
+def _add_measurement_options(command: argparse.ArgumentParser) -> None:
+    """What is measured, the options ``measure`` and ``bench`` share: group, layers, scores,
+    batches, device, input size, alignment, channel map, mask."""
+    command.add_argument("--group", default="translate:8,16,32",
+                         help="group spec: translate:8,16,32 | translate[circular]:4 | "
+                              "rotate:90,180,270 | flip; join with + (union) or * (product)")
+    command.add_argument("--layers", nargs="+", default=None,
+                         help="module names, globs ('layer*': * within one dotted part, ** "
+                         "across) or class names such as Conv2d (default: stage outputs); "
+                         "'leaves' for all")
+    command.add_argument("--metrics", nargs="+", default=None, help="scores to report")
+    command.add_argument("--batch-size", type=_count(1), default=16, help="images per batch")
+    command.add_argument("--limit", type=_count(1), default=None,
+                         help="use at most this many images")
+    command.add_argument("--device", default=None,
+                         help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    command.add_argument("--input-size", type=_parse_size, default=None,
+                         help="N or HxW: the input size (default: the model's own)")
+    command.add_argument("--align", type=_parse_align, default="auto",
+                         help="grid offsets: auto | center | corner | a number")
+    command.add_argument("--subpixel", choices=("bilinear", "skip"), default="bilinear",
+                         help="a shift that is not a multiple of a layer's stride: bilinear "
+                              "interpolation of the features, or skip (NaN)")
+    command.add_argument("--channel-map", choices=CHANNEL_MAPS, default="identity",
+                         help="match: each channel against its best-correlated channel of the "
+                              "other map (equivariance up to a permutation of channels); "
+                              "linear: against a linear map of all its channels, fitted on the "
+                              "other half of the images (reads the data twice)")
+    command.add_argument("--ridge", type=_ridge, default=None,
+                         help="the ridge penalty of --channel-map linear, relative to the "
+                              "features' scale (default 0.001)")
+    command.add_argument("--mask", choices=("disc",), default=None,
+                         help="disc: compare only positions inside the disc inscribed in the "
+                              "input (every rotation then compares the same positions)")
+    command.add_argument("--pooled", action="store_true", help="score pooled statistics")
+
+
+def _add_run_options(command: argparse.ArgumentParser, loader: bool) -> None:
+    """How the model runs, shared by ``measure`` and ``bench``: seed, loader workers (and the
+    loader where the command has one), dtype and memory format."""
+    command.add_argument("--seed", type=int, default=0,
+                         help="seeds random init, the bootstrap and --baseline where given")
+    command.add_argument("--workers", type=_count(0), default=None, help="loader workers")
+    if loader:
+        command.add_argument("--loader", choices=("auto", "dali", "folder"), default="auto",
+                             help="image folder loader (--data): NVIDIA DALI, Pillow, or auto: "
+                                  "DALI on a CUDA device when installed, Pillow on the CPU")
+    command.add_argument("--dtype", choices=DTYPES, default=None,
+                         help="model dtype (default: the model's own when it is not float32, "
+                              "else float32 on the CPU and bfloat16 autocast on CUDA)")
+    command.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                         help="input memory format channels-last (default: on CUDA only; on the "
+                              "CPU often faster for convolutional networks)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="equifast",
@@ -150,55 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     measure = commands.add_parser("measure", help="measure one model",
                                   description="Measure one model on images for a group.")
     _add_model_and_data(measure)
-    measure.add_argument("--group", default="translate:8,16,32",
-                         help="group spec: translate:8,16,32 | translate[circular]:4 | "
-                              "rotate:90,180,270 | flip; join with + (union) or * (product)")
-    measure.add_argument("--layers", nargs="+", default=None,
-                         help="module names, globs ('layer*': * within one dotted part, ** "
-                         "across) or class names such as Conv2d (default: stage outputs); "
-                         "'leaves' for all")
-    measure.add_argument("--metrics", nargs="+", default=None, help="scores to report")
-    measure.add_argument("--batch-size", type=_count(1), default=16, help="images per batch")
-    measure.add_argument("--limit", type=_count(1), default=None,
-                         help="use at most this many images")
-    measure.add_argument("--device", default=None,
-                         help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    measure.add_argument("--input-size", type=_parse_size, default=None,
-                         help="N or HxW: the input size (default: the model's own)")
-    measure.add_argument("--align", type=_parse_align, default="auto",
-                         help="grid offsets: auto | center | corner | a number")
-    measure.add_argument("--subpixel", choices=("bilinear", "skip"), default="bilinear",
-                         help="a shift that is not a multiple of a layer's stride: bilinear "
-                              "interpolation of the features, or skip (NaN)")
-    measure.add_argument("--channel-map", choices=CHANNEL_MAPS, default="identity",
-                         help="match: each channel against its best-correlated channel of the "
-                              "other map (equivariance up to a permutation of channels); "
-                              "linear: against a linear map of all its channels, fitted on the "
-                              "other half of the images (reads the data twice)")
-    measure.add_argument("--ridge", type=_ridge, default=None,
-                         help="the ridge penalty of --channel-map linear, relative to the "
-                              "features' scale (default 0.001)")
-    measure.add_argument("--mask", choices=("disc",), default=None,
-                         help="disc: compare only positions inside the disc inscribed in the "
-                              "input (every rotation then compares the same positions)")
-    measure.add_argument("--pooled", action="store_true", help="score pooled statistics")
+    _add_measurement_options(measure)
     measure.add_argument("--baseline", choices=("init",), default=None,
                          help="also measure a freshly initialized copy (seeded with --seed) on "
                               "the same images: 'init' and 'learned' columns")
     measure.add_argument("--bootstrap", type=_resamples, default=1000,
                          help="bootstrap resamples for the 95%% CIs (0: no intervals)")
-    measure.add_argument("--seed", type=int, default=0,
-                         help="seeds the bootstrap, random init and --baseline")
-    measure.add_argument("--workers", type=_count(0), default=None, help="loader workers")
-    measure.add_argument("--loader", choices=("auto", "dali", "folder"), default="auto",
-                         help="image folder loader (--data): NVIDIA DALI, Pillow, or auto: DALI "
-                              "on a CUDA device when installed, Pillow on the CPU")
-    measure.add_argument("--dtype", choices=DTYPES, default=None,
-                         help="model dtype (default: the model's own when it is not float32, "
-                              "else float32 on the CPU and bfloat16 autocast on CUDA)")
-    measure.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                         help="input memory format channels-last (default: on CUDA only; on the "
-                              "CPU often faster for convolutional networks)")
+    _add_run_options(measure, loader=True)
     measure.add_argument("--reference", action="store_true",
                          help="use the pure-PyTorch reference ops (slow; for checking)")
     measure.add_argument("--out", default="results/run",
@@ -210,9 +225,38 @@ def build_parser() -> argparse.ArgumentParser:
                          help="modules to import first that register models with timm")
 
     commands.add_parser("info", help="versions, compiled kernels, devices")
+    _add_bench_command(commands)
     _add_survey_commands(commands)
     _add_report_command(commands)
     return parser
+
+
+def _add_bench_command(commands) -> None:
+    bench = commands.add_parser(
+        "bench", help="time equifast against the naive PyTorch loop on one model (same numbers)",
+        description="Run equifast and the naive PyTorch loop (equifast.naive: one forward per "
+                    "element, batched over the images, statistics by torch ops) on the same "
+                    "measurement, check that their scores agree row by row, then time both in "
+                    "alternating rounds beside bare forwards of the same stacked images "
+                    "(equifast.bench.compare). Exit status 1 when the numbers differ.")
+    _add_model_and_data(bench)
+    _add_measurement_options(bench)
+    bench.add_argument("--bootstrap", type=_resamples, default=0,
+                       help="bootstrap resamples (0: none; both loops would spend the same time "
+                            "on them)")
+    _add_run_options(bench, loader=False)
+    bench.add_argument("--repeats", type=_count(1), default=3,
+                       help="timed rounds after the check (each: equifast, naive, floor)")
+    bench.add_argument("--no-floor", action="store_true",
+                       help="do not time the bare forwards (no overhead over them reported)")
+    bench.add_argument("--tolerance", type=_ridge, default=None,
+                       help="largest |difference| of corr taken as the same number (default: "
+                            "1e-6 float64, 1e-4 float32 on the CPU, 1e-3 on a GPU or in 16 bits)")
+    bench.add_argument("--json", default=None, metavar="FILE",
+                       help="also write the numbers (every round's times) to this .json file")
+    bench.add_argument("--quiet", action="store_true", help="no progress bars")
+    bench.add_argument("--import", dest="imports", nargs="+", default=[], metavar="MODULE",
+                       help="modules to import first that register models with timm")
 
 
 def _add_report_command(commands) -> None:
@@ -619,6 +663,89 @@ def _run_lie(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from equifast.bench import compare
+    from equifast.data.folder import SkippedFilesWarning
+    from equifast.models import load_model_sized
+
+    json_path = None
+    if args.json is not None:  # checked before the runs, so that a bad path loses none of them
+        json_path = Path(args.json)
+        if json_path.suffix.lower() != ".json":
+            raise ValueError(f"--json {_shown_path(args.json)}: expected a .json file name")
+        if _is_dir(json_path, "--json", "expected a .json file name"):
+            raise ValueError(f"--json {_shown_path(args.json)}: is a folder; expected a .json "
+                             "file name")
+        _check_folder(json_path.parent, "--json", args.json,
+                      f"expected a folder to hold {json_path.name}")
+    _check_ridge(args)
+    if args.data is None and args.workers is not None:
+        _check_loader(argparse.Namespace(data=None, samples=args.samples, loader="auto",
+                                         workers=args.workers))
+    if args.imports:
+        from equifast.survey.runner import import_plugins
+
+        import_plugins(args.imports)
+    from equifast.groups import parse_group
+
+    parse_group(args.group)
+    if args.metrics is not None:
+        from equifast.scores import check_metrics
+
+        check_metrics(args.metrics)
+    torch.manual_seed(args.seed)
+    loaded = load_model_sized(args.model, args.input_size)
+    print(f"model: {loaded.name} ({loaded.source}); "
+          f"{'pretrained weights' if loaded.pretrained else loaded.note}")
+    if args.data and args.limit is None:
+        print(f"note: every image of {_shown_path(args.data)}, {args.repeats + 1} times through "
+              "each loop (the check, then each round); --limit N compares on N of them")
+    with warnings.catch_warnings():
+        # both loops skip the same unreadable files: said once, below
+        warnings.simplefilter("ignore", SkippedFilesWarning)
+        report = compare(
+            loaded.model, args.data if args.data else "samples", repeats=args.repeats,
+            floor=not args.no_floor, tolerance=args.tolerance, progress=not args.quiet,
+            log=None if args.quiet else print,
+            group=args.group, layers=args.layers, metrics=args.metrics,
+            batch_size=args.batch_size, limit=args.limit, input_size=args.input_size,
+            device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+            align=args.align, subpixel=args.subpixel, channel_map=args.channel_map,
+            **({} if args.ridge is None else {"ridge": args.ridge}),
+            mask=args.mask, pooled=args.pooled, bootstrap=args.bootstrap, seed=args.seed,
+            num_workers=args.workers, model_name=loaded.name,
+            dtype=None if args.dtype is None else getattr(torch, args.dtype),
+            channels_last=args.channels_last)
+    print(report.format())
+    if report.skipped:
+        print(f"skipped {len(report.skipped)} unreadable files (in both loops):")
+        for path, reason in report.skipped[:20]:
+            print(f"  {path}: {reason}")
+    if json_path is not None:
+        data = {"model": loaded.name, "source": loaded.source, "pretrained": loaded.pretrained,
+                "note": loaded.note, **report.as_dict()}
+        json_path.write_text(json.dumps(_json_safe(data), indent=2, default=str) + "\n")
+        print(f"wrote {json_path}")
+    if not report.agreement.passed:
+        print("equifast: error: equifast and the naive loop gave different numbers (above); "
+              "nothing was timed", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _json_safe(value):
+    """``value`` with NaN and infinite floats as None (JSON has no such numbers)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def _run_info() -> int:
     import torch
 
@@ -654,6 +781,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run_measure(args)
         if args.command == "info":
             return _run_info()
+        if args.command == "bench":
+            return _run_bench(args)
         if args.command == "lie":
             return _run_lie(args)
         if args.command == "survey":

@@ -158,7 +158,7 @@ def test_help_lists_commands(capsys):
     assert "measure" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("command", ["measure", "survey", "report", "export"])
+@pytest.mark.parametrize("command", ["measure", "bench", "survey", "report", "export"])
 def test_every_option_is_explained_with_its_default(command, capsys):
     # --help of each subcommand: no option without a help text, and every default that is a
     # value (not None, not a flag's False) is shown (--batch-size is 16 for measure, 32 for survey)
