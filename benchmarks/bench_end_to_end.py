@@ -214,48 +214,32 @@ def measure_memory(case, device, seed, threads) -> dict[str, dict[str, Any]]:
 # The floor: bare forwards of the stacked images
 
 
-def floor_plans(model, case, chunk: int, blocks: int, count: int, device) -> dict[str, Any]:
-    """Bare forwards of all ``(K + 1) * B`` images of the run, over several chunkings.
+def floor_plans(model, config: dict[str, Any]) -> dict[str, Any]:
+    """Bare forwards of all ``(K + 1) * B`` images of the run, over several chunkings, as the
+    engine ran the model (its result ``config``: device, dtype or autocast, memory format).
 
     Returns ``{chunking: fn}``, each ``fn`` running every batch's forwards once.
     """
-    size, batch, images = case["size"], case["batch"], case["images"]
-    cuda = device.type == "cuda"
-    memory_format = torch.channels_last if cuda else torch.contiguous_format
-    batches = [min(batch, images - lo) for lo in range(0, images, batch)]
+    from equifast.bench import floor_forwards, floor_plan
+    from equifast.models import input_channels
 
-    def stacked(n):
-        x = torch.randn(n, 3, size, size, device=device)
-        return x.contiguous(memory_format=memory_format)
-
-    from equifast.engine import _forward_bounds
-
+    count = len(config["elements"])
     # The engine's own plan: at most `chunk` elements and `blocks` blocks per forward, the
     # identity block with the first, the blocks spread evenly (the identity features are kept,
     # not recomputed).
-    engine = [hi - lo + (i == 0) for i, (lo, hi) in enumerate(_forward_bounds(count, chunk,
-                                                                              blocks))]
+    engine = floor_plan(config)
+    batches = [sum(sizes) // (count + 1) for sizes in engine]
+    blocks = [n // batches[0] for n in engine[0]]
     plans = {
-        f"engine ({' + '.join(map(str, engine))} blocks)": [[n * b for n in engine]
-                                                             for b in batches],
+        f"engine ({' + '.join(map(str, blocks))} blocks)": engine,
         "1 block/forward": [[b] * (count + 1) for b in batches],
     }
-    if all(n == 1 for n in engine):  # the engine's plan is one block per forward
+    if all(n == 1 for n in blocks):  # the engine's plan is one block per forward
         del plans["1 block/forward"]
-    if len(engine) > 1:
+    if len(blocks) > 1:
         plans[f"{count + 1} blocks/forward (all at once)"] = [[(count + 1) * b] for b in batches]
-    inputs = {n: stacked(n) for plan in plans.values() for sizes in plan for n in sizes}
-
-    def forward(plan):
-        def fn():
-            with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16,
-                                                        enabled=cuda):
-                for sizes in plan:
-                    for n in sizes:
-                        model(inputs[n])
-        return fn
-
-    return {k: forward(p) for k, p in plans.items()}
+    channels = input_channels(model)
+    return {k: floor_forwards(model, config, channels, plan) for k, plan in plans.items()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -289,7 +273,7 @@ def agree_and_time(row, model, sources, case, device, args, sync):
     # floors run in the same rounds (equifast, naive, each floor, then again): the machine's
     # speed drifts by more than the overheads measured here, so every ratio compares runs made
     # side by side.
-    floors = floor_plans(model, case, chunk, blocks, count, device)
+    floors = floor_plans(model, fast.config)
     if args.warmup <= 0:  # the floors' own warm-up (allocator, one-time kernel choices)
         for fn in floors.values():
             fn()

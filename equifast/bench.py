@@ -243,10 +243,12 @@ def floor_plan(config: dict[str, Any]) -> list[list[int]]:
     return [[n * size for n in blocks] for size in sizes] * passes
 
 
-def _floor(model: torch.nn.Module, config: dict[str, Any], channels: int,
+def floor_forwards(model: torch.nn.Module, config: dict[str, Any], channels: int,
            plan: list[list[int]]) -> Callable[[], None]:
-    """Bare forwards of random inputs of the plan's sizes, as the engine ran the model (device,
-    dtype or bfloat16 autocast, memory format), under ``inference_mode`` with no hooks."""
+    """A function that runs the bare forwards of ``plan`` (images per forward, by batch, as
+    :func:`floor_plan` gives them) on random inputs of ``channels`` channels, as the engine's
+    ``config`` ran the model (device, dtype or bfloat16 autocast, memory format), under
+    ``inference_mode`` with no hooks. The inputs are made once, outside the timed calls."""
     device = torch.device(config["device"])
     autocast = config["dtype"] == "bfloat16-autocast"
     dtype = torch.float32 if autocast else getattr(torch, config["dtype"])
@@ -371,7 +373,8 @@ def compare(model: torch.nn.Module | str, data: Any = "samples", repeats: int = 
     variants: dict[str, Callable[[], Any]] = {"equifast": run_equifast, "naive": run_naive}
     if floor:
         comparison.floor_plan = floor_plan(config)
-        variants["floor"] = _floor(model, config, input_channels(model), comparison.floor_plan)
+        variants["floor"] = floor_forwards(model, config, input_channels(model),
+                                           comparison.floor_plan)
         variants["floor"]()  # its warm-up (allocator, kernel choices)
     comparison.seconds = {name: [] for name in variants}
     for round_ in range(repeats):

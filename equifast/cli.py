@@ -480,6 +480,39 @@ def _run_measure(args: argparse.Namespace) -> int:
 
 
 
+def _check_before_the_model(args: argparse.Namespace) -> None:
+    """Imports the plugin modules (``--import``), then checks ``--group`` and ``--metrics``
+    where the command has them: a bad one fails before the model is built (a large one takes a
+    while)."""
+    if args.imports:
+        from equifast.survey.runner import import_plugins
+
+        import_plugins(args.imports)
+    if getattr(args, "group", None) is not None:
+        from equifast.groups import parse_group
+
+        parse_group(args.group)
+    if getattr(args, "metrics", None) is not None:
+        from equifast.scores import check_metrics
+
+        check_metrics(args.metrics)
+
+
+def _load_model(args: argparse.Namespace):
+    """The model of ``--model``, built for ``--input-size`` (a model that fixes its input size
+    when built, a ViT), its random init seeded by ``--seed`` so that a run can be repeated; says
+    which weights it has (after :func:`_check_before_the_model`)."""
+    import torch
+
+    from equifast.models import load_model_sized
+
+    torch.manual_seed(args.seed)
+    loaded = load_model_sized(args.model, args.input_size)
+    print(f"model: {loaded.name} ({loaded.source}); "
+          f"{'pretrained weights' if loaded.pretrained else loaded.note}")
+    return loaded
+
+
 def _backend_words(backend: str) -> str:
     """``compiled`` -> ``compiled ops``; a mixed backend as it is written."""
     return f"{backend} ops" if backend in ("compiled", "reference") else backend
@@ -490,31 +523,13 @@ def _measure(args: argparse.Namespace, main: bool) -> int:
 
     import equifast
     from equifast.data.folder import SkippedFilesWarning
-    from equifast.models import load_model_sized
 
     # Checked before the measurement, so that a bad --out cannot lose a finished run.
     table_path, plot_path = _output_paths(args.out)
     _check_loader(args)
     _check_ridge(args)
-    if args.imports:
-        from equifast.survey.runner import import_plugins
-
-        import_plugins(args.imports)
-    # A bad group or metric fails before the model is built (a large one takes a while).
-    if args.group is not None:
-        from equifast.groups import parse_group
-
-        parse_group(args.group)
-    if args.metrics is not None:
-        from equifast.scores import check_metrics
-
-        check_metrics(args.metrics)
-    # Random init (no cached weights) is seeded too, so that a run can be repeated; a model
-    # that fixes its input size when built (a ViT) is built for --input-size.
-    torch.manual_seed(args.seed)
-    loaded = load_model_sized(args.model, args.input_size)
-    print(f"model: {loaded.name} ({loaded.source}); "
-          f"{'pretrained weights' if loaded.pretrained else loaded.note}")
+    _check_before_the_model(args)
+    loaded = _load_model(args)
     data = args.data if args.data else "samples"
     baseline = None
     if args.baseline == "init":
@@ -544,7 +559,8 @@ def _measure(args: argparse.Namespace, main: bool) -> int:
           f"({len(result.config['elements'])} elements)"
           f"{', disc mask' if result.config.get('mask') == 'disc' else ''}"
           f"{_channel_map_words(result.config)}, "
-          f"input {result.config['input_size']}, {result.config['seconds']:.1f} s "
+          f"input {'x'.join(map(str, result.config['input_size']))}, "
+          f"{result.config['seconds']:.1f} s "
           f"({_backend_words(result.config['backend'])}"
           f"{f', {processes} processes' if processes > 1 else ''})")
     # The table shows the first score asked for (--metrics), else corr.
@@ -604,7 +620,6 @@ def _run_lie(args: argparse.Namespace) -> int:
 
     import equifast
     from equifast.data.folder import SkippedFilesWarning
-    from equifast.models import load_model_sized
 
     out = Path(args.out)
     if out.suffix.lower() not in (".parquet", ".csv"):
@@ -614,14 +629,8 @@ def _run_lie(args: argparse.Namespace) -> int:
                          ".csv file name")
     _check_folder(out.parent, "--out", args.out, f"expected a folder to hold {out.name}")
     _check_loader(args)
-    if args.imports:
-        from equifast.survey.runner import import_plugins
-
-        import_plugins(args.imports)
-    torch.manual_seed(args.seed)
-    loaded = load_model_sized(args.model, args.input_size)
-    print(f"model: {loaded.name} ({loaded.source}); "
-          f"{'pretrained weights' if loaded.pretrained else loaded.note}")
+    _check_before_the_model(args)
+    loaded = _load_model(args)
     baseline = None
     if args.baseline == "init":
         from equifast.baseline import init_copy_by_name
@@ -641,7 +650,7 @@ def _run_lie(args: argparse.Namespace) -> int:
     config = result.config
     meaning = ("the mean squared Lie derivative over the features' variance"
                if args.metric == "lee_rel" else "the mean squared Lie derivative")
-    print(f"{config['images']} images, input {config['input_size']}, "
+    print(f"{config['images']} images, input {'x'.join(map(str, config['input_size']))}, "
           f"{config['seconds']:.1f} s; {args.metric} ({meaning}) per layer and generator:")
     print(result.format_summary(args.metric))
     if baseline is not None:
@@ -668,7 +677,6 @@ def _run_bench(args: argparse.Namespace) -> int:
 
     from equifast.bench import compare
     from equifast.data.folder import SkippedFilesWarning
-    from equifast.models import load_model_sized
 
     json_path = None
     if args.json is not None:  # checked before the runs, so that a bad path loses none of them
@@ -684,21 +692,8 @@ def _run_bench(args: argparse.Namespace) -> int:
     if args.data is None and args.workers is not None:
         _check_loader(argparse.Namespace(data=None, samples=args.samples, loader="auto",
                                          workers=args.workers))
-    if args.imports:
-        from equifast.survey.runner import import_plugins
-
-        import_plugins(args.imports)
-    from equifast.groups import parse_group
-
-    parse_group(args.group)
-    if args.metrics is not None:
-        from equifast.scores import check_metrics
-
-        check_metrics(args.metrics)
-    torch.manual_seed(args.seed)
-    loaded = load_model_sized(args.model, args.input_size)
-    print(f"model: {loaded.name} ({loaded.source}); "
-          f"{'pretrained weights' if loaded.pretrained else loaded.note}")
+    _check_before_the_model(args)
+    loaded = _load_model(args)
     if args.data and args.limit is None:
         print(f"note: every image of {_shown_path(args.data)}, {args.repeats + 1} times through "
               "each loop (the check, then each round); --limit N compares on N of them")
