@@ -220,3 +220,17 @@ def test_bench_command_on_a_folder_names_its_unreadable_files(tmp_path, capsys):
     assert "check: the same numbers" in printed and "2 images" in printed
     assert "skipped 1 unreadable files (in both loops):" in printed
     assert "broken.jpg" in printed
+
+
+@pytest.mark.cuda
+def test_compare_on_a_gpu_reports_peak_memory():
+    # The device defaults of both loops (bfloat16 autocast, channels-last) and the floor run as
+    # the engine ran; the check's tolerance is the GPU's, and each variant's peak is recorded.
+    comparison = bench.compare(_small_net(), _sources(), repeats=1, device="cuda", **MEASURE)
+    assert comparison.agreement.passed, comparison.agreement.describe()
+    assert comparison.agreement.tolerance_corr == bench.TOLERANCE_GPU_OR_16_BIT
+    assert comparison.config["dtype"] == "bfloat16-autocast"
+    assert set(comparison.peak_cuda_mib) == {"equifast", "naive", "floor"}
+    assert all(peak >= 0 for peak in comparison.peak_cuda_mib.values())
+    assert "peak" in comparison.format()
+    assert torch.cuda.get_device_name() == comparison.machine["device_name"]
