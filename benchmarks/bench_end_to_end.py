@@ -37,8 +37,6 @@ table on stdout. Method: ``benchmarks/README.md``.
 
 from __future__ import annotations
 
-import multiprocessing
-import resource
 import statistics
 import sys
 import time
@@ -128,45 +126,6 @@ def compare(fast, slow) -> dict[str, Any]:
 # Memory: a fresh process per variant
 
 
-def _proc_status_kib(field: str) -> float:
-    """``VmRSS`` (resident now) or ``VmHWM`` (peak resident) of this process in KiB.
-
-    ``VmHWM`` belongs to this process's address space; ``ru_maxrss`` is not used because Linux
-    carries it over ``execve`` from the forking parent (a spawned child would report the parent's
-    peak).
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return float(line.split()[1])
-    except OSError:
-        pass
-    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-
-
-def _memory_worker(variant, case, device, seed, threads, queue) -> None:
-    try:
-        torch.set_num_threads(threads)
-        device = torch.device(device)
-        model, sources = build(case, seed)
-        if device.type == "cuda":
-            model = model.to(device)
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-        before_rss = _proc_status_kib("VmRSS")
-        run_variant(variant, model, sources, case, device)
-        after_rss = _proc_status_kib("VmHWM")
-        out = {"rss_peak_growth_mib": (after_rss - before_rss) / 1024.0,
-               "rss_peak_mib": after_rss / 1024.0}
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            out["cuda_peak_mib"] = (torch.cuda.max_memory_allocated() - before) / 2**20
-        queue.put((variant, out))
-    except Exception as error:  # noqa: BLE001 - reported, never hangs the parent
-        queue.put((variant, {"error": f"{type(error).__name__}: {error}"}))
-
-
 def measure_cuda_memory(case, device, seed) -> dict[str, dict[str, Any]]:
     """Peak CUDA memory of each variant, in this process: ``max_memory_allocated`` counts what
     each run allocates above what was allocated before it, whatever ran earlier (no new process
@@ -186,28 +145,15 @@ def measure_cuda_memory(case, device, seed) -> dict[str, dict[str, Any]]:
 
 
 def measure_memory(case, device, seed, threads) -> dict[str, dict[str, Any]]:
-    """Peak memory of each variant, each in its own freshly spawned process (run side by side)."""
+    """Peak memory of each variant: on the CPU each in its own freshly spawned process, run side
+    by side (equifast.bench.peak_memory, at this process's torch threads); on CUDA in this
+    process."""
     if torch.device(device).type == "cuda":
         return measure_cuda_memory(case, torch.device(device), seed)
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    procs = [
-        context.Process(target=_memory_worker,
-                        args=(v, case, str(device), seed, threads, queue))
-        for v in ("equifast", "naive")
-    ]
-    for proc in procs:
-        proc.start()
-    found: dict[str, dict[str, Any]] = {}
-    for _ in procs:
-        try:
-            variant, out = queue.get(timeout=600)
-        except Exception:  # noqa: BLE001
-            break
-        found[variant] = out
-    for proc in procs:
-        proc.join(timeout=60)
-    return found
+    from equifast.bench import peak_memory
+
+    model, sources = build(case, seed)
+    return peak_memory(model, sources, timeout=600, **measure_kwargs(case, device))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -4,20 +4,23 @@
 careful user would write: one forward per element, batched over the images, statistics by torch
 ops; DESIGN.md section 8) with the same arguments, checks that their scores agree row by row
 (:func:`agreement`), then times both in alternating rounds beside the floor: bare forwards of the
-same number of stacked images with no hooks. ``equifast bench`` is its command line; the
-repository's ``benchmarks/bench_end_to_end.py`` is the fixed benchmark built on the same check.
+same number of stacked images with no hooks (:func:`floor_plan`, :func:`floor_forwards`), and on
+request the peak memory of one call of each (:func:`peak_memory`). ``equifast bench`` is its
+command line; the repository's ``benchmarks/bench_end_to_end.py`` is the fixed benchmark built on
+the same pieces.
 
 Example:
     >>> from equifast.bench import compare
-    >>> report = compare("resnet18", "samples", group="translate:8,16", limit=4,
-    ...                  batch_size=4, input_size=64, repeats=1)  # doctest: +SKIP
-    >>> report.agreement.passed, round(report.speedup, 1)         # doctest: +SKIP
+    >>> comparison = compare("resnet18", "samples", group="translate:8,16", limit=4,
+    ...                      batch_size=4, input_size=64, repeats=1)  # doctest: +SKIP
+    >>> comparison.agreement.passed, round(comparison.speedup, 1)     # doctest: +SKIP
     (True, 2.4)
-    >>> print(report.format())                                     # doctest: +SKIP
+    >>> print(comparison.format())                                     # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import collections.abc
 import math
 import statistics
 import time
@@ -129,6 +132,10 @@ class Comparison:
     config: dict[str, Any]  # equifast's result config (elements, plan, dtype, device...)
     floor_plan: list[list[int]] = field(default_factory=list)  # images per bare forward, by batch
     peak_cuda_mib: dict[str, float] = field(default_factory=dict)  # per variant, on a GPU
+    # CPU (memory=True): per loop, the peak resident growth of one call in a fresh process, or
+    # why it could not be read (peak_memory)
+    peak_rss_mib: dict[str, float] = field(default_factory=dict)
+    memory_errors: dict[str, str] = field(default_factory=dict)
     machine: dict[str, Any] = field(default_factory=dict)  # where it ran (machine_info)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # unreadable files, both loops
 
@@ -200,6 +207,10 @@ class Comparison:
                 line += f"   (images per forward: {_plan_words(self.floor_plan)})"
             if variant in self.peak_cuda_mib:
                 line += f"   peak {self.peak_cuda_mib[variant]:.0f} MiB"
+            if variant in self.peak_rss_mib:
+                line += f"   peak +{self.peak_rss_mib[variant]:.0f} MiB resident"
+            if variant in self.memory_errors:
+                line += f"   (peak memory not read: {self.memory_errors[variant]})"
             lines.append(line)
         ratio = f"equifast: {self.speedup:.2f}x the naive loop's images/s"
         if "floor" in self.seconds:
@@ -296,9 +307,103 @@ def machine_info(device: torch.device) -> dict[str, Any]:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
+def _status_kib(field: str) -> float | None:
+    """``VmRSS`` (resident now) or ``VmHWM`` (peak resident) of this process in KiB, from
+    Linux's /proc/self/status; None elsewhere. (Not ``ru_maxrss``: Linux carries it over
+    ``execve`` from the forking parent, so a spawned child would report the parent's peak.)"""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return float(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _memory_worker(variant: str, model, data, threads: int, kwargs: dict[str, Any],
+                   queue) -> None:
+    """One call of ``variant`` in this fresh process; puts ``(variant, {...})`` on ``queue``."""
+    try:
+        import equifast
+        from equifast import naive
+
+        torch.set_num_threads(threads)
+        before = _status_kib("VmRSS")
+        (equifast.measure if variant == "equifast" else naive.measure)(model, data, **kwargs)
+        peak = _status_kib("VmHWM")
+        if before is None or peak is None:
+            raise OSError("no /proc/self/status: the peak resident size is read on Linux only")
+        queue.put((variant, {"rss_peak_growth_mib": (peak - before) / 1024.0,
+                             "rss_peak_mib": peak / 1024.0}))
+    except Exception as error:  # noqa: BLE001 - reported, never hangs the parent
+        queue.put((variant, {"error": f"{type(error).__name__}: {error}"}))
+
+
+def peak_memory(model: torch.nn.Module, data: Any, timeout: float = 1800,
+                **measure_kwargs: Any) -> dict[str, dict[str, Any]]:
+    """The CPU memory one call of each loop takes: each in a freshly spawned process (the two
+    side by side), the peak resident size during the call (``VmHWM``) minus the resident size
+    just before it (the model and data already there), in MiB.
+
+    A process of its own per loop, because a process that ran anything before keeps heap pages
+    that the next call reuses, and its peak would then say what ran first. The model and data
+    reach the processes pickled (a module whose class cannot be imported there, one defined in
+    an interactive session, cannot be sent: that is reported as the variant's ``error``).
+
+    Args:
+        model: the module (as both loops get it).
+        data: images, as :func:`equifast.measure`.
+        timeout: seconds to wait for each process.
+        measure_kwargs: passed to both loops (as :func:`compare`); ``device`` must be the CPU.
+
+    Returns:
+        ``{"equifast": {...}, "naive": {...}}``, each ``rss_peak_growth_mib`` and
+        ``rss_peak_mib``, or ``error``.
+    """
+    import multiprocessing
+    import queue as queues
+
+    device = torch.device(measure_kwargs.get("device") or "cpu")
+    if device.type != "cpu":
+        raise ValueError(f"peak_memory: the resident size of a CPU run; found device {device} "
+                         "(on a GPU, compare() records torch.cuda.max_memory_allocated)")
+    kwargs = {"bootstrap": 0, **measure_kwargs, "progress": False}
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    processes = {variant: context.Process(
+        target=_memory_worker,
+        args=(variant, model, data, torch.get_num_threads(), kwargs, results))
+        for variant in ("equifast", "naive")}
+    found: dict[str, dict[str, Any]] = {}
+    started = {}
+    for variant, process in processes.items():
+        try:
+            process.start()  # (pickles the model and data here, in this process)
+        except Exception as error:  # noqa: BLE001 - said as the variant's error
+            found[variant] = {"error": f"the model or data cannot be sent to a fresh process "
+                                       f"({type(error).__name__}: {error})"}
+        else:
+            started[variant] = process
+    for _ in started:
+        try:
+            variant, out = results.get(timeout=timeout)
+        except queues.Empty:
+            break
+        found[variant] = out
+    for variant, process in started.items():
+        process.join(timeout=60)
+        if process.is_alive():
+            process.terminate()
+        found.setdefault(variant, {"error": f"no answer within {timeout:.0f} s (exit code "
+                                            f"{process.exitcode})"})
+    return found
+
+
 def compare(model: torch.nn.Module | str, data: Any = "samples", repeats: int = 3,
-            floor: bool = True, tolerance: float | None = None, progress: bool = False,
-            log: Callable[[str], None] | None = None, **measure_kwargs: Any) -> Comparison:
+            floor: bool = True, memory: bool = False, tolerance: float | None = None,
+            progress: bool = False, log: Callable[[str], None] | None = None,
+            **measure_kwargs: Any) -> Comparison:
     """Run equifast and the naive loop on the same measurement, check the numbers, time both.
 
     The first call of each is the check (and their warm-up); then ``repeats`` rounds, each
@@ -312,6 +417,9 @@ def compare(model: torch.nn.Module | str, data: Any = "samples", repeats: int = 
         data: images, as :func:`equifast.measure` (default the embedded photographs).
         repeats: timed rounds, at least 1.
         floor: also time the bare forwards (no hooks) of the same stacked images.
+        memory: on the CPU, also the peak resident growth of one call of each loop, each in a
+            fresh process (:func:`peak_memory`; a few seconds more per loop). On a GPU the peak
+            of ``torch.cuda.max_memory_allocated`` is recorded in every case.
         tolerance: the corr tolerance of the check (default :func:`default_tolerance`).
         progress: progress bars of each call.
         log: called with a line of text as each stage starts (``print`` for the command line).
@@ -325,7 +433,8 @@ def compare(model: torch.nn.Module | str, data: Any = "samples", repeats: int = 
         ``agreement.passed`` is False.
 
     Raises:
-        ValueError: ``repeats`` below 1, or an argument the naive loop does not take.
+        ValueError: ``repeats`` below 1, an argument the naive loop does not take, or ``data``
+            that can be read only once (a generator).
     """
     import equifast
     from equifast import naive
@@ -340,6 +449,11 @@ def compare(model: torch.nn.Module | str, data: Any = "samples", repeats: int = 
         raise ValueError(f"{', '.join(refused)}: equifast.naive.measure has no such argument, so "
                          "the two loops could not run the same measurement; leave "
                          f"{'them' if len(refused) > 1 else 'it'} out")
+    if isinstance(data, collections.abc.Iterator):
+        raise ValueError(f"data: compare reads the images {repeats + 2} times or more (the check "
+                         "and each round, both loops), so it needs data that can be read again: "
+                         "a tensor, a folder, 'samples', a list of batches or a DataLoader; found "
+                         f"a one-shot iterator ({type(data).__name__})")
     say = log or (lambda line: None)
     kwargs = {"bootstrap": 0, **measure_kwargs, "progress": progress}
     if isinstance(model, str):
@@ -376,6 +490,13 @@ def compare(model: torch.nn.Module | str, data: Any = "samples", repeats: int = 
         variants["floor"] = floor_forwards(model, config, input_channels(model),
                                            comparison.floor_plan)
         variants["floor"]()  # its warm-up (allocator, kernel choices)
+    if memory and not cuda:
+        say("peak memory: one call of each loop, each in a fresh process")
+        for variant, found in peak_memory(model, data, **kwargs).items():
+            if "error" in found:
+                comparison.memory_errors[variant] = found["error"]
+            else:
+                comparison.peak_rss_mib[variant] = found["rss_peak_growth_mib"]
     comparison.seconds = {name: [] for name in variants}
     for round_ in range(repeats):
         say(f"round {round_ + 1} of {repeats}: {', '.join(variants)}")

@@ -249,6 +249,9 @@ def _add_bench_command(commands) -> None:
                        help="timed rounds after the check (each: equifast, naive, floor)")
     bench.add_argument("--no-floor", action="store_true",
                        help="do not time the bare forwards (no overhead over them reported)")
+    bench.add_argument("--memory", action="store_true",
+                       help="on the CPU, also the peak resident memory of one call of each loop, "
+                            "each in a fresh process (on a GPU the peak is always shown)")
     bench.add_argument("--tolerance", type=_ridge, default=None,
                        help="largest |difference| of corr taken as the same number (default: "
                             "1e-6 float64, 1e-4 float32 on the CPU, 1e-3 on a GPU or in 16 bits)")
@@ -702,8 +705,8 @@ def _run_bench(args: argparse.Namespace) -> int:
         warnings.simplefilter("ignore", SkippedFilesWarning)
         report = compare(
             loaded.model, args.data if args.data else "samples", repeats=args.repeats,
-            floor=not args.no_floor, tolerance=args.tolerance, progress=not args.quiet,
-            log=None if args.quiet else print,
+            floor=not args.no_floor, memory=args.memory, tolerance=args.tolerance,
+            progress=not args.quiet, log=None if args.quiet else print,
             group=args.group, layers=args.layers, metrics=args.metrics,
             batch_size=args.batch_size, limit=args.limit, input_size=args.input_size,
             device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),

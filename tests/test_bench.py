@@ -158,7 +158,7 @@ def test_bench_command_prints_the_check_and_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     code = main(["bench", "--model", "resnet18", "--samples", "--limit", "2", "--batch-size",
                  "2", "--input-size", "64", "--group", "translate:8", "--repeats", "1",
-                 "--quiet", "--json", str(out)])
+                 "--quiet", "--memory", "--json", str(out)])
     printed = capsys.readouterr().out
     assert code == 0, printed
     assert "check: the same numbers" in printed and "naive PyTorch loop" in printed
@@ -168,6 +168,8 @@ def test_bench_command_prints_the_check_and_writes_json(tmp_path, capsys):
         "equifast": 1, "naive": 1, "floor": 1}
     assert data["images"] == 2 and data["config"]["input_size"] == [64, 64]
     assert data["summary"]["speedup"] > 0
+    assert set(data["peak_rss_mib"]) == {"equifast", "naive"} and not data["memory_errors"]
+    assert printed.count("MiB resident") == 2
 
 
 def test_bench_command_fails_when_the_numbers_differ(monkeypatch, capsys):
@@ -234,3 +236,41 @@ def test_compare_on_a_gpu_reports_peak_memory():
     assert all(peak >= 0 for peak in comparison.peak_cuda_mib.values())
     assert "peak" in comparison.format()
     assert torch.cuda.get_device_name() == comparison.machine["device_name"]
+
+
+def test_peak_memory_of_each_loop_in_a_fresh_process():
+    comparison = bench.compare(_small_net(), _sources(), repeats=1, floor=False, memory=True,
+                               **MEASURE)
+    assert comparison.memory_errors == {}
+    assert set(comparison.peak_rss_mib) == {"equifast", "naive"}
+    # each call holds at least its stacked images' features, far above 0 and below a GiB
+    assert all(0 < peak < 1024 for peak in comparison.peak_rss_mib.values())
+    assert comparison.format().count("MiB resident") == 2
+
+
+def test_peak_memory_says_why_a_model_cannot_be_sent():
+    class Local(nn.Module):  # a class defined in a function: pickle cannot name it
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    found = bench.peak_memory(Local().eval(), _sources(2), **{**MEASURE, "layers": None})
+    assert set(found) == {"equifast", "naive"}
+    for out in found.values():
+        assert out["error"].startswith("the model or data cannot be sent to a fresh process")
+    with pytest.raises(ValueError, match="peak_memory: the resident size of a CPU run; found "
+                                         "device cuda"):
+        bench.peak_memory(_small_net(), _sources(2), device="cuda", **MEASURE)
+
+
+def test_compare_refuses_data_it_can_read_only_once():
+    batches = (batch for batch in _sources().split(2))
+    with pytest.raises(ValueError, match="needs data that can be read again: .* found a one-shot "
+                                         "iterator \\(generator\\)"):
+        bench.compare(_small_net(), batches, **MEASURE)
+    # a list of the same batches can be read again
+    assert bench.compare(_small_net(), list(_sources().split(2)), repeats=1, floor=False,
+                         **MEASURE).agreement.passed
