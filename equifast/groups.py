@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
@@ -71,17 +72,21 @@ def compose(outer: np.ndarray, inner: np.ndarray) -> np.ndarray:
 
 
 def _translation_matrix(dy: float, dx: float, circular: bool = False) -> MatrixFn:
-    def matrix(height: int, width: int) -> np.ndarray:
-        if not circular:
-            return np.array([[1.0, 0.0, dx], [0.0, 1.0, dy]])
-        # A circular shift by d and by d +- size is the same image; the feature grid is moved by
-        # the shortest of them, so that they score the same also where a layer's grid does not
-        # tile the image (there its wrapped band is masked, and a shift by -32 of a 34-pixel
-        # image would otherwise move the grid by 8 cells instead of half a cell).
-        return np.array([[1.0, 0.0, _shortest_shift(dx, width)],
-                         [0.0, 1.0, _shortest_shift(dy, height)]])
+    # (partials of module-level functions, not closures, so that elements can be pickled: sent
+    # to a spawned process or a Ray worker)
+    return functools.partial(_translation_map, dy, dx, circular)
 
-    return matrix
+
+def _translation_map(dy: float, dx: float, circular: bool, height: int,
+                     width: int) -> np.ndarray:
+    if not circular:
+        return np.array([[1.0, 0.0, dx], [0.0, 1.0, dy]])
+    # A circular shift by d and by d +- size is the same image; the feature grid is moved by the
+    # shortest of them, so that they score the same also where a layer's grid does not tile the
+    # image (there its wrapped band is masked, and a shift by -32 of a 34-pixel image would
+    # otherwise move the grid by 8 cells instead of half a cell).
+    return np.array([[1.0, 0.0, _shortest_shift(dx, width)],
+                     [0.0, 1.0, _shortest_shift(dy, height)]])
 
 
 def _shortest_shift(shift: float, size: int) -> float:
@@ -92,28 +97,30 @@ def _shortest_shift(shift: float, size: int) -> float:
 
 
 def _rotation_matrix(angle: float) -> MatrixFn:
-    def matrix(height: int, width: int) -> np.ndarray:
-        theta = math.radians(angle)
-        # Snap cos/sin of multiples of 90 degrees to exact integers so they stay exact maps.
-        cos, sin = math.cos(theta), math.sin(theta)
-        cos = float(round(cos)) if abs(cos - round(cos)) < 1e-12 else cos
-        sin = float(round(sin)) if abs(sin - round(sin)) < 1e-12 else sin
-        cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
-        # Counter-clockwise on screen with y pointing down: (1, 0) -> (cos, -sin).
-        linear = np.array([[cos, sin], [-sin, cos]])
-        centre = np.array([cx, cy])
-        return np.concatenate([linear, (centre - linear @ centre)[:, None]], axis=1)
+    return functools.partial(_rotation_map, angle)
 
-    return matrix
+
+def _rotation_map(angle: float, height: int, width: int) -> np.ndarray:
+    theta = math.radians(angle)
+    # Snap cos/sin of multiples of 90 degrees to exact integers so they stay exact maps.
+    cos, sin = math.cos(theta), math.sin(theta)
+    cos = float(round(cos)) if abs(cos - round(cos)) < 1e-12 else cos
+    sin = float(round(sin)) if abs(sin - round(sin)) < 1e-12 else sin
+    cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
+    # Counter-clockwise on screen with y pointing down: (1, 0) -> (cos, -sin).
+    linear = np.array([[cos, sin], [-sin, cos]])
+    centre = np.array([cx, cy])
+    return np.concatenate([linear, (centre - linear @ centre)[:, None]], axis=1)
 
 
 def _flip_matrix(axis: str) -> MatrixFn:
-    def matrix(height: int, width: int) -> np.ndarray:
-        if axis == "horizontal":
-            return np.array([[-1.0, 0.0, width - 1.0], [0.0, 1.0, 0.0]])
-        return np.array([[1.0, 0.0, 0.0], [0.0, -1.0, height - 1.0]])
+    return functools.partial(_flip_map, axis)
 
-    return matrix
+
+def _flip_map(axis: str, height: int, width: int) -> np.ndarray:
+    if axis == "horizontal":
+        return np.array([[-1.0, 0.0, width - 1.0], [0.0, 1.0, 0.0]])
+    return np.array([[1.0, 0.0, 0.0], [0.0, -1.0, height - 1.0]])
 
 
 @dataclass(frozen=True)
@@ -235,18 +242,17 @@ def _product(outer: Element, inner: Element) -> Element:
     # Translations decide the protocol of a product: they are what moves content across the border.
     protocols = [e.protocol for e in (outer, inner) if e.kind == "translation"]
     protocol = protocols[0] if protocols else outer.protocol
-    outer_fn, inner_fn = outer.matrix_fn, inner.matrix_fn
-
-    def matrix(height: int, width: int) -> np.ndarray:
-        return compose(outer_fn(height, width), inner_fn(height, width))
-
     return Element(
         name=f"{outer.name}*{inner.name}",
-        matrix_fn=matrix,
+        matrix_fn=functools.partial(_product_map, outer.matrix_fn, inner.matrix_fn),
         protocol=protocol,
         kind="product",
         params=(outer.params, inner.params),
     )
+
+
+def _product_map(outer_fn: MatrixFn, inner_fn: MatrixFn, height: int, width: int) -> np.ndarray:
+    return compose(outer_fn(height, width), inner_fn(height, width))
 
 
 IDENTITY = Element("identity", _translation_matrix(0, 0), protocol="crop", kind="identity")

@@ -53,4 +53,7 @@ def test_bench_end_to_end_quick(tmp_path):
         assert set(row["targets"]) == {"overhead_ok", "overhead_total_ok", "speedup_ok",
                                        "memory_ok"}
         assert "equifast_peak_mib" in row and "naive_peak_mib" in row
+        if sys.platform == "linux":  # read from /proc in a fresh process per loop: a number
+            assert not any("error" in found for found in row["memory"].values()), row["memory"]
+            assert row["equifast_peak_mib"] > 0 and row["naive_peak_mib"] > 0
     assert "| resnet18 |" in proc.stdout

@@ -298,3 +298,24 @@ def test_check_mask():
         check_mask("circle")
     with pytest.raises(ValueError, match=r"circular elements \['rotate\(90\)'\]"):
         check_mask("disc", Rotation([90], protocol="circular").elements + Flip().elements)
+
+
+@pytest.mark.parametrize("group", [
+    Translation(),
+    Translation([(3, -5), (40, 0)], protocol="circular"),
+    Translation([(1.5, 0.25)], protocol="zero"),
+    Rotation([90, 180, 15.5]),
+    Flip(["horizontal", "vertical"]),
+    (Translation([8]) + Rotation([90, 30])) * Flip(),
+    parse_group("translate[circular]:4*flip:vertical"),
+])
+def test_groups_pickle_with_their_maps(group):
+    # A group reaches spawned processes (equifast.bench.peak_memory) and Ray workers pickled:
+    # its elements' maps are partials of module-level functions, not closures.
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(group))
+    assert copy.names == group.names
+    assert [e.protocol for e in copy] == [e.protocol for e in group]
+    for height, width in ((64, 64), (33, 50)):
+        np.testing.assert_array_equal(copy.matrices(height, width), group.matrices(height, width))
