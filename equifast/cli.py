@@ -402,7 +402,8 @@ def _check_loader(args: argparse.Namespace) -> None:
         return
     given = ("--samples" if args.samples
              else "no --data (the embedded photographs, --samples, are the default)")
-    for option, value in (("--loader", args.loader if args.loader != "auto" else None),
+    loader = getattr(args, "loader", "auto")  # (bench has none: the naive loop reads with Pillow)
+    for option, value in (("--loader", loader if loader != "auto" else None),
                           ("--workers", args.workers)):
         if value is not None:
             raise ValueError(f"{option} {value}: expected --data DIR, an image folder for the "
@@ -692,9 +693,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         _check_folder(json_path.parent, "--json", args.json,
                       f"expected a folder to hold {json_path.name}")
     _check_ridge(args)
-    if args.data is None and args.workers is not None:
-        _check_loader(argparse.Namespace(data=None, samples=args.samples, loader="auto",
-                                         workers=args.workers))
+    _check_loader(args)
     _check_before_the_model(args)
     loaded = _load_model(args)
     if args.data and args.limit is None:

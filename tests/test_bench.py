@@ -193,6 +193,7 @@ def test_bench_command_fails_when_the_numbers_differ(monkeypatch, capsys):
     (["--loader", "dali"], "unrecognized arguments: --loader dali"),
     (["--baseline", "init"], "unrecognized arguments: --baseline init"),
     (["--repeats", "0"], "argument --repeats: expected an integer >= 1, found 0"),
+    (["--workers", "2"], "--workers 2: expected --data DIR, an image folder for the loader"),
 ])
 def test_bench_command_refuses_before_any_work(argv, message, capsys, monkeypatch):
     monkeypatch.setattr(bench, "compare", lambda *a, **k: pytest.fail("ran"))
