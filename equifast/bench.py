@@ -192,6 +192,10 @@ class Comparison:
             f"{rounds} timed round{'s' if rounds != 1 else ''}, medians",
             f"  {'':<22}{'seconds':>10}{'images/s':>11}",
         ]
+        if not self.seconds:
+            lines[1:] = ["nothing timed: a comparison of speed means something only for the same "
+                         "numbers"]
+            return "\n".join(lines)
         names = {"equifast": "equifast", "naive": "naive PyTorch loop",
                  "floor": "bare forward (floor)"}
         for variant in VARIANTS:
