@@ -166,18 +166,16 @@ def floor_plans(model, config: dict[str, Any]) -> dict[str, Any]:
 
     Returns ``{chunking: fn}``, each ``fn`` running every batch's forwards once.
     """
-    from equifast.bench import floor_forwards, floor_plan
+    from equifast.bench import batch_sizes, floor_forwards, floor_plan, forward_blocks
     from equifast.models import input_channels
 
     count = len(config["elements"])
     # The engine's own plan: at most `chunk` elements and `blocks` blocks per forward, the
     # identity block with the first, the blocks spread evenly (the identity features are kept,
     # not recomputed).
-    engine = floor_plan(config)
-    batches = [sum(sizes) // (count + 1) for sizes in engine]
-    blocks = [n // batches[0] for n in engine[0]]
+    blocks, batches = forward_blocks(config), batch_sizes(config)
     plans = {
-        f"engine ({' + '.join(map(str, blocks))} blocks)": engine,
+        f"engine ({' + '.join(map(str, blocks))} blocks)": floor_plan(config),
         "1 block/forward": [[b] * (count + 1) for b in batches],
     }
     if all(n == 1 for n in blocks):  # the engine's plan is one block per forward

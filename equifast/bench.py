@@ -240,26 +240,35 @@ def _paired_median(numerators: list[float], denominators: list[float]) -> float:
     return statistics.median(ratios) if ratios else math.nan
 
 
-def floor_plan(config: dict[str, Any]) -> list[list[int]]:
-    """Images per bare forward, by batch, as the engine's ``config`` ran them: its batches of
-    ``batch_size`` images (the last one what is left), each in its forwards of
-    ``elements_per_chunk`` elements and ``blocks_per_forward`` blocks (the identity block
-    counted once per batch, as the engine keeps its features), once per pass over the data
-    (``channel_map="linear"`` fits in passes of its own)."""
+def forward_blocks(config: dict[str, Any]) -> list[int]:
+    """Blocks of images in each forward of a batch, as the engine's ``config`` ran them
+    (``elements_per_chunk`` elements and ``blocks_per_forward`` blocks at most; the identity
+    block with the first forward only, as the engine keeps its features)."""
     from .engine import _forward_bounds
 
-    images, batch = int(config["images"]), int(config["batch_size"])
-    count = len(config["elements"])
-    bounds = _forward_bounds(count, int(config["elements_per_chunk"]),
+    bounds = _forward_bounds(len(config["elements"]), int(config["elements_per_chunk"]),
                              int(config["blocks_per_forward"]))
-    blocks = [hi - lo + (i == 0) for i, (lo, hi) in enumerate(bounds)]
-    sizes = [batch] * (images // batch) + ([images % batch] if images % batch else [])
+    return [hi - lo + (i == 0) for i, (lo, hi) in enumerate(bounds)]
+
+
+def batch_sizes(config: dict[str, Any]) -> list[int]:
+    """Images in each batch of one pass over the data: ``batch_size`` each, the last one what
+    is left of ``images``."""
+    images, batch = int(config["images"]), int(config["batch_size"])
+    return [batch] * (images // batch) + ([images % batch] if images % batch else [])
+
+
+def floor_plan(config: dict[str, Any]) -> list[list[int]]:
+    """Images per bare forward, by batch, as the engine's ``config`` ran them: its batches
+    (:func:`batch_sizes`), each in its forwards (:func:`forward_blocks`), once per pass over the
+    data (``channel_map="linear"`` fits in passes of its own)."""
+    blocks = forward_blocks(config)
     passes = 1 + int(config.get("fit_passes", 0))
-    return [[n * size for n in blocks] for size in sizes] * passes
+    return [[n * size for n in blocks] for size in batch_sizes(config)] * passes
 
 
 def floor_forwards(model: torch.nn.Module, config: dict[str, Any], channels: int,
-           plan: list[list[int]]) -> Callable[[], None]:
+                   plan: list[list[int]]) -> Callable[[], None]:
     """A function that runs the bare forwards of ``plan`` (images per forward, by batch, as
     :func:`floor_plan` gives them) on random inputs of ``channels`` channels, as the engine's
     ``config`` ran the model (device, dtype or bfloat16 autocast, memory format), under
